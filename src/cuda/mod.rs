@@ -1,0 +1,278 @@
+//! The CUDA backend: one context and one stream per GPU, kernels loaded lazily from the images
+//! embedded at build time, device buffers, and the cuBLASLt handle.
+//!
+//! cudarc loads libcuda dynamically and panics when it is missing, so every entry point here
+//! probes for the driver first and turns its absence into [`Error::NoCuda`].
+
+pub mod blaslt;
+pub mod kernels;
+
+use crate::error::{Error, Result};
+use cudarc::driver::{
+    result as driver, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
+    LaunchArgs,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+pub use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+/// Adds a context to a cudarc error.
+pub(crate) trait CudaContextExt<T> {
+    fn context(self, what: &str) -> Result<T>;
+}
+
+impl<T, E: std::fmt::Display> CudaContextExt<T> for std::result::Result<T, E> {
+    fn context(self, what: &str) -> Result<T> {
+        self.map_err(|e| Error::cuda(what, e))
+    }
+}
+
+/// Loads the driver and counts GPUs, or says why it cannot.
+pub(crate) fn device_count() -> Result<usize> {
+    // SAFETY: only tries to open the shared library; no CUDA call is made.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(Error::NoCuda(
+            "the CUDA driver library (libcuda.so) was not found on this machine".into(),
+        ));
+    }
+    driver::init()
+        .map_err(|e| Error::NoCuda(format!("the CUDA driver failed to initialise: {e}")))?;
+    let count = driver::device::get_count().context("cuDeviceGetCount")?;
+    Ok(count.max(0) as usize)
+}
+
+/// Everything tessera keeps per GPU.
+pub struct CudaBackend {
+    ordinal: usize,
+    name: String,
+    compute_capability: (i32, i32),
+    total_memory: usize,
+    multiprocessors: usize,
+    context: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    blaslt: Mutex<Option<blaslt::BlasLt>>,
+}
+
+impl CudaBackend {
+    /// The backend of GPU `ordinal`, created on first use and shared afterwards.
+    pub(crate) fn get(ordinal: usize) -> Result<Arc<CudaBackend>> {
+        static BACKENDS: OnceLock<Mutex<HashMap<usize, Arc<CudaBackend>>>> = OnceLock::new();
+        let count = device_count()?;
+        if count == 0 {
+            return Err(Error::NoCuda("the CUDA driver reports no GPU".into()));
+        }
+        if ordinal >= count {
+            return Err(Error::NoCuda(format!(
+                "GPU {ordinal} was asked for but the machine has {count} (ordinals 0..{count})"
+            )));
+        }
+        let backends = BACKENDS.get_or_init(Default::default);
+        let mut backends = backends
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(backend) = backends.get(&ordinal) {
+            return Ok(backend.clone());
+        }
+        let backend = Arc::new(CudaBackend::new(ordinal)?);
+        backends.insert(ordinal, backend.clone());
+        Ok(backend)
+    }
+
+    fn new(ordinal: usize) -> Result<CudaBackend> {
+        let context = CudaContext::new(ordinal).context("creating the CUDA context")?;
+        // All of tessera's work goes through one stream per device, in order, so cudarc's
+        // per-buffer event tracking (made for several streams) would only add overhead.
+        // SAFETY: no buffer is ever used on another stream than `stream` below.
+        unsafe { context.disable_event_tracking() };
+        let stream = context.new_stream().context("creating the CUDA stream")?;
+        let compute_capability = context
+            .compute_capability()
+            .context("reading the compute capability")?;
+        let multiprocessors = context
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .context("reading the multiprocessor count")?;
+        Ok(CudaBackend {
+            ordinal,
+            name: context.name().context("reading the device name")?,
+            compute_capability,
+            total_memory: context
+                .total_mem()
+                .context("reading the device memory size")?,
+            multiprocessors: multiprocessors.max(1) as usize,
+            context,
+            stream,
+            modules: Mutex::new(HashMap::new()),
+            blaslt: Mutex::new(None),
+        })
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// The device name, as the driver reports it (`NVIDIA H200`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// (major, minor) compute capability.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    /// Device memory in bytes.
+    pub fn total_memory(&self) -> usize {
+        self.total_memory
+    }
+
+    /// Streaming multiprocessors.
+    pub fn multiprocessors(&self) -> usize {
+        self.multiprocessors
+    }
+
+    /// The stream all of tessera's work on this device is queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Which embedded image this device loads: the sm_90a cubin on Hopper, the sm_80 cubin on
+    /// other 8.x GPUs, the compute_80 PTX (JIT-compiled by the driver) on newer ones.
+    pub fn kernel_image(&self) -> Result<kernels::ImageKind> {
+        kernels::ImageKind::for_compute_capability(self.compute_capability)
+    }
+
+    /// Waits for all queued work and reports any error it raised.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .context("synchronizing the stream")
+    }
+
+    /// A kernel function from the embedded module `file` (the stem of `kernels/<file>.cu`).
+    /// Each module is loaded once per device, on first use.
+    pub(crate) fn function(&self, file: &'static str, name: &str) -> Result<CudaFunction> {
+        let module = {
+            let mut modules = self
+                .modules
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            match modules.get(file) {
+                Some(module) => module.clone(),
+                None => {
+                    let image = kernels::image(file, self.kernel_image()?)?;
+                    let module = self
+                        .context
+                        .load_module(image)
+                        .context(&format!("loading kernels/{file}.cu on {}", self.name))?;
+                    modules.insert(file, module.clone());
+                    module
+                }
+            }
+        };
+        module
+            .load_function(name)
+            .context(&format!("finding kernel `{name}` in kernels/{file}.cu"))
+    }
+
+    /// Starts a launch of `function` on this device's stream.
+    pub(crate) fn launch_builder<'a>(&'a self, function: &'a CudaFunction) -> LaunchArgs<'a> {
+        self.stream.launch_builder(function)
+    }
+
+    /// Runs `f` with this device's cuBLASLt handle, creating it on first use.
+    pub(crate) fn with_blaslt<T>(
+        &self,
+        f: impl FnOnce(&mut blaslt::BlasLt) -> Result<T>,
+    ) -> Result<T> {
+        let mut guard = self
+            .blaslt
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if guard.is_none() {
+            *guard = Some(blaslt::BlasLt::new(self)?);
+        }
+        match guard.as_mut() {
+            Some(handle) => f(handle),
+            None => Err(Error::cuda("cuBLASLt", "the handle could not be created")),
+        }
+    }
+
+    /// `bytes` of uninitialised device memory.
+    pub(crate) fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuffer> {
+        // SAFETY: the memory is uninitialised; every op writes its output before it is read, and
+        // tensors created for the user are zeroed or copied into first.
+        let slice = unsafe { self.stream.alloc::<u8>(bytes) }
+            .context(&format!("allocating {bytes} bytes on {}", self.name))?;
+        Ok(DeviceBuffer {
+            slice,
+            backend: self.clone(),
+        })
+    }
+
+    /// `bytes` of zeroed device memory.
+    pub(crate) fn alloc_zeroed(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuffer> {
+        let mut buffer = self.alloc(bytes)?;
+        buffer.fill_bytes(0)?;
+        Ok(buffer)
+    }
+
+    /// A device copy of `bytes`.
+    pub(crate) fn upload(self: &Arc<Self>, bytes: &[u8]) -> Result<DeviceBuffer> {
+        let mut buffer = self.alloc(bytes.len())?;
+        self.stream
+            .memcpy_htod(bytes, &mut buffer.slice)
+            .context("copying host to device")?;
+        Ok(buffer)
+    }
+}
+
+/// Device memory owned by a tensor, freed on its device's stream when dropped.
+pub(crate) struct DeviceBuffer {
+    slice: CudaSlice<u8>,
+    backend: Arc<CudaBackend>,
+}
+
+impl DeviceBuffer {
+    pub(crate) fn backend(&self) -> &Arc<CudaBackend> {
+        &self.backend
+    }
+
+    pub(crate) fn slice(&self) -> &CudaSlice<u8> {
+        &self.slice
+    }
+
+    /// The raw device address, for descriptor tables and library calls.
+    pub(crate) fn address(&self) -> u64 {
+        let (address, _sync) = self.slice.device_ptr(&self.backend.stream);
+        address
+    }
+
+    pub(crate) fn copy_to_host(&self, out: &mut [u8]) -> Result<()> {
+        self.backend
+            .stream
+            .memcpy_dtoh(&self.slice, out)
+            .context("copying device to host")?;
+        self.backend.synchronize()
+    }
+
+    pub(crate) fn copy_to(&self, backend: &Arc<CudaBackend>) -> Result<DeviceBuffer> {
+        let mut copy = backend.alloc(self.slice.len())?;
+        backend
+            .stream
+            .memcpy_dtod(&self.slice, &mut copy.slice)
+            .context("copying device to device")?;
+        Ok(copy)
+    }
+
+    pub(crate) fn fill_bytes(&mut self, byte: u8) -> Result<()> {
+        let stream = &self.backend.stream;
+        let len = self.slice.len();
+        let (address, _sync) = self.slice.device_ptr(stream);
+        // SAFETY: the range is exactly this allocation, and the memset is ordered on its stream.
+        unsafe { driver::memset_d8_async(address, byte, len, stream.cu_stream()) }
+            .context("cuMemsetD8Async")
+    }
+}

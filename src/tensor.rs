@@ -1,0 +1,375 @@
+//! Tensor: an owned, contiguous, row-major array of one dtype on one device.
+
+use crate::device::Device;
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use half::{bf16, f16};
+use std::fmt;
+
+/// Host memory, typed so that every view of it is correctly aligned for its dtype.
+pub(crate) enum HostBuffer {
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+    F16(Vec<f16>),
+    U8(Vec<u8>),
+    U16(Vec<u16>),
+    U32(Vec<u32>),
+}
+
+macro_rules! each_host_buffer {
+    ($buffer:expr, $vec:ident => $body:expr) => {
+        match $buffer {
+            HostBuffer::F32($vec) => $body,
+            HostBuffer::BF16($vec) => $body,
+            HostBuffer::F16($vec) => $body,
+            HostBuffer::U8($vec) => $body,
+            HostBuffer::U16($vec) => $body,
+            HostBuffer::U32($vec) => $body,
+        }
+    };
+}
+
+impl HostBuffer {
+    fn zeros(dtype: DType, len: usize) -> HostBuffer {
+        match dtype {
+            DType::F32 => HostBuffer::F32(vec![0.0; len]),
+            DType::BF16 => HostBuffer::BF16(vec![bf16::ZERO; len]),
+            DType::F16 => HostBuffer::F16(vec![f16::ZERO; len]),
+            DType::U8 => HostBuffer::U8(vec![0; len]),
+            DType::U16 => HostBuffer::U16(vec![0; len]),
+            DType::U32 => HostBuffer::U32(vec![0; len]),
+        }
+    }
+
+    /// Wraps a vector without copying it. `T::DTYPE` names `T` exactly, so the cast is an
+    /// identity and cannot fail; the error arm exists only so that no path panics.
+    fn from_vec<T: Element>(data: Vec<T>) -> Result<HostBuffer> {
+        fn cast<T: Element, U: bytemuck::Pod>(data: Vec<T>) -> Result<Vec<U>> {
+            bytemuck::allocation::try_cast_vec(data).map_err(|(e, _)| {
+                Error::cuda("HostBuffer::from_vec", format!("element cast failed: {e}"))
+            })
+        }
+        Ok(match T::DTYPE {
+            DType::F32 => HostBuffer::F32(cast(data)?),
+            DType::BF16 => HostBuffer::BF16(cast(data)?),
+            DType::F16 => HostBuffer::F16(cast(data)?),
+            DType::U8 => HostBuffer::U8(cast(data)?),
+            DType::U16 => HostBuffer::U16(cast(data)?),
+            DType::U32 => HostBuffer::U32(cast(data)?),
+        })
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        each_host_buffer!(self, v => bytemuck::cast_slice(v))
+    }
+
+    pub(crate) fn as_bytes_mut(&mut self) -> &mut [u8] {
+        each_host_buffer!(self, v => bytemuck::cast_slice_mut(v))
+    }
+}
+
+pub(crate) enum Storage {
+    Host(HostBuffer),
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::DeviceBuffer),
+}
+
+/// An owned, contiguous, row-major array of one [`DType`] on one [`Device`].
+///
+/// Constructors check that the data matches the shape; ops check shapes, dtypes and devices of
+/// all their arguments before any work starts, and return [`Error::InvalidArgument`] otherwise.
+pub struct Tensor {
+    shape: Vec<usize>,
+    dtype: DType,
+    storage: Storage,
+}
+
+/// Number of elements of a shape, or an error when the product overflows.
+fn checked_numel(op: &'static str, shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| {
+            Error::invalid(
+                op,
+                "shape",
+                "a shape whose element count fits in usize",
+                format!("{shape:?}"),
+            )
+        })
+}
+
+impl Tensor {
+    /// A tensor holding `data`, which must have exactly as many elements as `shape` describes.
+    pub fn from_vec<T: Element>(data: Vec<T>, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let numel = checked_numel("Tensor::from_vec", shape)?;
+        if data.len() != numel {
+            return Err(Error::invalid(
+                "Tensor::from_vec",
+                "data",
+                format!("{numel} elements for shape {shape:?}"),
+                format!("{} elements", data.len()),
+            ));
+        }
+        let host = Tensor {
+            shape: shape.to_vec(),
+            dtype: T::DTYPE,
+            storage: Storage::Host(HostBuffer::from_vec(data)?),
+        };
+        host.into_device(device)
+    }
+
+    /// A tensor copied from `data`.
+    pub fn from_slice<T: Element>(data: &[T], shape: &[usize], device: &Device) -> Result<Tensor> {
+        Tensor::from_vec(data.to_vec(), shape, device)
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let numel = checked_numel("Tensor::zeros", shape)?;
+        let storage = match device {
+            Device::Cpu => Storage::Host(HostBuffer::zeros(dtype, numel)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(cuda) => Storage::Cuda(cuda.alloc_zeroed(numel * dtype.size_in_bytes())?),
+        };
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            storage,
+        })
+    }
+
+    /// The shape, outermost dimension first.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The size of the data in bytes.
+    pub fn size_in_bytes(&self) -> usize {
+        self.numel() * self.dtype.size_in_bytes()
+    }
+
+    /// The device that holds the data.
+    pub fn device(&self) -> Device {
+        match &self.storage {
+            Storage::Host(_) => Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(buffer) => Device::Cuda(buffer.backend().clone()),
+        }
+    }
+
+    /// Copies the data into a `Vec<T>` on the host; `T` must match the dtype.
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        self.expect_dtype("Tensor::to_vec", "T", &[T::DTYPE])?;
+        let mut out = vec![T::zeroed(); self.numel()];
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
+        match &self.storage {
+            Storage::Host(host) => bytes.copy_from_slice(host.as_bytes()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(buffer) => buffer.copy_to_host(bytes)?,
+        }
+        Ok(out)
+    }
+
+    /// A copy of this tensor on `device` (a plain copy when it is already there).
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        let storage = match (&self.storage, device) {
+            (Storage::Host(host), Device::Cpu) => {
+                let mut copy = HostBuffer::zeros(self.dtype, self.numel());
+                copy.as_bytes_mut().copy_from_slice(host.as_bytes());
+                Storage::Host(copy)
+            }
+            #[cfg(feature = "cuda")]
+            (Storage::Host(host), Device::Cuda(cuda)) => {
+                Storage::Cuda(cuda.upload(host.as_bytes())?)
+            }
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(buffer), Device::Cpu) => {
+                let mut copy = HostBuffer::zeros(self.dtype, self.numel());
+                buffer.copy_to_host(copy.as_bytes_mut())?;
+                Storage::Host(copy)
+            }
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(buffer), Device::Cuda(cuda)) => Storage::Cuda(buffer.copy_to(cuda)?),
+        };
+        Ok(Tensor {
+            shape: self.shape.clone(),
+            dtype: self.dtype,
+            storage,
+        })
+    }
+
+    /// Moves a host tensor to `device`, copying only when the device is not the CPU.
+    fn into_device(self, device: &Device) -> Result<Tensor> {
+        match device {
+            Device::Cpu => Ok(self),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => self.to_device(device),
+        }
+    }
+
+    /// Overwrites every byte with `byte`. Tests use `0xFF` to poison outputs (NaN in every float
+    /// dtype) so that an element a kernel failed to write cannot pass for a result.
+    pub fn fill_bytes(&mut self, byte: u8) -> Result<()> {
+        match &mut self.storage {
+            Storage::Host(host) => host.as_bytes_mut().fill(byte),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(buffer) => buffer.fill_bytes(byte)?,
+        }
+        Ok(())
+    }
+
+    /// The same data seen with another shape of the same element count.
+    pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
+        let numel = checked_numel("Tensor::reshape", shape)?;
+        if numel != self.numel() {
+            return Err(Error::invalid(
+                "Tensor::reshape",
+                "shape",
+                format!("a shape of {} elements", self.numel()),
+                format!("{shape:?} ({numel} elements)"),
+            ));
+        }
+        self.shape = shape.to_vec();
+        Ok(self)
+    }
+
+    /// Checks that the dtype is one of `allowed`.
+    pub(crate) fn expect_dtype(
+        &self,
+        op: &'static str,
+        arg: &'static str,
+        allowed: &[DType],
+    ) -> Result<()> {
+        if allowed.contains(&self.dtype) {
+            return Ok(());
+        }
+        let names: Vec<&str> = allowed.iter().map(|d| d.name()).collect();
+        Err(Error::invalid(
+            op,
+            arg,
+            format!("dtype {}", names.join(" or ")),
+            format!("dtype {}", self.dtype),
+        ))
+    }
+
+    /// Checks that the shape is exactly `shape`.
+    pub(crate) fn expect_shape(
+        &self,
+        op: &'static str,
+        arg: &'static str,
+        shape: &[usize],
+    ) -> Result<()> {
+        if self.shape == shape {
+            Ok(())
+        } else {
+            Err(Error::invalid(
+                op,
+                arg,
+                format!("shape {shape:?}"),
+                format!("shape {:?}", self.shape),
+            ))
+        }
+    }
+
+    /// Checks that the tensor has `rank` dimensions.
+    pub(crate) fn expect_rank(
+        &self,
+        op: &'static str,
+        arg: &'static str,
+        rank: usize,
+    ) -> Result<()> {
+        if self.shape.len() == rank {
+            Ok(())
+        } else {
+            Err(Error::invalid(
+                op,
+                arg,
+                format!("a {rank}-d tensor"),
+                format!("shape {:?}", self.shape),
+            ))
+        }
+    }
+
+    /// Typed view of host data. Callers have validated the dtype; a mismatch is still an error.
+    pub(crate) fn host_slice<T: Element>(&self) -> Result<&[T]> {
+        match &self.storage {
+            Storage::Host(host) if self.dtype == T::DTYPE => {
+                Ok(bytemuck::cast_slice(host.as_bytes()))
+            }
+            _ => Err(self.not_host_of::<T>()),
+        }
+    }
+
+    /// Typed mutable view of host data.
+    pub(crate) fn host_slice_mut<T: Element>(&mut self) -> Result<&mut [T]> {
+        let error = self.not_host_of::<T>();
+        match &mut self.storage {
+            Storage::Host(host) if self.dtype == T::DTYPE => {
+                Ok(bytemuck::cast_slice_mut(host.as_bytes_mut()))
+            }
+            _ => Err(error),
+        }
+    }
+
+    fn not_host_of<T: Element>(&self) -> Error {
+        Error::invalid(
+            "Tensor::host_slice",
+            "self",
+            format!("a host tensor of dtype {}", T::DTYPE),
+            format!("a {} tensor on {}", self.dtype, self.device()),
+        )
+    }
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Tensor({:?}, {}, {})",
+            self.shape,
+            self.dtype,
+            self.device()
+        )
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Tensor {
+    /// The device buffer of a tensor that validation has placed on a GPU.
+    pub(crate) fn device_buffer(&self) -> Result<&crate::cuda::DeviceBuffer> {
+        match &self.storage {
+            Storage::Cuda(buffer) => Ok(buffer),
+            Storage::Host(_) => Err(Error::invalid(
+                "Tensor::device_buffer",
+                "self",
+                "a CUDA tensor",
+                "a host tensor",
+            )),
+        }
+    }
+
+    /// A tensor of uninitialised device memory, for op outputs that are written in full.
+    pub(crate) fn uninit_cuda(
+        shape: &[usize],
+        dtype: DType,
+        backend: &std::sync::Arc<crate::cuda::CudaBackend>,
+    ) -> Result<Tensor> {
+        let numel = checked_numel("Tensor::uninit", shape)?;
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            storage: Storage::Cuda(backend.alloc(numel * dtype.size_in_bytes())?),
+        })
+    }
+}
