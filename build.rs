@@ -11,27 +11,15 @@ use std::thread;
 
 /// (file suffix, nvcc arguments) for each embedded image.
 const TARGETS: [(&str, &[&str]); 3] = [
-    (
-        "sm_90a.cubin",
-        &["-cubin", "-gencode=arch=compute_90a,code=sm_90a"],
-    ),
-    (
-        "sm_80.cubin",
-        &["-cubin", "-gencode=arch=compute_80,code=sm_80"],
-    ),
+    ("sm_90a.cubin", &["-cubin", "-gencode=arch=compute_90a,code=sm_90a"]),
+    ("sm_80.cubin", &["-cubin", "-gencode=arch=compute_80,code=sm_80"]),
     ("compute_80.ptx", &["-ptx", "-arch=compute_80"]),
 ];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed=kernels");
-    for var in [
-        "NVCC",
-        "CUDA_HOME",
-        "CUDA_PATH",
-        "TESSERA_CUDA_TOOLCHAIN",
-        "PATH",
-    ] {
+    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "TESSERA_CUDA_TOOLCHAIN", "PATH"] {
         println!("cargo::rerun-if-env-changed={var}");
     }
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -94,14 +82,12 @@ fn find_nvcc() -> Option<PathBuf> {
             candidates.push(Path::new(&home).join("bin/nvcc"));
         }
     }
-    let cache = env::var_os("TESSERA_CUDA_TOOLCHAIN")
-        .map(PathBuf::from)
-        .or_else(|| {
-            env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| env::var_os("HOME").map(|home| Path::new(&home).join(".cache")))
-                .map(|cache| cache.join("tessera/cuda-13.0.88"))
-        });
+    let cache = env::var_os("TESSERA_CUDA_TOOLCHAIN").map(PathBuf::from).or_else(|| {
+        env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| env::var_os("HOME").map(|home| Path::new(&home).join(".cache")))
+            .map(|cache| cache.join("tessera/cuda-13.0.88"))
+    });
     if let Some(cache) = cache {
         candidates.push(cache.join("nvidia/cu13/bin/nvcc"));
     }
@@ -130,13 +116,7 @@ fn stem(source: &Path) -> String {
 }
 
 /// Compiles one target; returns ptxas's report for cubins (empty for PTX), or nvcc's messages.
-fn compile(
-    nvcc: &Path,
-    source: &Path,
-    out_dir: &Path,
-    suffix: &str,
-    args: &[&str],
-) -> Result<String, String> {
+fn compile(nvcc: &Path, source: &Path, out_dir: &Path, suffix: &str, args: &[&str]) -> Result<String, String> {
     let output_path = out_dir.join(format!("{}.{suffix}", stem(source)));
     let mut command = Command::new(nvcc);
     command
@@ -163,11 +143,7 @@ fn compile(
         return Err(format!("nvcc {} ({suffix}):\n{log}", source.display()));
     }
     Ok(if suffix.ends_with("cubin") {
-        format!(
-            "== {} {}\n{log}",
-            stem(source),
-            suffix.trim_end_matches(".cubin")
-        )
+        format!("== {} {}\n{log}", stem(source), suffix.trim_end_matches(".cubin"))
     } else {
         String::new()
     })

@@ -36,8 +36,7 @@ impl Device {
         {
             let _ = ordinal;
             Err(Error::NoCuda(
-                "tessera was built without the `cuda` feature (rebuild with `--features cuda`)"
-                    .into(),
+                "tessera was built without the `cuda` feature (rebuild with `--features cuda`)".into(),
             ))
         }
     }
@@ -75,12 +74,7 @@ impl Device {
     }
 
     /// Checks that `self` and `other` are the same device, naming the op and argument otherwise.
-    pub(crate) fn expect_same(
-        &self,
-        other: &Device,
-        op: &'static str,
-        arg: &'static str,
-    ) -> Result<()> {
+    pub(crate) fn expect_same(&self, other: &Device, op: &'static str, arg: &'static str) -> Result<()> {
         if self == other {
             Ok(())
         } else {

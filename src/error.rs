@@ -33,12 +33,7 @@ pub enum Error {
 
 impl Error {
     /// Shorthand for [`Error::InvalidArgument`].
-    pub fn invalid(
-        op: &'static str,
-        arg: &'static str,
-        expected: impl fmt::Display,
-        got: impl fmt::Display,
-    ) -> Self {
+    pub fn invalid(op: &'static str, arg: &'static str, expected: impl fmt::Display, got: impl fmt::Display) -> Self {
         Error::InvalidArgument {
             op,
             arg,

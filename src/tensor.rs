@@ -45,9 +45,8 @@ impl HostBuffer {
     /// identity and cannot fail; the error arm exists only so that no path panics.
     fn from_vec<T: Element>(data: Vec<T>) -> Result<HostBuffer> {
         fn cast<T: Element, U: bytemuck::Pod>(data: Vec<T>) -> Result<Vec<U>> {
-            bytemuck::allocation::try_cast_vec(data).map_err(|(e, _)| {
-                Error::cuda("HostBuffer::from_vec", format!("element cast failed: {e}"))
-            })
+            bytemuck::allocation::try_cast_vec(data)
+                .map_err(|(e, _)| Error::cuda("HostBuffer::from_vec", format!("element cast failed: {e}")))
         }
         Ok(match T::DTYPE {
             DType::F32 => HostBuffer::F32(cast(data)?),
@@ -190,9 +189,7 @@ impl Tensor {
                 Storage::Host(copy)
             }
             #[cfg(feature = "cuda")]
-            (Storage::Host(host), Device::Cuda(cuda)) => {
-                Storage::Cuda(cuda.upload(host.as_bytes())?)
-            }
+            (Storage::Host(host), Device::Cuda(cuda)) => Storage::Cuda(cuda.upload(host.as_bytes())?),
             #[cfg(feature = "cuda")]
             (Storage::Cuda(buffer), Device::Cpu) => {
                 let mut copy = HostBuffer::zeros(self.dtype, self.numel());
@@ -207,6 +204,23 @@ impl Tensor {
             dtype: self.dtype,
             storage,
         })
+    }
+
+    /// Copies `source`, of the same shape and dtype and on any device, into this tensor.
+    pub fn copy_from(&mut self, source: &Tensor) -> Result<()> {
+        const OP: &str = "Tensor::copy_from";
+        source.expect_dtype(OP, "source", &[self.dtype])?;
+        source.expect_shape(OP, "source", &self.shape)?;
+        match (&mut self.storage, &source.storage) {
+            (Storage::Host(dst), Storage::Host(src)) => dst.as_bytes_mut().copy_from_slice(src.as_bytes()),
+            #[cfg(feature = "cuda")]
+            (Storage::Host(dst), Storage::Cuda(src)) => src.copy_to_host(dst.as_bytes_mut())?,
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(dst), Storage::Host(src)) => dst.copy_from_host(src.as_bytes())?,
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(dst), Storage::Cuda(src)) => dst.copy_from(src)?,
+        }
+        Ok(())
     }
 
     /// Moves a host tensor to `device`, copying only when the device is not the CPU.
@@ -245,12 +259,7 @@ impl Tensor {
     }
 
     /// Checks that the dtype is one of `allowed`.
-    pub(crate) fn expect_dtype(
-        &self,
-        op: &'static str,
-        arg: &'static str,
-        allowed: &[DType],
-    ) -> Result<()> {
+    pub(crate) fn expect_dtype(&self, op: &'static str, arg: &'static str, allowed: &[DType]) -> Result<()> {
         if allowed.contains(&self.dtype) {
             return Ok(());
         }
@@ -264,12 +273,7 @@ impl Tensor {
     }
 
     /// Checks that the shape is exactly `shape`.
-    pub(crate) fn expect_shape(
-        &self,
-        op: &'static str,
-        arg: &'static str,
-        shape: &[usize],
-    ) -> Result<()> {
+    pub(crate) fn expect_shape(&self, op: &'static str, arg: &'static str, shape: &[usize]) -> Result<()> {
         if self.shape == shape {
             Ok(())
         } else {
@@ -283,12 +287,7 @@ impl Tensor {
     }
 
     /// Checks that the tensor has `rank` dimensions.
-    pub(crate) fn expect_rank(
-        &self,
-        op: &'static str,
-        arg: &'static str,
-        rank: usize,
-    ) -> Result<()> {
+    pub(crate) fn expect_rank(&self, op: &'static str, arg: &'static str, rank: usize) -> Result<()> {
         if self.shape.len() == rank {
             Ok(())
         } else {
@@ -304,9 +303,7 @@ impl Tensor {
     /// Typed view of host data. Callers have validated the dtype; a mismatch is still an error.
     pub(crate) fn host_slice<T: Element>(&self) -> Result<&[T]> {
         match &self.storage {
-            Storage::Host(host) if self.dtype == T::DTYPE => {
-                Ok(bytemuck::cast_slice(host.as_bytes()))
-            }
+            Storage::Host(host) if self.dtype == T::DTYPE => Ok(bytemuck::cast_slice(host.as_bytes())),
             _ => Err(self.not_host_of::<T>()),
         }
     }
@@ -315,9 +312,7 @@ impl Tensor {
     pub(crate) fn host_slice_mut<T: Element>(&mut self) -> Result<&mut [T]> {
         let error = self.not_host_of::<T>();
         match &mut self.storage {
-            Storage::Host(host) if self.dtype == T::DTYPE => {
-                Ok(bytemuck::cast_slice_mut(host.as_bytes_mut()))
-            }
+            Storage::Host(host) if self.dtype == T::DTYPE => Ok(bytemuck::cast_slice_mut(host.as_bytes_mut())),
             _ => Err(error),
         }
     }
@@ -334,13 +329,7 @@ impl Tensor {
 
 impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "Tensor({:?}, {}, {})",
-            self.shape,
-            self.dtype,
-            self.device()
-        )
+        write!(f, "Tensor({:?}, {}, {})", self.shape, self.dtype, self.device())
     }
 }
 

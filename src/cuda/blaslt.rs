@@ -62,19 +62,13 @@ impl BlasLt {
     pub(crate) fn new(backend: &CudaBackend) -> Result<BlasLt> {
         // SAFETY: only tries to open the shared library.
         if !unsafe { sys::is_culib_present() } {
-            return Err(Error::cuda(
-                "cuBLASLt",
-                "libcublasLt was not found on this machine",
-            ));
+            return Err(Error::cuda("cuBLASLt", "libcublasLt was not found on this machine"));
         }
-        backend
-            .context
-            .bind_to_thread()
-            .context("binding the CUDA context")?;
+        backend.context.bind_to_thread().context("binding the CUDA context")?;
         let workspace_bytes = workspace_bytes(backend.compute_capability);
         // SAFETY: the workspace is scratch memory for cuBLASLt; nobody reads it.
-        let workspace = unsafe { backend.stream.alloc::<u8>(workspace_bytes) }
-            .context("allocating the cuBLASLt workspace")?;
+        let workspace =
+            unsafe { backend.stream.alloc::<u8>(workspace_bytes) }.context("allocating the cuBLASLt workspace")?;
         let handle = result::create_handle().context("cublasLtCreate")?;
         Ok(BlasLt {
             handle,
@@ -88,9 +82,7 @@ impl BlasLt {
 
     /// Queues one matmul on the device's stream.
     pub(crate) fn matmul(&mut self, shape: MatmulShape, operands: &MatmulOperands) -> Result<()> {
-        self.context
-            .bind_to_thread()
-            .context("binding the CUDA context")?;
+        self.context.bind_to_thread().context("binding the CUDA context")?;
         if !self.plans.contains_key(&shape) {
             let plan = Plan::new(self.handle, shape, self.workspace_bytes)?;
             self.plans.insert(shape, plan);
@@ -111,8 +103,7 @@ impl BlasLt {
             }
             .context("setting the bias pointer")?;
         }
-        let (workspace, _sync) =
-            cudarc::driver::DevicePtr::device_ptr(&self.workspace, &self.stream);
+        let (workspace, _sync) = cudarc::driver::DevicePtr::device_ptr(&self.workspace, &self.stream);
         // SAFETY: the operands were validated against `shape` by the op and live on this device;
         // descriptors and algorithm come from the plan made for exactly this shape.
         unsafe {
@@ -170,13 +161,8 @@ fn data_type(dtype: DType) -> Result<sys::cudaDataType> {
 }
 
 /// A column-major layout of `rows` x `cols` with leading dimension `rows`.
-fn layout(
-    dtype: sys::cudaDataType,
-    rows: usize,
-    cols: usize,
-) -> Result<sys::cublasLtMatrixLayout_t> {
-    result::create_matrix_layout(dtype, rows as u64, cols as u64, rows as i64)
-        .context("cublasLtMatrixLayoutCreate")
+fn layout(dtype: sys::cudaDataType, rows: usize, cols: usize) -> Result<sys::cublasLtMatrixLayout_t> {
+    result::create_matrix_layout(dtype, rows as u64, cols as u64, rows as i64).context("cublasLtMatrixLayoutCreate")
 }
 
 fn set_desc<T>(
@@ -185,23 +171,12 @@ fn set_desc<T>(
     value: &T,
 ) -> Result<()> {
     // SAFETY: the descriptor is alive and `value` has the size the attribute expects.
-    unsafe {
-        result::set_matmul_desc_attribute(
-            desc,
-            attribute,
-            value as *const T as *const c_void,
-            size_of::<T>(),
-        )
-    }
-    .context("cublasLtMatmulDescSetAttribute")
+    unsafe { result::set_matmul_desc_attribute(desc, attribute, value as *const T as *const c_void, size_of::<T>()) }
+        .context("cublasLtMatmulDescSetAttribute")
 }
 
 impl Plan {
-    fn new(
-        handle: sys::cublasLtHandle_t,
-        shape: MatmulShape,
-        workspace_bytes: usize,
-    ) -> Result<Plan> {
+    fn new(handle: sys::cublasLtHandle_t, shape: MatmulShape, workspace_bytes: usize) -> Result<Plan> {
         let dtype = data_type(shape.dtype)?;
         let (m, n, k) = (shape.m, shape.n, shape.k);
         let desc = result::create_matmul_desc(

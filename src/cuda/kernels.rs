@@ -41,9 +41,7 @@ impl ImageKind {
             (m, _) if m >= 9 => Ok(ImageKind::Compute80Ptx),
             _ => Err(Error::Unsupported {
                 op: "kernel loading",
-                reason: format!(
-                    "compute capability {major}.{minor} is below 8.0, the oldest tessera supports"
-                ),
+                reason: format!("compute capability {major}.{minor} is below 8.0, the oldest tessera supports"),
             }),
         }
     }
@@ -61,12 +59,7 @@ pub(crate) fn image(file: &str, kind: ImageKind) -> Result<Ptx> {
     let entry = KERNEL_FILES
         .iter()
         .find(|entry| entry.name == file)
-        .ok_or_else(|| {
-            Error::cuda(
-                "kernel loading",
-                format!("no embedded kernel file `{file}`"),
-            )
-        })?;
+        .ok_or_else(|| Error::cuda("kernel loading", format!("no embedded kernel file `{file}`")))?;
     Ok(match kind {
         ImageKind::Sm90a => Ptx::from_binary(entry.sm_90a.to_vec()),
         ImageKind::Sm80 => Ptx::from_binary(entry.sm_80.to_vec()),

@@ -9,8 +9,7 @@ pub mod kernels;
 
 use crate::error::{Error, Result};
 use cudarc::driver::{
-    result as driver, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
-    LaunchArgs,
+    result as driver, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchArgs,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -36,8 +35,7 @@ pub(crate) fn device_count() -> Result<usize> {
             "the CUDA driver library (libcuda.so) was not found on this machine".into(),
         ));
     }
-    driver::init()
-        .map_err(|e| Error::NoCuda(format!("the CUDA driver failed to initialise: {e}")))?;
+    driver::init().map_err(|e| Error::NoCuda(format!("the CUDA driver failed to initialise: {e}")))?;
     let count = driver::device::get_count().context("cuDeviceGetCount")?;
     Ok(count.max(0) as usize)
 }
@@ -69,9 +67,7 @@ impl CudaBackend {
             )));
         }
         let backends = BACKENDS.get_or_init(Default::default);
-        let mut backends = backends
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut backends = backends.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(backend) = backends.get(&ordinal) {
             return Ok(backend.clone());
         }
@@ -87,9 +83,7 @@ impl CudaBackend {
         // SAFETY: no buffer is ever used on another stream than `stream` below.
         unsafe { context.disable_event_tracking() };
         let stream = context.new_stream().context("creating the CUDA stream")?;
-        let compute_capability = context
-            .compute_capability()
-            .context("reading the compute capability")?;
+        let compute_capability = context.compute_capability().context("reading the compute capability")?;
         let multiprocessors = context
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .context("reading the multiprocessor count")?;
@@ -97,9 +91,7 @@ impl CudaBackend {
             ordinal,
             name: context.name().context("reading the device name")?,
             compute_capability,
-            total_memory: context
-                .total_mem()
-                .context("reading the device memory size")?,
+            total_memory: context.total_mem().context("reading the device memory size")?,
             multiprocessors: multiprocessors.max(1) as usize,
             context,
             stream,
@@ -146,19 +138,46 @@ impl CudaBackend {
 
     /// Waits for all queued work and reports any error it raised.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .context("synchronizing the stream")
+        self.stream.synchronize().context("synchronizing the stream")
+    }
+
+    /// Runs `work` `warmup` times, then `iterations` times between a pair of CUDA events each,
+    /// and returns each timed run's milliseconds. `work` gets the iteration number, so that it
+    /// can rotate between input sets larger than the L2 cache.
+    pub fn time_ms(
+        &self,
+        warmup: usize,
+        iterations: usize,
+        mut work: impl FnMut(usize) -> Result<()>,
+    ) -> Result<Vec<f32>> {
+        for i in 0..warmup {
+            work(i)?;
+        }
+        let new_event = || {
+            self.context
+                .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .context("creating a timing event")
+        };
+        let events: Vec<_> = (0..iterations)
+            .map(|_| Ok((new_event()?, new_event()?)))
+            .collect::<Result<_>>()?;
+        for (i, (start, end)) in events.iter().enumerate() {
+            start.record(&self.stream).context("recording a timing event")?;
+            work(i)?;
+            end.record(&self.stream).context("recording a timing event")?;
+        }
+        self.synchronize()?;
+        events
+            .iter()
+            .map(|(start, end)| start.elapsed_ms(end).context("reading a timing event"))
+            .collect()
     }
 
     /// A kernel function from the embedded module `file` (the stem of `kernels/<file>.cu`).
     /// Each module is loaded once per device, on first use.
     pub(crate) fn function(&self, file: &'static str, name: &str) -> Result<CudaFunction> {
         let module = {
-            let mut modules = self
-                .modules
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut modules = self.modules.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             match modules.get(file) {
                 Some(module) => module.clone(),
                 None => {
@@ -183,14 +202,8 @@ impl CudaBackend {
     }
 
     /// Runs `f` with this device's cuBLASLt handle, creating it on first use.
-    pub(crate) fn with_blaslt<T>(
-        &self,
-        f: impl FnOnce(&mut blaslt::BlasLt) -> Result<T>,
-    ) -> Result<T> {
-        let mut guard = self
-            .blaslt
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    pub(crate) fn with_blaslt<T>(&self, f: impl FnOnce(&mut blaslt::BlasLt) -> Result<T>) -> Result<T> {
+        let mut guard = self.blaslt.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if guard.is_none() {
             *guard = Some(blaslt::BlasLt::new(self)?);
         }
@@ -204,8 +217,8 @@ impl CudaBackend {
     pub(crate) fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuffer> {
         // SAFETY: the memory is uninitialised; every op writes its output before it is read, and
         // tensors created for the user are zeroed or copied into first.
-        let slice = unsafe { self.stream.alloc::<u8>(bytes) }
-            .context(&format!("allocating {bytes} bytes on {}", self.name))?;
+        let slice =
+            unsafe { self.stream.alloc::<u8>(bytes) }.context(&format!("allocating {bytes} bytes on {}", self.name))?;
         Ok(DeviceBuffer {
             slice,
             backend: self.clone(),
@@ -258,6 +271,22 @@ impl DeviceBuffer {
         self.backend.synchronize()
     }
 
+    /// Copies `source`, a buffer of the same size on this or another GPU, into this one.
+    pub(crate) fn copy_from(&mut self, source: &DeviceBuffer) -> Result<()> {
+        self.backend
+            .stream
+            .memcpy_dtod(&source.slice, &mut self.slice)
+            .context("copying device to device")
+    }
+
+    /// Copies host bytes, exactly as many as the buffer holds, into it.
+    pub(crate) fn copy_from_host(&mut self, bytes: &[u8]) -> Result<()> {
+        self.backend
+            .stream
+            .memcpy_htod(bytes, &mut self.slice)
+            .context("copying host to device")
+    }
+
     pub(crate) fn copy_to(&self, backend: &Arc<CudaBackend>) -> Result<DeviceBuffer> {
         let mut copy = backend.alloc(self.slice.len())?;
         backend
@@ -272,7 +301,6 @@ impl DeviceBuffer {
         let len = self.slice.len();
         let (address, _sync) = self.slice.device_ptr(stream);
         // SAFETY: the range is exactly this allocation, and the memset is ordered on its stream.
-        unsafe { driver::memset_d8_async(address, byte, len, stream.cu_stream()) }
-            .context("cuMemsetD8Async")
+        unsafe { driver::memset_d8_async(address, byte, len, stream.cu_stream()) }.context("cuMemsetD8Async")
     }
 }

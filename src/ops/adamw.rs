@@ -60,50 +60,27 @@ struct StepConstants {
     bias_correction2_sqrt: f32,
 }
 
-fn validate(
-    tensors: &[AdamWTensor<'_>],
-    config: &AdamWConfig,
-    step: u64,
-    grad_scale: f32,
-) -> Result<StepConstants> {
+fn validate(tensors: &[AdamWTensor<'_>], config: &AdamWConfig, step: u64, grad_scale: f32) -> Result<StepConstants> {
     let finite_at_least = |arg: &'static str, value: f32, low: f32| {
         if value.is_finite() && value >= low {
             Ok(())
         } else {
-            Err(Error::invalid(
-                OP,
-                arg,
-                format!("a finite number >= {low}"),
-                value,
-            ))
+            Err(Error::invalid(OP, arg, format!("a finite number >= {low}"), value))
         }
     };
     finite_at_least("config.lr", config.lr, 0.0)?;
     finite_at_least("config.weight_decay", config.weight_decay, 0.0)?;
     finite_at_least("grad_scale", grad_scale, f32::MIN)?;
     if !(config.eps.is_finite() && config.eps > 0.0) {
-        return Err(Error::invalid(
-            OP,
-            "config.eps",
-            "a finite number > 0",
-            config.eps,
-        ));
+        return Err(Error::invalid(OP, "config.eps", "a finite number > 0", config.eps));
     }
-    for (arg, beta) in [
-        ("config.beta1", config.beta1),
-        ("config.beta2", config.beta2),
-    ] {
+    for (arg, beta) in [("config.beta1", config.beta1), ("config.beta2", config.beta2)] {
         if !(0.0..1.0).contains(&beta) {
             return Err(Error::invalid(OP, arg, "a number in [0, 1)", beta));
         }
     }
     if step == 0 {
-        return Err(Error::invalid(
-            OP,
-            "step",
-            "the 1-based step number (>= 1)",
-            0,
-        ));
+        return Err(Error::invalid(OP, "step", "the 1-based step number (>= 1)", 0));
     }
     let device = tensors.first().map(|t| t.param.device());
     for (index, t) in tensors.iter().enumerate() {
@@ -121,12 +98,8 @@ fn validate(
         t.exp_avg_sq
             .expect_dtype(OP, "exp_avg_sq", &[DType::F32])
             .map_err(named("exp_avg_sq"))?;
-        t.grad
-            .expect_shape(OP, "grad", shape)
-            .map_err(named("grad"))?;
-        t.exp_avg
-            .expect_shape(OP, "exp_avg", shape)
-            .map_err(named("exp_avg"))?;
+        t.grad.expect_shape(OP, "grad", shape).map_err(named("grad"))?;
+        t.exp_avg.expect_shape(OP, "exp_avg", shape).map_err(named("exp_avg"))?;
         t.exp_avg_sq
             .expect_shape(OP, "exp_avg_sq", shape)
             .map_err(named("exp_avg_sq"))?;
@@ -162,9 +135,7 @@ fn validate(
 /// Adds which tensor of the list an argument error is about.
 fn with_index(error: Error, arg: &'static str, index: usize) -> Error {
     match error {
-        Error::InvalidArgument {
-            op, expected, got, ..
-        } => Error::InvalidArgument {
+        Error::InvalidArgument { op, expected, got, .. } => Error::InvalidArgument {
             op,
             arg,
             expected,
@@ -179,12 +150,7 @@ fn with_index(error: Error, arg: &'static str, index: usize) -> Error {
 ///
 /// All tensors must be on one device. Validation happens before anything is written, so an
 /// error leaves every tensor as it was.
-pub fn adamw_step(
-    tensors: &mut [AdamWTensor<'_>],
-    config: &AdamWConfig,
-    step: u64,
-    grad_scale: f32,
-) -> Result<()> {
+pub fn adamw_step(tensors: &mut [AdamWTensor<'_>], config: &AdamWConfig, step: u64, grad_scale: f32) -> Result<()> {
     let constants = validate(tensors, config, step, grad_scale)?;
     let Some(first) = tensors.first() else {
         return Ok(());
@@ -203,110 +169,98 @@ mod cpu {
     /// Elements per parallel task: large enough to amortise scheduling, small enough to balance.
     const CHUNK: usize = 1 << 14;
 
-    #[inline(always)]
-    fn update(
-        p: &mut f32,
-        g: f32,
-        m: &mut f32,
-        v: &mut f32,
-        wd: f32,
-        config: &AdamWConfig,
-        c: StepConstants,
-    ) {
-        *p -= config.lr * wd * *p;
-        *m = config.beta1 * *m + (1.0 - config.beta1) * g;
-        *v = config.beta2 * *v + (1.0 - config.beta2) * g * g;
-        let denom = v.sqrt() / c.bias_correction2_sqrt + config.eps;
-        *p -= c.step_size * *m / denom;
+    /// Everything one element's update needs besides its own values.
+    #[derive(Clone, Copy)]
+    struct Rule {
+        config: AdamWConfig,
+        constants: StepConstants,
+        weight_decay: f32,
     }
 
-    fn update_tensor<G: Copy + Sync>(
-        param: &mut [f32],
-        grad: &[G],
-        exp_avg: &mut [f32],
-        exp_avg_sq: &mut [f32],
-        copy: Option<&mut [bf16]>,
-        wd: f32,
-        config: &AdamWConfig,
-        c: StepConstants,
-        grad_to_f32: impl Fn(G) -> f32 + Sync,
-    ) {
-        let chunks = param
-            .par_chunks_mut(CHUNK)
-            .zip(grad.par_chunks(CHUNK))
-            .zip(exp_avg.par_chunks_mut(CHUNK))
-            .zip(exp_avg_sq.par_chunks_mut(CHUNK));
-        let run = |(((p, g), m), v): (((&mut [f32], &[G]), &mut [f32]), &mut [f32]),
-                   copy: Option<&mut [bf16]>| {
-            for i in 0..p.len() {
-                update(
-                    &mut p[i],
-                    grad_to_f32(g[i]),
-                    &mut m[i],
-                    &mut v[i],
-                    wd,
-                    config,
-                    c,
-                );
+    impl Rule {
+        #[inline(always)]
+        fn update(&self, p: &mut f32, g: f32, m: &mut f32, v: &mut f32) {
+            let (config, c) = (&self.config, &self.constants);
+            *p -= config.lr * self.weight_decay * *p;
+            *m = config.beta1 * *m + (1.0 - config.beta1) * g;
+            *v = config.beta2 * *v + (1.0 - config.beta2) * g * g;
+            let denom = v.sqrt() / c.bias_correction2_sqrt + config.eps;
+            *p -= c.step_size * *m / denom;
+        }
+    }
+
+    /// One parallel task: matching chunks of a tensor and its state.
+    struct Chunk<'a, G> {
+        param: &'a mut [f32],
+        grad: &'a [G],
+        exp_avg: &'a mut [f32],
+        exp_avg_sq: &'a mut [f32],
+        param_bf16: Option<&'a mut [bf16]>,
+    }
+
+    impl<G: Copy> Chunk<'_, G> {
+        fn update(self, rule: &Rule, grad_to_f32: impl Fn(G) -> f32) {
+            for i in 0..self.param.len() {
+                let g = grad_to_f32(self.grad[i]);
+                rule.update(&mut self.param[i], g, &mut self.exp_avg[i], &mut self.exp_avg_sq[i]);
             }
-            if let Some(copy) = copy {
-                for (dst, &src) in copy.iter_mut().zip(p.iter()) {
+            if let Some(copy) = self.param_bf16 {
+                for (dst, &src) in copy.iter_mut().zip(self.param.iter()) {
                     *dst = bf16::from_f32(src);
                 }
             }
-        };
-        match copy {
-            Some(copy) => chunks
-                .zip(copy.par_chunks_mut(CHUNK))
-                .for_each(|(chunk, copy)| run(chunk, Some(copy))),
-            None => chunks.for_each(|chunk| run(chunk, None)),
         }
+    }
+
+    fn update_tensor<G: crate::dtype::Element>(
+        t: &mut AdamWTensor<'_>,
+        grad: &[G],
+        rule: Rule,
+        grad_to_f32: impl Fn(G) -> f32 + Sync,
+    ) -> Result<()> {
+        let mut copies: Vec<Option<&mut [bf16]>> = match t.param_bf16.as_deref_mut() {
+            Some(copy) => copy.host_slice_mut::<bf16>()?.chunks_mut(CHUNK).map(Some).collect(),
+            None => Vec::new(),
+        };
+        copies.resize_with(grad.len().div_ceil(CHUNK), || None);
+        let chunks: Vec<Chunk<G>> = t
+            .param
+            .host_slice_mut::<f32>()?
+            .chunks_mut(CHUNK)
+            .zip(grad.chunks(CHUNK))
+            .zip(t.exp_avg.host_slice_mut::<f32>()?.chunks_mut(CHUNK))
+            .zip(t.exp_avg_sq.host_slice_mut::<f32>()?.chunks_mut(CHUNK))
+            .zip(copies)
+            .map(|((((param, grad), exp_avg), exp_avg_sq), param_bf16)| Chunk {
+                param,
+                grad,
+                exp_avg,
+                exp_avg_sq,
+                param_bf16,
+            })
+            .collect();
+        chunks
+            .into_par_iter()
+            .for_each(|chunk| chunk.update(&rule, &grad_to_f32));
+        Ok(())
     }
 
     pub(super) fn adamw_step(
         tensors: &mut [AdamWTensor<'_>],
         config: &AdamWConfig,
-        c: StepConstants,
+        constants: StepConstants,
         grad_scale: f32,
     ) -> Result<()> {
         for t in tensors.iter_mut() {
-            let wd = if t.weight_decay {
-                config.weight_decay
-            } else {
-                0.0
+            let rule = Rule {
+                config: *config,
+                constants,
+                weight_decay: if t.weight_decay { config.weight_decay } else { 0.0 },
             };
-            let copy = match t.param_bf16.as_deref_mut() {
-                Some(copy) => Some(copy.host_slice_mut::<bf16>()?),
-                None => None,
-            };
-            let (param, m, v) = (
-                t.param.host_slice_mut::<f32>()?,
-                t.exp_avg.host_slice_mut::<f32>()?,
-                t.exp_avg_sq.host_slice_mut::<f32>()?,
-            );
-            match t.grad.dtype() {
-                DType::BF16 => update_tensor(
-                    param,
-                    t.grad.host_slice::<bf16>()?,
-                    m,
-                    v,
-                    copy,
-                    wd,
-                    config,
-                    c,
-                    |g| g.to_f32() * grad_scale,
-                ),
-                _ => update_tensor(
-                    param,
-                    t.grad.host_slice::<f32>()?,
-                    m,
-                    v,
-                    copy,
-                    wd,
-                    config,
-                    c,
-                    |g| g * grad_scale,
-                ),
+            let grad = t.grad;
+            match grad.dtype() {
+                DType::BF16 => update_tensor(t, grad.host_slice::<bf16>()?, rule, |g| g.to_f32() * grad_scale)?,
+                _ => update_tensor(t, grad.host_slice::<f32>()?, rule, |g| g * grad_scale)?,
             }
         }
         Ok(())
@@ -389,16 +343,9 @@ mod cuda {
                 param_bf16,
                 numel,
                 first_block: blocks,
-                weight_decay: if t.weight_decay {
-                    config.weight_decay
-                } else {
-                    0.0
-                },
-                flags: if t.grad.dtype() == DType::BF16 {
-                    GRAD_IS_BF16
-                } else {
-                    0
-                } | if aligned { VECTOR_ALIGNED } else { 0 },
+                weight_decay: if t.weight_decay { config.weight_decay } else { 0.0 },
+                flags: if t.grad.dtype() == DType::BF16 { GRAD_IS_BF16 } else { 0 }
+                    | if aligned { VECTOR_ALIGNED } else { 0 },
             });
             blocks += numel.div_ceil(BLOCK_ELEMENTS);
         }
@@ -412,10 +359,7 @@ mod cuda {
                 Error::invalid(
                     OP,
                     "tensors",
-                    format!(
-                        "at most {} elements in all",
-                        i32::MAX as u64 * BLOCK_ELEMENTS
-                    ),
+                    format!("at most {} elements in all", i32::MAX as u64 * BLOCK_ELEMENTS),
                     format!("{blocks} blocks of {BLOCK_ELEMENTS}"),
                 )
             })?;

@@ -45,17 +45,9 @@ impl MatmulOptions {
 
 /// The product of `a` and `b` (plus `bias`) in a new tensor; `options.beta` is ignored, since a
 /// new output has nothing to accumulate into.
-pub fn matmul(
-    a: &Tensor,
-    b: &Tensor,
-    bias: Option<&Tensor>,
-    options: MatmulOptions,
-) -> Result<Tensor> {
+pub fn matmul(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, options: MatmulOptions) -> Result<Tensor> {
     let (m, n, _) = validate_operands(a, b, bias, &options)?;
-    let options = MatmulOptions {
-        beta: 0.0,
-        ..options
-    };
+    let options = MatmulOptions { beta: 0.0, ..options };
     let mut out = match a.device() {
         Device::Cpu => Tensor::zeros(&[m, n], a.dtype(), &Device::Cpu)?,
         #[cfg(feature = "cuda")]
@@ -135,11 +127,7 @@ fn validate_operands(
                 a.shape(),
                 options.trans_a
             ),
-            format!(
-                "shape {:?} with trans_b={}, giving {k_b}",
-                b.shape(),
-                options.trans_b
-            ),
+            format!("shape {:?} with trans_b={}, giving {k_b}", b.shape(), options.trans_b),
         ));
     }
     if m == 0 || n == 0 || k == 0 {
@@ -155,10 +143,7 @@ fn validate_operands(
         bias.expect_shape(OP, "bias", &[n])?;
         a.device().expect_same(&bias.device(), OP, "bias")?;
     }
-    for (arg, value) in [
-        ("options.alpha", options.alpha),
-        ("options.beta", options.beta),
-    ] {
+    for (arg, value) in [("options.alpha", options.alpha), ("options.beta", options.beta)] {
         if !value.is_finite() {
             return Err(Error::invalid(OP, arg, "a finite number", value));
         }
@@ -224,20 +209,40 @@ mod cpu {
         }
     }
 
-    /// bf16 and f16 go through f32: convert, multiply, add the bias, round once.
-    fn matmul_half<T: crate::dtype::Element + Copy>(
+    /// The 16-bit float dtypes, which the CPU multiplies through f32.
+    trait Half: crate::dtype::Element {
+        fn widen(self) -> f32;
+        fn narrow(value: f32) -> Self;
+    }
+
+    impl Half for bf16 {
+        fn widen(self) -> f32 {
+            self.to_f32()
+        }
+        fn narrow(value: f32) -> Self {
+            bf16::from_f32(value)
+        }
+    }
+
+    impl Half for f16 {
+        fn widen(self) -> f32 {
+            self.to_f32()
+        }
+        fn narrow(value: f32) -> Self {
+            f16::from_f32(value)
+        }
+    }
+
+    /// Converts, multiplies and adds the bias in f32, and rounds once.
+    fn matmul_half<T: Half>(
         shape: Shape,
         a: &Tensor,
         b: &Tensor,
         bias: Option<&Tensor>,
         out: &mut Tensor,
         options: MatmulOptions,
-        to_f32: fn(T) -> f32,
-        from_f32: fn(f32) -> T,
     ) -> Result<()> {
-        let widen = |t: &Tensor| -> Result<Vec<f32>> {
-            Ok(t.host_slice::<T>()?.iter().map(|&x| to_f32(x)).collect())
-        };
+        let widen = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.host_slice::<T>()?.iter().map(|&x| x.widen()).collect()) };
         let (a, b) = (widen(a)?, widen(b)?);
         let mut acc = if options.beta != 0.0 {
             widen(out)?
@@ -249,7 +254,7 @@ mod cpu {
             add_bias(&mut acc, &widen(bias)?);
         }
         for (dst, value) in out.host_slice_mut::<T>()?.iter_mut().zip(acc) {
-            *dst = from_f32(value);
+            *dst = T::narrow(value);
         }
         Ok(())
     }
@@ -278,19 +283,8 @@ mod cpu {
                 }
                 Ok(())
             }
-            DType::BF16 => matmul_half::<bf16>(
-                shape,
-                a,
-                b,
-                bias,
-                out,
-                options,
-                bf16::to_f32,
-                bf16::from_f32,
-            ),
-            DType::F16 => {
-                matmul_half::<f16>(shape, a, b, bias, out, options, f16::to_f32, f16::from_f32)
-            }
+            DType::BF16 => matmul_half::<bf16>(shape, a, b, bias, out, options),
+            DType::F16 => matmul_half::<f16>(shape, a, b, bias, out, options),
             other => Err(Error::invalid(OP, "a", "dtype f32, bf16 or f16", other)),
         }
     }

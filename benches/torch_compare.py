@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Runs PyTorch on exactly the cases a `tessera bench --json` report holds, timed the same way
+(CUDA events around each run after a warm-up, median of the runs, the same input rotation), and
+prints one table of tessera beside PyTorch. Writes the combined report with --out.
+
+    python3 benches/torch_compare.py --tessera tessera.json --out combined.json
+"""
+import argparse
+import datetime
+import json
+import statistics
+import sys
+
+import torch
+
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+def time_ms(work, warmup, iterations):
+    for i in range(warmup):
+        work(i)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iterations)]
+    for i, (start, end) in enumerate(events):
+        start.record()
+        work(i)
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def uniform(shape, dtype, low, high, generator):
+    return torch.empty(shape, dtype=torch.float32, device="cuda").uniform_(low, high, generator=generator).to(dtype)
+
+
+def torch_copy(case, warmup, iterations, generator):
+    n = case["bytes"] // 4
+    source = uniform((n,), torch.float32, -1, 1, generator)
+    target = torch.empty_like(source)
+    ms = time_ms(lambda i: target.copy_(source), warmup, iterations)
+    return {"ms": ms, "gbps": 2 * case["bytes"] / (ms * 1e6), "what": "Tensor.copy_"}
+
+
+def torch_matmul(case, warmup, iterations, generator):
+    dtype = DTYPES[case["dtype"]]
+    m, n, k, sets = case["m"], case["n"], case["k"], case["input_sets"]
+    inputs = [(uniform((m, k), dtype, -1, 1, generator), uniform((k, n), dtype, -1, 1, generator)) for _ in range(sets)]
+    out = torch.empty((m, n), dtype=dtype, device="cuda")
+
+    def work(i):
+        a, b = inputs[i % sets]
+        torch.matmul(a, b, out=out)
+
+    ms = time_ms(work, warmup, iterations)
+    return {"ms": ms, "tflops": 2 * m * n * k / (ms * 1e9), "what": "torch.matmul (cuBLAS)"}
+
+
+def torch_adamw(case, warmup, iterations, generator):
+    params, copies = [], []
+    for n in case["sizes"]:
+        p = torch.nn.Parameter(uniform((n,), torch.float32, -1, 1, generator))
+        # PyTorch's fused AdamW needs gradients of the parameter's dtype: f32 here in every case.
+        p.grad = uniform((n,), torch.float32, -1e-2, 1e-2, generator)
+        params.append(p)
+        if case["bf16_copy"]:
+            copies.append(torch.empty((n,), dtype=torch.bfloat16, device="cuda"))
+    optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, fused=True)
+
+    def work(i):
+        optimizer.step()
+        for p, c in zip(params, copies):
+            c.copy_(p.detach())
+
+    ms = time_ms(work, warmup, iterations)
+    what = "torch.optim.AdamW(fused=True), f32 grads"
+    if copies:
+        what += ", then bf16 copy_"
+    return {"ms": ms, "gbps": case["params"] * 28 / (ms * 1e6), "what": what}
+
+
+RUNNERS = {"copy": torch_copy, "matmul": torch_matmul, "adamw": torch_adamw}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tessera", required=True, help="JSON written by `tessera bench --json`")
+    parser.add_argument("--out", help="where to write the combined JSON")
+    args = parser.parse_args()
+    with open(args.tessera) as f:
+        report = json.load(f)
+    if not torch.cuda.is_available():
+        sys.exit("torch_compare: PyTorch sees no CUDA device")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    warmup, iterations = report["warmup"], report["iterations"]
+    rows = []
+    for case in report["results"]:
+        anchor = RUNNERS[case["kind"]](case, warmup, iterations, generator)
+        case["torch"] = anchor
+        case["speedup_vs_torch"] = anchor["ms"] / case["ms"]
+        rows.append(case)
+        torch.cuda.empty_cache()
+
+    report["torch"] = {"version": torch.__version__, "device": torch.cuda.get_device_name()}
+    report["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+
+    print(f"\n{report['device']} ({report['kernel_image']}), torch {torch.__version__}, medians of {iterations} runs")
+    print(f"{'case':<46} {'tessera ms':>10} {'torch ms':>10} {'tessera':>12} {'torch':>12} {'speedup':>8}")
+    for case in rows:
+        unit, key = ("TFLOP/s", "tflops") if "tflops" in case else ("GB/s", "gbps")
+        print(
+            f"{case['name']:<46} {case['ms']:>10.3f} {case['torch']['ms']:>10.3f} "
+            f"{case[key]:>7.1f} {unit:<4} {case['torch'][key]:>7.1f} {unit:<4} {case['speedup_vs_torch']:>7.3f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
