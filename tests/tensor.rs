@@ -1,0 +1,322 @@
+//! Tensors: construction, copies between devices, metadata, reshape, fill, and their errors; plus
+//! checks of the shared test helpers themselves.
+
+#[macro_use]
+mod common;
+
+use common::{assert_invalid, bytes, relative_error};
+use half::{bf16, f16};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+use tessera::{DType, Device, Element, Tensor};
+
+on_each_device!(
+    small_round_trip_every_dtype,
+    round_trip_through_the_host,
+    from_slice_copies,
+    from_vec_wrong_count_is_an_error,
+    to_vec_wrong_type_is_an_error,
+    zeros_every_dtype,
+    metadata,
+    reshape_keeps_the_data,
+    reshape_to_another_count_is_an_error,
+    fill_bytes_sets_every_byte,
+    round_trip_property,
+);
+
+/// Data of every dtype whose bit patterns are all distinct and mostly non-zero, NaN included.
+fn sample<T: Element>(len: usize, from_bits: impl Fn(u32) -> T) -> Vec<T> {
+    (0..len as u32)
+        .map(|i| from_bits(i.wrapping_mul(2_654_435_761).rotate_left(7) | 1))
+        .collect()
+}
+
+/// from_vec on `device`, to_vec back, compared as bytes; and the tensor says where it is.
+fn round_trip<T: Element + PartialEq>(device: &Device, data: Vec<T>, shape: &[usize]) {
+    let tensor = Tensor::from_vec(data.clone(), shape, device).unwrap();
+    assert_eq!(tensor.device(), *device);
+    assert_eq!(tensor.dtype(), T::DTYPE);
+    assert_eq!(tensor.shape(), shape);
+    let back = tensor.to_vec::<T>().unwrap();
+    assert_eq!(raw(&back), raw(&data), "{} round trip on {device}", T::DTYPE);
+}
+
+/// The bytes of a slice of plain values, so that NaNs compare by their bits.
+fn raw<T: Element>(values: &[T]) -> Vec<u8> {
+    bytemuck::cast_slice(values).to_vec()
+}
+
+fn small_round_trip_every_dtype(device: &Device) {
+    round_trip(device, sample(6, f32::from_bits), &[2, 3]);
+    round_trip(device, sample(6, |b| bf16::from_bits(b as u16)), &[3, 2]);
+    round_trip(device, sample(5, |b| f16::from_bits(b as u16)), &[5]);
+    round_trip(device, sample(7, |b| b as u8), &[7, 1]);
+    round_trip(device, sample(4, |b| b as u16), &[1, 2, 2]);
+    round_trip(device, sample(3, |b| b), &[3]);
+    // A scalar and an empty tensor.
+    round_trip(device, vec![1.5f32], &[]);
+    round_trip::<u32>(device, vec![], &[2, 0, 3]);
+}
+
+/// to_device(cpu) and back to `device`: on a GPU, a download and an upload; every copy is
+/// independent of the original.
+fn round_trip_through_the_host(device: &Device) {
+    let data = sample(1000, |b| bf16::from_bits(b as u16));
+    let tensor = Tensor::from_vec(data.clone(), &[10, 100], device).unwrap();
+    let host = tensor.to_device(&Device::Cpu).unwrap();
+    assert_eq!(host.device(), Device::Cpu);
+    assert_eq!(host.shape(), &[10, 100]);
+    let mut again = host.to_device(device).unwrap();
+    assert_eq!(again.device(), *device);
+    assert_eq!(bytes(&again), bytes(&tensor));
+    assert_eq!(bytes(&host), raw(&data));
+
+    // A copy on the same device does not share storage with the original.
+    let mut same = tensor.to_device(device).unwrap();
+    same.fill_bytes(0).unwrap();
+    again.fill_bytes(7).unwrap();
+    assert_eq!(bytes(&tensor), raw(&data));
+    assert_eq!(bytes(&host), raw(&data));
+    assert!(bytes(&same).iter().all(|&b| b == 0));
+
+    let data = sample(257, |b| b as u16);
+    let tensor = Tensor::from_vec(data.clone(), &[257], device).unwrap();
+    assert_eq!(
+        tensor
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_device(device)
+            .unwrap()
+            .to_vec::<u16>()
+            .unwrap(),
+        data
+    );
+}
+
+fn from_slice_copies(device: &Device) {
+    let data = [1.0f32, -2.0, 3.5, 0.25];
+    let tensor = Tensor::from_slice(&data, &[2, 2], device).unwrap();
+    assert_eq!(tensor.to_vec::<f32>().unwrap(), data);
+    assert_invalid(
+        Tensor::from_slice(&data, &[3], device),
+        "Tensor::from_vec",
+        "data",
+        &["3", "4"],
+    );
+}
+
+fn from_vec_wrong_count_is_an_error(device: &Device) {
+    let message = assert_invalid(
+        Tensor::from_vec(vec![0.5f32; 5], &[2, 3], device),
+        "Tensor::from_vec",
+        "data",
+        &["6", "5", "[2, 3]"],
+    );
+    eprintln!("{message}");
+    assert_invalid(
+        Tensor::from_vec(vec![1u8; 7], &[], device),
+        "Tensor::from_vec",
+        "data",
+        &["1", "7"],
+    );
+    assert_invalid(
+        Tensor::from_vec(vec![bf16::ONE; 1], &[0], device),
+        "Tensor::from_vec",
+        "data",
+        &["0", "1"],
+    );
+    // An element count that overflows usize is an error, not a panic or a huge allocation.
+    assert!(Tensor::from_vec(vec![1u32; 4], &[usize::MAX, 2, 2], device).is_err());
+}
+
+fn to_vec_wrong_type_is_an_error(device: &Device) {
+    let tensor = Tensor::from_vec(vec![1.0f32, 2.0], &[2], device).unwrap();
+    assert_invalid(tensor.to_vec::<u32>(), "Tensor::to_vec", "T", &["f32", "u32"]);
+    assert_invalid(tensor.to_vec::<bf16>(), "Tensor::to_vec", "T", &["f32", "bf16"]);
+    let tensor = Tensor::from_vec(vec![f16::ONE; 4], &[4], device).unwrap();
+    assert_invalid(tensor.to_vec::<bf16>(), "Tensor::to_vec", "T", &["f16", "bf16"]);
+    assert_invalid(tensor.to_vec::<u16>(), "Tensor::to_vec", "T", &["f16", "u16"]);
+    assert_eq!(tensor.to_vec::<f16>().unwrap(), vec![f16::ONE; 4]);
+}
+
+fn zeros_every_dtype(device: &Device) {
+    for dtype in [DType::F32, DType::BF16, DType::F16, DType::U8, DType::U16, DType::U32] {
+        let tensor = Tensor::zeros(&[3, 5], dtype, device).unwrap();
+        assert_eq!(tensor.dtype(), dtype);
+        assert_eq!(tensor.shape(), &[3, 5]);
+        assert_eq!(tensor.device(), *device);
+        let data = bytes(&tensor);
+        assert_eq!(data.len(), 15 * dtype.size_in_bytes());
+        assert!(data.iter().all(|&b| b == 0), "{dtype} zeros on {device}");
+    }
+    let empty = Tensor::zeros(&[0, 4], DType::F32, device).unwrap();
+    assert_eq!(empty.numel(), 0);
+    assert!(empty.to_vec::<f32>().unwrap().is_empty());
+    assert!(Tensor::zeros(&[usize::MAX, 3], DType::U8, device).is_err());
+}
+
+fn metadata(device: &Device) {
+    let cases: [(&[usize], DType, usize, usize); 6] = [
+        (&[2, 3, 4], DType::F32, 24, 96),
+        (&[7], DType::BF16, 7, 14),
+        (&[1, 1], DType::F16, 1, 2),
+        (&[], DType::U32, 1, 4),
+        (&[5, 0], DType::U16, 0, 0),
+        (&[3, 2], DType::U8, 6, 6),
+    ];
+    for (shape, dtype, numel, size) in cases {
+        let tensor = Tensor::zeros(shape, dtype, device).unwrap();
+        assert_eq!(tensor.shape(), shape);
+        assert_eq!(tensor.dtype(), dtype);
+        assert_eq!(tensor.numel(), numel, "numel of {shape:?}");
+        assert_eq!(tensor.size_in_bytes(), size, "size of {shape:?} {dtype}");
+        assert_eq!(dtype.size_in_bytes() * numel, size);
+        let debug = format!("{tensor:?}");
+        assert!(debug.contains(&format!("{shape:?}")), "{debug}");
+        assert!(debug.contains(dtype.name()), "{debug}");
+        assert!(debug.contains(&device.to_string()), "{debug}");
+    }
+    assert!(DType::BF16.is_float() && DType::F32.is_float() && DType::F16.is_float());
+    assert!(!DType::U8.is_float() && !DType::U16.is_float() && !DType::U32.is_float());
+    assert_eq!(DType::BF16.to_string(), "bf16");
+}
+
+fn reshape_keeps_the_data(device: &Device) {
+    let data: Vec<u32> = (0..24).collect();
+    let tensor = Tensor::from_vec(data.clone(), &[2, 3, 4], device).unwrap();
+    let tensor = tensor.reshape(&[6, 4]).unwrap();
+    assert_eq!(tensor.shape(), &[6, 4]);
+    assert_eq!(tensor.to_vec::<u32>().unwrap(), data);
+    let tensor = tensor.reshape(&[24]).unwrap();
+    assert_eq!(tensor.shape(), &[24]);
+    assert_eq!(tensor.numel(), 24);
+    assert_eq!(tensor.device(), *device);
+    assert_eq!(tensor.to_vec::<u32>().unwrap(), data);
+    let scalar = Tensor::from_vec(vec![3.0f32], &[1, 1], device).unwrap();
+    assert_eq!(scalar.reshape(&[]).unwrap().shape(), &[] as &[usize]);
+}
+
+fn reshape_to_another_count_is_an_error(device: &Device) {
+    let tensor = Tensor::zeros(&[2, 3], DType::F32, device).unwrap();
+    assert_invalid(
+        tensor.reshape(&[4, 2]),
+        "Tensor::reshape",
+        "shape",
+        &["6", "8", "[4, 2]"],
+    );
+    let tensor = Tensor::zeros(&[2, 3], DType::F32, device).unwrap();
+    assert_invalid(tensor.reshape(&[0]), "Tensor::reshape", "shape", &["6", "0"]);
+    let tensor = Tensor::zeros(&[2, 3], DType::F32, device).unwrap();
+    assert!(tensor.reshape(&[usize::MAX, 2]).is_err());
+}
+
+fn fill_bytes_sets_every_byte(device: &Device) {
+    let mut tensor = Tensor::from_vec(vec![1.0f32; 33], &[3, 11], device).unwrap();
+    tensor.fill_bytes(0xFF).unwrap();
+    assert!(bytes(&tensor).iter().all(|&b| b == 0xFF));
+    assert!(tensor.to_vec::<f32>().unwrap().iter().all(|x| x.is_nan()));
+    tensor.fill_bytes(0x3F).unwrap();
+    assert_eq!(tensor.to_vec::<f32>().unwrap(), vec![f32::from_bits(0x3F3F_3F3F); 33]);
+    // 0xFF poisons every float dtype with NaN.
+    let mut half = Tensor::zeros(&[9], DType::BF16, device).unwrap();
+    half.fill_bytes(0xFF).unwrap();
+    assert!(half.to_vec::<bf16>().unwrap().iter().all(|x| x.is_nan()));
+    let mut half = Tensor::zeros(&[9], DType::F16, device).unwrap();
+    half.fill_bytes(0xFF).unwrap();
+    assert!(half.to_vec::<f16>().unwrap().iter().all(|x| x.is_nan()));
+    let mut bytes_tensor = Tensor::zeros(&[5], DType::U8, device).unwrap();
+    bytes_tensor.fill_bytes(0xA5).unwrap();
+    assert_eq!(bytes_tensor.to_vec::<u8>().unwrap(), vec![0xA5; 5]);
+    let mut empty = Tensor::zeros(&[0], DType::U16, device).unwrap();
+    empty.fill_bytes(1).unwrap();
+    assert!(empty.to_vec::<u16>().unwrap().is_empty());
+}
+
+/// From bits, for the dtype with this index, so that one strategy covers every dtype.
+fn round_trip_bits(device: &Device, dtype: usize, shape: &[usize], bits: &[u32]) {
+    match dtype {
+        0 => round_trip(device, bits.iter().map(|&b| f32::from_bits(b)).collect(), shape),
+        1 => round_trip(device, bits.iter().map(|&b| bf16::from_bits(b as u16)).collect(), shape),
+        2 => round_trip(device, bits.iter().map(|&b| f16::from_bits(b as u16)).collect(), shape),
+        3 => round_trip(device, bits.iter().map(|&b| b as u8).collect(), shape),
+        4 => round_trip(device, bits.iter().map(|&b| b as u16).collect(), shape),
+        _ => round_trip(device, bits.to_vec(), shape),
+    }
+}
+
+/// For random shapes (rank 0 to 4, dimensions 0 to 7), dtypes and data, from_vec then to_vec is
+/// the identity, and numel is the product of the dimensions.
+fn round_trip_property(device: &Device) {
+    let seed = common::seed();
+    let mut seed_bytes = [0u8; 32];
+    seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let mut runner = TestRunner::new_with_rng(
+        Config {
+            cases: if device.is_cuda() { 64 } else { 256 },
+            failure_persistence: None,
+            ..Config::default()
+        },
+        TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes),
+    );
+    let strategy = prop::collection::vec(0usize..8, 0..5).prop_flat_map(|shape| {
+        let numel = shape.iter().product::<usize>();
+        (Just(shape), 0usize..6, prop::collection::vec(any::<u32>(), numel))
+    });
+    runner
+        .run(&strategy, |(shape, dtype, bits)| {
+            let tensor = Tensor::from_vec(bits.clone(), &shape, device).unwrap();
+            prop_assert_eq!(tensor.numel(), shape.iter().product::<usize>());
+            prop_assert_eq!(tensor.numel(), bits.len());
+            prop_assert_eq!(tensor.size_in_bytes(), 4 * bits.len());
+            round_trip_bits(device, dtype, &shape, &bits);
+            Ok(())
+        })
+        .unwrap();
+}
+
+// The helpers' own checks: the comparison must reject what the op tests rely on it to reject.
+
+#[test]
+fn comparison_rejects_non_finite_output() {
+    let reference = [1.0, 2.0, 3.0];
+    let error = relative_error(&[1.0, f64::NAN, 3.0], &reference).unwrap_err();
+    assert!(error.contains("element 1"), "{error}");
+    let error = relative_error(&[1.0, 2.0, f64::INFINITY], &reference).unwrap_err();
+    assert!(error.contains("element 2"), "{error}");
+    assert!(relative_error(&[1.0, 2.0], &reference).is_err());
+    // A NaN-poisoned output that an op never wrote is caught through the conversions too.
+    let mut poisoned = Tensor::zeros(&[3], DType::BF16, &Device::Cpu).unwrap();
+    poisoned.fill_bytes(0xFF).unwrap();
+    assert!(relative_error(&common::values::<bf16>(&poisoned), &reference).is_err());
+}
+
+#[test]
+fn comparison_measures_relative_error() {
+    let reference = [3.0, -4.0];
+    assert_eq!(relative_error(&reference, &reference), Ok(0.0));
+    let error = relative_error(&[3.0, -4.5], &reference).unwrap();
+    assert!((error - 0.1).abs() < 1e-12, "{error}");
+    assert_eq!(relative_error(&[0.0, 0.5], &[0.0, 0.0]), Ok(0.5));
+    common::assert_close("equal", &[1.0, 2.0], &[1.0, 2.0 + 1e-9], 1e-6);
+}
+
+#[test]
+#[should_panic(expected = "relative error")]
+fn comparison_fails_beyond_the_tolerance() {
+    common::assert_close("sign flip", &[1.0, -2.0], &[1.0, 2.0], 1e-2);
+}
+
+#[test]
+fn random_inputs_are_in_range_and_not_all_zero() {
+    let mut rng = common::rng();
+    for len in [1, 2, 1000] {
+        let values = common::uniform::<bf16>(&mut rng, len);
+        assert_eq!(values.len(), len);
+        assert!(values.iter().any(|v| v.to_f32() != 0.0));
+        assert!(values.iter().all(|v| (-1.0..=1.0).contains(&v.to_f32())));
+    }
+    let values = common::uniform::<f32>(&mut rng, 4096);
+    let mean = values.iter().sum::<f32>() / 4096.0;
+    assert!(mean.abs() < 0.1, "mean {mean}");
+    assert!(values.iter().any(|&v| v < -0.9) && values.iter().any(|&v| v > 0.9));
+}
