@@ -399,8 +399,22 @@ fn zero_learning_rate_keeps_the_weights(device: &Device) {
     assert_ne!(bytes(&slots[0].exp_avg), m_before);
 }
 
-fn empty_list_is_ok(_device: &Device) {
+/// No tensors, or only empty ones, is a valid call that does nothing.
+fn empty_list_is_ok(device: &Device) {
     adamw_step(&mut [], &AdamWConfig::default(), 1, 1.0).unwrap();
+    let mut rng = common::rng();
+    let spec = Spec {
+        numel: 0,
+        grad_bf16: true,
+        weight_decay: true,
+        copy: true,
+    };
+    let mut slots = vec![Slot::new(device, &mut rng, spec), Slot::new(device, &mut rng, spec)];
+    run(&mut slots, &config(), 1, 1.0).unwrap();
+    device.synchronize().unwrap();
+    assert!(slots
+        .iter()
+        .all(|slot| slot.param.numel() == 0 && slot.param.shape() == [0]));
 }
 
 /// Three valid slots on `device`: small, one block plus a tail, with a copy or not.

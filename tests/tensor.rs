@@ -21,6 +21,11 @@ on_each_device!(
     reshape_keeps_the_data,
     reshape_to_another_count_is_an_error,
     fill_bytes_sets_every_byte,
+    copy_from_every_direction,
+    copy_from_mismatch_is_an_error,
+    tensors_move_between_threads,
+    #[ignore = "src bug: Tensor::zeros panics (CPU) or wraps the byte count (GPU, release) on huge shapes"]
+    zeros_too_large_for_memory_is_an_error,
     round_trip_property,
 );
 
@@ -230,6 +235,106 @@ fn fill_bytes_sets_every_byte(device: &Device) {
     let mut empty = Tensor::zeros(&[0], DType::U16, device).unwrap();
     empty.fill_bytes(1).unwrap();
     assert!(empty.to_vec::<u16>().unwrap().is_empty());
+}
+
+/// copy_from into a tensor on `device` from one on the host, on the same device, and back.
+fn copy_from_every_direction(device: &Device) {
+    let data = sample(300, |b| bf16::from_bits(b as u16));
+    let host = Tensor::from_vec(data.clone(), &[3, 100], &Device::Cpu).unwrap();
+    let mut target = Tensor::zeros(&[3, 100], DType::BF16, device).unwrap();
+    target.copy_from(&host).unwrap();
+    assert_eq!(target.device(), *device);
+    assert_eq!(bytes(&target), raw(&data));
+
+    let mut second = Tensor::zeros(&[3, 100], DType::BF16, device).unwrap();
+    second.fill_bytes(0xFF).unwrap();
+    second.copy_from(&target).unwrap();
+    assert_eq!(bytes(&second), raw(&data));
+
+    let mut back = Tensor::zeros(&[3, 100], DType::BF16, &Device::Cpu).unwrap();
+    back.copy_from(&second).unwrap();
+    assert_eq!(bytes(&back), raw(&data));
+
+    // The copy is independent of its source.
+    target.fill_bytes(0).unwrap();
+    assert_eq!(bytes(&second), raw(&data));
+}
+
+/// copy_from a source of another dtype or shape is an error that leaves the target unchanged.
+fn copy_from_mismatch_is_an_error(device: &Device) {
+    let mut target = Tensor::from_vec(vec![1.0f32, 2.0, 3.0, 4.0], &[2, 2], device).unwrap();
+    let before = bytes(&target);
+    let wrong_dtype = Tensor::zeros(&[2, 2], DType::U32, device).unwrap();
+    assert_invalid(
+        target.copy_from(&wrong_dtype),
+        "Tensor::copy_from",
+        "source",
+        &["f32", "u32"],
+    );
+    let wrong_shape = Tensor::zeros(&[4], DType::F32, &Device::Cpu).unwrap();
+    assert_invalid(
+        target.copy_from(&wrong_shape),
+        "Tensor::copy_from",
+        "source",
+        &["[2, 2]", "[4]"],
+    );
+    let transposed = Tensor::zeros(&[1, 4], DType::F32, device).unwrap();
+    assert!(target.copy_from(&transposed).is_err());
+    assert_eq!(bytes(&target), before);
+}
+
+/// A tensor made on one thread can be filled, copied and read on another (which, on a GPU, has
+/// not used the device before: every entry point must make the device's context current).
+fn tensors_move_between_threads(device: &Device) {
+    let mut tensor = Tensor::from_vec(vec![5u16; 100], &[100], device).unwrap();
+    let device_copy = device.clone();
+    let tensor = std::thread::spawn(move || {
+        tensor.fill_bytes(0x11).unwrap();
+        let mut copy = Tensor::zeros(&[100], DType::U16, &device_copy).unwrap();
+        copy.copy_from(&tensor).unwrap();
+        device_copy.synchronize().unwrap();
+        (tensor, copy.to_vec::<u16>().unwrap())
+    })
+    .join()
+    .unwrap();
+    assert_eq!(tensor.1, vec![0x1111u16; 100]);
+    let mut tensor = tensor.0;
+    std::thread::spawn(move || {
+        let mut tensor_2 = Tensor::zeros(&[100], DType::U16, &Device::Cpu).unwrap();
+        tensor.fill_bytes(0x22).unwrap();
+        tensor_2.copy_from(&tensor).unwrap();
+        assert_eq!(tensor_2.to_vec::<u16>().unwrap(), vec![0x2222u16; 100]);
+    })
+    .join()
+    .unwrap();
+}
+
+/// A shape whose element count fits in usize but whose size in bytes does not (or exceeds what
+/// an allocation may be) is an error, like an element count that overflows, and never a panic or
+/// a buffer of a wrapped-around size.
+fn zeros_too_large_for_memory_is_an_error(device: &Device) {
+    for (shape, dtype) in [
+        (vec![1usize << 62], DType::F32),
+        (vec![1usize << 31, 1 << 31], DType::U16),
+        (vec![usize::MAX / 2 + 1], DType::BF16),
+    ] {
+        let result = std::panic::catch_unwind(|| Tensor::zeros(&shape, dtype, device));
+        match result {
+            Ok(Err(error)) => eprintln!("{shape:?} {dtype}: {error}"),
+            Ok(Ok(tensor)) => panic!(
+                "Tensor::zeros({shape:?}, {dtype}) on {device} succeeded: {tensor:?} holding {} bytes",
+                tensor.size_in_bytes()
+            ),
+            Err(panic) => panic!(
+                "Tensor::zeros({shape:?}, {dtype}) on {device} panicked instead of returning an error: {}",
+                panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("(no message)")
+            ),
+        }
+    }
 }
 
 /// From bits, for the dtype with this index, so that one strategy covers every dtype.

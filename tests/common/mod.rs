@@ -34,12 +34,13 @@ pub fn require_gpu() -> bool {
 
 /// Runs each listed `fn name(device: &Device)` of the test file as two tests, `cpu::name` on the
 /// CPU and `gpu::name` on the first GPU (skipped, see [`gpu`], when there is none). Use it once per
-/// file, listing every device test.
+/// file, listing every device test; attributes before a name (`#[ignore = "why"]`) go on both.
 macro_rules! on_each_device {
-    ($($name:ident),+ $(,)?) => {
+    ($($(#[$attribute:meta])* $name:ident),+ $(,)?) => {
         mod cpu {
             $(
                 #[test]
+                $(#[$attribute])*
                 fn $name() {
                     super::$name(&tessera::Device::Cpu);
                 }
@@ -49,6 +50,7 @@ macro_rules! on_each_device {
         mod gpu {
             $(
                 #[test]
+                $(#[$attribute])*
                 fn $name() {
                     if let Some(device) = crate::common::gpu() {
                         super::$name(&device);
@@ -206,7 +208,7 @@ pub fn assert_close_at_scale(what: &str, out: &[f64], reference: &[f64], toleran
                 worst.0, out[worst.0], reference[worst.0]
             );
         }
-        Ok(_) => {}
+        Ok(error) => eprintln!("relative error {error:.2e} (tolerance {tolerance:.0e}): {what}"),
     }
 }
 
