@@ -54,7 +54,10 @@ fn bench_copy(c: &mut Criterion) {
     let source: Vec<f32> = (0..n as u32).map(|i| i as f32).collect();
     let mut target = vec![0.0f32; n];
     let mut group = c.benchmark_group("adamw_cpu");
-    group.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
     group.throughput(Throughput::Bytes(8 * n as u64));
     group.bench_function("copy_ceiling", |bencher| {
         bencher.iter(|| {

@@ -30,15 +30,29 @@ macro_rules! each_host_buffer {
 }
 
 impl HostBuffer {
-    fn zeros(dtype: DType, len: usize) -> HostBuffer {
-        match dtype {
-            DType::F32 => HostBuffer::F32(vec![0.0; len]),
-            DType::BF16 => HostBuffer::BF16(vec![bf16::ZERO; len]),
-            DType::F16 => HostBuffer::F16(vec![f16::ZERO; len]),
-            DType::U8 => HostBuffer::U8(vec![0; len]),
-            DType::U16 => HostBuffer::U16(vec![0; len]),
-            DType::U32 => HostBuffer::U32(vec![0; len]),
+    /// `len` zeros, or an error (not an abort) when the host cannot hold them.
+    fn zeros(dtype: DType, len: usize) -> Result<HostBuffer> {
+        fn zeroed<T: Clone>(len: usize, zero: T) -> Result<Vec<T>> {
+            let mut values = Vec::new();
+            values.try_reserve_exact(len).map_err(|e| {
+                Error::invalid(
+                    "Tensor",
+                    "shape",
+                    "a tensor that fits in host memory",
+                    format!("{len} elements: {e}"),
+                )
+            })?;
+            values.resize(len, zero);
+            Ok(values)
         }
+        Ok(match dtype {
+            DType::F32 => HostBuffer::F32(zeroed(len, 0.0)?),
+            DType::BF16 => HostBuffer::BF16(zeroed(len, bf16::ZERO)?),
+            DType::F16 => HostBuffer::F16(zeroed(len, f16::ZERO)?),
+            DType::U8 => HostBuffer::U8(zeroed(len, 0)?),
+            DType::U16 => HostBuffer::U16(zeroed(len, 0)?),
+            DType::U32 => HostBuffer::U32(zeroed(len, 0)?),
+        })
     }
 
     /// Wraps a vector without copying it. `T::DTYPE` names `T` exactly, so the cast is an
@@ -98,6 +112,24 @@ fn checked_numel(op: &'static str, shape: &[usize]) -> Result<usize> {
         })
 }
 
+/// Element count and byte size of a shape, or an error when the bytes exceed what one allocation
+/// can hold (`isize::MAX`), so that no size computation can wrap.
+fn checked_size(op: &'static str, shape: &[usize], dtype: DType) -> Result<(usize, usize)> {
+    let numel = checked_numel(op, shape)?;
+    numel
+        .checked_mul(dtype.size_in_bytes())
+        .filter(|&bytes| bytes <= isize::MAX as usize)
+        .map(|bytes| (numel, bytes))
+        .ok_or_else(|| {
+            Error::invalid(
+                op,
+                "shape",
+                "a tensor of at most isize::MAX bytes",
+                format!("{shape:?} of {dtype}"),
+            )
+        })
+}
+
 impl Tensor {
     /// A tensor holding `data`, which must have exactly as many elements as `shape` describes.
     pub fn from_vec<T: Element>(data: Vec<T>, shape: &[usize], device: &Device) -> Result<Tensor> {
@@ -125,12 +157,14 @@ impl Tensor {
 
     /// A tensor of zeros.
     pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        let numel = checked_numel("Tensor::zeros", shape)?;
+        let (numel, bytes) = checked_size("Tensor::zeros", shape, dtype)?;
         let storage = match device {
-            Device::Cpu => Storage::Host(HostBuffer::zeros(dtype, numel)),
+            Device::Cpu => Storage::Host(HostBuffer::zeros(dtype, numel)?),
             #[cfg(feature = "cuda")]
-            Device::Cuda(cuda) => Storage::Cuda(cuda.alloc_zeroed(numel * dtype.size_in_bytes())?),
+            Device::Cuda(cuda) => Storage::Cuda(cuda.alloc_zeroed(bytes)?),
         };
+        #[cfg(not(feature = "cuda"))]
+        let _ = bytes;
         Ok(Tensor {
             shape: shape.to_vec(),
             dtype,
@@ -184,7 +218,7 @@ impl Tensor {
     pub fn to_device(&self, device: &Device) -> Result<Tensor> {
         let storage = match (&self.storage, device) {
             (Storage::Host(host), Device::Cpu) => {
-                let mut copy = HostBuffer::zeros(self.dtype, self.numel());
+                let mut copy = HostBuffer::zeros(self.dtype, self.numel())?;
                 copy.as_bytes_mut().copy_from_slice(host.as_bytes());
                 Storage::Host(copy)
             }
@@ -192,7 +226,7 @@ impl Tensor {
             (Storage::Host(host), Device::Cuda(cuda)) => Storage::Cuda(cuda.upload(host.as_bytes())?),
             #[cfg(feature = "cuda")]
             (Storage::Cuda(buffer), Device::Cpu) => {
-                let mut copy = HostBuffer::zeros(self.dtype, self.numel());
+                let mut copy = HostBuffer::zeros(self.dtype, self.numel())?;
                 buffer.copy_to_host(copy.as_bytes_mut())?;
                 Storage::Host(copy)
             }
@@ -354,11 +388,11 @@ impl Tensor {
         dtype: DType,
         backend: &std::sync::Arc<crate::cuda::CudaBackend>,
     ) -> Result<Tensor> {
-        let numel = checked_numel("Tensor::uninit", shape)?;
+        let (_, bytes) = checked_size("Tensor::uninit", shape, dtype)?;
         Ok(Tensor {
             shape: shape.to_vec(),
             dtype,
-            storage: Storage::Cuda(backend.alloc(numel * dtype.size_in_bytes())?),
+            storage: Storage::Cuda(backend.alloc(bytes)?),
         })
     }
 }

@@ -297,6 +297,10 @@ impl DeviceBuffer {
     }
 
     pub(crate) fn fill_bytes(&mut self, byte: u8) -> Result<()> {
+        self.backend
+            .context
+            .bind_to_thread()
+            .context("binding the CUDA context")?;
         let stream = &self.backend.stream;
         let len = self.slice.len();
         let (address, _sync) = self.slice.device_ptr(stream);
