@@ -573,3 +573,30 @@ fn errors_leave_out_unchanged(device: &Device) {
     matmul_into(&a, &b, Some(&good_bias), &mut out, default).unwrap();
     assert_ne!(bytes(&out), pattern);
 }
+
+/// With autotuning on, the first call of each shape times the heuristic's candidate algorithms on
+/// the real operands (beta = 0 only); whichever wins, the results must be as correct as ever, and
+/// accumulating calls (beta ≠ 0, never tuned) too.
+#[cfg(feature = "cuda")]
+mod gpu_autotune {
+    use super::*;
+
+    #[test]
+    fn autotuned_matmul_is_correct() {
+        let Some(device) = common::gpu() else { return };
+        if let Device::Cuda(backend) = &device {
+            backend.set_matmul_autotune(true);
+        }
+        let mut rng = common::rng();
+        for (trans_a, trans_b) in TRANSPOSES {
+            let case = Case::new(256, 384, 512).trans(trans_a, trans_b);
+            check::<bf16>(&device, &mut rng, case.bias(true));
+            check::<bf16>(&device, &mut rng, case.scale(0.5, 1.0));
+            check::<f16>(&device, &mut rng, case);
+            check::<f32>(&device, &mut rng, case.bias(true));
+        }
+        if let Device::Cuda(backend) = &device {
+            backend.set_matmul_autotune(false);
+        }
+    }
+}

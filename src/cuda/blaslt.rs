@@ -14,6 +14,9 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::mem::size_of;
 
+/// How many of the heuristic's algorithms a plan keeps, for autotuning.
+const CANDIDATES: usize = 8;
+
 /// cuBLASLt's recommended workspace: 32 MiB on Hopper, 4 MiB before it.
 fn workspace_bytes(compute_capability: (i32, i32)) -> usize {
     if compute_capability.0 >= 9 {
@@ -80,16 +83,26 @@ impl BlasLt {
         })
     }
 
-    /// Queues one matmul on the device's stream.
-    pub(crate) fn matmul(&mut self, shape: MatmulShape, operands: &MatmulOperands) -> Result<()> {
+    /// Queues one matmul on the device's stream. With `autotune`, the first call of a shape that
+    /// overwrites its output (beta = 0) times each of the heuristic's candidate algorithms on the
+    /// real operands and keeps the fastest for that shape; otherwise the heuristic's first choice
+    /// runs, which keeps results bit-identical from run to run.
+    pub(crate) fn matmul(&mut self, shape: MatmulShape, operands: &MatmulOperands, autotune: bool) -> Result<()> {
         self.context.bind_to_thread().context("binding the CUDA context")?;
         if !self.plans.contains_key(&shape) {
             let plan = Plan::new(self.handle, shape, self.workspace_bytes)?;
             self.plans.insert(shape, plan);
         }
+        let (workspace, _sync) = cudarc::driver::DevicePtr::device_ptr(&self.workspace, &self.stream);
+        let call = Call {
+            handle: self.handle,
+            workspace,
+            workspace_bytes: self.workspace_bytes,
+            stream: self.stream.cu_stream() as sys::cudaStream_t,
+        };
         let plan = self
             .plans
-            .get(&shape)
+            .get_mut(&shape)
             .ok_or_else(|| Error::cuda("cuBLASLt", "matmul plan missing from its cache"))?;
         if let Some(bias) = operands.bias {
             // SAFETY: the descriptor is alive; the attribute is a device pointer of the right size.
@@ -103,9 +116,32 @@ impl BlasLt {
             }
             .context("setting the bias pointer")?;
         }
-        let (workspace, _sync) = cudarc::driver::DevicePtr::device_ptr(&self.workspace, &self.stream);
-        // SAFETY: the operands were validated against `shape` by the op and live on this device;
-        // descriptors and algorithm come from the plan made for exactly this shape.
+        if autotune && plan.tuned.is_none() && operands.beta == 0.0 && plan.candidates.len() > 1 {
+            plan.tuned = Some(tune(&call, plan, operands, &self.context)?);
+        }
+        let algo = &plan.candidates[plan.tuned.unwrap_or(0)];
+        call.run(plan, algo, operands)
+            .context(&format!("cublasLtMatmul {shape:?}"))
+    }
+}
+
+/// What every cublasLtMatmul call of one handle shares.
+struct Call {
+    handle: sys::cublasLtHandle_t,
+    workspace: u64,
+    workspace_bytes: usize,
+    stream: sys::cudaStream_t,
+}
+
+impl Call {
+    fn run(
+        &self,
+        plan: &Plan,
+        algo: &sys::cublasLtMatmulAlgo_t,
+        operands: &MatmulOperands,
+    ) -> std::result::Result<(), result::CublasError> {
+        // SAFETY: the operands were validated against the plan's shape by the op and live on this
+        // device; descriptors and algorithm come from the plan made for exactly this shape.
         unsafe {
             result::matmul(
                 self.handle,
@@ -120,14 +156,56 @@ impl BlasLt {
                 plan.out_layout,
                 operands.out as *mut c_void,
                 plan.out_layout,
-                &plan.algo,
-                workspace as *mut c_void,
+                algo,
+                self.workspace as *mut c_void,
                 self.workspace_bytes,
-                self.stream.cu_stream() as sys::cudaStream_t,
+                self.stream,
             )
         }
-        .context(&format!("cublasLtMatmul {shape:?}"))
     }
+}
+
+/// Times each candidate algorithm (one warm-up, then three runs between CUDA events) and returns
+/// the index of the fastest. Only called when beta = 0, so the repeated runs leave `out` as one
+/// run would.
+fn tune(
+    call: &Call,
+    plan: &Plan,
+    operands: &MatmulOperands,
+    context: &std::sync::Arc<cudarc::driver::CudaContext>,
+) -> Result<usize> {
+    let event = || {
+        context
+            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .context("creating a timing event")
+    };
+    let (start, end) = (event()?, event()?);
+    let mut best: Option<(usize, f32)> = None;
+    for (index, algo) in plan.candidates.iter().enumerate() {
+        // A candidate the library refuses for these operands is skipped, not an error.
+        if call.run(plan, algo, operands).is_err() {
+            continue;
+        }
+        record(&start, call.stream)?;
+        let runs: std::result::Result<(), _> = (0..3).try_for_each(|_| call.run(plan, algo, operands));
+        record(&end, call.stream)?;
+        end.synchronize().context("waiting for a timing event")?;
+        if runs.is_err() {
+            continue;
+        }
+        let ms = start.elapsed_ms(&end).context("reading a timing event")?;
+        if best.is_none_or(|(_, fastest)| ms < fastest) {
+            best = Some((index, ms));
+        }
+    }
+    Ok(best.map_or(0, |(index, _)| index))
+}
+
+/// Records `event` on a raw stream handle.
+fn record(event: &cudarc::driver::CudaEvent, stream: sys::cudaStream_t) -> Result<()> {
+    // SAFETY: the event and the stream belong to the same, current context.
+    unsafe { cudarc::driver::result::event::record(event.cu_event(), stream as cudarc::driver::sys::CUstream) }
+        .context("recording a timing event")
 }
 
 impl Drop for BlasLt {
@@ -145,7 +223,10 @@ struct Plan {
     first_layout: sys::cublasLtMatrixLayout_t,
     second_layout: sys::cublasLtMatrixLayout_t,
     out_layout: sys::cublasLtMatrixLayout_t,
-    algo: sys::cublasLtMatmulAlgo_t,
+    /// The heuristic's algorithms for this shape, best guess first.
+    candidates: Vec<sys::cublasLtMatmulAlgo_t>,
+    /// Index into `candidates` chosen by timing, once tuned.
+    tuned: Option<usize>,
 }
 
 fn data_type(dtype: DType) -> Result<sys::cudaDataType> {
@@ -190,8 +271,8 @@ impl Plan {
             first_layout: std::ptr::null_mut(),
             second_layout: std::ptr::null_mut(),
             out_layout: std::ptr::null_mut(),
-            // SAFETY: an all-zero algorithm is a valid placeholder until the heuristic fills it.
-            algo: unsafe { std::mem::zeroed() },
+            candidates: Vec::new(),
+            tuned: None,
         };
         // cublasOperation_t: 0 is "as stored", 1 is "transposed".
         let op = |transpose: bool| transpose as i32;
@@ -241,9 +322,13 @@ impl Plan {
                 )
             }
             .context("cublasLtMatmulPreferenceSetAttribute")?;
-            // SAFETY: all descriptors are alive and describe this shape.
+            // SAFETY: all-zero heuristic results are plain data that the call overwrites.
+            let mut results: [sys::cublasLtMatmulHeuristicResult_t; CANDIDATES] = unsafe { std::mem::zeroed() };
+            let mut count = 0;
+            // SAFETY: all descriptors are alive and describe this shape; `results` has room for
+            // the CANDIDATES results asked for.
             unsafe {
-                result::get_matmul_algo_heuristic(
+                sys::cublasLtMatmulAlgoGetHeuristic(
                     handle,
                     desc,
                     plan.first_layout,
@@ -251,13 +336,25 @@ impl Plan {
                     plan.out_layout,
                     plan.out_layout,
                     preference,
+                    CANDIDATES as i32,
+                    results.as_mut_ptr(),
+                    &mut count,
                 )
             }
-            .context(&format!("cuBLASLt found no algorithm for {shape:?}"))
+            .result()
+            .context("cublasLtMatmulAlgoGetHeuristic")?;
+            Ok(results[..count.clamp(0, CANDIDATES as i32) as usize]
+                .iter()
+                .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+                .map(|r| r.algo)
+                .collect::<Vec<_>>())
         })();
         // SAFETY: the preference is alive and no longer needed.
         let _ = unsafe { result::destroy_matmul_pref(preference) };
-        plan.algo = heuristic?.algo;
+        plan.candidates = heuristic?;
+        if plan.candidates.is_empty() {
+            return Err(Error::cuda("cuBLASLt", format!("no algorithm for {shape:?}")));
+        }
         Ok(plan)
     }
 }

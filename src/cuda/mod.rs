@@ -12,6 +12,7 @@ use cudarc::driver::{
     result as driver, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchArgs,
 };
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 pub use cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -51,6 +52,7 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     blaslt: Mutex<Option<blaslt::BlasLt>>,
+    matmul_autotune: AtomicBool,
 }
 
 impl CudaBackend {
@@ -97,6 +99,7 @@ impl CudaBackend {
             stream,
             modules: Mutex::new(HashMap::new()),
             blaslt: Mutex::new(None),
+            matmul_autotune: AtomicBool::new(false),
         })
     }
 
@@ -134,6 +137,18 @@ impl CudaBackend {
     /// other 8.x GPUs, the compute_80 PTX (JIT-compiled by the driver) on newer ones.
     pub fn kernel_image(&self) -> Result<kernels::ImageKind> {
         kernels::ImageKind::for_compute_capability(self.compute_capability)
+    }
+
+    /// Whether matmuls pick their cuBLASLt algorithm by timing the heuristic's candidates on the
+    /// first call of each shape (off by default). Autotuning can be faster, but which algorithm
+    /// wins may differ from run to run, and with it the rounding of the results: with it off,
+    /// results are bit-identical across runs.
+    pub fn set_matmul_autotune(&self, on: bool) {
+        self.matmul_autotune.store(on, Ordering::Relaxed);
+    }
+
+    pub(crate) fn matmul_autotune(&self) -> bool {
+        self.matmul_autotune.load(Ordering::Relaxed)
     }
 
     /// Waits for all queued work and reports any error it raised.

@@ -322,8 +322,8 @@ mod cuda {
             trans_b: shape.trans_b,
             bias: bias.is_some(),
         };
-        a.device_buffer()?
-            .backend()
-            .with_blaslt(|blas| blas.matmul(key, &operands))
+        let backend = a.device_buffer()?.backend();
+        let autotune = backend.matmul_autotune();
+        backend.with_blaslt(|blas| blas.matmul(key, &operands, autotune))
     }
 }

@@ -78,6 +78,18 @@ pub fn run(args: &[String]) -> Result<()> {
         }
         result["pct_of_gemm_ceiling"] = json!(100.0 * tflops / gemm_ceiling);
         results.push(result);
+        if dtype == DType::BF16 {
+            gpu.set_matmul_autotune(true);
+            let mut tuned = bench_matmul(gpu, &device, &settings, dtype, m, n, k);
+            gpu.set_matmul_autotune(false);
+            if let Ok(tuned) = &mut tuned {
+                tuned["name"] = json!(format!("{} autotuned", tuned["name"].as_str().unwrap_or("matmul")));
+                tuned["autotune"] = json!(true);
+                let tflops = tuned["tflops"].as_f64().unwrap_or(f64::NAN);
+                tuned["pct_of_gemm_ceiling"] = json!(100.0 * tflops / gemm_ceiling);
+            }
+            results.push(tuned?);
+        }
     }
 
     let big = if quick { 1 << 24 } else { 256 << 20 };
