@@ -1,7 +1,7 @@
 //! Criterion benchmarks of fused AdamW: 16M parameters on the CPU (one tensor, f32 gradients),
 //! and 256M on the GPU when one is present. Throughput counts 28 bytes per parameter (param, m, v
 //! read and written, the gradient read), the convention the PyTorch anchor is quoted in; beside
-//! it, a parallel copy measures the CPU's memory ceiling in the same run.
+//! it, an in-place parallel pass measures the CPU's memory ceiling in the same run.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rayon::prelude::*;
@@ -47,31 +47,32 @@ fn bench_adamw(c: &mut Criterion, group_name: &str, device: &Device, n: usize) {
     group.finish();
 }
 
-/// The CPU's memory ceiling, measured in the same run: a parallel copy of 256 MiB, counting the
-/// bytes read and written.
-fn bench_copy(c: &mut Criterion) {
+/// The CPU's memory ceiling, measured in the same run: one parallel in-place pass over 256 MiB
+/// that reads and writes every element, counting 8 bytes per element. In place, like AdamW's own
+/// traffic, so that neither pays the extra read a cache line costs when it is only written.
+fn bench_memory_ceiling(c: &mut Criterion) {
     let n = 64 << 20;
-    let source: Vec<f32> = (0..n as u32).map(|i| i as f32).collect();
-    let mut target = vec![0.0f32; n];
+    let mut values: Vec<f32> = (0..n as u32).map(|i| i as f32).collect();
     let mut group = c.benchmark_group("adamw_cpu");
     group
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
     group.throughput(Throughput::Bytes(8 * n as u64));
-    group.bench_function("copy_ceiling", |bencher| {
+    group.bench_function("memory_ceiling", |bencher| {
         bencher.iter(|| {
-            target
-                .par_chunks_mut(1 << 16)
-                .zip(source.par_chunks(1 << 16))
-                .for_each(|(dst, src)| dst.copy_from_slice(src))
+            values.par_chunks_mut(1 << 16).for_each(|chunk| {
+                for value in chunk {
+                    *value = *value * 0.999_999 + 1e-7;
+                }
+            })
         })
     });
     group.finish();
 }
 
 fn benches(c: &mut Criterion) {
-    bench_copy(c);
+    bench_memory_ceiling(c);
     bench_adamw(c, "adamw_cpu", &Device::Cpu, 16 << 20);
     if let Ok(gpu) = Device::cuda(0) {
         bench_adamw(c, "adamw_gpu", &gpu, 256 << 20);
