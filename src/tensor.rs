@@ -59,8 +59,10 @@ impl HostBuffer {
     /// identity and cannot fail; the error arm exists only so that no path panics.
     fn from_vec<T: Element>(data: Vec<T>) -> Result<HostBuffer> {
         fn cast<T: Element, U: bytemuck::Pod>(data: Vec<T>) -> Result<Vec<U>> {
-            bytemuck::allocation::try_cast_vec(data)
-                .map_err(|(e, _)| Error::cuda("HostBuffer::from_vec", format!("element cast failed: {e}")))
+            bytemuck::allocation::try_cast_vec(data).map_err(|(e, _)| Error::Unsupported {
+                op: "Tensor::from_vec",
+                reason: format!("element cast failed: {e}"),
+            })
         }
         Ok(match T::DTYPE {
             DType::F32 => HostBuffer::F32(cast(data)?),
@@ -344,10 +346,18 @@ impl Tensor {
 
     /// Typed mutable view of host data.
     pub(crate) fn host_slice_mut<T: Element>(&mut self) -> Result<&mut [T]> {
-        let error = self.not_host_of::<T>();
+        if self.dtype != T::DTYPE || !matches!(self.storage, Storage::Host(_)) {
+            return Err(self.not_host_of::<T>());
+        }
         match &mut self.storage {
-            Storage::Host(host) if self.dtype == T::DTYPE => Ok(bytemuck::cast_slice_mut(host.as_bytes_mut())),
-            _ => Err(error),
+            Storage::Host(host) => Ok(bytemuck::cast_slice_mut(host.as_bytes_mut())),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => Err(Error::invalid(
+                "Tensor::host_slice_mut",
+                "self",
+                "a host tensor",
+                "a CUDA tensor",
+            )),
         }
     }
 
