@@ -77,7 +77,36 @@ def torch_adamw(case, warmup, iterations, generator):
     return {"ms": ms, "gbps": case["params"] * 28 / (ms * 1e6), "what": what}
 
 
-RUNNERS = {"copy": torch_copy, "matmul": torch_matmul, "adamw": torch_adamw}
+def torch_wavelet(case, warmup, iterations, generator):
+    """Eager PyTorch: a prefix sum in f32 and a gather of the sum k steps back, per coordinate."""
+    batch, seq, dim, sets = case["batch"], case["seq"], case["dim"], case["input_sets"]
+    k = torch.tensor(case["windows"], device="cuda")
+    mixed = k > 0
+    kf = k.clamp(min=1).float()
+    t = torch.arange(seq, device="cuda")
+    # Index into the zero-padded prefix sum: C[t+1] - C[t+1-k] is the window ending at t.
+    lagged = (t[:, None] + 1 - k[None, :]).clamp(min=0).expand(batch, seq, dim)
+    inputs = [uniform((batch, seq, dim), torch.bfloat16, -1, 1, generator) for _ in range(sets)]
+    backward = case["direction"] == "backward"
+
+    def work(i):
+        x = inputs[i % sets]
+        values = x.float() / kf if backward else x.float()
+        if backward:  # the adjoint: the same window over the reversed sequence
+            values = values.flip(1)
+        prefix = torch.nn.functional.pad(values.cumsum(1), (0, 0, 1, 0))
+        window = prefix[:, 1:] - prefix.gather(1, lagged)
+        if backward:
+            window = window.flip(1)
+        else:
+            window = window / kf
+        return torch.where(mixed, window.to(torch.bfloat16), x)
+
+    ms = time_ms(work, warmup, iterations)
+    return {"ms": ms, "gbps": 4 * batch * seq * dim / (ms * 1e6), "what": "eager PyTorch: cumsum + gather"}
+
+
+RUNNERS = {"copy": torch_copy, "matmul": torch_matmul, "adamw": torch_adamw, "wavelet": torch_wavelet}
 
 
 def main():

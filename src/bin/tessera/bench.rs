@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use tessera::cuda::CudaBackend;
-use tessera::ops::{self, AdamWConfig, AdamWTensor, MatmulOptions};
+use tessera::ops::{self, AdamWConfig, AdamWTensor, MatmulOptions, WaveletConfig};
 use tessera::{DType, Device, Tensor};
 
 type Result<T> = std::result::Result<T, String>;
@@ -118,6 +118,20 @@ pub fn run(args: &[String]) -> Result<()> {
         let gbps = result["gbps"].as_f64().unwrap_or(f64::NAN);
         result["pct_of_copy"] = json!(100.0 * gbps / copy_gbps);
         results.push(result);
+    }
+
+    let wavelet_shapes: &[(usize, usize, usize)] = if quick {
+        &[(2, 512, 256)]
+    } else {
+        &[(8, 4096, 1024), (16, 2048, 768)]
+    };
+    for &(batch, seq, dim) in wavelet_shapes {
+        for direction in [Direction::Forward, Direction::Backward] {
+            let mut result = bench_wavelet(gpu, &device, &settings, batch, seq, dim, direction)?;
+            let gbps = result["gbps"].as_f64().unwrap_or(f64::NAN);
+            result["pct_of_copy"] = json!(100.0 * gbps / copy_gbps);
+            results.push(result);
+        }
     }
 
     let report = json!({
@@ -340,4 +354,53 @@ fn print_table(report: &Value) {
             pct.map(|p| format!("{p:.1}")).unwrap_or_else(|| "-".into())
         );
     }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Direction {
+    Forward,
+    Backward,
+}
+
+/// Wavelet mixing with the spec's defaults (first half of the coordinates, windows 2..seq), bf16:
+/// each element read once and written once, so GB/s counts 4 bytes per element.
+fn bench_wavelet(
+    gpu: &Arc<CudaBackend>,
+    device: &Device,
+    settings: &Settings,
+    batch: usize,
+    seq: usize,
+    dim: usize,
+    direction: Direction,
+) -> Result<Value> {
+    let config = WaveletConfig::paper_default(dim, seq).map_err(|e| e.to_string())?;
+    let shape = [batch, seq, dim];
+    let bytes = batch * seq * dim * 2;
+    let sets = ROTATION_BYTES.div_ceil(bytes).clamp(1, 8);
+    let inputs: Vec<Tensor> = (0..sets as u64)
+        .map(|s| random_tensor(&shape, DType::BF16, 500 + s, -1.0, 1.0, device))
+        .collect::<Result<_>>()?;
+    let mut out = Tensor::zeros(&shape, DType::BF16, device).map_err(|e| e.to_string())?;
+    let samples = gpu
+        .time_ms(settings.warmup, settings.iterations, |i| match direction {
+            Direction::Forward => ops::wavelet_forward_into(&inputs[i % sets], None, &config, &mut out),
+            Direction::Backward => ops::wavelet_backward_into(&inputs[i % sets], &config, &mut out),
+        })
+        .map_err(|e| e.to_string())?;
+    let ms = median(samples);
+    let name = if direction == Direction::Forward {
+        "forward"
+    } else {
+        "backward"
+    };
+    Ok(json!({
+        "name": format!("wavelet {name} bf16 {batch}x{seq}x{dim}"),
+        "kind": "wavelet",
+        "direction": name,
+        "batch": batch, "seq": seq, "dim": dim,
+        "windows": config.windows(),
+        "input_sets": sets,
+        "ms": ms,
+        "gbps": (2 * bytes) as f64 / (ms * 1e6),
+    }))
 }
