@@ -668,12 +668,9 @@ fn from_windows_and_accessors() {
 }
 
 /// Every configuration that the constructors accept has tap offsets that say where each
-/// coordinate's taps start. Fails today: 4097 windows of MAX_WINDOW sum to 4097·2^20 > u32::MAX,
-/// which `from_windows` accepts, and `tap_offsets` (u32) then overflows: a panic in debug builds,
-/// wrapped offsets in release (used by the CPU and GPU learnable variant, and the GPU uploads them
-/// for every op). Either fix passes: reject such a configuration, or give offsets that fit.
+/// coordinate's taps start: 4097 windows of MAX_WINDOW sum to 4097·2^20 > u32::MAX taps, which
+/// the u32 offsets cannot address, so `from_windows` must refuse them.
 #[test]
-#[ignore = "src bug: WaveletConfig::tap_offsets overflows u32 past 2^32 taps (reported, not fixed here)"]
 fn tap_offsets_fit_every_accepted_config() {
     match WaveletConfig::from_windows(4097, 0, vec![MAX_WINDOW; 4097], WaveletDivisor::Window) {
         Err(error) => {

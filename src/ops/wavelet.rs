@@ -146,6 +146,16 @@ impl WaveletConfig {
                 format!("{k} for coordinate {}", first + j),
             ));
         }
+        // The learnable variant addresses its taps with u32 offsets.
+        let taps: usize = windows.iter().sum();
+        if taps > u32::MAX as usize {
+            return Err(Error::invalid(
+                OP,
+                "windows",
+                format!("windows summing to at most {} taps", u32::MAX),
+                format!("{taps} taps"),
+            ));
+        }
         let mut per_coordinate = vec![0u32; dim];
         for (j, &k) in windows.iter().enumerate() {
             per_coordinate[first + j] = k as u32;
@@ -519,14 +529,17 @@ mod cpu {
                             x[t * d.dim + i]
                         } else {
                             let mut sum = 0.0f32;
-                            for (u, &w) in w.iter().enumerate() {
+                            // Taps past either end of the sequence meet zeros: stop there.
+                            let reach = match direction {
+                                Direction::Forward => t + 1,
+                                Direction::Backward => d.seq - t,
+                            };
+                            for (u, &w) in w.iter().take(reach).enumerate() {
                                 let s = match direction {
-                                    Direction::Forward => t.checked_sub(u),
-                                    Direction::Backward => Some(t + u).filter(|&s| s < d.seq),
+                                    Direction::Forward => t - u,
+                                    Direction::Backward => t + u,
                                 };
-                                if let Some(s) = s {
-                                    sum += w * x[s * d.dim + i].to_f32();
-                                }
+                                sum += w * x[s * d.dim + i].to_f32();
                             }
                             T::from_f32(sum)
                         };
