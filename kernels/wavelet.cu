@@ -1,15 +1,18 @@
 // Wavelet mixing (WaveletGPT): causal box-window averages per embedding coordinate, forward and
 // backward (its adjoint, the same scan run from the end), plus the learnable-kernel variant.
 //
-// Box window, one pass: a block of 2 warps covers 16 coordinates of one sequence; each warp owns
-// 8 adjacent coordinates (one 16-byte vector of bf16/f16, two of f32) and walks the sequence in
-// steps of 32 lanes x ROWS rows. A lane loads its ROWS rows, and the row k_i steps back that
-// leaves the window, all before any arithmetic; the window sum then advances by the differences
-// (a per-lane serial prefix, a warp shuffle scan across lanes, and an f32 carry between steps).
-// The carry stays at the window's magnitude, never at the prefix sum's, so long sequences lose
-// no precision to cancellation. Memory traffic: each element read once from HBM and written
-// once; the lagged re-read is k_i rows back, which the L2 still holds for the windows the level
-// rule produces (a few MB in all). Coordinates that pass through are copied bit for bit.
+// Box window, one pass: the sequence is cut into segments of S = 32 lanes x ROWS rows (256 for
+// bf16/f16), and one warp takes one segment of 8 adjacent coordinates (one 16-byte vector of
+// bf16/f16, two of f32). A lane loads its ROWS rows and the rows k_i back that leave the window,
+// all before any arithmetic; the window sum then advances by the differences (a per-lane serial
+// prefix and a warp shuffle scan). The window sum just before the segment comes from registers
+// when k_i <= S (it is the sum of the leaving rows of the segment's first k_i positions) and,
+// for longer windows, from the sums that earlier segments of the same coordinates publish in a
+// scratch buffer. Sums stay at the window's magnitude and run over at most S rows, so long
+// sequences lose no precision, and every sum has a fixed order: results are deterministic.
+// Memory traffic: each element read once from HBM and written once; the leaving rows are k_i
+// back and come from L2 for the windows the level rule produces. Coordinates that pass through
+// are copied bit for bit.
 //
 // Learnable variant (kernel w_i of k_i taps): a direct FIR per output element, and the tap
 // gradient as blocks over (32-coordinate group, tap) reducing over all rows in a fixed order.
@@ -157,11 +160,11 @@ __device__ __forceinline__ void load_values(const T* x, const T* residual, size_
     }
 }
 
-// Coordinates that pass through: copied raw (bit for bit) without a residual, else x + residual
-// rounded once.
+// Coordinates that pass through, rows [begin, end): copied raw (bit for bit) without a residual,
+// else x + residual rounded once.
 template <typename T>
-__device__ void copy_group(const T* x, const T* residual, T* out, int seq, int dim, int c0, bool vector) {
-    for (int row = threadIdx.x % WARP; row < seq; row += WARP) {
+__device__ void copy_rows(const T* x, const T* residual, T* out, int begin, int end, int dim, int c0, bool vector) {
+    for (int row = begin + threadIdx.x % WARP; row < end; row += WARP) {
         const size_t at = (size_t)row * dim + c0;
         if (vector && residual == nullptr) {
             store8(out + at, load8(x + at));
@@ -179,81 +182,213 @@ __device__ void copy_group(const T* x, const T* residual, T* out, int seq, int d
     }
 }
 
-// value / div(t): a multiply by the window's reciprocal, except where the available-token divisor
-// is still below k (the first k-1 tokens), which divides. The CPU twin rounds the same way.
+// value * 1/div(t), with div(t) = k, or min(k, t+1) for the available-token divisor. The CPU twin
+// rounds the same way: a correctly rounded reciprocal, then a multiply.
 __device__ __forceinline__ float divide(float value, float inv_k, uint32_t k, int t, bool available) {
-    return available && (uint32_t)t + 1u < k ? value / (float)(t + 1) : value * inv_k;
+    return available && (uint32_t)t + 1u < k ? value * __frcp_rn((float)(t + 1)) : value * inv_k;
 }
 
-// The box-window scan of one warp's 8 coordinates over one sequence. Forward: out[t] = W[t]/div(t)
-// with W[t] = sum of v over (t-k, t]. Reverse (the backward): the same over the reversed sequence
-// of v[t]/div(t), undivided after.
-template <typename T, bool Reverse, bool Residual, int ROWS>
-__device__ void scan_group(const T* x, const T* residual, T* out, const uint32_t (&k)[COORDS], int seq, int dim,
-                           int c0, bool vector, bool available) {
-    if (!Residual) residual = nullptr;
+// Sum over the warp, the same on every lane and in a fixed order (deterministic).
+__device__ __forceinline__ float warp_sum(float value) {
+#pragma unroll
+    for (int offset = WARP / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+    return value;
+}
+
+__device__ __forceinline__ uint32_t load_acquire(const uint32_t* address) {
+    uint32_t value;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
+    return value;
+}
+
+__device__ __forceinline__ void store_release(uint32_t* address, uint32_t value) {
+    asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(address), "r"(value) : "memory");
+}
+
+}  // namespace
+
+// What segments publish for the segments after them, and the launch's block counters. Layout
+// shared with src/ops/wavelet.rs.
+struct WaveletScratch {
+    float* sums;         // [sequence][group][segment][8]: each segment's sum of its values
+    uint32_t* flags;     // [sequence][group][segment]: equals `epoch` once those sums are written
+    uint32_t* counters;  // [0] block tickets, [1] finished blocks; both 0 between launches
+    uint32_t epoch;      // this launch's number (never 0)
+};
+
+namespace {
+
+// The values a window sees at scan position u (already divided, in the backward), one vector.
+template <typename T, bool Reverse>
+__device__ __forceinline__ void scan_values(const T* x, const T* residual, int u, int seq, int dim, int c0,
+                                            bool vector, float inv_k, uint32_t k, bool available,
+                                            float (&v)[COORDS]) {
+    const int t = Reverse ? seq - 1 - u : u;
+    load_values(x, residual, (size_t)t * dim + c0, c0, dim, vector, v);
+    if (Reverse) {
+#pragma unroll
+        for (int c = 0; c < COORDS; ++c) v[c] = divide(v[c], inv_k, k, t, available);
+    }
+}
+
+// One segment of S rows of 8 coordinates sharing window k, with 16-byte vectors: load the
+// segment's rows and the rows leaving the window, publish the segment's sums if later segments
+// need them (k > S), find the window sum just before the segment, then scan.
+//
+// The window before the segment is sum(v[t0-k .. t0-1]). Its first min(k, S) rows are exactly the
+// leaving rows of the segment's first min(k, S) positions, already in registers; when k > S the
+// rest, [t0-k+S, t0), is whole earlier segments (their published sums) plus, for k not a
+// multiple of S, the tail of one segment read directly. Everything is summed in a fixed order.
+template <typename T, bool Reverse, bool Residual>
+__device__ void vector_segment(const T* x, const T* residual, T* out, uint32_t k, int seq, int dim, int c0,
+                               bool available, int t0, const WaveletScratch& scratch, size_t slot0) {
+    constexpr int ROWS = VECTOR_ROWS<T, Residual>;
+    constexpr int S = WARP * ROWS;
     const int lane = threadIdx.x % WARP;
-    float carry[COORDS], inv_k[COORDS];
+    const float inv_k = 1.0f / (float)k;
+
+    float term[ROWS][COORDS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        const int u = t0 + lane * ROWS + r;
+        if (u < seq) {
+            scan_values<T, Reverse>(x, residual, u, seq, dim, c0, true, inv_k, k, available, term[r]);
+        } else {
+#pragma unroll
+            for (int c = 0; c < COORDS; ++c) term[r][c] = 0.0f;
+        }
+    }
+    float own[COORDS], before[COORDS];
+#pragma unroll
+    for (int c = 0; c < COORDS; ++c) own[c] = before[c] = 0.0f;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        const int u = t0 + lane * ROWS + r;
+        const int gone = u - (int)k;
+#pragma unroll
+        for (int c = 0; c < COORDS; ++c) own[c] += term[r][c];
+        // Rows past the sequence's end still have leaving rows inside it, which belong to the
+        // window before the segment.
+        if (gone >= 0 && gone < seq) {
+            float leaving[COORDS];
+            scan_values<T, Reverse>(x, residual, gone, seq, dim, c0, true, inv_k, k, available, leaving);
+            const bool before_segment = u - t0 < (int)k;
+#pragma unroll
+            for (int c = 0; c < COORDS; ++c) {
+                if (before_segment) before[c] += leaving[c];
+                term[r][c] -= leaving[c];
+            }
+        }
+    }
+    const int segment = t0 / S;
+    if (k > (uint32_t)S) {
+#pragma unroll
+        for (int c = 0; c < COORDS; ++c) own[c] = warp_sum(own[c]);
+        if (lane == 0) {
+            float4* sums = reinterpret_cast<float4*>(scratch.sums + (slot0 + segment) * COORDS);
+            sums[0] = make_float4(own[0], own[1], own[2], own[3]);
+            sums[1] = make_float4(own[4], own[5], own[6], own[7]);
+            __threadfence();
+            store_release(scratch.flags + slot0 + segment, scratch.epoch);
+        }
+    }
+    float rest[COORDS];
+#pragma unroll
+    for (int c = 0; c < COORDS; ++c) rest[c] = 0.0f;
+    if (k > (uint32_t)S && t0 > 0) {
+        const int lo = max(0, t0 - (int)k + S);
+        const int edge = min(t0, (lo + S - 1) / S * S);
+        for (int u = lo + lane; u < edge; u += WARP) {
+            float v[COORDS];
+            scan_values<T, Reverse>(x, residual, u, seq, dim, c0, true, inv_k, k, available, v);
+#pragma unroll
+            for (int c = 0; c < COORDS; ++c) rest[c] += v[c];
+        }
+        for (int j = edge / S + lane; j < segment; j += WARP) {
+            while (load_acquire(scratch.flags + slot0 + j) != scratch.epoch) __nanosleep(64);
+            const float4* sums = reinterpret_cast<const float4*>(scratch.sums + (slot0 + j) * COORDS);
+            const float4 a = __ldcg(sums), b = __ldcg(sums + 1);
+            rest[0] += a.x; rest[1] += a.y; rest[2] += a.z; rest[3] += a.w;
+            rest[4] += b.x; rest[5] += b.y; rest[6] += b.z; rest[7] += b.w;
+        }
+    }
+    // Inclusive prefix of the differences over the lane's rows, then across lanes.
+#pragma unroll
+    for (int r = 1; r < ROWS; ++r)
+#pragma unroll
+        for (int c = 0; c < COORDS; ++c) term[r][c] += term[r - 1][c];
+    float start[COORDS];
 #pragma unroll
     for (int c = 0; c < COORDS; ++c) {
-        carry[c] = 0.0f;
-        inv_k[c] = 1.0f / (float)max(k[c], 1u);
+        float total = term[ROWS - 1][c];
+#pragma unroll
+        for (int offset = 1; offset < WARP; offset *= 2) {
+            const float up = __shfl_up_sync(0xffffffffu, total, offset);
+            if (lane >= offset) total += up;
+        }
+        start[c] = warp_sum(before[c]) + warp_sum(rest[c]) + (total - term[ROWS - 1][c]);
     }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        const int u = t0 + lane * ROWS + r;
+        if (u >= seq) continue;
+        const int t = Reverse ? seq - 1 - u : u;
+        float result[COORDS];
+#pragma unroll
+        for (int c = 0; c < COORDS; ++c) {
+            const float window = start[c] + term[r][c];
+            result[c] = Reverse ? window : divide(window, inv_k, k, t, available);
+        }
+        store8(out + (size_t)t * dim + c0, pack8<T>(result));
+    }
+}
 
-    for (int step = 0; step < seq; step += WARP * ROWS) {
-        // Difference terms: the value entering the window minus the one leaving it.
+// The general segment: any mix of windows (pass-through included) and element-by-element loads
+// (dims not a multiple of 8, or where the mixed range starts or ends inside a group of 8). Rare,
+// so it favours simplicity: the window before the segment is read directly, and the segment is
+// scanned in steps of 32 x ROWS rows.
+template <typename T, bool Reverse, bool Residual>
+__device__ void scalar_segment(const T* x, const T* residual, T* out, const uint32_t (&k)[COORDS], int seq, int dim,
+                               int c0, bool available, int t0) {
+    constexpr int ROWS = SCALAR_ROWS<T, Residual>;
+    constexpr int S = WARP * VECTOR_ROWS<T, Residual>;
+    const int lane = threadIdx.x % WARP;
+    const int end = min(t0 + S, seq);
+    float inv_k[COORDS], carry[COORDS];
+#pragma unroll
+    for (int c = 0; c < COORDS; ++c) inv_k[c] = 1.0f / (float)max(k[c], 1u);
+    // The value at scan position u of coordinate c, divided in the backward.
+    auto value = [&](int u, int c) {
+        const int t = Reverse ? seq - 1 - u : u;
+        const size_t at = (size_t)t * dim + c0 + c;
+        float v = to_float(x[at]);
+        if (residual != nullptr) v += to_float(residual[at]);
+        return Reverse ? divide(v, inv_k[c], k[c], t, available) : v;
+    };
+#pragma unroll
+    for (int c = 0; c < COORDS; ++c) {
+        float sum = 0.0f;
+        if (k[c] != 0 && c0 + c < dim)
+            for (int u = max(0, t0 - (int)k[c]) + lane; u < t0; u += WARP) sum += value(u, c);
+        carry[c] = warp_sum(sum);
+    }
+    for (int step = t0; step < end; step += WARP * ROWS) {
         float term[ROWS][COORDS];
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-            const int u = step + lane * ROWS + r;  // position along the scan
-            const int t = Reverse ? seq - 1 - u : u;
-            if (u < seq) {
-                load_values(x, residual, (size_t)t * dim + c0, c0, dim, vector, term[r]);
-            } else {
-#pragma unroll
-                for (int c = 0; c < COORDS; ++c) term[r][c] = 0.0f;
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
             const int u = step + lane * ROWS + r;
-            const int t = Reverse ? seq - 1 - u : u;
-            if (Reverse && u < seq) {
 #pragma unroll
-                for (int c = 0; c < COORDS; ++c) term[r][c] = divide(term[r][c], inv_k[c], k[c], t, available);
-            }
-            // The values leaving the window, k steps back along the scan: one vector when the
-            // 8 coordinates share their window (vector implies that), else one by one.
-            if (vector) {
-                const int gone_u = u - (int)k[0];
-                if (u < seq && gone_u >= 0) {
-                    const int gone = Reverse ? seq - 1 - gone_u : gone_u;
-                    float leaving[COORDS];
-                    load_values(x, residual, (size_t)gone * dim + c0, c0, dim, true, leaving);
-#pragma unroll
-                    for (int c = 0; c < COORDS; ++c)
-                        term[r][c] -= Reverse ? divide(leaving[c], inv_k[c], k[c], gone, available) : leaving[c];
-                }
-            } else {
-#pragma unroll
-                for (int c = 0; c < COORDS; ++c) {
-                    const int gone_u = u - (int)k[c];
-                    if (u < seq && c0 + c < dim && gone_u >= 0) {
-                        const int gone = Reverse ? seq - 1 - gone_u : gone_u;
-                        const size_t at = (size_t)gone * dim + c0 + c;
-                        float v = to_float(x[at]);
-                        if (residual != nullptr) v += to_float(residual[at]);
-                        term[r][c] -= Reverse ? divide(v, inv_k[c], k[c], gone, available) : v;
-                    }
-                }
+            for (int c = 0; c < COORDS; ++c) {
+                const bool mixed = u < end && k[c] != 0 && c0 + c < dim;
+                term[r][c] = mixed ? value(u, c) : 0.0f;
+                if (mixed && u - (int)k[c] >= 0) term[r][c] -= value(u - (int)k[c], c);
             }
         }
-        // Inclusive prefix over the lane's rows, then across lanes.
 #pragma unroll
         for (int r = 1; r < ROWS; ++r)
 #pragma unroll
             for (int c = 0; c < COORDS; ++c) term[r][c] += term[r - 1][c];
-        float before[COORDS];
+        float start[COORDS];
 #pragma unroll
         for (int c = 0; c < COORDS; ++c) {
             float total = term[ROWS - 1][c];
@@ -262,89 +397,82 @@ __device__ void scan_group(const T* x, const T* residual, T* out, const uint32_t
                 const float up = __shfl_up_sync(0xffffffffu, total, offset);
                 if (lane >= offset) total += up;
             }
-            before[c] = carry[c] + total - term[ROWS - 1][c];
+            start[c] = carry[c] + total - term[ROWS - 1][c];
             carry[c] += __shfl_sync(0xffffffffu, total, WARP - 1);
         }
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
             const int u = step + lane * ROWS + r;
-            if (u >= seq) continue;
+            if (u >= end) continue;
             const int t = Reverse ? seq - 1 - u : u;
-            float result[COORDS];
+            const size_t at = (size_t)t * dim + c0;
 #pragma unroll
             for (int c = 0; c < COORDS; ++c) {
-                const float window = before[c] + term[r][c];
-                result[c] = Reverse ? window : divide(window, inv_k[c], k[c], t, available);
-            }
-            const size_t at = (size_t)t * dim + c0;
-            if (vector) {
-                store8(out + at, pack8<T>(result));
-            } else {
-#pragma unroll
-                for (int c = 0; c < COORDS; ++c)
-                    if (c0 + c < dim) out[at + c] = from_float<T>(result[c]);
+                if (c0 + c >= dim) continue;
+                if (k[c] == 0) {
+                    out[at + c] = residual != nullptr ? from_float<T>(to_float(x[at + c]) + to_float(residual[at + c]))
+                                                      : x[at + c];
+                } else {
+                    const float window = start[c] + term[r][c];
+                    out[at + c] = from_float<T>(Reverse ? window : divide(window, inv_k[c], k[c], t, available));
+                }
             }
         }
     }
 }
 
-// A group whose coordinates have different windows, some perhaps 0: rare (only where the mixed
-// range starts or ends inside a group of 8). Pass-through coordinates are copied first, then the
-// scan runs with their window treated as 1 and their output written back over by the copy.
+// Blocks take tickets in the order they start and work on (segment, sequence, tile of 16
+// coordinates) in ticket order, segments slowest: a segment that waits for the sums of earlier
+// segments of its group waits only for blocks that have already started, and every warp
+// publishes before it waits, so the waits always end.
 template <typename T, bool Reverse, bool Residual>
-__device__ void mixed_group(const T* x, const T* residual, T* out, const uint32_t (&k)[COORDS], int seq, int dim,
-                            int c0, bool available) {
-    uint32_t scan_k[COORDS];
-#pragma unroll
-    for (int c = 0; c < COORDS; ++c) scan_k[c] = k[c] == 0 ? 1u : k[c];
-    scan_group<T, Reverse, Residual, SCALAR_ROWS<T, Residual>>(x, residual, out, scan_k, seq, dim, c0, false,
-                                                              available);
-    __syncwarp();
-    for (int row = threadIdx.x % WARP; row < seq; row += WARP) {
-        const size_t at = (size_t)row * dim + c0;
-#pragma unroll
-        for (int c = 0; c < COORDS; ++c) {
-            if (k[c] != 0 || c0 + c >= dim) continue;
-            out[at + c] = residual != nullptr ? from_float<T>(to_float(x[at + c]) + to_float(residual[at + c])) : x[at + c];
-        }
-    }
-}
-
-template <typename T, bool Reverse, bool Residual>
-__device__ void window_kernel(const T* x, const T* residual, T* out, const uint32_t* windows, int seq, int dim,
-                              int vector_ok, int available) {
-    // Blocks run over (sequence, tile of WARPS x 8 coordinates), tiles fastest.
+__device__ void window_kernel(const T* x, const T* residual, T* out, const uint32_t* windows, int batch, int seq,
+                              int dim, int vector_ok, int available, const WaveletScratch& scratch) {
+    constexpr int S = WARP * VECTOR_ROWS<T, Residual>;
+    __shared__ uint32_t ticket;
+    if (threadIdx.x == 0) ticket = atomicAdd(scratch.counters, 1u);
+    __syncthreads();
     const int groups = (dim + COORDS - 1) / COORDS;
     const int tiles = (groups + WARPS - 1) / WARPS;
-    const int batch_index = blockIdx.x / tiles;
-    const int c0 = ((blockIdx.x % tiles) * WARPS + threadIdx.x / WARP) * COORDS;
-    if (c0 >= dim) return;  // whole warps leave; the kernel has no block-wide barrier
-    const size_t base = (size_t)batch_index * seq * dim;
-    x += base;
-    out += base;
-    if (Residual) residual += base; else residual = nullptr;
-
-    uint32_t k[COORDS];
-    bool all_pass = true, uniform = c0 + COORDS <= dim;
+    const int segments = (seq + S - 1) / S;
+    const uint32_t per_segment = (uint32_t)batch * (uint32_t)tiles;
+    const int segment = (int)(ticket / per_segment);
+    const int sequence = (int)(ticket % per_segment) / tiles;
+    const int group = (int)(ticket % tiles) * WARPS + threadIdx.x / WARP;
+    const int c0 = group * COORDS;
+    if (c0 < dim) {
+        const size_t base = (size_t)sequence * seq * dim;
+        const T* xs = x + base;
+        const T* rs = Residual ? residual + base : nullptr;
+        T* os = out + base;
+        uint32_t k[COORDS];
+        bool all_pass = true, uniform = c0 + COORDS <= dim;
 #pragma unroll
-    for (int c = 0; c < COORDS; ++c) {
-        k[c] = c0 + c < dim ? windows[c0 + c] : 0u;
-        all_pass = all_pass && k[c] == 0;
-        uniform = uniform && k[c] == k[0];
-    }
-    const bool vector = vector_ok && c0 + COORDS <= dim;
-    if (all_pass) {
-        copy_group(x, residual, out, seq, dim, c0, vector);
-    } else if (uniform) {
-        if (vector) {
-            scan_group<T, Reverse, Residual, VECTOR_ROWS<T, Residual>>(x, residual, out, k, seq, dim, c0, true,
-                                                                      available);
-        } else {
-            scan_group<T, Reverse, Residual, SCALAR_ROWS<T, Residual>>(x, residual, out, k, seq, dim, c0, false,
-                                                                      available);
+        for (int c = 0; c < COORDS; ++c) {
+            k[c] = c0 + c < dim ? windows[c0 + c] : 0u;
+            all_pass = all_pass && k[c] == 0;
+            uniform = uniform && k[c] == k[0];
         }
-    } else {
-        mixed_group<T, Reverse, Residual>(x, residual, out, k, seq, dim, c0, available);
+        const bool vector = vector_ok && c0 + COORDS <= dim;
+        const int t0 = segment * S;
+        if (all_pass) {
+            copy_rows(xs, rs, os, t0, min(t0 + S, seq), dim, c0, vector);
+        } else if (uniform && vector) {
+            const size_t slot0 = ((size_t)sequence * groups + group) * segments;
+            vector_segment<T, Reverse, Residual>(xs, rs, os, k[0], seq, dim, c0, available, t0, scratch, slot0);
+        } else {
+            scalar_segment<T, Reverse, Residual>(xs, rs, os, k, seq, dim, c0, available, t0);
+        }
+    }
+    // The last block to finish puts the counters back to 0 for the next launch.
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        if (atomicAdd(scratch.counters + 1, 1u) == gridDim.x - 1) {
+            scratch.counters[0] = 0;
+            scratch.counters[1] = 0;
+            __threadfence();
+        }
     }
 }
 
@@ -414,18 +542,21 @@ __device__ void tap_gradient_kernel(const T* d_out, const T* x, float* d_taps, c
 }  // namespace
 
 #define WAVELET_KERNELS(T, NAME)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(WARPS * WARP, 1) wavelet_window_fwd_##NAME(                     \
-        const T* x, T* out, const uint32_t* windows, int seq, int dim, int vector_ok, int available) {           \
-        window_kernel<T, false, false>(x, nullptr, out, windows, seq, dim, vector_ok, available);                 \
+    extern "C" __global__ void __launch_bounds__(WARPS * WARP) wavelet_window_fwd_##NAME(                        \
+        const T* x, T* out, const uint32_t* windows, int batch, int seq, int dim, int vector_ok, int available,  \
+        WaveletScratch scratch) {                                                                                 \
+        window_kernel<T, false, false>(x, nullptr, out, windows, batch, seq, dim, vector_ok, available, scratch); \
     }                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(WARPS * WARP, 1) wavelet_window_fwd_residual_##NAME(            \
-        const T* x, const T* residual, T* out, const uint32_t* windows, int seq, int dim, int vector_ok,         \
-        int available) {                                                                                          \
-        window_kernel<T, false, true>(x, residual, out, windows, seq, dim, vector_ok, available);                 \
+    extern "C" __global__ void __launch_bounds__(WARPS * WARP) wavelet_window_fwd_residual_##NAME(               \
+        const T* x, const T* residual, T* out, const uint32_t* windows, int batch, int seq, int dim,             \
+        int vector_ok, int available, WaveletScratch scratch) {                                                   \
+        window_kernel<T, false, true>(x, residual, out, windows, batch, seq, dim, vector_ok, available, scratch); \
     }                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(WARPS * WARP, 1) wavelet_window_bwd_##NAME(                     \
-        const T* d_out, T* d_x, const uint32_t* windows, int seq, int dim, int vector_ok, int available) {       \
-        window_kernel<T, true, false>(d_out, nullptr, d_x, windows, seq, dim, vector_ok, available);             \
+    extern "C" __global__ void __launch_bounds__(WARPS * WARP) wavelet_window_bwd_##NAME(                        \
+        const T* d_out, T* d_x, const uint32_t* windows, int batch, int seq, int dim, int vector_ok,             \
+        int available, WaveletScratch scratch) {                                                                  \
+        window_kernel<T, true, false>(d_out, nullptr, d_x, windows, batch, seq, dim, vector_ok, available,       \
+                                      scratch);                                                                   \
     }                                                                                                             \
     extern "C" __global__ void wavelet_fir_fwd_##NAME(const T* x, const float* taps, T* out,                    \
                                                       const uint32_t* windows, const uint32_t* offsets,          \

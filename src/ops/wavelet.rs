@@ -385,12 +385,12 @@ impl Dims {
     }
 }
 
-/// `value / div(t)` for window `k`, rounded as the CUDA kernel rounds it: a multiply by `1/k`,
-/// except where the available-token divisor is still below `k`, which divides.
+/// `value / div(t)` for window `k`, rounded as the CUDA kernel rounds it: a multiply by the
+/// correctly rounded reciprocal of the divisor.
 #[inline(always)]
 fn divide(value: f32, divisor: WaveletDivisor, k: usize, t: usize) -> f32 {
     match divisor {
-        WaveletDivisor::Available if t + 1 < k => value / (t + 1) as f32,
+        WaveletDivisor::Available if t + 1 < k => value * (1.0 / (t + 1) as f32),
         _ => value * (1.0 / k as f32),
     }
 }
@@ -629,12 +629,21 @@ mod cuda {
     const TAP_THREADS: u32 = 256;
     const FIR_THREADS: u32 = 256;
 
-    /// Per-GPU copies of a configuration's table: `dim` windows, then `dim` tap offsets (u32).
+    /// Per-GPU state of a configuration: its table (`dim` windows, then `dim` tap offsets, u32),
+    /// and the scratch where the box-window kernel's segments publish their sums.
     #[derive(Clone, Default)]
-    pub(super) struct TableCache(Arc<Mutex<Vec<DeviceTable>>>);
+    pub(super) struct TableCache(Arc<Mutex<Vec<DeviceState>>>);
 
-    /// A table uploaded to the GPU with this ordinal.
-    type DeviceTable = (usize, Arc<DeviceBuffer>);
+    struct DeviceState {
+        ordinal: usize,
+        table: Arc<DeviceBuffer>,
+        /// Zeroed when allocated: block counters (kept at 0 between launches by the kernel),
+        /// flags, then sums.
+        scratch: Option<DeviceBuffer>,
+        scratch_slots: usize,
+        /// The last launch's number; flags equal to it mark sums written by that launch.
+        epoch: u32,
+    }
 
     impl std::fmt::Debug for TableCache {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -642,21 +651,82 @@ mod cuda {
         }
     }
 
-    /// The device table of `config` on `backend`, uploaded on first use.
-    fn table(config: &WaveletConfig, backend: &Arc<CudaBackend>) -> Result<Arc<DeviceBuffer>> {
+    /// Runs `f` with the state of `config` on `backend`, creating it on first use.
+    fn with_state<R>(
+        config: &WaveletConfig,
+        backend: &Arc<CudaBackend>,
+        f: impl FnOnce(&mut DeviceState) -> Result<R>,
+    ) -> Result<R> {
         let mut cache = config
             .on_device
             .0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some((_, table)) = cache.iter().find(|(ordinal, _)| *ordinal == backend.ordinal()) {
-            return Ok(table.clone());
+        let index = match cache.iter().position(|state| state.ordinal == backend.ordinal()) {
+            Some(index) => index,
+            None => {
+                let mut words = config.windows.clone();
+                words.extend(config.tap_offsets());
+                cache.push(DeviceState {
+                    ordinal: backend.ordinal(),
+                    table: Arc::new(backend.upload(bytemuck::cast_slice(&words))?),
+                    scratch: None,
+                    scratch_slots: 0,
+                    epoch: 0,
+                });
+                cache.len() - 1
+            }
+        };
+        f(&mut cache[index])
+    }
+
+    /// The device table of `config` on `backend`, uploaded on first use.
+    fn table(config: &WaveletConfig, backend: &Arc<CudaBackend>) -> Result<Arc<DeviceBuffer>> {
+        with_state(config, backend, |state| Ok(state.table.clone()))
+    }
+
+    /// Layout shared with `WaveletScratch` in kernels/wavelet.cu.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct WaveletScratch {
+        sums: u64,
+        flags: u64,
+        counters: u64,
+        epoch: u32,
+        padding: u32,
+    }
+
+    // SAFETY: a plain #[repr(C)] struct of scalars, laid out as the kernel declares it.
+    unsafe impl cudarc::driver::DeviceRepr for WaveletScratch {}
+
+    /// Bytes before the flags: the two block counters, padded.
+    const COUNTER_BYTES: usize = 16;
+
+    /// A scratch with room for `slots` segment sums, and the next launch's epoch. A new scratch
+    /// (first use, more slots, or every epoch used) starts zeroed, so that no flag equals a
+    /// future epoch.
+    fn scratch(state: &mut DeviceState, backend: &Arc<CudaBackend>, slots: usize) -> Result<WaveletScratch> {
+        let flag_bytes = |slots: usize| (4 * slots).next_multiple_of(16);
+        if state.scratch.is_none() || state.scratch_slots < slots || state.epoch == u32::MAX {
+            // Dropping the old scratch frees it in stream order, after the launches using it.
+            state.scratch = None;
+            state.scratch = Some(backend.alloc_zeroed(COUNTER_BYTES + flag_bytes(slots) + 32 * slots)?);
+            state.scratch_slots = slots;
+            state.epoch = 0;
         }
-        let mut words = config.windows.clone();
-        words.extend(config.tap_offsets());
-        let table = Arc::new(backend.upload(bytemuck::cast_slice(&words))?);
-        cache.push((backend.ordinal(), table.clone()));
-        Ok(table)
+        let base = match &state.scratch {
+            Some(buffer) => buffer.address(),
+            None => return Err(Error::cuda("wavelet", "scratch missing after allocation")),
+        };
+        // Epoch 0 is the value of flags never written.
+        state.epoch += 1;
+        Ok(WaveletScratch {
+            counters: base,
+            flags: base + COUNTER_BYTES as u64,
+            sums: base + (COUNTER_BYTES + flag_bytes(state.scratch_slots)) as u64,
+            epoch: state.epoch,
+            padding: 0,
+        })
     }
 
     /// The window table's address, and the tap offsets' right after it.
@@ -692,6 +762,12 @@ mod cuda {
         value as i32
     }
 
+    /// Rows per segment of the box-window kernel: 32 lanes x rows per lane (VECTOR_ROWS).
+    fn segment_rows(dtype: DType, residual: bool) -> usize {
+        let rows = if dtype.size_in_bytes() == 4 { 4 } else { 8 };
+        32 * if residual { rows / 2 } else { rows }
+    }
+
     pub(super) fn window(
         d: Dims,
         x: &Tensor,
@@ -702,8 +778,6 @@ mod cuda {
     ) -> Result<()> {
         let x_buffer = x.device_buffer()?;
         let backend = x_buffer.backend().clone();
-        let table = table(config, &backend)?;
-        let (windows, _) = addresses(&table, d.dim);
         let (x_address, out_address) = (x_buffer.address(), out.device_buffer()?.address());
         let residual_address = match residual {
             Some(r) => r.device_buffer()?.address(),
@@ -716,41 +790,54 @@ mod cuda {
             && [x_address, out_address, residual_address]
                 .iter()
                 .all(|a| a.is_multiple_of(16));
-        let (seq, dim, vector_ok, available) = (
+        let groups = d.dim.div_ceil(COORDS_PER_WARP);
+        let tiles = groups.div_ceil(WINDOW_WARPS as usize);
+        let segments = d.seq.div_ceil(segment_rows(x.dtype(), residual.is_some()));
+        let blocks = grid_size(tiles * d.batch * segments)?;
+        let (batch, seq, dim, vector_ok, available) = (
+            int(d.batch),
             int(d.seq),
             int(d.dim),
             vector_ok as i32,
             (config.divisor == WaveletDivisor::Available) as i32,
         );
-        let tiles = d.dim.div_ceil(COORDS_PER_WARP).div_ceil(WINDOW_WARPS as usize);
-        let blocks = grid_size(tiles * d.batch)?;
-        let launch = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (WINDOW_WARPS * 32, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let name = match (direction, residual.is_some()) {
             (Direction::Forward, false) => format!("wavelet_window_fwd_{}", suffix(x.dtype())),
             (Direction::Forward, true) => format!("wavelet_window_fwd_residual_{}", suffix(x.dtype())),
             (Direction::Backward, _) => format!("wavelet_window_bwd_{}", suffix(x.dtype())),
         };
         let function = backend.function("wavelet", &name)?;
-        let mut builder = backend.launch_builder(&function);
-        builder.arg(&x_address);
-        if residual.is_some() {
-            builder.arg(&residual_address);
-        }
-        builder
-            .arg(&out_address)
-            .arg(&windows)
-            .arg(&seq)
-            .arg(&dim)
-            .arg(&vector_ok)
-            .arg(&available);
-        // SAFETY: the tensors were validated to be (batch, seq, dim) of one dtype on this device,
-        // the table holds `dim` windows, and the grid covers every (sequence, 8 coordinates).
-        unsafe { builder.launch(launch) }.context(&format!("launching {name}"))?;
-        Ok(())
+        // The state stays locked until the launch is queued: the epoch and scratch are this
+        // launch's alone.
+        with_state(config, &backend, |state| {
+            let (windows, _) = addresses(&state.table, d.dim);
+            let scratch = scratch(state, &backend, d.batch * groups * segments)?;
+            let mut builder = backend.launch_builder(&function);
+            builder.arg(&x_address);
+            if residual.is_some() {
+                builder.arg(&residual_address);
+            }
+            builder
+                .arg(&out_address)
+                .arg(&windows)
+                .arg(&batch)
+                .arg(&seq)
+                .arg(&dim)
+                .arg(&vector_ok)
+                .arg(&available)
+                .arg(&scratch);
+            let launch = LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (WINDOW_WARPS * 32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the tensors were validated to be (batch, seq, dim) of one dtype on this
+            // device, the table holds `dim` windows, the scratch has a slot per (sequence, group
+            // of 8, segment) and zeroed counters, and the grid has a block per (segment,
+            // sequence, 16 coordinates).
+            unsafe { builder.launch(launch) }.context(&format!("launching {name}"))?;
+            Ok(())
+        })
     }
 
     pub(super) fn fir(
