@@ -70,3 +70,37 @@ macro_rules! element {
 }
 
 element!(f32 => F32, bf16 => BF16, f16 => F16, u8 => U8, u16 => U16, u32 => U32);
+
+/// The float element types, which CPU code reads and writes through f32.
+pub trait Float: Element {
+    fn to_f32(self) -> f32;
+    /// Rounds to nearest even.
+    fn from_f32(value: f32) -> Self;
+}
+
+impl Float for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(value: f32) -> Self {
+        value
+    }
+}
+
+impl Float for bf16 {
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn from_f32(value: f32) -> Self {
+        bf16::from_f32(value)
+    }
+}
+
+impl Float for f16 {
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn from_f32(value: f32) -> Self {
+        f16::from_f32(value)
+    }
+}

@@ -209,32 +209,8 @@ mod cpu {
         }
     }
 
-    /// The 16-bit float dtypes, which the CPU multiplies through f32.
-    trait Half: crate::dtype::Element {
-        fn widen(self) -> f32;
-        fn narrow(value: f32) -> Self;
-    }
-
-    impl Half for bf16 {
-        fn widen(self) -> f32 {
-            self.to_f32()
-        }
-        fn narrow(value: f32) -> Self {
-            bf16::from_f32(value)
-        }
-    }
-
-    impl Half for f16 {
-        fn widen(self) -> f32 {
-            self.to_f32()
-        }
-        fn narrow(value: f32) -> Self {
-            f16::from_f32(value)
-        }
-    }
-
     /// Converts, multiplies and adds the bias in f32, and rounds once.
-    fn matmul_half<T: Half>(
+    fn matmul_half<T: crate::dtype::Float>(
         shape: Shape,
         a: &Tensor,
         b: &Tensor,
@@ -242,7 +218,7 @@ mod cpu {
         out: &mut Tensor,
         options: MatmulOptions,
     ) -> Result<()> {
-        let widen = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.host_slice::<T>()?.iter().map(|&x| x.widen()).collect()) };
+        let widen = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.host_slice::<T>()?.iter().map(|&x| x.to_f32()).collect()) };
         let (a, b) = (widen(a)?, widen(b)?);
         let mut acc = if options.beta != 0.0 {
             widen(out)?
@@ -254,7 +230,7 @@ mod cpu {
             add_bias(&mut acc, &widen(bias)?);
         }
         for (dst, value) in out.host_slice_mut::<T>()?.iter_mut().zip(acc) {
-            *dst = T::narrow(value);
+            *dst = T::from_f32(value);
         }
         Ok(())
     }

@@ -16,7 +16,6 @@ use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
-use half::{bf16, f16};
 use std::ops::Range;
 
 /// The largest window any coordinate may have. Windows are also bounded by the context length
@@ -397,40 +396,8 @@ fn divide(value: f32, divisor: WaveletDivisor, k: usize, t: usize) -> f32 {
 
 mod cpu {
     use super::*;
+    use crate::dtype::Float;
     use rayon::prelude::*;
-
-    /// Float element types, read and written through f32.
-    pub(super) trait Float: crate::dtype::Element {
-        fn to_f32(self) -> f32;
-        fn from_f32(value: f32) -> Self;
-    }
-
-    impl Float for f32 {
-        fn to_f32(self) -> f32 {
-            self
-        }
-        fn from_f32(value: f32) -> Self {
-            value
-        }
-    }
-
-    impl Float for bf16 {
-        fn to_f32(self) -> f32 {
-            bf16::to_f32(self)
-        }
-        fn from_f32(value: f32) -> Self {
-            bf16::from_f32(value)
-        }
-    }
-
-    impl Float for f16 {
-        fn to_f32(self) -> f32 {
-            f16::to_f32(self)
-        }
-        fn from_f32(value: f32) -> Self {
-            f16::from_f32(value)
-        }
-    }
 
     /// The box-window forward or backward for one element type. Each (batch, coordinate) column
     /// is one running f32 window sum along the sequence: add the newest value, drop the one `k`
@@ -496,12 +463,7 @@ mod cpu {
         out: &mut Tensor,
         direction: Direction,
     ) -> Result<()> {
-        match x.dtype() {
-            DType::F32 => window_typed::<f32>(d, x, residual, config, out, direction),
-            DType::BF16 => window_typed::<bf16>(d, x, residual, config, out, direction),
-            DType::F16 => window_typed::<f16>(d, x, residual, config, out, direction),
-            other => Err(Error::invalid(OP, "x", "dtype f32, bf16 or f16", other)),
-        }
+        with_float_type!(x.dtype(), OP, "x", T => window_typed::<T>(d, x, residual, config, out, direction))
     }
 
     /// The learnable variant's FIR: forward `out[t] = Σ_u w[u]·x[t-u]`, backward
@@ -557,12 +519,7 @@ mod cpu {
         out: &mut Tensor,
         direction: Direction,
     ) -> Result<()> {
-        match x.dtype() {
-            DType::F32 => fir_typed::<f32>(d, x, taps, config, out, direction),
-            DType::BF16 => fir_typed::<bf16>(d, x, taps, config, out, direction),
-            DType::F16 => fir_typed::<f16>(d, x, taps, config, out, direction),
-            other => Err(Error::invalid(OP, "x", "dtype f32, bf16 or f16", other)),
-        }
+        with_float_type!(x.dtype(), OP, "x", T => fir_typed::<T>(d, x, taps, config, out, direction))
     }
 
     fn tap_gradient_typed<T: Float>(
@@ -607,12 +564,7 @@ mod cpu {
         config: &WaveletConfig,
         d_taps: &mut Tensor,
     ) -> Result<()> {
-        match d_out.dtype() {
-            DType::F32 => tap_gradient_typed::<f32>(d, d_out, x, config, d_taps),
-            DType::BF16 => tap_gradient_typed::<bf16>(d, d_out, x, config, d_taps),
-            DType::F16 => tap_gradient_typed::<f16>(d, d_out, x, config, d_taps),
-            other => Err(Error::invalid(OP, "d_out", "dtype f32, bf16 or f16", other)),
-        }
+        with_float_type!(d_out.dtype(), OP, "d_out", T => tap_gradient_typed::<T>(d, d_out, x, config, d_taps))
     }
 }
 
