@@ -23,13 +23,13 @@
 
 namespace {
 
-// Two warps per block, so that the blocks holding mixed coordinates and those only copying
-// spread evenly over the multiprocessors (each warp owns a whole sequence of its coordinates).
+// Two warps per block: each takes one segment of its own 8 coordinates; small blocks let the
+// blocks that mix and those that only copy spread evenly over the multiprocessors.
 constexpr int WARPS = 2;
 constexpr int COORDS = 8;  // coordinates per warp
 constexpr int WARP = 32;
 
-// Rows per lane per step: 16-byte loads of 2-byte types, two per row for f32, with the same
+// Rows per lane in a segment: 16-byte loads of 2-byte types, two per row for f32, with the same
 // bytes in flight per lane.
 template <typename T>
 constexpr int ROWS_PER_LANE = sizeof(T) == 4 ? 4 : 8;
