@@ -4,12 +4,21 @@
 prints one table of tessera beside PyTorch. Writes the combined report with --out.
 
     python3 benches/torch_compare.py --tessera tessera.json --out combined.json
+
+With --tessera-bin, it runs the tessera benchmark itself and PyTorch in turns, several rounds,
+and reports the median ratio with its spread: for differences of a few percent, where the card's
+clock moves more than that between two runs.
+
+    python3 benches/torch_compare.py --tessera-bin tessera --only matmul --rounds 5
 """
 import argparse
 import datetime
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -109,32 +118,19 @@ def torch_wavelet(case, warmup, iterations, generator):
 RUNNERS = {"copy": torch_copy, "matmul": torch_matmul, "adamw": torch_adamw, "wavelet": torch_wavelet}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tessera", required=True, help="JSON written by `tessera bench --json`")
-    parser.add_argument("--out", help="where to write the combined JSON")
-    args = parser.parse_args()
-    with open(args.tessera) as f:
-        report = json.load(f)
-    if not torch.cuda.is_available():
-        sys.exit("torch_compare: PyTorch sees no CUDA device")
-    generator = torch.Generator(device="cuda").manual_seed(0)
+def compare(report, generator):
+    """Runs PyTorch on every case of a tessera report; returns the cases with "torch" filled in."""
     warmup, iterations = report["warmup"], report["iterations"]
-    rows = []
     for case in report["results"]:
         anchor = RUNNERS[case["kind"]](case, warmup, iterations, generator)
         case["torch"] = anchor
         case["speedup_vs_torch"] = anchor["ms"] / case["ms"]
-        rows.append(case)
         torch.cuda.empty_cache()
+    return report["results"]
 
-    report["torch"] = {"version": torch.__version__, "device": torch.cuda.get_device_name()}
-    report["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
 
-    print(f"\n{report['device']} ({report['kernel_image']}), torch {torch.__version__}, medians of {iterations} runs")
+def print_table(report, rows):
+    print(f"\n{report['device']} ({report['kernel_image']}), torch {torch.__version__}, medians of {report['iterations']} runs")
     print(f"{'case':<46} {'tessera ms':>10} {'torch ms':>10} {'tessera':>12} {'torch':>12} {'speedup':>8}")
     for case in rows:
         unit, key = ("TFLOP/s", "tflops") if "tflops" in case else ("GB/s", "gbps")
@@ -142,6 +138,74 @@ def main():
             f"{case['name']:<46} {case['ms']:>10.3f} {case['torch']['ms']:>10.3f} "
             f"{case[key]:>7.1f} {unit:<4} {case['torch'][key]:>7.1f} {unit:<4} {case['speedup_vs_torch']:>7.3f}x"
         )
+
+
+def alternate(binary, only, rounds, generator):
+    """tessera and PyTorch taking turns, `rounds` times, so that clock and thermal drift fall on
+    both sides alike; returns every round's report and the per-case median of the ratios."""
+    reports = []
+    with tempfile.TemporaryDirectory() as folder:
+        for round_index in range(rounds):
+            path = os.path.join(folder, f"round{round_index}.json")
+            command = [binary, "bench", "--json", path] + (["--only", only] if only else [])
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            with open(path) as f:
+                report = json.load(f)
+            compare(report, generator)
+            reports.append(report)
+    summary = []
+    for index, case in enumerate(reports[0]["results"]):
+        ratios = sorted(r["results"][index]["speedup_vs_torch"] for r in reports)
+        summary.append({
+            "name": case["name"],
+            "tessera_ms": statistics.median(r["results"][index]["ms"] for r in reports),
+            "torch_ms": statistics.median(r["results"][index]["torch"]["ms"] for r in reports),
+            "speedup_median": statistics.median(ratios),
+            "speedup_min": ratios[0],
+            "speedup_max": ratios[-1],
+        })
+    return reports, summary
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tessera", help="JSON written by `tessera bench --json`")
+    parser.add_argument("--tessera-bin", help="a tessera binary: run its bench and PyTorch in turns (--rounds)")
+    parser.add_argument("--rounds", type=int, default=5, help="turns each, with --tessera-bin")
+    parser.add_argument("--only", help="op kinds to bench, with --tessera-bin (e.g. matmul)")
+    parser.add_argument("--out", help="where to write the combined JSON")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("torch_compare: PyTorch sees no CUDA device")
+    if (args.tessera is None) == (args.tessera_bin is None):
+        sys.exit("torch_compare: give either --tessera FILE or --tessera-bin BINARY")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    meta = {"version": torch.__version__, "device": torch.cuda.get_device_name()}
+
+    if args.tessera_bin:
+        reports, summary = alternate(args.tessera_bin, args.only, args.rounds, generator)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"date": stamp, "torch": meta, "summary": summary, "rounds": reports}, f, indent=2)
+        print(f"\n{reports[0]['device']}, torch {torch.__version__}: tessera and PyTorch in {args.rounds} alternating rounds")
+        print(f"{'case':<46} {'tessera ms':>10} {'torch ms':>10} {'speedup median':>15} {'min':>7} {'max':>7}")
+        for row in summary:
+            print(
+                f"{row['name']:<46} {row['tessera_ms']:>10.3f} {row['torch_ms']:>10.3f} "
+                f"{row['speedup_median']:>14.3f}x {row['speedup_min']:>6.3f}x {row['speedup_max']:>6.3f}x"
+            )
+        return
+
+    with open(args.tessera) as f:
+        report = json.load(f)
+    rows = compare(report, generator)
+    report["torch"] = meta
+    report["date"] = stamp
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    print_table(report, rows)
 
 
 if __name__ == "__main__":

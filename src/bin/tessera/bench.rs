@@ -27,14 +27,23 @@ struct Settings {
 pub fn run(args: &[String]) -> Result<()> {
     let mut json_path = None;
     let mut quick = false;
+    let mut only: Option<Vec<String>> = None;
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         match arg.as_str() {
             "--json" => json_path = Some(rest.next().ok_or("--json needs a file name")?.clone()),
             "--quick" => quick = true,
+            "--only" => {
+                let kinds = rest
+                    .next()
+                    .ok_or("--only needs a list of kinds (matmul,adamw,wavelet)")?;
+                only = Some(kinds.split(',').map(str::to_string).collect());
+            }
             other => return Err(format!("bench: unknown argument `{other}`")),
         }
     }
+    // The copy ceiling is always measured; the op families only when selected.
+    let selected = |kind: &str| only.as_ref().is_none_or(|kinds| kinds.iter().any(|k| k == kind));
     let device = Device::cuda(0).map_err(|e| e.to_string())?;
     let Device::Cuda(gpu) = &device else {
         return Err("bench needs a CUDA device".into());
@@ -70,7 +79,7 @@ pub fn run(args: &[String]) -> Result<()> {
         ]
     };
     let mut gemm_ceiling = f64::NAN;
-    for &(dtype, m, n, k) in gemm_shapes {
+    for &(dtype, m, n, k) in gemm_shapes.iter().filter(|_| selected("matmul")) {
         let mut result = bench_matmul(gpu, &device, &settings, dtype, m, n, k)?;
         let tflops = result["tflops"].as_f64().unwrap_or(f64::NAN);
         if dtype == DType::BF16 && gemm_ceiling.is_nan() {
@@ -113,7 +122,7 @@ pub fn run(args: &[String]) -> Result<()> {
             false,
         ),
     ];
-    for (name, sizes, grad, copy) in adamw_cases {
+    for (name, sizes, grad, copy) in adamw_cases.into_iter().filter(|_| selected("adamw")) {
         let mut result = bench_adamw(gpu, &device, &settings, &name, &sizes, grad, copy)?;
         let gbps = result["gbps"].as_f64().unwrap_or(f64::NAN);
         result["pct_of_copy"] = json!(100.0 * gbps / copy_gbps);
@@ -125,7 +134,7 @@ pub fn run(args: &[String]) -> Result<()> {
     } else {
         &[(8, 4096, 1024), (16, 2048, 768)]
     };
-    for &(batch, seq, dim) in wavelet_shapes {
+    for &(batch, seq, dim) in wavelet_shapes.iter().filter(|_| selected("wavelet")) {
         for direction in [Direction::Forward, Direction::Backward] {
             let mut result = bench_wavelet(gpu, &device, &settings, batch, seq, dim, direction)?;
             let gbps = result["gbps"].as_f64().unwrap_or(f64::NAN);
