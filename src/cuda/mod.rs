@@ -258,7 +258,7 @@ impl CudaBackend {
 }
 
 /// Device memory owned by a tensor, freed on its device's stream when dropped.
-pub struct DeviceBuffer {
+pub(crate) struct DeviceBuffer {
     slice: CudaSlice<u8>,
     backend: Arc<CudaBackend>,
 }
