@@ -11,7 +11,7 @@ const USAGE: &str = "usage: tessera <command>
 
 commands:
   info                       devices, compute capability, memory, embedded kernel images
-  bench [--json FILE] [--quick] [--only matmul,adamw,wavelet]
+  bench [--json FILE] [--quick] [--only KIND,...]
                              time the GPU ops (CUDA events, medians) beside the copy-bandwidth
                              and bf16-GEMM ceilings measured in the same run";
 
