@@ -26,6 +26,11 @@ pub enum Error {
     #[error("CUDA error in {context}: {message}")]
     Cuda { context: String, message: String },
 
+    /// A file could not be read or written, or its contents are not what they claim to be
+    /// (a truncated or corrupt checkpoint, a missing tensor, a shape that does not match).
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+
     /// The op exists but not for this combination (device, dtype, compute capability).
     #[error("{op}: not supported: {reason}")]
     Unsupported { op: &'static str, reason: String },
@@ -39,6 +44,14 @@ impl Error {
             arg,
             expected: expected.to_string(),
             got: got.to_string(),
+        }
+    }
+
+    /// Shorthand for [`Error::File`].
+    pub fn file(path: impl fmt::Display, message: impl fmt::Display) -> Self {
+        Error::File {
+            path: path.to_string(),
+            message: message.to_string(),
         }
     }
 

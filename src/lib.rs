@@ -16,8 +16,11 @@
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod model;
 pub mod ops;
+pub mod optim;
 pub mod tensor;
+pub mod train;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;

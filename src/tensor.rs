@@ -157,6 +157,37 @@ impl Tensor {
         Tensor::from_vec(data.to_vec(), shape, device)
     }
 
+    /// A tensor whose elements are the little-endian `bytes`, which must be exactly the shape's
+    /// element count times the dtype's size (the layout safetensors and the C API use).
+    pub fn from_bytes(bytes: &[u8], dtype: DType, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let (numel, size) = checked_size("Tensor::from_bytes", shape, dtype)?;
+        if bytes.len() != size {
+            return Err(Error::invalid(
+                "Tensor::from_bytes",
+                "bytes",
+                format!("{size} bytes ({numel} elements of {dtype})"),
+                format!("{} bytes", bytes.len()),
+            ));
+        }
+        let mut host = HostBuffer::zeros(dtype, numel)?;
+        host.as_bytes_mut().copy_from_slice(bytes);
+        Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            storage: Storage::Host(host),
+        }
+        .into_device(device)
+    }
+
+    /// The elements as little-endian bytes on the host, whatever the device.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        match &self.storage {
+            Storage::Host(host) => Ok(host.as_bytes().to_vec()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => Ok(self.to_device(&Device::Cpu)?.to_bytes()?),
+        }
+    }
+
     /// A tensor of zeros.
     pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let (numel, bytes) = checked_size("Tensor::zeros", shape, dtype)?;

@@ -1,0 +1,219 @@
+//! The GPT configuration: the architecture's choices, named presets and their validation.
+
+use crate::error::{Error, Result};
+
+const OP: &str = "GptConfig";
+
+/// The normalisation before attention, before the MLP and at the end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Norm {
+    /// GPT-2's LayerNorm with gain and bias.
+    LayerNorm,
+    /// Llama's RMSNorm with a gain only.
+    RmsNorm,
+}
+
+/// The MLP's non-linearity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// GPT-2: `down(gelu_tanh(up(x)))`.
+    Gelu,
+    /// Llama: `down(silu(gate(x)) * up(x))`.
+    SwiGlu,
+}
+
+/// How token positions enter the model.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Positions {
+    /// GPT-2's learned position table of `context` rows.
+    Learned,
+    /// Rotary embeddings on queries and keys; one base for every head, or one per head (HARPE).
+    Rope { bases: Vec<f32> },
+}
+
+/// A decoder-only transformer's shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GptConfig {
+    pub vocab: usize,
+    pub layers: usize,
+    pub heads: usize,
+    /// Key/value heads: `heads` for multi-head attention, fewer for GQA, 1 for MQA.
+    pub kv_heads: usize,
+    /// The residual stream's width; `width / heads` is the head dimension.
+    pub width: usize,
+    pub ffn_width: usize,
+    /// The longest sequence the model is trained on.
+    pub context: usize,
+    pub norm: Norm,
+    pub activation: Activation,
+    pub positions: Positions,
+    /// The output projection shares the token embedding's weights.
+    pub tied_embeddings: bool,
+}
+
+impl GptConfig {
+    /// The default preset: a byte-level model small enough to train in minutes on two CPU cores.
+    pub fn tiny() -> GptConfig {
+        GptConfig {
+            vocab: 256,
+            layers: 4,
+            heads: 4,
+            kv_heads: 4,
+            width: 128,
+            ffn_width: 512,
+            context: 128,
+            norm: Norm::LayerNorm,
+            activation: Activation::Gelu,
+            positions: Positions::Learned,
+            tied_embeddings: true,
+        }
+    }
+
+    /// GPT-2 small, 124M parameters, with the vocabulary padded to 50304 (a multiple of 128).
+    pub fn gpt2_small() -> GptConfig {
+        GptConfig {
+            vocab: 50304,
+            layers: 12,
+            heads: 12,
+            kv_heads: 12,
+            width: 768,
+            ffn_width: 3072,
+            context: 1024,
+            norm: Norm::LayerNorm,
+            activation: Activation::Gelu,
+            positions: Positions::Learned,
+            tied_embeddings: true,
+        }
+    }
+
+    /// A preset by name: `tiny` or `gpt2-small`.
+    pub fn preset(name: &str) -> Result<GptConfig> {
+        match name {
+            "tiny" => Ok(GptConfig::tiny()),
+            "gpt2-small" => Ok(GptConfig::gpt2_small()),
+            other => Err(Error::invalid(
+                OP,
+                "preset",
+                "`tiny` or `gpt2-small`",
+                format!("`{other}`"),
+            )),
+        }
+    }
+
+    /// The head dimension.
+    pub fn head_dim(&self) -> usize {
+        self.width / self.heads.max(1)
+    }
+
+    /// Checks that the sizes fit together.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("vocab", self.vocab),
+            ("layers", self.layers),
+            ("heads", self.heads),
+            ("kv_heads", self.kv_heads),
+            ("width", self.width),
+            ("ffn_width", self.ffn_width),
+            ("context", self.context),
+        ];
+        for (arg, value) in positive {
+            if value == 0 {
+                return Err(Error::invalid(OP, arg, "a positive size", 0));
+            }
+        }
+        if !self.width.is_multiple_of(self.heads) {
+            return Err(Error::invalid(
+                OP,
+                "width",
+                format!("a multiple of heads ({})", self.heads),
+                self.width,
+            ));
+        }
+        if !self.heads.is_multiple_of(self.kv_heads) {
+            return Err(Error::invalid(
+                OP,
+                "kv_heads",
+                format!("a divisor of heads ({})", self.heads),
+                self.kv_heads,
+            ));
+        }
+        let head_dim = self.head_dim();
+        if !head_dim.is_multiple_of(8) || head_dim > 256 {
+            return Err(Error::invalid(
+                OP,
+                "width",
+                "width / heads a multiple of 8 up to 256 (the attention kernels' head dims)",
+                format!("head dim {head_dim}"),
+            ));
+        }
+        if let Positions::Rope { bases } = &self.positions {
+            if !head_dim.is_multiple_of(2) {
+                return Err(Error::invalid(OP, "positions", "an even head dim for RoPE", head_dim));
+            }
+            if bases.len() != 1 && bases.len() != self.heads {
+                return Err(Error::invalid(
+                    OP,
+                    "positions.bases",
+                    format!("1 base or one per head ({})", self.heads),
+                    bases.len(),
+                ));
+            }
+            if let Some(bad) = bases.iter().find(|b| !(b.is_finite() && **b > 1.0)) {
+                return Err(Error::invalid(OP, "positions.bases", "finite bases > 1", bad));
+            }
+        }
+        Ok(())
+    }
+
+    /// Parameters of the model, counting a tied output projection once.
+    pub fn parameter_count(&self) -> usize {
+        let (c, f) = (self.width, self.ffn_width);
+        let kv = self.kv_heads * self.head_dim();
+        let norm = match self.norm {
+            Norm::LayerNorm => 2 * c,
+            Norm::RmsNorm => c,
+        };
+        let attention = c * (c + 2 * kv) + c * c;
+        let attention_bias = if self.norm == Norm::LayerNorm {
+            c + 2 * kv + c
+        } else {
+            0
+        };
+        let mlp = match self.activation {
+            Activation::Gelu => 2 * c * f + f + c,
+            Activation::SwiGlu => 3 * c * f,
+        };
+        let positions = match self.positions {
+            Positions::Learned => self.context * c,
+            Positions::Rope { .. } => 0,
+        };
+        let head = if self.tied_embeddings { 0 } else { self.vocab * c };
+        self.vocab * c + positions + self.layers * (2 * norm + attention + attention_bias + mlp) + norm + head
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpt2_small_has_gpt2s_parameter_count() {
+        // Hugging Face's GPT-2 has 124,439,808 parameters with its 50257-token vocabulary.
+        let mut config = GptConfig::gpt2_small();
+        config.vocab = 50257;
+        assert_eq!(config.parameter_count(), 124_439_808);
+    }
+
+    #[test]
+    fn presets_validate_and_bad_sizes_do_not() {
+        GptConfig::tiny().validate().unwrap();
+        GptConfig::gpt2_small().validate().unwrap();
+        let mut config = GptConfig::tiny();
+        config.kv_heads = 3;
+        assert!(config.validate().unwrap_err().to_string().contains("kv_heads"));
+        let mut config = GptConfig::tiny();
+        config.width = 100;
+        assert!(config.validate().unwrap_err().to_string().contains("width"));
+        assert!(GptConfig::preset("huge").is_err());
+    }
+}

@@ -1,0 +1,5 @@
+//! Training: data and batches.
+
+pub mod data;
+
+pub use data::{BatchSampler, ByteTokenizer, Corpus};
