@@ -4,6 +4,15 @@ use crate::error::{Error, Result};
 
 const OP: &str = "GptConfig";
 
+/// Which library's layout and names the model follows (see [`super::params`]): GPT-2's (biases
+/// on every linear layer, one fused query-key-value projection, Conv1D weights stored (in, out))
+/// or Llama's (no biases, separate projections, weights stored (out, in)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Gpt2,
+    Llama,
+}
+
 /// The normalisation before attention, before the MLP and at the end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Norm {
@@ -34,6 +43,7 @@ pub enum Positions {
 /// A decoder-only transformer's shape.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GptConfig {
+    pub family: Family,
     pub vocab: usize,
     pub layers: usize,
     pub heads: usize,
@@ -55,6 +65,7 @@ impl GptConfig {
     /// The default preset: a byte-level model small enough to train in minutes on two CPU cores.
     pub fn tiny() -> GptConfig {
         GptConfig {
+            family: Family::Gpt2,
             vocab: 256,
             layers: 4,
             heads: 4,
@@ -72,6 +83,7 @@ impl GptConfig {
     /// GPT-2 small, 124M parameters, with the vocabulary padded to 50304 (a multiple of 128).
     pub fn gpt2_small() -> GptConfig {
         GptConfig {
+            family: Family::Gpt2,
             vocab: 50304,
             layers: 12,
             heads: 12,
@@ -86,15 +98,29 @@ impl GptConfig {
         }
     }
 
-    /// A preset by name: `tiny` or `gpt2-small`.
+    /// `tiny` in the Llama family: RMSNorm, SwiGLU, RoPE (base 10000), untied output projection.
+    pub fn llama_tiny() -> GptConfig {
+        GptConfig {
+            family: Family::Llama,
+            ffn_width: 344,
+            norm: Norm::RmsNorm,
+            activation: Activation::SwiGlu,
+            positions: Positions::Rope { bases: vec![10000.0] },
+            tied_embeddings: false,
+            ..GptConfig::tiny()
+        }
+    }
+
+    /// A preset by name: `tiny`, `llama-tiny` or `gpt2-small`.
     pub fn preset(name: &str) -> Result<GptConfig> {
         match name {
             "tiny" => Ok(GptConfig::tiny()),
+            "llama-tiny" => Ok(GptConfig::llama_tiny()),
             "gpt2-small" => Ok(GptConfig::gpt2_small()),
             other => Err(Error::invalid(
                 OP,
                 "preset",
-                "`tiny` or `gpt2-small`",
+                "`tiny`, `llama-tiny` or `gpt2-small`",
                 format!("`{other}`"),
             )),
         }
@@ -167,28 +193,10 @@ impl GptConfig {
 
     /// Parameters of the model, counting a tied output projection once.
     pub fn parameter_count(&self) -> usize {
-        let (c, f) = (self.width, self.ffn_width);
-        let kv = self.kv_heads * self.head_dim();
-        let norm = match self.norm {
-            Norm::LayerNorm => 2 * c,
-            Norm::RmsNorm => c,
-        };
-        let attention = c * (c + 2 * kv) + c * c;
-        let attention_bias = if self.norm == Norm::LayerNorm {
-            c + 2 * kv + c
-        } else {
-            0
-        };
-        let mlp = match self.activation {
-            Activation::Gelu => 2 * c * f + f + c,
-            Activation::SwiGlu => 3 * c * f,
-        };
-        let positions = match self.positions {
-            Positions::Learned => self.context * c,
-            Positions::Rope { .. } => 0,
-        };
-        let head = if self.tied_embeddings { 0 } else { self.vocab * c };
-        self.vocab * c + positions + self.layers * (2 * norm + attention + attention_bias + mlp) + norm + head
+        super::params::parameters(self)
+            .iter()
+            .map(|p| p.shape.iter().product::<usize>())
+            .sum()
     }
 }
 
@@ -208,6 +216,7 @@ mod tests {
     fn presets_validate_and_bad_sizes_do_not() {
         GptConfig::tiny().validate().unwrap();
         GptConfig::gpt2_small().validate().unwrap();
+        GptConfig::llama_tiny().validate().unwrap();
         let mut config = GptConfig::tiny();
         config.kv_heads = 3;
         assert!(config.validate().unwrap_err().to_string().contains("kv_heads"));
