@@ -115,18 +115,37 @@ def torch_wavelet(case, warmup, iterations, generator):
     return {"ms": ms, "gbps": 4 * batch * seq * dim / (ms * 1e6), "what": "eager PyTorch: cumsum + gather"}
 
 
-RUNNERS = {"copy": torch_copy, "matmul": torch_matmul, "adamw": torch_adamw, "wavelet": torch_wavelet}
+RUNNERS = {
+    "copy": torch_copy,
+    "matmul": torch_matmul,
+    "adamw": torch_adamw,
+    "wavelet": torch_wavelet,
+}
 
 
 def compare(report, generator):
-    """Runs PyTorch on every case of a tessera report; returns the cases with "torch" filled in."""
+    """Runs PyTorch on every case of a tessera report; returns the cases with "torch" filled in.
+    A case without a PyTorch counterpart, or whose PyTorch run fails, keeps its tessera numbers
+    and says why it has no anchor, so that one broken anchor does not lose the whole table."""
     warmup, iterations = report["warmup"], report["iterations"]
+    rows = []
     for case in report["results"]:
-        anchor = RUNNERS[case["kind"]](case, warmup, iterations, generator)
+        runner = RUNNERS.get(case["kind"])
+        if runner is None:
+            case["torch_error"] = f"no PyTorch runner for kind {case['kind']!r}"
+            continue
+        try:
+            anchor = runner(case, warmup, iterations, generator)
+        except Exception as error:  # an anchor that cannot run is reported, not fatal
+            case["torch_error"] = f"{type(error).__name__}: {error}"
+            print(f"torch_compare: {case['name']}: {case['torch_error']}", file=sys.stderr)
+            continue
+        finally:
+            torch.cuda.empty_cache()
         case["torch"] = anchor
         case["speedup_vs_torch"] = anchor["ms"] / case["ms"]
-        torch.cuda.empty_cache()
-    return report["results"]
+        rows.append(case)
+    return rows
 
 
 def print_table(report, rows):
@@ -155,11 +174,14 @@ def alternate(binary, only, rounds, generator):
             reports.append(report)
     summary = []
     for index, case in enumerate(reports[0]["results"]):
-        ratios = sorted(r["results"][index]["speedup_vs_torch"] for r in reports)
+        measured = [r["results"][index] for r in reports if "speedup_vs_torch" in r["results"][index]]
+        if not measured:
+            continue
+        ratios = sorted(m["speedup_vs_torch"] for m in measured)
         summary.append({
             "name": case["name"],
-            "tessera_ms": statistics.median(r["results"][index]["ms"] for r in reports),
-            "torch_ms": statistics.median(r["results"][index]["torch"]["ms"] for r in reports),
+            "tessera_ms": statistics.median(m["ms"] for m in measured),
+            "torch_ms": statistics.median(m["torch"]["ms"] for m in measured),
             "speedup_median": statistics.median(ratios),
             "speedup_min": ratios[0],
             "speedup_max": ratios[-1],
