@@ -1,6 +1,7 @@
 //! The GPT configuration: the architecture's choices, named presets and their validation.
 
 use crate::error::{Error, Result};
+use serde_json::{json, Value};
 
 const OP: &str = "GptConfig";
 
@@ -191,6 +192,95 @@ impl GptConfig {
         Ok(())
     }
 
+    /// The configuration as a JSON object, as checkpoints record it.
+    pub fn to_json(&self) -> String {
+        let positions = match &self.positions {
+            Positions::Learned => json!("learned"),
+            Positions::Rope { bases } => json!({ "rope": bases }),
+        };
+        json!({
+            "family": match self.family { Family::Gpt2 => "gpt2", Family::Llama => "llama" },
+            "vocab": self.vocab,
+            "layers": self.layers,
+            "heads": self.heads,
+            "kv_heads": self.kv_heads,
+            "width": self.width,
+            "ffn_width": self.ffn_width,
+            "context": self.context,
+            "norm": match self.norm { Norm::LayerNorm => "layernorm", Norm::RmsNorm => "rmsnorm" },
+            "activation": match self.activation { Activation::Gelu => "gelu", Activation::SwiGlu => "swiglu" },
+            "positions": positions,
+            "tied_embeddings": self.tied_embeddings,
+        })
+        .to_string()
+    }
+
+    /// Parses [`GptConfig::to_json`]'s output; every field is required and checked.
+    pub fn from_json(text: &str) -> Result<GptConfig> {
+        let value: Value = serde_json::from_str(text).map_err(|e| Error::invalid(OP, "json", "a JSON object", e))?;
+        let field = |key: &'static str| {
+            value
+                .get(key)
+                .ok_or_else(|| Error::invalid(OP, key, "a value", "nothing"))
+        };
+        let size = |key: &'static str| -> Result<usize> {
+            let v = field(key)?;
+            v.as_u64()
+                .map(|v| v as usize)
+                .ok_or_else(|| Error::invalid(OP, key, "a non-negative integer", v))
+        };
+        let word = |key: &'static str, choices: &[&str]| -> Result<usize> {
+            let v = field(key)?;
+            v.as_str()
+                .and_then(|w| choices.iter().position(|c| *c == w))
+                .ok_or_else(|| Error::invalid(OP, key, format!("one of {choices:?}"), v))
+        };
+        let positions = match field("positions")? {
+            Value::String(s) if s == "learned" => Positions::Learned,
+            Value::Object(map) => {
+                let bases = map
+                    .get("rope")
+                    .and_then(Value::as_array)
+                    .and_then(|b| {
+                        b.iter()
+                            .map(|v| v.as_f64().map(|v| v as f32))
+                            .collect::<Option<Vec<_>>>()
+                    })
+                    .ok_or_else(|| {
+                        Error::invalid(OP, "positions", "{\"rope\": [bases]}", Value::Object(map.clone()))
+                    })?;
+                Positions::Rope { bases }
+            }
+            other => {
+                return Err(Error::invalid(
+                    OP,
+                    "positions",
+                    "\"learned\" or {\"rope\": [bases]}",
+                    other,
+                ))
+            }
+        };
+        let tied = field("tied_embeddings")?;
+        let config = GptConfig {
+            family: [Family::Gpt2, Family::Llama][word("family", &["gpt2", "llama"])?],
+            vocab: size("vocab")?,
+            layers: size("layers")?,
+            heads: size("heads")?,
+            kv_heads: size("kv_heads")?,
+            width: size("width")?,
+            ffn_width: size("ffn_width")?,
+            context: size("context")?,
+            norm: [Norm::LayerNorm, Norm::RmsNorm][word("norm", &["layernorm", "rmsnorm"])?],
+            activation: [Activation::Gelu, Activation::SwiGlu][word("activation", &["gelu", "swiglu"])?],
+            positions,
+            tied_embeddings: tied
+                .as_bool()
+                .ok_or_else(|| Error::invalid(OP, "tied_embeddings", "true or false", tied))?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
     /// Parameters of the model, counting a tied output projection once.
     pub fn parameter_count(&self) -> usize {
         super::params::parameters(self)
@@ -224,5 +314,19 @@ mod tests {
         config.width = 100;
         assert!(config.validate().unwrap_err().to_string().contains("width"));
         assert!(GptConfig::preset("huge").is_err());
+    }
+
+    #[test]
+    fn json_round_trips_and_names_bad_fields() {
+        for config in [GptConfig::tiny(), GptConfig::llama_tiny(), GptConfig::gpt2_small()] {
+            assert_eq!(GptConfig::from_json(&config.to_json()).unwrap(), config);
+        }
+        let text = GptConfig::tiny().to_json().replace("\"gelu\"", "\"relu\"");
+        assert!(GptConfig::from_json(&text)
+            .unwrap_err()
+            .to_string()
+            .contains("activation"));
+        let text = GptConfig::tiny().to_json().replace("\"layers\":4", "\"layers\":-4");
+        assert!(GptConfig::from_json(&text).unwrap_err().to_string().contains("layers"));
     }
 }

@@ -63,10 +63,10 @@ pub fn parameters(config: &GptConfig) -> Vec<ParamSpec> {
     let gpt2 = config.family == Family::Gpt2;
     // A linear layer's weight (and bias, in the GPT-2 family) from `input` to `output` features.
     let linear = |push: &mut dyn FnMut(String, Vec<usize>, Layout, Init, bool),
-                      prefix: String,
-                      input: usize,
-                      output: usize,
-                      std: f32| {
+                  prefix: String,
+                  input: usize,
+                  output: usize,
+                  std: f32| {
         if gpt2 {
             push(
                 format!("{prefix}.weight"),
