@@ -115,11 +115,24 @@ def torch_wavelet(case, warmup, iterations, generator):
     return {"ms": ms, "gbps": 4 * batch * seq * dim / (ms * 1e6), "what": "eager PyTorch: cumsum + gather"}
 
 
+def torch_columns(case, warmup, iterations, generator):
+    """torch.split of the fused output, each part made contiguous (what a model must do)."""
+    rows, part, sets = case["rows"], case["part"], case["input_sets"]
+    inputs = [uniform((rows, 3 * part), torch.bfloat16, -1, 1, generator) for _ in range(sets)]
+
+    def work(i):
+        return [p.contiguous() for p in inputs[i % sets].split(part, dim=1)]
+
+    ms = time_ms(work, warmup, iterations)
+    return {"ms": ms, "gbps": 4 * rows * 3 * part / (ms * 1e6), "what": "torch.split + contiguous"}
+
+
 RUNNERS = {
     "copy": torch_copy,
     "matmul": torch_matmul,
     "adamw": torch_adamw,
     "wavelet": torch_wavelet,
+    "columns": torch_columns,
 }
 
 

@@ -392,6 +392,34 @@ impl Tensor {
         }
     }
 
+    /// The bytes of host data, whatever the dtype.
+    pub(crate) fn host_bytes(&self) -> Result<&[u8]> {
+        match &self.storage {
+            Storage::Host(host) => Ok(host.as_bytes()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => Err(Error::invalid(
+                "Tensor::host_bytes",
+                "self",
+                "a host tensor",
+                "a CUDA tensor",
+            )),
+        }
+    }
+
+    /// The bytes of host data, mutably, whatever the dtype.
+    pub(crate) fn host_bytes_mut(&mut self) -> Result<&mut [u8]> {
+        match &mut self.storage {
+            Storage::Host(host) => Ok(host.as_bytes_mut()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => Err(Error::invalid(
+                "Tensor::host_bytes_mut",
+                "self",
+                "a host tensor",
+                "a CUDA tensor",
+            )),
+        }
+    }
+
     fn not_host_of<T: Element>(&self) -> Error {
         Error::invalid(
             "Tensor::host_slice",

@@ -24,10 +24,12 @@ macro_rules! with_float_type {
 }
 
 pub mod adamw;
+pub mod columns;
 pub mod matmul;
 pub mod wavelet;
 
 pub use adamw::{adamw_step, AdamWConfig, AdamWTensor};
+pub use columns::copy_columns;
 pub use matmul::{matmul, matmul_into, MatmulOptions};
 pub use wavelet::{
     wavelet_backward, wavelet_backward_into, wavelet_forward, wavelet_forward_into, wavelet_learnable_backward,
