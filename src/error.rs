@@ -31,6 +31,10 @@ pub enum Error {
     #[error("{path}: {message}")]
     File { path: String, message: String },
 
+    /// Training stopped because a loss or gradient stopped being a finite number.
+    #[error("training diverged: {0}")]
+    Diverged(String),
+
     /// The op exists but not for this combination (device, dtype, compute capability).
     #[error("{op}: not supported: {reason}")]
     Unsupported { op: &'static str, reason: String },

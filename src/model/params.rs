@@ -45,128 +45,220 @@ pub struct ParamSpec {
 /// scaled by 1/√(2·layers) so that the stream's variance does not grow with depth.
 const STD: f32 = 0.02;
 
-/// Every parameter of the model, in the order the forward pass uses them.
-pub fn parameters(config: &GptConfig) -> Vec<ParamSpec> {
-    let (c, f, v) = (config.width, config.ffn_width, config.vocab);
-    let kv = config.kv_heads * config.head_dim();
-    let residual_std = STD / (2.0 * config.layers as f32).sqrt();
-    let mut specs = Vec::new();
-    let mut push = |name: String, shape: Vec<usize>, layout: Layout, init: Init, weight_decay: bool| {
-        specs.push(ParamSpec {
+/// A linear layer: indices of its weight and bias in [`ModelLayout::specs`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Linear {
+    pub weight: usize,
+    pub bias: Option<usize>,
+    pub layout: Layout,
+    pub input: usize,
+    pub output: usize,
+}
+
+/// A normalisation's gain and (LayerNorm) bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NormIndex {
+    pub weight: usize,
+    pub bias: Option<usize>,
+}
+
+/// The query, key and value projections: GPT-2's one fused `c_attn`, or Llama's three.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Qkv {
+    Fused(Linear),
+    Separate { q: Linear, k: Linear, v: Linear },
+}
+
+/// One transformer block's parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Block {
+    pub norm1: NormIndex,
+    pub qkv: Qkv,
+    pub out: Linear,
+    pub norm2: NormIndex,
+    /// SwiGLU's gate projection; `None` with GELU.
+    pub gate: Option<Linear>,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+/// Every parameter of a model and where each one is used.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelLayout {
+    pub specs: Vec<ParamSpec>,
+    pub token_embedding: usize,
+    pub positions: Option<usize>,
+    pub blocks: Vec<Block>,
+    pub final_norm: NormIndex,
+    /// The output projection, (vocab, width); `None` when tied to the token embedding.
+    pub head: Option<usize>,
+}
+
+impl ModelLayout {
+    /// The layout of `config`'s model, in the order the forward pass uses the parameters.
+    pub fn new(config: &GptConfig) -> ModelLayout {
+        let mut builder = Builder {
+            specs: Vec::new(),
+            gpt2: config.family == Family::Gpt2,
+            width: config.width,
+            layer_norm: config.norm == Norm::LayerNorm,
+        };
+        let (c, f, v) = (config.width, config.ffn_width, config.vocab);
+        let kv = config.kv_heads * config.head_dim();
+        let residual_std = STD / (2.0 * config.layers as f32).sqrt();
+        let (embed, positions, layer, final_norm) = if builder.gpt2 {
+            (
+                "transformer.wte",
+                "transformer.wpe",
+                "transformer.h",
+                "transformer.ln_f",
+            )
+        } else {
+            (
+                "model.embed_tokens",
+                "model.embed_positions",
+                "model.layers",
+                "model.norm",
+            )
+        };
+        let token_embedding = builder.push(
+            format!("{embed}.weight"),
+            vec![v, c],
+            Layout::Plain,
+            Init::Normal(STD),
+            true,
+        );
+        let positions = (config.positions == Positions::Learned).then(|| {
+            builder.push(
+                format!("{positions}.weight"),
+                vec![config.context, c],
+                Layout::Plain,
+                Init::Normal(STD),
+                false,
+            )
+        });
+        let swiglu = config.activation == Activation::SwiGlu;
+        let blocks = (0..config.layers)
+            .map(|i| {
+                let p = format!("{layer}.{i}");
+                if builder.gpt2 {
+                    Block {
+                        norm1: builder.norm(format!("{p}.ln_1")),
+                        qkv: Qkv::Fused(builder.linear(format!("{p}.attn.c_attn"), c, c + 2 * kv, STD)),
+                        out: builder.linear(format!("{p}.attn.c_proj"), c, c, residual_std),
+                        norm2: builder.norm(format!("{p}.ln_2")),
+                        up: builder.linear(format!("{p}.mlp.c_fc"), c, f, STD),
+                        gate: swiglu.then(|| builder.linear(format!("{p}.mlp.c_gate"), c, f, STD)),
+                        down: builder.linear(format!("{p}.mlp.c_proj"), f, c, residual_std),
+                    }
+                } else {
+                    Block {
+                        norm1: builder.norm(format!("{p}.input_layernorm")),
+                        qkv: Qkv::Separate {
+                            q: builder.linear(format!("{p}.self_attn.q_proj"), c, c, STD),
+                            k: builder.linear(format!("{p}.self_attn.k_proj"), c, kv, STD),
+                            v: builder.linear(format!("{p}.self_attn.v_proj"), c, kv, STD),
+                        },
+                        out: builder.linear(format!("{p}.self_attn.o_proj"), c, c, residual_std),
+                        norm2: builder.norm(format!("{p}.post_attention_layernorm")),
+                        gate: swiglu.then(|| builder.linear(format!("{p}.mlp.gate_proj"), c, f, STD)),
+                        up: builder.linear(format!("{p}.mlp.up_proj"), c, f, STD),
+                        down: builder.linear(format!("{p}.mlp.down_proj"), f, c, residual_std),
+                    }
+                }
+            })
+            .collect();
+        let final_norm = builder.norm(final_norm.to_string());
+        let head = (!config.tied_embeddings).then(|| {
+            builder.push(
+                "lm_head.weight".into(),
+                vec![v, c],
+                Layout::OutputMajor,
+                Init::Normal(STD),
+                true,
+            )
+        });
+        ModelLayout {
+            specs: builder.specs,
+            token_embedding,
+            positions,
+            blocks,
+            final_norm,
+            head,
+        }
+    }
+
+    /// Whether parameter `index` is a normalisation's gain or bias (whose gradients the norm
+    /// kernels sum in f32).
+    pub fn is_norm(&self, index: usize) -> bool {
+        let norms = self
+            .blocks
+            .iter()
+            .flat_map(|b| [b.norm1, b.norm2])
+            .chain([self.final_norm]);
+        norms.into_iter().any(|n| n.weight == index || n.bias == Some(index))
+    }
+}
+
+struct Builder {
+    specs: Vec<ParamSpec>,
+    gpt2: bool,
+    width: usize,
+    layer_norm: bool,
+}
+
+impl Builder {
+    fn push(&mut self, name: String, shape: Vec<usize>, layout: Layout, init: Init, weight_decay: bool) -> usize {
+        self.specs.push(ParamSpec {
             name,
             shape,
             layout,
             init,
             weight_decay,
-        })
-    };
-    let gpt2 = config.family == Family::Gpt2;
-    // A linear layer's weight (and bias, in the GPT-2 family) from `input` to `output` features.
-    let linear = |push: &mut dyn FnMut(String, Vec<usize>, Layout, Init, bool),
-                  prefix: String,
-                  input: usize,
-                  output: usize,
-                  std: f32| {
-        if gpt2 {
-            push(
-                format!("{prefix}.weight"),
-                vec![input, output],
-                Layout::InputMajor,
-                Init::Normal(std),
-                true,
-            );
-            push(
+        });
+        self.specs.len() - 1
+    }
+
+    /// A linear layer from `input` to `output` features: GPT-2's Conv1D with a bias, or Llama's
+    /// nn.Linear without one.
+    fn linear(&mut self, prefix: String, input: usize, output: usize, std: f32) -> Linear {
+        let (shape, layout) = if self.gpt2 {
+            (vec![input, output], Layout::InputMajor)
+        } else {
+            (vec![output, input], Layout::OutputMajor)
+        };
+        let weight = self.push(format!("{prefix}.weight"), shape, layout, Init::Normal(std), true);
+        let bias = self.gpt2.then(|| {
+            self.push(
                 format!("{prefix}.bias"),
                 vec![output],
                 Layout::Plain,
                 Init::Zeros,
                 false,
-            );
-        } else {
-            push(
-                format!("{prefix}.weight"),
-                vec![output, input],
-                Layout::OutputMajor,
-                Init::Normal(std),
-                true,
-            );
+            )
+        });
+        Linear {
+            weight,
+            bias,
+            layout,
+            input,
+            output,
         }
-    };
-    let norm = |push: &mut dyn FnMut(String, Vec<usize>, Layout, Init, bool), prefix: String| {
-        push(format!("{prefix}.weight"), vec![c], Layout::Plain, Init::Ones, false);
-        if config.norm == Norm::LayerNorm {
-            push(format!("{prefix}.bias"), vec![c], Layout::Plain, Init::Zeros, false);
-        }
-    };
+    }
 
-    let (embed, positions, layer, final_norm) = if gpt2 {
-        (
-            "transformer.wte",
-            "transformer.wpe",
-            "transformer.h",
-            "transformer.ln_f",
-        )
-    } else {
-        (
-            "model.embed_tokens",
-            "model.embed_positions",
-            "model.layers",
-            "model.norm",
-        )
-    };
-    push(
-        format!("{embed}.weight"),
-        vec![v, c],
-        Layout::Plain,
-        Init::Normal(STD),
-        true,
-    );
-    if config.positions == Positions::Learned {
-        push(
-            format!("{positions}.weight"),
-            vec![config.context, c],
-            Layout::Plain,
-            Init::Normal(STD),
-            false,
-        );
+    fn norm(&mut self, prefix: String) -> NormIndex {
+        let c = self.width;
+        let weight = self.push(format!("{prefix}.weight"), vec![c], Layout::Plain, Init::Ones, false);
+        let bias = self
+            .layer_norm
+            .then(|| self.push(format!("{prefix}.bias"), vec![c], Layout::Plain, Init::Zeros, false));
+        NormIndex { weight, bias }
     }
-    for i in 0..config.layers {
-        let p = format!("{layer}.{i}");
-        if gpt2 {
-            norm(&mut push, format!("{p}.ln_1"));
-            linear(&mut push, format!("{p}.attn.c_attn"), c, c + 2 * kv, STD);
-            linear(&mut push, format!("{p}.attn.c_proj"), c, c, residual_std);
-            norm(&mut push, format!("{p}.ln_2"));
-            linear(&mut push, format!("{p}.mlp.c_fc"), c, f, STD);
-            if config.activation == Activation::SwiGlu {
-                linear(&mut push, format!("{p}.mlp.c_gate"), c, f, STD);
-            }
-            linear(&mut push, format!("{p}.mlp.c_proj"), f, c, residual_std);
-        } else {
-            norm(&mut push, format!("{p}.input_layernorm"));
-            linear(&mut push, format!("{p}.self_attn.q_proj"), c, c, STD);
-            linear(&mut push, format!("{p}.self_attn.k_proj"), c, kv, STD);
-            linear(&mut push, format!("{p}.self_attn.v_proj"), c, kv, STD);
-            linear(&mut push, format!("{p}.self_attn.o_proj"), c, c, residual_std);
-            norm(&mut push, format!("{p}.post_attention_layernorm"));
-            if config.activation == Activation::SwiGlu {
-                linear(&mut push, format!("{p}.mlp.gate_proj"), c, f, STD);
-            }
-            linear(&mut push, format!("{p}.mlp.up_proj"), c, f, STD);
-            linear(&mut push, format!("{p}.mlp.down_proj"), f, c, residual_std);
-        }
-    }
-    norm(&mut push, final_norm.to_string());
-    if !config.tied_embeddings {
-        push(
-            "lm_head.weight".into(),
-            vec![v, c],
-            Layout::OutputMajor,
-            Init::Normal(STD),
-            true,
-        );
-    }
-    specs
+}
+
+/// Every parameter of the model, in the order the forward pass uses them.
+pub fn parameters(config: &GptConfig) -> Vec<ParamSpec> {
+    ModelLayout::new(config).specs
 }
 
 #[cfg(test)]

@@ -52,7 +52,7 @@ pub fn copy_columns(src: &Tensor, src_start: usize, dst: &mut Tensor, dst_start:
         Device::Cpu => {
             let source = src.host_bytes()?;
             let target = dst.host_bytes_mut()?;
-            for r in 0..rows {
+            for r in 0..shape.rows {
                 let from = r * shape.src_stride + shape.src_start;
                 let to = r * shape.dst_stride + shape.dst_start;
                 target[to..to + shape.width].copy_from_slice(&source[from..from + shape.width]);

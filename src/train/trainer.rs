@@ -1,0 +1,372 @@
+//! The training loop: batches, gradient accumulation, clipping, AdamW with warm-up and cosine
+//! decay, validation, checkpoints that resume exactly, and a stop with a clear message when the
+//! loss stops being a number.
+//!
+//! A checkpoint is a directory `step-NNNNNNNN` under the output directory holding
+//! `model.safetensors` (the parameters, Hugging Face names) and `trainer.safetensors` (AdamW's
+//! moments as `exp_avg.<name>` and `exp_avg_sq.<name>`, and in its metadata the step, the
+//! sampler's position and the options). It is written under a temporary name and renamed when
+//! complete, then the file `latest` is replaced (temporary file, rename) to name it, so a crash at
+//! any point leaves `latest` naming a whole checkpoint.
+
+use super::data::{validation_windows, BatchSampler, Corpus};
+use crate::device::Device;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::model::gpt::{Gpt, GptParams};
+use crate::model::safetensors::{self, SafeTensors};
+use crate::model::GptConfig;
+use crate::ops::AdamWConfig;
+use crate::optim::WarmupCosine;
+use crate::tensor::Tensor;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+const OP: &str = "train";
+const TRAINER_KEY: &str = "tessera.trainer";
+
+/// How to train.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainOptions {
+    /// Sequences per micro-batch.
+    pub batch: usize,
+    /// Tokens per sequence (at most the model's context).
+    pub seq: usize,
+    /// Micro-batches per optimizer step (gradient accumulation).
+    pub accumulation: usize,
+    pub steps: u64,
+    pub lr: f32,
+    pub min_lr: f32,
+    pub warmup: u64,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    /// Clip the global gradient norm to this; `None` never clips.
+    pub grad_clip: Option<f32>,
+    /// Validate every this many steps, and after the last (0: only after the last).
+    pub eval_every: u64,
+    /// Windows of validation text each validation reads (0: all of it).
+    pub eval_windows: usize,
+    /// Save a checkpoint every this many steps, and after the last (0: only after the last).
+    pub checkpoint_every: u64,
+    pub seed: u64,
+}
+
+impl TrainOptions {
+    /// The defaults of the `tiny` preset: a few minutes on two CPU cores.
+    pub fn tiny() -> TrainOptions {
+        TrainOptions {
+            batch: 16,
+            seq: 128,
+            accumulation: 1,
+            steps: 600,
+            lr: 2e-3,
+            min_lr: 2e-4,
+            warmup: 30,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            grad_clip: Some(1.0),
+            eval_every: 100,
+            eval_windows: 64,
+            checkpoint_every: 0,
+            seed: 1337,
+        }
+    }
+
+    /// GPT-2 small's recipe at 16 x 1024 tokens per micro-batch.
+    pub fn gpt2_small() -> TrainOptions {
+        TrainOptions {
+            batch: 16,
+            seq: 1024,
+            accumulation: 1,
+            steps: 5000,
+            lr: 6e-4,
+            min_lr: 6e-5,
+            warmup: 700,
+            eval_every: 250,
+            eval_windows: 20,
+            checkpoint_every: 1000,
+            ..TrainOptions::tiny()
+        }
+    }
+
+    fn validate(&self, config: &GptConfig) -> Result<WarmupCosine> {
+        for (arg, value) in [("batch", self.batch), ("seq", self.seq), ("accumulation", self.accumulation)] {
+            if value == 0 {
+                return Err(Error::invalid(OP, arg, "a positive number", 0));
+            }
+        }
+        if self.seq > config.context {
+            return Err(Error::invalid(
+                OP,
+                "seq",
+                format!("at most the model's context ({})", config.context),
+                self.seq,
+            ));
+        }
+        if let Some(clip) = self.grad_clip {
+            if !(clip.is_finite() && clip > 0.0) {
+                return Err(Error::invalid(OP, "grad_clip", "a finite norm > 0", clip));
+            }
+        }
+        WarmupCosine::new(self.lr, self.min_lr, self.warmup.min(self.steps), self.steps.max(1))
+    }
+
+    fn adamw(&self, lr: f32) -> AdamWConfig {
+        AdamWConfig {
+            lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: 1e-8,
+            weight_decay: self.weight_decay,
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "batch": self.batch, "seq": self.seq, "accumulation": self.accumulation, "steps": self.steps,
+            "lr": self.lr, "min_lr": self.min_lr, "warmup": self.warmup, "weight_decay": self.weight_decay,
+            "beta1": self.beta1, "beta2": self.beta2, "grad_clip": self.grad_clip,
+            "eval_every": self.eval_every, "eval_windows": self.eval_windows,
+            "checkpoint_every": self.checkpoint_every, "seed": self.seed,
+        })
+    }
+
+    fn from_json(value: &Value) -> Option<TrainOptions> {
+        let size = |key: &str| value.get(key)?.as_u64();
+        let number = |key: &str| value.get(key)?.as_f64().map(|v| v as f32);
+        Some(TrainOptions {
+            batch: size("batch")? as usize,
+            seq: size("seq")? as usize,
+            accumulation: size("accumulation")? as usize,
+            steps: size("steps")?,
+            lr: number("lr")?,
+            min_lr: number("min_lr")?,
+            warmup: size("warmup")?,
+            weight_decay: number("weight_decay")?,
+            beta1: number("beta1")?,
+            beta2: number("beta2")?,
+            grad_clip: match value.get("grad_clip")? {
+                Value::Null => None,
+                clip => Some(clip.as_f64()? as f32),
+            },
+            eval_every: size("eval_every")?,
+            eval_windows: size("eval_windows")? as usize,
+            checkpoint_every: size("checkpoint_every")?,
+            seed: size("seed")?,
+        })
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepRecord {
+    pub step: u64,
+    /// The mean training loss over the step's micro-batches.
+    pub loss: f32,
+    pub lr: f32,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f32,
+    pub tokens: usize,
+}
+
+/// A model, its optimizer state and where the data stream stands.
+pub struct Trainer {
+    pub model: Gpt,
+    pub options: TrainOptions,
+    schedule: WarmupCosine,
+    sampler: BatchSampler,
+    /// Steps completed.
+    step: u64,
+    inputs: Vec<u32>,
+    targets: Vec<u32>,
+}
+
+impl Trainer {
+    /// A freshly initialised model.
+    pub fn new(config: &GptConfig, options: TrainOptions, device: &Device) -> Result<Trainer> {
+        let schedule = options.validate(config)?;
+        let params = GptParams::init(config, device, options.seed)?;
+        let model = Gpt::new(params, options.batch, options.seq)?;
+        Ok(Trainer {
+            model,
+            sampler: BatchSampler::new(options.seed),
+            schedule,
+            options,
+            step: 0,
+            inputs: Vec::new(),
+            targets: Vec::new(),
+        })
+    }
+
+    /// Steps completed so far.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// One optimizer step: `accumulation` micro-batches of forward and backward, clipping, AdamW.
+    /// A loss or gradient that is not finite stops with an error before the update, so the
+    /// parameters stay those of the last good step.
+    pub fn train_step(&mut self, corpus: &Corpus) -> Result<StepRecord> {
+        let (batch, seq, micro) = (self.options.batch, self.options.seq, self.options.accumulation);
+        self.model.params.zero_grads()?;
+        let mut loss = 0.0f64;
+        for _ in 0..micro {
+            self.sampler
+                .next_batch(&corpus.train, batch, seq, &mut self.inputs, &mut self.targets)?;
+            // Each micro-batch's mean loss is scaled by 1/micro so the gradients sum to the mean.
+            loss += self
+                .model
+                .forward_backward(&self.inputs, &self.targets, batch, seq, 1.0 / micro as f32)? as f64;
+        }
+        let loss = (loss / micro as f64) as f32;
+        let step = self.step + 1;
+        let grad_norm = self.model.params.grad_norm()?;
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            return Err(Error::Diverged(format!(
+                "at step {step} the training loss is {loss} and the gradient norm {grad_norm}; \
+                 the parameters were not updated"
+            )));
+        }
+        let scale = match self.options.grad_clip {
+            Some(clip) if grad_norm > clip => clip / grad_norm,
+            _ => 1.0,
+        };
+        let lr = self.schedule.lr(step);
+        self.model.params.adamw_step(&self.options.adamw(lr), step, scale)?;
+        self.step = step;
+        Ok(StepRecord {
+            step,
+            loss,
+            lr,
+            grad_norm,
+            tokens: batch * seq * micro,
+        })
+    }
+
+    /// The mean loss over the validation text (or its first `eval_windows` windows).
+    pub fn validate(&mut self, corpus: &Corpus) -> Result<f32> {
+        let (batch, seq) = (self.options.batch, self.options.seq);
+        let limit = match self.options.eval_windows {
+            0 => usize::MAX,
+            n => n,
+        };
+        let windows: Vec<_> = validation_windows(&corpus.validation, seq).take(limit).collect();
+        let (mut total, mut count) = (0.0f64, 0usize);
+        for chunk in windows.chunks(batch) {
+            self.inputs.clear();
+            self.targets.clear();
+            for (x, y) in chunk {
+                self.inputs.extend_from_slice(x);
+                self.targets.extend_from_slice(y);
+            }
+            total += self.model.loss(&self.inputs, &self.targets, chunk.len(), seq)? as f64 * chunk.len() as f64;
+            count += chunk.len();
+        }
+        if count == 0 {
+            return Err(Error::invalid(
+                OP,
+                "seq",
+                format!("at most {} (the validation text)", corpus.validation.len().saturating_sub(1)),
+                seq,
+            ));
+        }
+        Ok((total / count as f64) as f32)
+    }
+
+    /// Writes a checkpoint of this step under `out` and points `out/latest` at it.
+    pub fn save(&self, out: &Path) -> Result<PathBuf> {
+        let fail = |what: &str, e: std::io::Error| Error::file(out.display(), format!("cannot save a checkpoint: {what}: {e}"));
+        fs::create_dir_all(out).map_err(|e| fail("create the directory", e))?;
+        let name = format!("step-{:08}", self.step);
+        let final_dir = out.join(&name);
+        let temporary = out.join(format!(".{name}.tmp-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&temporary);
+        fs::create_dir_all(&temporary).map_err(|e| fail("create a temporary directory", e))?;
+        self.model.params.save(temporary.join("model.safetensors"))?;
+        let params = &self.model.params.params;
+        let mut moments: Vec<(String, &Tensor)> = Vec::with_capacity(2 * params.len());
+        for p in params {
+            moments.push((format!("exp_avg.{}", p.spec.name), &p.exp_avg));
+            moments.push((format!("exp_avg_sq.{}", p.spec.name), &p.exp_avg_sq));
+        }
+        let list: Vec<(&str, &Tensor)> = moments.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+        let state = json!({
+            "step": self.step,
+            "sampler_seed": self.sampler.seed,
+            "sampler_drawn": self.sampler.drawn,
+            "options": self.options.to_json(),
+        });
+        let metadata = BTreeMap::from([(TRAINER_KEY.to_string(), state.to_string())]);
+        safetensors::save(temporary.join("trainer.safetensors"), &list, &metadata)?;
+        let _ = fs::remove_dir_all(&final_dir);
+        fs::rename(&temporary, &final_dir).map_err(|e| fail("rename the checkpoint into place", e))?;
+        let latest = out.join("latest");
+        let latest_temporary = out.join(format!(".latest.tmp-{}", std::process::id()));
+        fs::write(&latest_temporary, format!("{name}\n")).map_err(|e| fail("write `latest`", e))?;
+        fs::rename(&latest_temporary, &latest).map_err(|e| fail("replace `latest`", e))?;
+        Ok(final_dir)
+    }
+
+    /// Continues from the checkpoint `latest` names under `out` (or from `out` itself when it is a
+    /// checkpoint directory), on `device`.
+    pub fn resume(out: &Path, device: &Device) -> Result<Trainer> {
+        let dir = checkpoint_dir(out)?;
+        let params = GptParams::load(dir.join("model.safetensors"), None, device)?;
+        let path = dir.join("trainer.safetensors");
+        let mut file = SafeTensors::load(&path)?;
+        let corrupt = |what: &str| Error::file(path.display(), format!("metadata `{TRAINER_KEY}`: {what}"));
+        let state: Value = file
+            .metadata()
+            .get(TRAINER_KEY)
+            .ok_or_else(|| corrupt("missing"))
+            .and_then(|text| serde_json::from_str(text).map_err(|e| corrupt(&e.to_string())))?;
+        let number = |key: &str| state.get(key).and_then(Value::as_u64).ok_or_else(|| corrupt(&format!("no `{key}`")));
+        let (step, seed, drawn) = (number("step")?, number("sampler_seed")?, number("sampler_drawn")?);
+        let options = state
+            .get("options")
+            .and_then(TrainOptions::from_json)
+            .ok_or_else(|| corrupt("no valid `options`"))?;
+        let schedule = options.validate(&params.config)?;
+        let mut params = params;
+        for p in &mut params.params {
+            let shape = p.spec.shape.clone();
+            p.exp_avg = file.take(&format!("exp_avg.{}", p.spec.name), DType::F32, &shape)?.to_device(device)?;
+            p.exp_avg_sq = file
+                .take(&format!("exp_avg_sq.{}", p.spec.name), DType::F32, &shape)?
+                .to_device(device)?;
+        }
+        let model = Gpt::new(params, options.batch, options.seq)?;
+        Ok(Trainer {
+            model,
+            sampler: BatchSampler { seed, drawn },
+            schedule,
+            options,
+            step,
+            inputs: Vec::new(),
+            targets: Vec::new(),
+        })
+    }
+}
+
+/// The checkpoint directory `out/latest` names, or `out` itself when it holds a model.
+pub fn checkpoint_dir(out: &Path) -> Result<PathBuf> {
+    if out.join("model.safetensors").is_file() {
+        return Ok(out.to_path_buf());
+    }
+    let latest = out.join("latest");
+    let name = fs::read_to_string(&latest).map_err(|e| {
+        Error::file(
+            out.display(),
+            format!("not a checkpoint: no model.safetensors, and no `latest` ({e})"),
+        )
+    })?;
+    let name = name.trim();
+    if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+        return Err(Error::file(latest.display(), format!("names no checkpoint: {name:?}")));
+    }
+    Ok(out.join(name))
+}
