@@ -312,17 +312,24 @@ impl Tensor {
 
     /// The same data seen with another shape of the same element count.
     pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
-        let numel = checked_numel("Tensor::reshape", shape)?;
+        self.reshape_in_place(shape)?;
+        Ok(self)
+    }
+
+    /// Gives the same data another shape of the same element count, in place: how a caller sees
+    /// one buffer as (tokens, width) for a matmul and (batch, seq, heads, head_dim) for attention.
+    pub fn reshape_in_place(&mut self, shape: &[usize]) -> Result<()> {
+        let numel = checked_numel("Tensor::reshape_in_place", shape)?;
         if numel != self.numel() {
             return Err(Error::invalid(
-                "Tensor::reshape",
+                "Tensor::reshape_in_place",
                 "shape",
                 format!("a shape of {} elements", self.numel()),
                 format!("{shape:?} ({numel} elements)"),
             ));
         }
         self.shape = shape.to_vec();
-        Ok(self)
+        Ok(())
     }
 
     /// Checks that the dtype is one of `allowed`.

@@ -56,6 +56,8 @@ pub struct GptConfig {
     /// The longest sequence the model is trained on.
     pub context: usize,
     pub norm: Norm,
+    /// The normalisations' epsilon (GPT-2: 1e-5; Llama: 1e-5 or 1e-6, from its config).
+    pub norm_eps: f32,
     pub activation: Activation,
     pub positions: Positions,
     /// The output projection shares the token embedding's weights.
@@ -75,6 +77,7 @@ impl GptConfig {
             ffn_width: 512,
             context: 128,
             norm: Norm::LayerNorm,
+            norm_eps: 1e-5,
             activation: Activation::Gelu,
             positions: Positions::Learned,
             tied_embeddings: true,
@@ -93,6 +96,7 @@ impl GptConfig {
             ffn_width: 3072,
             context: 1024,
             norm: Norm::LayerNorm,
+            norm_eps: 1e-5,
             activation: Activation::Gelu,
             positions: Positions::Learned,
             tied_embeddings: true,
@@ -173,15 +177,19 @@ impl GptConfig {
                 format!("head dim {head_dim}"),
             ));
         }
+        if !(self.norm_eps.is_finite() && self.norm_eps >= 0.0) {
+            return Err(Error::invalid(OP, "norm_eps", "a finite number >= 0", self.norm_eps));
+        }
         if let Positions::Rope { bases } = &self.positions {
             if !head_dim.is_multiple_of(2) {
                 return Err(Error::invalid(OP, "positions", "an even head dim for RoPE", head_dim));
             }
-            if bases.len() != 1 && bases.len() != self.heads {
+            // Query heads that share a key/value head share its rotation, so bases go per KV head.
+            if bases.len() != 1 && bases.len() != self.kv_heads {
                 return Err(Error::invalid(
                     OP,
                     "positions.bases",
-                    format!("1 base or one per head ({})", self.heads),
+                    format!("1 base or one per key/value head ({})", self.kv_heads),
                     bases.len(),
                 ));
             }
@@ -208,6 +216,7 @@ impl GptConfig {
             "ffn_width": self.ffn_width,
             "context": self.context,
             "norm": match self.norm { Norm::LayerNorm => "layernorm", Norm::RmsNorm => "rmsnorm" },
+            "norm_eps": self.norm_eps,
             "activation": match self.activation { Activation::Gelu => "gelu", Activation::SwiGlu => "swiglu" },
             "positions": positions,
             "tied_embeddings": self.tied_embeddings,
@@ -271,6 +280,12 @@ impl GptConfig {
             ffn_width: size("ffn_width")?,
             context: size("context")?,
             norm: [Norm::LayerNorm, Norm::RmsNorm][word("norm", &["layernorm", "rmsnorm"])?],
+            norm_eps: {
+                let v = field("norm_eps")?;
+                v.as_f64()
+                    .map(|v| v as f32)
+                    .ok_or_else(|| Error::invalid(OP, "norm_eps", "a number", v))?
+            },
             activation: [Activation::Gelu, Activation::SwiGlu][word("activation", &["gelu", "swiglu"])?],
             positions,
             tied_embeddings: tied

@@ -1,10 +1,9 @@
-//! The GPT model: its configuration and its checkpoints.
+//! The GPT model: its configuration, its parameters and checkpoints.
 
 pub mod config;
-pub mod gpt;
 pub mod params;
 pub mod safetensors;
 
 pub use config::{Activation, Family, GptConfig, Norm, Positions};
-pub use gpt::{GptParams, Parameter};
+pub use params::{GptParams, ModelLayout, Parameter};
 pub use safetensors::SafeTensors;
