@@ -26,6 +26,7 @@ on_each_device!(
     repeated_shapes_use_the_new_operands,
     errors_name_the_argument,
     errors_leave_out_unchanged,
+    half_operands_into_f32_out,
 );
 
 /// One product: `out = alpha·op(A)·op(B) + beta·out + bias`.
@@ -387,6 +388,52 @@ fn allocating_matches_in_place(device: &Device) {
             values_any(&allocated).iter().all(|x| x.is_finite()),
             "{dtype} on {device}"
         );
+    }
+}
+
+/// bf16 and f16 operands into an f32 output (weight gradients accumulating in f32): every
+/// transpose, with an f32 bias, into a poisoned output and accumulating onto one.
+fn half_operands_into_f32_out(device: &Device) {
+    let mut rng = common::rng();
+    for dtype in [DType::BF16, DType::F16] {
+        for (trans_a, trans_b) in TRANSPOSES {
+            for (beta, bias) in [(0.0f32, false), (1.0, true)] {
+                let case = Case::new(17, 24, 40).trans(trans_a, trans_b).bias(bias).scale(0.5, beta);
+                let a = f32_tensor(&mut rng, &case.a_shape(), &Device::Cpu);
+                let b = f32_tensor(&mut rng, &case.b_shape(), &Device::Cpu);
+                let (a, b) = (convert(&a, dtype), convert(&b, dtype));
+                let bias_t = f32_tensor(&mut rng, &[case.n], &Device::Cpu);
+                let mut out = f32_tensor(&mut rng, &[case.m, case.n], &Device::Cpu);
+                let previous = values::<f32>(&out);
+                if beta == 0.0 {
+                    out.fill_bytes(0xFF).unwrap();
+                }
+                let mut out = out.to_device(device).unwrap();
+                let (a_d, b_d, bias_d) = (
+                    a.to_device(device).unwrap(),
+                    b.to_device(device).unwrap(),
+                    bias_t.to_device(device).unwrap(),
+                );
+                matmul_into(&a_d, &b_d, bias.then_some(&bias_d), &mut out, case.options()).unwrap();
+                assert_eq!(out.dtype(), DType::F32);
+                let expected = reference(
+                    &case,
+                    &values_any(&a),
+                    &values_any(&b),
+                    bias.then(|| values::<f32>(&bias_t)).as_deref(),
+                    Some(&previous),
+                );
+                // The operands are exactly representable; only the f32 accumulation rounds.
+                assert_close(&format!("{dtype} into f32 {case:?}"), &values::<f32>(&out), &expected, 1e-5);
+            }
+        }
+        // The bias of an f32 output is f32.
+        let a = Tensor::zeros(&[2, 3], dtype, device).unwrap();
+        let b = Tensor::zeros(&[3, 4], dtype, device).unwrap();
+        let half_bias = Tensor::zeros(&[4], dtype, device).unwrap();
+        let mut out = Tensor::zeros(&[2, 4], DType::F32, device).unwrap();
+        let result = matmul_into(&a, &b, Some(&half_bias), &mut out, MatmulOptions::default());
+        assert_invalid(result, "matmul", "bias", &["f32"]);
     }
 }
 

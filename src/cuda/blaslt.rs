@@ -30,7 +30,10 @@ fn workspace_bytes(compute_capability: (i32, i32)) -> usize {
 /// + beta·out + bias[n]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct MatmulShape {
+    /// The operands' dtype.
     pub dtype: DType,
+    /// The output's (and bias's) dtype: the operands', or f32.
+    pub out_dtype: DType,
     pub m: usize,
     pub n: usize,
     pub k: usize,
@@ -308,7 +311,7 @@ impl Plan {
         } else {
             layout(dtype, k, m)?
         };
-        plan.out_layout = layout(dtype, n, m)?;
+        plan.out_layout = layout(data_type(shape.out_dtype)?, n, m)?;
 
         let preference = result::create_matmul_pref().context("cublasLtMatmulPreferenceCreate")?;
         let heuristic = (|| {

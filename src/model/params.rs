@@ -200,16 +200,6 @@ impl ModelLayout {
         }
     }
 
-    /// Whether parameter `index` is a normalisation's gain or bias (whose gradients the norm
-    /// kernels sum in f32).
-    pub fn is_norm(&self, index: usize) -> bool {
-        let norms = self
-            .blocks
-            .iter()
-            .flat_map(|b| [b.norm1, b.norm2])
-            .chain([self.final_norm]);
-        norms.into_iter().any(|n| n.weight == index || n.bias == Some(index))
-    }
 }
 
 struct Builder {
@@ -284,8 +274,8 @@ pub struct Parameter {
     /// The value in the compute dtype (bf16 on a GPU), refreshed by every AdamW step; `None`
     /// when the model computes in f32 and uses `value` itself.
     pub compute: Option<Tensor>,
-    /// In the compute dtype, except for normalisations' gains and biases, whose gradients the
-    /// norm kernels sum in f32.
+    /// f32 whatever the compute dtype: matmuls write bf16 operands' products into it, and
+    /// micro-batches accumulate without bf16 rounding.
     pub grad: Tensor,
     pub exp_avg: Tensor,
     pub exp_avg_sq: Tensor,
@@ -337,10 +327,9 @@ impl GptParams {
                 } else {
                     Some(cast(&value, dtype)?)
                 };
-                let grad_dtype = if layout.is_norm(index) { DType::F32 } else { dtype };
                 Ok(Parameter {
                     compute,
-                    grad: zeros(grad_dtype)?,
+                    grad: zeros(DType::F32)?,
                     exp_avg: zeros(DType::F32)?,
                     exp_avg_sq: zeros(DType::F32)?,
                     value,

@@ -46,7 +46,8 @@ impl MatmulOptions {
 /// The product of `a` and `b` (plus `bias`) in a new tensor; `options.beta` is ignored, since a
 /// new output has nothing to accumulate into.
 pub fn matmul(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, options: MatmulOptions) -> Result<Tensor> {
-    let (m, n, _) = validate_operands(a, b, bias, &options)?;
+    let (m, n, _) = validate_operands(a, b, &options)?;
+    validate_bias(bias, a.dtype(), n, &a.device())?;
     let options = MatmulOptions { beta: 0.0, ..options };
     let mut out = match a.device() {
         Device::Cpu => Tensor::zeros(&[m, n], a.dtype(), &Device::Cpu)?,
@@ -60,8 +61,10 @@ pub fn matmul(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, options: MatmulOpti
 /// `out = alpha·op(a)·op(b) + beta·out + bias`, in place.
 ///
 /// `a` is (m, k) or, with `trans_a`, (k, m); `b` is (k, n) or, with `trans_b`, (n, k); `bias` is
-/// (n); `out` is (m, n). All have the same dtype (f32, bf16 or f16) and device; every dimension
-/// is at least 1. Products accumulate in f32 on both devices.
+/// (n); `out` is (m, n). `a` and `b` have the same dtype (f32, bf16 or f16); `out` and `bias`
+/// have that dtype too, or f32 (bf16 or f16 operands into an f32 output: how weight gradients
+/// accumulate in f32). All are on one device; every dimension is at least 1. Products
+/// accumulate in f32 on both devices.
 pub fn matmul_into(
     a: &Tensor,
     b: &Tensor,
@@ -69,9 +72,10 @@ pub fn matmul_into(
     out: &mut Tensor,
     options: MatmulOptions,
 ) -> Result<()> {
-    let (m, n, k) = validate_operands(a, b, bias, &options)?;
-    out.expect_dtype(OP, "out", &[a.dtype()])?;
+    let (m, n, k) = validate_operands(a, b, &options)?;
+    out.expect_dtype(OP, "out", &[a.dtype(), DType::F32])?;
     out.expect_shape(OP, "out", &[m, n])?;
+    validate_bias(bias, out.dtype(), n, &a.device())?;
     a.device().expect_same(&out.device(), OP, "out")?;
     let shape = Shape {
         m,
@@ -96,13 +100,8 @@ struct Shape {
     trans_b: bool,
 }
 
-/// Checks everything but `out`; returns (m, n, k).
-fn validate_operands(
-    a: &Tensor,
-    b: &Tensor,
-    bias: Option<&Tensor>,
-    options: &MatmulOptions,
-) -> Result<(usize, usize, usize)> {
+/// Checks the operands and options; returns (m, n, k).
+fn validate_operands(a: &Tensor, b: &Tensor, options: &MatmulOptions) -> Result<(usize, usize, usize)> {
     a.expect_rank(OP, "a", 2)?;
     b.expect_rank(OP, "b", 2)?;
     a.expect_dtype(OP, "a", &[DType::F32, DType::BF16, DType::F16])?;
@@ -138,17 +137,22 @@ fn validate_operands(
             format!("m={m}, n={n}, k={k}"),
         ));
     }
-    if let Some(bias) = bias {
-        bias.expect_dtype(OP, "bias", &[a.dtype()])?;
-        bias.expect_shape(OP, "bias", &[n])?;
-        a.device().expect_same(&bias.device(), OP, "bias")?;
-    }
     for (arg, value) in [("options.alpha", options.alpha), ("options.beta", options.beta)] {
         if !value.is_finite() {
             return Err(Error::invalid(OP, arg, "a finite number", value));
         }
     }
     Ok((m, n, k))
+}
+
+/// The bias, when given, is (n) of the output's dtype, on the operands' device.
+fn validate_bias(bias: Option<&Tensor>, dtype: DType, n: usize, device: &Device) -> Result<()> {
+    if let Some(bias) = bias {
+        bias.expect_dtype(OP, "bias", &[dtype])?;
+        bias.expect_shape(OP, "bias", &[n])?;
+        device.expect_same(&bias.device(), OP, "bias")?;
+    }
+    Ok(())
 }
 
 mod cpu {
@@ -209,7 +213,8 @@ mod cpu {
         }
     }
 
-    /// Converts, multiplies and adds the bias in f32, and rounds once.
+    /// Converts, multiplies and adds the bias in f32, and rounds once (into a `T` output) or
+    /// not at all (into an f32 one).
     fn matmul_half<T: crate::dtype::Float>(
         shape: Shape,
         a: &Tensor,
@@ -218,7 +223,12 @@ mod cpu {
         out: &mut Tensor,
         options: MatmulOptions,
     ) -> Result<()> {
-        let widen = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.host_slice::<T>()?.iter().map(|&x| x.to_f32()).collect()) };
+        let widen = |t: &Tensor| -> Result<Vec<f32>> {
+            match t.dtype() {
+                DType::F32 => Ok(t.host_slice::<f32>()?.to_vec()),
+                _ => Ok(t.host_slice::<T>()?.iter().map(|&x| x.to_f32()).collect()),
+            }
+        };
         let (a, b) = (widen(a)?, widen(b)?);
         let mut acc = if options.beta != 0.0 {
             widen(out)?
@@ -229,8 +239,12 @@ mod cpu {
         if let Some(bias) = bias {
             add_bias(&mut acc, &widen(bias)?);
         }
-        for (dst, value) in out.host_slice_mut::<T>()?.iter_mut().zip(acc) {
-            *dst = T::from_f32(value);
+        if out.dtype() == DType::F32 {
+            out.host_slice_mut::<f32>()?.copy_from_slice(&acc);
+        } else {
+            for (dst, value) in out.host_slice_mut::<T>()?.iter_mut().zip(acc) {
+                *dst = T::from_f32(value);
+            }
         }
         Ok(())
     }
@@ -291,6 +305,7 @@ mod cuda {
         };
         let key = MatmulShape {
             dtype: a.dtype(),
+            out_dtype: out.dtype(),
             m: shape.m,
             n: shape.n,
             k: shape.k,
