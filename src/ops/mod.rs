@@ -33,3 +33,11 @@ pub use wavelet::{
     wavelet_backward, wavelet_backward_into, wavelet_forward, wavelet_forward_into, wavelet_learnable_backward,
     wavelet_learnable_forward, wavelet_taps_init, WaveletConfig, WaveletDivisor,
 };
+
+pub mod activation;
+pub(crate) mod support;
+
+pub use activation::{
+    gelu_backward, gelu_backward_into, gelu_forward, gelu_forward_into, swiglu_backward, swiglu_backward_into,
+    swiglu_forward, swiglu_forward_into,
+};
