@@ -41,3 +41,10 @@ pub use activation::{
     gelu_backward, gelu_backward_into, gelu_forward, gelu_forward_into, swiglu_backward, swiglu_backward_into,
     swiglu_forward, swiglu_forward_into,
 };
+
+pub mod cross_entropy;
+
+pub use cross_entropy::{
+    cross_entropy, cross_entropy_fused_in_place, cross_entropy_fused_into, cross_entropy_into, CrossEntropyOptions,
+    CrossEntropyOutputs,
+};
