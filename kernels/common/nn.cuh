@@ -83,4 +83,22 @@ __device__ __forceinline__ float block_max(float x, float* scratch) {
     return warp_max(x);
 }
 
+// Two sums over the block at once (one pair of barriers instead of two); `scratch` holds at
+// least 64 floats.
+__device__ __forceinline__ float2 block_sum2(float2 x, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    x.x = warp_sum(x.x);
+    x.y = warp_sum(x.y);
+    __syncthreads();
+    if (lane == 0) {
+        scratch[2 * warp] = x.x;
+        scratch[2 * warp + 1] = x.y;
+    }
+    __syncthreads();
+    x = lane < warps ? make_float2(scratch[2 * lane], scratch[2 * lane + 1]) : make_float2(0.0f, 0.0f);
+    x.x = warp_sum(x.x);
+    x.y = warp_sum(x.y);
+    return x;
+}
+
 }  // namespace tessera

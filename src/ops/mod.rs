@@ -48,3 +48,9 @@ pub use cross_entropy::{
     cross_entropy, cross_entropy_fused_in_place, cross_entropy_fused_into, cross_entropy_into, CrossEntropyOptions,
     CrossEntropyOutputs,
 };
+
+pub mod norm;
+
+pub use norm::{
+    norm_backward_into, norm_forward, norm_forward_into, NormConfig, NormGrads, NormKind, NormParams, NormStats,
+};
