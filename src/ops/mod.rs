@@ -54,3 +54,7 @@ pub mod norm;
 pub use norm::{
     norm_backward_into, norm_forward, norm_forward_into, NormConfig, NormGrads, NormKind, NormParams, NormStats,
 };
+
+pub mod embedding;
+
+pub use embedding::{embedding_backward_into, embedding_forward, embedding_forward_into, EmbeddingGradPlan};
