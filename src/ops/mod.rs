@@ -35,3 +35,28 @@ pub use wavelet::{
     wavelet_backward, wavelet_backward_into, wavelet_forward, wavelet_forward_into, wavelet_learnable_backward,
     wavelet_learnable_forward, wavelet_taps_init, WaveletConfig, WaveletDivisor,
 };
+
+pub mod activation;
+pub(crate) mod support;
+
+pub use activation::{
+    gelu_backward, gelu_backward_into, gelu_forward, gelu_forward_into, swiglu_backward, swiglu_backward_into,
+    swiglu_forward, swiglu_forward_into,
+};
+
+pub mod cross_entropy;
+
+pub use cross_entropy::{
+    cross_entropy, cross_entropy_fused_in_place, cross_entropy_fused_into, cross_entropy_into, CrossEntropyOptions,
+    CrossEntropyOutputs,
+};
+
+pub mod norm;
+
+pub use norm::{
+    norm_backward_into, norm_forward, norm_forward_into, NormConfig, NormGrads, NormKind, NormParams, NormStats,
+};
+
+pub mod embedding;
+
+pub use embedding::{embedding_backward_into, embedding_forward, embedding_forward_into, EmbeddingGradPlan};
