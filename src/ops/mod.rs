@@ -24,11 +24,13 @@ macro_rules! with_float_type {
 }
 
 pub mod adamw;
+pub mod attention;
 pub mod matmul;
 pub mod rope;
 pub mod wavelet;
 
 pub use adamw::{adamw_step, AdamWConfig, AdamWTensor};
+pub use attention::{attention_backward, attention_forward, AttentionMask, AttentionOptions, AttentionRope, Varlen};
 pub use matmul::{matmul, matmul_into, MatmulOptions};
 pub use rope::{rope_backward, rope_forward, RopeConfig, RopeConvention};
 pub use wavelet::{
