@@ -24,13 +24,17 @@ macro_rules! with_float_type {
 }
 
 pub mod adamw;
+pub mod attention;
 pub mod columns;
 pub mod matmul;
+pub mod rope;
 pub mod wavelet;
 
 pub use adamw::{adamw_step, AdamWConfig, AdamWTensor};
+pub use attention::{attention_backward, attention_forward, AttentionMask, AttentionOptions, AttentionRope, Varlen};
 pub use columns::copy_columns;
 pub use matmul::{matmul, matmul_into, MatmulOptions};
+pub use rope::{rope_backward, rope_forward, RopeConfig, RopeConvention};
 pub use wavelet::{
     wavelet_backward, wavelet_backward_into, wavelet_forward, wavelet_forward_into, wavelet_learnable_backward,
     wavelet_learnable_forward, wavelet_taps_init, WaveletConfig, WaveletDivisor,

@@ -1,0 +1,1214 @@
+//! Attention, forward and backward, flash-style: the score matrix is never materialised. Masks:
+//! none, causal, sliding window and LM-Infinite's Λ shape (ALGORITHMS.md §4), with RoPE applied
+//! inside (one base or per-head bases, §9) and LM-Infinite's distance ceiling; multi-, grouped- and
+//! multi-query heads; query length different from key length; packed variable-length batches.
+//!
+//! Layout: `q` is (batch, seq_q, heads_q, head_dim), `k` and `v` are (batch, seq_k, heads_kv,
+//! head_dim), `heads_q` a multiple of `heads_kv` (query head `h` reads key/value head
+//! `h / (heads_q / heads_kv)`). With [`Varlen`] offsets the batch dimension goes: `q` is
+//! (total_q, heads_q, head_dim) holding the sequences end to end, `k` and `v` likewise.
+//!
+//! Positions are aligned bottom-right: query `i` of a sequence with `seq_q` queries and `seq_k`
+//! keys sits at position `p_i = i + seq_k − seq_q`, so the last query sees the last key. A key `j`
+//! is visible from `p` when
+//! - [`AttentionMask::None`]: always;
+//! - [`AttentionMask::Causal`]: `j ≤ p`;
+//! - [`AttentionMask::Window`]: `p − left ≤ j ≤ p + right`;
+//! - [`AttentionMask::Lambda`]: `j ≤ p` and (`p − j < window` or `j < global`) (§4.2).
+//!
+//! `out_i = Σ_j softmax_j(scale·s_ij)·v_j` over visible keys, `s_ij = q_i·k_j`, with the softmax
+//! statistics and all sums in f32. The forward also returns `lse_i = ln Σ_j exp(scale·s_ij)` (f32,
+//! one per query row and head), which the backward uses to recompute the probabilities. A row that
+//! sees no key has output 0 and `lse = −∞` (never NaN), and contributes no gradient.
+//!
+//! RoPE inside ([`AttentionRope`]): `q` and `k` are given un-rotated; query `i` is rotated to its
+//! position `p_i`, key `j` to `j`, each rounded to the input dtype (as applying [`rope_forward`]
+//! first would). The distance ceiling `D` implements the spec's general statement (§4.3,
+//! [PROPOSAL]): the relative distance is `δ_ij = min(p_i − j, D)`. For pairs with `p_i − j > D`
+//! the score is `(R(D)·q_i)·k_j` with the key un-rotated, exactly the LM-Infinite code's
+//! "stationary" branch; with the default `D = window` under the Λ mask these are exactly the
+//! global keys beyond the window, and the code's `D' = min(D, seq_k − 1)` changes nothing (no pair
+//! is further apart than `seq_k − 1`). The backward routes each pair's gradient through its branch
+//! (§4.4, two-branch form).
+//!
+//! The CPU implementation works in key tiles of 64 with an online softmax per query row and skips
+//! tiles the mask hides entirely; its backward recomputes the probabilities from `lse` and sums
+//! each gradient in a fixed order (deterministic). Inputs are f32, bf16 or f16 on the CPU, bf16 or
+//! f16 on CUDA.
+//!
+//! [`rope_forward`]: crate::ops::rope_forward
+
+use crate::device::Device;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::ops::rope::RopeConfig;
+use crate::tensor::Tensor;
+
+const OP: &str = "attention";
+const OP_BWD: &str = "attention_backward";
+
+/// The largest head dimension; every multiple of 8 up to it is supported.
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// Window sizes, global counts, ceilings and token counts stay below this (kernels index in i32).
+pub const MAX_EXTENT: usize = i32::MAX as usize;
+
+/// Which keys a query sees (positions aligned bottom-right; see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AttentionMask {
+    /// Every key.
+    #[default]
+    None,
+    /// Keys at or before the query's position.
+    Causal,
+    /// Keys from `left` before the query's position to `right` after it (`left = w − 1, right = 0`
+    /// is a causal sliding window of `w` tokens).
+    Window { left: usize, right: usize },
+    /// LM-Infinite's Λ shape: causal, and either among the first `global` keys or within the
+    /// `window` most recent ones (the query's own position included; `window ≥ 1`).
+    Lambda { global: usize, window: usize },
+}
+
+/// Packed variable-length sequences: sequence `b` holds queries `cu_seqlens_q[b]..cu_seqlens_q[b+1]`
+/// and keys `cu_seqlens_k[b]..cu_seqlens_k[b+1]`. Both start at 0, never decrease, end at the
+/// total token count, and have one more entry than there are sequences.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Varlen {
+    pub cu_seqlens_q: Vec<usize>,
+    pub cu_seqlens_k: Vec<usize>,
+}
+
+/// RoPE applied inside attention, with LM-Infinite's distance ceiling when `distance_ceiling` is
+/// set. The configuration's bases must divide `heads_kv` (query heads sharing a key/value head
+/// share its base).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionRope {
+    pub config: RopeConfig,
+    pub distance_ceiling: Option<usize>,
+}
+
+/// Options of [`attention_forward`] and [`attention_backward`]; the default is unmasked dense
+/// attention with scale `1/√head_dim`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AttentionOptions {
+    pub mask: AttentionMask,
+    /// Softmax scale; `None` is `1/√head_dim`.
+    pub scale: Option<f32>,
+    pub varlen: Option<Varlen>,
+    pub rope: Option<AttentionRope>,
+}
+
+/// The validated geometry of one call.
+#[derive(Clone, Debug)]
+pub(crate) struct Problem {
+    /// Query and key offsets per sequence (batch + 1 entries).
+    pub cu_q: Vec<usize>,
+    pub cu_k: Vec<usize>,
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    pub mask: AttentionMask,
+    pub rope: Option<AttentionRope>,
+}
+
+impl Problem {
+    pub fn batch(&self) -> usize {
+        self.cu_q.len() - 1
+    }
+
+    pub fn seq_q(&self, b: usize) -> usize {
+        self.cu_q[b + 1] - self.cu_q[b]
+    }
+
+    pub fn seq_k(&self, b: usize) -> usize {
+        self.cu_k[b + 1] - self.cu_k[b]
+    }
+
+    pub fn total_q(&self) -> usize {
+        self.cu_q[self.batch()]
+    }
+
+    pub fn total_k(&self) -> usize {
+        self.cu_k[self.batch()]
+    }
+
+    pub fn group(&self) -> usize {
+        self.heads_q / self.heads_kv
+    }
+
+    pub fn ceiling(&self) -> Option<usize> {
+        self.rope.as_ref().and_then(|r| r.distance_ceiling)
+    }
+}
+
+/// Whether key `j` is visible from query position `p`.
+#[inline]
+pub(crate) fn visible(mask: AttentionMask, p: i64, j: i64) -> bool {
+    match mask {
+        AttentionMask::None => true,
+        AttentionMask::Causal => j <= p,
+        AttentionMask::Window { left, right } => j >= p - left as i64 && j <= p + right as i64,
+        AttentionMask::Lambda { global, window } => j <= p && (p - j < window as i64 || j < global as i64),
+    }
+}
+
+/// The key ranges (at most two, within `0..seq_k`) that any query position in `p_lo..=p_hi` may
+/// see: everything outside them is hidden from the whole tile, which is skipped.
+pub(crate) fn visible_ranges(mask: AttentionMask, p_lo: i64, p_hi: i64, seq_k: usize) -> [(usize, usize); 2] {
+    let clamp = |lo: i64, hi: i64| {
+        let (lo, hi) = (lo.clamp(0, seq_k as i64), hi.clamp(0, seq_k as i64));
+        (lo as usize, hi.max(lo) as usize)
+    };
+    match mask {
+        AttentionMask::None => [clamp(0, seq_k as i64), (0, 0)],
+        AttentionMask::Causal => [clamp(0, p_hi + 1), (0, 0)],
+        AttentionMask::Window { left, right } => [clamp(p_lo - left as i64, p_hi + right as i64 + 1), (0, 0)],
+        AttentionMask::Lambda { global, window } => {
+            let local = clamp(p_lo - window as i64 + 1, p_hi + 1);
+            let global = clamp(0, (global as i64).min(p_hi + 1));
+            if global.1 >= local.0 {
+                // Overlapping or touching: one range.
+                [(global.0.min(local.0), local.1.max(global.1)), (0, 0)]
+            } else {
+                [global, local]
+            }
+        }
+    }
+}
+
+/// The query positions (inclusive bounds, possibly beyond the sequence) that may see some key in
+/// `j_lo..=j_hi`: the backward's key tiles visit only these rows.
+pub(crate) fn seeing_positions(mask: AttentionMask, j_lo: i64, j_hi: i64) -> (i64, i64) {
+    match mask {
+        AttentionMask::None => (i64::MIN, i64::MAX),
+        AttentionMask::Causal => (j_lo, i64::MAX),
+        AttentionMask::Window { left, right } => (j_lo - right as i64, j_hi + left as i64),
+        AttentionMask::Lambda { global, window } => {
+            if j_lo < global as i64 {
+                (j_lo, i64::MAX)
+            } else {
+                (j_lo, j_hi + window as i64 - 1)
+            }
+        }
+    }
+}
+
+fn bad_shape(op: &'static str, arg: &'static str, expected: impl std::fmt::Display, t: &Tensor) -> Error {
+    Error::invalid(op, arg, expected, format!("shape {:?}", t.shape()))
+}
+
+/// Validates everything about the inputs of either direction; returns the geometry.
+fn check_inputs(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions) -> Result<Problem> {
+    let on_cuda = q.device().is_cuda();
+    let dtypes: &[DType] = if on_cuda {
+        &[DType::BF16, DType::F16]
+    } else {
+        &[DType::F32, DType::BF16, DType::F16]
+    };
+    q.expect_dtype(op, "q", dtypes)?;
+    k.expect_dtype(op, "k", &[q.dtype()])?;
+    v.expect_dtype(op, "v", &[q.dtype()])?;
+    q.device().expect_same(&k.device(), op, "k")?;
+    q.device().expect_same(&v.device(), op, "v")?;
+    let rank = if options.varlen.is_some() { 3 } else { 4 };
+    q.expect_rank(op, "q", rank)?;
+    k.expect_rank(op, "k", rank)?;
+    v.expect_rank(op, "v", rank)?;
+    let (qs, ks) = (q.shape(), k.shape());
+    let head_dim = qs[rank - 1];
+    let (heads_q, heads_kv) = (qs[rank - 2], ks[rank - 2]);
+    if head_dim == 0 || !head_dim.is_multiple_of(8) || head_dim > MAX_HEAD_DIM {
+        return Err(bad_shape(
+            op,
+            "q",
+            format!("a head dimension that is a multiple of 8 from 8 to {MAX_HEAD_DIM}"),
+            q,
+        ));
+    }
+    if ks[rank - 1] != head_dim {
+        return Err(bad_shape(op, "k", format!("head dimension {head_dim}, as q's"), k));
+    }
+    if heads_kv == 0 || heads_q == 0 || !heads_q.is_multiple_of(heads_kv) {
+        return Err(bad_shape(
+            op,
+            "q",
+            format!("a number of heads that is a positive multiple of k's {heads_kv}"),
+            q,
+        ));
+    }
+    if options.varlen.is_none() && ks[0] != qs[0] {
+        return Err(bad_shape(op, "k", format!("batch {} (as q's)", qs[0]), k));
+    }
+    v.expect_shape(op, "v", ks)?;
+    let (cu_q, cu_k) = match &options.varlen {
+        None => {
+            let (batch, seq_q, seq_k) = (qs[0], qs[1], ks[1]);
+            if batch == 0 || seq_q == 0 {
+                return Err(bad_shape(op, "q", "batch and seq_q of at least 1", q));
+            }
+            if seq_k == 0 || ks[0] != batch {
+                return Err(bad_shape(
+                    op,
+                    "k",
+                    format!("batch {batch} (as q's) and seq_k of at least 1"),
+                    k,
+                ));
+            }
+            if batch.checked_mul(seq_q.max(seq_k)).is_none_or(|n| n > MAX_EXTENT) {
+                return Err(bad_shape(op, "q", format!("at most {MAX_EXTENT} tokens"), q));
+            }
+            (
+                (0..=batch).map(|b| b * seq_q).collect::<Vec<_>>(),
+                (0..=batch).map(|b| b * seq_k).collect::<Vec<_>>(),
+            )
+        }
+        Some(varlen) => {
+            check_offsets(op, "cu_seqlens_q", &varlen.cu_seqlens_q, qs[0])?;
+            check_offsets(op, "cu_seqlens_k", &varlen.cu_seqlens_k, ks[0])?;
+            if varlen.cu_seqlens_k.len() != varlen.cu_seqlens_q.len() {
+                return Err(Error::invalid(
+                    op,
+                    "cu_seqlens_k",
+                    format!("{} offsets, as cu_seqlens_q", varlen.cu_seqlens_q.len()),
+                    varlen.cu_seqlens_k.len(),
+                ));
+            }
+            (varlen.cu_seqlens_q.clone(), varlen.cu_seqlens_k.clone())
+        }
+    };
+    for t in [q, k] {
+        if t.numel() > MAX_EXTENT * 64 {
+            return Err(bad_shape(op, "q", "fewer than 2^37 elements", t));
+        }
+    }
+    let scale = options.scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(Error::invalid(op, "scale", "a finite positive softmax scale", scale));
+    }
+    match options.mask {
+        AttentionMask::Window { left, right } if left > MAX_EXTENT || right > MAX_EXTENT => {
+            return Err(Error::invalid(
+                op,
+                "mask",
+                format!("window sides of at most {MAX_EXTENT}"),
+                format!("{:?}", options.mask),
+            ));
+        }
+        AttentionMask::Lambda { global, window } if window == 0 || window > MAX_EXTENT || global > MAX_EXTENT => {
+            return Err(Error::invalid(
+                op,
+                "mask",
+                format!("a Λ window from 1 to {MAX_EXTENT} and at most {MAX_EXTENT} global tokens"),
+                format!("{:?}", options.mask),
+            ));
+        }
+        _ => {}
+    }
+    if let Some(rope) = &options.rope {
+        if rope.config.head_dim() != head_dim || !heads_kv.is_multiple_of(rope.config.bases().len()) {
+            return Err(Error::invalid(
+                op,
+                "rope",
+                format!("head_dim {head_dim} and a number of bases dividing heads_kv = {heads_kv}"),
+                format!(
+                    "head_dim {} with {} bases",
+                    rope.config.head_dim(),
+                    rope.config.bases().len()
+                ),
+            ));
+        }
+        if rope.distance_ceiling.is_some_and(|d| d > MAX_EXTENT) {
+            return Err(Error::invalid(
+                op,
+                "rope",
+                format!("a distance ceiling of at most {MAX_EXTENT}"),
+                format!("{:?}", rope.distance_ceiling),
+            ));
+        }
+        if let Some(b) = (0..cu_q.len() - 1).find(|&b| cu_q[b + 1] - cu_q[b] > cu_k[b + 1] - cu_k[b]) {
+            return Err(Error::invalid(
+                op,
+                "q",
+                "no more queries than keys in any sequence when RoPE is applied (query positions start at seq_k − seq_q)",
+                format!("sequence {b} with {} queries and {} keys", cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b]),
+            ));
+        }
+        if on_cuda && rope.distance_ceiling.is_some() {
+            return Err(Error::Unsupported {
+                op,
+                reason: "the LM-Infinite distance ceiling runs on the CPU only for now".into(),
+            });
+        }
+    }
+    Ok(Problem {
+        cu_q,
+        cu_k,
+        heads_q,
+        heads_kv,
+        head_dim,
+        scale,
+        mask: options.mask,
+        rope: options.rope.clone(),
+    })
+}
+
+fn check_offsets(op: &'static str, arg: &'static str, offsets: &[usize], total: usize) -> Result<()> {
+    let ok = offsets.len() >= 2
+        && offsets[0] == 0
+        && offsets.windows(2).all(|w| w[0] <= w[1])
+        && offsets.last() == Some(&total)
+        && total <= MAX_EXTENT;
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            op,
+            arg,
+            format!("offsets from 0, never decreasing, ending at the {total} packed tokens (at most {MAX_EXTENT})"),
+            format!("{offsets:?}"),
+        ))
+    }
+}
+
+/// Shape of the log-sum-exp: q's without the head dimension.
+fn lse_shape(q: &Tensor) -> Vec<usize> {
+    q.shape()[..q.shape().len() - 1].to_vec()
+}
+
+fn new_tensor(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    match device {
+        Device::Cpu => Tensor::zeros(shape, dtype, &Device::Cpu),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(backend) => Tensor::uninit_cuda(shape, dtype, backend),
+    }
+}
+
+/// Returns `(out, lse)`: `out` shaped and typed as `q`, `lse` f32 shaped as `q` without its last
+/// dimension.
+pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions) -> Result<(Tensor, Tensor)> {
+    let problem = check_inputs(OP, q, k, v, options)?;
+    let mut out = new_tensor(q.shape(), q.dtype(), &q.device())?;
+    let mut lse = new_tensor(&lse_shape(q), DType::F32, &q.device())?;
+    match q.device() {
+        Device::Cpu => cpu::forward(&problem, q, k, v, &mut out, &mut lse)?,
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::forward(&problem, q, k, v, &mut out, &mut lse)?,
+    }
+    Ok((out, lse))
+}
+
+/// The gradients `(d_q, d_k, d_v)` of [`attention_forward`] given `d_out`, from the same inputs
+/// and options and the forward's `out` and `lse`. Deterministic.
+pub fn attention_backward(
+    d_out: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    options: &AttentionOptions,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let problem = check_inputs(OP_BWD, q, k, v, options)?;
+    for (arg, t) in [("d_out", d_out), ("out", out)] {
+        t.expect_dtype(OP_BWD, arg, &[q.dtype()])?;
+        t.expect_shape(OP_BWD, arg, q.shape())?;
+        q.device().expect_same(&t.device(), OP_BWD, arg)?;
+    }
+    lse.expect_dtype(OP_BWD, "lse", &[DType::F32])?;
+    lse.expect_shape(OP_BWD, "lse", &lse_shape(q))?;
+    q.device().expect_same(&lse.device(), OP_BWD, "lse")?;
+    let mut d_q = new_tensor(q.shape(), q.dtype(), &q.device())?;
+    let mut d_k = new_tensor(k.shape(), k.dtype(), &k.device())?;
+    let mut d_v = new_tensor(v.shape(), v.dtype(), &v.device())?;
+    match q.device() {
+        Device::Cpu => cpu::backward(&problem, d_out, q, k, v, out, lse, &mut d_q, &mut d_k, &mut d_v)?,
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::backward(&problem, d_out, q, k, v, out, lse, &mut d_q, &mut d_k, &mut d_v)?,
+    }
+    Ok((d_q, d_k, d_v))
+}
+
+/// Position of query row `i` of sequence `b` (bottom-right alignment).
+#[inline]
+pub(crate) fn query_position(problem: &Problem, b: usize, i: usize) -> i64 {
+    i as i64 + problem.seq_k(b) as i64 - problem.seq_q(b) as i64
+}
+
+mod cpu {
+    use super::*;
+    use crate::dtype::Float;
+    use crate::ops::rope::rotate_head;
+    use rayon::prelude::*;
+
+    /// Keys per tile, and query rows per task.
+    const TILE: usize = 64;
+
+    /// The inputs widened to f32 (RoPE applied and rounded to the input dtype), with the extra
+    /// operands of the ceiling branch: `q_lim = R(D)·q` and the un-rotated keys.
+    struct Operands {
+        q: Vec<f32>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        q_lim: Vec<f32>,
+        k_raw: Vec<f32>,
+    }
+
+    fn widen<T: Float>(t: &Tensor) -> Result<Vec<f32>> {
+        Ok(t.host_slice::<T>()?.iter().map(|x| x.to_f32()).collect())
+    }
+
+    /// Rotates every head of `x` ((tokens, heads, d) f32) by `position(token)`, rounding to `T`.
+    fn rotate_all<T: Float>(
+        x: &mut [f32],
+        heads: usize,
+        config: &RopeConfig,
+        transpose: bool,
+        round: bool,
+        position: impl Fn(usize) -> f64 + Sync,
+    ) {
+        let d = config.head_dim();
+        let frequencies = config.frequencies();
+        x.par_chunks_mut(heads * d).enumerate().for_each(|(t, token)| {
+            let p = position(t);
+            for (h, head) in token.chunks_mut(d).enumerate() {
+                let g = config.group_of(h, heads);
+                rotate_head(
+                    head,
+                    p,
+                    &frequencies[g * d / 2..(g + 1) * d / 2],
+                    config.convention(),
+                    transpose,
+                );
+                if round {
+                    head.iter_mut().for_each(|x| *x = T::from_f32(*x).to_f32());
+                }
+            }
+        });
+    }
+
+    /// Position of every packed query token, and the sequence of every token.
+    fn token_positions(problem: &Problem) -> (Vec<f64>, Vec<f64>) {
+        let mut q = vec![0.0; problem.total_q()];
+        let mut k = vec![0.0; problem.total_k()];
+        for b in 0..problem.batch() {
+            for i in 0..problem.seq_q(b) {
+                q[problem.cu_q[b] + i] = query_position(problem, b, i) as f64;
+            }
+            for j in 0..problem.seq_k(b) {
+                k[problem.cu_k[b] + j] = j as f64;
+            }
+        }
+        (q, k)
+    }
+
+    fn operands<T: Float>(problem: &Problem, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Operands> {
+        let (mut qf, mut kf, vf) = (widen::<T>(q)?, widen::<T>(k)?, widen::<T>(v)?);
+        let (mut q_lim, mut k_raw) = (Vec::new(), Vec::new());
+        if let Some(rope) = &problem.rope {
+            let (qp, kp) = token_positions(problem);
+            if let Some(ceiling) = rope.distance_ceiling {
+                q_lim = qf.clone();
+                k_raw = kf.clone();
+                rotate_all::<T>(&mut q_lim, problem.heads_q, &rope.config, false, true, |_| {
+                    ceiling as f64
+                });
+            }
+            rotate_all::<T>(&mut qf, problem.heads_q, &rope.config, false, true, |t| qp[t]);
+            rotate_all::<T>(&mut kf, problem.heads_kv, &rope.config, false, true, |t| kp[t]);
+        }
+        Ok(Operands {
+            q: qf,
+            k: kf,
+            v: vf,
+            q_lim,
+            k_raw,
+        })
+    }
+
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    /// Reads the operands of one (query row, key) pair through the right branch.
+    struct Pairs<'a> {
+        problem: &'a Problem,
+        ops: &'a Operands,
+        ceiling: Option<i64>,
+    }
+
+    impl Pairs<'_> {
+        /// Row `row` (packed) of query head `h`, key row `key` (packed) of key head `g`, relative
+        /// distance `distance`: the query and key vectors to multiply, and whether the pair goes
+        /// through the ceiling branch.
+        #[inline]
+        fn operands(&self, row: usize, h: usize, key: usize, g: usize, distance: i64) -> (&[f32], &[f32], bool) {
+            let d = self.problem.head_dim;
+            let qa = (row * self.problem.heads_q + h) * d;
+            let ka = (key * self.problem.heads_kv + g) * d;
+            match self.ceiling {
+                Some(c) if distance > c => (&self.ops.q_lim[qa..qa + d], &self.ops.k_raw[ka..ka + d], true),
+                _ => (&self.ops.q[qa..qa + d], &self.ops.k[ka..ka + d], false),
+            }
+        }
+    }
+
+    /// One task: a tile of query rows of one head of one sequence.
+    #[derive(Clone, Copy)]
+    struct RowTile {
+        b: usize,
+        h: usize,
+        first: usize,
+        rows: usize,
+    }
+
+    fn row_tiles(problem: &Problem) -> Vec<RowTile> {
+        let mut tiles = Vec::new();
+        for b in 0..problem.batch() {
+            for h in 0..problem.heads_q {
+                for first in (0..problem.seq_q(b)).step_by(TILE) {
+                    let rows = TILE.min(problem.seq_q(b) - first);
+                    tiles.push(RowTile { b, h, first, rows });
+                }
+            }
+        }
+        tiles
+    }
+
+    /// The key tiles (start, end) that a tile of query positions `p_lo..=p_hi` must visit.
+    fn key_tiles(problem: &Problem, b: usize, p_lo: i64, p_hi: i64) -> Vec<(usize, usize)> {
+        let mut tiles = Vec::new();
+        for (lo, hi) in visible_ranges(problem.mask, p_lo, p_hi, problem.seq_k(b)) {
+            let mut start = lo;
+            while start < hi {
+                let end = (start + TILE).min(hi);
+                tiles.push((start, end));
+                start = end;
+            }
+        }
+        tiles
+    }
+
+    /// Forward of one row tile: `(out, lse)` for its rows, f32.
+    fn forward_tile(problem: &Problem, pairs: &Pairs, tile: RowTile) -> (Vec<f32>, Vec<f32>) {
+        let d = problem.head_dim;
+        let g = tile.h / problem.group();
+        let (cq, ck) = (problem.cu_q[tile.b], problem.cu_k[tile.b]);
+        let p_lo = query_position(problem, tile.b, tile.first);
+        let keys = key_tiles(problem, tile.b, p_lo, p_lo + tile.rows as i64 - 1);
+        let mut out = vec![0.0f32; tile.rows * d];
+        let mut lse = vec![f32::NEG_INFINITY; tile.rows];
+        let mut scores = vec![0.0f32; TILE];
+        for (r, (out, lse)) in out.chunks_mut(d).zip(lse.iter_mut()).enumerate() {
+            let p = p_lo + r as i64;
+            let row = cq + tile.first + r;
+            let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
+            for &(start, end) in &keys {
+                let mut tile_max = f32::NEG_INFINITY;
+                for (j, s) in (start..end).zip(scores.iter_mut()) {
+                    *s = if visible(problem.mask, p, j as i64) {
+                        let (qv, kv, _) = pairs.operands(row, tile.h, ck + j, g, p - j as i64);
+                        dot(qv, kv) * problem.scale
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                    tile_max = tile_max.max(*s);
+                }
+                if tile_max == f32::NEG_INFINITY {
+                    continue;
+                }
+                let new_max = max.max(tile_max);
+                let rescale = (max - new_max).exp();
+                sum *= rescale;
+                out.iter_mut().for_each(|o| *o *= rescale);
+                for (j, &s) in (start..end).zip(scores.iter()) {
+                    if s == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    let w = (s - new_max).exp();
+                    sum += w;
+                    let va = ((ck + j) * problem.heads_kv + g) * d;
+                    for (o, &x) in out.iter_mut().zip(&pairs.ops.v[va..va + d]) {
+                        *o += w * x;
+                    }
+                }
+                max = new_max;
+            }
+            if sum > 0.0 {
+                out.iter_mut().for_each(|o| *o /= sum);
+                *lse = max + sum.ln();
+            }
+        }
+        (out, lse)
+    }
+
+    fn forward_typed<T: Float>(
+        problem: &Problem,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &mut Tensor,
+        lse: &mut Tensor,
+    ) -> Result<()> {
+        let ops = operands::<T>(problem, q, k, v)?;
+        let pairs = Pairs {
+            problem,
+            ops: &ops,
+            ceiling: problem.ceiling().map(|c| c as i64),
+        };
+        let tiles = row_tiles(problem);
+        let results: Vec<_> = tiles.par_iter().map(|&t| forward_tile(problem, &pairs, t)).collect();
+        let (out, lse) = (out.host_slice_mut::<T>()?, lse.host_slice_mut::<f32>()?);
+        let d = problem.head_dim;
+        for (tile, (o, l)) in tiles.iter().zip(results) {
+            for r in 0..tile.rows {
+                let row = (problem.cu_q[tile.b] + tile.first + r) * problem.heads_q + tile.h;
+                for (x, &y) in out[row * d..(row + 1) * d].iter_mut().zip(&o[r * d..(r + 1) * d]) {
+                    *x = T::from_f32(y);
+                }
+                lse[row] = l[r];
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn forward(
+        problem: &Problem,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &mut Tensor,
+        lse: &mut Tensor,
+    ) -> Result<()> {
+        with_float_type!(q.dtype(), OP, "q", T => forward_typed::<T>(problem, q, k, v, out, lse))
+    }
+
+    /// The probability and score gradient of one visible pair: `(p, ds)` with `ds` already
+    /// multiplied by the softmax scale.
+    #[inline]
+    fn pair_gradient(problem: &Problem, s: f32, lse: f32, dp: f32, delta: f32) -> (f32, f32) {
+        let p = (s * problem.scale - lse).exp();
+        (p, p * (dp - delta) * problem.scale)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward_typed<T: Float>(
+        problem: &Problem,
+        d_out: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        d_q: &mut Tensor,
+        d_k: &mut Tensor,
+        d_v: &mut Tensor,
+    ) -> Result<()> {
+        let d = problem.head_dim;
+        let (hq, hkv) = (problem.heads_q, problem.heads_kv);
+        let ops = operands::<T>(problem, q, k, v)?;
+        let ceiling = problem.ceiling().map(|c| c as i64);
+        let pairs = Pairs {
+            problem,
+            ops: &ops,
+            ceiling,
+        };
+        let d_o = widen::<T>(d_out)?;
+        let o = widen::<T>(out)?;
+        let lse = lse.host_slice::<f32>()?;
+        // Δ_i = dO_i·O_i, the softmax backward's row term.
+        let delta: Vec<f32> = d_o.chunks(d).zip(o.chunks(d)).map(|(a, b)| dot(a, b)).collect();
+
+        // dQ: per row tile, over its key tiles, as the forward.
+        let tiles = row_tiles(problem);
+        let dq_tiles: Vec<(Vec<f32>, Vec<f32>)> = tiles
+            .par_iter()
+            .map(|tile| {
+                let g = tile.h / problem.group();
+                let (cq, ck) = (problem.cu_q[tile.b], problem.cu_k[tile.b]);
+                let p_lo = query_position(problem, tile.b, tile.first);
+                let keys = key_tiles(problem, tile.b, p_lo, p_lo + tile.rows as i64 - 1);
+                let mut dq = vec![0.0f32; tile.rows * d];
+                let mut dq_lim = vec![0.0f32; if ceiling.is_some() { tile.rows * d } else { 0 }];
+                for r in 0..tile.rows {
+                    let p = p_lo + r as i64;
+                    let row = cq + tile.first + r;
+                    let slot = row * hq + tile.h;
+                    if lse[slot] == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    for &(start, end) in &keys {
+                        for j in start..end {
+                            if !visible(problem.mask, p, j as i64) {
+                                continue;
+                            }
+                            let key = ck + j;
+                            let (qv, kv, limited) = pairs.operands(row, tile.h, key, g, p - j as i64);
+                            let va = (key * hkv + g) * d;
+                            let dp = dot(&d_o[slot * d..(slot + 1) * d], &ops.v[va..va + d]);
+                            let (_, ds) = pair_gradient(problem, dot(qv, kv), lse[slot], dp, delta[slot]);
+                            let target = if limited { &mut dq_lim } else { &mut dq };
+                            for (x, &y) in target[r * d..(r + 1) * d].iter_mut().zip(kv) {
+                                *x += ds * y;
+                            }
+                        }
+                    }
+                }
+                (dq, dq_lim)
+            })
+            .collect();
+
+        // dK and dV: per key tile of one key/value head, over the query rows of every query head
+        // of its group that can see it.
+        let mut key_tasks = Vec::new();
+        for b in 0..problem.batch() {
+            for g in 0..hkv {
+                for first in (0..problem.seq_k(b)).step_by(TILE) {
+                    key_tasks.push((b, g, first, TILE.min(problem.seq_k(b) - first)));
+                }
+            }
+        }
+        let dkv_tiles: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = key_tasks
+            .par_iter()
+            .map(|&(b, g, first, count)| {
+                let (cq, ck) = (problem.cu_q[b], problem.cu_k[b]);
+                let mut dk = vec![0.0f32; count * d];
+                let mut dk_raw = vec![0.0f32; if ceiling.is_some() { count * d } else { 0 }];
+                let mut dv = vec![0.0f32; count * d];
+                let (p_lo, p_hi) = seeing_positions(problem.mask, first as i64, (first + count) as i64 - 1);
+                let shift = problem.seq_k(b) as i64 - problem.seq_q(b) as i64;
+                let rows = (p_lo.saturating_sub(shift).max(0) as usize)
+                    ..(p_hi
+                        .saturating_sub(shift)
+                        .saturating_add(1)
+                        .clamp(0, problem.seq_q(b) as i64) as usize);
+                for h in g * problem.group()..(g + 1) * problem.group() {
+                    for i in rows.clone() {
+                        let p = query_position(problem, b, i);
+                        let row = cq + i;
+                        let slot = row * hq + h;
+                        if lse[slot] == f32::NEG_INFINITY {
+                            continue;
+                        }
+                        let d_oi = &d_o[slot * d..(slot + 1) * d];
+                        for c in 0..count {
+                            let j = first + c;
+                            if !visible(problem.mask, p, j as i64) {
+                                continue;
+                            }
+                            let key = ck + j;
+                            let (qv, kv, limited) = pairs.operands(row, h, key, g, p - j as i64);
+                            let va = (key * hkv + g) * d;
+                            let dp = dot(d_oi, &ops.v[va..va + d]);
+                            let (prob, ds) = pair_gradient(problem, dot(qv, kv), lse[slot], dp, delta[slot]);
+                            for (x, &y) in dv[c * d..(c + 1) * d].iter_mut().zip(d_oi) {
+                                *x += prob * y;
+                            }
+                            let target = if limited { &mut dk_raw } else { &mut dk };
+                            for (x, &y) in target[c * d..(c + 1) * d].iter_mut().zip(qv) {
+                                *x += ds * y;
+                            }
+                        }
+                    }
+                }
+                (dk, dk_raw, dv)
+            })
+            .collect();
+
+        // Gather, then route the RoPE branches back through their rotations.
+        let mut dq = vec![0.0f32; problem.total_q() * hq * d];
+        let mut dq_lim = vec![0.0f32; if ceiling.is_some() { dq.len() } else { 0 }];
+        for (tile, (t, t_lim)) in tiles.iter().zip(dq_tiles) {
+            for r in 0..tile.rows {
+                let at = ((problem.cu_q[tile.b] + tile.first + r) * hq + tile.h) * d;
+                dq[at..at + d].copy_from_slice(&t[r * d..(r + 1) * d]);
+                if !t_lim.is_empty() {
+                    dq_lim[at..at + d].copy_from_slice(&t_lim[r * d..(r + 1) * d]);
+                }
+            }
+        }
+        let mut dk = vec![0.0f32; problem.total_k() * hkv * d];
+        let mut dk_raw = vec![0.0f32; if ceiling.is_some() { dk.len() } else { 0 }];
+        let mut dv = vec![0.0f32; dk.len()];
+        for (&(b, g, first, count), (t_k, t_raw, t_v)) in key_tasks.iter().zip(dkv_tiles) {
+            for c in 0..count {
+                let at = ((problem.cu_k[b] + first + c) * hkv + g) * d;
+                dk[at..at + d].copy_from_slice(&t_k[c * d..(c + 1) * d]);
+                dv[at..at + d].copy_from_slice(&t_v[c * d..(c + 1) * d]);
+                if !t_raw.is_empty() {
+                    dk_raw[at..at + d].copy_from_slice(&t_raw[c * d..(c + 1) * d]);
+                }
+            }
+        }
+        if let Some(rope) = &problem.rope {
+            let (qp, kp) = token_positions(problem);
+            rotate_all::<T>(&mut dq, hq, &rope.config, true, false, |t| qp[t]);
+            rotate_all::<T>(&mut dk, hkv, &rope.config, true, false, |t| kp[t]);
+            if let Some(c) = rope.distance_ceiling {
+                rotate_all::<T>(&mut dq_lim, hq, &rope.config, true, false, |_| c as f64);
+                dq.iter_mut().zip(&dq_lim).for_each(|(x, y)| *x += y);
+                dk.iter_mut().zip(&dk_raw).for_each(|(x, y)| *x += y);
+            }
+        }
+        let store = |dst: &mut Tensor, src: &[f32]| -> Result<()> {
+            for (x, &y) in dst.host_slice_mut::<T>()?.iter_mut().zip(src) {
+                *x = T::from_f32(y);
+            }
+            Ok(())
+        };
+        store(d_q, &dq)?;
+        store(d_k, &dk)?;
+        store(d_v, &dv)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward(
+        problem: &Problem,
+        d_out: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        d_q: &mut Tensor,
+        d_k: &mut Tensor,
+        d_v: &mut Tensor,
+    ) -> Result<()> {
+        with_float_type!(q.dtype(), OP_BWD, "q", T => backward_typed::<T>(problem, d_out, q, k, v, out, lse, d_q, d_k, d_v))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use crate::cuda::{CudaBackend, CudaContextExt, DeviceBuffer, LaunchConfig, PushKernelArg};
+    use crate::ops::rope::{rope_backward, rope_forward};
+    use cudarc::driver::sys::CUfunction_attribute;
+    use std::sync::Arc;
+
+    /// Must match kernels/attention.cu: threads per CTA, rows of a CTA's own tile, query rows per
+    /// streamed tile of the dK/dV pass.
+    const THREADS: u32 = 128;
+    const ROWS: usize = 64;
+    const DKV_QUERY_TILE: usize = 32;
+    /// CUDA's grid y and z limit.
+    const MAX_GRID_YZ: usize = 65535;
+
+    /// Layout shared with `AttentionParams` in kernels/attention.cu.
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct AttentionParams {
+        q: u64,
+        k: u64,
+        v: u64,
+        out: u64,
+        lse: u64,
+        d_out: u64,
+        delta: u64,
+        d_q: u64,
+        d_k: u64,
+        d_v: u64,
+        cu_q: u64,
+        cu_k: u64,
+        batch: i32,
+        seq_q: i32,
+        seq_k: i32,
+        heads_q: i32,
+        heads_kv: i32,
+        head_dim: i32,
+        scale: f32,
+        scale_log2: f32,
+        mask_kind: i32,
+        left: i32,
+        right: i32,
+        global: i32,
+        window: i32,
+        padding: i32,
+    }
+
+    // SAFETY: a plain #[repr(C)] struct of scalars, laid out as the kernel declares it.
+    unsafe impl cudarc::driver::DeviceRepr for AttentionParams {}
+
+    /// The padded head dimension of the instantiation that serves `head_dim`, and its key tile.
+    fn padded(head_dim: usize) -> (usize, usize) {
+        match head_dim {
+            0..=64 => (64, 64),
+            65..=128 => (128, 64),
+            _ => (256, 32),
+        }
+    }
+
+    /// Everything one call's launches share: the geometry as the kernels read it, and the device
+    /// copies of the offsets, which live (and are freed in stream order) with it.
+    struct Launch {
+        backend: Arc<CudaBackend>,
+        params: AttentionParams,
+        _offsets: Option<(DeviceBuffer, DeviceBuffer)>,
+        max_q: usize,
+        max_k: usize,
+        batch: usize,
+        suffix: String,
+    }
+
+    fn address(t: &Tensor) -> Result<u64> {
+        Ok(t.device_buffer()?.address())
+    }
+
+    fn setup(problem: &Problem, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Launch> {
+        let backend = q.device_buffer()?.backend().clone();
+        let batch = problem.batch();
+        if batch > MAX_GRID_YZ || problem.heads_q > MAX_GRID_YZ {
+            return Err(Error::invalid(
+                OP,
+                "q",
+                format!("at most {MAX_GRID_YZ} sequences and heads on CUDA"),
+                format!("{batch} sequences of {} heads", problem.heads_q),
+            ));
+        }
+        let (mask_kind, left, right, global, window) = match problem.mask {
+            AttentionMask::None => (0, 0, 0, 0, 0),
+            AttentionMask::Causal => (1, 0, 0, 0, 0),
+            AttentionMask::Window { left, right } => (2, left, right, 0, 0),
+            AttentionMask::Lambda { global, window } => (3, 0, 0, global, window),
+        };
+        // Sequences of equal lengths are found by `b · seq` in the kernels; others need offsets.
+        let uniform = (0..batch).all(|b| problem.seq_q(b) == problem.seq_q(0) && problem.seq_k(b) == problem.seq_k(0));
+        let offsets = if !uniform {
+            // Validation bounds every offset by MAX_EXTENT = i32::MAX.
+            let to_i32 = |v: &[usize]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
+            Some((
+                backend.upload(bytemuck::cast_slice(&to_i32(&problem.cu_q)))?,
+                backend.upload(bytemuck::cast_slice(&to_i32(&problem.cu_k)))?,
+            ))
+        } else {
+            None
+        };
+        let (cu_q, cu_k) = match &offsets {
+            Some((q, k)) => (q.address(), k.address()),
+            None => (0, 0),
+        };
+        let max_q = (0..batch).map(|b| problem.seq_q(b)).max().unwrap_or(0);
+        let max_k = (0..batch).map(|b| problem.seq_k(b)).max().unwrap_or(0);
+        let (dp, _) = padded(problem.head_dim);
+        let params = AttentionParams {
+            q: address(q)?,
+            k: address(k)?,
+            v: address(v)?,
+            cu_q,
+            cu_k,
+            batch: batch as i32,
+            seq_q: problem.seq_q(0) as i32,
+            seq_k: problem.seq_k(0) as i32,
+            heads_q: problem.heads_q as i32,
+            heads_kv: problem.heads_kv as i32,
+            head_dim: problem.head_dim as i32,
+            scale: problem.scale,
+            scale_log2: problem.scale * std::f32::consts::LOG2_E,
+            mask_kind,
+            left: left as i32,
+            right: right as i32,
+            global: global as i32,
+            window: window as i32,
+            ..Default::default()
+        };
+        Ok(Launch {
+            backend,
+            params,
+            _offsets: offsets,
+            max_q,
+            max_k,
+            batch,
+            suffix: format!("{}_d{dp}", q.dtype().name()),
+        })
+    }
+
+    impl Launch {
+        /// Launches `name` over (tiles of `rows`, heads, sequences) with `shared` bytes of dynamic
+        /// shared memory.
+        fn run(&self, name: &str, rows: usize, heads: usize, shared: usize) -> Result<()> {
+            let tiles = rows.div_ceil(ROWS);
+            if tiles == 0 {
+                return Ok(());
+            }
+            let function = self.backend.function("attention", name)?;
+            function
+                .set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared as i32,
+                )
+                .context(&format!("allowing {shared} bytes of shared memory for {name}"))?;
+            let mut builder = self.backend.launch_builder(&function);
+            builder.arg(&self.params);
+            let launch = LaunchConfig {
+                grid_dim: (tiles as u32, heads as u32, self.batch as u32),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: shared as u32,
+            };
+            // SAFETY: the parameters point at validated tensors of the shapes the kernel reads
+            // (rows of heads × head_dim elements, offsets within them), the offsets (when given)
+            // are on this device and alive until the launch is queued, and every CTA exits early
+            // when its tile lies past its sequence.
+            unsafe { builder.launch(launch) }.context(&format!("launching {name}"))?;
+            Ok(())
+        }
+
+        /// Bytes of one shared-memory row (padded head dimension + 8 elements of 2 bytes) and the
+        /// key tile of the instantiation.
+        fn tile_bytes(&self, head_dim: usize) -> (usize, usize) {
+            let (dp, bn) = padded(head_dim);
+            (2 * (dp + 8), bn)
+        }
+    }
+
+    /// Query and key positions (bottom-right aligned, per sequence) as u32 tensors for RoPE.
+    fn positions(problem: &Problem, q: &Tensor, k: &Tensor) -> Result<(Tensor, Tensor)> {
+        let device = q.device();
+        let mut qp = Vec::with_capacity(problem.total_q());
+        let mut kp = Vec::with_capacity(problem.total_k());
+        for b in 0..problem.batch() {
+            // Validation ensures seq_q ≤ seq_k when RoPE is applied: positions are non-negative.
+            qp.extend((0..problem.seq_q(b)).map(|i| query_position(problem, b, i) as u32));
+            kp.extend((0..problem.seq_k(b)).map(|j| j as u32));
+        }
+        let shape = |t: &Tensor| t.shape()[..t.shape().len() - 2].to_vec();
+        Ok((
+            Tensor::from_vec(qp, &shape(q), &device)?,
+            Tensor::from_vec(kp, &shape(k), &device)?,
+        ))
+    }
+
+    fn forward_kernels(
+        problem: &Problem,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+    ) -> Result<()> {
+        let mut launch = setup(problem, q, k, v)?;
+        launch.params.out = address(out)?;
+        launch.params.lse = address(lse)?;
+        let (row_bytes, bn) = launch.tile_bytes(problem.head_dim);
+        let shared = (ROWS + 4 * bn) * row_bytes;
+        launch.run(
+            &format!("attention_fwd_{}", launch.suffix),
+            launch.max_q,
+            problem.heads_q,
+            shared,
+        )
+    }
+
+    pub(super) fn forward(
+        problem: &Problem,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &mut Tensor,
+        lse: &mut Tensor,
+    ) -> Result<()> {
+        match &problem.rope {
+            None => forward_kernels(problem, q, k, v, out, lse),
+            Some(rope) => {
+                let (qp, kp) = positions(problem, q, k)?;
+                let q_rot = rope_forward(q, &qp, &rope.config)?;
+                let k_rot = rope_forward(k, &kp, &rope.config)?;
+                forward_kernels(problem, &q_rot, &k_rot, v, out, lse)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward_kernels(
+        problem: &Problem,
+        d_out: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        d_q: &Tensor,
+        d_k: &Tensor,
+        d_v: &Tensor,
+    ) -> Result<()> {
+        let mut launch = setup(problem, q, k, v)?;
+        let rows = problem.total_q() * problem.heads_q;
+        let delta = Tensor::uninit_cuda(&[rows.max(1)], DType::F32, &launch.backend)?;
+        launch.params.out = address(out)?;
+        launch.params.d_out = address(d_out)?;
+        launch.params.lse = address(lse)?;
+        launch.params.delta = address(&delta)?;
+        launch.params.d_q = address(d_q)?;
+        launch.params.d_k = address(d_k)?;
+        launch.params.d_v = address(d_v)?;
+
+        // Δ: one warp per (token, head) row.
+        let name = format!("attention_bwd_delta_{}", q.dtype().name());
+        let function = launch.backend.function("attention", &name)?;
+        let mut builder = launch.backend.launch_builder(&function);
+        let rows_arg = rows as i64;
+        builder.arg(&launch.params).arg(&rows_arg);
+        let blocks = (rows * 32).div_ceil(THREADS as usize);
+        if blocks > 0 {
+            let config = LaunchConfig {
+                grid_dim: (blocks as u32, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: `out` and `d_out` hold `rows` rows of head_dim elements and `delta` holds
+            // `rows` floats; warps past the last row exit.
+            unsafe { builder.launch(config) }.context(&format!("launching {name}"))?;
+        }
+
+        let (row_bytes, bn) = launch.tile_bytes(problem.head_dim);
+        let dq_shared = (2 * ROWS + 4 * bn) * row_bytes;
+        launch.run(
+            &format!("attention_bwd_dq_{}", launch.suffix),
+            launch.max_q,
+            problem.heads_q,
+            dq_shared,
+        )?;
+        let dkv_shared = (2 * ROWS + 4 * DKV_QUERY_TILE) * row_bytes + 4 * 4 * DKV_QUERY_TILE;
+        let (dp, _) = padded(problem.head_dim);
+        if dp == 256 {
+            for part in ["dv", "dk"] {
+                let name = format!("attention_bwd_dkv_{part}_{}", launch.suffix);
+                launch.run(&name, launch.max_k, problem.heads_kv, dkv_shared)?;
+            }
+        } else {
+            let name = format!("attention_bwd_dkv_{}", launch.suffix);
+            launch.run(&name, launch.max_k, problem.heads_kv, dkv_shared)?;
+        }
+        // `delta` is freed in stream order, after the kernels that read it.
+        drop(delta);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward(
+        problem: &Problem,
+        d_out: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        d_q: &mut Tensor,
+        d_k: &mut Tensor,
+        d_v: &mut Tensor,
+    ) -> Result<()> {
+        match &problem.rope {
+            None => backward_kernels(problem, d_out, q, k, v, out, lse, d_q, d_k, d_v),
+            Some(rope) => {
+                // The kernels see the rotated inputs; their query and key gradients are with
+                // respect to those, and rotate back by the transpose.
+                let (qp, kp) = positions(problem, q, k)?;
+                let q_rot = rope_forward(q, &qp, &rope.config)?;
+                let k_rot = rope_forward(k, &kp, &rope.config)?;
+                backward_kernels(problem, d_out, &q_rot, &k_rot, v, out, lse, d_q, d_k, d_v)?;
+                *d_q = rope_backward(d_q, &qp, &rope.config)?;
+                *d_k = rope_backward(d_k, &kp, &rope.config)?;
+                Ok(())
+            }
+        }
+    }
+}

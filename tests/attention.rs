@@ -1,0 +1,1018 @@
+//! Attention (src/ops/attention.rs, ALGORITHMS.md §4) on every device against a naive f64
+//! reference that builds every score with the explicit mask: the issue's (seq_q, seq_k) pairs,
+//! head dims 64, 128 and 72, every mask, MHA/GQA/MQA, packed variable-length batches, RoPE inside
+//! with per-head bases and LM-Infinite's distance ceiling, fully masked rows, causality by
+//! perturbation, the spec's mask fixture, and the argument errors.
+//!
+//! Pass rule of the reference flash-attention suite: the largest error against the f64 reference
+//! is at most 2x (output) and 3x (gradients) the largest error of a straightforward implementation
+//! that rounds to the input dtype where such an implementation would (scaled queries, scores,
+//! probabilities, each product), plus the rounding of the reference's magnitude to the dtype.
+
+#[macro_use]
+mod common;
+
+use common::{assert_invalid, uniform, Float};
+use half::{bf16, f16};
+use rand::rngs::StdRng;
+use rand::Rng;
+use tessera::ops::rope::{RopeConfig, RopeConvention};
+use tessera::ops::{attention_backward, attention_forward, AttentionMask, AttentionOptions, AttentionRope, Varlen};
+use tessera::{DType, Device, Tensor};
+
+on_each_device!(
+    small_attention,
+    issue_shapes_bf16,
+    issue_shapes_f16,
+    masks_and_heads,
+    head_dims,
+    varlen_packed,
+    rope_inside,
+    lambda_distance_ceiling,
+    fully_masked_rows,
+    causality_by_perturbation,
+    lambda_mask_fixture,
+    errors_name_the_argument,
+);
+
+// ---- cases and the f64 reference -----------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct Case {
+    /// Per sequence (seq_q, seq_k); packed when `packed`, else all equal.
+    seqs: Vec<(usize, usize)>,
+    packed: bool,
+    heads_q: usize,
+    heads_kv: usize,
+    d: usize,
+    mask: AttentionMask,
+    scale: Option<f32>,
+    rope: Option<AttentionRope>,
+}
+
+impl Case {
+    fn dense(
+        batch: usize,
+        sq: usize,
+        sk: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        d: usize,
+        mask: AttentionMask,
+    ) -> Case {
+        Case {
+            seqs: vec![(sq, sk); batch],
+            packed: false,
+            heads_q,
+            heads_kv,
+            d,
+            mask,
+            scale: None,
+            rope: None,
+        }
+    }
+
+    fn cu(&self) -> (Vec<usize>, Vec<usize>) {
+        let mut q = vec![0];
+        let mut k = vec![0];
+        for &(sq, sk) in &self.seqs {
+            q.push(q.last().unwrap() + sq);
+            k.push(k.last().unwrap() + sk);
+        }
+        (q, k)
+    }
+
+    fn total(&self) -> (usize, usize) {
+        let (q, k) = self.cu();
+        (*q.last().unwrap(), *k.last().unwrap())
+    }
+
+    fn options(&self) -> AttentionOptions {
+        let (cu_seqlens_q, cu_seqlens_k) = self.cu();
+        AttentionOptions {
+            mask: self.mask,
+            scale: self.scale,
+            varlen: self.packed.then_some(Varlen {
+                cu_seqlens_q,
+                cu_seqlens_k,
+            }),
+            rope: self.rope.clone(),
+        }
+    }
+
+    fn q_shape(&self) -> Vec<usize> {
+        let (tq, _) = self.total();
+        if self.packed {
+            vec![tq, self.heads_q, self.d]
+        } else {
+            vec![self.seqs.len(), self.seqs[0].0, self.heads_q, self.d]
+        }
+    }
+
+    fn k_shape(&self) -> Vec<usize> {
+        let (_, tk) = self.total();
+        if self.packed {
+            vec![tk, self.heads_kv, self.d]
+        } else {
+            vec![self.seqs.len(), self.seqs[0].1, self.heads_kv, self.d]
+        }
+    }
+
+    fn scale(&self) -> f64 {
+        self.scale.map_or(1.0 / (self.d as f64).sqrt(), |s| s as f64)
+    }
+}
+
+fn visible(mask: AttentionMask, p: i64, j: i64) -> bool {
+    match mask {
+        AttentionMask::None => true,
+        AttentionMask::Causal => j <= p,
+        AttentionMask::Window { left, right } => p - j <= left as i64 && j - p <= right as i64,
+        AttentionMask::Lambda { global, window } => j <= p && (p - j <= window as i64 - 1 || j < global as i64),
+    }
+}
+
+/// Rotates one head vector by `position` in f64 (transposed: by `-position`).
+fn rotate(x: &mut [f64], position: f64, base: f64, convention: RopeConvention, transpose: bool) {
+    let d = x.len();
+    for i in 0..d / 2 {
+        let theta = base.powf(-2.0 * i as f64 / d as f64);
+        let (s, c) = (position * theta).sin_cos();
+        let s = if transpose { -s } else { s };
+        let (a, b) = match convention {
+            RopeConvention::RotateHalf => (i, i + d / 2),
+            RopeConvention::Interleaved => (2 * i, 2 * i + 1),
+        };
+        let (xa, xb) = (x[a], x[b]);
+        x[a] = xa * c - xb * s;
+        x[b] = xb * c + xa * s;
+    }
+}
+
+/// Inputs, all f64 (exact widenings of the dtype's values).
+struct Inputs {
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+    d_out: Vec<f64>,
+}
+
+/// Output, log-sum-exp and gradients.
+#[derive(Clone, Debug, Default)]
+struct Results {
+    out: Vec<f64>,
+    lse: Vec<f64>,
+    d_q: Vec<f64>,
+    d_k: Vec<f64>,
+    d_v: Vec<f64>,
+}
+
+/// How a straightforward implementation rounds: `None` for exact f64, else a rounding function
+/// applied where an eager implementation in the input dtype rounds.
+type Round = Option<fn(f64) -> f64>;
+
+fn round_with(round: Round, x: f64) -> f64 {
+    match round {
+        Some(r) => r(x),
+        None => x,
+    }
+}
+
+/// The naive forward and backward: every score of every (sequence, head) with the explicit mask,
+/// the RoPE branches formed per pair from the spec (local: `R(p)q·R(j)k`; beyond the ceiling:
+/// `R(D)q·k`), gradients by the textbook formulas routed back through each branch's rotation.
+/// With `round`, scaled queries, scores, probabilities and every product are rounded.
+fn naive(case: &Case, x: &Inputs, round: Round) -> Results {
+    let (cu_q, cu_k) = case.cu();
+    let (hq, hkv, d) = (case.heads_q, case.heads_kv, case.d);
+    let group = hq / hkv;
+    let scale = case.scale();
+    let (tq, tk) = case.total();
+    let mut r = Results {
+        out: vec![0.0; tq * hq * d],
+        lse: vec![f64::NEG_INFINITY; tq * hq],
+        d_q: vec![0.0; tq * hq * d],
+        d_k: vec![0.0; tk * hkv * d],
+        d_v: vec![0.0; tk * hkv * d],
+    };
+    let at = |row: usize, h: usize, heads: usize| (row * heads + h) * d;
+    let rope_of = |g: usize| {
+        case.rope.as_ref().map(|rope| {
+            let bases = rope.config.bases();
+            (
+                bases[g * bases.len() / hkv],
+                rope.config.convention(),
+                rope.distance_ceiling,
+            )
+        })
+    };
+    // The vectors of each branch, formed once: rotated to the true position, and (for the
+    // ceiling branch) the query rotated to the ceiling; keys rotated and raw.
+    let rotated = |x: &[f64], heads: usize, positions: &dyn Fn(usize) -> f64| -> Vec<f64> {
+        let mut y = x.to_vec();
+        if case.rope.is_some() {
+            for (n, head) in y.chunks_mut(d).enumerate() {
+                let (base, conv, _) = rope_of((n % heads) / (heads / hkv)).unwrap();
+                rotate(head, positions(n / heads), base, conv, false);
+                if let Some(f) = round {
+                    head.iter_mut().for_each(|x| *x = f(*x));
+                }
+            }
+        }
+        y
+    };
+    let mut q_pos = vec![0.0; tq];
+    let mut k_pos = vec![0.0; tk];
+    for (b, &(sq, sk)) in case.seqs.iter().enumerate() {
+        for i in 0..sq {
+            q_pos[cu_q[b] + i] = i as f64 + sk as f64 - sq as f64;
+        }
+        for j in 0..sk {
+            k_pos[cu_k[b] + j] = j as f64;
+        }
+    }
+    let ceiling = case.rope.as_ref().and_then(|r| r.distance_ceiling);
+    let q_rot = rotated(&x.q, hq, &|t| q_pos[t]);
+    let k_rot = rotated(&x.k, hkv, &|t| k_pos[t]);
+    let q_lim = rotated(&x.q, hq, &|_| ceiling.unwrap_or(0) as f64);
+    let k_raw = &x.k;
+    let mut gq_lim = vec![0.0; r.d_q.len()];
+    let mut gk_raw = vec![0.0; r.d_k.len()];
+    for (b, &(sq, sk)) in case.seqs.iter().enumerate() {
+        for h in 0..hq {
+            let g = h / group;
+            let branch = |i: usize, j: usize| -> (&[f64], &[f64], bool) {
+                let p = i as i64 + sk as i64 - sq as i64;
+                let (qa, ka) = (at(cu_q[b] + i, h, hq), at(cu_k[b] + j, g, hkv));
+                match ceiling {
+                    Some(c) if p - j as i64 > c as i64 => (&q_lim[qa..qa + d], &k_raw[ka..ka + d], true),
+                    _ => (&q_rot[qa..qa + d], &k_rot[ka..ka + d], false),
+                }
+            };
+            for i in 0..sq {
+                let p = i as i64 + sk as i64 - sq as i64;
+                let row = cu_q[b] + i;
+                let keys: Vec<usize> = (0..sk).filter(|&j| visible(case.mask, p, j as i64)).collect();
+                if keys.is_empty() {
+                    continue;
+                }
+                let vectors: Vec<_> = keys.iter().map(|&j| branch(i, j)).collect();
+                let scores: Vec<f64> = vectors
+                    .iter()
+                    .map(|(qv, kv, _)| {
+                        let s: f64 = qv
+                            .iter()
+                            .zip(kv.iter())
+                            .map(|(a, b)| round_with(round, a * scale) * b)
+                            .sum();
+                        round_with(round, s)
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                r.lse[row * hq + h] = max + sum.ln();
+                let probs: Vec<f64> = scores
+                    .iter()
+                    .map(|s| round_with(round, (s - max).exp() / sum))
+                    .collect();
+                let o = at(row, h, hq);
+                for (c, &j) in keys.iter().enumerate() {
+                    let va = at(cu_k[b] + j, g, hkv);
+                    for e in 0..d {
+                        r.out[o + e] += probs[c] * x.v[va + e];
+                    }
+                }
+                for e in 0..d {
+                    r.out[o + e] = round_with(round, r.out[o + e]);
+                }
+                // Backward of this row.
+                let d_o = &x.d_out[o..o + d];
+                let dp: Vec<f64> = keys
+                    .iter()
+                    .map(|&j| {
+                        let va = at(cu_k[b] + j, g, hkv);
+                        round_with(round, (0..d).map(|e| d_o[e] * x.v[va + e]).sum())
+                    })
+                    .collect();
+                let delta: f64 = probs.iter().zip(&dp).map(|(p, q)| p * q).sum();
+                for (c, &j) in keys.iter().enumerate() {
+                    let ds = round_with(round, probs[c] * (dp[c] - delta)) * scale;
+                    let (qv, kv, limited) = &vectors[c];
+                    let ka = at(cu_k[b] + j, g, hkv);
+                    for e in 0..d {
+                        r.d_v[ka + e] += probs[c] * d_o[e];
+                    }
+                    // Gradients with respect to the branch's vectors; rotated back at the end.
+                    let (gq, gk) = if *limited {
+                        (&mut gq_lim, &mut gk_raw)
+                    } else {
+                        (&mut r.d_q, &mut r.d_k)
+                    };
+                    for e in 0..d {
+                        gq[o + e] += ds * kv[e];
+                        gk[ka + e] += ds * qv[e];
+                    }
+                }
+            }
+        }
+    }
+    if case.rope.is_some() {
+        let back = |values: &mut [f64], heads: usize, positions: &dyn Fn(usize) -> f64| {
+            for (n, head) in values.chunks_mut(d).enumerate() {
+                let (base, conv, _) = rope_of((n % heads) / (heads / hkv)).unwrap();
+                rotate(head, positions(n / heads), base, conv, true);
+            }
+        };
+        back(&mut r.d_q, hq, &|t| q_pos[t]);
+        back(&mut r.d_k, hkv, &|t| k_pos[t]);
+        back(&mut gq_lim, hq, &|_| ceiling.unwrap_or(0) as f64);
+        r.d_q.iter_mut().zip(&gq_lim).for_each(|(x, y)| *x += y);
+        r.d_k.iter_mut().zip(&gk_raw).for_each(|(x, y)| *x += y);
+    }
+    if round.is_some() {
+        for values in [&mut r.d_q, &mut r.d_k, &mut r.d_v] {
+            values.iter_mut().for_each(|x| *x = round_with(round, *x));
+        }
+    }
+    r
+}
+
+fn round_to<T: Float>(x: f64) -> f64 {
+    T::from_f32(x as f32).to_f64()
+}
+
+fn random_inputs<T: Float>(rng: &mut StdRng, case: &Case) -> (Vec<T>, Vec<T>, Vec<T>, Vec<T>) {
+    let (tq, tk) = case.total();
+    (
+        uniform(rng, tq * case.heads_q * case.d),
+        uniform(rng, tk * case.heads_kv * case.d),
+        uniform(rng, tk * case.heads_kv * case.d),
+        uniform(rng, tq * case.heads_q * case.d),
+    )
+}
+
+fn max_error(out: &[f64], reference: &[f64]) -> Result<f64, String> {
+    if out.len() != reference.len() {
+        return Err(format!("{} elements, expected {}", out.len(), reference.len()));
+    }
+    let mut worst = 0.0f64;
+    for (i, (&o, &r)) in out.iter().zip(reference).enumerate() {
+        if o.is_nan() || (o.is_infinite() && o != r) {
+            return Err(format!("element {i} is {o}, expected {r}"));
+        }
+        if o != r {
+            worst = worst.max((o - r).abs());
+        }
+    }
+    Ok(worst)
+}
+
+fn max_abs(values: &[f64]) -> f64 {
+    values.iter().filter(|x| x.is_finite()).fold(0.0, |m, x| m.max(x.abs()))
+}
+
+/// The pass rule: `error(ours) ≤ factor·error(straightforward) + slack`, both against f64.
+fn check_rule(what: &str, ours: &[f64], straightforward: &[f64], exact: &[f64], factor: f64, unit: f64) {
+    let ours_error = max_error(ours, exact).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let base_error = max_error(straightforward, exact).unwrap_or_else(|e| panic!("{what} (straightforward): {e}"));
+    // The dtype's rounding of the largest reference value: what any result must be allowed. In
+    // f32 the straightforward implementation's only rounding may be the last one, so the slack
+    // there is an f32 accumulation allowance (still far under 1e-3).
+    let slack = if unit < 1e-6 {
+        1e-5 * max_abs(exact)
+    } else {
+        2.0 * unit * max_abs(exact) + 1e-7
+    };
+    let bound = factor * base_error + slack;
+    assert!(
+        ours_error <= bound,
+        "{what}: max error {ours_error:.3e} exceeds {factor}x the straightforward {base_error:.3e} + {slack:.1e}"
+    );
+    eprintln!("{what}: max error {ours_error:.2e}, straightforward {base_error:.2e}");
+}
+
+fn unit_roundoff<T: Float>() -> f64 {
+    match T::DTYPE {
+        DType::BF16 => 2f64.powi(-8),
+        DType::F16 => 2f64.powi(-11),
+        _ => 2f64.powi(-24),
+    }
+}
+
+fn poisoned_like(t: &Tensor) -> Tensor {
+    let mut p = Tensor::zeros(t.shape(), t.dtype(), &t.device()).unwrap();
+    p.fill_bytes(0xFF).unwrap();
+    p
+}
+
+fn read<T: Float>(t: &Tensor) -> Vec<f64> {
+    common::values::<T>(t)
+}
+
+/// Runs forward and backward on `device` and checks every result against the references.
+fn check<T: Float>(device: &Device, rng: &mut StdRng, case: &Case, backward: bool) -> Results {
+    let (q, k, v, d_o) = random_inputs::<T>(rng, case);
+    let tensor = |data: &[T], shape: Vec<usize>| Tensor::from_slice(data, &shape, device).unwrap();
+    let (qt, kt, vt, dot) = (
+        tensor(&q, case.q_shape()),
+        tensor(&k, case.k_shape()),
+        tensor(&v, case.k_shape()),
+        tensor(&d_o, case.q_shape()),
+    );
+    let options = case.options();
+    let (out, lse) = attention_forward(&qt, &kt, &vt, &options).unwrap();
+    let inputs = Inputs {
+        q: common::to_f64(&q),
+        k: common::to_f64(&k),
+        v: common::to_f64(&v),
+        d_out: common::to_f64(&d_o),
+    };
+    let exact = naive(case, &inputs, None);
+    let rounded = naive(
+        case,
+        &inputs,
+        (T::DTYPE != DType::F32).then_some(round_to::<T> as fn(f64) -> f64),
+    );
+    let what = format!(
+        "{} {:?} h{}/{} d{} {:?}{}{}",
+        T::DTYPE,
+        &case.seqs[..case.seqs.len().min(3)],
+        case.heads_q,
+        case.heads_kv,
+        case.d,
+        case.mask,
+        if case.packed { " packed" } else { "" },
+        if case.rope.is_some() { " rope" } else { "" }
+    );
+    let unit = unit_roundoff::<T>();
+    let ours = Results {
+        out: read::<T>(&out),
+        lse: lse.to_vec::<f32>().unwrap().iter().map(|&x| x as f64).collect(),
+        ..Default::default()
+    };
+    check_rule(&format!("out {what}"), &ours.out, &rounded.out, &exact.out, 2.0, unit);
+    // LSE is f32 on every path: compare it directly (−∞ must match exactly).
+    let lse_error = max_error(&ours.lse, &exact.lse).unwrap_or_else(|e| panic!("lse {what}: {e}"));
+    assert!(
+        lse_error <= 1e-3 + 4.0 * unit * max_abs(&exact.lse),
+        "lse {what}: error {lse_error:.3e}"
+    );
+    if !backward {
+        return ours;
+    }
+    // The backward, into poisoned inputs' look-alikes: its outputs are fresh tensors, but the
+    // poisoned `out` copy checks that it reads what it is given.
+    let mut out_copy = poisoned_like(&out);
+    out_copy.copy_from(&out).unwrap();
+    let (dq, dk, dv) = attention_backward(&dot, &qt, &kt, &vt, &out_copy, &lse, &options).unwrap();
+    let ours = Results {
+        d_q: read::<T>(&dq),
+        d_k: read::<T>(&dk),
+        d_v: read::<T>(&dv),
+        ..ours
+    };
+    check_rule(&format!("d_q {what}"), &ours.d_q, &rounded.d_q, &exact.d_q, 3.0, unit);
+    check_rule(&format!("d_k {what}"), &ours.d_k, &rounded.d_k, &exact.d_k, 3.0, unit);
+    check_rule(&format!("d_v {what}"), &ours.d_v, &rounded.d_v, &exact.d_v, 3.0, unit);
+    ours
+}
+
+/// One sequence of one head for the big shapes on the CPU, whose tests run unoptimised (GQA and
+/// batches are covered by the smaller shapes there).
+fn shrink(device: &Device, case: Case) -> Case {
+    let (sq, sk) = case.seqs[0];
+    if device.is_cuda() || sq * sk < 200_000 {
+        return case;
+    }
+    Case {
+        seqs: vec![(sq, sk)],
+        heads_q: 1,
+        heads_kv: 1,
+        ..case
+    }
+}
+
+const PAIRS: [(usize, usize); 9] = [
+    (1, 239),
+    (113, 203),
+    (128, 217),
+    (108, 256),
+    (256, 512),
+    (512, 256),
+    (1023, 1024),
+    (1024, 1023),
+    (2048, 2048),
+];
+
+fn masks() -> [AttentionMask; 5] {
+    [
+        AttentionMask::None,
+        AttentionMask::Causal,
+        AttentionMask::Window { left: 100, right: 17 },
+        AttentionMask::Window { left: 63, right: 0 },
+        AttentionMask::Lambda { global: 4, window: 96 },
+    ]
+}
+
+/// Every issue pair, each with a head dimension, mask and head layout taken in turn, so that the
+/// list covers every value of each.
+fn issue_shapes<T: Float>(device: &Device) {
+    let mut rng = common::rng();
+    let heads = [(2, 2), (4, 2), (3, 1)];
+    let dims = [64, 128, 72];
+    for (n, &(sq, sk)) in PAIRS.iter().enumerate() {
+        let (hq, hkv) = heads[n % 3];
+        let case = Case::dense(2, sq, sk, hq, hkv, dims[(n / 3 + n) % 3], masks()[n % 5]);
+        let case = shrink(device, case);
+        let big = sq * sk > 1_000_000;
+        check::<T>(device, &mut rng, &case, !(big && !device.is_cuda()));
+    }
+}
+
+fn issue_shapes_bf16(device: &Device) {
+    issue_shapes::<bf16>(device);
+}
+
+fn issue_shapes_f16(device: &Device) {
+    issue_shapes::<f16>(device);
+}
+
+fn small_attention(device: &Device) {
+    let mut rng = common::rng();
+    for mask in [AttentionMask::Causal, AttentionMask::Lambda { global: 3, window: 20 }] {
+        let case = Case::dense(1, 37, 70, 2, 1, 64, mask);
+        check::<bf16>(device, &mut rng, &case, true);
+    }
+    let case = Case::dense(1, 33, 33, 1, 1, 128, AttentionMask::Window { left: 5, right: 40 });
+    check::<f16>(device, &mut rng, &case, true);
+}
+
+/// Every mask with every head layout on shapes that cross tile edges; f32 too on the CPU.
+fn masks_and_heads(device: &Device) {
+    let mut rng = common::rng();
+    for mask in masks() {
+        for (hq, hkv) in [(2, 2), (6, 2), (4, 1)] {
+            for &(sq, sk) in &[(113, 203), (203, 113), (65, 65)] {
+                let case = Case::dense(2, sq, sk, hq, hkv, 64, mask);
+                check::<bf16>(device, &mut rng, &case, true);
+                if !device.is_cuda() && sq == 65 {
+                    check::<f32>(device, &mut rng, &case, true);
+                }
+            }
+        }
+    }
+    // Scale other than the default.
+    let mut case = Case::dense(1, 77, 130, 2, 1, 64, AttentionMask::Causal);
+    case.scale = Some(0.3);
+    check::<f16>(device, &mut rng, &case, true);
+}
+
+/// Every supported head dimension class: the fast ones and several of the general path.
+fn head_dims(device: &Device) {
+    let mut rng = common::rng();
+    for d in [8, 16, 24, 40, 64, 72, 96, 128, 160, 200, 256] {
+        for mask in [AttentionMask::None, AttentionMask::Causal] {
+            let case = Case::dense(1, 70, 131, 2, 1, d, mask);
+            check::<bf16>(device, &mut rng, &case, true);
+        }
+    }
+}
+
+fn varlen_packed(device: &Device) {
+    let mut rng = common::rng();
+    let seqs = vec![(1, 1), (113, 203), (0, 5), (64, 64), (200, 129), (7, 0), (17, 300)];
+    for mask in masks() {
+        let case = Case {
+            seqs: seqs.clone(),
+            packed: true,
+            heads_q: 4,
+            heads_kv: 2,
+            d: 64,
+            mask,
+            scale: None,
+            rope: None,
+        };
+        check::<bf16>(device, &mut rng, &case, true);
+    }
+}
+
+fn rope_config(d: usize, bases: Vec<f64>, convention: RopeConvention) -> RopeConfig {
+    RopeConfig::new(d, bases, convention).unwrap()
+}
+
+fn rope_inside(device: &Device) {
+    let mut rng = common::rng();
+    for convention in [RopeConvention::RotateHalf, RopeConvention::Interleaved] {
+        let mut case = Case::dense(2, 100, 150, 4, 2, 64, AttentionMask::Causal);
+        case.rope = Some(AttentionRope {
+            config: rope_config(64, vec![10000.0, 5e5], convention),
+            distance_ceiling: None,
+        });
+        check::<bf16>(device, &mut rng, &case, true);
+    }
+}
+
+fn lambda_distance_ceiling(device: &Device) {
+    let mut rng = common::rng();
+    let lambda = AttentionMask::Lambda { global: 5, window: 40 };
+    let mut cases = Vec::new();
+    for (mask, ceiling) in [
+        (lambda, 40),
+        (lambda, 25),
+        (AttentionMask::Causal, 30),
+        (AttentionMask::None, 50),
+    ] {
+        let mut case = Case::dense(1, 150, 170, 2, 2, 64, mask);
+        case.rope = Some(AttentionRope {
+            config: rope_config(64, vec![10000.0, 1e6], RopeConvention::RotateHalf),
+            distance_ceiling: Some(ceiling),
+        });
+        cases.push(case);
+    }
+    for case in cases {
+        if device.is_cuda() {
+            let q = Tensor::zeros(&case.q_shape(), DType::BF16, device).unwrap();
+            let k = Tensor::zeros(&case.k_shape(), DType::BF16, device).unwrap();
+            assert!(matches!(
+                attention_forward(&q, &k, &k, &case.options()),
+                Err(tessera::Error::Unsupported { .. })
+            ));
+            continue;
+        }
+        check::<f32>(device, &mut rng, &case, true);
+        check::<bf16>(device, &mut rng, &case, true);
+    }
+    if device.is_cuda() {
+        return;
+    }
+    // With the sequence inside the window, the Λ mask with its ceiling is causal RoPE attention.
+    let rope = AttentionRope {
+        config: rope_config(64, vec![10000.0], RopeConvention::Interleaved),
+        distance_ceiling: Some(64),
+    };
+    let mut lam = Case::dense(1, 50, 60, 1, 1, 64, AttentionMask::Lambda { global: 4, window: 64 });
+    lam.rope = Some(rope.clone());
+    let mut causal = Case::dense(1, 50, 60, 1, 1, 64, AttentionMask::Causal);
+    causal.rope = Some(AttentionRope {
+        distance_ceiling: None,
+        ..rope.clone()
+    });
+    let seed_rng = common::seed();
+    let a = check::<f32>(device, &mut rand::SeedableRng::seed_from_u64(seed_rng), &lam, true);
+    let b = check::<f32>(device, &mut rand::SeedableRng::seed_from_u64(seed_rng), &causal, true);
+    assert_eq!(a.out, b.out);
+    assert_eq!(a.d_q, b.d_q);
+    // A global key beyond the window: its score does not depend on the query's true distance.
+    // Shift the query by one token (one more key in the middle): the probability ratio of the
+    // global key to the last key is unchanged, since both keep their relative treatment.
+    let d = 64;
+    let config = rope_config(d, vec![10000.0], RopeConvention::RotateHalf);
+    let q: Vec<f32> = uniform(&mut rng, d);
+    let k0: Vec<f32> = uniform(&mut rng, d);
+    let mut logits = Vec::new();
+    for seq in [30usize, 31] {
+        // Keys: k0 at 0, zeros elsewhere except the query's own position holding k0 as well;
+        // values: one-hot on key 0, so out[0] is the probability of key 0.
+        let mut k = vec![0.0f32; seq * d];
+        k[..d].copy_from_slice(&k0);
+        k[(seq - 1) * d..].copy_from_slice(&k0);
+        let mut v = vec![0.0f32; seq * d];
+        v[0] = 1.0;
+        let qt = Tensor::from_vec(q.clone(), &[1, 1, 1, d], device).unwrap();
+        let kt = Tensor::from_vec(k, &[1, seq, 1, d], device).unwrap();
+        let vt = Tensor::from_vec(v, &[1, seq, 1, d], device).unwrap();
+        let options = AttentionOptions {
+            mask: AttentionMask::Lambda { global: 1, window: 8 },
+            rope: Some(AttentionRope {
+                config: config.clone(),
+                distance_ceiling: Some(8),
+            }),
+            ..Default::default()
+        };
+        let (out, _) = attention_forward(&qt, &kt, &vt, &options).unwrap();
+        logits.push(out.to_vec::<f32>().unwrap()[0]);
+    }
+    assert!((logits[0] - logits[1]).abs() < 1e-6, "{logits:?}");
+}
+
+fn fully_masked_rows(device: &Device) {
+    let mut rng = common::rng();
+    // Causal with more queries than keys: the first seq_q − seq_k rows see nothing; a window
+    // entirely in the future hides every key from the early rows.
+    for (sq, sk, mask) in [
+        (100, 40, AttentionMask::Causal),
+        (64, 64, AttentionMask::Window { left: 0, right: 0 }),
+        (80, 20, AttentionMask::Lambda { global: 2, window: 3 }),
+    ] {
+        let case = Case::dense(1, sq, sk, 2, 1, 64, mask);
+        let r = check::<bf16>(device, &mut rng, &case, true);
+        let hidden = sq.saturating_sub(sk);
+        for row in 0..hidden * 2 {
+            assert_eq!(r.lse[row], f64::NEG_INFINITY);
+            assert!(r.out[row * 64..(row + 1) * 64].iter().all(|&x| x == 0.0));
+            assert!(r.d_q[row * 64..(row + 1) * 64].iter().all(|&x| x == 0.0));
+        }
+    }
+}
+
+/// Changing key/value `j` moves no output of a query that cannot see it.
+fn causality_by_perturbation(device: &Device) {
+    let mut rng = common::rng();
+    let (sq, sk, h, d) = (90, 130, 2, 64);
+    for mask in [
+        AttentionMask::Causal,
+        AttentionMask::Window { left: 20, right: 5 },
+        AttentionMask::Lambda { global: 3, window: 16 },
+    ] {
+        let q: Vec<bf16> = uniform(&mut rng, sq * h * d);
+        let k: Vec<bf16> = uniform(&mut rng, sk * h * d);
+        let v: Vec<bf16> = uniform(&mut rng, sk * h * d);
+        let options = AttentionOptions {
+            mask,
+            ..Default::default()
+        };
+        let run = |k: &[bf16], v: &[bf16]| {
+            let qt = Tensor::from_slice(&q, &[1, sq, h, d], device).unwrap();
+            let kt = Tensor::from_slice(k, &[1, sk, h, d], device).unwrap();
+            let vt = Tensor::from_slice(v, &[1, sk, h, d], device).unwrap();
+            attention_forward(&qt, &kt, &vt, &options)
+                .unwrap()
+                .0
+                .to_vec::<bf16>()
+                .unwrap()
+        };
+        let base = run(&k, &v);
+        for j in [0usize, 2, 3, 57, 100, sk - 1] {
+            let (mut k2, mut v2) = (k.clone(), v.clone());
+            for e in 0..h * d {
+                k2[j * h * d + e] = bf16::from_f32(rng.random_range(-3.0..3.0));
+                v2[j * h * d + e] = bf16::from_f32(rng.random_range(-3.0..3.0));
+            }
+            let moved = run(&k2, &v2);
+            let (mut any_visible_moved, mut seen) = (false, false);
+            for i in 0..sq {
+                let p = i as i64 + (sk - sq) as i64;
+                let row = &moved[i * h * d..(i + 1) * h * d];
+                let before = &base[i * h * d..(i + 1) * h * d];
+                if visible(mask, p, j as i64) {
+                    seen = true;
+                    any_visible_moved |= row != before;
+                } else {
+                    assert_eq!(row, before, "{mask:?}: query {i} moved when key {j} changed");
+                }
+            }
+            assert!(any_visible_moved || !seen, "{mask:?}: no query that sees key {j} moved");
+        }
+    }
+}
+
+/// §4.7 test 7: T=8, W=3, G=2: row 2 sees {0,1,2}, row 3 sees {0,1,2,3}, row 6 sees {0,1,4,5,6}.
+fn lambda_mask_fixture(device: &Device) {
+    let (t, d) = (8, 8);
+    // One-hot values: out[i][j] is the probability of key j. Zero queries: uniform over visible.
+    let q = vec![0.0f32; t * d];
+    let k = vec![0.5f32; t * d];
+    let mut v = vec![0.0f32; t * d];
+    for j in 0..t {
+        v[j * d + j] = 1.0;
+    }
+    let options = AttentionOptions {
+        mask: AttentionMask::Lambda { global: 2, window: 3 },
+        ..Default::default()
+    };
+    if device.is_cuda() {
+        return fixture_on_gpu(device, &options);
+    }
+    let tensor = |x: &[f32]| Tensor::from_slice(x, &[1, t, 1, d], device).unwrap();
+    let (out, _) = attention_forward(&tensor(&q), &tensor(&k), &tensor(&v), &options).unwrap();
+    let out = out.to_vec::<f32>().unwrap();
+    for (row, seen) in [
+        (2usize, vec![0usize, 1, 2]),
+        (3, vec![0, 1, 2, 3]),
+        (6, vec![0, 1, 4, 5, 6]),
+    ] {
+        for j in 0..t {
+            let expected = if seen.contains(&j) {
+                1.0 / seen.len() as f32
+            } else {
+                0.0
+            };
+            assert!(
+                (out[row * d + j] - expected).abs() < 1e-6,
+                "row {row} key {j}: {}",
+                out[row * d + j]
+            );
+        }
+    }
+}
+
+fn fixture_on_gpu(device: &Device, options: &AttentionOptions) {
+    let (t, d) = (8, 8);
+    let q = vec![bf16::ZERO; t * d];
+    let k = vec![bf16::from_f32(0.5); t * d];
+    let mut v = vec![bf16::ZERO; t * d];
+    for j in 0..t {
+        v[j * d + j] = bf16::ONE;
+    }
+    let tensor = |x: &[bf16]| Tensor::from_slice(x, &[1, t, 1, d], device).unwrap();
+    let (out, _) = attention_forward(&tensor(&q), &tensor(&k), &tensor(&v), options).unwrap();
+    let out = common::values::<bf16>(&out);
+    for (row, seen) in [
+        (2usize, vec![0usize, 1, 2]),
+        (3, vec![0, 1, 2, 3]),
+        (6, vec![0, 1, 4, 5, 6]),
+    ] {
+        for j in 0..t {
+            let expected = if seen.contains(&j) {
+                1.0 / seen.len() as f64
+            } else {
+                0.0
+            };
+            assert!(
+                (out[row * d + j] - expected).abs() < 4e-3,
+                "row {row} key {j}: {}",
+                out[row * d + j]
+            );
+        }
+    }
+}
+
+fn errors_name_the_argument(device: &Device) {
+    let dtype_ok = |shape: &[usize]| Tensor::zeros(shape, DType::BF16, device).unwrap();
+    let q = dtype_ok(&[2, 10, 4, 64]);
+    let k = dtype_ok(&[2, 12, 2, 64]);
+    let v = dtype_ok(&[2, 12, 2, 64]);
+    let default = AttentionOptions::default();
+    let (fwd, bwd) = ("attention", "attention_backward");
+    assert_invalid(
+        attention_forward(&dtype_ok(&[2, 10, 4, 60]), &k, &v, &default),
+        fwd,
+        "q",
+        &["multiple of 8", "[2, 10, 4, 60]"],
+    );
+    assert_invalid(
+        attention_forward(&dtype_ok(&[2, 10, 4, 264]), &k, &v, &default),
+        fwd,
+        "q",
+        &["256"],
+    );
+    assert_invalid(
+        attention_forward(&dtype_ok(&[2, 10, 3, 64]), &k, &v, &default),
+        fwd,
+        "q",
+        &["multiple", "2"],
+    );
+    assert_invalid(
+        attention_forward(&q, &dtype_ok(&[2, 12, 2, 32]), &v, &default),
+        fwd,
+        "k",
+        &["64"],
+    );
+    assert_invalid(
+        attention_forward(&q, &dtype_ok(&[3, 12, 2, 64]), &v, &default),
+        fwd,
+        "k",
+        &["batch 2"],
+    );
+    assert_invalid(
+        attention_forward(&q, &k, &dtype_ok(&[2, 11, 2, 64]), &default),
+        fwd,
+        "v",
+        &["[2, 12, 2, 64]"],
+    );
+    assert_invalid(
+        attention_forward(&dtype_ok(&[10, 4, 64]), &k, &v, &default),
+        fwd,
+        "q",
+        &["4-d"],
+    );
+    let f16_k = Tensor::zeros(&[2, 12, 2, 64], DType::F16, device).unwrap();
+    assert_invalid(attention_forward(&q, &f16_k, &v, &default), fwd, "k", &["bf16", "f16"]);
+    let ints = Tensor::zeros(&[2, 10, 4, 64], DType::U16, device).unwrap();
+    assert_invalid(attention_forward(&ints, &k, &v, &default), fwd, "q", &["u16"]);
+    if device.is_cuda() {
+        let f32_q = Tensor::zeros(&[2, 10, 4, 64], DType::F32, device).unwrap();
+        assert_invalid(
+            attention_forward(&f32_q, &k, &v, &default),
+            fwd,
+            "q",
+            &["bf16 or f16", "f32"],
+        );
+        let host_k = Tensor::zeros(&[2, 12, 2, 64], DType::BF16, &Device::Cpu).unwrap();
+        assert_invalid(attention_forward(&q, &host_k, &v, &default), fwd, "k", &["cpu"]);
+    }
+    let with = |mask| AttentionOptions {
+        mask,
+        ..Default::default()
+    };
+    assert_invalid(
+        attention_forward(&q, &k, &v, &with(AttentionMask::Lambda { global: 2, window: 0 })),
+        fwd,
+        "mask",
+        &["window"],
+    );
+    assert_invalid(
+        attention_forward(
+            &q,
+            &k,
+            &v,
+            &with(AttentionMask::Window {
+                left: usize::MAX,
+                right: 0,
+            }),
+        ),
+        fwd,
+        "mask",
+        &["2147483647"],
+    );
+    let scaled = AttentionOptions {
+        scale: Some(f32::NAN),
+        ..Default::default()
+    };
+    assert_invalid(attention_forward(&q, &k, &v, &scaled), fwd, "scale", &["NaN"]);
+    // Varlen offsets out of range.
+    let packed_q = dtype_ok(&[20, 4, 64]);
+    let packed_k = dtype_ok(&[24, 2, 64]);
+    let varlen = |cu_q: Vec<usize>, cu_k: Vec<usize>| AttentionOptions {
+        varlen: Some(Varlen {
+            cu_seqlens_q: cu_q,
+            cu_seqlens_k: cu_k,
+        }),
+        ..Default::default()
+    };
+    for (cu_q, cu_k, arg) in [
+        (vec![0, 10, 21], vec![0, 12, 24], "cu_seqlens_q"),
+        (vec![1, 10, 20], vec![0, 12, 24], "cu_seqlens_q"),
+        (vec![0, 12, 10, 20], vec![0, 1, 2, 24], "cu_seqlens_q"),
+        (vec![0, 10, 20], vec![0, 12, 23], "cu_seqlens_k"),
+        (vec![0, 10, 20], vec![0, 24], "cu_seqlens_k"),
+        (vec![0], vec![0], "cu_seqlens_q"),
+    ] {
+        assert_invalid(
+            attention_forward(&packed_q, &packed_k, &packed_k, &varlen(cu_q, cu_k)),
+            fwd,
+            arg,
+            &[],
+        );
+    }
+    // RoPE that does not fit.
+    let rope = |bases: usize, d: usize| AttentionOptions {
+        rope: Some(AttentionRope {
+            config: RopeConfig::new(d, vec![1e4; bases], RopeConvention::RotateHalf).unwrap(),
+            distance_ceiling: None,
+        }),
+        ..Default::default()
+    };
+    assert_invalid(
+        attention_forward(&q, &k, &v, &rope(4, 64)),
+        fwd,
+        "rope",
+        &["heads_kv = 2"],
+    );
+    assert_invalid(
+        attention_forward(&q, &k, &v, &rope(1, 32)),
+        fwd,
+        "rope",
+        &["head_dim 64"],
+    );
+    let long_q = dtype_ok(&[2, 13, 4, 64]);
+    assert_invalid(
+        attention_forward(&long_q, &k, &v, &rope(1, 64)),
+        fwd,
+        "q",
+        &["13 queries"],
+    );
+    // Backward: the extra tensors.
+    let (out, lse) = attention_forward(&q, &k, &v, &default).unwrap();
+    assert_invalid(
+        attention_backward(&k, &q, &k, &v, &out, &lse, &default),
+        bwd,
+        "d_out",
+        &["[2, 10, 4, 64]"],
+    );
+    assert_invalid(
+        attention_backward(&out, &q, &k, &v, &k, &lse, &default),
+        bwd,
+        "out",
+        &["[2, 12, 2, 64]"],
+    );
+    let short_lse = Tensor::zeros(&[2, 10, 3], DType::F32, device).unwrap();
+    assert_invalid(
+        attention_backward(&out, &q, &k, &v, &out, &short_lse, &default),
+        bwd,
+        "lse",
+        &["[2, 10, 4]"],
+    );
+    assert_invalid(
+        attention_backward(&out, &q, &k, &v, &out, &out, &default),
+        bwd,
+        "lse",
+        &["f32"],
+    );
+    assert_invalid(
+        attention_backward(&out, &dtype_ok(&[2, 10, 4, 60]), &k, &v, &out, &lse, &default),
+        bwd,
+        "q",
+        &["60"],
+    );
+}
