@@ -64,3 +64,7 @@ pub use norm::{
 pub mod embedding;
 
 pub use embedding::{embedding_backward_into, embedding_forward, embedding_forward_into, EmbeddingGradPlan};
+
+pub mod grad_norm;
+
+pub use grad_norm::{clip_grad_norm, grad_norm_into};
