@@ -398,7 +398,10 @@ fn half_operands_into_f32_out(device: &Device) {
     for dtype in [DType::BF16, DType::F16] {
         for (trans_a, trans_b) in TRANSPOSES {
             for (beta, bias) in [(0.0f32, false), (1.0, true)] {
-                let case = Case::new(17, 24, 40).trans(trans_a, trans_b).bias(bias).scale(0.5, beta);
+                let case = Case::new(17, 24, 40)
+                    .trans(trans_a, trans_b)
+                    .bias(bias)
+                    .scale(0.5, beta);
                 let a = f32_tensor(&mut rng, &case.a_shape(), &Device::Cpu);
                 let b = f32_tensor(&mut rng, &case.b_shape(), &Device::Cpu);
                 let (a, b) = (convert(&a, dtype), convert(&b, dtype));
@@ -424,7 +427,12 @@ fn half_operands_into_f32_out(device: &Device) {
                     Some(&previous),
                 );
                 // The operands are exactly representable; only the f32 accumulation rounds.
-                assert_close(&format!("{dtype} into f32 {case:?}"), &values::<f32>(&out), &expected, 1e-5);
+                assert_close(
+                    &format!("{dtype} into f32 {case:?}"),
+                    &values::<f32>(&out),
+                    &expected,
+                    1e-5,
+                );
             }
         }
         // The bias of an f32 output is f32.

@@ -1,9 +1,13 @@
-//! The GPT model: its configuration, its parameters and checkpoints.
+//! The GPT model: its configuration, its parameters and checkpoints, its forward and backward,
+//! and generation.
 
 pub mod config;
+pub mod generate;
+pub mod gpt;
 pub mod params;
 pub mod safetensors;
 
 pub use config::{Activation, Family, GptConfig, Norm, Positions};
+pub use gpt::Gpt;
 pub use params::{GptParams, ModelLayout, Parameter};
 pub use safetensors::SafeTensors;

@@ -199,7 +199,6 @@ impl ModelLayout {
             head,
         }
     }
-
 }
 
 struct Builder {
@@ -355,6 +354,14 @@ impl GptParams {
     /// The parameter called `name`.
     pub fn get(&self, name: &str) -> Option<&Parameter> {
         self.params.iter().find(|p| p.spec.name == name)
+    }
+
+    /// The global L2 norm of all gradients.
+    pub fn grad_norm(&self) -> Result<f32> {
+        let grads: Vec<&Tensor> = self.params.iter().map(|p| &p.grad).collect();
+        let mut norm = Tensor::zeros(&[1], DType::F32, &self.device)?;
+        ops::grad_norm_into(&grads, &mut norm)?;
+        Ok(norm.to_vec::<f32>()?[0])
     }
 
     /// Sets every gradient to zero, before a step's first micro-batch.

@@ -1,5 +1,6 @@
-//! Training: data and batches.
+//! Training: data and batches, and the training loop.
 
 pub mod data;
+pub mod trainer;
 
 pub use data::{BatchSampler, ByteTokenizer, Corpus};

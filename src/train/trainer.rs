@@ -13,9 +13,9 @@ use super::data::{validation_windows, BatchSampler, Corpus};
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::model::gpt::{Gpt, GptParams};
 use crate::model::safetensors::{self, SafeTensors};
 use crate::model::GptConfig;
+use crate::model::{Gpt, GptParams};
 use crate::ops::AdamWConfig;
 use crate::optim::WarmupCosine;
 use crate::tensor::Tensor;
@@ -94,7 +94,11 @@ impl TrainOptions {
     }
 
     fn validate(&self, config: &GptConfig) -> Result<WarmupCosine> {
-        for (arg, value) in [("batch", self.batch), ("seq", self.seq), ("accumulation", self.accumulation)] {
+        for (arg, value) in [
+            ("batch", self.batch),
+            ("seq", self.seq),
+            ("accumulation", self.accumulation),
+        ] {
             if value == 0 {
                 return Err(Error::invalid(OP, arg, "a positive number", 0));
             }
@@ -125,7 +129,8 @@ impl TrainOptions {
         }
     }
 
-    fn to_json(&self) -> Value {
+    /// The options as a JSON object (checkpoints record them; config files override them).
+    pub fn to_json(&self) -> Value {
         json!({
             "batch": self.batch, "seq": self.seq, "accumulation": self.accumulation, "steps": self.steps,
             "lr": self.lr, "min_lr": self.min_lr, "warmup": self.warmup, "weight_decay": self.weight_decay,
@@ -135,7 +140,8 @@ impl TrainOptions {
         })
     }
 
-    fn from_json(value: &Value) -> Option<TrainOptions> {
+    /// Parses [`TrainOptions::to_json`]'s output; `None` when a field is missing or mistyped.
+    pub fn from_json(value: &Value) -> Option<TrainOptions> {
         let size = |key: &str| value.get(key)?.as_u64();
         let number = |key: &str| value.get(key)?.as_f64().map(|v| v as f32);
         Some(TrainOptions {
@@ -220,7 +226,8 @@ impl Trainer {
             // Each micro-batch's mean loss is scaled by 1/micro so the gradients sum to the mean.
             loss += self
                 .model
-                .forward_backward(&self.inputs, &self.targets, batch, seq, 1.0 / micro as f32)? as f64;
+                .forward_backward(&self.inputs, &self.targets, batch, seq, 1.0 / micro as f32)?
+                as f64;
         }
         let loss = (loss / micro as f64) as f32;
         let step = self.step + 1;
@@ -270,7 +277,10 @@ impl Trainer {
             return Err(Error::invalid(
                 OP,
                 "seq",
-                format!("at most {} (the validation text)", corpus.validation.len().saturating_sub(1)),
+                format!(
+                    "at most {} (the validation text)",
+                    corpus.validation.len().saturating_sub(1)
+                ),
                 seq,
             ));
         }
@@ -279,7 +289,9 @@ impl Trainer {
 
     /// Writes a checkpoint of this step under `out` and points `out/latest` at it.
     pub fn save(&self, out: &Path) -> Result<PathBuf> {
-        let fail = |what: &str, e: std::io::Error| Error::file(out.display(), format!("cannot save a checkpoint: {what}: {e}"));
+        let fail = |what: &str, e: std::io::Error| {
+            Error::file(out.display(), format!("cannot save a checkpoint: {what}: {e}"))
+        };
         fs::create_dir_all(out).map_err(|e| fail("create the directory", e))?;
         let name = format!("step-{:08}", self.step);
         let final_dir = out.join(&name);
@@ -324,7 +336,12 @@ impl Trainer {
             .get(TRAINER_KEY)
             .ok_or_else(|| corrupt("missing"))
             .and_then(|text| serde_json::from_str(text).map_err(|e| corrupt(&e.to_string())))?;
-        let number = |key: &str| state.get(key).and_then(Value::as_u64).ok_or_else(|| corrupt(&format!("no `{key}`")));
+        let number = |key: &str| {
+            state
+                .get(key)
+                .and_then(Value::as_u64)
+                .ok_or_else(|| corrupt(&format!("no `{key}`")))
+        };
         let (step, seed, drawn) = (number("step")?, number("sampler_seed")?, number("sampler_drawn")?);
         let options = state
             .get("options")
@@ -334,7 +351,9 @@ impl Trainer {
         let mut params = params;
         for p in &mut params.params {
             let shape = p.spec.shape.clone();
-            p.exp_avg = file.take(&format!("exp_avg.{}", p.spec.name), DType::F32, &shape)?.to_device(device)?;
+            p.exp_avg = file
+                .take(&format!("exp_avg.{}", p.spec.name), DType::F32, &shape)?
+                .to_device(device)?;
             p.exp_avg_sq = file
                 .take(&format!("exp_avg_sq.{}", p.spec.name), DType::F32, &shape)?
                 .to_device(device)?;

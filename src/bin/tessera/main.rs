@@ -1,15 +1,26 @@
-//! The tessera command line: `info` describes this machine's devices and the embedded kernels;
-//! `bench` times the GPU ops against the ceilings measured in the same run.
+//! The tessera command line: `train`, `generate` and `eval` run models; `info` describes this
+//! machine's devices and the embedded kernels; `bench` times the GPU ops against the ceilings
+//! measured in the same run.
+//!
+//! Exit codes: 0 success, 1 failure, 2 bad arguments or input, 3 training diverged.
 
+mod args;
 #[cfg(feature = "cuda")]
 mod bench;
+mod eval;
+mod generate;
+mod train;
 
 use std::process::ExitCode;
 use tessera::Device;
+use train::Failure;
 
-const USAGE: &str = "usage: tessera <command>
+const USAGE: &str = "usage: tessera <command> [options]   (tessera <command> --help for its options)
 
 commands:
+  train                      train a GPT (default: a tiny model on the embedded corpus)
+  generate                   sample text from a checkpoint
+  eval                       loss and perplexity of a checkpoint on a text file
   info                       devices, compute capability, memory, embedded kernel images
   bench [--json FILE] [--quick] [--only KIND,...]
                              time the GPU ops (CUDA events, medians) beside the copy-bandwidth
@@ -17,22 +28,51 @@ commands:
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("info") => info(),
-        Some("bench") => bench(&args[1..]),
-        Some("-h" | "--help" | "help") => {
-            println!("{USAGE}");
-            Ok(())
-        }
-        Some(other) => Err(format!("unknown command `{other}`\n\n{USAGE}")),
-        None => Err(USAGE.to_string()),
+    let command = args.first().map(String::as_str);
+    let rest = args.get(1..).unwrap_or_default();
+    let wants_help = rest.iter().any(|a| a == "-h" || a == "--help");
+    let result = match command {
+        Some("train") if wants_help => help(train::USAGE),
+        Some("generate") if wants_help => help(generate::USAGE),
+        Some("eval") if wants_help => help(eval::USAGE),
+        Some("train") => train::run(rest),
+        Some("generate") => generate::run(rest),
+        Some("eval") => eval::run(rest),
+        Some("info") => info().map_err(Failure::Other),
+        Some("bench") => bench(rest).map_err(Failure::Other),
+        Some("-h" | "--help" | "help") => help(USAGE),
+        Some(other) => Err(Failure::Usage(format!("unknown command `{other}`\n\n{USAGE}"))),
+        None => Err(Failure::Usage(USAGE.to_string())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
+        Err(Failure::Usage(message)) => {
+            eprintln!("tessera: {message}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Diverged(message)) => {
+            eprintln!("tessera: {message}");
+            ExitCode::from(3)
+        }
+        Err(Failure::Other(message)) => {
             eprintln!("tessera: {message}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn help(text: &str) -> Result<(), Failure> {
+    println!("{text}");
+    Ok(())
+}
+
+/// `--device cpu|cuda`, or the GPU when one is usable and the CPU otherwise.
+fn device_option(args: &mut args::Args) -> Result<Device, Failure> {
+    match args.value("--device").map_err(Failure::Usage)?.as_deref() {
+        None => Ok(Device::cuda_if_available()),
+        Some("cpu") => Ok(Device::Cpu),
+        Some("cuda") => Ok(Device::cuda(0)?),
+        Some(other) => Err(Failure::Usage(format!("--device {other}: expected cpu or cuda"))),
     }
 }
 

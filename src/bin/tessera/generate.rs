@@ -1,0 +1,50 @@
+//! `tessera generate`: text from a checkpoint, with temperature, top-k and top-p sampling.
+
+use crate::args::Args;
+use crate::eval::load_model;
+use crate::train::Failure;
+use std::path::Path;
+use tessera::model::generate::{generate, Sampling};
+use tessera::train::ByteTokenizer;
+
+pub const USAGE: &str = "usage: tessera generate --checkpoint DIR [options]
+
+options:
+  --checkpoint DIR   a checkpoint directory, or a training --out directory (its latest)
+  --preset NAME      the configuration of a checkpoint that does not record one (Hugging Face's)
+  --prompt TEXT      the text to continue (default: \"The \")
+  --tokens N         tokens to generate (default 200)
+  --temperature T    0 is greedy (default 0.8)
+  --top-k K          sample among the K most likely tokens (default 40; 0: all)
+  --top-p P          sample within the smallest set of probability >= P (default 1: all)
+  --seed N           the sampler's seed (default 0)
+  --device DEVICE    cpu or cuda (default: cuda when a GPU is usable)";
+
+pub fn run(args: &[String]) -> Result<(), Failure> {
+    let mut args = Args::new(args);
+    let usage = Failure::Usage;
+    let checkpoint = args
+        .value("--checkpoint")
+        .map_err(usage)?
+        .ok_or(Failure::Usage("--checkpoint is required".into()))?;
+    let preset = args.value("--preset").map_err(usage)?;
+    let prompt = args.value("--prompt").map_err(usage)?.unwrap_or_else(|| "The ".into());
+    let tokens: usize = args.parsed("--tokens").map_err(usage)?.unwrap_or(200);
+    let temperature: f32 = args.parsed("--temperature").map_err(usage)?.unwrap_or(0.8);
+    let top_k: usize = args.parsed("--top-k").map_err(usage)?.unwrap_or(40);
+    let top_p: f32 = args.parsed("--top-p").map_err(usage)?.unwrap_or(1.0);
+    let seed: u64 = args.parsed("--seed").map_err(usage)?.unwrap_or(0);
+    let device = crate::device_option(&mut args)?;
+    args.finish().map_err(usage)?;
+
+    let mut model = load_model(Path::new(&checkpoint), preset.as_deref(), &device, 1, None)?;
+    let sampling = Sampling {
+        temperature,
+        top_k: (top_k > 0).then_some(top_k),
+        top_p: (top_p < 1.0).then_some(top_p),
+    };
+    let prompt_tokens = ByteTokenizer.encode(&prompt);
+    let out = generate(&mut model, &prompt_tokens, tokens, &sampling, seed)?;
+    println!("{}{}", prompt, ByteTokenizer.decode(&out));
+    Ok(())
+}

@@ -1,0 +1,813 @@
+//! The GPT: an explicit forward that keeps what the backward needs, and an explicit backward,
+//! llm.c-style, on activations allocated once for a batch shape (no allocation inside a
+//! training step once the shape is set).
+//!
+//! One block, pre-norm, with the residual adds fused into the normalisations:
+//! ```text
+//! h = norm1(x)                       (fused: x = previous block's residual + its MLP output)
+//! q, k, v = h·Wq, h·Wk, h·Wv         (GPT-2: one fused c_attn GEMM, then split)
+//! a = attention(q, k, v)             (causal; RoPE inside when the model uses it)
+//! s = x + a·Wo;  m = norm2(s)        (the add is fused into norm2)
+//! y = down(act(up(m)))               (GELU, or SwiGLU with a gate)
+//! ```
+//! then `logits = norm_f(x_L)·Eᵀ` and the fused softmax cross-entropy, which writes the logits'
+//! gradient over them. Activations and weights are in the compute dtype (f32 on the CPU, bf16 on
+//! a GPU); sums, norms' statistics and the loss are f32.
+
+use super::config::{Activation, Norm, Positions};
+use super::params::{Block, GptParams, Layout, Linear, NormIndex, Qkv};
+use crate::device::Device;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::ops::{
+    self, AttentionMask, AttentionOptions, AttentionRope, CrossEntropyOptions, CrossEntropyOutputs, EmbeddingGradPlan,
+    MatmulOptions, NormConfig, NormGrads, NormParams, NormStats, RopeConfig, RopeConvention,
+};
+use crate::tensor::Tensor;
+
+const OP: &str = "Gpt";
+
+/// What the forward keeps of one block for the backward.
+struct BlockActivations {
+    /// The block's input residual stream (M, C): the embedding for the first block, else the
+    /// sum written by this block's fused norm1.
+    input: Tensor,
+    norm1: Tensor,
+    stats1: NormStats,
+    /// Queries (M, C), keys and values (M, kv), un-rotated (attention applies RoPE inside).
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// Attention's output (M, C) and log-sum-exp per query row and head.
+    attention: Tensor,
+    lse: Option<Tensor>,
+    /// `input + attention·Wo` (M, C), written by the fused norm2.
+    middle: Tensor,
+    norm2: Tensor,
+    stats2: NormStats,
+    /// The activation's input: GELU's (M, F), or SwiGLU's [gate | up] (M, 2F).
+    pre_activation: Tensor,
+    /// The activation's output (M, F).
+    activated: Tensor,
+}
+
+/// Buffers reused by every block, forward and backward.
+struct Scratch {
+    /// GPT-2's fused query-key-value output (M, C + 2·kv), and its gradient.
+    qkv: Option<Tensor>,
+    /// SwiGLU's gate and up projections before they are joined (M, F) each, and their gradients.
+    gate: Option<Tensor>,
+    up: Option<Tensor>,
+    /// A block's attention projection and MLP output (M, C).
+    projected: Tensor,
+    mlp: Tensor,
+    /// The gradient of a norm's output (M, C).
+    d_normed: Tensor,
+    /// Gradients of the attention output (M, C), the pre-activation and the activation.
+    d_attention: Tensor,
+    d_pre_activation: Tensor,
+    d_activated: Tensor,
+    /// Ones (M, 1): a bias's gradient is 1ᵀ·dY.
+    ones: Tensor,
+}
+
+/// Everything that depends on the batch shape.
+struct Activations {
+    batch: usize,
+    seq: usize,
+    /// (batch, seq) u32.
+    tokens: Tensor,
+    targets: Tensor,
+    /// The training batch's tokens grouped for the embedding's deterministic backward.
+    embedding_plan: EmbeddingGradPlan,
+    blocks: Vec<BlockActivations>,
+    /// The final residual stream (M, C), written by the fused final norm, and the norm's output.
+    last: Tensor,
+    final_normed: Tensor,
+    final_stats: NormStats,
+    /// (M, V); after a training forward, their gradient.
+    logits: Tensor,
+    losses: Tensor,
+    mean_loss: Tensor,
+    /// Gradients with respect to the residual stream (M, C), two used in turn.
+    d_stream: [Tensor; 2],
+    scratch: Scratch,
+}
+
+/// A GPT ready to run: its parameters and the activations of one batch shape.
+pub struct Gpt {
+    pub params: GptParams,
+    activations: Activations,
+    attention: AttentionOptions,
+    norm: NormConfig,
+}
+
+impl Gpt {
+    /// The model of `params`, with activations for batches of `batch` sequences of `seq` tokens.
+    pub fn new(params: GptParams, batch: usize, seq: usize) -> Result<Gpt> {
+        let config = &params.config;
+        if batch == 0 || seq == 0 || seq > config.context {
+            return Err(Error::invalid(
+                OP,
+                "batch shape",
+                format!("batch >= 1 and 1 <= seq <= context ({})", config.context),
+                format!("batch {batch}, seq {seq}"),
+            ));
+        }
+        let norm = match config.norm {
+            Norm::LayerNorm => NormConfig::layer_norm(config.norm_eps),
+            Norm::RmsNorm => NormConfig::rms_norm(config.norm_eps),
+        };
+        let rope = match &config.positions {
+            Positions::Learned => None,
+            Positions::Rope { bases } => Some(AttentionRope {
+                config: RopeConfig::new(
+                    config.head_dim(),
+                    bases.iter().map(|&b| b as f64).collect(),
+                    RopeConvention::RotateHalf,
+                )?,
+                distance_ceiling: None,
+            }),
+        };
+        let attention = AttentionOptions {
+            mask: AttentionMask::Causal,
+            scale: None,
+            varlen: None,
+            rope,
+        };
+        let activations = Activations::new(&params, batch, seq)?;
+        Ok(Gpt {
+            params,
+            activations,
+            attention,
+            norm,
+        })
+    }
+
+    /// The mean next-token loss of `inputs` against `targets` (each `batch · seq` tokens), with
+    /// the gradients of `loss_scale · loss` added to the parameters' gradients.
+    pub fn forward_backward(
+        &mut self,
+        inputs: &[u32],
+        targets: &[u32],
+        batch: usize,
+        seq: usize,
+        loss_scale: f32,
+    ) -> Result<f32> {
+        self.forward(inputs, Some(targets), batch, seq, Some(loss_scale))?;
+        self.backward()?;
+        self.mean_loss()
+    }
+
+    /// The mean next-token loss, without gradients.
+    pub fn loss(&mut self, inputs: &[u32], targets: &[u32], batch: usize, seq: usize) -> Result<f32> {
+        self.forward(inputs, Some(targets), batch, seq, None)?;
+        self.mean_loss()
+    }
+
+    /// The logits (batch · seq, vocab) of `inputs`, in the compute dtype.
+    pub fn logits(&mut self, inputs: &[u32], batch: usize, seq: usize) -> Result<&Tensor> {
+        self.forward(inputs, None, batch, seq, None)?;
+        Ok(&self.activations.logits)
+    }
+
+    fn mean_loss(&self) -> Result<f32> {
+        Ok(self.activations.mean_loss.to_vec::<f32>()?[0])
+    }
+
+    /// Runs the model on `inputs`; with `targets`, the loss too, and with `loss_scale` the
+    /// logits' gradient written over them for [`Gpt::backward`].
+    fn forward(
+        &mut self,
+        inputs: &[u32],
+        targets: Option<&[u32]>,
+        batch: usize,
+        seq: usize,
+        loss_scale: Option<f32>,
+    ) -> Result<()> {
+        let config = &self.params.config;
+        let m = batch * seq;
+        if batch == 0 || seq == 0 || seq > config.context {
+            return Err(Error::invalid(
+                OP,
+                "batch shape",
+                format!("batch >= 1 and 1 <= seq <= context ({})", config.context),
+                format!("batch {batch}, seq {seq}"),
+            ));
+        }
+        check_tokens("inputs", inputs, m, config.vocab)?;
+        if let Some(targets) = targets {
+            check_tokens("targets", targets, m, config.vocab)?;
+        }
+        if (self.activations.batch, self.activations.seq) != (batch, seq) {
+            self.activations = Activations::new(&self.params, batch, seq)?;
+        }
+        let params = &self.params;
+        let acts = &mut self.activations;
+        let s = &mut acts.scratch;
+        acts.tokens
+            .copy_from(&Tensor::from_slice(inputs, &[batch, seq], &Device::Cpu)?)?;
+        if let Some(targets) = targets {
+            acts.targets
+                .copy_from(&Tensor::from_slice(targets, &[m], &Device::Cpu)?)?;
+        }
+        if loss_scale.is_some() {
+            acts.embedding_plan.update(inputs)?;
+        }
+
+        let layout = &params.layout;
+        embed(params, &acts.tokens, &mut acts.blocks[0].input, batch, seq)?;
+        for (index, block) in layout.blocks.iter().enumerate() {
+            let (done, rest) = acts.blocks.split_at_mut(index);
+            let here = &mut rest[0];
+            // norm1, fused with the residual add that ends the previous block.
+            match done.last() {
+                None => ops::norm_forward_into(
+                    &self.norm,
+                    &here.input,
+                    None,
+                    norm_params(params, block.norm1),
+                    &mut here.norm1,
+                    &mut here.stats1,
+                )?,
+                Some(previous) => ops::norm_forward_into(
+                    &self.norm,
+                    &s.mlp,
+                    Some((&previous.middle, &mut here.input)),
+                    norm_params(params, block.norm1),
+                    &mut here.norm1,
+                    &mut here.stats1,
+                )?,
+            }
+            attention_forward(params, block, &self.attention, here, s, batch, seq)?;
+            linear_forward(params, &block.out, &here.attention, &mut s.projected)?;
+            ops::norm_forward_into(
+                &self.norm,
+                &s.projected,
+                Some((&here.input, &mut here.middle)),
+                norm_params(params, block.norm2),
+                &mut here.norm2,
+                &mut here.stats2,
+            )?;
+            mlp_forward(params, block, here, s)?;
+        }
+        let last_block = &acts.blocks[layout.blocks.len() - 1];
+        ops::norm_forward_into(
+            &self.norm,
+            &s.mlp,
+            Some((&last_block.middle, &mut acts.last)),
+            norm_params(params, layout.final_norm),
+            &mut acts.final_normed,
+            &mut acts.final_stats,
+        )?;
+        let head = layout.head.unwrap_or(layout.token_embedding);
+        ops::matmul_into(
+            &acts.final_normed,
+            params.weight(head),
+            None,
+            &mut acts.logits,
+            MatmulOptions::linear(),
+        )?;
+        if targets.is_some() {
+            let outputs = CrossEntropyOutputs {
+                losses: &mut acts.losses,
+                mean: &mut acts.mean_loss,
+            };
+            match loss_scale {
+                Some(grad_scale) => {
+                    let options = CrossEntropyOptions {
+                        ignore_index: None,
+                        grad_scale,
+                    };
+                    ops::cross_entropy_fused_in_place(&mut acts.logits, &acts.targets, &options, outputs)?;
+                }
+                None => ops::cross_entropy_into(&acts.logits, &acts.targets, &CrossEntropyOptions::default(), outputs)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the gradients of the last training forward to the parameters' gradients.
+    fn backward(&mut self) -> Result<()> {
+        let params = &mut self.params;
+        let acts = &mut self.activations;
+        let layout = params.layout.clone();
+        let (batch, seq) = (acts.batch, acts.seq);
+        let s = &mut acts.scratch;
+        let [d_a, d_b] = &mut acts.d_stream;
+        let (mut d_stream, mut d_other) = (d_a, d_b);
+
+        // logits = final_normed·Eᵀ: the head's gradient, and that of the final norm's output.
+        let head = layout.head.unwrap_or(layout.token_embedding);
+        weight_grad(params, head, Layout::OutputMajor, &acts.final_normed, &acts.logits)?;
+        ops::matmul_into(
+            &acts.logits,
+            params.weight(head),
+            None,
+            &mut s.d_normed,
+            MatmulOptions::default(),
+        )?;
+        norm_backward(
+            params,
+            &self.norm,
+            layout.final_norm,
+            &s.d_normed,
+            None,
+            &acts.last,
+            &acts.final_stats,
+            d_stream,
+        )?;
+
+        for (index, block) in layout.blocks.iter().enumerate().rev() {
+            let here = &mut acts.blocks[index];
+            // d_stream is the gradient of the block's output, `middle + mlp`.
+            mlp_backward(params, block, here, s, d_stream)?;
+            // `middle` is norm2's input and reaches the output through the skip connection too.
+            norm_backward(
+                params,
+                &self.norm,
+                block.norm2,
+                &s.d_normed,
+                Some(d_stream),
+                &here.middle,
+                &here.stats2,
+                d_other,
+            )?;
+            std::mem::swap(&mut d_stream, &mut d_other);
+            // `middle = input + attention·Wo`: d_stream is also the projection's output gradient.
+            linear_backward(
+                params,
+                &block.out,
+                &here.attention,
+                d_stream,
+                Some(&mut s.d_attention),
+                false,
+                &s.ones,
+            )?;
+            attention_backward(params, block, &self.attention, here, s, batch, seq)?;
+            norm_backward(
+                params,
+                &self.norm,
+                block.norm1,
+                &s.d_normed,
+                Some(d_stream),
+                &here.input,
+                &here.stats1,
+                d_other,
+            )?;
+            std::mem::swap(&mut d_stream, &mut d_other);
+        }
+        embed_backward(params, &acts.embedding_plan, d_stream, batch, seq)
+    }
+}
+
+fn check_tokens(arg: &'static str, tokens: &[u32], expected: usize, vocab: usize) -> Result<()> {
+    if tokens.len() != expected {
+        return Err(Error::invalid(
+            OP,
+            arg,
+            format!("{expected} tokens (batch · seq)"),
+            tokens.len(),
+        ));
+    }
+    match tokens.iter().find(|&&t| t as usize >= vocab) {
+        Some(bad) => Err(Error::invalid(
+            OP,
+            arg,
+            format!("token ids below the vocabulary ({vocab})"),
+            bad,
+        )),
+        None => Ok(()),
+    }
+}
+
+impl Activations {
+    fn new(params: &GptParams, batch: usize, seq: usize) -> Result<Activations> {
+        let config = &params.config;
+        let device = &params.device;
+        let dtype = params.dtype;
+        let m = batch * seq;
+        let (c, f, v) = (config.width, config.ffn_width, config.vocab);
+        let kv = config.kv_heads * config.head_dim();
+        let swiglu = config.activation == Activation::SwiGlu;
+        let fused_qkv = params.layout.blocks.iter().any(|b| matches!(b.qkv, Qkv::Fused(_)));
+        let pre_width = if swiglu { 2 * f } else { f };
+        let tensor = |columns: usize| Tensor::zeros(&[m, columns], dtype, device);
+        let stats = || NormStats::new(m, device);
+        let blocks = (0..config.layers)
+            .map(|_| {
+                Ok(BlockActivations {
+                    input: tensor(c)?,
+                    norm1: tensor(c)?,
+                    stats1: stats()?,
+                    q: tensor(c)?,
+                    k: tensor(kv)?,
+                    v: tensor(kv)?,
+                    attention: tensor(c)?,
+                    lse: None,
+                    middle: tensor(c)?,
+                    norm2: tensor(c)?,
+                    stats2: stats()?,
+                    pre_activation: tensor(pre_width)?,
+                    activated: tensor(f)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let ones = Tensor::from_vec(vec![1.0f32; m], &[m, 1], &Device::Cpu)?;
+        let scratch = Scratch {
+            qkv: if fused_qkv { Some(tensor(c + 2 * kv)?) } else { None },
+            gate: if swiglu { Some(tensor(f)?) } else { None },
+            up: if swiglu { Some(tensor(f)?) } else { None },
+            projected: tensor(c)?,
+            mlp: tensor(c)?,
+            d_normed: tensor(c)?,
+            d_attention: tensor(c)?,
+            d_pre_activation: tensor(pre_width)?,
+            d_activated: tensor(f)?,
+            ones: cast_to(&ones, dtype, device)?,
+        };
+        Ok(Activations {
+            batch,
+            seq,
+            tokens: Tensor::zeros(&[batch, seq], DType::U32, device)?,
+            targets: Tensor::zeros(&[m], DType::U32, device)?,
+            embedding_plan: EmbeddingGradPlan::new(&vec![0; m], batch, seq, v, device)?,
+            blocks,
+            last: tensor(c)?,
+            final_normed: tensor(c)?,
+            final_stats: stats()?,
+            logits: tensor(v)?,
+            losses: Tensor::zeros(&[m], DType::F32, device)?,
+            mean_loss: Tensor::zeros(&[1], DType::F32, device)?,
+            d_stream: [tensor(c)?, tensor(c)?],
+            scratch,
+        })
+    }
+}
+
+/// `tensor` (f32, host) converted to `dtype` on `device`.
+fn cast_to(tensor: &Tensor, dtype: DType, device: &Device) -> Result<Tensor> {
+    let values = tensor.to_vec::<f32>()?;
+    match dtype {
+        DType::BF16 => Tensor::from_vec(
+            values.into_iter().map(half::bf16::from_f32).collect(),
+            tensor.shape(),
+            device,
+        ),
+        DType::F16 => Tensor::from_vec(
+            values.into_iter().map(half::f16::from_f32).collect(),
+            tensor.shape(),
+            device,
+        ),
+        _ => Tensor::from_vec(values, tensor.shape(), device),
+    }
+}
+
+fn norm_params(params: &GptParams, index: NormIndex) -> NormParams<'_> {
+    NormParams {
+        weight: params.weight(index.weight),
+        bias: index.bias.map(|b| params.weight(b)),
+    }
+}
+
+/// A norm's backward: `d_input` gets the gradient of its input (plus `d_skip`), and the gain's
+/// and bias's gradients are added to theirs.
+#[allow(clippy::too_many_arguments)]
+fn norm_backward(
+    params: &mut GptParams,
+    config: &NormConfig,
+    index: NormIndex,
+    d_out: &Tensor,
+    d_skip: Option<&Tensor>,
+    input: &Tensor,
+    stats: &NormStats,
+    d_input: &mut Tensor,
+) -> Result<()> {
+    let (weight, bias) = match index.bias {
+        None => (&mut params.params[index.weight], None),
+        Some(b) => {
+            let [weight, bias] = params
+                .params
+                .get_disjoint_mut([index.weight, b])
+                .map_err(|e| Error::invalid(OP, "layout", "distinct norm parameters", e))?;
+            (weight, Some(bias))
+        }
+    };
+    let gain = weight.compute.as_ref().unwrap_or(&weight.value);
+    ops::norm_backward_into(
+        config,
+        d_out,
+        d_skip,
+        input,
+        NormParams {
+            weight: gain,
+            bias: None,
+        },
+        stats,
+        NormGrads {
+            d_input,
+            d_weight: &mut weight.grad,
+            d_bias: bias.map(|b| &mut b.grad),
+            accumulate: true,
+        },
+    )
+}
+
+/// `out = x·W (+ b)` in the weight's layout.
+fn linear_forward(params: &GptParams, linear: &Linear, x: &Tensor, out: &mut Tensor) -> Result<()> {
+    let options = match linear.layout {
+        Layout::OutputMajor => MatmulOptions::linear(),
+        _ => MatmulOptions::default(),
+    };
+    let bias = linear.bias.map(|b| params.weight(b));
+    ops::matmul_into(x, params.weight(linear.weight), bias, out, options)
+}
+
+/// A linear layer's backward: `dx` (added to what it holds with `accumulate`) and the weight's
+/// and bias's gradients, added to theirs.
+fn linear_backward(
+    params: &mut GptParams,
+    linear: &Linear,
+    x: &Tensor,
+    dy: &Tensor,
+    dx: Option<&mut Tensor>,
+    accumulate: bool,
+    ones: &Tensor,
+) -> Result<()> {
+    if let Some(dx) = dx {
+        let options = MatmulOptions {
+            trans_b: linear.layout == Layout::InputMajor,
+            beta: if accumulate { 1.0 } else { 0.0 },
+            ..MatmulOptions::default()
+        };
+        ops::matmul_into(dy, params.weight(linear.weight), None, dx, options)?;
+    }
+    weight_grad(params, linear.weight, linear.layout, x, dy)?;
+    if let Some(bias) = linear.bias {
+        // db = 1ᵀ·dY, as a (1, n) product into the (n) gradient.
+        let grad = &mut params.params[bias].grad;
+        let n = grad.numel();
+        grad.reshape_in_place(&[1, n])?;
+        let options = MatmulOptions {
+            trans_a: true,
+            beta: 1.0,
+            ..MatmulOptions::default()
+        };
+        let result = ops::matmul_into(ones, dy, None, grad, options);
+        grad.reshape_in_place(&[n])?;
+        result?;
+    }
+    Ok(())
+}
+
+/// Adds a weight's gradient: (in, out) `xᵀ·dY`, or (out, in) `dYᵀ·x`.
+fn weight_grad(params: &mut GptParams, index: usize, layout: Layout, x: &Tensor, dy: &Tensor) -> Result<()> {
+    let options = MatmulOptions {
+        trans_a: true,
+        beta: 1.0,
+        ..MatmulOptions::default()
+    };
+    let grad = &mut params.params[index].grad;
+    match layout {
+        Layout::InputMajor => ops::matmul_into(x, dy, None, grad, options),
+        _ => ops::matmul_into(dy, x, None, grad, options),
+    }
+}
+
+/// Queries, keys and values from norm1's output, then attention.
+fn attention_forward(
+    params: &GptParams,
+    block: &Block,
+    options: &AttentionOptions,
+    here: &mut BlockActivations,
+    s: &mut Scratch,
+    batch: usize,
+    seq: usize,
+) -> Result<()> {
+    let config = &params.config;
+    let (c, kv) = (config.width, config.kv_heads * config.head_dim());
+    match &block.qkv {
+        Qkv::Fused(linear) => {
+            let qkv = s
+                .qkv
+                .as_mut()
+                .ok_or_else(|| Error::invalid(OP, "layout", "a fused qkv buffer", "none"))?;
+            linear_forward(params, linear, &here.norm1, qkv)?;
+            ops::copy_columns(qkv, 0, &mut here.q, 0, c)?;
+            ops::copy_columns(qkv, c, &mut here.k, 0, kv)?;
+            ops::copy_columns(qkv, c + kv, &mut here.v, 0, kv)?;
+        }
+        Qkv::Separate { q, k, v } => {
+            linear_forward(params, q, &here.norm1, &mut here.q)?;
+            linear_forward(params, k, &here.norm1, &mut here.k)?;
+            linear_forward(params, v, &here.norm1, &mut here.v)?;
+        }
+    }
+    let heads = HeadShapes::new(params, batch, seq);
+    heads.split(&mut here.q, &mut here.k, &mut here.v)?;
+    let result = ops::attention_forward(&here.q, &here.k, &here.v, options);
+    heads.join(&mut here.q, &mut here.k, &mut here.v)?;
+    let (out, lse) = result?;
+    here.attention = out.reshape(&[batch * seq, c])?;
+    here.lse = Some(lse);
+    Ok(())
+}
+
+/// Attention's backward from `s.d_attention`, then the query-key-value projections' backward
+/// into `s.d_normed` (the gradient of norm1's output).
+fn attention_backward(
+    params: &mut GptParams,
+    block: &Block,
+    options: &AttentionOptions,
+    here: &mut BlockActivations,
+    s: &mut Scratch,
+    batch: usize,
+    seq: usize,
+) -> Result<()> {
+    let config = &params.config;
+    let (c, kv, m) = (config.width, config.kv_heads * config.head_dim(), batch * seq);
+    let heads = HeadShapes::new(params, batch, seq);
+    let lse = here
+        .lse
+        .as_ref()
+        .ok_or_else(|| Error::invalid(OP, "backward", "a training forward first", "none"))?;
+    heads.split(&mut here.q, &mut here.k, &mut here.v)?;
+    here.attention.reshape_in_place(&heads.q)?;
+    s.d_attention.reshape_in_place(&heads.q)?;
+    let result = ops::attention_backward(&s.d_attention, &here.q, &here.k, &here.v, &here.attention, lse, options);
+    heads.join(&mut here.q, &mut here.k, &mut here.v)?;
+    here.attention.reshape_in_place(&[m, c])?;
+    s.d_attention.reshape_in_place(&[m, c])?;
+    let (d_q, d_k, d_v) = result?;
+    let (d_q, d_k, d_v) = (d_q.reshape(&[m, c])?, d_k.reshape(&[m, kv])?, d_v.reshape(&[m, kv])?);
+    match &block.qkv {
+        Qkv::Fused(linear) => {
+            let d_qkv = s
+                .qkv
+                .as_mut()
+                .ok_or_else(|| Error::invalid(OP, "layout", "a fused qkv buffer", "none"))?;
+            ops::copy_columns(&d_q, 0, d_qkv, 0, c)?;
+            ops::copy_columns(&d_k, 0, d_qkv, c, kv)?;
+            ops::copy_columns(&d_v, 0, d_qkv, c + kv, kv)?;
+            linear_backward(
+                params,
+                linear,
+                &here.norm1,
+                d_qkv,
+                Some(&mut s.d_normed),
+                false,
+                &s.ones,
+            )
+        }
+        Qkv::Separate { q, k, v } => {
+            linear_backward(params, q, &here.norm1, &d_q, Some(&mut s.d_normed), false, &s.ones)?;
+            linear_backward(params, k, &here.norm1, &d_k, Some(&mut s.d_normed), true, &s.ones)?;
+            linear_backward(params, v, &here.norm1, &d_v, Some(&mut s.d_normed), true, &s.ones)
+        }
+    }
+}
+
+/// The (batch, seq, heads, head_dim) shapes attention reads, and the (tokens, width) ones the
+/// matmuls write.
+struct HeadShapes {
+    q: [usize; 4],
+    kv: [usize; 4],
+    flat_q: [usize; 2],
+    flat_kv: [usize; 2],
+}
+
+impl HeadShapes {
+    fn new(params: &GptParams, batch: usize, seq: usize) -> HeadShapes {
+        let config = &params.config;
+        let d = config.head_dim();
+        HeadShapes {
+            q: [batch, seq, config.heads, d],
+            kv: [batch, seq, config.kv_heads, d],
+            flat_q: [batch * seq, config.heads * d],
+            flat_kv: [batch * seq, config.kv_heads * d],
+        }
+    }
+
+    fn split(&self, q: &mut Tensor, k: &mut Tensor, v: &mut Tensor) -> Result<()> {
+        q.reshape_in_place(&self.q)?;
+        k.reshape_in_place(&self.kv)?;
+        v.reshape_in_place(&self.kv)
+    }
+
+    fn join(&self, q: &mut Tensor, k: &mut Tensor, v: &mut Tensor) -> Result<()> {
+        q.reshape_in_place(&self.flat_q)?;
+        k.reshape_in_place(&self.flat_kv)?;
+        v.reshape_in_place(&self.flat_kv)
+    }
+}
+
+/// The MLP from norm2's output into `s.mlp`.
+fn mlp_forward(params: &GptParams, block: &Block, here: &mut BlockActivations, s: &mut Scratch) -> Result<()> {
+    match &block.gate {
+        None => {
+            linear_forward(params, &block.up, &here.norm2, &mut here.pre_activation)?;
+            ops::gelu_forward_into(&here.pre_activation, &mut here.activated)?;
+        }
+        Some(gate) => {
+            let (gate_out, up_out) = swiglu_halves(s)?;
+            let f = block.up.output;
+            linear_forward(params, gate, &here.norm2, gate_out)?;
+            linear_forward(params, &block.up, &here.norm2, up_out)?;
+            ops::copy_columns(gate_out, 0, &mut here.pre_activation, 0, f)?;
+            ops::copy_columns(up_out, 0, &mut here.pre_activation, f, f)?;
+            ops::swiglu_forward_into(&here.pre_activation, &mut here.activated)?;
+        }
+    }
+    linear_forward(params, &block.down, &here.activated, &mut s.mlp)
+}
+
+/// The MLP's backward from `d_out` (the gradient of its output) into `s.d_normed` (the
+/// gradient of norm2's output).
+fn mlp_backward(
+    params: &mut GptParams,
+    block: &Block,
+    here: &BlockActivations,
+    s: &mut Scratch,
+    d_out: &Tensor,
+) -> Result<()> {
+    linear_backward(
+        params,
+        &block.down,
+        &here.activated,
+        d_out,
+        Some(&mut s.d_activated),
+        false,
+        &s.ones,
+    )?;
+    match &block.gate {
+        None => {
+            ops::gelu_backward_into(&here.pre_activation, &s.d_activated, &mut s.d_pre_activation)?;
+            linear_backward(
+                params,
+                &block.up,
+                &here.norm2,
+                &s.d_pre_activation,
+                Some(&mut s.d_normed),
+                false,
+                &s.ones,
+            )
+        }
+        Some(gate) => {
+            ops::swiglu_backward_into(&here.pre_activation, &s.d_activated, &mut s.d_pre_activation)?;
+            let f = block.up.output;
+            let ones = &s.ones;
+            let (d_gate, d_up) = match (s.gate.as_mut(), s.up.as_mut()) {
+                (Some(g), Some(u)) => (g, u),
+                _ => return Err(Error::invalid(OP, "layout", "SwiGLU buffers", "none")),
+            };
+            ops::copy_columns(&s.d_pre_activation, 0, d_gate, 0, f)?;
+            ops::copy_columns(&s.d_pre_activation, f, d_up, 0, f)?;
+            linear_backward(params, gate, &here.norm2, d_gate, Some(&mut s.d_normed), false, ones)?;
+            linear_backward(params, &block.up, &here.norm2, d_up, Some(&mut s.d_normed), true, ones)
+        }
+    }
+}
+
+fn swiglu_halves(s: &mut Scratch) -> Result<(&mut Tensor, &mut Tensor)> {
+    match (s.gate.as_mut(), s.up.as_mut()) {
+        (Some(gate), Some(up)) => Ok((gate, up)),
+        _ => Err(Error::invalid(OP, "layout", "SwiGLU buffers", "none")),
+    }
+}
+
+/// The token (and learned position) embeddings of `tokens` into `out` (M, C).
+fn embed(params: &GptParams, tokens: &Tensor, out: &mut Tensor, batch: usize, seq: usize) -> Result<()> {
+    let layout = &params.layout;
+    let c = params.config.width;
+    let positions = layout.positions.map(|index| params.weight(index));
+    out.reshape_in_place(&[batch, seq, c])?;
+    let result = ops::embedding_forward_into(tokens, params.weight(layout.token_embedding), positions, out);
+    out.reshape_in_place(&[batch * seq, c])?;
+    result
+}
+
+/// Adds the embeddings' gradients from `d_out` (M, C), the gradient of the first block's input.
+fn embed_backward(
+    params: &mut GptParams,
+    plan: &EmbeddingGradPlan,
+    d_out: &mut Tensor,
+    batch: usize,
+    seq: usize,
+) -> Result<()> {
+    let layout = &params.layout;
+    let c = params.config.width;
+    let (tokens, positions) = match layout.positions {
+        None => (&mut params.params[layout.token_embedding], None),
+        Some(index) => {
+            let [tokens, positions] = params
+                .params
+                .get_disjoint_mut([layout.token_embedding, index])
+                .map_err(|e| Error::invalid(OP, "layout", "distinct embedding tables", e))?;
+            (tokens, Some(positions))
+        }
+    };
+    d_out.reshape_in_place(&[batch, seq, c])?;
+    let result = ops::embedding_backward_into(d_out, plan, &mut tokens.grad, positions.map(|p| &mut p.grad), true);
+    d_out.reshape_in_place(&[batch * seq, c])?;
+    result
+}
