@@ -296,6 +296,54 @@ impl GptConfig {
         Ok(config)
     }
 
+    /// The `config.json` with which Hugging Face transformers loads this model (GPT2LMHeadModel
+    /// or LlamaForCausalLM), or `None` when no transformers architecture matches it (a GPT-2
+    /// with RoPE, a Llama with GELU, per-head RoPE bases, ...).
+    pub fn hugging_face_json(&self) -> Option<String> {
+        let rope_base = match &self.positions {
+            Positions::Rope { bases } if bases.len() == 1 => Some(bases[0]),
+            _ => None,
+        };
+        let config = match (self.family, self.norm, self.activation, rope_base) {
+            (Family::Gpt2, Norm::LayerNorm, Activation::Gelu, None)
+                if self.positions == Positions::Learned && self.kv_heads == self.heads && self.tied_embeddings =>
+            {
+                json!({
+                    "architectures": ["GPT2LMHeadModel"],
+                    "model_type": "gpt2",
+                    "vocab_size": self.vocab,
+                    "n_positions": self.context,
+                    "n_embd": self.width,
+                    "n_layer": self.layers,
+                    "n_head": self.heads,
+                    "n_inner": self.ffn_width,
+                    "activation_function": "gelu_new",
+                    "layer_norm_epsilon": self.norm_eps,
+                    "tie_word_embeddings": true,
+                })
+            }
+            (Family::Llama, Norm::RmsNorm, Activation::SwiGlu, Some(base)) => json!({
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "vocab_size": self.vocab,
+                "hidden_size": self.width,
+                "intermediate_size": self.ffn_width,
+                "num_hidden_layers": self.layers,
+                "num_attention_heads": self.heads,
+                "num_key_value_heads": self.kv_heads,
+                "max_position_embeddings": self.context,
+                "rms_norm_eps": self.norm_eps,
+                "rope_theta": base,
+                "hidden_act": "silu",
+                "attention_bias": false,
+                "mlp_bias": false,
+                "tie_word_embeddings": self.tied_embeddings,
+            }),
+            _ => return None,
+        };
+        Some(config.to_string())
+    }
+
     /// Parameters of the model, counting a tied output projection once.
     pub fn parameter_count(&self) -> usize {
         super::params::parameters(self)
@@ -329,6 +377,28 @@ mod tests {
         config.width = 100;
         assert!(config.validate().unwrap_err().to_string().contains("width"));
         assert!(GptConfig::preset("huge").is_err());
+    }
+
+    #[test]
+    fn hugging_face_configs_only_for_their_architectures() {
+        let gpt2 = GptConfig::tiny().hugging_face_json().unwrap();
+        assert!(
+            gpt2.contains("\"GPT2LMHeadModel\"") && gpt2.contains("\"n_inner\":512"),
+            "{gpt2}"
+        );
+        let llama = GptConfig::llama_tiny().hugging_face_json().unwrap();
+        assert!(
+            llama.contains("\"LlamaForCausalLM\"") && llama.contains("\"rope_theta\":10000"),
+            "{llama}"
+        );
+        let mut rotary_gpt2 = GptConfig::tiny();
+        rotary_gpt2.positions = Positions::Rope { bases: vec![10000.0] };
+        assert_eq!(rotary_gpt2.hugging_face_json(), None);
+        let mut per_head = GptConfig::llama_tiny();
+        per_head.positions = Positions::Rope {
+            bases: vec![1e4, 2e4, 3e4, 4e4],
+        };
+        assert_eq!(per_head.hugging_face_json(), None);
     }
 
     #[test]

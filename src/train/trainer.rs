@@ -3,7 +3,9 @@
 //! loss stops being a number.
 //!
 //! A checkpoint is a directory `step-NNNNNNNN` under the output directory holding
-//! `model.safetensors` (the parameters, Hugging Face names) and `trainer.safetensors` (AdamW's
+//! `model.safetensors` (the parameters, Hugging Face names), `config.json` when Hugging Face
+//! transformers has the architecture (so that `from_pretrained(dir)` loads it), and
+//! `trainer.safetensors` (AdamW's
 //! moments as `exp_avg.<name>` and `exp_avg_sq.<name>`, and in its metadata the step, the
 //! sampler's position and the options). It is written under a temporary name and renamed when
 //! complete, then the file `latest` is replaced (temporary file, rename) to name it, so a crash at
@@ -299,6 +301,10 @@ impl Trainer {
         let _ = fs::remove_dir_all(&temporary);
         fs::create_dir_all(&temporary).map_err(|e| fail("create a temporary directory", e))?;
         self.model.params.save(temporary.join("model.safetensors"))?;
+        // With transformers' config.json beside it, `from_pretrained(dir)` loads the checkpoint.
+        if let Some(config) = self.model.params.config.hugging_face_json() {
+            fs::write(temporary.join("config.json"), config).map_err(|e| fail("write config.json", e))?;
+        }
         let params = &self.model.params.params;
         let mut moments: Vec<(String, &Tensor)> = Vec::with_capacity(2 * params.len());
         for p in params {
