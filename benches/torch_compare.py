@@ -127,12 +127,89 @@ def torch_columns(case, warmup, iterations, generator):
     return {"ms": ms, "gbps": 4 * rows * 3 * part / (ms * 1e6), "what": "torch.split + contiguous"}
 
 
+class Gpt2(torch.nn.Module):
+    """A straightforward GPT-2 (pre-norm, fused qkv, SDPA, tanh GELU, tied head), as a user
+    would write it."""
+
+    def __init__(self, c):
+        super().__init__()
+        nn = torch.nn
+        self.c = c
+        self.wte = nn.Embedding(c["vocab"], c["width"])
+        self.wpe = nn.Embedding(c["context"], c["width"])
+        self.blocks = nn.ModuleList()
+        for _ in range(c["layers"]):
+            block = nn.Module()
+            block.ln_1 = nn.LayerNorm(c["width"], eps=c["norm_eps"])
+            block.c_attn = nn.Linear(c["width"], 3 * c["width"])
+            block.c_proj = nn.Linear(c["width"], c["width"])
+            block.ln_2 = nn.LayerNorm(c["width"], eps=c["norm_eps"])
+            block.c_fc = nn.Linear(c["width"], c["ffn_width"])
+            block.mlp_proj = nn.Linear(c["ffn_width"], c["width"])
+            self.blocks.append(block)
+        self.ln_f = nn.LayerNorm(c["width"], eps=c["norm_eps"])
+
+    def forward(self, idx, targets):
+        F = torch.nn.functional
+        b, t = idx.shape
+        heads, width = self.c["heads"], self.c["width"]
+        x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
+        for block in self.blocks:
+            q, k, v = block.c_attn(block.ln_1(x)).split(width, dim=2)
+            q, k, v = (z.view(b, t, heads, width // heads).transpose(1, 2) for z in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + block.c_proj(y.transpose(1, 2).reshape(b, t, width))
+            x = x + block.mlp_proj(F.gelu(block.c_fc(block.ln_2(x)), approximate="tanh"))
+        logits = self.ln_f(x) @ self.wte.weight.t()
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
+
+def torch_train(case, warmup, iterations, generator):
+    """GPT-2 training steps (bf16 autocast, SDPA, fused AdamW, grad-norm clipping), eager and
+    under torch.compile; the eager model is the anchor, the compiled one is reported beside it."""
+    c, batch, seq = case["config"], case["batch"], case["seq"]
+    tokens = torch.randint(0, c["vocab"], (batch, seq + 1), device="cuda", generator=generator)
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    results = {}
+    for mode in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model = Gpt2(c).cuda()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+        step_model = torch.compile(model) if mode == "compiled" else model
+
+        def work(i):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = step_model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss.item()  # tessera reads its loss back every step too
+
+        ms = time_ms(work, max(warmup, 3), min(iterations, 10))
+        results[mode] = ms
+        del model, optimizer, step_model
+        torch.cuda.empty_cache()
+    flops = case["flops_per_token"] * batch * seq
+    ms = results["eager"]
+    return {
+        "ms": ms,
+        "tflops": flops / (ms * 1e9),
+        "tokens_per_s": batch * seq / (ms * 1e-3),
+        "compiled_ms": results["compiled"],
+        "compiled_tokens_per_s": batch * seq / (results["compiled"] * 1e-3),
+        "what": f"PyTorch eager (torch.compile: {results['compiled']:.1f} ms, "
+        f"{batch * seq / (results['compiled'] * 1e-3) / 1e3:.0f}k tokens/s)",
+    }
+
+
 RUNNERS = {
     "copy": torch_copy,
     "matmul": torch_matmul,
     "adamw": torch_adamw,
     "wavelet": torch_wavelet,
     "columns": torch_columns,
+    "train": torch_train,
 }
 
 

@@ -6,6 +6,7 @@
 mod adamw;
 mod columns;
 mod matmul;
+mod train;
 mod wavelet;
 
 use rayon::prelude::*;
@@ -36,6 +37,7 @@ const FAMILIES: &[(&str, Family)] = &[
     ("adamw", adamw::run),
     ("wavelet", wavelet::run),
     ("columns", columns::run),
+    ("train", train::run),
 ];
 
 type Family = fn(&mut Context) -> Result<Vec<Value>>;

@@ -1,0 +1,59 @@
+//! One full training step of GPT-2 small (124M parameters, context 1024) on 16 x 1024 tokens:
+//! forward, backward, gradient norm and AdamW, bf16 activations with f32 master weights, as
+//! `tessera train` runs it. Reported as tokens/s, model TFLOP/s and MFU.
+
+use super::{Context, Result};
+use serde_json::{json, Value};
+use tessera::model::GptConfig;
+use tessera::train::trainer::{TrainOptions, Trainer};
+use tessera::train::Corpus;
+
+/// Dense bf16 tensor-core peak of an H100 or H200 SXM, for MFU.
+const PEAK_BF16_TFLOPS: f64 = 989.4;
+
+pub fn run(context: &mut Context) -> Result<Vec<Value>> {
+    let (config, batch, seq) = if context.quick {
+        (GptConfig::tiny(), 4, 128)
+    } else {
+        (GptConfig::gpt2_small(), 16, 1024)
+    };
+    let options = TrainOptions {
+        batch,
+        seq,
+        steps: 1 << 20,
+        ..TrainOptions::gpt2_small()
+    };
+    let corpus = Corpus::embedded().map_err(|e| e.to_string())?;
+    let mut trainer = Trainer::new(&config, options, &context.device).map_err(|e| e.to_string())?;
+    // The loss is read back every step (as training does), so each timed step ends synchronised.
+    let iterations = if context.quick { 3 } else { 10 };
+    let settings = super::Settings { warmup: 2, iterations };
+    let samples = context
+        .gpu
+        .time_ms(settings.warmup, settings.iterations, |_| {
+            trainer.train_step(&corpus).map(|_| ())
+        })
+        .map_err(|e| e.to_string())?;
+    let ms = super::median(samples);
+    let tokens = (batch * seq) as f64;
+    let flops = flops_per_token(&config, seq) * tokens;
+    let tflops = flops / (ms * 1e9);
+    Ok(vec![json!({
+        "name": format!("train step gpt2 {}M, {batch}x{seq} bf16", config.parameter_count() / 1_000_000),
+        "kind": "train",
+        "config": serde_json::from_str::<Value>(&config.to_json()).map_err(|e| e.to_string())?,
+        "batch": batch,
+        "seq": seq,
+        "ms": ms,
+        "tokens_per_s": tokens / (ms * 1e-3),
+        "tflops": tflops,
+        "mfu_pct": 100.0 * tflops / PEAK_BF16_TFLOPS,
+        "flops_per_token": flops / tokens,
+    })])
+}
+
+/// Training FLOPs per token: 6 per parameter (forward and backward matmuls) plus attention's
+/// scores and weighted sums, 12·layers·width·seq (PaLM's and llm.c's convention).
+pub fn flops_per_token(config: &GptConfig, seq: usize) -> f64 {
+    6.0 * config.parameter_count() as f64 + 12.0 * (config.layers * config.width * seq) as f64
+}
