@@ -11,7 +11,7 @@ mod reference;
 
 use rand::Rng;
 use std::path::PathBuf;
-use tessera::model::{Activation, Family, Gpt, GptConfig, GptParams, Norm, Positions};
+use tessera::model::{Activation, Attention, Family, Gpt, GptConfig, GptParams, Norm, Positions};
 use tessera::train::trainer::{TrainOptions, Trainer};
 use tessera::train::Corpus;
 use tessera::{DType, Device, Error, Tensor};
@@ -38,6 +38,8 @@ fn small(family: Family) -> GptConfig {
             }
         },
         tied_embeddings: gpt2,
+        attention: Attention::Causal,
+        wavelet: false,
     }
 }
 
@@ -91,9 +93,9 @@ fn grad_f64(tensor: &Tensor) -> Vec<f64> {
     }
 }
 
-fn gradients_match_finite_differences(device: &Device, family: Family) {
+fn gradients_match_finite_differences(device: &Device, config: GptConfig) {
     let mut rng = common::rng();
-    let config = small(family);
+    let family = config.family;
     let (batch, seq) = (2, 7);
     let params = random_params(&config, device, &mut rng);
     let inputs: Vec<u32> = (0..batch * seq)
@@ -111,7 +113,7 @@ fn gradients_match_finite_differences(device: &Device, family: Family) {
     let (loss_tolerance, grad_tolerance) = if device.is_cuda() { (2e-2, 6e-2) } else { (1e-5, 2e-3) };
     assert!(
         ((loss - expected) / expected).abs() < loss_tolerance,
-        "loss {loss} vs the f64 reference {expected}"
+        "{family:?}: loss {loss} vs the f64 reference {expected}"
     );
 
     // Every tensor's gradient at a few random entries, by central differences of the reference.
@@ -146,11 +148,31 @@ fn gradients_match_finite_differences(device: &Device, family: Family) {
 }
 
 fn gpt2_gradients(device: &Device) {
-    gradients_match_finite_differences(device, Family::Gpt2);
+    gradients_match_finite_differences(device, small(Family::Gpt2));
 }
 
 fn llama_gradients(device: &Device) {
-    gradients_match_finite_differences(device, Family::Llama);
+    gradients_match_finite_differences(device, small(Family::Llama));
+}
+
+/// WaveletGPT's mixing between blocks, with a sliding-window mask.
+fn wavelet_window_gradients(device: &Device) {
+    let config = GptConfig {
+        wavelet: true,
+        attention: Attention::Window { size: 3 },
+        ..small(Family::Gpt2)
+    };
+    gradients_match_finite_differences(device, config);
+}
+
+/// LM-Infinite's Λ mask with the distance ceiling on RoPE, and wavelet mixing.
+fn lambda_gradients(device: &Device) {
+    let config = GptConfig {
+        attention: Attention::Lambda { global: 1, window: 2 },
+        wavelet: true,
+        ..small(Family::Llama)
+    };
+    gradients_match_finite_differences(device, config);
 }
 
 fn options(steps: u64) -> TrainOptions {
@@ -272,6 +294,8 @@ fn bad_batches_are_errors(device: &Device) {
 on_each_device!(
     gpt2_gradients,
     llama_gradients,
+    wavelet_window_gradients,
+    lambda_gradients,
     training_lowers_the_loss_repeatably,
     resume_equals_uninterrupted,
     nan_stops_training_and_keeps_the_checkpoint,

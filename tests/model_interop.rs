@@ -7,7 +7,7 @@
 mod common;
 
 use tessera::model::safetensors::SafeTensors;
-use tessera::model::{Activation, Family, Gpt, GptConfig, GptParams, Norm, Positions};
+use tessera::model::{Activation, Attention, Family, Gpt, GptConfig, GptParams, Norm, Positions};
 use tessera::{DType, Device};
 
 fn fixture(name: &str) -> std::path::PathBuf {
@@ -37,6 +37,8 @@ fn config(family: Family) -> GptConfig {
             Positions::Rope { bases: vec![10000.0] }
         },
         tied_embeddings: gpt2,
+        attention: Attention::Causal,
+        wavelet: false,
     }
 }
 

@@ -41,6 +41,18 @@ pub enum Positions {
     Rope { bases: Vec<f32> },
 }
 
+/// Which keys each query attends to (always causal).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attention {
+    /// Every earlier key.
+    Causal,
+    /// The `size` most recent keys, the query's own included.
+    Window { size: usize },
+    /// LM-Infinite's Λ shape: the first `global` keys and the `window` most recent ones; with
+    /// RoPE, relative distances are capped at `window` (the distance ceiling).
+    Lambda { global: usize, window: usize },
+}
+
 /// A decoder-only transformer's shape.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GptConfig {
@@ -62,6 +74,10 @@ pub struct GptConfig {
     pub positions: Positions,
     /// The output projection shares the token embedding's weights.
     pub tied_embeddings: bool,
+    pub attention: Attention,
+    /// WaveletGPT: after every block, the first half of the coordinates replaced by causal
+    /// averages over windows from 2 to the context (ALGORITHMS.md §3, the spec's defaults).
+    pub wavelet: bool,
 }
 
 impl GptConfig {
@@ -81,6 +97,8 @@ impl GptConfig {
             activation: Activation::Gelu,
             positions: Positions::Learned,
             tied_embeddings: true,
+            attention: Attention::Causal,
+            wavelet: false,
         }
     }
 
@@ -100,6 +118,8 @@ impl GptConfig {
             activation: Activation::Gelu,
             positions: Positions::Learned,
             tied_embeddings: true,
+            attention: Attention::Causal,
+            wavelet: false,
         }
     }
 
@@ -177,6 +197,27 @@ impl GptConfig {
                 format!("head dim {head_dim}"),
             ));
         }
+        match self.attention {
+            Attention::Causal => {}
+            Attention::Window { size } if size >= 1 => {}
+            Attention::Lambda { window, .. } if window >= 1 => {}
+            other => {
+                return Err(Error::invalid(
+                    OP,
+                    "attention",
+                    "a window of at least 1 token",
+                    format!("{other:?}"),
+                ))
+            }
+        }
+        if self.wavelet && self.context < 2 {
+            return Err(Error::invalid(
+                OP,
+                "context",
+                "at least 2 for wavelet mixing",
+                self.context,
+            ));
+        }
         if !(self.norm_eps.is_finite() && self.norm_eps >= 0.0) {
             return Err(Error::invalid(OP, "norm_eps", "a finite number >= 0", self.norm_eps));
         }
@@ -220,6 +261,12 @@ impl GptConfig {
             "activation": match self.activation { Activation::Gelu => "gelu", Activation::SwiGlu => "swiglu" },
             "positions": positions,
             "tied_embeddings": self.tied_embeddings,
+            "attention": match self.attention {
+                Attention::Causal => json!("causal"),
+                Attention::Window { size } => json!({ "window": size }),
+                Attention::Lambda { global, window } => json!({ "lambda": { "global": global, "window": window } }),
+            },
+            "wavelet": self.wavelet,
         })
         .to_string()
     }
@@ -270,6 +317,33 @@ impl GptConfig {
             }
         };
         let tied = field("tied_embeddings")?;
+        let number = |v: Option<&Value>| v.and_then(Value::as_u64).map(|v| v as usize);
+        let attention = match field("attention")? {
+            Value::String(s) if s == "causal" => Attention::Causal,
+            v => match (number(v.get("window")), v.get("lambda")) {
+                (Some(size), None) => Attention::Window { size },
+                (None, Some(l)) => match (number(l.get("global")), number(l.get("window"))) {
+                    (Some(global), Some(window)) => Attention::Lambda { global, window },
+                    _ => {
+                        return Err(Error::invalid(
+                            OP,
+                            "attention",
+                            "{\"lambda\": {\"global\": g, \"window\": w}}",
+                            v,
+                        ))
+                    }
+                },
+                _ => {
+                    return Err(Error::invalid(
+                        OP,
+                        "attention",
+                        "\"causal\", {\"window\": n} or {\"lambda\": {\"global\": g, \"window\": w}}",
+                        v,
+                    ))
+                }
+            },
+        };
+        let wavelet = field("wavelet")?;
         let config = GptConfig {
             family: [Family::Gpt2, Family::Llama][word("family", &["gpt2", "llama"])?],
             vocab: size("vocab")?,
@@ -291,6 +365,10 @@ impl GptConfig {
             tied_embeddings: tied
                 .as_bool()
                 .ok_or_else(|| Error::invalid(OP, "tied_embeddings", "true or false", tied))?,
+            attention,
+            wavelet: wavelet
+                .as_bool()
+                .ok_or_else(|| Error::invalid(OP, "wavelet", "true or false", wavelet))?,
         };
         config.validate()?;
         Ok(config)
@@ -304,6 +382,9 @@ impl GptConfig {
             Positions::Rope { bases } if bases.len() == 1 => Some(bases[0]),
             _ => None,
         };
+        if self.attention != Attention::Causal || self.wavelet {
+            return None;
+        }
         let config = match (self.family, self.norm, self.activation, rope_base) {
             (Family::Gpt2, Norm::LayerNorm, Activation::Gelu, None)
                 if self.positions == Positions::Learned && self.kv_heads == self.heads && self.tied_embeddings =>
@@ -403,7 +484,22 @@ mod tests {
 
     #[test]
     fn json_round_trips_and_names_bad_fields() {
-        for config in [GptConfig::tiny(), GptConfig::llama_tiny(), GptConfig::gpt2_small()] {
+        let lambda = GptConfig {
+            attention: Attention::Lambda { global: 4, window: 32 },
+            wavelet: true,
+            ..GptConfig::llama_tiny()
+        };
+        let window = GptConfig {
+            attention: Attention::Window { size: 16 },
+            ..GptConfig::tiny()
+        };
+        for config in [
+            GptConfig::tiny(),
+            GptConfig::llama_tiny(),
+            GptConfig::gpt2_small(),
+            lambda,
+            window,
+        ] {
             assert_eq!(GptConfig::from_json(&config.to_json()).unwrap(), config);
         }
         let text = GptConfig::tiny().to_json().replace("\"gelu\"", "\"relu\"");

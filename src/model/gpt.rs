@@ -14,14 +14,14 @@
 //! gradient over them. Activations and weights are in the compute dtype (f32 on the CPU, bf16 on
 //! a GPU); sums, norms' statistics and the loss are f32.
 
-use super::config::{Activation, Norm, Positions};
+use super::config::{Activation, Attention, Norm, Positions};
 use super::params::{Block, GptParams, Layout, Linear, NormIndex, Qkv};
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::{
     self, AttentionMask, AttentionOptions, AttentionRope, CrossEntropyOptions, CrossEntropyOutputs, EmbeddingGradPlan,
-    MatmulOptions, NormConfig, NormGrads, NormParams, NormStats, RopeConfig, RopeConvention,
+    MatmulOptions, NormConfig, NormGrads, NormParams, NormStats, RopeConfig, RopeConvention, WaveletConfig,
 };
 use crate::tensor::Tensor;
 
@@ -100,6 +100,8 @@ pub struct Gpt {
     activations: Activations,
     attention: AttentionOptions,
     norm: NormConfig,
+    /// WaveletGPT's mixing between blocks, when the model uses it.
+    wavelet: Option<WaveletConfig>,
 }
 
 impl Gpt {
@@ -118,6 +120,18 @@ impl Gpt {
             Norm::LayerNorm => NormConfig::layer_norm(config.norm_eps),
             Norm::RmsNorm => NormConfig::rms_norm(config.norm_eps),
         };
+        let (mask, ceiling) = match config.attention {
+            Attention::Causal => (AttentionMask::Causal, None),
+            Attention::Window { size } => (
+                AttentionMask::Window {
+                    left: size - 1,
+                    right: 0,
+                },
+                None,
+            ),
+            // LM-Infinite caps relative distances at the local window (§4.3).
+            Attention::Lambda { global, window } => (AttentionMask::Lambda { global, window }, Some(window)),
+        };
         let rope = match &config.positions {
             Positions::Learned => None,
             Positions::Rope { bases } => Some(AttentionRope {
@@ -126,14 +140,19 @@ impl Gpt {
                     bases.iter().map(|&b| b as f64).collect(),
                     RopeConvention::RotateHalf,
                 )?,
-                distance_ceiling: None,
+                distance_ceiling: ceiling,
             }),
         };
         let attention = AttentionOptions {
-            mask: AttentionMask::Causal,
+            mask,
             scale: None,
             varlen: None,
             rope,
+        };
+        let wavelet = if config.wavelet {
+            Some(WaveletConfig::paper_default(config.width, config.context)?)
+        } else {
+            None
         };
         let activations = Activations::new(&params, batch, seq)?;
         Ok(Gpt {
@@ -141,6 +160,7 @@ impl Gpt {
             activations,
             attention,
             norm,
+            wavelet,
         })
     }
 
@@ -220,17 +240,10 @@ impl Gpt {
         for (index, block) in layout.blocks.iter().enumerate() {
             let (done, rest) = acts.blocks.split_at_mut(index);
             let here = &mut rest[0];
-            // norm1, fused with the residual add that ends the previous block.
-            match done.last() {
-                None => ops::norm_forward_into(
-                    &self.norm,
-                    &here.input,
-                    None,
-                    norm_params(params, block.norm1),
-                    &mut here.norm1,
-                    &mut here.stats1,
-                )?,
-                Some(previous) => ops::norm_forward_into(
+            // norm1, fused with the residual add that ends the previous block, or reading the
+            // wavelet mixing of that sum.
+            match (done.last_mut(), &self.wavelet) {
+                (Some(previous), None) => ops::norm_forward_into(
                     &self.norm,
                     &s.mlp,
                     Some((&previous.middle, &mut here.input)),
@@ -238,6 +251,19 @@ impl Gpt {
                     &mut here.norm1,
                     &mut here.stats1,
                 )?,
+                (previous, wavelet) => {
+                    if let (Some(previous), Some(wavelet)) = (previous, wavelet) {
+                        mix(wavelet, &mut s.mlp, &mut previous.middle, &mut here.input, batch, seq)?;
+                    }
+                    ops::norm_forward_into(
+                        &self.norm,
+                        &here.input,
+                        None,
+                        norm_params(params, block.norm1),
+                        &mut here.norm1,
+                        &mut here.stats1,
+                    )?
+                }
             }
             attention_forward(params, block, &self.attention, here, s, batch, seq)?;
             linear_forward(params, &block.out, &here.attention, &mut s.projected)?;
@@ -251,15 +277,28 @@ impl Gpt {
             )?;
             mlp_forward(params, block, here, s)?;
         }
-        let last_block = &acts.blocks[layout.blocks.len() - 1];
-        ops::norm_forward_into(
-            &self.norm,
-            &s.mlp,
-            Some((&last_block.middle, &mut acts.last)),
-            norm_params(params, layout.final_norm),
-            &mut acts.final_normed,
-            &mut acts.final_stats,
-        )?;
+        let last_block = &mut acts.blocks[layout.blocks.len() - 1];
+        match &self.wavelet {
+            None => ops::norm_forward_into(
+                &self.norm,
+                &s.mlp,
+                Some((&last_block.middle, &mut acts.last)),
+                norm_params(params, layout.final_norm),
+                &mut acts.final_normed,
+                &mut acts.final_stats,
+            )?,
+            Some(wavelet) => {
+                mix(wavelet, &mut s.mlp, &mut last_block.middle, &mut acts.last, batch, seq)?;
+                ops::norm_forward_into(
+                    &self.norm,
+                    &acts.last,
+                    None,
+                    norm_params(params, layout.final_norm),
+                    &mut acts.final_normed,
+                    &mut acts.final_stats,
+                )?
+            }
+        }
         let head = layout.head.unwrap_or(layout.token_embedding);
         ops::matmul_into(
             &acts.final_normed,
@@ -319,6 +358,12 @@ impl Gpt {
         )?;
 
         for (index, block) in layout.blocks.iter().enumerate().rev() {
+            // With wavelet mixing, d_stream is the gradient of the mixed block output; the
+            // mixing's adjoint gives that of the output itself.
+            if let Some(wavelet) = &self.wavelet {
+                unmix(wavelet, d_stream, d_other, batch, seq)?;
+                std::mem::swap(&mut d_stream, &mut d_other);
+            }
             let here = &mut acts.blocks[index];
             // d_stream is the gradient of the block's output, `middle + mlp`.
             mlp_backward(params, block, here, s, d_stream)?;
@@ -809,5 +854,39 @@ fn embed_backward(
     d_out.reshape_in_place(&[batch, seq, c])?;
     let result = ops::embedding_backward_into(d_out, plan, &mut tokens.grad, positions.map(|p| &mut p.grad), true);
     d_out.reshape_in_place(&[batch * seq, c])?;
+    result
+}
+
+/// `out = wavelet(x + residual)` on (tokens, width) activations, seen as (batch, seq, width) for
+/// the call.
+fn mix(
+    config: &WaveletConfig,
+    x: &mut Tensor,
+    residual: &mut Tensor,
+    out: &mut Tensor,
+    batch: usize,
+    seq: usize,
+) -> Result<()> {
+    let c = config.dim();
+    for t in [&mut *x, &mut *residual, &mut *out] {
+        t.reshape_in_place(&[batch, seq, c])?;
+    }
+    let result = ops::wavelet_forward_into(x, Some(residual), config, out);
+    for t in [x, residual, out] {
+        t.reshape_in_place(&[batch * seq, c])?;
+    }
+    result
+}
+
+/// The mixing's adjoint: `d_x = waveletᵀ(d_out)`, on (tokens, width) gradients.
+fn unmix(config: &WaveletConfig, d_out: &mut Tensor, d_x: &mut Tensor, batch: usize, seq: usize) -> Result<()> {
+    let c = config.dim();
+    for t in [&mut *d_out, &mut *d_x] {
+        t.reshape_in_place(&[batch, seq, c])?;
+    }
+    let result = ops::wavelet_backward_into(d_out, config, d_x);
+    for t in [d_out, d_x] {
+        t.reshape_in_place(&[batch * seq, c])?;
+    }
     result
 }

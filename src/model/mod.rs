@@ -7,7 +7,7 @@ pub mod gpt;
 pub mod params;
 pub mod safetensors;
 
-pub use config::{Activation, Family, GptConfig, Norm, Positions};
+pub use config::{Activation, Attention, Family, GptConfig, Norm, Positions};
 pub use gpt::Gpt;
 pub use params::{GptParams, ModelLayout, Parameter};
 pub use safetensors::SafeTensors;

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use tessera::model::{Activation, Family, GptConfig, Norm, Positions};
+use tessera::model::{Activation, Attention, Family, GptConfig, Norm, Positions};
 
 /// Parameters by Hugging Face name, in f64.
 pub type Weights = HashMap<String, Vec<f64>>;
@@ -93,6 +93,9 @@ pub fn logits(config: &GptConfig, w: &Weights, inputs: &[u32], batch: usize, seq
                     *value += a;
                 }
             }
+            if config.wavelet {
+                x = wavelet(config, &x);
+            }
         }
         let head = if config.tied_embeddings {
             wte
@@ -104,6 +107,23 @@ pub fn logits(config: &GptConfig, w: &Weights, inputs: &[u32], batch: usize, seq
             for token in 0..v {
                 out.push(dot(&h, &head[token * c..(token + 1) * c]));
             }
+        }
+    }
+    out
+}
+
+/// WaveletGPT's mixing as ALGORITHMS.md §3.2 writes it: coordinate `i < E/2` replaced by the
+/// zero-padded causal mean over `k_i = min(2^level(i), L)` tokens, `level(i) = 1 + floor(i·n/E_w)`,
+/// `n = log2(L)` with `L` the context.
+fn wavelet(config: &GptConfig, x: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let mixed = config.width / 2;
+    let levels = (config.context as f64).log2().ceil() as usize;
+    let mut out = x.to_vec();
+    for i in 0..mixed {
+        let k = (1usize << (1 + i * levels / mixed)).min(config.context);
+        for t in 0..x.len() {
+            let start = (t + 1).saturating_sub(k);
+            out[t][i] = (start..=t).map(|s| x[s][i]).sum::<f64>() / k as f64;
         }
     }
     out
@@ -203,17 +223,35 @@ fn attention(config: &GptConfig, w: &Weights, prefix: &str, h: &[Vec<f64>]) -> V
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f64).sqrt();
     let mut out = vec![vec![0.0; c]; seq];
+    // Which keys query i sees, and LM-Infinite's distance ceiling under the Λ mask.
+    let visible = |i: usize, j: usize| match config.attention {
+        Attention::Causal => j <= i,
+        Attention::Window { size } => j <= i && i - j < size,
+        Attention::Lambda { global, window } => j <= i && (i - j < window || j < global),
+    };
+    let ceiling = match config.attention {
+        Attention::Lambda { window, .. } => Some(window),
+        _ => None,
+    };
     for head in 0..heads {
         let g = head / group;
         for i in 0..seq {
-            let qi = rotate(&q[i][head * d..(head + 1) * d], i, g);
-            let scores: Vec<f64> = (0..=i)
-                .map(|j| scale * dot(&qi, &rotate(&k[j][g * d..(g + 1) * d], j, g)))
+            let keys: Vec<usize> = (0..=i).filter(|&j| visible(i, j)).collect();
+            let scores: Vec<f64> = keys
+                .iter()
+                .map(|&j| {
+                    let (qi, kj) = (&q[i][head * d..(head + 1) * d], &k[j][g * d..(g + 1) * d]);
+                    match ceiling {
+                        // Beyond the ceiling: the query rotated by the ceiling, the key not at all.
+                        Some(ceiling) if i - j > ceiling => scale * dot(&rotate(qi, ceiling, g), kj),
+                        _ => scale * dot(&rotate(qi, i, g), &rotate(kj, j, g)),
+                    }
+                })
                 .collect();
             let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
             let sum: f64 = weights.iter().sum();
-            for (j, weight) in weights.iter().enumerate() {
+            for (&j, weight) in keys.iter().zip(&weights) {
                 for e in 0..d {
                     out[i][head * d + e] += weight / sum * v[j][g * d + e];
                 }
