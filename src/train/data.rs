@@ -1,6 +1,7 @@
-//! Training data: the embedded corpus or a user's text file, a byte-level tokenizer, the
-//! train/validation split and a batch sampler whose position can be saved and restored.
+//! Training data: the embedded corpus or a user's text file, tokenized, the train/validation
+//! split and a batch sampler whose position can be saved and restored.
 
+use super::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use std::io::Read;
 use std::path::Path;
@@ -10,24 +11,6 @@ const EMBEDDED_CORPUS: &[u8] = include_bytes!("../../data/jargon-4.4.7.txt.gz");
 
 /// The share of a corpus, at its end, held out for validation.
 pub const VALIDATION_FRACTION: f64 = 0.1;
-
-/// Tokens are bytes: a 256-entry vocabulary that needs no files and never meets an unknown word.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ByteTokenizer;
-
-impl ByteTokenizer {
-    pub const VOCAB: usize = 256;
-
-    pub fn encode(&self, text: &str) -> Vec<u32> {
-        text.bytes().map(u32::from).collect()
-    }
-
-    /// Bytes that do not form valid UTF-8 (a sample may end mid-character) become U+FFFD.
-    pub fn decode(&self, tokens: &[u32]) -> String {
-        let bytes: Vec<u8> = tokens.iter().map(|&t| t.min(255) as u8).collect();
-        String::from_utf8_lossy(&bytes).into_owned()
-    }
-}
 
 /// A tokenized corpus split into training and validation tokens.
 pub struct Corpus {
@@ -39,23 +22,35 @@ pub struct Corpus {
 impl Corpus {
     /// The embedded Jargon File, tokenized as bytes.
     pub fn embedded() -> Result<Corpus> {
+        Corpus::embedded_with(&Tokenizer::Bytes)
+    }
+
+    /// The embedded Jargon File, tokenized by `tokenizer`.
+    pub fn embedded_with(tokenizer: &Tokenizer) -> Result<Corpus> {
         let mut text = Vec::new();
         flate2::read::GzDecoder::new(EMBEDDED_CORPUS)
             .read_to_end(&mut text)
             .map_err(|e| Error::file("embedded corpus", format!("cannot decompress: {e}")))?;
-        Corpus::from_bytes("Jargon File 4.4.7 (embedded)", &text)
+        Corpus::tokenize("Jargon File 4.4.7 (embedded)", &text, tokenizer)
     }
 
-    /// A user's text file, tokenized as bytes.
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Corpus> {
+    /// A user's text file, tokenized by `tokenizer`.
+    pub fn from_file(path: impl AsRef<Path>, tokenizer: &Tokenizer) -> Result<Corpus> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| Error::file(path.display(), format!("cannot read: {e}")))?;
-        Corpus::from_bytes(&path.display().to_string(), &bytes)
+        Corpus::tokenize(&path.display().to_string(), &bytes, tokenizer)
     }
 
-    /// Splits `bytes` into training and validation tokens; both must be non-empty.
+    /// `bytes` as byte tokens, split into training and validation text.
     pub fn from_bytes(name: &str, bytes: &[u8]) -> Result<Corpus> {
-        let tokens: Vec<u32> = bytes.iter().map(|&b| u32::from(b)).collect();
+        Corpus::tokenize(name, bytes, &Tokenizer::Bytes)
+    }
+
+    /// `bytes` tokenized by `tokenizer` and split; both parts must hold at least two tokens.
+    pub fn tokenize(name: &str, bytes: &[u8], tokenizer: &Tokenizer) -> Result<Corpus> {
+        let tokens = tokenizer
+            .encode(bytes)
+            .map_err(|e| Error::file(name, format!("cannot tokenize: {e}")))?;
         let split = tokens.len() - (tokens.len() as f64 * VALIDATION_FRACTION).round() as usize;
         if split < 2 || tokens.len() - split < 2 {
             return Err(Error::file(
@@ -169,7 +164,7 @@ mod tests {
     #[test]
     fn embedded_corpus_is_the_jargon_file() {
         let corpus = Corpus::embedded().unwrap();
-        let text = ByteTokenizer.decode(&corpus.train[..200]);
+        let text = Tokenizer::Bytes.decode(&corpus.train[..200]).unwrap();
         assert!(text.contains("The Jargon File"), "{text}");
         assert_eq!(corpus.train.len() + corpus.validation.len(), 1_681_817);
         // English text carries about 4.5 bits (3.1 nats) of unigram entropy per byte.

@@ -1,6 +1,8 @@
 //! Training: data and batches, and the training loop.
 
 pub mod data;
+pub mod tokenizer;
 pub mod trainer;
 
-pub use data::{BatchSampler, ByteTokenizer, Corpus};
+pub use data::{BatchSampler, Corpus};
+pub use tokenizer::Tokenizer;

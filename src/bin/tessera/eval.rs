@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use tessera::model::{Gpt, GptConfig, GptParams};
 use tessera::train::data::validation_windows;
 use tessera::train::trainer::checkpoint_dir;
+use tessera::train::Tokenizer;
 use tessera::{DType, Device, Tensor};
 
 pub const USAGE: &str = "usage: tessera eval --checkpoint DIR --data FILE [options]
@@ -17,7 +18,8 @@ consecutive windows of --seq tokens.
 options:
   --checkpoint DIR   a checkpoint directory, or a training --out directory (its latest)
   --preset NAME      the configuration of a checkpoint that does not record one (Hugging Face's)
-  --data FILE        the text to score (bytes as tokens)
+  --data FILE        the text to score
+  --tokenizer FILE   a tokenizer.json (default: the run's own, else bytes as tokens)
   --seq N            tokens per window (default: the model's context)
   --batch N          windows per forward pass (default 8)
   --device DEVICE    cpu or cuda (default: cuda when a GPU is usable)
@@ -35,6 +37,7 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
         .value("--data")
         .map_err(usage)?
         .ok_or(Failure::Usage("--data is required".into()))?;
+    let tokenizer = args.value("--tokenizer").map_err(usage)?;
     let seq: Option<usize> = args.parsed("--seq").map_err(usage)?;
     let batch: usize = args.parsed("--batch").map_err(usage)?.unwrap_or(8);
     let device = crate::device_option(&mut args)?;
@@ -45,7 +48,8 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
     let config = model.params.config.clone();
     let seq = seq.unwrap_or(config.context);
     let text = std::fs::read(&data).map_err(|e| Failure::Usage(format!("{data}: {e}")))?;
-    let tokens: Vec<u32> = text.iter().map(|&b| u32::from(b)).collect();
+    let tokenizer = load_tokenizer(Path::new(&checkpoint), tokenizer.as_deref())?;
+    let tokens = tokenizer.encode(&text)?;
     let windows: Vec<_> = validation_windows(&tokens, seq).collect();
     if windows.is_empty() {
         return Err(Failure::Usage(format!("{data}: fewer than {} tokens", seq + 1)));
@@ -94,6 +98,21 @@ pub fn load_model(
     let params = GptParams::load(dir.join("model.safetensors"), config.as_ref(), device)?;
     let seq = seq.unwrap_or(params.config.context);
     Ok(Gpt::new(params, batch, seq)?)
+}
+
+/// The tokenizer named, else the one a training run keeps beside its checkpoints (in the
+/// checkpoint directory or the run directory above it), else bytes as tokens.
+pub fn load_tokenizer(checkpoint: &Path, file: Option<&str>) -> Result<Tokenizer, Failure> {
+    if let Some(file) = file {
+        return Ok(Tokenizer::from_file(file)?);
+    }
+    let dir = checkpoint_dir(checkpoint)?;
+    for candidate in [dir.join("tokenizer.json"), dir.join("../tokenizer.json")] {
+        if candidate.is_file() {
+            return Ok(Tokenizer::from_file(candidate)?);
+        }
+    }
+    Ok(Tokenizer::Bytes)
 }
 
 /// Writes a 2-D tensor as f32 in NumPy's .npy format (version 1.0, little-endian, C order).

@@ -1,17 +1,17 @@
 //! `tessera generate`: text from a checkpoint, with temperature, top-k and top-p sampling.
 
 use crate::args::Args;
-use crate::eval::load_model;
+use crate::eval::{load_model, load_tokenizer};
 use crate::train::Failure;
 use std::path::Path;
 use tessera::model::generate::{generate, Sampling};
-use tessera::train::ByteTokenizer;
 
 pub const USAGE: &str = "usage: tessera generate --checkpoint DIR [options]
 
 options:
   --checkpoint DIR   a checkpoint directory, or a training --out directory (its latest)
   --preset NAME      the configuration of a checkpoint that does not record one (Hugging Face's)
+  --tokenizer FILE   a tokenizer.json (default: the run's own, else bytes as tokens)
   --prompt TEXT      the text to continue (default: \"The \")
   --tokens N         tokens to generate (default 200)
   --temperature T    0 is greedy (default 0.8)
@@ -28,6 +28,7 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
         .map_err(usage)?
         .ok_or(Failure::Usage("--checkpoint is required".into()))?;
     let preset = args.value("--preset").map_err(usage)?;
+    let tokenizer = args.value("--tokenizer").map_err(usage)?;
     let prompt = args.value("--prompt").map_err(usage)?.unwrap_or_else(|| "The ".into());
     let tokens: usize = args.parsed("--tokens").map_err(usage)?.unwrap_or(200);
     let temperature: f32 = args.parsed("--temperature").map_err(usage)?.unwrap_or(0.8);
@@ -43,8 +44,9 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
         top_k: (top_k > 0).then_some(top_k),
         top_p: (top_p < 1.0).then_some(top_p),
     };
-    let prompt_tokens = ByteTokenizer.encode(&prompt);
+    let tokenizer = load_tokenizer(Path::new(&checkpoint), tokenizer.as_deref())?;
+    let prompt_tokens = tokenizer.encode(prompt.as_bytes())?;
     let out = generate(&mut model, &prompt_tokens, tokens, &sampling, seed)?;
-    println!("{}{}", prompt, ByteTokenizer.decode(&out));
+    println!("{}{}", prompt, tokenizer.decode(&out)?);
     Ok(())
 }

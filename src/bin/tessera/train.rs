@@ -8,7 +8,7 @@ use std::time::Instant;
 use tessera::model::generate::{generate, Sampling};
 use tessera::model::GptConfig;
 use tessera::train::trainer::{TrainOptions, Trainer};
-use tessera::train::{ByteTokenizer, Corpus};
+use tessera::train::{Corpus, Tokenizer};
 use tessera::Error;
 
 pub const USAGE: &str = "usage: tessera train [options]
@@ -19,7 +19,9 @@ With no options: the `tiny` preset on the embedded Jargon File, a few minutes on
 options:
   --preset NAME      tiny (default), llama-tiny or gpt2-small
   --config FILE      a TOML file: a [model] and a [train] table overriding the preset's fields
-  --data FILE        train on this text file (bytes as tokens) instead of the embedded corpus
+  --data FILE        train on this text file instead of the embedded corpus
+  --tokenizer FILE   a Hugging Face tokenizer.json (feature hf-tokenizer; default: bytes as
+                     tokens); copied into --out, where generate and eval find it
   --device DEVICE    cpu or cuda (default: cuda when a GPU is usable, else cpu)
   --steps N          optimizer steps (default: the preset's)
   --seed N           initialisation and data order
@@ -52,6 +54,7 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
     let preset = args.value("--preset").map_err(usage)?.unwrap_or_else(|| "tiny".into());
     let config_file = args.value("--config").map_err(usage)?;
     let data = args.value("--data").map_err(usage)?;
+    let tokenizer_file = args.value("--tokenizer").map_err(usage)?;
     let device = crate::device_option(&mut args)?;
     let steps: Option<u64> = args.parsed("--steps").map_err(usage)?;
     let seed: Option<u64> = args.parsed("--seed").map_err(usage)?;
@@ -63,9 +66,17 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
     let resume = args.flag("--resume");
     args.finish().map_err(usage)?;
 
+    // A run keeps its tokenizer beside its checkpoints, so that resuming, generate and eval
+    // tokenize as training did.
+    let kept_tokenizer = out.join("tokenizer.json");
+    let tokenizer = match &tokenizer_file {
+        Some(path) => Tokenizer::from_file(path)?,
+        None if resume && kept_tokenizer.is_file() => Tokenizer::from_file(&kept_tokenizer)?,
+        None => Tokenizer::Bytes,
+    };
     let corpus = match &data {
-        Some(path) => Corpus::from_file(path)?,
-        None => Corpus::embedded()?,
+        Some(path) => Corpus::from_file(path, &tokenizer)?,
+        None => Corpus::embedded_with(&tokenizer)?,
     };
 
     let mut trainer = if resume {
@@ -73,21 +84,30 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
         eprintln!("resuming at step {} from {}", trainer.step(), out.display());
         trainer
     } else {
-        let (config, mut options) = configuration(&preset, config_file.as_deref())?;
+        let (mut config, mut options) = configuration(&preset, config_file.as_deref())?;
+        if tokenizer_file.is_some() {
+            config.vocab = tokenizer.vocab_size();
+        }
         if let Some(steps) = steps {
             options.steps = steps;
         }
         if let Some(seed) = seed {
             options.seed = seed;
         }
-        if config.vocab < ByteTokenizer::VOCAB {
+        if config.vocab < tokenizer.vocab_size() {
             return Err(Failure::Usage(format!(
-                "the model's vocabulary ({}) is smaller than the byte tokenizer's ({})",
+                "the model's vocabulary ({}) is smaller than the tokenizer's ({})",
                 config.vocab,
-                ByteTokenizer::VOCAB
+                tokenizer.vocab_size()
             )));
         }
-        Trainer::new(&config, options, &device)?
+        let trainer = Trainer::new(&config, options, &device)?;
+        if let Some(path) = &tokenizer_file {
+            std::fs::create_dir_all(&out).map_err(|e| Failure::Other(format!("{}: {e}", out.display())))?;
+            std::fs::copy(path, &kept_tokenizer)
+                .map_err(|e| Failure::Other(format!("copying {path} to {}: {e}", kept_tokenizer.display())))?;
+        }
+        trainer
     };
 
     let options = trainer.options.clone();
@@ -139,14 +159,14 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
     );
     println!("checkpoint: {}", saved.display());
 
-    let prompt = ByteTokenizer.encode("The ");
+    let prompt = tokenizer.encode(b"The ")?;
     let sampling = Sampling {
         temperature: 0.8,
         top_k: Some(40),
         top_p: None,
     };
     let sample = generate(&mut trainer.model, &prompt, 200, &sampling, options.seed)?;
-    println!("sample: The {}", ByteTokenizer.decode(&sample));
+    println!("sample: The {}", tokenizer.decode(&sample)?);
     Ok(())
 }
 
