@@ -235,16 +235,16 @@ fn mask_has_the_spec_polarity(device: &Device) {
 fn check_names_the_first_bad_group(device: &Device) {
     let mut rng = common::rng();
     let (rows, cols) = (32, 64);
-    let w: Vec<f32> = uniform(&mut rng, rows * cols);
+    let w: Vec<bf16> = uniform(&mut rng, rows * cols);
     let mut pruned = reference_prune(&w, cols, 2, 4);
     nm_check(&tensor(pruned.clone(), &[rows, cols], device), NmPattern::TWO_FOUR).unwrap();
     sparse24_compress(&tensor(pruned.clone(), &[rows, cols], device)).unwrap();
     // Three non-zeros in row 2, columns 8..12, and a later bad group in row 5.
     for c in 8..11 {
-        pruned[2 * cols + c] = 0.5;
+        pruned[2 * cols + c] = bf16::from_f32(0.5);
     }
     for c in 0..4 {
-        pruned[5 * cols + c] = 0.25;
+        pruned[5 * cols + c] = bf16::from_f32(0.25);
     }
     let bad = tensor(pruned, &[rows, cols], device);
     assert_invalid(
@@ -306,13 +306,12 @@ fn compress_round_trip(device: &Device) {
 }
 
 fn compress_keeps_zero_valued_picks(device: &Device) {
-    // Group 0 keeps 0.0 (index 1, beating -0.0 at 3 by index) beside 3.0; the metadata must say
+    // Group 0 keeps 0.0 (index 1, beating -0.0 at 2 and 3 by index) beside 3.0; the metadata must say
     // position 1, not "lowest free".
-    let mut w = vec![0.0f32; 16 * 64];
-    w[0] = 3.0;
-    w[1] = 0.0;
-    w[2] = -0.0;
-    w[3] = -0.0;
+    let mut w = vec![bf16::ZERO; 16 * 64];
+    w[0] = bf16::from_f32(3.0);
+    w[2] = bf16::NEG_ZERO;
+    w[3] = bf16::NEG_ZERO;
     let s = sparse24_prune_compress(&tensor(w, &[16, 64], device), NmPattern::TWO_FOUR).unwrap();
     let mask = kept_mask(&s);
     assert_eq!(&mask[..4], &[1.0, 1.0, 0.0, 0.0]);

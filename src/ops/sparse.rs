@@ -156,6 +156,7 @@ impl Sparse24 {
         meta.expect_dtype(OP, "meta", &[DType::U32])?;
         meta.expect_shape(OP, "meta", &[meta_len(rows, cols)])?;
         values.device().expect_same(&meta.device(), OP, "meta")?;
+        check_gpu_dtype(OP, "values", values.dtype(), &values.device())?;
         let words = meta.to_vec::<u32>()?;
         for row in 0..rows {
             for group in 0..cols / 4 {
@@ -312,16 +313,21 @@ fn new_on(device: &Device, shape: &[usize], dtype: DType) -> Result<Tensor> {
     }
 }
 
-/// `w` (rows, cols) pruned N:M along each row: the kept values unchanged, the others 0.
+/// `w` (rows, cols) pruned N:M along each row: the kept values unchanged, the others 0. Any
+/// N:M up to [`MAX_GROUP`] on the CPU; 2:4 and 1:2 on a GPU.
 pub fn nm_prune(w: &Tensor, pattern: NmPattern) -> Result<Tensor> {
     const OP: &str = "nm_prune";
     let (rows, cols) = check_matrix(OP, "w", w, pattern.m)?;
     match w.device() {
         Device::Cpu => cpu::prune(w, pattern, rows, cols, false),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => {
-            let sparse = sparse24_prune_compress(w, pattern)?;
-            sparse24_decompress(&sparse)
+        Device::Cuda(backend) => {
+            if !pattern.is_tensor_core() {
+                return Err(Error::invalid(OP, "pattern", "2:4 or 1:2 on a GPU", pattern));
+            }
+            let mut out = Tensor::uninit_cuda(w.shape(), w.dtype(), &backend)?;
+            cuda::prune(w, pattern, &mut out)?;
+            Ok(out)
         }
     }
 }
@@ -358,6 +364,7 @@ pub fn sparse24_compress(w: &Tensor) -> Result<Sparse24> {
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => {
+            check_gpu_dtype(OP, "w", w.dtype(), &w.device())?;
             let host = w.to_device(&Device::Cpu)?;
             cpu::check(OP, "w", &host, NmPattern::TWO_FOUR)?;
             cuda::compress(w, None, rows, cols)
@@ -375,6 +382,7 @@ pub fn sparse24_prune_compress(w: &Tensor, pattern: NmPattern) -> Result<Sparse2
     }
     let (rows, cols) = check_matrix(OP, "w", w, 4)?;
     check_format_dims(OP, "w", rows, cols)?;
+    check_gpu_dtype(OP, "w", w.dtype(), &w.device())?;
     match w.device() {
         Device::Cpu => cpu::compress(w, Some(pattern), rows, cols),
         #[cfg(feature = "cuda")]
@@ -807,5 +815,281 @@ mod cpu {
         d_bias: Option<&mut Tensor>,
     ) -> Result<()> {
         with_float_type!(dy.dtype(), "sparse_linear_backward", "dy", T => weight_grad_typed::<T>(dy, x, w, d_values, d_bias))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use crate::cuda::{CudaBackend, CudaContextExt, LaunchConfig, PushKernelArg};
+    use crate::ops::matmul::{matmul, MatmulOptions};
+    use cudarc::driver::sys::CUfunction_attribute_enum;
+    use std::sync::Arc;
+
+    const FILE: &str = "sparse_nm";
+    /// Must match kernels/sparse_nm.cu.
+    const ELEMENT_THREADS: u32 = 256;
+    const GEMM_THREADS: u32 = 256;
+    const SMALL_MAX_TOKENS: usize = 64;
+    const BIG_ROWS: usize = 128;
+    const BIG_TOKENS: usize = 128;
+    const BIG_STAGES: usize = 3;
+    const BIG_SHARED_BYTES: usize = BIG_STAGES * (BIG_ROWS * 64 + BIG_ROWS / 16 * 128 + BIG_TOKENS * 128);
+    const MAX_GRID_Y: usize = 65535;
+
+    /// Which positions the compress kernel keeps: kernels/sparse_nm.cu's PICK_*.
+    fn pick_code(pattern: Option<NmPattern>) -> i32 {
+        match pattern {
+            None => 0,
+            Some(p) if p == NmPattern::TWO_FOUR => 1,
+            Some(_) => 2,
+        }
+    }
+
+    /// Blocks for a grid-stride loop over `items`: enough to fill the GPU, no more.
+    fn element_grid(items: usize, backend: &CudaBackend) -> u32 {
+        items
+            .div_ceil(ELEMENT_THREADS as usize)
+            .clamp(1, backend.multiprocessors() * 16) as u32
+    }
+
+    fn element_launch(items: usize, backend: &CudaBackend) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (element_grid(items, backend), 1, 1),
+            block_dim: (ELEMENT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn backend_of(t: &Tensor) -> Result<Arc<CudaBackend>> {
+        Ok(t.device_buffer()?.backend().clone())
+    }
+
+    pub(super) fn prune(w: &Tensor, pattern: NmPattern, out: &mut Tensor) -> Result<()> {
+        let backend = backend_of(w)?;
+        let kind = if pattern == NmPattern::TWO_FOUR {
+            "prune24"
+        } else {
+            "prune12"
+        };
+        let name = format!("sparse_{kind}_{}", w.dtype().name());
+        let groups = (w.numel() / pattern.m()) as i64;
+        let (w_address, out_address) = (w.device_buffer()?.address(), out.device_buffer()?.address());
+        let function = backend.function(FILE, &name)?;
+        let mut builder = backend.launch_builder(&function);
+        builder.arg(&w_address).arg(&out_address).arg(&groups);
+        // SAFETY: w and out hold `groups · m` elements of the kernel's dtype (validated); the
+        // grid-stride loop covers exactly the groups.
+        unsafe { builder.launch(element_launch(groups as usize, &backend)) }.context(&format!("launching {name}"))?;
+        Ok(())
+    }
+
+    pub(super) fn compress(w: &Tensor, pattern: Option<NmPattern>, rows: usize, cols: usize) -> Result<Sparse24> {
+        let backend = backend_of(w)?;
+        let values = Tensor::uninit_cuda(&[rows, cols / 2], w.dtype(), &backend)?;
+        let words = meta_len(rows, cols);
+        let meta = Tensor::uninit_cuda(&[words], DType::U32, &backend)?;
+        let name = format!("sparse24_compress_{}", w.dtype().name());
+        let function = backend.function(FILE, &name)?;
+        let (w_address, values_address, meta_address) = (
+            w.device_buffer()?.address(),
+            values.device_buffer()?.address(),
+            meta.device_buffer()?.address(),
+        );
+        let (rows_i, cols_i, pick) = (rows as i64, cols as i64, pick_code(pattern));
+        let mut builder = backend.launch_builder(&function);
+        builder
+            .arg(&w_address)
+            .arg(&values_address)
+            .arg(&meta_address)
+            .arg(&rows_i)
+            .arg(&cols_i)
+            .arg(&pick);
+        // SAFETY: w is (rows, cols) with rows % 16 == 0 and cols % 64 == 0 (validated); values
+        // and meta have the format's sizes; each thread writes the values and the metadata word
+        // of one word's 8 groups, and the words cover the matrix once.
+        unsafe { builder.launch(element_launch(words, &backend)) }.context(&format!("launching {name}"))?;
+        Ok(Sparse24 {
+            values,
+            meta,
+            rows,
+            cols,
+        })
+    }
+
+    pub(super) fn decompress(s: &Sparse24, out: &mut Tensor) -> Result<()> {
+        let backend = backend_of(&s.values)?;
+        let name = format!("sparse24_decompress_{}", s.dtype().name());
+        let function = backend.function(FILE, &name)?;
+        let addresses = (
+            s.values.device_buffer()?.address(),
+            s.meta.device_buffer()?.address(),
+            out.device_buffer()?.address(),
+        );
+        let (rows, cols) = (s.rows as i64, s.cols as i64);
+        let mut builder = backend.launch_builder(&function);
+        builder
+            .arg(&addresses.0)
+            .arg(&addresses.1)
+            .arg(&addresses.2)
+            .arg(&rows)
+            .arg(&cols);
+        // SAFETY: the format's sizes hold by construction; out is (rows, cols) of the dtype.
+        unsafe { builder.launch(element_launch(s.meta.numel(), &backend)) }.context(&format!("launching {name}"))?;
+        Ok(())
+    }
+
+    pub(super) fn double_prune(s: &Sparse24) -> Result<Sparse24> {
+        let backend = backend_of(&s.values)?;
+        let (rows, cols) = (s.cols, s.rows);
+        let values = Tensor::uninit_cuda(&[rows, cols / 2], s.dtype(), &backend)?;
+        let words = meta_len(rows, cols);
+        let meta = Tensor::uninit_cuda(&[words], DType::U32, &backend)?;
+        let name = format!("sparse24_double_prune_{}", s.dtype().name());
+        let function = backend.function(FILE, &name)?;
+        let addresses = (
+            s.values.device_buffer()?.address(),
+            s.meta.device_buffer()?.address(),
+            values.device_buffer()?.address(),
+            meta.device_buffer()?.address(),
+        );
+        let (in_rows, in_cols) = (s.rows as i64, s.cols as i64);
+        let mut builder = backend.launch_builder(&function);
+        builder
+            .arg(&addresses.0)
+            .arg(&addresses.1)
+            .arg(&addresses.2)
+            .arg(&addresses.3)
+            .arg(&in_rows)
+            .arg(&in_cols);
+        // SAFETY: s has the format's sizes with both dimensions multiples of 64 (validated); the
+        // outputs have the transposed format's sizes, each word written by one thread.
+        unsafe { builder.launch(element_launch(words, &backend)) }.context(&format!("launching {name}"))?;
+        Ok(Sparse24 {
+            values,
+            meta,
+            rows,
+            cols,
+        })
+    }
+
+    pub(super) fn forward(x: &Tensor, w: &Sparse24, bias: Option<&Tensor>, y: &mut Tensor, m: usize) -> Result<()> {
+        let backend = backend_of(x)?;
+        let (n, k) = (w.rows, w.cols);
+        let addresses = (
+            w.values.device_buffer()?.address(),
+            w.meta.device_buffer()?.address(),
+            x.device_buffer()?.address(),
+            match bias {
+                Some(b) => b.device_buffer()?.address(),
+                None => 0u64,
+            },
+            y.device_buffer()?.address(),
+        );
+        let (name, launch) = if m <= SMALL_MAX_TOKENS {
+            let tiles = m.div_ceil(8).next_power_of_two();
+            let name = format!("sparse24_gemm_small{tiles}_{}", x.dtype().name());
+            let launch = LaunchConfig {
+                grid_dim: ((n / ROW_BLOCK) as u32, 1, 1),
+                block_dim: (GEMM_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            (name, launch)
+        } else {
+            let token_blocks = m.div_ceil(BIG_TOKENS);
+            if token_blocks > MAX_GRID_Y {
+                return Err(Error::invalid(
+                    "sparse_linear_forward",
+                    "x",
+                    format!("at most {} tokens", MAX_GRID_Y * BIG_TOKENS),
+                    format!("{m} tokens"),
+                ));
+            }
+            let launch = LaunchConfig {
+                grid_dim: (n.div_ceil(BIG_ROWS) as u32, token_blocks as u32, 1),
+                block_dim: (GEMM_THREADS, 1, 1),
+                shared_mem_bytes: BIG_SHARED_BYTES as u32,
+            };
+            (format!("sparse24_gemm_{}", x.dtype().name()), launch)
+        };
+        let function = backend.function(FILE, &name)?;
+        if launch.shared_mem_bytes > 0 {
+            function
+                .set_attribute(
+                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    launch.shared_mem_bytes as i32,
+                )
+                .context(&format!(
+                    "allowing {name} {} bytes of shared memory",
+                    launch.shared_mem_bytes
+                ))?;
+        }
+        let (m_i, n_i, k_i) = (m as i32, n as i32, k as i32);
+        let mut builder = backend.launch_builder(&function);
+        builder
+            .arg(&addresses.0)
+            .arg(&addresses.1)
+            .arg(&addresses.2)
+            .arg(&addresses.3)
+            .arg(&addresses.4)
+            .arg(&m_i)
+            .arg(&n_i)
+            .arg(&k_i);
+        // SAFETY: w has the format's sizes (n % 16 == 0, k % 64 == 0), x is (m, k), y (m, n) and
+        // bias (n) or null, all of one 16-bit dtype on this device (validated). The kernels read
+        // and write only inside those bounds: tokens past m are masked, rows come in whole tiles
+        // of 16, and the many-token kernel clamps the tiles past n.
+        unsafe { builder.launch(launch) }.context(&format!("launching {name}"))?;
+        Ok(())
+    }
+
+    pub(super) fn weight_grad(
+        dy: &Tensor,
+        x: &Tensor,
+        w: &Sparse24,
+        d_values: &mut Tensor,
+        d_bias: Option<&mut Tensor>,
+        m: usize,
+    ) -> Result<()> {
+        let backend = backend_of(dy)?;
+        // The dense dYᵀ·X (cuBLASLt, f32 accumulation, rounded to the input dtype), then its
+        // kept entries widened to f32.
+        let g = matmul(
+            dy,
+            x,
+            None,
+            MatmulOptions {
+                trans_a: true,
+                ..Default::default()
+            },
+        )?;
+        let name = format!("sparse24_gather_{}", dy.dtype().name());
+        let function = backend.function(FILE, &name)?;
+        let addresses = (
+            g.device_buffer()?.address(),
+            w.meta.device_buffer()?.address(),
+            d_values.device_buffer()?.address(),
+        );
+        let (rows, cols) = (w.rows as i64, w.cols as i64);
+        let mut builder = backend.launch_builder(&function);
+        builder
+            .arg(&addresses.0)
+            .arg(&addresses.1)
+            .arg(&addresses.2)
+            .arg(&rows)
+            .arg(&cols);
+        // SAFETY: g is (rows, cols), d_values (rows, cols/2) f32, meta the format's words.
+        unsafe { builder.launch(element_launch(w.meta.numel(), &backend)) }.context(&format!("launching {name}"))?;
+        if let Some(d_bias) = d_bias {
+            let name = format!("sparse_bias_grad_{}", dy.dtype().name());
+            let function = backend.function(FILE, &name)?;
+            let (dy_address, bias_address) = (dy.device_buffer()?.address(), d_bias.device_buffer()?.address());
+            let (m_i, n_i) = (m as i64, w.rows as i64);
+            let mut builder = backend.launch_builder(&function);
+            builder.arg(&dy_address).arg(&bias_address).arg(&m_i).arg(&n_i);
+            // SAFETY: dy is (m, n), d_bias (n) f32; one thread per column.
+            unsafe { builder.launch(element_launch(w.rows, &backend)) }.context(&format!("launching {name}"))?;
+        }
+        Ok(())
     }
 }
