@@ -5,6 +5,7 @@
 
 mod adamw;
 mod matmul;
+mod sparse;
 mod wavelet;
 
 use rayon::prelude::*;
@@ -34,6 +35,7 @@ const FAMILIES: &[(&str, Family)] = &[
     ("matmul", matmul::run),
     ("adamw", adamw::run),
     ("wavelet", wavelet::run),
+    ("sparse", sparse::run),
 ];
 
 type Family = fn(&mut Context) -> Result<Vec<Value>>;
