@@ -1,8 +1,10 @@
-// N:M structured sparsity (src/ops/sparse.rs): 2:4 and 1:2 magnitude pruning, the compressed
-// format that mma.sp reads (compress, decompress, SLoPe's double-pruned transpose, the gather of
-// a dense gradient at the kept positions), and two sparse GEMMs y = x·W_sᵀ + bias on the sparse
-// tensor cores (mma.sp.m16n8k32, bf16 and f16, f32 accumulation): one for few tokens that reads
-// the compressed weight once, one for many tokens that is math-bound.
+// Sparsity (src/ops/sparse.rs, spdf.rs, sltrain.rs): 2:4 and 1:2 magnitude pruning, the
+// compressed format that mma.sp reads (compress, decompress, SLoPe's double-pruned transpose, the
+// gather of a dense gradient at the kept positions), two sparse GEMMs y = x·W_sᵀ + bias on the
+// sparse tensor cores (mma.sp.m16n8k32, bf16 and f16, f32 accumulation): one for few tokens that
+// reads the compressed weight once, one for many tokens that is math-bound; and the element
+// kernels of SPDF (a static bitmask applied in place) and SLTrain (scatter-add and gather on a
+// fixed support), with the bias gradient.
 //
 // The format (documented in full in src/ops/sparse.rs): values (rows, cols/2) with each 64-column
 // block of a row in tensor-core order, so that lane 4g+t loads its A registers of both k-steps of
@@ -25,6 +27,8 @@ template <> __device__ __forceinline__ float to_float<__half>(__half v) { return
 template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
 
 template <typename T> __device__ __forceinline__ uint16_t bits_of(T v) { return *reinterpret_cast<const uint16_t*>(&v); }
 template <typename T> __device__ __forceinline__ T of_bits(uint16_t b) { return *reinterpret_cast<const T*>(&b); }
@@ -276,6 +280,37 @@ __device__ void bias_grad(const T* __restrict__ dy, float* __restrict__ d_bias, 
         float sum = 0.0f;
         for (int64_t i = 0; i < m; ++i) sum += to_float(dy[i * n + j]);
         d_bias[j] = sum;
+    }
+}
+
+// ---- SPDF's static mask and SLTrain's fixed support -------------------------------------------
+
+// Zeroes the entries of a (rows, cols) matrix whose bit is clear in a row-major bitmask of
+// `words_per_row` u32 words per row (bit col % 32 of word col / 32; 1 = kept).
+template <typename T>
+__device__ void mask_apply(T* __restrict__ t, const uint32_t* __restrict__ bits, int64_t rows, int64_t cols,
+                           int64_t words_per_row) {
+    const int64_t total = rows * cols;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t row = i / cols, col = i % cols;
+        if (!((bits[row * words_per_row + col / 32] >> (col % 32)) & 1u)) t[i] = zero<T>();
+    }
+}
+
+// w[idx[i]] += s[i] for distinct flat indices (no two threads touch one element).
+template <typename T>
+__device__ void scatter_add(T* __restrict__ w, const T* __restrict__ s, const uint32_t* __restrict__ idx, int64_t nnz) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < nnz; i += (int64_t)gridDim.x * blockDim.x) {
+        const uint32_t at = idx[i];
+        w[at] = from_float<T>(to_float(w[at]) + to_float(s[i]));
+    }
+}
+
+// ds[i] = g[idx[i]].
+template <typename T>
+__device__ void gather_flat(const T* __restrict__ g, T* __restrict__ ds, const uint32_t* __restrict__ idx, int64_t nnz) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < nnz; i += (int64_t)gridDim.x * blockDim.x) {
+        ds[i] = g[idx[i]];
     }
 }
 
@@ -564,7 +599,7 @@ __device__ void gemm_big(const uint8_t* __restrict__ values, const uint32_t* __r
 
 }  // namespace
 
-#define PRUNE_KERNELS(T, NAME)                                                                                     \
+#define ELEMENT_KERNELS(T, NAME)                                                                                     \
     extern "C" __global__ void __launch_bounds__(ELEMENT_THREADS)                                                  \
         sparse_prune24_##NAME(const T* w, T* out, int64_t groups) {                                                \
         prune_dense<T, 4>(w, out, groups);                                                                         \
@@ -572,6 +607,22 @@ __device__ void gemm_big(const uint8_t* __restrict__ values, const uint32_t* __r
     extern "C" __global__ void __launch_bounds__(ELEMENT_THREADS)                                                  \
         sparse_prune12_##NAME(const T* w, T* out, int64_t groups) {                                                \
         prune_dense<T, 2>(w, out, groups);                                                                         \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(ELEMENT_THREADS) sparse_bias_grad_##NAME(                         \
+        const T* dy, float* d_bias, int64_t m, int64_t n) {                                                        \
+        bias_grad<T>(dy, d_bias, m, n);                                                                            \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(ELEMENT_THREADS) spdf_mask_apply_##NAME(                          \
+        T* t, const uint32_t* bits, int64_t rows, int64_t cols, int64_t words_per_row) {                           \
+        mask_apply<T>(t, bits, rows, cols, words_per_row);                                                         \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(ELEMENT_THREADS)                                                  \
+        sltrain_scatter_add_##NAME(T* w, const T* s, const uint32_t* idx, int64_t nnz) {                           \
+        scatter_add<T>(w, s, idx, nnz);                                                                            \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(ELEMENT_THREADS)                                                  \
+        sltrain_gather_##NAME(const T* g, T* ds, const uint32_t* idx, int64_t nnz) {                               \
+        gather_flat<T>(g, ds, idx, nnz);                                                                           \
     }
 
 #define SPARSE_KERNELS(T, NAME)                                                                                    \
@@ -590,10 +641,6 @@ __device__ void gemm_big(const uint8_t* __restrict__ values, const uint32_t* __r
     extern "C" __global__ void __launch_bounds__(ELEMENT_THREADS) sparse24_gather_##NAME(                          \
         const T* g, const uint32_t* meta, float* d_values, int64_t rows, int64_t cols) {                           \
         gather<T>(g, meta, d_values, rows, cols);                                                                  \
-    }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(ELEMENT_THREADS) sparse_bias_grad_##NAME(                         \
-        const T* dy, float* d_bias, int64_t m, int64_t n) {                                                        \
-        bias_grad<T>(dy, d_bias, m, n);                                                                            \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(SMALL_WARPS * WARP) sparse24_gemm_small1_##NAME(                  \
         const uint4* values, const uint32_t* meta, const T* x, const T* bias, T* y, int m, int n, int k) {         \
@@ -616,8 +663,8 @@ __device__ void gemm_big(const uint8_t* __restrict__ values, const uint32_t* __r
         gemm_big<T>(values, meta, x, bias, y, m, n, k);                                                            \
     }
 
-PRUNE_KERNELS(float, f32)
-PRUNE_KERNELS(__nv_bfloat16, bf16)
-PRUNE_KERNELS(__half, f16)
+ELEMENT_KERNELS(float, f32)
+ELEMENT_KERNELS(__nv_bfloat16, bf16)
+ELEMENT_KERNELS(__half, f16)
 SPARSE_KERNELS(__nv_bfloat16, bf16)
 SPARSE_KERNELS(__half, f16)

@@ -220,6 +220,34 @@ pub fn meta_location(row: usize, group: usize, cols: usize) -> (usize, u32) {
     (tile * META_WORDS_PER_TILE + lane, shift)
 }
 
+/// SplitMix64: the seeded generator behind the random masks and supports of this family (small,
+/// fast, and the same sequence on every machine).
+pub(crate) struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub(crate) fn new(seed: u64) -> SplitMix64 {
+        SplitMix64(seed)
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A value in 0..n (n > 0), by the multiply-shift map (bias below 2^-32 for n < 2^32).
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+    }
+
+    /// A value uniform in [low, high).
+    pub(crate) fn uniform(&mut self, low: f64, high: f64) -> f64 {
+        low + (high - low) * ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64)
+    }
+}
+
 /// The magnitude key of the tie rule: `|w|`'s bit pattern (larger key = larger magnitude).
 pub trait MagnitudeKey: Float {
     fn magnitude_key(self) -> u32;
