@@ -368,50 +368,68 @@ __device__ __forceinline__ void mma_block(float (&d)[4], const uint4& lo, const 
 }
 
 // Few tokens (m <= 8·TOKEN_TILES <= 64), memory-bound: the compressed weight is read once.
-// Block: 8 warps on one 16-row tile of W_s, warp w taking the 64-column blocks w, w+8, ...; the
-// next block's 16-byte value loads and metadata word are in flight while the current one is
-// multiplied. B (x, at most 64 rows: L1/L2-resident) is read straight from global memory, one
-// 32-bit pair of k per register, zero past the last token. The 8 warps' partial sums meet in
-// shared memory and are added in warp order (deterministic). Traffic: the weight's 9/16 of dense
-// bytes once, x once per row tile (from L2), y once.
+// Block: 8 warps on ROW_TILES 16-row tiles of W_s (two while the partial sums fit in 32 KiB of
+// shared memory, so that each x fragment serves two tiles), warp w taking the 64-column blocks
+// w, w+8, ...; the next block's 16-byte value loads and metadata words are in flight while the
+// current one is multiplied. B (x, at most 64 rows: L2-resident) is read straight from global
+// memory, one 32-bit pair of k per register, zero past the last token. The 8 warps' partial sums
+// meet in shared memory and are added in warp order (deterministic). Traffic: the weight's 9/16
+// of dense bytes once, x once per block (from L2), y once.
 constexpr int SMALL_WARPS = 8;
+
 
 template <typename T, int TOKEN_TILES>
 __device__ void gemm_small(const uint4* __restrict__ values, const uint32_t* __restrict__ meta, const T* __restrict__ x,
                            const T* __restrict__ bias, T* __restrict__ y, int m, int n, int k) {
-    __shared__ float partial[SMALL_WARPS][TOKEN_TILES][4][WARP];
+    constexpr int ROW_TILES = TOKEN_TILES <= 4 ? 2 : 1;
+    __shared__ float partial[SMALL_WARPS][ROW_TILES][TOKEN_TILES][4][WARP];
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const int g = lane / 4, t = lane % 4;
-    const int row_tile = blockIdx.x;
+    const int first_tile = blockIdx.x * ROW_TILES;
+    const int tiles = min(ROW_TILES, n / 16 - first_tile);
     const int blocks = k / COL_BLOCK;
     // A row of values is k bytes: k/16 units of 16 bytes, 4 per 64-column block, lane t's the t-th.
     const int64_t row_units = k / 16;
-    const uint4* lo_row = values + (int64_t)(row_tile * 16 + g) * row_units + t;
-    const uint4* hi_row = values + (int64_t)(row_tile * 16 + g + 8) * row_units + t;
-    const uint32_t* meta_tile = meta + (int64_t)row_tile * blocks * TILE_WORDS + lane;
-
-    float acc[TOKEN_TILES][4];
+    const uint4* lo_row[ROW_TILES];
+    const uint4* hi_row[ROW_TILES];
+    const uint32_t* meta_tile[ROW_TILES];
 #pragma unroll
-    for (int tt = 0; tt < TOKEN_TILES; ++tt) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[tt][i] = 0.0f;
+    for (int rt = 0; rt < ROW_TILES; ++rt) {
+        const int tile = min(first_tile + rt, n / 16 - 1);
+        lo_row[rt] = values + (int64_t)(tile * 16 + g) * row_units + t;
+        hi_row[rt] = values + (int64_t)(tile * 16 + g + 8) * row_units + t;
+        meta_tile[rt] = meta + (int64_t)tile * blocks * TILE_WORDS + lane;
     }
+
+    float acc[ROW_TILES][TOKEN_TILES][4];
+#pragma unroll
+    for (int rt = 0; rt < ROW_TILES; ++rt) {
+#pragma unroll
+        for (int tt = 0; tt < TOKEN_TILES; ++tt) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[rt][tt][i] = 0.0f;
+        }
+    }
+    uint4 lo[ROW_TILES], hi[ROW_TILES];
+    uint32_t e[ROW_TILES];
     int block = warp;
-    uint4 lo = {0, 0, 0, 0}, hi = {0, 0, 0, 0};
-    uint32_t e = 0;
-    if (block < blocks) {
-        lo = __ldcs(lo_row + 4 * block);
-        hi = __ldcs(hi_row + 4 * block);
-        e = __ldcs(meta_tile + block * TILE_WORDS);
+#pragma unroll
+    for (int rt = 0; rt < ROW_TILES; ++rt) {
+        const bool live = block < blocks && rt < tiles;
+        lo[rt] = live ? __ldcs(lo_row[rt] + 4 * block) : make_uint4(0, 0, 0, 0);
+        hi[rt] = live ? __ldcs(hi_row[rt] + 4 * block) : make_uint4(0, 0, 0, 0);
+        e[rt] = live ? __ldcs(meta_tile[rt] + block * TILE_WORDS) : 0u;
     }
     for (; block < blocks; block += SMALL_WARPS) {
         const int next = block + SMALL_WARPS;
-        uint4 next_lo = {0, 0, 0, 0}, next_hi = {0, 0, 0, 0};
-        uint32_t next_e = 0;
-        if (next < blocks) {
-            next_lo = __ldcs(lo_row + 4 * next);
-            next_hi = __ldcs(hi_row + 4 * next);
-            next_e = __ldcs(meta_tile + next * TILE_WORDS);
+        uint4 next_lo[ROW_TILES], next_hi[ROW_TILES];
+        uint32_t next_e[ROW_TILES];
+#pragma unroll
+        for (int rt = 0; rt < ROW_TILES; ++rt) {
+            const bool live = next < blocks && rt < tiles;
+            next_lo[rt] = live ? __ldcs(lo_row[rt] + 4 * next) : make_uint4(0, 0, 0, 0);
+            next_hi[rt] = live ? __ldcs(hi_row[rt] + 4 * next) : make_uint4(0, 0, 0, 0);
+            next_e[rt] = live ? __ldcs(meta_tile[rt] + next * TILE_WORDS) : 0u;
         }
 #pragma unroll
         for (int tt = 0; tt < TOKEN_TILES; ++tt) {
@@ -421,28 +439,39 @@ __device__ void gemm_small(const uint4* __restrict__ values, const uint32_t* __r
             const int base = (block * COL_BLOCK) / 2 + t;  // in pairs of k
 #pragma unroll
             for (int i = 0; i < 8; ++i) b[i] = token < m ? __ldg(x_row + base + 4 * i) : 0u;
-            mma_block<T>(acc[tt], lo, hi, b, e);
+#pragma unroll
+            for (int rt = 0; rt < ROW_TILES; ++rt) {
+                // A tile past n has no valid metadata: skip it (uniform across the warp).
+                if (rt < tiles) mma_block<T>(acc[rt][tt], lo[rt], hi[rt], b, e[rt]);
+            }
         }
-        lo = next_lo;
-        hi = next_hi;
-        e = next_e;
+#pragma unroll
+        for (int rt = 0; rt < ROW_TILES; ++rt) {
+            lo[rt] = next_lo[rt];
+            hi[rt] = next_hi[rt];
+            e[rt] = next_e[rt];
+        }
     }
 #pragma unroll
-    for (int tt = 0; tt < TOKEN_TILES; ++tt) {
+    for (int rt = 0; rt < ROW_TILES; ++rt) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) partial[warp][tt][i][lane] = acc[tt][i];
+        for (int tt = 0; tt < TOKEN_TILES; ++tt) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) partial[warp][rt][tt][i][lane] = acc[rt][tt][i];
+        }
     }
     __syncthreads();
-    // Output (row r of the tile, token j): accumulator i = 2·(r >= 8) + j % 2 of lane
-    // 4·(r % 8) + (j % 8) / 2 in token tile j / 8.
-    for (int idx = threadIdx.x; idx < 16 * 8 * TOKEN_TILES; idx += SMALL_WARPS * WARP) {
-        const int r = idx % 16, j = idx / 16;
-        if (j >= m) continue;
-        const int i = 2 * (r >= 8) + j % 2, src = 4 * (r % 8) + (j % 8) / 2, tt = j / 8;
+    // Output (row r of the block, token j): tile r / 16, accumulator i = 2·(r % 16 >= 8) + j % 2
+    // of lane 4·(r % 8) + (j % 8) / 2 in token tile j / 8.
+    for (int idx = threadIdx.x; idx < ROW_TILES * 16 * 8 * TOKEN_TILES; idx += SMALL_WARPS * WARP) {
+        const int r = idx % (ROW_TILES * 16), j = idx / (ROW_TILES * 16);
+        const int rt = r / 16, within = r % 16;
+        if (j >= m || rt >= tiles) continue;
+        const int i = 2 * (within >= 8) + j % 2, src = 4 * (within % 8) + (j % 8) / 2, tt = j / 8;
         float sum = 0.0f;
 #pragma unroll
-        for (int w = 0; w < SMALL_WARPS; ++w) sum += partial[w][tt][i][src];
-        const int row = row_tile * 16 + r;
+        for (int w = 0; w < SMALL_WARPS; ++w) sum += partial[w][rt][tt][i][src];
+        const int row = (first_tile + rt) * 16 + within;
         if (bias != nullptr) sum += to_float(bias[row]);
         y[(int64_t)j * n + row] = from_float<T>(sum);
     }

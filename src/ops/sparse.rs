@@ -849,7 +849,6 @@ mod cuda {
     use super::*;
     use crate::cuda::{CudaBackend, CudaContextExt, LaunchConfig, PushKernelArg};
     use crate::ops::matmul::{matmul, MatmulOptions};
-    use cudarc::driver::sys::CUfunction_attribute_enum;
     use std::sync::Arc;
 
     const FILE: &str = "sparse_nm";
@@ -1015,8 +1014,10 @@ mod cuda {
         let (name, launch) = if m <= SMALL_MAX_TOKENS {
             let tiles = m.div_ceil(8).next_power_of_two();
             let name = format!("sparse24_gemm_small{tiles}_{}", x.dtype().name());
+            // Row tiles per block: ROW_TILES of kernels/sparse_nm.cu's gemm_small.
+            let row_tiles = if tiles <= 4 { 2 } else { 1 };
             let launch = LaunchConfig {
-                grid_dim: ((n / ROW_BLOCK) as u32, 1, 1),
+                grid_dim: ((n / ROW_BLOCK).div_ceil(row_tiles) as u32, 1, 1),
                 block_dim: (GEMM_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -1040,15 +1041,7 @@ mod cuda {
         };
         let function = backend.function(FILE, &name)?;
         if launch.shared_mem_bytes > 0 {
-            function
-                .set_attribute(
-                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    launch.shared_mem_bytes as i32,
-                )
-                .context(&format!(
-                    "allowing {name} {} bytes of shared memory",
-                    launch.shared_mem_bytes
-                ))?;
+            backend.allow_dynamic_shared(&function, launch.shared_mem_bytes as usize)?;
         }
         let (m_i, n_i, k_i) = (m as i32, n as i32, k as i32);
         let mut builder = backend.launch_builder(&function);
