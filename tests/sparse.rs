@@ -32,6 +32,7 @@ on_each_device!(
     compress_round_trip,
     compress_keeps_zero_valued_picks,
     layout_is_what_mma_sp_reads,
+    devices_agree_bit_for_bit,
     forward_f32,
     forward_bf16,
     forward_f16,
@@ -396,6 +397,51 @@ fn layout_is_what_mma_sp_reads(device: &Device) {
                 }
             }
         }
+    }
+}
+
+/// The spec's "CPU == GPU mask bit-for-bit": pruning, compression (values and metadata) and the
+/// double prune give the same bytes on this device as on the CPU, ties included.
+fn devices_agree_bit_for_bit(device: &Device) {
+    let mut rng = common::rng();
+    let (rows, cols) = (64, 192);
+    let choices = [-2.0f32, -1.0, 1.0, 2.0, 0.0, 0.5];
+    let mut w: Vec<bf16> = uniform(&mut rng, rows * cols);
+    for v in w.iter_mut().step_by(3) {
+        *v = bf16::from_f32(choices[(v.to_bits() as usize) % choices.len()]);
+    }
+    let here = tensor(w.clone(), &[rows, cols], device);
+    let cpu = tensor(w, &[rows, cols], &Device::Cpu);
+    for pattern in [NmPattern::TWO_FOUR, NmPattern::ONE_TWO] {
+        let (a, b) = (
+            sparse24_prune_compress(&here, pattern).unwrap(),
+            sparse24_prune_compress(&cpu, pattern).unwrap(),
+        );
+        assert_eq!(common::bytes(a.values()), common::bytes(b.values()), "{pattern} values");
+        assert_eq!(common::bytes(a.meta()), common::bytes(b.meta()), "{pattern} metadata");
+        assert_eq!(
+            common::bytes(&nm_prune(&here, pattern).unwrap()),
+            common::bytes(&nm_prune(&cpu, pattern).unwrap()),
+            "{pattern} pruned"
+        );
+        let (dp_a, dp_b) = (sparse24_double_prune(&a).unwrap(), sparse24_double_prune(&b).unwrap());
+        assert_eq!(
+            common::bytes(dp_a.values()),
+            common::bytes(dp_b.values()),
+            "{pattern} W_dp values"
+        );
+        assert_eq!(
+            common::bytes(dp_a.meta()),
+            common::bytes(dp_b.meta()),
+            "{pattern} W_dp metadata"
+        );
+        // Moving a compressed matrix moves both parts unchanged.
+        let moved = b.to_device(device).unwrap();
+        assert_eq!(common::bytes(moved.meta()), common::bytes(b.meta()));
+        assert_eq!(
+            common::bytes(&sparse24_decompress(&moved).unwrap()),
+            common::bytes(&sparse24_decompress(&b).unwrap())
+        );
     }
 }
 

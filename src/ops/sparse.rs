@@ -146,6 +146,17 @@ impl Sparse24 {
         self.values.size_in_bytes() + self.meta.size_in_bytes()
     }
 
+    /// A copy on `device` (a plain copy when it is already there).
+    pub fn to_device(&self, device: &Device) -> Result<Sparse24> {
+        check_gpu_dtype("Sparse24::to_device", "self", self.dtype(), device)?;
+        Ok(Sparse24 {
+            values: self.values.to_device(device)?,
+            meta: self.meta.to_device(device)?,
+            rows: self.rows,
+            cols: self.cols,
+        })
+    }
+
     /// Reassembles a matrix from parts (as read from a checkpoint), checking their shapes, dtypes
     /// and devices, and that every metadata nibble names two positions `idx0 < idx1`.
     pub fn from_parts(values: Tensor, meta: Tensor, rows: usize, cols: usize) -> Result<Sparse24> {
@@ -370,7 +381,8 @@ pub fn nm_mask(w: &Tensor, pattern: NmPattern) -> Result<Tensor> {
 }
 
 /// Checks that every group of `pattern.m` consecutive elements of each row of `w` holds at most
-/// `pattern.n` non-zeros; the error names the first group that does not.
+/// `pattern.n` non-zeros; the error names the first group that does not. The check reads `w` on
+/// the host (a copy for a GPU tensor): it is made once, when a mask is adopted.
 pub fn nm_check(w: &Tensor, pattern: NmPattern) -> Result<()> {
     const OP: &str = "nm_check";
     check_matrix(OP, "w", w, pattern.m)?;
@@ -379,8 +391,8 @@ pub fn nm_check(w: &Tensor, pattern: NmPattern) -> Result<()> {
 }
 
 /// Compresses `w`, which must be 2:4-sparse (at most 2 non-zeros per group of 4; the error names
-/// the first group that is not), into the tensor-core format. The kept positions are the
-/// non-zeros, completed with the lowest free positions.
+/// the first group that is not; checked on the host), into the tensor-core format. The kept
+/// positions are the non-zeros, completed with the lowest free positions.
 pub fn sparse24_compress(w: &Tensor) -> Result<Sparse24> {
     const OP: &str = "sparse24_compress";
     let (rows, cols) = check_matrix(OP, "w", w, 4)?;
