@@ -272,14 +272,32 @@ __device__ void gather(const T* __restrict__ g, const uint32_t* __restrict__ met
     }
 }
 
-// d_bias[j] = Σ_i dy[i, j] in f32, one thread per column (consecutive threads, consecutive
-// columns: coalesced), in token order: deterministic.
+// d_bias[j] = Σ_i dy[i, j] in f32. Block: 32 columns (one per lane, 64-byte coalesced rows) x 8
+// warps, warp w summing rows w, w+8, ... into 4 independent partial sums; the warps' sums are
+// added in warp order (deterministic). Grid: one block per 32 columns.
+constexpr int BIAS_WARPS = 8;
+
 template <typename T>
 __device__ void bias_grad(const T* __restrict__ dy, float* __restrict__ d_bias, int64_t m, int64_t n) {
-    for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n; j += (int64_t)gridDim.x * blockDim.x) {
-        float sum = 0.0f;
-        for (int64_t i = 0; i < m; ++i) sum += to_float(dy[i * n + j]);
-        d_bias[j] = sum;
+    __shared__ float partial[BIAS_WARPS][WARP];
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int64_t col = (int64_t)blockIdx.x * WARP + lane;
+    float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (col < n) {
+        int64_t i = warp;
+        for (; i + 3 * BIAS_WARPS < m; i += 4 * BIAS_WARPS) {
+#pragma unroll
+            for (int u = 0; u < 4; ++u) sum[u] += to_float(dy[(i + u * BIAS_WARPS) * n + col]);
+        }
+        for (; i < m; i += BIAS_WARPS) sum[0] += to_float(dy[i * n + col]);
+    }
+    partial[warp][lane] = (sum[0] + sum[1]) + (sum[2] + sum[3]);
+    __syncthreads();
+    if (warp == 0 && col < n) {
+        float total = 0.0f;
+#pragma unroll
+        for (int w = 0; w < BIAS_WARPS; ++w) total += partial[w][lane];
+        d_bias[col] = total;
     }
 }
 
@@ -637,7 +655,7 @@ __device__ void gemm_big(const uint8_t* __restrict__ values, const uint32_t* __r
         sparse_prune12_##NAME(const T* w, T* out, int64_t groups) {                                                \
         prune_dense<T, 2>(w, out, groups);                                                                         \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(ELEMENT_THREADS) sparse_bias_grad_##NAME(                         \
+    extern "C" __global__ void __launch_bounds__(BIAS_WARPS * WARP) sparse_bias_grad_##NAME(                       \
         const T* dy, float* d_bias, int64_t m, int64_t n) {                                                        \
         bias_grad<T>(dy, d_bias, m, n);                                                                            \
     }                                                                                                              \

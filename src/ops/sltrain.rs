@@ -392,8 +392,8 @@ mod cuda {
         let (m, n) = (dy.shape()[0] as i64, dy.shape()[1] as i64);
         let mut builder = backend.launch_builder(&function);
         builder.arg(&dy_address).arg(&bias_address).arg(&m).arg(&n);
-        // SAFETY: dy is (m, n) and d_bias (n) f32; one thread per column.
-        unsafe { builder.launch(launch(n as usize, backend.multiprocessors())) }
+        // SAFETY: dy is (m, n) and d_bias (n) f32; a block per 32 columns.
+        unsafe { builder.launch(crate::ops::sparse::cuda::bias_launch(n as usize)) }
             .context(&format!("launching {name}"))?;
         Ok(())
     }

@@ -857,7 +857,7 @@ mod cpu {
 }
 
 #[cfg(feature = "cuda")]
-mod cuda {
+pub(crate) mod cuda {
     use super::*;
     use crate::cuda::{CudaBackend, CudaContextExt, LaunchConfig, PushKernelArg};
     use crate::ops::matmul::{matmul, MatmulOptions};
@@ -894,6 +894,15 @@ mod cuda {
         LaunchConfig {
             grid_dim: (element_grid(items, backend), 1, 1),
             block_dim: (ELEMENT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// The bias-gradient kernel's launch: a block of 8 warps per 32 columns.
+    pub(crate) fn bias_launch(columns: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (columns.div_ceil(32) as u32, 1, 1),
+            block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         }
     }
@@ -1118,8 +1127,8 @@ mod cuda {
             let (m_i, n_i) = (m as i64, w.rows as i64);
             let mut builder = backend.launch_builder(&function);
             builder.arg(&dy_address).arg(&bias_address).arg(&m_i).arg(&n_i);
-            // SAFETY: dy is (m, n), d_bias (n) f32; one thread per column.
-            unsafe { builder.launch(element_launch(w.rows, &backend)) }.context(&format!("launching {name}"))?;
+            // SAFETY: dy is (m, n), d_bias (n) f32; a block per 32 columns.
+            unsafe { builder.launch(bias_launch(w.rows)) }.context(&format!("launching {name}"))?;
         }
         Ok(())
     }
