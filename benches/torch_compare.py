@@ -203,6 +203,52 @@ def torch_train(case, warmup, iterations, generator):
     }
 
 
+def torch_sparse(case, warmup, iterations, generator):
+    """cuSPARSELt through torch.sparse.to_sparse_semi_structured, and dense F.linear (cuBLAS) on
+    the same 2:4 weights; the cuSPARSELt time is the anchor, the dense one rides along."""
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    SparseSemiStructuredTensor._FORCE_CUTLASS = False
+    dtype = DTYPES[case["dtype"]]
+    m, n, k, sets = case["m"], case["n"], case["k"], case["input_sets"]
+    mask = torch.tensor([True, True, False, False], device="cuda").tile(n, k // 4)
+    weights = [uniform((n, k), dtype, -1, 1, generator) * mask for _ in range(sets)]
+    inputs = [uniform((m, k), dtype, -1, 1, generator) for _ in range(sets)]
+    linear = torch.nn.functional.linear
+    dense_ms = time_ms(lambda i: linear(inputs[i % sets], weights[i % sets]), warmup, iterations)
+    result = {"dense_ms": dense_ms, "dense_tflops": 2 * m * n * k / (dense_ms * 1e9)}
+    try:
+        sparse = [to_sparse_semi_structured(w) for w in weights]
+        ms = time_ms(lambda i: linear(inputs[i % sets], sparse[i % sets]), warmup, iterations)
+        result.update({"ms": ms, "what": "F.linear on to_sparse_semi_structured (cuSPARSELt)"})
+    except Exception as error:  # cuSPARSELt refuses some shapes (one token): report, do not stop
+        result.update({"ms": float("nan"), "what": f"cuSPARSELt failed: {error}".splitlines()[0]})
+    result["tflops"] = 2 * m * n * k / (result["ms"] * 1e9)
+    result["gbps"] = float("nan")
+    return result
+
+
+def torch_sparse_step(case, warmup, iterations, generator):
+    """The dense twin of one linear layer's training step in PyTorch: forward, dX, dW, db."""
+    dtype = DTYPES[case["dtype"]]
+    m, d = case["m"], case["d"]
+    w = uniform((d, d), dtype, -1, 1, generator)
+    b = uniform((d,), dtype, -1, 1, generator)
+    x = uniform((m, d), dtype, -1, 1, generator)
+    dy = uniform((m, d), dtype, -1, 1, generator)
+
+    def work(i):
+        torch.nn.functional.linear(x, w, b)
+        torch.matmul(dy, w)
+        torch.matmul(dy.t(), x)
+        dy.sum(0)
+
+    ms = time_ms(work, warmup, iterations)
+    return {"ms": ms, "tflops": 6 * m * d * d / (ms * 1e9), "what": "dense F.linear + two matmuls + sum (cuBLAS)"}
+
+
+
+
 RUNNERS = {
     "copy": torch_copy,
     "matmul": torch_matmul,
@@ -210,6 +256,8 @@ RUNNERS = {
     "wavelet": torch_wavelet,
     "columns": torch_columns,
     "train": torch_train,
+    "sparse": torch_sparse,
+    "sparse_step": torch_sparse_step,
 }
 
 

@@ -216,6 +216,17 @@ impl CudaBackend {
         self.stream.launch_builder(function)
     }
 
+    /// Lets `function` use `bytes` of dynamic shared memory (above the default 48 KiB).
+    pub(crate) fn allow_dynamic_shared(&self, function: &CudaFunction, bytes: usize) -> Result<()> {
+        self.context.bind_to_thread().context("binding the CUDA context")?;
+        function
+            .set_attribute(
+                sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+            .context(&format!("allowing a kernel {bytes} bytes of dynamic shared memory"))
+    }
+
     /// Runs `f` with this device's cuBLASLt handle, creating it on first use.
     pub(crate) fn with_blaslt<T>(&self, f: impl FnOnce(&mut blaslt::BlasLt) -> Result<T>) -> Result<T> {
         let mut guard = self.blaslt.lock().unwrap_or_else(|poisoned| poisoned.into_inner());

@@ -28,6 +28,9 @@ pub mod attention;
 pub mod columns;
 pub mod matmul;
 pub mod rope;
+pub mod sltrain;
+pub mod sparse;
+pub mod spdf;
 pub mod wavelet;
 
 pub use adamw::{adamw_step, AdamWConfig, AdamWTensor};
@@ -35,6 +38,13 @@ pub use attention::{attention_backward, attention_forward, AttentionMask, Attent
 pub use columns::copy_columns;
 pub use matmul::{matmul, matmul_into, MatmulOptions};
 pub use rope::{rope_backward, rope_forward, RopeConfig, RopeConvention};
+pub use sltrain::{sltrain_backward, sltrain_forward, sltrain_weight, SlTrainConfig, SlTrainGrads, SlTrainLayer};
+pub use sparse::{
+    nm_check, nm_mask, nm_prune, sparse24_compress, sparse24_decompress, sparse24_double_prune,
+    sparse24_prune_compress, sparse_linear_backward, sparse_linear_forward, sparse_linear_forward_into, NmPattern,
+    Sparse24, SparseLinearGrads,
+};
+pub use spdf::{spdf_apply_mask, StaticMask};
 pub use wavelet::{
     wavelet_backward, wavelet_backward_into, wavelet_forward, wavelet_forward_into, wavelet_learnable_backward,
     wavelet_learnable_forward, wavelet_taps_init, WaveletConfig, WaveletDivisor,

@@ -6,6 +6,7 @@
 mod adamw;
 mod columns;
 mod matmul;
+mod sparse;
 mod train;
 mod wavelet;
 
@@ -37,6 +38,7 @@ const FAMILIES: &[(&str, Family)] = &[
     ("adamw", adamw::run),
     ("wavelet", wavelet::run),
     ("columns", columns::run),
+    ("sparse", sparse::run),
     ("train", train::run),
 ];
 

@@ -1,0 +1,74 @@
+//! Criterion benchmarks of 2:4 sparsity on the CPU (and on the GPU when one is present; the
+//! CUDA-event benchmark beside cuBLAS and cuSPARSELt is `tessera bench --only sparse`): pruning
+//! and compressing a bf16 weight, the sparse linear forward and SLoPe's backward, with the dense
+//! matmul of the same shape beside them.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use half::bf16;
+use std::time::Duration;
+use tessera::ops::{self, MatmulOptions, NmPattern};
+use tessera::{Device, Tensor};
+
+fn values(len: usize, seed: u32) -> Vec<bf16> {
+    (0..len as u32)
+        .map(|i| bf16::from_f32((i.wrapping_add(seed).wrapping_mul(2_654_435_761) % 2001) as f32 / 1000.0 - 1.0))
+        .collect()
+}
+
+fn bench_sparse(c: &mut Criterion, group_name: &str, device: &Device, m: usize, d: usize) {
+    let w = Tensor::from_vec(values(d * d, 1), &[d, d], device).expect("weight");
+    let x = Tensor::from_vec(values(m * d, 2), &[m, d], device).expect("input");
+    let dy = Tensor::from_vec(values(m * d, 3), &[m, d], device).expect("gradient");
+    let sparse = ops::sparse24_prune_compress(&w, NmPattern::TWO_FOUR).expect("compress");
+    let w_dp_t = ops::sparse24_double_prune(&sparse).expect("double prune");
+    let dense = ops::sparse24_decompress(&sparse).expect("decompress");
+    let mut y = Tensor::zeros(&[m, d], x.dtype(), device).expect("output");
+    let mut group = c.benchmark_group(group_name);
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    group.throughput(Throughput::Elements((2 * m * d * d) as u64));
+    group.bench_function(format!("forward_m{m}_d{d}"), |bencher| {
+        bencher.iter(|| {
+            ops::sparse_linear_forward_into(&x, &sparse, None, &mut y).expect("forward");
+            device.synchronize().expect("synchronize");
+        })
+    });
+    group.bench_function(format!("dense_forward_m{m}_d{d}"), |bencher| {
+        bencher.iter(|| {
+            ops::matmul_into(&x, &dense, None, &mut y, MatmulOptions::linear()).expect("dense");
+            device.synchronize().expect("synchronize");
+        })
+    });
+    group.bench_function(format!("backward_m{m}_d{d}"), |bencher| {
+        bencher.iter(|| {
+            ops::sparse_linear_backward(&dy, &x, &sparse, &w_dp_t, true).expect("backward");
+            device.synchronize().expect("synchronize");
+        })
+    });
+    group.throughput(Throughput::Elements((d * d) as u64));
+    group.bench_function(format!("prune_compress_d{d}"), |bencher| {
+        bencher.iter(|| {
+            ops::sparse24_prune_compress(&w, NmPattern::TWO_FOUR).expect("compress");
+            device.synchronize().expect("synchronize");
+        })
+    });
+    group.bench_function(format!("double_prune_d{d}"), |bencher| {
+        bencher.iter(|| {
+            ops::sparse24_double_prune(&sparse).expect("double prune");
+            device.synchronize().expect("synchronize");
+        })
+    });
+    group.finish();
+}
+
+fn benches(c: &mut Criterion) {
+    bench_sparse(c, "sparse_cpu", &Device::Cpu, 64, 1024);
+    if let Ok(gpu) = Device::cuda(0) {
+        bench_sparse(c, "sparse_gpu", &gpu, 4096, 4096);
+    }
+}
+
+criterion_group!(sparse, benches);
+criterion_main!(sparse);

@@ -1,0 +1,150 @@
+//! 2:4 sparse linear forward (mma.sp) beside tessera's dense cuBLASLt GEMM on the same inputs,
+//! for the shapes, and one sparse linear layer's training step (forward, SLoPe's input
+//! gradient through the double-pruned weight, the masked weight gradient, the bias gradient)
+//! beside its dense twin. torch_compare.py adds cuSPARSELt (`to_sparse_semi_structured`) and
+//! dense `torch.matmul` for the same cases.
+
+use super::{input_sets, random_tensor, Context, Result};
+use serde_json::{json, Value};
+use tessera::ops::{self, MatmulOptions, NmPattern, Sparse24};
+use tessera::{DType, Tensor};
+
+pub fn run(context: &mut Context) -> Result<Vec<Value>> {
+    let (tokens, shapes): (&[usize], &[(usize, usize)]) = if context.quick {
+        (&[1, 16, 512], &[(1024, 1024)])
+    } else {
+        (
+            &[1, 16, 4096],
+            &[(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192)],
+        )
+    };
+    let mut results = Vec::new();
+    for &(n, k) in shapes {
+        // The weights are shared by every token count: the sets are sized for the smallest, where
+        // the compressed weight is all the traffic.
+        let weights = Weights::new(context, n, k)?;
+        for &m in tokens {
+            results.push(bench_forward(context, &weights, m)?);
+        }
+    }
+    let (m, d) = if context.quick { (512, 1024) } else { (4096, 4096) };
+    results.push(bench_step(context, m, d)?);
+    Ok(results)
+}
+
+fn err(e: tessera::Error) -> String {
+    e.to_string()
+}
+
+/// Rotating sets of one (n, k) bf16 weight: dense, and pruned 2:4 and compressed.
+struct Weights {
+    n: usize,
+    k: usize,
+    dense: Vec<Tensor>,
+    sparse: Vec<Sparse24>,
+}
+
+impl Weights {
+    fn new(context: &Context, n: usize, k: usize) -> Result<Weights> {
+        let sets = input_sets(n * k * 9 / 8);
+        let mut dense = Vec::with_capacity(sets);
+        let mut sparse = Vec::with_capacity(sets);
+        for s in 0..sets as u64 {
+            let w = random_tensor(&[n, k], DType::BF16, 700 + s, -1.0, 1.0, &context.device)?;
+            let compressed = ops::sparse24_prune_compress(&w, NmPattern::TWO_FOUR).map_err(err)?;
+            // The dense GEMM multiplies the same pruned weight (the values do not change its
+            // speed, but the comparison is then of one product).
+            dense.push(ops::sparse24_decompress(&compressed).map_err(err)?);
+            sparse.push(compressed);
+        }
+        Ok(Weights { n, k, dense, sparse })
+    }
+}
+
+fn bench_forward(context: &Context, weights: &Weights, m: usize) -> Result<Value> {
+    let (n, k) = (weights.n, weights.k);
+    let sets = weights.sparse.len();
+    let device = &context.device;
+    let xs: Vec<Tensor> = (0..sets as u64)
+        .map(|s| random_tensor(&[m, k], DType::BF16, 900 + s, -1.0, 1.0, device))
+        .collect::<Result<_>>()?;
+    let mut y = Tensor::zeros(&[m, n], DType::BF16, device).map_err(err)?;
+    let sparse_ms = context
+        .median_ms(|i| ops::sparse_linear_forward_into(&xs[i % sets], &weights.sparse[i % sets], None, &mut y))?;
+    let dense_ms = context.median_ms(|i| {
+        ops::matmul_into(
+            &xs[i % sets],
+            &weights.dense[i % sets],
+            None,
+            &mut y,
+            MatmulOptions::linear(),
+        )
+    })?;
+    let flops = 2.0 * (m * n * k) as f64;
+    let sparse_bytes = weights.sparse[0].size_in_bytes() + 2 * (m * k + m * n);
+    let dense_bytes = 2 * (n * k + m * k + m * n);
+    Ok(json!({
+        "name": format!("sparse 2:4 bf16 m={m} {n}x{k}"),
+        "kind": "sparse",
+        "dtype": "bf16",
+        "m": m, "n": n, "k": k,
+        "input_sets": sets,
+        "ms": sparse_ms,
+        // Dense-equivalent rate: the products a dense GEMM of this shape does.
+        "tflops": flops / (sparse_ms * 1e9),
+        "gbps": sparse_bytes as f64 / (sparse_ms * 1e6),
+        "pct_of_copy": context.pct_of_copy(sparse_bytes as f64 / (sparse_ms * 1e6)),
+        "dense_ms": dense_ms,
+        "dense_tflops": flops / (dense_ms * 1e9),
+        "dense_gbps": dense_bytes as f64 / (dense_ms * 1e6),
+        "speedup_vs_dense": dense_ms / sparse_ms,
+    }))
+}
+
+/// One linear layer's training step at m tokens, d -> d, bf16, with bias: sparse (forward
+/// through W_s, dX through W_dp, dW masked to W_s's support, db) and its dense twin (three
+/// cuBLASLt GEMMs and the same bias gradient by a fourth, ones·dY).
+fn bench_step(context: &Context, m: usize, d: usize) -> Result<Value> {
+    let device = &context.device;
+    let w = random_tensor(&[d, d], DType::BF16, 1100, -1.0, 1.0, device)?;
+    let sparse = ops::sparse24_prune_compress(&w, NmPattern::TWO_FOUR).map_err(err)?;
+    let w_dp_t = ops::sparse24_double_prune(&sparse).map_err(err)?;
+    let dense = ops::sparse24_decompress(&sparse).map_err(err)?;
+    let bias = random_tensor(&[d], DType::BF16, 1101, -1.0, 1.0, device)?;
+    let x = random_tensor(&[m, d], DType::BF16, 1102, -1.0, 1.0, device)?;
+    let dy = random_tensor(&[m, d], DType::BF16, 1103, -1.0, 1.0, device)?;
+    let ones = Tensor::from_vec(vec![half::bf16::ONE; m], &[1, m], device).map_err(err)?;
+    let mut y = Tensor::zeros(&[m, d], DType::BF16, device).map_err(err)?;
+    let mut dx = Tensor::zeros(&[m, d], DType::BF16, device).map_err(err)?;
+    let mut dw = Tensor::zeros(&[d, d], DType::BF16, device).map_err(err)?;
+    let mut db = Tensor::zeros(&[1, d], DType::BF16, device).map_err(err)?;
+    let sparse_ms = context.median_ms(|_| {
+        ops::sparse_linear_forward_into(&x, &sparse, Some(&bias), &mut y)?;
+        ops::sparse_linear_backward(&dy, &x, &sparse, &w_dp_t, true).map(drop)
+    })?;
+    let double_prune_ms = context.median_ms(|_| ops::sparse24_double_prune(&sparse).map(drop))?;
+    let dense_ms = context.median_ms(|_| {
+        ops::matmul_into(&x, &dense, Some(&bias), &mut y, MatmulOptions::linear())?;
+        ops::matmul_into(&dy, &dense, None, &mut dx, MatmulOptions::default())?;
+        let transposed = MatmulOptions {
+            trans_a: true,
+            ..Default::default()
+        };
+        ops::matmul_into(&dy, &x, None, &mut dw, transposed)?;
+        ops::matmul_into(&ones, &dy, None, &mut db, MatmulOptions::default())
+    })?;
+    let flops = 3.0 * 2.0 * (m * d * d) as f64;
+    Ok(json!({
+        "name": format!("sparse step bf16 m={m} d={d}"),
+        "kind": "sparse_step",
+        "dtype": "bf16",
+        "m": m, "d": d,
+        "input_sets": 1,
+        "ms": sparse_ms,
+        "tflops": flops / (sparse_ms * 1e9),
+        "double_prune_ms": double_prune_ms,
+        "dense_ms": dense_ms,
+        "dense_tflops": flops / (dense_ms * 1e9),
+        "speedup_vs_dense": dense_ms / sparse_ms,
+    }))
+}
