@@ -213,3 +213,12 @@ pub fn expect_no_overlap(op: &str, arg: &str, written: &Tensor, others: &[(&str,
         None => Ok(()),
     }
 }
+
+/// The number of live handles of every kind in the process: what has been created and not yet
+/// freed. A program (or a test) that has freed everything sees 0; a growing count is a leak.
+///
+/// Ownership: none. Thread-safety: any thread; the count is a snapshot. Errors: none.
+#[no_mangle]
+pub extern "C" fn tessera_live_handle_count() -> usize {
+    table().objects.len()
+}

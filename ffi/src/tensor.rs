@@ -13,7 +13,7 @@ use tessera_core::{DType, Tensor};
 /// them.
 #[repr(i32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TesseraDType {
+pub enum TesseraDtype {
     F32 = 0,
     BF16 = 1,
     F16 = 2,
@@ -34,21 +34,21 @@ pub(crate) fn dtype_from_code(op: &str, arg: &str, code: i32) -> FfiResult<DType
             return Err(FfiError::invalid(
                 op,
                 arg,
-                "a TesseraDType code from 0 (F32) to 5 (U32)",
+                "a TesseraDtype code from 0 (F32) to 5 (U32)",
                 other,
             ))
         }
     })
 }
 
-fn dtype_code(dtype: DType) -> TesseraDType {
+fn dtype_code(dtype: DType) -> TesseraDtype {
     match dtype {
-        DType::F32 => TesseraDType::F32,
-        DType::BF16 => TesseraDType::BF16,
-        DType::F16 => TesseraDType::F16,
-        DType::U8 => TesseraDType::U8,
-        DType::U16 => TesseraDType::U16,
-        DType::U32 => TesseraDType::U32,
+        DType::F32 => TesseraDtype::F32,
+        DType::BF16 => TesseraDtype::BF16,
+        DType::F16 => TesseraDtype::F16,
+        DType::U8 => TesseraDtype::U8,
+        DType::U16 => TesseraDtype::U16,
+        DType::U32 => TesseraDtype::U32,
     }
 }
 
@@ -411,7 +411,7 @@ fn with_tensor(op: &str, tensor: *const TesseraTensor, read: impl FnOnce(&Tensor
     read(&tensor)
 }
 
-/// The tensor's element type as a `TesseraDType` code.
+/// The tensor's element type as a `TesseraDtype` code.
 ///
 /// Ownership: none. Thread-safety: any thread.
 /// Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (NULL `out`), `..._INVALID_HANDLE`, `..._BUSY`.
