@@ -403,12 +403,14 @@ TesseraStatus tessera_tensor_new_zeros(const TesseraDevice *device,
 
 /**
  * Creates a tensor on a device holding a copy of `bytes` bytes of host memory at `data`, which
- * must be exactly the byte size of the shape in the dtype (row-major, contiguous).
+ * must be exactly the byte size of the shape in the dtype (row-major, contiguous) and aligned to
+ * the dtype's size.
  *
  * Ownership: `data` is only read, during the call; `*out` receives a new handle, released with
  * `tessera_tensor_free`. Thread-safety: any thread.
  * Errors: as `tessera_tensor_new_zeros`, and `TESSERA_STATUS_INVALID_ARGUMENT` when `bytes` does
- * not match or `data` is NULL (allowed only for 0 bytes). On failure `*out` is NULL.
+ * not match, `data` is misaligned, or `data` is NULL (allowed only for 0 bytes). On failure
+ * `*out` is NULL.
  */
 TesseraStatus tessera_tensor_new_from_host(const TesseraDevice *device,
                                            int32_t dtype,
