@@ -46,3 +46,6 @@ pub extern "C" fn tessera_version() -> *const c_char {
 pub extern "C" fn tessera_abi_version() -> u32 {
     TESSERA_ABI_VERSION
 }
+
+#[cfg(test)]
+mod tests;
