@@ -6,7 +6,7 @@ use crate::handle::{self, Object, TesseraTensor, TesseraWaveletConfig};
 use crate::status::{guard, require, write_out, FfiError, FfiResult, TesseraStatus};
 use std::sync::Arc;
 use tessera_core::ops::{self, WaveletConfig, WaveletDivisor};
-use tessera_core::Tensor;
+use tessera_core::{DType, Device, Tensor};
 
 /// What a window's sum is divided by near the start of the sequence (`int32_t divisor`
 /// arguments).
@@ -226,13 +226,13 @@ pub unsafe extern "C" fn tessera_wavelet_backward(
     })
 }
 
-/// Checks that `out` can receive a result shaped like `like` on `like`'s device.
-fn expect_output(op: &str, arg: &str, out: &Tensor, shape: &[usize], like: &Tensor) -> FfiResult<()> {
-    if out.shape() != shape || out.dtype() != like.dtype() || out.device() != like.device() {
+/// Checks, before any work, that `out` can receive a result of this shape, dtype and device.
+fn expect_output(op: &str, arg: &str, out: &Tensor, shape: &[usize], dtype: DType, device: &Device) -> FfiResult<()> {
+    if out.shape() != shape || out.dtype() != dtype || out.device() != *device {
         return Err(FfiError::invalid(
             op,
             arg,
-            format!("shape {shape:?} of {} on {}", like.dtype(), like.device()),
+            format!("shape {shape:?} of {dtype} on {device}"),
             format!("shape {:?} of {} on {}", out.shape(), out.dtype(), out.device()),
         ));
     }
@@ -256,7 +256,7 @@ pub unsafe extern "C" fn tessera_wavelet_taps_init(
         let taps = handle::tensor(OP, "taps", taps)?;
         let mut taps = handle::write(OP, "taps", &taps)?;
         let expected = [config.tap_count()];
-        if taps.shape() != expected || taps.dtype() != tessera_core::DType::F32 {
+        if taps.shape() != expected || taps.dtype() != DType::F32 {
             return Err(FfiError::invalid(
                 OP,
                 "taps",
@@ -295,8 +295,8 @@ pub unsafe extern "C" fn tessera_wavelet_learnable_forward(
         let taps = handle::read(OP, "taps", &taps)?;
         let mut out = handle::write(OP, "out", &out)?;
         handle::expect_no_overlap(OP, "out", &out, &[("x", &x), ("taps", &taps)])?;
+        expect_output(OP, "out", &out, x.shape(), x.dtype(), &x.device())?;
         let result = ops::wavelet_learnable_forward(&x, &taps, &config)?;
-        expect_output(OP, "out", &out, x.shape(), &x)?;
         out.copy_from(&result)?;
         Ok(())
     })
@@ -337,9 +337,16 @@ pub unsafe extern "C" fn tessera_wavelet_learnable_backward(
         let inputs = [("d_out", &*d_out), ("x", &*x), ("taps", &*taps)];
         handle::expect_no_overlap(OP, "d_x", &d_x, &[inputs.as_slice(), &[("d_taps", &*d_taps)]].concat())?;
         handle::expect_no_overlap(OP, "d_taps", &d_taps, &inputs)?;
+        expect_output(OP, "d_x", &d_x, d_out.shape(), d_out.dtype(), &d_out.device())?;
+        expect_output(
+            OP,
+            "d_taps",
+            &d_taps,
+            &[config.tap_count()],
+            DType::F32,
+            &d_out.device(),
+        )?;
         let (grad_x, grad_taps) = ops::wavelet_learnable_backward(&d_out, &x, &taps, &config)?;
-        expect_output(OP, "d_x", &d_x, d_out.shape(), &d_out)?;
-        expect_output(OP, "d_taps", &d_taps, &[config.tap_count()], &grad_taps)?;
         d_x.copy_from(&grad_x)?;
         d_taps.copy_from(&grad_taps)?;
         Ok(())
