@@ -434,6 +434,41 @@ static void wavelet(TesseraDevice *cpu) {
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) EXPECT_OK(tessera_tensor_free(all[i]));
 }
 
+/* Only where a GPU can be used: device memory wrapping is refused as unsupported, and tensors on
+ * two devices do not mix. */
+static void gpu(void) {
+    if (tessera_device_cuda_count() == 0) return;
+    TesseraDevice *cuda = NULL;
+    TesseraTensor *t = FORGED(TesseraTensor);
+    const size_t shape[2] = {2, 2};
+    float data[4] = {1, 2, 3, 4};
+    EXPECT_OK(tessera_device_new_cuda(0, &cuda));
+    bool is_cuda = false;
+    EXPECT_OK(tessera_device_is_cuda(cuda, &is_cuda));
+    CHECK(is_cuda);
+    EXPECT(TESSERA_STATUS_UNSUPPORTED,
+           tessera_tensor_wrap_device(cuda, (void *)(uintptr_t)0x1000, 16, TESSERA_DTYPE_F32, shape, 2, NULL, &t));
+    CHECK(t == NULL);
+    EXPECT(INVALID, tessera_tensor_wrap_device(cuda, NULL, 16, TESSERA_DTYPE_F32, shape, 2, NULL, &t));
+    EXPECT(INVALID, tessera_tensor_wrap_device(cuda, (void *)(uintptr_t)0x1002, 16, TESSERA_DTYPE_F32, shape, 2,
+                                               NULL, &t));
+    TesseraTensor *host = NULL, *device = NULL, *out = NULL;
+    EXPECT_OK(tessera_tensor_wrap_host(data, 16, TESSERA_DTYPE_F32, shape, 2, NULL, &host));
+    EXPECT_OK(tessera_tensor_to_device(host, cuda, &device));
+    EXPECT_OK(tessera_tensor_new_zeros(cuda, TESSERA_DTYPE_F32, shape, 2, &out));
+    EXPECT(INVALID, tessera_matmul(host, device, NULL, out, NULL));
+    EXPECT(INVALID, tessera_matmul(device, device, NULL, host, NULL));
+    EXPECT_OK(tessera_matmul(device, device, NULL, out, NULL));
+    float back[4] = {0};
+    EXPECT_OK(tessera_tensor_copy_to_host(out, back, sizeof back));
+    CHECK(back[0] == 7.0f && back[1] == 10.0f && back[2] == 15.0f && back[3] == 22.0f);
+    EXPECT_OK(tessera_device_synchronize(cuda));
+    EXPECT_OK(tessera_tensor_free(host));
+    EXPECT_OK(tessera_tensor_free(device));
+    EXPECT_OK(tessera_tensor_free(out));
+    EXPECT_OK(tessera_device_free(cuda));
+}
+
 int main(void) {
     TesseraDevice *cpu = NULL;
     version_and_status();
@@ -443,6 +478,7 @@ int main(void) {
     matmul(cpu);
     adamw(cpu);
     wavelet(cpu);
+    gpu();
     EXPECT_OK(tessera_device_free(cpu));
     CHECK(tessera_live_handle_count() == 0);
     printf("bad_input: %d passed, %d failed\n", passed, failed);
