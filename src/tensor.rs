@@ -5,6 +5,7 @@ use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use half::{bf16, f16};
 use std::fmt;
+use std::ptr::NonNull;
 
 /// Host memory, typed so that every view of it is correctly aligned for its dtype.
 pub(crate) enum HostBuffer {
@@ -14,10 +15,24 @@ pub(crate) enum HostBuffer {
     U8(Vec<u8>),
     U16(Vec<u16>),
     U32(Vec<u32>),
+    /// Memory the tensor does not own, wrapped by [`Tensor::from_host_ptr`].
+    External(ExternalHost),
 }
 
+/// A caller's host memory: aligned for the tensor's dtype, never freed by tessera.
+pub(crate) struct ExternalHost {
+    data: NonNull<u8>,
+    bytes: usize,
+}
+
+// SAFETY: the creator of the tensor promised (in `Tensor::from_host_ptr`) that the memory stays
+// valid for the tensor's life and is accessed only through it, so it can move between threads and
+// be read from several as an owned vector can; writes need `&mut Tensor`, as for owned storage.
+unsafe impl Send for ExternalHost {}
+unsafe impl Sync for ExternalHost {}
+
 macro_rules! each_host_buffer {
-    ($buffer:expr, $vec:ident => $body:expr) => {
+    ($buffer:expr, $vec:ident => $body:expr, $external:ident => $external_body:expr) => {
         match $buffer {
             HostBuffer::F32($vec) => $body,
             HostBuffer::BF16($vec) => $body,
@@ -25,6 +40,7 @@ macro_rules! each_host_buffer {
             HostBuffer::U8($vec) => $body,
             HostBuffer::U16($vec) => $body,
             HostBuffer::U32($vec) => $body,
+            HostBuffer::External($external) => $external_body,
         }
     };
 }
@@ -75,11 +91,21 @@ impl HostBuffer {
     }
 
     pub(crate) fn as_bytes(&self) -> &[u8] {
-        each_host_buffer!(self, v => bytemuck::cast_slice(v))
+        each_host_buffer!(
+            self,
+            v => bytemuck::cast_slice(v),
+            // SAFETY: valid for reads of `bytes` bytes for the tensor's life (from_host_ptr).
+            e => unsafe { std::slice::from_raw_parts(e.data.as_ptr(), e.bytes) }
+        )
     }
 
     pub(crate) fn as_bytes_mut(&mut self) -> &mut [u8] {
-        each_host_buffer!(self, v => bytemuck::cast_slice_mut(v))
+        each_host_buffer!(
+            self,
+            v => bytemuck::cast_slice_mut(v),
+            // SAFETY: valid for writes and accessed only through this tensor (from_host_ptr).
+            e => unsafe { std::slice::from_raw_parts_mut(e.data.as_ptr(), e.bytes) }
+        )
     }
 }
 
@@ -150,6 +176,74 @@ impl Tensor {
             storage: Storage::Host(HostBuffer::from_vec(data)?),
         };
         host.into_device(device)
+    }
+
+    /// A host tensor over caller-owned memory, without a copy: ops read and write the `bytes`
+    /// bytes at `data` in place, and dropping the tensor leaves the memory alone.
+    ///
+    /// `bytes` must equal the byte size of `shape` in `dtype`, and `data` must be non-null and
+    /// aligned to the dtype's size (null is accepted for an empty tensor). Checked; an `Err` names
+    /// what is wrong.
+    ///
+    /// # Safety
+    ///
+    /// For as long as the tensor (or anything moved out of it) lives, `data..data + bytes` must
+    /// be valid for reads and writes, and must not be read or written other than through this
+    /// tensor while a call that uses the tensor runs.
+    pub unsafe fn from_host_ptr(data: *mut u8, bytes: usize, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        const OP: &str = "Tensor::from_host_ptr";
+        let (numel, expected) = checked_size(OP, shape, dtype)?;
+        if bytes != expected {
+            return Err(Error::invalid(
+                OP,
+                "bytes",
+                format!("{expected} bytes for shape {shape:?} of {dtype}"),
+                format!("{bytes} bytes"),
+            ));
+        }
+        let buffer = if numel == 0 {
+            HostBuffer::zeros(dtype, 0)?
+        } else {
+            let data = NonNull::new(data).ok_or_else(|| Error::invalid(OP, "data", "a non-null pointer", "null"))?;
+            let align = dtype.size_in_bytes();
+            if !(data.as_ptr() as usize).is_multiple_of(align) {
+                return Err(Error::invalid(
+                    OP,
+                    "data",
+                    format!("an address aligned to {align} bytes for {dtype}"),
+                    format!("{:p}", data.as_ptr()),
+                ));
+            }
+            HostBuffer::External(ExternalHost { data, bytes })
+        };
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            storage: Storage::Host(buffer),
+        })
+    }
+
+    /// Whether the data of the two tensors overlap in memory: two views of one caller buffer
+    /// from [`Tensor::from_host_ptr`], for instance. Empty tensors overlap nothing.
+    pub fn shares_memory_with(&self, other: &Tensor) -> bool {
+        let ((a, a_end), (b, b_end)) = (self.address_range(), other.address_range());
+        a < a_end && b < b_end && a < b_end && b < a_end
+    }
+
+    /// Start and end of the data, host and device addresses told apart so that they never meet.
+    fn address_range(&self) -> (u128, u128) {
+        let bytes = self.size_in_bytes() as u128;
+        match &self.storage {
+            Storage::Host(host) => {
+                let start = host.as_bytes().as_ptr() as usize as u128;
+                (start, start + bytes)
+            }
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(buffer) => {
+                let start = (1u128 << 64) + buffer.address() as u128;
+                (start, start + bytes)
+            }
+        }
     }
 
     /// A tensor copied from `data`.

@@ -26,6 +26,7 @@ on_each_device!(
     tensors_move_between_threads,
     zeros_too_large_for_memory_is_an_error,
     round_trip_property,
+    wrapped_host_memory_copies_to_and_from_the_device,
 );
 
 /// Data of every dtype whose bit patterns are all distinct and mostly non-zero, NaN included.
@@ -423,4 +424,138 @@ fn random_inputs_are_in_range_and_not_all_zero() {
     let mean = values.iter().sum::<f32>() / 4096.0;
     assert!(mean.abs() < 0.1, "mean {mean}");
     assert!(values.iter().any(|&v| v < -0.9) && values.iter().any(|&v| v > 0.9));
+}
+
+/// Caller memory wrapped by `from_host_ptr` copied to `device` and back into another wrapped
+/// buffer: the bytes arrive, and the wrapped memory is what changed.
+fn wrapped_host_memory_copies_to_and_from_the_device(device: &Device) {
+    let mut source = sample(231, |b| f16::from_bits(b as u16));
+    let expected = raw(&source);
+    let mut landing = vec![f16::NAN; 231];
+    // SAFETY: both vectors outlive the tensors and are untouched while the tensors live.
+    let (wrapped, mut back) = unsafe {
+        (
+            Tensor::from_host_ptr(source.as_mut_ptr().cast(), 462, &[11, 21], DType::F16).unwrap(),
+            Tensor::from_host_ptr(landing.as_mut_ptr().cast(), 462, &[11, 21], DType::F16).unwrap(),
+        )
+    };
+    let on_device = wrapped.to_device(device).unwrap();
+    assert_eq!(on_device.device(), *device);
+    back.copy_from(&on_device).unwrap();
+    drop((wrapped, back));
+    assert_eq!(raw(&landing), expected);
+}
+
+#[test]
+fn wrapped_host_memory_is_used_in_place() {
+    let mut a = vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+    let mut b = vec![0.5f32, -1.0, 2.0, 0.25, 3.0, -0.75];
+    let mut out = vec![f32::NAN; 4];
+    // SAFETY: the vectors outlive the tensors and are only read after the tensors are dropped.
+    let (ta, tb, mut tout) = unsafe {
+        (
+            Tensor::from_host_ptr(a.as_mut_ptr().cast(), 24, &[2, 3], DType::F32).unwrap(),
+            Tensor::from_host_ptr(b.as_mut_ptr().cast(), 24, &[2, 3], DType::F32).unwrap(),
+            Tensor::from_host_ptr(out.as_mut_ptr().cast(), 16, &[2, 2], DType::F32).unwrap(),
+        )
+    };
+    assert_eq!(ta.device(), Device::Cpu);
+    assert_eq!(
+        (ta.shape(), ta.dtype(), ta.size_in_bytes()),
+        (&[2usize, 3][..], DType::F32, 24)
+    );
+    tessera::ops::matmul_into(&ta, &tb, None, &mut tout, tessera::ops::MatmulOptions::linear()).unwrap();
+    assert_eq!(ta.to_vec::<f32>().unwrap(), a);
+    drop((ta, tb, tout));
+    // out = a·bᵀ, small integers and quarters: exact in f32.
+    let expected: Vec<f32> = (0..2)
+        .flat_map(|i| (0..2).map(move |j| (i, j)))
+        .map(|(i, j)| (0..3).map(|k| a[i * 3 + k] * b[j * 3 + k]).sum())
+        .collect();
+    assert_eq!(out, expected);
+
+    // fill_bytes and copy_from write the caller's memory too; dropping the tensor leaves it.
+    let mut bytes = vec![0u8; 10];
+    // SAFETY: as above.
+    let mut t = unsafe { Tensor::from_host_ptr(bytes.as_mut_ptr(), 10, &[10], DType::U8) }.unwrap();
+    t.fill_bytes(0x5a).unwrap();
+    t.copy_from(&Tensor::from_vec((0..10u8).collect(), &[10], &Device::Cpu).unwrap())
+        .unwrap();
+    drop(t);
+    assert_eq!(bytes, (0..10u8).collect::<Vec<_>>());
+}
+
+#[test]
+fn wrapping_host_memory_checks_its_arguments() {
+    let op = "Tensor::from_host_ptr";
+    let mut data = vec![0u32; 8];
+    let base: *mut u8 = data.as_mut_ptr().cast();
+    // SAFETY: every call either fails or wraps memory of `data`, which outlives the tensors.
+    unsafe {
+        assert_invalid(
+            Tensor::from_host_ptr(base, 31, &[8], DType::U32),
+            op,
+            "bytes",
+            &["32 bytes", "31 bytes"],
+        );
+        assert_invalid(
+            Tensor::from_host_ptr(base, 32, &[9], DType::U32),
+            op,
+            "bytes",
+            &["36 bytes"],
+        );
+        assert_invalid(
+            Tensor::from_host_ptr(std::ptr::null_mut(), 32, &[8], DType::U32),
+            op,
+            "data",
+            &["null"],
+        );
+        assert_invalid(
+            Tensor::from_host_ptr(base.add(2), 28, &[7], DType::U32),
+            op,
+            "data",
+            &["aligned to 4"],
+        );
+        assert_invalid(
+            Tensor::from_host_ptr(base.add(1), 6, &[3], DType::BF16),
+            op,
+            "data",
+            &["aligned to 2"],
+        );
+        assert_invalid(
+            Tensor::from_host_ptr(base, 0, &[usize::MAX, 2], DType::U32),
+            op,
+            "shape",
+            &[],
+        );
+        // Byte alignment suffices for u8, and an empty tensor needs no memory at all.
+        let t = Tensor::from_host_ptr(base.add(3), 5, &[5], DType::U8).unwrap();
+        assert_eq!(t.to_vec::<u8>().unwrap(), vec![0; 5]);
+        let empty = Tensor::from_host_ptr(std::ptr::null_mut(), 0, &[0, 4], DType::F32).unwrap();
+        assert_eq!(empty.numel(), 0);
+    }
+}
+
+#[test]
+fn shares_memory_with_sees_overlapping_wraps_only() {
+    let mut data = vec![0f32; 16];
+    let base: *mut u8 = data.as_mut_ptr().cast();
+    // SAFETY: the wraps cover parts of `data`, which outlives them; nothing is read or written.
+    let (first, middle, last, whole, empty) = unsafe {
+        (
+            Tensor::from_host_ptr(base, 32, &[8], DType::F32).unwrap(),
+            Tensor::from_host_ptr(base.add(28), 8, &[2], DType::F32).unwrap(),
+            Tensor::from_host_ptr(base.add(32), 32, &[8], DType::F32).unwrap(),
+            Tensor::from_host_ptr(base, 64, &[4, 4], DType::F32).unwrap(),
+            Tensor::from_host_ptr(base, 0, &[0], DType::F32).unwrap(),
+        )
+    };
+    assert!(first.shares_memory_with(&whole) && whole.shares_memory_with(&last));
+    assert!(middle.shares_memory_with(&first) && middle.shares_memory_with(&last));
+    assert!(first.shares_memory_with(&first));
+    assert!(!first.shares_memory_with(&last) && !last.shares_memory_with(&first));
+    assert!(!empty.shares_memory_with(&whole) && !whole.shares_memory_with(&empty));
+    let owned = Tensor::zeros(&[16], DType::F32, &Device::Cpu).unwrap();
+    assert!(!owned.shares_memory_with(&whole));
+    assert!(owned.shares_memory_with(&owned));
 }

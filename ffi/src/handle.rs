@@ -1,0 +1,224 @@
+//! Opaque handles. A handle is a token that names a live object in one process-wide table, never
+//! an address: tokens are not reused, so a handle used after its `_free` (or one tessera never
+//! returned) is found missing and reported as `TESSERA_STATUS_INVALID_HANDLE` instead of
+//! touching freed memory. An object lives while its handle is live or a call is using it, so
+//! freeing a handle on one thread while another thread's call uses it is safe.
+//!
+//! A new kind of handle (attention plan, model, trainer) adds a variant to [`Object`], an opaque
+//! struct, and `register`/`lookup` calls as in `tensor.rs`.
+
+use crate::status::{FfiError, FfiResult};
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
+use tessera_core::ops::WaveletConfig;
+use tessera_core::{Device, Tensor};
+
+/// A device (the CPU or one CUDA GPU, with its context and stream). Opaque: created by
+/// `tessera_device_new_*`, released by `tessera_device_free`.
+pub struct TesseraDevice {
+    _opaque: [u8; 0],
+}
+
+/// A tensor: owned by tessera or wrapping caller memory. Opaque: created by `tessera_tensor_*`
+/// constructors, released by `tessera_tensor_free`.
+pub struct TesseraTensor {
+    _opaque: [u8; 0],
+}
+
+/// A wavelet-mixing configuration (windows per coordinate, boundary divisor). Opaque: created by
+/// `tessera_wavelet_config_new_*`, released by `tessera_wavelet_config_free`.
+pub struct TesseraWaveletConfig {
+    _opaque: [u8; 0],
+}
+
+/// A tensor shared between its handle and the calls using it. Readers share it; a writer has it
+/// alone; a call that cannot get its access at once fails with `TESSERA_STATUS_BUSY`, so that no
+/// two calls ever wait on each other.
+pub type SharedTensor = Arc<RwLock<Tensor>>;
+
+#[derive(Clone)]
+pub enum Object {
+    Device(Device),
+    Tensor(SharedTensor),
+    WaveletConfig(Arc<WaveletConfig>),
+}
+
+impl Object {
+    fn kind(&self) -> &'static str {
+        match self {
+            Object::Device(_) => "a device handle",
+            Object::Tensor(_) => "a tensor handle",
+            Object::WaveletConfig(_) => "a wavelet config handle",
+        }
+    }
+}
+
+struct Table {
+    next: usize,
+    objects: HashMap<usize, Object>,
+}
+
+static TABLE: LazyLock<Mutex<Table>> = LazyLock::new(|| {
+    Mutex::new(Table {
+        next: 1,
+        objects: HashMap::new(),
+    })
+});
+
+fn table() -> std::sync::MutexGuard<'static, Table> {
+    // The table is never left half-updated (each change is one insert or remove), so a lock
+    // poisoned by a panic elsewhere is still consistent.
+    TABLE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Tokens step by 16 so that they look like (and are never mistaken for) small integers; they
+/// cannot run out in the life of a process.
+const TOKEN_STEP: usize = 16;
+
+/// Adds `object` to the table and returns its token as a handle pointer.
+pub fn register<H>(object: Object) -> *mut H {
+    let mut table = table();
+    let token = table.next * TOKEN_STEP;
+    table.next += 1;
+    table.objects.insert(token, object);
+    token as *mut H
+}
+
+/// Removes a handle. NULL is accepted and does nothing; a handle that is not live is an error.
+/// The object is dropped after the table is unlocked, once no call is using it.
+pub fn release<H>(op: &str, arg: &str, handle: *const H, expected: &str) -> FfiResult<()> {
+    if handle.is_null() {
+        return Ok(());
+    }
+    let token = handle as usize;
+    let removed = {
+        let mut table = table();
+        match table.objects.get(&token) {
+            Some(object) if object.kind() == expected => table.objects.remove(&token),
+            Some(object) => return Err(FfiError::handle(op, arg, expected, object.kind())),
+            None => None,
+        }
+    };
+    match removed {
+        Some(object) => {
+            drop(object);
+            Ok(())
+        }
+        None => Err(stale(op, arg, expected, token)),
+    }
+}
+
+fn stale(op: &str, arg: &str, expected: &str, token: usize) -> FfiError {
+    FfiError::handle(
+        op,
+        arg,
+        &format!("{expected} that is live"),
+        format!("{token:#x}, which was freed already or never returned by tessera"),
+    )
+}
+
+fn lookup(op: &str, arg: &str, token: usize, expected: &str) -> FfiResult<Object> {
+    if token == 0 {
+        return Err(FfiError::invalid(op, arg, expected, "NULL"));
+    }
+    let object = table()
+        .objects
+        .get(&token)
+        .cloned()
+        .ok_or_else(|| stale(op, arg, expected, token))?;
+    if object.kind() == expected {
+        Ok(object)
+    } else {
+        Err(FfiError::handle(op, arg, expected, object.kind()))
+    }
+}
+
+/// The device behind a handle.
+pub fn device(op: &str, arg: &str, handle: *const TesseraDevice) -> FfiResult<Device> {
+    match lookup(op, arg, handle as usize, "a device handle")? {
+        Object::Device(device) => Ok(device),
+        other => Err(FfiError::handle(op, arg, "a device handle", other.kind())),
+    }
+}
+
+/// The tensor behind a handle, not yet locked.
+pub fn tensor(op: &str, arg: &str, handle: *const TesseraTensor) -> FfiResult<SharedTensor> {
+    match lookup(op, arg, handle as usize, "a tensor handle")? {
+        Object::Tensor(tensor) => Ok(tensor),
+        other => Err(FfiError::handle(op, arg, "a tensor handle", other.kind())),
+    }
+}
+
+/// The wavelet configuration behind a handle.
+pub fn wavelet_config(op: &str, arg: &str, handle: *const TesseraWaveletConfig) -> FfiResult<Arc<WaveletConfig>> {
+    match lookup(op, arg, handle as usize, "a wavelet config handle")? {
+        Object::WaveletConfig(config) => Ok(config),
+        other => Err(FfiError::handle(op, arg, "a wavelet config handle", other.kind())),
+    }
+}
+
+fn busy(op: &str, arg: &str, doing: &str) -> FfiError {
+    FfiError::with_status(
+        crate::status::TesseraStatus::Busy,
+        format!("{op}: argument `{arg}`: the tensor is {doing} by another call; nothing was done"),
+    )
+}
+
+/// Shared access for reading.
+pub fn read<'a>(op: &str, arg: &str, tensor: &'a SharedTensor) -> FfiResult<RwLockReadGuard<'a, Tensor>> {
+    match tensor.try_read() {
+        Ok(guard) => Ok(guard),
+        Err(TryLockError::Poisoned(poisoned)) => Ok(poisoned.into_inner()),
+        Err(TryLockError::WouldBlock) => Err(busy(op, arg, "being written")),
+    }
+}
+
+/// Sole access for writing.
+pub fn write<'a>(op: &str, arg: &str, tensor: &'a SharedTensor) -> FfiResult<RwLockWriteGuard<'a, Tensor>> {
+    match tensor.try_write() {
+        Ok(guard) => Ok(guard),
+        Err(TryLockError::Poisoned(poisoned)) => Ok(poisoned.into_inner()),
+        Err(TryLockError::WouldBlock) => Err(busy(op, arg, "in use")),
+    }
+}
+
+/// Fails when the tensor a call writes is passed again as another of its arguments.
+pub fn expect_other_handles(
+    op: &str,
+    arg: &str,
+    written: &SharedTensor,
+    others: &[(&str, &SharedTensor)],
+) -> FfiResult<()> {
+    match others.iter().find(|(_, other)| Arc::ptr_eq(written, other)) {
+        Some((other_arg, _)) => Err(FfiError::invalid(
+            op,
+            arg,
+            format!("a tensor other than `{other_arg}`"),
+            "the same handle",
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Fails when the memory of a tensor a call writes overlaps that of another argument (two wraps
+/// of one caller buffer): the op would read what it is writing.
+pub fn expect_no_overlap(op: &str, arg: &str, written: &Tensor, others: &[(&str, &Tensor)]) -> FfiResult<()> {
+    match others.iter().find(|(_, other)| written.shares_memory_with(other)) {
+        Some((other_arg, _)) => Err(FfiError::invalid(
+            op,
+            arg,
+            format!("memory that does not overlap `{other_arg}`'s"),
+            "overlapping tensors",
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The number of live handles of every kind in the process: what has been created and not yet
+/// freed. A program (or a test) that has freed everything sees 0; a growing count is a leak.
+///
+/// Ownership: none. Thread-safety: any thread; the count is a snapshot. Errors: none.
+#[no_mangle]
+pub extern "C" fn tessera_live_handle_count() -> usize {
+    table().objects.len()
+}

@@ -1,0 +1,137 @@
+//! What the C tests cannot reach deterministically: a tensor held by another call (`BUSY`),
+//! a panic caught by the guard, and handles created, used and freed from many threads at once.
+
+use crate::device::*;
+use crate::handle::{self, TesseraDevice, TesseraTensor};
+use crate::matmul::tessera_matmul;
+use crate::status::{guard, tessera_last_error, TesseraStatus};
+use crate::tensor::*;
+use std::ffi::CStr;
+
+fn last_error() -> String {
+    // SAFETY: tessera_last_error never returns NULL and the string lives until the next call.
+    unsafe { CStr::from_ptr(tessera_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn cpu() -> *mut TesseraDevice {
+    let mut device = std::ptr::null_mut();
+    // SAFETY: a valid out-pointer.
+    assert_eq!(unsafe { tessera_device_new_cpu(&mut device) }, TesseraStatus::Ok);
+    device
+}
+
+fn tensor(device: *mut TesseraDevice, values: &[f32], shape: &[usize]) -> *mut TesseraTensor {
+    let mut t = std::ptr::null_mut();
+    // SAFETY: the pointers cover what the lengths say.
+    let status = unsafe {
+        tessera_tensor_new_from_host(
+            device,
+            TesseraDtype::F32 as i32,
+            shape.as_ptr(),
+            shape.len(),
+            values.as_ptr().cast(),
+            std::mem::size_of_val(values),
+            &mut t,
+        )
+    };
+    assert_eq!(status, TesseraStatus::Ok, "{}", last_error());
+    t
+}
+
+#[test]
+fn a_tensor_in_use_elsewhere_is_busy_and_untouched() {
+    let device = cpu();
+    let a = tensor(device, &[1.0, 2.0, 3.0, 4.0], &[2, 2]);
+    let out = tensor(device, &[9.0; 4], &[2, 2]);
+    let shared_out = handle::tensor("test", "out", out).unwrap();
+    let shared_a = handle::tensor("test", "a", a).unwrap();
+
+    // Another call reading `out`: writing it is refused, reading it is not.
+    let reading = shared_out.read().unwrap();
+    // SAFETY: live handles; NULL options mean the defaults.
+    let status = unsafe { tessera_matmul(a, a, std::ptr::null(), out, std::ptr::null()) };
+    assert_eq!(status, TesseraStatus::Busy);
+    assert!(last_error().contains("argument `out`"), "{}", last_error());
+    let mut back = [0f32; 4];
+    // SAFETY: `back` holds 16 bytes.
+    let status = unsafe { tessera_tensor_copy_to_host(out, back.as_mut_ptr().cast(), 16) };
+    assert_eq!(status, TesseraStatus::Ok);
+    assert_eq!(back, [9.0; 4]);
+    drop(reading);
+
+    // Another call writing `a`: reading it is refused.
+    let writing = shared_a.write().unwrap();
+    // SAFETY: as above.
+    let status = unsafe { tessera_matmul(a, a, std::ptr::null(), out, std::ptr::null()) };
+    assert_eq!(status, TesseraStatus::Busy);
+    assert!(last_error().contains("argument `a`"), "{}", last_error());
+    drop(writing);
+
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { tessera_matmul(a, a, std::ptr::null(), out, std::ptr::null()) },
+        TesseraStatus::Ok
+    );
+    // SAFETY: `back` holds 16 bytes.
+    unsafe { tessera_tensor_copy_to_host(out, back.as_mut_ptr().cast(), 16) };
+    assert_eq!(back, [7.0, 10.0, 15.0, 22.0]);
+
+    // A handle freed while a call still holds its tensor: the call's reference stays valid.
+    // SAFETY: live handles, freed once.
+    unsafe {
+        assert_eq!(tessera_tensor_free(out), TesseraStatus::Ok);
+        assert_eq!(shared_out.read().unwrap().shape(), &[2, 2]);
+        assert_eq!(tessera_tensor_free(a), TesseraStatus::Ok);
+        assert_eq!(tessera_device_free(device), TesseraStatus::Ok);
+    }
+}
+
+#[test]
+fn a_panic_becomes_an_internal_error_with_a_message() {
+    let status = guard("tessera_test", || panic!("the message"));
+    assert_eq!(status, TesseraStatus::Internal);
+    assert_eq!(last_error(), "tessera_test: internal error: the message");
+    assert_eq!(guard("tessera_test", || Ok(())), TesseraStatus::Ok);
+    assert_eq!(last_error(), "");
+}
+
+#[test]
+fn handles_work_from_many_threads_at_once() {
+    let device = cpu() as usize;
+    let weights = tensor(device as *mut _, &[0.5; 64], &[8, 8]) as usize;
+    let workers: Vec<_> = (0..8)
+        .map(|worker| {
+            std::thread::spawn(move || {
+                for round in 0..20 {
+                    let x = tensor(device as *mut _, &[(worker + round) as f32; 16], &[2, 8]);
+                    let out = tensor(device as *mut _, &[f32::NAN; 16], &[2, 8]);
+                    // SAFETY: live handles; the shared weights are only read.
+                    let status =
+                        unsafe { tessera_matmul(x, weights as *const _, std::ptr::null(), out, std::ptr::null()) };
+                    assert_eq!(status, TesseraStatus::Ok, "{}", last_error());
+                    let mut back = [0f32; 16];
+                    // SAFETY: `back` holds 64 bytes; each handle is freed once.
+                    unsafe {
+                        assert_eq!(
+                            tessera_tensor_copy_to_host(out, back.as_mut_ptr().cast(), 64),
+                            TesseraStatus::Ok
+                        );
+                        assert_eq!(tessera_tensor_free(x), TesseraStatus::Ok);
+                        assert_eq!(tessera_tensor_free(out), TesseraStatus::Ok);
+                    }
+                    assert!(back.iter().all(|&v| v == 4.0 * (worker + round) as f32), "{back:?}");
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.join().unwrap();
+    }
+    // SAFETY: live handles, freed once.
+    unsafe {
+        assert_eq!(tessera_tensor_free(weights as *mut _), TesseraStatus::Ok);
+        assert_eq!(tessera_device_free(device as *mut _), TesseraStatus::Ok);
+    }
+}
