@@ -101,6 +101,15 @@ enum TesseraStatus
    * A defect inside tessera (a caught panic). The library stays usable; please report it.
    */
   TESSERA_STATUS_INTERNAL = 7,
+  /**
+   * A file could not be read or written, or is not what it claims to be (a truncated or
+   * corrupt checkpoint, a missing tensor, a shape that does not match).
+   */
+  TESSERA_STATUS_FILE = 8,
+  /**
+   * Training stopped because the loss or the gradients stopped being finite numbers.
+   */
+  TESSERA_STATUS_DIVERGED = 9,
 };
 #ifndef __cplusplus
 typedef int32_t TesseraStatus;

@@ -32,6 +32,11 @@ pub enum TesseraStatus {
     Busy = 6,
     /// A defect inside tessera (a caught panic). The library stays usable; please report it.
     Internal = 7,
+    /// A file could not be read or written, or is not what it claims to be (a truncated or
+    /// corrupt checkpoint, a missing tensor, a shape that does not match).
+    File = 8,
+    /// Training stopped because the loss or the gradients stopped being finite numbers.
+    Diverged = 9,
 }
 
 /// A failure on its way to the caller: the status code and the message for `tessera_last_error`.
@@ -74,6 +79,8 @@ impl From<tessera_core::Error> for FfiError {
             Error::NoCuda(_) => TesseraStatus::NoCuda,
             Error::Cuda { .. } => TesseraStatus::Cuda,
             Error::Unsupported { .. } => TesseraStatus::Unsupported,
+            Error::File { .. } => TesseraStatus::File,
+            Error::Diverged(_) => TesseraStatus::Diverged,
         };
         FfiError {
             status,
@@ -148,6 +155,8 @@ pub extern "C" fn tessera_status_name(status: i32) -> *const c_char {
         5 => "TESSERA_STATUS_UNSUPPORTED\0",
         6 => "TESSERA_STATUS_BUSY\0",
         7 => "TESSERA_STATUS_INTERNAL\0",
+        8 => "TESSERA_STATUS_FILE\0",
+        9 => "TESSERA_STATUS_DIVERGED\0",
         _ => "TESSERA_STATUS_UNKNOWN\0",
     };
     name.as_ptr().cast()
