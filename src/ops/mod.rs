@@ -24,10 +24,15 @@ macro_rules! with_float_type {
 }
 
 pub mod adamw;
+pub mod lora;
 pub mod matmul;
 pub mod wavelet;
 
 pub use adamw::{adamw_step, AdamWConfig, AdamWTensor};
+pub use lora::{
+    lora_backward, lora_forward, lora_forward_into, lora_merge, lora_unmerge, LoraAdapters, LoraBase, LoraGrads,
+    LoraRouting, Velora,
+};
 pub use matmul::{matmul, matmul_into, MatmulOptions};
 pub use wavelet::{
     wavelet_backward, wavelet_backward_into, wavelet_forward, wavelet_forward_into, wavelet_learnable_backward,
