@@ -17,6 +17,7 @@ pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod ops;
+pub mod optim;
 pub mod tensor;
 
 #[cfg(feature = "cuda")]

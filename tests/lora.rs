@@ -43,6 +43,7 @@ on_each_device!(
     into_form_writes_a_poisoned_output,
     errors_name_the_argument,
     errors_leave_outputs_unchanged,
+    replaced_adapter_tensors_are_refused,
 );
 
 // ---- cases, inputs and references ----------------------------------------------------------
@@ -947,4 +948,21 @@ fn errors_leave_outputs_unchanged(device: &Device) {
     let before = bytes(&w);
     assert_invalid(lora_merge(&mut w, &t.adapters, 2), "lora_merge", "adapter", &[]);
     assert_eq!(bytes(&w), before, "w changed by a failed merge");
+}
+
+/// Adapter tensors replaced through `parameters_mut` by ones of another shape are refused.
+fn replaced_adapter_tensors_are_refused(device: &Device) {
+    let mut rng = common::rng();
+    let c = Case::single(4, 8, 6, 2, 2);
+    let d = data::<f32>(&mut rng, &c);
+    let mut t = tensors(&c, &d, device);
+    *t.adapters.parameters_mut().0 = Tensor::zeros(&[1, 3, 8], DType::F32, device).unwrap();
+    assert_invalid(
+        lora_forward(&t.x, LoraBase::Dense(&t.w), None, &t.adapters, &t.routing),
+        "lora",
+        "adapters",
+        &["[1, 3, 8]"],
+    );
+    *t.adapters.parameters_mut().0 = Tensor::zeros(&[8], DType::F32, device).unwrap();
+    assert_invalid(lora_merge(&mut t.w, &t.adapters, 0), "lora_merge", "adapters", &["[8]"]);
 }

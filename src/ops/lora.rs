@@ -203,25 +203,27 @@ impl LoraAdapters {
         &self.b
     }
 
-    /// `A` and `B` for an optimizer to update in place (their shapes cannot change).
+    /// `A` and `B` for an optimizer to update in place; ops refuse adapters whose tensors no
+    /// longer have the shapes, dtype and device they were created with.
     pub fn parameters_mut(&mut self) -> (&mut Tensor, &mut Tensor) {
         (&mut self.a, &mut self.b)
     }
 
     pub fn count(&self) -> usize {
-        self.a.shape()[0]
+        self.ranks.len()
     }
 
+    /// The padded rank (0 when `A` was replaced by a tensor of another rank, which ops refuse).
     pub fn max_rank(&self) -> usize {
-        self.a.shape()[1]
+        self.a.shape().get(1).copied().unwrap_or(0)
     }
 
     pub fn d_in(&self) -> usize {
-        self.a.shape()[2]
+        self.a.shape().get(2).copied().unwrap_or(0)
     }
 
     pub fn d_out(&self) -> usize {
-        self.b.shape()[1]
+        self.b.shape().get(1).copied().unwrap_or(0)
     }
 
     pub fn ranks(&self) -> &[usize] {
@@ -241,6 +243,25 @@ impl LoraAdapters {
                 "adapters",
                 format!("adapters for d_in={d_in}, d_out={d_out}"),
                 format!("d_in={}, d_out={}", self.d_in(), self.d_out()),
+            ));
+        }
+        self.check_consistent(op)
+    }
+
+    /// `parameters_mut` hands out the tensors themselves: checks that they still agree with each
+    /// other and with the ranks, which the kernels index by.
+    fn check_consistent(&self, op: &'static str) -> Result<()> {
+        let (count, max_rank, d_in, d_out) = (self.ranks.len(), self.max_rank(), self.d_in(), self.d_out());
+        if self.a.shape() != [count, max_rank, d_in]
+            || self.b.shape() != [count, d_out, max_rank]
+            || self.b.dtype() != self.a.dtype()
+            || self.b.device() != self.a.device()
+        {
+            return Err(Error::invalid(
+                op,
+                "adapters",
+                format!("A ({count}, r, d_in) and B ({count}, d_out, r) of one dtype and device"),
+                format!("A {:?} and B {:?}", self.a, self.b),
             ));
         }
         Ok(())
@@ -502,6 +523,7 @@ pub fn lora_backward(
 }
 
 fn check_merge(op: &'static str, w: &Tensor, adapters: &LoraAdapters, adapter: usize) -> Result<()> {
+    adapters.check_consistent(op)?;
     w.expect_rank(op, "w", 2)?;
     w.expect_dtype(op, "w", &[adapters.a.dtype()])?;
     w.expect_shape(op, "w", &[adapters.d_out(), adapters.d_in()])?;
