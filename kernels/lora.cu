@@ -27,7 +27,9 @@ namespace {
 constexpr int WARP = 32;
 constexpr int MAX_RANK = 64;
 constexpr int TILE_ROWS = 16;
-constexpr int SHRINK_WARPS = 8;  // ranks per shrink block
+constexpr int SHRINK_WARPS = 8;
+constexpr int K_PER_LANE = 8;
+constexpr int K_CHUNK = WARP * K_PER_LANE;  // reduction elements per shrink block
 constexpr int EXPAND_THREADS = 128;
 constexpr int GRAD_THREADS = 128;
 
@@ -56,49 +58,67 @@ struct AdapterTable {
 };
 
 template <typename T>
-__device__ void shrink(const T* __restrict__ in, const T* __restrict__ m, float* __restrict__ t,
-                       Routing routing, AdapterTable table, int k_len, int padded_rank,
+__device__ void shrink(const T* __restrict__ in, const T* __restrict__ m, float* __restrict__ partials,
+                       Routing routing, AdapterTable table, int m_rows, int k_len, int padded_rank,
                        long long m_adapter, int m_j, int m_k) {
+    __shared__ float x_tile[TILE_ROWS][K_CHUNK];
     const uint32_t* tile = routing.tiles + 3 * blockIdx.x;
     const int adapter = static_cast<int>(tile[0]);
     const int first = static_cast<int>(tile[1]);
     const int rows = static_cast<int>(tile[2]);
+    const int k0 = blockIdx.y * K_CHUNK;
+    const int rank = table.rank(adapter);
+    for (int i = threadIdx.x; i < TILE_ROWS * K_CHUNK; i += blockDim.x) {
+        const int r = i / K_CHUNK, k = k0 + i % K_CHUNK;
+        float value = 0.0f;
+        if (r < rows && k < k_len) value = to_float(in[static_cast<long long>(routing.order[first + r]) * k_len + k]);
+        x_tile[r][i % K_CHUNK] = value;
+    }
+    __syncthreads();
     const int warp = threadIdx.x / WARP;
     const int lane = threadIdx.x % WARP;
-    const int j = blockIdx.y * SHRINK_WARPS + warp;
-    if (j >= padded_rank) return;
-    if (j >= table.rank(adapter)) {
-        if (lane < rows) t[static_cast<long long>(routing.order[first + lane]) * padded_rank + j] = 0.0f;
-        return;
-    }
-    const T* mj = m + adapter * m_adapter + static_cast<long long>(j) * m_j;
-    long long row_base[TILE_ROWS];
-    float acc[TILE_ROWS];
+    // This chunk's sums go to partials[chunk][row][j]; the row of lane r is the tile's row r.
+    const long long row = lane < rows ? static_cast<long long>(routing.order[first + lane]) : 0;
+    float* out = partials + (static_cast<long long>(blockIdx.y) * m_rows + row) * padded_rank;
+    const T* m_adapter_base = m + adapter * m_adapter;
+    for (int j = warp; j < padded_rank; j += SHRINK_WARPS) {
+        if (j >= rank) {
+            if (lane < rows) out[j] = 0.0f;
+            continue;
+        }
+        float weight[K_PER_LANE];
 #pragma unroll
-    for (int r = 0; r < TILE_ROWS; ++r) {
-        row_base[r] = r < rows ? static_cast<long long>(routing.order[first + r]) * k_len : 0;
-        acc[r] = 0.0f;
-    }
-    for (int k = lane; k < k_len; k += WARP) {
-        const float weight = to_float(mj[static_cast<long long>(k) * m_k]);
+        for (int e = 0; e < K_PER_LANE; ++e) {
+            const int k = k0 + lane + WARP * e;
+            weight[e] = k < k_len ? to_float(m_adapter_base[static_cast<long long>(j) * m_j + static_cast<long long>(k) * m_k]) : 0.0f;
+        }
+        float mine = 0.0f;  // lane r keeps the sum of tile row r
 #pragma unroll
         for (int r = 0; r < TILE_ROWS; ++r) {
-            if (r < rows) acc[r] = fmaf(to_float(in[row_base[r] + k]), weight, acc[r]);
+            if (r >= rows) break;  // uniform over the block
+            float sum = 0.0f;
+#pragma unroll
+            for (int e = 0; e < K_PER_LANE; ++e) sum = fmaf(x_tile[r][lane + WARP * e], weight[e], sum);
+#pragma unroll
+            for (int offset = WARP / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+            if (lane == r) mine = sum;
         }
-    }
-#pragma unroll
-    for (int r = 0; r < TILE_ROWS; ++r) {
-        float sum = acc[r];
-#pragma unroll
-        for (int offset = WARP / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-        if (lane == 0 && r < rows) t[static_cast<long long>(routing.order[first + r]) * padded_rank + j] = sum;
+        if (lane < rows) out[j] = mine;
     }
 }
 
+// T[row, j] for j below `rank`, summed over the chunks of `partials` in chunk order.
+__device__ __forceinline__ float sum_partials(const float* __restrict__ partials, int chunks, int m_rows,
+                                              int padded_rank, long long row, int j) {
+    float sum = 0.0f;
+    for (int c = 0; c < chunks; ++c) sum += partials[(static_cast<long long>(c) * m_rows + row) * padded_rank + j];
+    return sum;
+}
+
 template <typename T>
-__device__ void expand(const float* __restrict__ t, const T* __restrict__ m, const T* __restrict__ bias,
-                       T* __restrict__ out, Routing routing, AdapterTable table, int n_len, int padded_rank,
-                       long long m_adapter, int m_n, int m_j) {
+__device__ void expand(const float* __restrict__ partials, int chunks, const T* __restrict__ m,
+                       const T* __restrict__ bias, T* __restrict__ out, Routing routing, AdapterTable table,
+                       int m_rows, int n_len, int padded_rank, long long m_adapter, int m_n, int m_j) {
     __shared__ float tile_t[TILE_ROWS][MAX_RANK];
     const uint32_t* tile = routing.tiles + 3 * blockIdx.x;
     const int adapter = static_cast<int>(tile[0]);
@@ -108,7 +128,7 @@ __device__ void expand(const float* __restrict__ t, const T* __restrict__ m, con
     const float scale = table.scale(adapter);
     for (int i = threadIdx.x; i < rows * MAX_RANK; i += blockDim.x) {
         const int r = i / MAX_RANK, j = i % MAX_RANK;
-        tile_t[r][j] = j < rank ? t[static_cast<long long>(routing.order[first + r]) * padded_rank + j] : 0.0f;
+        tile_t[r][j] = j < rank ? sum_partials(partials, chunks, m_rows, padded_rank, routing.order[first + r], j) : 0.0f;
     }
     __syncthreads();
     const int n = blockIdx.y * EXPAND_THREADS + threadIdx.x;
@@ -127,12 +147,12 @@ __device__ void expand(const float* __restrict__ t, const T* __restrict__ m, con
 }
 
 template <typename T>
-__device__ void adapter_grad(const T* __restrict__ p, const float* __restrict__ q, T* __restrict__ g,
-                             Routing routing, AdapterTable table, int p_len, int padded_rank,
-                             long long g_adapter, int g_p, int g_j) {
+__device__ void adapter_grad(const T* __restrict__ p, const float* __restrict__ partials, int chunks,
+                             T* __restrict__ g, Routing routing, AdapterTable table, int m_rows, int p_len,
+                             int padded_rank, long long g_adapter, int g_p, int g_j) {
+    __shared__ float q_tile[TILE_ROWS][MAX_RANK];
     const int adapter = blockIdx.y;
     const int w = blockIdx.x * GRAD_THREADS + threadIdx.x;
-    if (w >= p_len) return;
     const int rank = table.rank(adapter);
     const float scale = table.scale(adapter);
     int first = 0, rows = 0;
@@ -143,15 +163,24 @@ __device__ void adapter_grad(const T* __restrict__ p, const float* __restrict__ 
     float acc[MAX_RANK];
 #pragma unroll
     for (int j = 0; j < MAX_RANK; ++j) acc[j] = 0.0f;
-    for (int r = 0; r < rows; ++r) {
-        const long long row = routing.order[first + r];
-        const float pv = to_float(p[row * p_len + w]);
-        const float* qr = q + row * padded_rank;
+    // The adapter's rows, TILE_ROWS at a time: their narrow operand staged in shared memory.
+    for (int start = 0; start < rows; start += TILE_ROWS) {
+        const int count = min(TILE_ROWS, rows - start);
+        __syncthreads();
+        for (int i = threadIdx.x; i < count * MAX_RANK; i += blockDim.x) {
+            const int r = i / MAX_RANK, j = i % MAX_RANK;
+            q_tile[r][j] = j < rank ? sum_partials(partials, chunks, m_rows, padded_rank, routing.order[first + start + r], j) : 0.0f;
+        }
+        __syncthreads();
+        if (w < p_len) {
+            for (int r = 0; r < count; ++r) {
+                const float pv = to_float(p[static_cast<long long>(routing.order[first + start + r]) * p_len + w]);
 #pragma unroll
-        for (int j = 0; j < MAX_RANK; ++j) {
-            if (j < rank) acc[j] = fmaf(pv, qr[j], acc[j]);
+                for (int j = 0; j < MAX_RANK; ++j) acc[j] = fmaf(pv, q_tile[r][j], acc[j]);
+            }
         }
     }
+    if (w >= p_len) return;
     T* gw = g + adapter * g_adapter + static_cast<long long>(w) * g_p;
 #pragma unroll
     for (int j = 0; j < MAX_RANK; ++j) {
@@ -197,19 +226,21 @@ __device__ void velora_rebuild(const T* __restrict__ z, const float* __restrict_
 
 #define LORA_KERNELS(T, SUFFIX)                                                                              \
     extern "C" __global__ void __launch_bounds__(SHRINK_WARPS * WARP) lora_shrink_##SUFFIX(                 \
-        const T* in, const T* m, float* t, Routing routing, AdapterTable table, int k_len, int padded_rank,  \
-        long long m_adapter, int m_j, int m_k) {                                                             \
-        shrink<T>(in, m, t, routing, table, k_len, padded_rank, m_adapter, m_j, m_k);                        \
+        const T* in, const T* m, float* partials, Routing routing, AdapterTable table, int m_rows, int k_len, \
+        int padded_rank, long long m_adapter, int m_j, int m_k) {                                            \
+        shrink<T>(in, m, partials, routing, table, m_rows, k_len, padded_rank, m_adapter, m_j, m_k);         \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(EXPAND_THREADS) lora_expand_##SUFFIX(                       \
-        const float* t, const T* m, const T* bias, T* out, Routing routing, AdapterTable table, int n_len,   \
-        int padded_rank, long long m_adapter, int m_n, int m_j) {                                            \
-        expand<T>(t, m, bias, out, routing, table, n_len, padded_rank, m_adapter, m_n, m_j);                 \
+        const float* partials, int chunks, const T* m, const T* bias, T* out, Routing routing,               \
+        AdapterTable table, int m_rows, int n_len, int padded_rank, long long m_adapter, int m_n, int m_j) { \
+        expand<T>(partials, chunks, m, bias, out, routing, table, m_rows, n_len, padded_rank, m_adapter, m_n, \
+                  m_j);                                                                                      \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(GRAD_THREADS) lora_adapter_grad_##SUFFIX(                   \
-        const T* p, const float* q, T* g, Routing routing, AdapterTable table, int p_len, int padded_rank,   \
-        long long g_adapter, int g_p, int g_j) {                                                             \
-        adapter_grad<T>(p, q, g, routing, table, p_len, padded_rank, g_adapter, g_p, g_j);                   \
+        const T* p, const float* partials, int chunks, T* g, Routing routing, AdapterTable table, int m_rows, \
+        int p_len, int padded_rank, long long g_adapter, int g_p, int g_j) {                                 \
+        adapter_grad<T>(p, partials, chunks, g, routing, table, m_rows, p_len, padded_rank, g_adapter, g_p,  \
+                        g_j);                                                                                \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(256) lora_merge_##SUFFIX(                                   \
         T* w, const T* a, const T* b, int d_out, int d_in, int padded_rank, int rank, float signed_scale) {  \

@@ -1042,6 +1042,7 @@ mod cuda {
 
     /// Must match kernels/lora.cu.
     const SHRINK_WARPS: usize = 8;
+    const K_CHUNK: usize = 256;
     const EXPAND_THREADS: usize = 128;
     const GRAD_THREADS: usize = 128;
     const ELEMENTWISE_THREADS: u32 = 256;
@@ -1135,56 +1136,75 @@ mod cuda {
         second: i32,
     }
 
-    /// `t[row, j] = Σ_k input[row, k]·M_a[j, k]` into an f32 (m, max_rank) buffer.
-    #[allow(clippy::too_many_arguments)]
+    /// The f32 products `Σ_k input[row, k]·M_a[j, k]` of each 256-wide chunk of k, as
+    /// `chunks` slices of (m, max_rank), summed in chunk order by the kernels that read them.
+    struct Partials {
+        _buffer: Tensor,
+        address: u64,
+        chunks: usize,
+    }
+
+    /// Queues the shrink kernel: one block per (tile, chunk of k).
     fn shrink(
         backend: &Arc<CudaBackend>,
         dtype: DType,
         input: u64,
         matrix: &Strided,
-        t: u64,
         routing: &LoraRouting,
         adapters: &LoraAdapters,
         k_len: usize,
-    ) -> Result<()> {
+    ) -> Result<Partials> {
+        let m = routing.rows();
+        let chunks = k_len.div_ceil(K_CHUNK);
+        if chunks > 65535 {
+            return Err(Error::invalid(
+                OP,
+                "x",
+                format!("a reduction of at most {}", 65535 * K_CHUNK),
+                k_len,
+            ));
+        }
+        let buffer = scratch(backend, chunks * m * adapters.max_rank())?;
+        let partials = Partials {
+            address: address(&buffer)?,
+            _buffer: buffer,
+            chunks,
+        };
         let name = format!("lora_shrink_{}", dtype.name());
         let function = backend.function("lora", &name)?;
         let (routing_arg, table_arg) = (routing_arg(routing)?, table_arg(adapters)?);
-        let (k_len, padded_rank) = (k_len as i32, adapters.max_rank() as i32);
+        let (m_rows, k_len_arg, padded_rank) = (m as i32, k_len as i32, adapters.max_rank() as i32);
         let mut builder = backend.launch_builder(&function);
         builder
             .arg(&input)
             .arg(&matrix.base)
-            .arg(&t)
+            .arg(&partials.address)
             .arg(&routing_arg)
             .arg(&table_arg)
-            .arg(&k_len)
+            .arg(&m_rows)
+            .arg(&k_len_arg)
             .arg(&padded_rank)
             .arg(&matrix.per_adapter)
             .arg(&matrix.first)
             .arg(&matrix.second);
         let launch = LaunchConfig {
-            grid_dim: (
-                grid(routing.tiles.len(), "tiles")?,
-                adapters.max_rank().div_ceil(SHRINK_WARPS) as u32,
-                1,
-            ),
+            grid_dim: (grid(routing.tiles.len(), "tiles")?, chunks as u32, 1),
             block_dim: ((SHRINK_WARPS * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: validated shapes: `input` has m rows of k_len, the routing covers rows 0..m with
         // ids below the adapter count, the matrix strides address inside the adapter tensor, and
-        // `t` holds m·max_rank f32.
+        // the partials hold chunks·m·max_rank f32, one block per (tile, chunk).
         unsafe { builder.launch(launch) }.context(&format!("launching {name}"))?;
-        Ok(())
+        Ok(partials)
     }
 
-    /// `out[row, n] = s_a·Σ_j t[row, j]·M_a[n, j] (+ bias[n])`.
+    /// `out[row, n] = s_a·Σ_j t[row, j]·M_a[n, j] (+ bias[n])`, t summed from the partials.
     #[allow(clippy::too_many_arguments)]
     fn expand(
         backend: &Arc<CudaBackend>,
         dtype: DType,
-        t: u64,
+        t: &Partials,
         matrix: &Strided,
         bias: u64,
         out: u64,
@@ -1192,37 +1212,47 @@ mod cuda {
         adapters: &LoraAdapters,
         n_len: usize,
     ) -> Result<()> {
+        let column_blocks = n_len.div_ceil(EXPAND_THREADS);
+        if column_blocks > 65535 {
+            return Err(Error::invalid(
+                OP,
+                "base",
+                format!("at most {} output columns", 65535 * EXPAND_THREADS),
+                n_len,
+            ));
+        }
         let name = format!("lora_expand_{}", dtype.name());
         let function = backend.function("lora", &name)?;
         let (routing_arg, table_arg) = (routing_arg(routing)?, table_arg(adapters)?);
-        let (n, padded_rank) = (n_len as i32, adapters.max_rank() as i32);
+        let (chunks, m_rows, n, padded_rank) = (
+            t.chunks as i32,
+            routing.rows() as i32,
+            n_len as i32,
+            adapters.max_rank() as i32,
+        );
         let mut builder = backend.launch_builder(&function);
         builder
-            .arg(&t)
+            .arg(&t.address)
+            .arg(&chunks)
             .arg(&matrix.base)
             .arg(&bias)
             .arg(&out)
             .arg(&routing_arg)
             .arg(&table_arg)
+            .arg(&m_rows)
             .arg(&n)
             .arg(&padded_rank)
             .arg(&matrix.per_adapter)
             .arg(&matrix.first)
             .arg(&matrix.second);
         let launch = LaunchConfig {
-            grid_dim: (
-                grid(routing.tiles.len(), "tiles")?,
-                grid(n_len.div_ceil(EXPAND_THREADS), "column blocks")?.min(65535),
-                1,
-            ),
+            grid_dim: (grid(routing.tiles.len(), "tiles")?, column_blocks as u32, 1),
             block_dim: (EXPAND_THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        if n_len.div_ceil(EXPAND_THREADS) > 65535 {
-            return Err(Error::invalid(OP, "base", "at most 65535·128 output columns", n_len));
-        }
-        // SAFETY: `t` holds m·max_rank f32 written by `shrink`; `out` has m rows of n_len; the
-        // matrix strides address inside the adapter tensor; `bias` is 0 or n_len values.
+        // SAFETY: the partials hold chunks·m·max_rank f32 written by `shrink`; `out` has m rows
+        // of n_len; the matrix strides address inside the adapter tensor; `bias` is 0 or n_len
+        // values.
         unsafe { builder.launch(launch) }.context(&format!("launching {name}"))?;
         Ok(())
     }
@@ -1233,28 +1263,12 @@ mod cuda {
         backend: &Arc<CudaBackend>,
         dtype: DType,
         p: u64,
-        q: u64,
+        q: &Partials,
         g: &Strided,
         routing: &LoraRouting,
         adapters: &LoraAdapters,
         p_len: usize,
     ) -> Result<()> {
-        let name = format!("lora_adapter_grad_{}", dtype.name());
-        let function = backend.function("lora", &name)?;
-        let (routing_arg, table_arg) = (routing_arg(routing)?, table_arg(adapters)?);
-        let (p_len_arg, padded_rank) = (p_len as i32, adapters.max_rank() as i32);
-        let mut builder = backend.launch_builder(&function);
-        builder
-            .arg(&p)
-            .arg(&q)
-            .arg(&g.base)
-            .arg(&routing_arg)
-            .arg(&table_arg)
-            .arg(&p_len_arg)
-            .arg(&padded_rank)
-            .arg(&g.per_adapter)
-            .arg(&g.first)
-            .arg(&g.second);
         if adapters.count() > 65535 {
             return Err(Error::invalid(
                 OP,
@@ -1263,6 +1277,29 @@ mod cuda {
                 adapters.count(),
             ));
         }
+        let name = format!("lora_adapter_grad_{}", dtype.name());
+        let function = backend.function("lora", &name)?;
+        let (routing_arg, table_arg) = (routing_arg(routing)?, table_arg(adapters)?);
+        let (chunks, m_rows, p_len_arg, padded_rank) = (
+            q.chunks as i32,
+            routing.rows() as i32,
+            p_len as i32,
+            adapters.max_rank() as i32,
+        );
+        let mut builder = backend.launch_builder(&function);
+        builder
+            .arg(&p)
+            .arg(&q.address)
+            .arg(&chunks)
+            .arg(&g.base)
+            .arg(&routing_arg)
+            .arg(&table_arg)
+            .arg(&m_rows)
+            .arg(&p_len_arg)
+            .arg(&padded_rank)
+            .arg(&g.per_adapter)
+            .arg(&g.first)
+            .arg(&g.second);
         let launch = LaunchConfig {
             grid_dim: (
                 grid(p_len.div_ceil(GRAD_THREADS), "blocks")?,
@@ -1272,8 +1309,8 @@ mod cuda {
             block_dim: (GRAD_THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: `p` has m rows of p_len, `q` m rows of max_rank f32, `g` is an adapter-shaped
-        // gradient the strides address inside; one block column per adapter.
+        // SAFETY: `p` has m rows of p_len, the partials hold chunks·m·max_rank f32, `g` is an
+        // adapter-shaped gradient the strides address inside; one block row per adapter.
         unsafe { builder.launch(launch) }.context(&format!("launching {name}"))?;
         Ok(())
     }
@@ -1381,17 +1418,13 @@ mod cuda {
                 )?;
             }
             _ => {
-                let t = scratch(&backend, d.m * r)?;
-                let t_address = address(&t)?;
                 let a_matrix = Strided {
                     base: address(&adapters.a)?,
                     per_adapter: (r * d.d_in) as i64,
                     first: d.d_in as i32,
                     second: 1,
                 };
-                shrink(
-                    &backend, dtype, x_address, &a_matrix, t_address, routing, adapters, d.d_in,
-                )?;
+                let t = shrink(&backend, dtype, x_address, &a_matrix, routing, adapters, d.d_in)?;
                 let b_matrix = Strided {
                     base: address(&adapters.b)?,
                     per_adapter: (d.d_out * r) as i64,
@@ -1401,7 +1434,7 @@ mod cuda {
                 expand(
                     &backend,
                     dtype,
-                    t_address,
+                    &t,
                     &b_matrix,
                     bias_address.unwrap_or(0),
                     out_address,
@@ -1440,22 +1473,8 @@ mod cuda {
             first: 1,
             second: r as i32,
         };
-        let t = scratch(&backend, d.m * r)?;
-        let u = scratch(&backend, d.m * r)?;
-        let (t_address, u_address) = (address(&t)?, address(&u)?);
-        shrink(
-            &backend, dtype, x_address, &a_matrix, t_address, routing, adapters, d.d_in,
-        )?;
-        shrink(
-            &backend,
-            dtype,
-            d_y_address,
-            &b_by_rank,
-            u_address,
-            routing,
-            adapters,
-            d.d_out,
-        )?;
+        let t = shrink(&backend, dtype, x_address, &a_matrix, routing, adapters, d.d_in)?;
+        let u = shrink(&backend, dtype, d_y_address, &b_by_rank, routing, adapters, d.d_out)?;
         // dX = s·U·A, then + dY·W from the base.
         let d_x_address = address(&grads.d_x)?;
         let a_by_column = Strided {
@@ -1467,7 +1486,7 @@ mod cuda {
         expand(
             &backend,
             dtype,
-            u_address,
+            &u,
             &a_by_column,
             0,
             d_x_address,
@@ -1504,23 +1523,14 @@ mod cuda {
             first: 1,
             second: d.d_in as i32,
         };
-        adapter_grad(&backend, dtype, x_address, u_address, &d_a, routing, adapters, d.d_in)?;
+        adapter_grad(&backend, dtype, x_address, &u, &d_a, routing, adapters, d.d_in)?;
         let d_b = Strided {
             base: address(&grads.d_b)?,
             per_adapter: (d.d_out * r) as i64,
             first: r as i32,
             second: 1,
         };
-        adapter_grad(
-            &backend,
-            dtype,
-            d_y_address,
-            t_address,
-            &d_b,
-            routing,
-            adapters,
-            d.d_out,
-        )
+        adapter_grad(&backend, dtype, d_y_address, &t, &d_b, routing, adapters, d.d_out)
     }
 
     fn elementwise_grid(backend: &Arc<CudaBackend>, total: usize) -> u32 {
