@@ -7,12 +7,16 @@
 // (first, rows). Adapters are padded: A is (count, R, K_a) and B is (count, N_b, R) with R the
 // padded rank; adapter a uses ranks below ranks[a] and scales by scales[a].
 //
-// lora_shrink: T[row, j] = Σ_k In[row, k]·M_a[j, k] (f32, zero for j >= rank). One block per
-//   (tile, 8 ranks), one warp per rank: lanes stride over k, each lane keeps one sum per tile row,
-//   then a warp reduction. The tile's input rows are re-read by the 8 warps from L1. M_a[j, k] is
-//   at j·m_j + k·m_k so the same kernel reads A (forward, dA) and B (dY·B in the backward).
-// lora_expand: Out[row, n] = s_a·Σ_j T[row, j]·M_a[n, j] (+ bias[n]), one thread per n holding
-//   M_a[n, 0..rank) in registers across the tile's rows; T rows come from shared memory.
+// lora_shrink: per 256-wide chunk c of the reduction, P_c[row, j] = Σ_{k in c} In[row, k]·M_a[j, k]
+//   (f32, zero for j >= rank); T = Σ_c P_c is summed in chunk order by the kernels that read it, so
+//   results are deterministic. One block per (tile, chunk): the tile's input chunk is staged in
+//   shared memory (read once from memory), then each warp takes ranks j, w + 8, ...: a lane loads
+//   8 elements of M_a's row (independent loads), dots them with each tile row, and a warp
+//   reduction finishes each sum. M_a[j, k] is at j·m_j + k·m_k, so the same kernel reads A
+//   (forward, dA) and B (dY·B in the backward).
+// lora_expand: Out[row, n] = (Out[row, n] +) s_a·Σ_j T[row, j]·M_a[n, j] (+ bias[n]), one thread per
+//   n holding M_a[n, 0..rank) in registers across the tile's rows; T rows, summed from the
+//   shrink's per-chunk partials, come from shared memory.
 // lora_adapter_grad: G_a[p, q] = s_a·Σ_{rows of a} P[row, p]·Q[row, q] with Q the f32 narrow
 //   operand (T or dY·B, rank columns): one thread per wide index, rank sums in registers, rows
 //   summed in order (deterministic). Writes every element, zero for unused adapters and ranks.
@@ -110,15 +114,18 @@ __device__ void shrink(const T* __restrict__ in, const T* __restrict__ m, float*
 // T[row, j] for j below `rank`, summed over the chunks of `partials` in chunk order.
 __device__ __forceinline__ float sum_partials(const float* __restrict__ partials, int chunks, int m_rows,
                                               int padded_rank, long long row, int j) {
+    // Independent loads: unrolled so that several are in flight (the partials come from L2).
     float sum = 0.0f;
+#pragma unroll 8
     for (int c = 0; c < chunks; ++c) sum += partials[(static_cast<long long>(c) * m_rows + row) * padded_rank + j];
     return sum;
 }
 
 template <typename T>
 __device__ void expand(const float* __restrict__ partials, int chunks, const T* __restrict__ m,
-                       const T* __restrict__ bias, T* __restrict__ out, Routing routing, AdapterTable table,
-                       int m_rows, int n_len, int padded_rank, long long m_adapter, int m_n, int m_j) {
+                       const T* __restrict__ bias, T* __restrict__ out, int accumulate, Routing routing,
+                       AdapterTable table, int m_rows, int n_len, int padded_rank, long long m_adapter, int m_n,
+                       int m_j) {
     __shared__ float tile_t[TILE_ROWS][MAX_RANK];
     const uint32_t* tile = routing.tiles + 3 * blockIdx.x;
     const int adapter = static_cast<int>(tile[0]);
@@ -126,23 +133,26 @@ __device__ void expand(const float* __restrict__ partials, int chunks, const T* 
     const int rows = static_cast<int>(tile[2]);
     const int rank = table.rank(adapter);
     const float scale = table.scale(adapter);
-    for (int i = threadIdx.x; i < rows * MAX_RANK; i += blockDim.x) {
-        const int r = i / MAX_RANK, j = i % MAX_RANK;
-        tile_t[r][j] = j < rank ? sum_partials(partials, chunks, m_rows, padded_rank, routing.order[first + r], j) : 0.0f;
-    }
-    __syncthreads();
+    // This thread's column of M_a first, so that its loads are in flight while T is summed.
     const int n = blockIdx.y * EXPAND_THREADS + threadIdx.x;
-    if (n >= n_len) return;
-    const T* mn = m + adapter * m_adapter + static_cast<long long>(n) * m_n;
+    const bool active = n < n_len;
+    const T* mn = m + adapter * m_adapter + static_cast<long long>(active ? n : 0) * m_n;
     float weight[MAX_RANK];
 #pragma unroll
-    for (int j = 0; j < MAX_RANK; ++j) weight[j] = j < rank ? scale * to_float(mn[static_cast<long long>(j) * m_j]) : 0.0f;
+    for (int j = 0; j < MAX_RANK; ++j) weight[j] = active && j < rank ? to_float(mn[static_cast<long long>(j) * m_j]) : 0.0f;
+    for (int i = threadIdx.x; i < rows * MAX_RANK; i += blockDim.x) {
+        const int r = i / MAX_RANK, j = i % MAX_RANK;
+        tile_t[r][j] = j < rank ? scale * sum_partials(partials, chunks, m_rows, padded_rank, routing.order[first + r], j) : 0.0f;
+    }
+    __syncthreads();
+    if (!active) return;
     const float b = bias != nullptr ? to_float(bias[n]) : 0.0f;
     for (int r = 0; r < rows; ++r) {
-        float sum = b;
+        T* target = out + static_cast<long long>(routing.order[first + r]) * n_len + n;
+        float sum = accumulate ? to_float(*target) + b : b;
 #pragma unroll
         for (int j = 0; j < MAX_RANK; ++j) sum = fmaf(tile_t[r][j], weight[j], sum);
-        out[static_cast<long long>(routing.order[first + r]) * n_len + n] = from_float<T>(sum);
+        *target = from_float<T>(sum);
     }
 }
 
@@ -231,10 +241,11 @@ __device__ void velora_rebuild(const T* __restrict__ z, const float* __restrict_
         shrink<T>(in, m, partials, routing, table, m_rows, k_len, padded_rank, m_adapter, m_j, m_k);         \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(EXPAND_THREADS) lora_expand_##SUFFIX(                       \
-        const float* partials, int chunks, const T* m, const T* bias, T* out, Routing routing,               \
-        AdapterTable table, int m_rows, int n_len, int padded_rank, long long m_adapter, int m_n, int m_j) { \
-        expand<T>(partials, chunks, m, bias, out, routing, table, m_rows, n_len, padded_rank, m_adapter, m_n, \
-                  m_j);                                                                                      \
+        const float* partials, int chunks, const T* m, const T* bias, T* out, int accumulate,                \
+        Routing routing, AdapterTable table, int m_rows, int n_len, int padded_rank, long long m_adapter,    \
+        int m_n, int m_j) {                                                                                  \
+        expand<T>(partials, chunks, m, bias, out, accumulate, routing, table, m_rows, n_len, padded_rank,    \
+                  m_adapter, m_n, m_j);                                                                      \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(GRAD_THREADS) lora_adapter_grad_##SUFFIX(                   \
         const T* p, const float* partials, int chunks, T* g, Routing routing, AdapterTable table, int m_rows, \

@@ -1038,7 +1038,9 @@ mod cuda {
     use super::*;
     use crate::cuda::blaslt::{MatmulOperands, MatmulShape};
     use crate::cuda::{CudaBackend, CudaContextExt, LaunchConfig, PushKernelArg};
-    use std::sync::Arc;
+    use cudarc::driver::CudaStream;
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
 
     /// Must match kernels/lora.cu.
     const SHRINK_WARPS: usize = 8;
@@ -1144,9 +1146,13 @@ mod cuda {
         chunks: usize,
     }
 
-    /// Queues the shrink kernel: one block per (tile, chunk of k).
+    /// Queues the shrink kernel on `stream` (the device's stream, or the side stream bracketed by
+    /// events): one block per (tile, chunk of k). The partials are allocated in the device's
+    /// stream order before it.
+    #[allow(clippy::too_many_arguments)]
     fn shrink(
         backend: &Arc<CudaBackend>,
+        stream: &CudaStream,
         dtype: DType,
         input: u64,
         matrix: &Strided,
@@ -1170,11 +1176,15 @@ mod cuda {
             _buffer: buffer,
             chunks,
         };
+        if !std::ptr::eq(stream, backend.stream().as_ref()) {
+            // The side stream starts after everything queued so far, the allocation included.
+            stream.join(backend.stream()).context("ordering the LoRA side stream")?;
+        }
         let name = format!("lora_shrink_{}", dtype.name());
         let function = backend.function("lora", &name)?;
         let (routing_arg, table_arg) = (routing_arg(routing)?, table_arg(adapters)?);
         let (m_rows, k_len_arg, padded_rank) = (m as i32, k_len as i32, adapters.max_rank() as i32);
-        let mut builder = backend.launch_builder(&function);
+        let mut builder = stream.launch_builder(&function);
         builder
             .arg(&input)
             .arg(&matrix.base)
@@ -1199,7 +1209,8 @@ mod cuda {
         Ok(partials)
     }
 
-    /// `out[row, n] = s_a·Σ_j t[row, j]·M_a[n, j] (+ bias[n])`, t summed from the partials.
+    /// `out[row, n] = (out[row, n] +) s_a·Σ_j t[row, j]·M_a[n, j] (+ bias[n])`, t summed from the
+    /// partials.
     #[allow(clippy::too_many_arguments)]
     fn expand(
         backend: &Arc<CudaBackend>,
@@ -1208,6 +1219,7 @@ mod cuda {
         matrix: &Strided,
         bias: u64,
         out: u64,
+        accumulate: bool,
         routing: &LoraRouting,
         adapters: &LoraAdapters,
         n_len: usize,
@@ -1230,6 +1242,7 @@ mod cuda {
             n_len as i32,
             adapters.max_rank() as i32,
         );
+        let accumulate = accumulate as i32;
         let mut builder = backend.launch_builder(&function);
         builder
             .arg(&t.address)
@@ -1237,6 +1250,7 @@ mod cuda {
             .arg(&matrix.base)
             .arg(&bias)
             .arg(&out)
+            .arg(&accumulate)
             .arg(&routing_arg)
             .arg(&table_arg)
             .arg(&m_rows)
@@ -1351,6 +1365,57 @@ mod cuda {
         }
     }
 
+    /// The base product overwriting `out`: `out = X·Wᵀ (+ bias)`.
+    fn base_product(
+        backend: &Arc<CudaBackend>,
+        d: Dims,
+        x: &Tensor,
+        base: LoraBase,
+        bias: Option<u64>,
+        out: u64,
+    ) -> Result<()> {
+        match base {
+            LoraBase::Dense(w) => blas(
+                backend,
+                MatmulShape {
+                    dtype: x.dtype(),
+                    m: d.m,
+                    n: d.d_out,
+                    k: d.d_in,
+                    trans_a: false,
+                    trans_b: true,
+                    bias: bias.is_some(),
+                },
+                MatmulOperands {
+                    a: address(x)?,
+                    b: address(w)?,
+                    out,
+                    bias,
+                    alpha: 1.0,
+                    beta: 0.0,
+                },
+            ),
+        }
+    }
+
+    /// A second stream per device for adapter work that overlaps the base GEMM. Every use is
+    /// bracketed by events (it waits for the device's stream before, and the device's stream
+    /// waits for it after), so buffers stay ordered with the device's stream, where they are
+    /// allocated and freed.
+    fn side_stream(backend: &Arc<CudaBackend>) -> Result<Arc<CudaStream>> {
+        static STREAMS: OnceLock<Mutex<HashMap<usize, Arc<CudaStream>>>> = OnceLock::new();
+        let mut streams = STREAMS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(stream) = streams.get(&backend.ordinal()) {
+            return Ok(stream.clone());
+        }
+        let stream = backend.stream().fork().context("creating the LoRA side stream")?;
+        streams.insert(backend.ordinal(), stream.clone());
+        Ok(stream)
+    }
+
     pub(super) fn forward(
         d: Dims,
         x: &Tensor,
@@ -1416,15 +1481,22 @@ mod cuda {
                         beta: 0.0,
                     },
                 )?;
+                base_accumulate(&backend, d, x, base, out_address)
             }
             _ => {
+                // The adapter's shrink runs on the side stream beside the base GEMM (which needs
+                // all of the memory bandwidth, while the shrink is latency-bound), then the
+                // expand adds s·T·Bᵀ onto the GEMM's output.
                 let a_matrix = Strided {
                     base: address(&adapters.a)?,
                     per_adapter: (r * d.d_in) as i64,
                     first: d.d_in as i32,
                     second: 1,
                 };
-                let t = shrink(&backend, dtype, x_address, &a_matrix, routing, adapters, d.d_in)?;
+                let side = side_stream(&backend)?;
+                let t = shrink(&backend, &side, dtype, x_address, &a_matrix, routing, adapters, d.d_in)?;
+                base_product(&backend, d, x, base, bias_address, out_address)?;
+                backend.stream().join(&side).context("joining the LoRA side stream")?;
                 let b_matrix = Strided {
                     base: address(&adapters.b)?,
                     per_adapter: (d.d_out * r) as i64,
@@ -1436,15 +1508,15 @@ mod cuda {
                     dtype,
                     &t,
                     &b_matrix,
-                    bias_address.unwrap_or(0),
+                    0,
                     out_address,
+                    true,
                     routing,
                     adapters,
                     d.d_out,
-                )?;
+                )
             }
         }
-        base_accumulate(&backend, d, x, base, out_address)
     }
 
     pub(super) fn backward(
@@ -1473,8 +1545,18 @@ mod cuda {
             first: 1,
             second: r as i32,
         };
-        let t = shrink(&backend, dtype, x_address, &a_matrix, routing, adapters, d.d_in)?;
-        let u = shrink(&backend, dtype, d_y_address, &b_by_rank, routing, adapters, d.d_out)?;
+        let main = backend.stream().clone();
+        let t = shrink(&backend, &main, dtype, x_address, &a_matrix, routing, adapters, d.d_in)?;
+        let u = shrink(
+            &backend,
+            &main,
+            dtype,
+            d_y_address,
+            &b_by_rank,
+            routing,
+            adapters,
+            d.d_out,
+        )?;
         // dX = s·U·A, then + dY·W from the base.
         let d_x_address = address(&grads.d_x)?;
         let a_by_column = Strided {
@@ -1490,6 +1572,7 @@ mod cuda {
             &a_by_column,
             0,
             d_x_address,
+            false,
             routing,
             adapters,
             d.d_in,
