@@ -1,6 +1,7 @@
 // Fused LoRA: the adapter half of Y = X·Wᵀ + s_a·(X·A_aᵀ)·B_aᵀ and of its backward, for batches
 // where each token row names its adapter, plus merge/unmerge and VeLoRA's compress/rebuild. The
-// base product runs in cuBLASLt, accumulating (beta = 1) onto what these kernels write.
+// base product runs in cuBLASLt: in the forward the expand accumulates onto it (the shrink having
+// run beside it on a second stream); in the backward it accumulates (beta = 1) onto dX.
 //
 // Rows arrive grouped by the host: `order` lists rows by adapter, `tiles` cuts it into runs of at
 // most TILE_ROWS rows of one adapter (adapter, first, rows), `segments` gives each adapter's run
