@@ -1339,6 +1339,16 @@ mod cuda {
         backend.with_blaslt(|blas| blas.matmul(shape, &operands, autotune))
     }
 
+    /// The adapter of a batch whose adapter products go to cuBLASLt: one adapter for every row,
+    /// at least `CUBLAS_ROWS` rows, of full padded rank (so that its slices of A and B are plain
+    /// matrices) and at 256-byte aligned offsets (what cuBLASLt's heuristic assumes).
+    fn blas_adapter(d: Dims, adapters: &LoraAdapters, routing: &LoraRouting) -> Option<usize> {
+        let a = routing.uniform()?;
+        let (r, size) = (adapters.max_rank(), adapters.a.dtype().size_in_bytes());
+        let aligned = ((a * r * d.d_in) * size).is_multiple_of(256) && ((a * d.d_out * r) * size).is_multiple_of(256);
+        (d.m >= CUBLAS_ROWS && adapters.ranks[a] == r && aligned).then_some(a)
+    }
+
     /// The base product accumulating onto `out`: `out = X·Wᵀ + out`.
     fn base_accumulate(backend: &Arc<CudaBackend>, d: Dims, x: &Tensor, base: LoraBase, out: u64) -> Result<()> {
         match base {
@@ -1431,13 +1441,8 @@ mod cuda {
         let r = adapters.max_rank();
         let (x_address, out_address) = (address(x)?, address(out)?);
         let bias_address = bias.map(address).transpose()?;
-        // cuBLASLt's heuristic assumes 256-byte aligned operands: the adapter's offsets must be.
-        let aligned = |a: usize| {
-            ((a * r * d.d_in) as u64 * size).is_multiple_of(256)
-                && ((a * d.d_out * r) as u64 * size).is_multiple_of(256)
-        };
-        match routing.uniform() {
-            Some(a) if d.m >= CUBLAS_ROWS && adapters.ranks[a] == r && aligned(a) => {
+        match blas_adapter(d, adapters, routing) {
+            Some(a) => {
                 // T = X·A_aᵀ (m, r) in the input dtype, then out = s·T·B_aᵀ + bias, all cuBLASLt.
                 let t = Tensor::uninit_cuda(&[d.m, r], dtype, &backend)?;
                 let t_address = address(&t)?;
@@ -1529,6 +1534,9 @@ mod cuda {
         grads: &mut LoraGrads,
     ) -> Result<()> {
         let backend = backend_of(x)?;
+        if let Some(a) = blas_adapter(d, adapters, routing) {
+            return backward_blas(&backend, d, d_y, x, base, adapters, a, grads);
+        }
         let dtype = x.dtype();
         let r = adapters.max_rank();
         let (x_address, d_y_address) = (address(x)?, address(d_y)?);
@@ -1577,28 +1585,7 @@ mod cuda {
             adapters,
             d.d_in,
         )?;
-        match base {
-            LoraBase::Dense(w) => blas(
-                &backend,
-                MatmulShape {
-                    dtype,
-                    m: d.m,
-                    n: d.d_in,
-                    k: d.d_out,
-                    trans_a: false,
-                    trans_b: false,
-                    bias: false,
-                },
-                MatmulOperands {
-                    a: d_y_address,
-                    b: address(w)?,
-                    out: d_x_address,
-                    bias: None,
-                    alpha: 1.0,
-                    beta: 1.0,
-                },
-            )?,
-        }
+        base_input_gradient(&backend, d, d_y, base, d_x_address)?;
         // dA[a, j, k] = s·Σ U[row, j]·X[row, k]; dB[a, o, j] = s·Σ dY[row, o]·T[row, j].
         let d_a = Strided {
             base: address(&grads.d_a)?,
@@ -1614,6 +1601,107 @@ mod cuda {
             second: 1,
         };
         adapter_grad(&backend, dtype, d_y_address, &t, &d_b, routing, adapters, d.d_out)
+    }
+
+    /// `d_x = dY·W + d_x`: the base's part of the input gradient, accumulating.
+    fn base_input_gradient(backend: &Arc<CudaBackend>, d: Dims, d_y: &Tensor, base: LoraBase, d_x: u64) -> Result<()> {
+        match base {
+            LoraBase::Dense(w) => blas(
+                backend,
+                MatmulShape {
+                    dtype: d_y.dtype(),
+                    m: d.m,
+                    n: d.d_in,
+                    k: d.d_out,
+                    trans_a: false,
+                    trans_b: false,
+                    bias: false,
+                },
+                MatmulOperands {
+                    a: address(d_y)?,
+                    b: address(w)?,
+                    out: d_x,
+                    bias: None,
+                    alpha: 1.0,
+                    beta: 1.0,
+                },
+            ),
+        }
+    }
+
+    /// The backward of one adapter `a` over many rows, every product in cuBLASLt: T = X·A_aᵀ and
+    /// U = dY·B_a (m x r, input dtype), dX = s·U·A_a then + dY·W, dA_a = s·Uᵀ·X, dB_a = s·dYᵀ·T;
+    /// the other adapters' gradients are zero.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_blas(
+        backend: &Arc<CudaBackend>,
+        d: Dims,
+        d_y: &Tensor,
+        x: &Tensor,
+        base: LoraBase,
+        adapters: &LoraAdapters,
+        a: usize,
+        grads: &mut LoraGrads,
+    ) -> Result<()> {
+        let dtype = x.dtype();
+        let size = dtype.size_in_bytes() as u64;
+        let (r, s) = (adapters.max_rank(), adapters.scales[a]);
+        let a_offset = (a * r * d.d_in) as u64 * size;
+        let b_offset = (a * d.d_out * r) as u64 * size;
+        let (a_address, b_address) = (address(&adapters.a)? + a_offset, address(&adapters.b)? + b_offset);
+        let (x_address, d_y_address) = (address(x)?, address(d_y)?);
+        let t = Tensor::uninit_cuda(&[d.m, r], dtype, backend)?;
+        let u = Tensor::uninit_cuda(&[d.m, r], dtype, backend)?;
+        let (t_address, u_address) = (address(&t)?, address(&u)?);
+        let product = |m: usize, n: usize, k: usize, trans: (bool, bool), a: u64, b: u64, out: u64, alpha: f32| {
+            blas(
+                backend,
+                MatmulShape {
+                    dtype,
+                    m,
+                    n,
+                    k,
+                    trans_a: trans.0,
+                    trans_b: trans.1,
+                    bias: false,
+                },
+                MatmulOperands {
+                    a,
+                    b,
+                    out,
+                    bias: None,
+                    alpha,
+                    beta: 0.0,
+                },
+            )
+        };
+        product(d.m, r, d.d_in, (false, true), x_address, a_address, t_address, 1.0)?;
+        product(d.m, r, d.d_out, (false, false), d_y_address, b_address, u_address, 1.0)?;
+        let d_x_address = address(&grads.d_x)?;
+        product(d.m, d.d_in, r, (false, false), u_address, a_address, d_x_address, s)?;
+        base_input_gradient(backend, d, d_y, base, d_x_address)?;
+        grads.d_a.fill_bytes(0)?;
+        grads.d_b.fill_bytes(0)?;
+        product(
+            r,
+            d.d_in,
+            d.m,
+            (true, false),
+            u_address,
+            x_address,
+            address(&grads.d_a)? + a_offset,
+            s,
+        )?;
+        product(
+            d.d_out,
+            r,
+            d.m,
+            (true, false),
+            d_y_address,
+            t_address,
+            address(&grads.d_b)? + b_offset,
+            s,
+        )
     }
 
     fn elementwise_grid(backend: &Arc<CudaBackend>, total: usize) -> u32 {
