@@ -10,7 +10,7 @@ use common::{assert_close, assert_invalid, bytes, uniform, values, Float};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::Rng;
-use tessera::ops::lora::MAX_RANK;
+use tessera::ops::lora::{set_blas_rows, DEFAULT_BLAS_ROWS, MAX_RANK};
 use tessera::ops::{
     lora_backward, lora_forward, lora_forward_into, lora_merge, lora_unmerge, matmul, LoraAdapters, LoraBase,
     LoraRouting, MatmulOptions, Velora,
@@ -44,6 +44,7 @@ on_each_device!(
     errors_name_the_argument,
     errors_leave_outputs_unchanged,
     replaced_adapter_tensors_are_refused,
+    one_adapter_on_either_path,
 );
 
 // ---- cases, inputs and references ----------------------------------------------------------
@@ -956,4 +957,19 @@ fn replaced_adapter_tensors_are_refused(device: &Device) {
     );
     *t.adapters.parameters_mut().0 = Tensor::zeros(&[8], DType::F32, device).unwrap();
     assert_invalid(lora_merge(&mut t.w, &t.adapters, 0), "lora_merge", "adapters", &["[8]"]);
+}
+
+/// One adapter over many rows through the kernels (threshold raised) and through cuBLASLt (the
+/// default). The threshold is process-wide: tests running meanwhile may take either path, which
+/// changes nothing in what they check.
+fn one_adapter_on_either_path(device: &Device) {
+    let mut rng = common::rng();
+    let rng = &mut rng;
+    let c = Case::single(150, 72, 40, 16, 16);
+    for rows in [usize::MAX, DEFAULT_BLAS_ROWS] {
+        set_blas_rows(rows);
+        check_forward::<bf16>(device, rng, &c, &format!("threshold {rows}"));
+        check_backward::<f32>(device, rng, &c, &format!("threshold {rows}"));
+    }
+    set_blas_rows(DEFAULT_BLAS_ROWS);
 }

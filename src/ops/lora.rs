@@ -26,6 +26,25 @@ const OP: &str = "lora";
 /// The largest adapter rank (padded rank of an adapter set) the kernels accept.
 pub const MAX_RANK: usize = 64;
 
+/// From this many rows on (by default), a GPU batch whose rows all use one adapter of full padded
+/// rank runs its adapter products in cuBLASLt (tensor cores, three plain GEMMs); smaller batches
+/// and mixed batches run the hand-written kernels beside the base GEMM.
+pub const DEFAULT_BLAS_ROWS: usize = 64;
+
+static BLAS_ROWS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(DEFAULT_BLAS_ROWS);
+
+/// Sets the batch size from which one adapter runs in cuBLASLt on the GPU (see
+/// [`DEFAULT_BLAS_ROWS`]; `usize::MAX` keeps every batch on the kernels), for the whole process:
+/// the benchmark measures both paths with it. Results agree to rounding either way.
+pub fn set_blas_rows(rows: usize) {
+    BLAS_ROWS.store(rows, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The current threshold of [`set_blas_rows`].
+pub fn blas_rows() -> usize {
+    BLAS_ROWS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The frozen (or trainable) weight that the adapters sit beside.
 #[derive(Clone, Copy, Debug)]
 #[non_exhaustive]
@@ -1049,10 +1068,6 @@ mod cuda {
     const GRAD_THREADS: usize = 128;
     const ELEMENTWISE_THREADS: u32 = 256;
 
-    /// From this many rows on, a batch that uses one adapter of full padded rank runs its adapter
-    /// products in cuBLASLt (tensor cores); below, the hand-written kernels' two small launches.
-    const CUBLAS_ROWS: usize = 64;
-
     /// Layout shared with `Routing` in kernels/lora.cu.
     #[repr(C)]
     #[derive(Clone, Copy)]
@@ -1340,13 +1355,13 @@ mod cuda {
     }
 
     /// The adapter of a batch whose adapter products go to cuBLASLt: one adapter for every row,
-    /// at least `CUBLAS_ROWS` rows, of full padded rank (so that its slices of A and B are plain
+    /// at least [`blas_rows`] rows, of full padded rank (so that its slices of A and B are plain
     /// matrices) and at 256-byte aligned offsets (what cuBLASLt's heuristic assumes).
     fn blas_adapter(d: Dims, adapters: &LoraAdapters, routing: &LoraRouting) -> Option<usize> {
         let a = routing.uniform()?;
         let (r, size) = (adapters.max_rank(), adapters.a.dtype().size_in_bytes());
         let aligned = ((a * r * d.d_in) * size).is_multiple_of(256) && ((a * d.d_out * r) * size).is_multiple_of(256);
-        (d.m >= CUBLAS_ROWS && adapters.ranks[a] == r && aligned).then_some(a)
+        (d.m >= blas_rows() && adapters.ranks[a] == r && aligned).then_some(a)
     }
 
     /// The base product accumulating onto `out`: `out = X·Wᵀ + out`.

@@ -22,6 +22,17 @@ pub fn run(context: &mut Context) -> Result<Vec<Value>> {
             results.push(bench_lora(context, &weights, m, rank, 1)?);
         }
     }
+    // One adapter through the kernels instead of cuBLASLt, to place the threshold between them.
+    let large = *tokens.last().unwrap_or(&1);
+    ops::lora::set_blas_rows(usize::MAX);
+    let kernels = [64, large].map(|m| bench_lora(context, &weights, m, 16, 1));
+    ops::lora::set_blas_rows(ops::lora::DEFAULT_BLAS_ROWS);
+    for result in kernels {
+        let mut result = result?;
+        result["name"] = json!(format!("{} (kernels)", result["name"].as_str().unwrap_or("lora")));
+        result["path"] = json!("kernels");
+        results.push(result);
+    }
     let serving = if context.quick { 16 } else { 64 };
     results.push(bench_lora(context, &weights, serving, 16, 1)?);
     let mut many = bench_lora(context, &weights, serving, 16, serving)?;
