@@ -902,6 +902,14 @@ fn errors_name_the_argument(device: &Device) {
         &["dtype f32"],
     );
     assert_invalid(LoraRouting::per_row(&[], device), "LoraRouting::per_row", "ids", &["0"]);
+    assert_invalid(
+        LoraRouting::per_sequence(&[1, 2], 0, device),
+        "LoraRouting::per_sequence",
+        "seq_len",
+        &["2 sequences of 0"],
+    );
+    let by_sequence = LoraRouting::per_sequence(&[2, 0, 1], 3, device).unwrap();
+    assert_eq!(by_sequence.ids(), &[2, 2, 2, 0, 0, 0, 1, 1, 1]);
 }
 
 fn errors_leave_outputs_unchanged(device: &Device) {

@@ -12,8 +12,11 @@
 //! to be another variant of that enum, with only its base product and `dX` term to add.
 //!
 //! All arithmetic is f32; inputs and outputs are f32, bf16 or f16. On the GPU the base product is
-//! cuBLASLt accumulating (beta = 1) onto the adapter term that hand-written kernels write first,
-//! so `Y` is written by the adapter kernel and read and written once more by the GEMM's epilogue.
+//! cuBLASLt. One adapter over many rows (see [`blas_rows`]) runs its two products in cuBLASLt too,
+//! writing `s·T·Bᵀ (+ bias)` into `Y` before the base GEMM accumulates onto it (beta = 1); other
+//! batches run the hand-written kernels of kernels/lora.cu: `T = X·Aᵀ` per row's adapter on a
+//! side stream beside the base GEMM, then `s·T·Bᵀ` added onto its output. The backward mirrors
+//! this (cuBLASLt for one adapter over many rows, the kernels otherwise) and recomputes `T`.
 
 use crate::device::Device;
 use crate::dtype::{DType, Float};
@@ -366,6 +369,25 @@ impl LoraRouting {
             #[cfg(feature = "cuda")]
             table,
         })
+    }
+
+    /// Sequence `i` of `seq_len` rows (rows `i·seq_len ..`) uses adapter `ids[i]`.
+    pub fn per_sequence(ids: &[u32], seq_len: usize, device: &Device) -> Result<LoraRouting> {
+        if seq_len == 0
+            || ids
+                .len()
+                .checked_mul(seq_len)
+                .is_none_or(|rows| rows > i32::MAX as usize)
+        {
+            return Err(Error::invalid(
+                "LoraRouting::per_sequence",
+                "seq_len",
+                "at least 1, with fewer than 2^31 rows in all",
+                format!("{} sequences of {seq_len}", ids.len()),
+            ));
+        }
+        let rows: Vec<u32> = ids.iter().flat_map(|&id| std::iter::repeat_n(id, seq_len)).collect();
+        LoraRouting::per_row(&rows, device)
     }
 
     /// Every one of `rows` rows uses adapter `adapter`.
