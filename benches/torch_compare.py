@@ -249,6 +249,45 @@ def torch_sparse_step(case, warmup, iterations, generator):
 
 
 
+def torch_lora(case, warmup, iterations, generator):
+    """Unfused eager PyTorch: x @ W.T + s * (x @ A.T) @ B.T; with several adapters, each row's A and
+    B gathered by its id and applied with batched matmuls."""
+    dtype = DTYPES[case["dtype"]]
+    m, d, r, count, sets, s = case["m"], case["d"], case["rank"], case["adapters"], case["input_sets"], case["scale"]
+    ids = torch.arange(m, device="cuda") % count
+    inputs = [
+        (
+            uniform((m, d), dtype, -1, 1, generator),
+            uniform((d, d), dtype, -0.02, 0.02, generator),
+            uniform((count, r, d), dtype, -0.02, 0.02, generator),
+            uniform((count, d, r), dtype, -0.02, 0.02, generator),
+        )
+        for _ in range(sets)
+    ]
+
+    def base(i):
+        x, w, _, _ = inputs[i % sets]
+        return x @ w.T
+
+    def work(i):
+        x, w, a, b = inputs[i % sets]
+        if count == 1:
+            return x @ w.T + s * (x @ a[0].T) @ b[0].T
+        t = torch.bmm(a[ids], x[:, :, None])  # (m, r, 1)
+        return x @ w.T + s * torch.bmm(b[ids], t)[:, :, 0]
+
+    base_ms = time_ms(base, warmup, iterations)
+    ms = time_ms(work, warmup, iterations)
+    what = "eager x@W.T + s*(x@A.T)@B.T" if count == 1 else "eager x@W.T + s*bmm(B[ids], bmm(A[ids], x))"
+    return {
+        "ms": ms,
+        "base_ms": base_ms,
+        "overhead_pct": 100 * (ms / base_ms - 1),
+        "tflops": 2 * m * d * d / (ms * 1e9),
+        "what": what,
+    }
+
+
 RUNNERS = {
     "copy": torch_copy,
     "matmul": torch_matmul,
@@ -258,6 +297,7 @@ RUNNERS = {
     "train": torch_train,
     "sparse": torch_sparse,
     "sparse_step": torch_sparse_step,
+    "lora": torch_lora,
 }
 
 

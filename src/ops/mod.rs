@@ -26,6 +26,7 @@ macro_rules! with_float_type {
 pub mod adamw;
 pub mod attention;
 pub mod columns;
+pub mod lora;
 pub mod matmul;
 pub mod rope;
 pub mod sltrain;
@@ -36,6 +37,10 @@ pub mod wavelet;
 pub use adamw::{adamw_step, AdamWConfig, AdamWTensor};
 pub use attention::{attention_backward, attention_forward, AttentionMask, AttentionOptions, AttentionRope, Varlen};
 pub use columns::copy_columns;
+pub use lora::{
+    lora_backward, lora_forward, lora_forward_into, lora_merge, lora_unmerge, LoraAdapters, LoraBase, LoraGrads,
+    LoraRouting, Velora,
+};
 pub use matmul::{matmul, matmul_into, MatmulOptions};
 pub use rope::{rope_backward, rope_forward, RopeConfig, RopeConvention};
 pub use sltrain::{sltrain_backward, sltrain_forward, sltrain_weight, SlTrainConfig, SlTrainGrads, SlTrainLayer};

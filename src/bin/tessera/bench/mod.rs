@@ -5,6 +5,7 @@
 
 mod adamw;
 mod columns;
+mod lora;
 mod matmul;
 mod sparse;
 mod train;
@@ -39,6 +40,7 @@ const FAMILIES: &[(&str, Family)] = &[
     ("wavelet", wavelet::run),
     ("columns", columns::run),
     ("sparse", sparse::run),
+    ("lora", lora::run),
     ("train", train::run),
 ];
 
