@@ -1393,6 +1393,7 @@ mod cuda {
                 backend,
                 MatmulShape {
                     dtype: x.dtype(),
+                    out_dtype: x.dtype(),
                     m: d.m,
                     n: d.d_out,
                     k: d.d_in,
@@ -1426,6 +1427,7 @@ mod cuda {
                 backend,
                 MatmulShape {
                     dtype: x.dtype(),
+                    out_dtype: x.dtype(),
                     m: d.m,
                     n: d.d_out,
                     k: d.d_in,
@@ -1487,6 +1489,7 @@ mod cuda {
                     &backend,
                     MatmulShape {
                         dtype,
+                        out_dtype: dtype,
                         m: d.m,
                         n: r,
                         k: d.d_in,
@@ -1507,6 +1510,7 @@ mod cuda {
                     &backend,
                     MatmulShape {
                         dtype,
+                        out_dtype: dtype,
                         m: d.m,
                         n: d.d_out,
                         k: r,
@@ -1647,6 +1651,7 @@ mod cuda {
                 backend,
                 MatmulShape {
                     dtype: d_y.dtype(),
+                    out_dtype: d_y.dtype(),
                     m: d.m,
                     n: d.d_in,
                     k: d.d_out,
@@ -1695,6 +1700,7 @@ mod cuda {
                 backend,
                 MatmulShape {
                     dtype,
+                    out_dtype: dtype,
                     m,
                     n,
                     k,
