@@ -128,7 +128,7 @@ fn visible(mask: AttentionMask, p: i64, j: i64) -> bool {
         AttentionMask::None => true,
         AttentionMask::Causal => j <= p,
         AttentionMask::Window { left, right } => p - j <= left as i64 && j - p <= right as i64,
-        AttentionMask::Lambda { global, window } => j <= p && (p - j <= window as i64 - 1 || j < global as i64),
+        AttentionMask::Lambda { global, window } => j <= p && (p - j < window as i64 || j < global as i64),
     }
 }
 
@@ -299,8 +299,8 @@ fn naive(case: &Case, x: &Inputs, round: Round) -> Results {
                     let ds = round_with(round, probs[c] * (dp[c] - delta)) * scale;
                     let (qv, kv, limited) = &vectors[c];
                     let ka = at(cu_k[b] + j, g, hkv);
-                    for e in 0..d {
-                        r.d_v[ka + e] += probs[c] * d_o[e];
+                    for (x, &y) in r.d_v[ka..ka + d].iter_mut().zip(d_o) {
+                        *x += probs[c] * y;
                     }
                     // Gradients with respect to the branch's vectors; rotated back at the end.
                     let (gq, gk) = if *limited {

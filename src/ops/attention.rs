@@ -11,10 +11,10 @@
 //! Positions are aligned bottom-right: query `i` of a sequence with `seq_q` queries and `seq_k`
 //! keys sits at position `p_i = i + seq_k − seq_q`, so the last query sees the last key. A key `j`
 //! is visible from `p` when
-//! - [`AttentionMask::None`]: always;
-//! - [`AttentionMask::Causal`]: `j ≤ p`;
-//! - [`AttentionMask::Window`]: `p − left ≤ j ≤ p + right`;
-//! - [`AttentionMask::Lambda`]: `j ≤ p` and (`p − j < window` or `j < global`) (§4.2).
+//! - `AttentionMask::None`: always;
+//! - `AttentionMask::Causal`: `j ≤ p`;
+//! - `AttentionMask::Window`: `p − left ≤ j ≤ p + right`;
+//! - `AttentionMask::Lambda`: `j ≤ p` and (`p − j < window` or `j < global`) (§4.2).
 //!
 //! `out_i = Σ_j softmax_j(scale·s_ij)·v_j` over visible keys, `s_ij = q_i·k_j`, with the softmax
 //! statistics and all sums in f32. The forward also returns `lse_i = ln Σ_j exp(scale·s_ij)` (f32,
