@@ -119,15 +119,12 @@ _FLEX = {}
 
 
 def flex_attend(case):
-    """Compiled flex_attention with the case's mask (causal, causal window, or Λ = global + window)."""
+    """Compiled flex_attention with the case's mask (causal window, or Λ = global + window)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if "compiled" not in _FLEX:
         _FLEX["compiled"] = torch.compile(flex_attention)
     window, global_ = case["window"], case["global"]
-
-    def causal(b, h, q, kv):
-        return q >= kv
 
     def sliding(b, h, q, kv):
         return (q >= kv) & (q - kv < window)
@@ -135,7 +132,7 @@ def flex_attend(case):
     def lam(b, h, q, kv):
         return (q >= kv) & ((q - kv < window) | (kv < global_))
 
-    mask_mod = {"causal": causal, "window": sliding, "lambda": lam}[case["mask"]]
+    mask_mod = {"window": sliding, "lambda": lam}[case["mask"]]
     block_mask = create_block_mask(mask_mod, None, None, case["seq"], case["seq"], device="cuda")
     compiled = _FLEX["compiled"]
     return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
@@ -143,7 +140,7 @@ def flex_attend(case):
 
 def torch_attention(case, warmup, iterations, generator):
     """SDPA's flash (FA2) and cuDNN backends on the dense masks, compiled flex_attention on the
-    window and Λ masks (and on causal at the same shape); the anchor is the fastest of them."""
+    window and Λ masks; the anchor is the fastest of them."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     b, s, h, d = case["batch"], case["seq"], case["heads"], case["head_dim"]
@@ -172,7 +169,7 @@ def torch_attention(case, warmup, iterations, generator):
                 backends[name] = timed(sdpa)
             except RuntimeError as e:
                 print(f"torch_compare: SDPA {name} failed on {case['name']}: {e}", file=sys.stderr)
-    if case["mask"] != "none" and b == 1:
+    if case["mask"] in ("window", "lambda"):
         backends["flex"] = timed(flex_attend(case))
     flop = case["tflops"] * case["ms"] * 1e9
     best = min(backends, key=backends.get)

@@ -883,7 +883,6 @@ mod cuda {
     use super::*;
     use crate::cuda::{CudaBackend, CudaContextExt, DeviceBuffer, LaunchConfig, PushKernelArg};
     use crate::ops::rope::{rope_backward, rope_forward};
-    use cudarc::driver::sys::CUfunction_attribute;
     use std::sync::Arc;
 
     /// Must match kernels/attention.cu: threads per CTA, rows of a CTA's own tile, query rows per
@@ -1031,12 +1030,7 @@ mod cuda {
                 return Ok(());
             }
             let function = self.backend.function("attention", name)?;
-            function
-                .set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    shared as i32,
-                )
-                .context(&format!("allowing {shared} bytes of shared memory for {name}"))?;
+            self.backend.allow_shared_memory(&function, shared)?;
             let mut builder = self.backend.launch_builder(&function);
             builder.arg(&self.params);
             let launch = LaunchConfig {
