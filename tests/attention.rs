@@ -32,6 +32,7 @@ on_each_device!(
     fully_masked_rows,
     causality_by_perturbation,
     lambda_mask_fixture,
+    backward_is_deterministic,
     errors_name_the_argument,
 );
 
@@ -545,6 +546,45 @@ fn small_attention(device: &Device) {
     }
     let case = Case::dense(1, 33, 33, 1, 1, 128, AttentionMask::Window { left: 5, right: 40 });
     check::<f16>(device, &mut rng, &case, true);
+    // Packed sequences (the offsets path) and the padded general head dimension (split dK/dV).
+    let case = Case {
+        seqs: vec![(5, 9), (20, 17), (0, 3)],
+        packed: true,
+        heads_q: 2,
+        heads_kv: 1,
+        d: 200,
+        mask: AttentionMask::Causal,
+        scale: None,
+        rope: None,
+    };
+    check::<bf16>(device, &mut rng, &case, true);
+}
+
+/// Two backward runs on the same inputs give the same bits (no atomics, fixed summation order).
+fn backward_is_deterministic(device: &Device) {
+    let mut rng = common::rng();
+    let (b, sq, sk, hq, hkv, d) = (2, 150, 190, 4, 2, 64);
+    let q: Vec<bf16> = uniform(&mut rng, b * sq * hq * d);
+    let k: Vec<bf16> = uniform(&mut rng, b * sk * hkv * d);
+    let v: Vec<bf16> = uniform(&mut rng, b * sk * hkv * d);
+    let d_o: Vec<bf16> = uniform(&mut rng, b * sq * hq * d);
+    let tensor = |x: &[bf16], shape: &[usize]| Tensor::from_slice(x, shape, device).unwrap();
+    let (qt, kt, vt, dot) = (
+        tensor(&q, &[b, sq, hq, d]),
+        tensor(&k, &[b, sk, hkv, d]),
+        tensor(&v, &[b, sk, hkv, d]),
+        tensor(&d_o, &[b, sq, hq, d]),
+    );
+    let options = AttentionOptions {
+        mask: AttentionMask::Lambda { global: 3, window: 70 },
+        ..Default::default()
+    };
+    let run = || {
+        let (out, lse) = attention_forward(&qt, &kt, &vt, &options).unwrap();
+        let (dq, dk, dv) = attention_backward(&dot, &qt, &kt, &vt, &out, &lse, &options).unwrap();
+        [out, dq, dk, dv].map(|t| t.to_vec::<bf16>().unwrap())
+    };
+    assert_eq!(run(), run());
 }
 
 /// Every mask with every head layout on shapes that cross tile edges; f32 too on the CPU.
