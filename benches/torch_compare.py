@@ -288,6 +288,72 @@ def torch_lora(case, warmup, iterations, generator):
     }
 
 
+_FLEX = {}
+
+
+def flex_attend(case):
+    """Compiled flex_attention with the case's mask (causal window, or Λ = global + window)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "compiled" not in _FLEX:
+        _FLEX["compiled"] = torch.compile(flex_attention)
+    window, global_ = case["window"], case["global"]
+
+    def sliding(b, h, q, kv):
+        return (q >= kv) & (q - kv < window)
+
+    def lam(b, h, q, kv):
+        return (q >= kv) & ((q - kv < window) | (kv < global_))
+
+    mask_mod = {"window": sliding, "lambda": lam}[case["mask"]]
+    block_mask = create_block_mask(mask_mod, None, None, case["seq"], case["seq"], device="cuda")
+    compiled = _FLEX["compiled"]
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+
+
+def torch_attention(case, warmup, iterations, generator):
+    """SDPA's flash (FA2) and cuDNN backends on the dense masks, compiled flex_attention on the
+    window and Λ masks; the anchor is the fastest of them."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, s, h, d = case["batch"], case["seq"], case["heads"], case["head_dim"]
+    warmup, iterations = case.get("warmup", warmup), case.get("iterations", iterations)
+    backward = case["direction"] == "fwd+bwd"
+    q, k, v = (uniform((b, h, s, d), torch.bfloat16, -1, 1, generator).requires_grad_(backward) for _ in range(3))
+    d_out = uniform((b, h, s, d), torch.bfloat16, -1, 1, generator)
+    causal = case["mask"] != "none"
+
+    def timed(attend):
+        def work(i):
+            out = attend(q, k, v)
+            if backward:
+                torch.autograd.grad(out, (q, k, v), d_out)
+
+        return time_ms(work, warmup, iterations)
+
+    backends = {}
+    if case["mask"] in ("none", "causal"):
+        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def sdpa(q, k, v, backend=backend):
+                with sdpa_kernel(backend):
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+            try:
+                backends[name] = timed(sdpa)
+            except RuntimeError as e:
+                print(f"torch_compare: SDPA {name} failed on {case['name']}: {e}", file=sys.stderr)
+    if case["mask"] in ("window", "lambda"):
+        backends["flex"] = timed(flex_attend(case))
+    flop = case["tflops"] * case["ms"] * 1e9
+    best = min(backends, key=backends.get)
+    return {
+        "ms": backends[best],
+        "tflops": flop / (backends[best] * 1e9),
+        "what": best,
+        "backends": {name: {"ms": ms, "tflops": flop / (ms * 1e9)} for name, ms in backends.items()},
+    }
+
+
 RUNNERS = {
     "copy": torch_copy,
     "matmul": torch_matmul,
@@ -298,6 +364,7 @@ RUNNERS = {
     "sparse": torch_sparse,
     "sparse_step": torch_sparse_step,
     "lora": torch_lora,
+    "attention": torch_attention,
 }
 
 
@@ -335,6 +402,18 @@ def print_table(report, rows):
             f"{case['name']:<46} {case['ms']:>10.3f} {case['torch']['ms']:>10.3f} "
             f"{case[key]:>7.1f} {unit:<4} {case['torch'][key]:>7.1f} {unit:<4} {case['speedup_vs_torch']:>7.3f}x"
         )
+
+
+def print_backends(rows):
+    """TFLOP/s of each PyTorch backend beside tessera's, for the cases that ran several."""
+    rows = [case for case in rows if "backends" in case.get("torch", {})]
+    if not rows:
+        return
+    names = sorted({name for case in rows for name in case["torch"]["backends"]})
+    print(f"\n{'case (TFLOP/s)':<46} {'tessera':>8} " + " ".join(f"{n:>8}" for n in names))
+    for case in rows:
+        cells = [case["torch"]["backends"].get(n, {}).get("tflops") for n in names]
+        print(f"{case['name']:<46} {case['tflops']:>8.1f} " + " ".join("       -" if c is None else f"{c:>8.1f}" for c in cells))
 
 
 def alternate(binary, only, rounds, generator):
@@ -406,6 +485,7 @@ def main():
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
     print_table(report, rows)
+    print_backends(rows)
 
 
 if __name__ == "__main__":

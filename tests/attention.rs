@@ -32,6 +32,7 @@ on_each_device!(
     fully_masked_rows,
     causality_by_perturbation,
     lambda_mask_fixture,
+    backward_is_deterministic,
     errors_name_the_argument,
 );
 
@@ -128,7 +129,7 @@ fn visible(mask: AttentionMask, p: i64, j: i64) -> bool {
         AttentionMask::None => true,
         AttentionMask::Causal => j <= p,
         AttentionMask::Window { left, right } => p - j <= left as i64 && j - p <= right as i64,
-        AttentionMask::Lambda { global, window } => j <= p && (p - j <= window as i64 - 1 || j < global as i64),
+        AttentionMask::Lambda { global, window } => j <= p && (p - j < window as i64 || j < global as i64),
     }
 }
 
@@ -299,8 +300,8 @@ fn naive(case: &Case, x: &Inputs, round: Round) -> Results {
                     let ds = round_with(round, probs[c] * (dp[c] - delta)) * scale;
                     let (qv, kv, limited) = &vectors[c];
                     let ka = at(cu_k[b] + j, g, hkv);
-                    for e in 0..d {
-                        r.d_v[ka + e] += probs[c] * d_o[e];
+                    for (x, &y) in r.d_v[ka..ka + d].iter_mut().zip(d_o) {
+                        *x += probs[c] * y;
                     }
                     // Gradients with respect to the branch's vectors; rotated back at the end.
                     let (gq, gk) = if *limited {
@@ -481,7 +482,7 @@ fn check<T: Float>(device: &Device, rng: &mut StdRng, case: &Case, backward: boo
 /// batches are covered by the smaller shapes there).
 fn shrink(device: &Device, case: Case) -> Case {
     let (sq, sk) = case.seqs[0];
-    if device.is_cuda() || sq * sk < 200_000 {
+    if device.is_cuda() || sq * sk < 60_000 {
         return case;
     }
     Case {
@@ -521,11 +522,15 @@ fn issue_shapes<T: Float>(device: &Device) {
     let heads = [(2, 2), (4, 2), (3, 1)];
     let dims = [64, 128, 72];
     for (n, &(sq, sk)) in PAIRS.iter().enumerate() {
+        // The CPU's f16 path differs from its bf16 path only in rounding: the big pairs run once.
+        if !device.is_cuda() && T::DTYPE == DType::F16 && sq * sk >= 60_000 {
+            continue;
+        }
         let (hq, hkv) = heads[n % 3];
         let case = Case::dense(2, sq, sk, hq, hkv, dims[(n / 3 + n) % 3], masks()[n % 5]);
         let case = shrink(device, case);
-        let big = sq * sk > 1_000_000;
-        check::<T>(device, &mut rng, &case, !(big && !device.is_cuda()));
+        // On the CPU the largest pairs run forward only; the GPU runs every backward.
+        check::<T>(device, &mut rng, &case, device.is_cuda() || sq * sk <= 300_000);
     }
 }
 
@@ -545,6 +550,45 @@ fn small_attention(device: &Device) {
     }
     let case = Case::dense(1, 33, 33, 1, 1, 128, AttentionMask::Window { left: 5, right: 40 });
     check::<f16>(device, &mut rng, &case, true);
+    // Packed sequences (the offsets path) and the padded general head dimension (split dK/dV).
+    let case = Case {
+        seqs: vec![(5, 9), (20, 17), (0, 3)],
+        packed: true,
+        heads_q: 2,
+        heads_kv: 1,
+        d: 200,
+        mask: AttentionMask::Causal,
+        scale: None,
+        rope: None,
+    };
+    check::<bf16>(device, &mut rng, &case, true);
+}
+
+/// Two backward runs on the same inputs give the same bits (no atomics, fixed summation order).
+fn backward_is_deterministic(device: &Device) {
+    let mut rng = common::rng();
+    let (b, sq, sk, hq, hkv, d) = (2, 150, 190, 4, 2, 64);
+    let q: Vec<bf16> = uniform(&mut rng, b * sq * hq * d);
+    let k: Vec<bf16> = uniform(&mut rng, b * sk * hkv * d);
+    let v: Vec<bf16> = uniform(&mut rng, b * sk * hkv * d);
+    let d_o: Vec<bf16> = uniform(&mut rng, b * sq * hq * d);
+    let tensor = |x: &[bf16], shape: &[usize]| Tensor::from_slice(x, shape, device).unwrap();
+    let (qt, kt, vt, dot) = (
+        tensor(&q, &[b, sq, hq, d]),
+        tensor(&k, &[b, sk, hkv, d]),
+        tensor(&v, &[b, sk, hkv, d]),
+        tensor(&d_o, &[b, sq, hq, d]),
+    );
+    let options = AttentionOptions {
+        mask: AttentionMask::Lambda { global: 3, window: 70 },
+        ..Default::default()
+    };
+    let run = || {
+        let (out, lse) = attention_forward(&qt, &kt, &vt, &options).unwrap();
+        let (dq, dk, dv) = attention_backward(&dot, &qt, &kt, &vt, &out, &lse, &options).unwrap();
+        [out, dq, dk, dv].map(|t| t.to_vec::<bf16>().unwrap())
+    };
+    assert_eq!(run(), run());
 }
 
 /// Every mask with every head layout on shapes that cross tile edges; f32 too on the CPU.
@@ -552,8 +596,14 @@ fn masks_and_heads(device: &Device) {
     let mut rng = common::rng();
     for mask in masks() {
         for (hq, hkv) in [(2, 2), (6, 2), (4, 1)] {
-            for &(sq, sk) in &[(113, 203), (203, 113), (65, 65)] {
-                let case = Case::dense(2, sq, sk, hq, hkv, 64, mask);
+            let shapes: &[(usize, usize)] = if device.is_cuda() {
+                &[(113, 203), (203, 113), (65, 65)]
+            } else {
+                &[(113, 203), (65, 65)]
+            };
+            for &(sq, sk) in shapes {
+                let batch = if device.is_cuda() { 2 } else { 1 };
+                let case = Case::dense(batch, sq, sk, hq, hkv, 64, mask);
                 check::<bf16>(device, &mut rng, &case, true);
                 if !device.is_cuda() && sq == 65 {
                     check::<f32>(device, &mut rng, &case, true);

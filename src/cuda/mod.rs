@@ -211,6 +211,19 @@ impl CudaBackend {
             .context(&format!("finding kernel `{name}` in kernels/{file}.cu"))
     }
 
+    /// Lets `function` launch with `bytes` of dynamic shared memory (more than the default 48 KiB
+    /// needs this opt-in).
+    pub(crate) fn allow_shared_memory(&self, function: &CudaFunction, bytes: usize) -> Result<()> {
+        self.context.bind_to_thread().context("binding the CUDA context")?;
+        let bytes = i32::try_from(bytes).map_err(|e| Error::cuda("cuFuncSetAttribute", e))?;
+        function
+            .set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes,
+            )
+            .context(&format!("allowing {bytes} bytes of dynamic shared memory"))
+    }
+
     /// Starts a launch of `function` on this device's stream.
     pub(crate) fn launch_builder<'a>(&'a self, function: &'a CudaFunction) -> LaunchArgs<'a> {
         self.stream.launch_builder(function)

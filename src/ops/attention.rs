@@ -11,10 +11,10 @@
 //! Positions are aligned bottom-right: query `i` of a sequence with `seq_q` queries and `seq_k`
 //! keys sits at position `p_i = i + seq_k − seq_q`, so the last query sees the last key. A key `j`
 //! is visible from `p` when
-//! - [`AttentionMask::None`]: always;
-//! - [`AttentionMask::Causal`]: `j ≤ p`;
-//! - [`AttentionMask::Window`]: `p − left ≤ j ≤ p + right`;
-//! - [`AttentionMask::Lambda`]: `j ≤ p` and (`p − j < window` or `j < global`) (§4.2).
+//! - `AttentionMask::None`: always;
+//! - `AttentionMask::Causal`: `j ≤ p`;
+//! - `AttentionMask::Window`: `p − left ≤ j ≤ p + right`;
+//! - `AttentionMask::Lambda`: `j ≤ p` and (`p − j < window` or `j < global`) (§4.2).
 //!
 //! `out_i = Σ_j softmax_j(scale·s_ij)·v_j` over visible keys, `s_ij = q_i·k_j`, with the softmax
 //! statistics and all sums in f32. The forward also returns `lse_i = ln Σ_j exp(scale·s_ij)` (f32,
@@ -277,11 +277,6 @@ fn check_inputs(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor, options: &
             (varlen.cu_seqlens_q.clone(), varlen.cu_seqlens_k.clone())
         }
     };
-    for t in [q, k] {
-        if t.numel() > MAX_EXTENT * 64 {
-            return Err(bad_shape(op, "q", "fewer than 2^37 elements", t));
-        }
-    }
     let scale = options.scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
     if !(scale.is_finite() && scale > 0.0) {
         return Err(Error::invalid(op, "scale", "a finite positive softmax scale", scale));
@@ -883,7 +878,6 @@ mod cuda {
     use super::*;
     use crate::cuda::{CudaBackend, CudaContextExt, DeviceBuffer, LaunchConfig, PushKernelArg};
     use crate::ops::rope::{rope_backward, rope_forward};
-    use cudarc::driver::sys::CUfunction_attribute;
     use std::sync::Arc;
 
     /// Must match kernels/attention.cu: threads per CTA, rows of a CTA's own tile, query rows per
@@ -1031,12 +1025,7 @@ mod cuda {
                 return Ok(());
             }
             let function = self.backend.function("attention", name)?;
-            function
-                .set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    shared as i32,
-                )
-                .context(&format!("allowing {shared} bytes of shared memory for {name}"))?;
+            self.backend.allow_shared_memory(&function, shared)?;
             let mut builder = self.backend.launch_builder(&function);
             builder.arg(&self.params);
             let launch = LaunchConfig {

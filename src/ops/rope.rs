@@ -324,9 +324,12 @@ mod cuda {
 
     const THREADS: u32 = 256;
 
+    /// A device table and the ordinal of its GPU.
+    type OnDevice = (usize, Arc<DeviceBuffer>);
+
     /// The frequency table (f64, bases × head_dim/2) uploaded once per GPU.
     #[derive(Clone, Default)]
-    pub(super) struct FrequencyCache(Arc<Mutex<Vec<(usize, Arc<DeviceBuffer>)>>>);
+    pub(super) struct FrequencyCache(Arc<Mutex<Vec<OnDevice>>>);
 
     impl std::fmt::Debug for FrequencyCache {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -4,6 +4,7 @@
 //! is what benches/torch_compare.py reads to run PyTorch on exactly the same cases.
 
 mod adamw;
+mod attention;
 mod columns;
 mod lora;
 mod matmul;
@@ -41,6 +42,7 @@ const FAMILIES: &[(&str, Family)] = &[
     ("columns", columns::run),
     ("sparse", sparse::run),
     ("lora", lora::run),
+    ("attention", attention::run),
     ("train", train::run),
 ];
 
