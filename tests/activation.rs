@@ -76,12 +76,24 @@ fn check_gelu<T: Float>(device: &Device, rng: &mut StdRng, shape: &[usize], low:
     // A single near-zero output (a negative x of one element) is measured against the size of
     // the input, so that the dtype's subnormal spacing does not count as a relative error.
     let what = format!("gelu forward {} {shape:?}", T::DTYPE);
-    assert_close_at_scale(&what, &values::<T>(&out), &reference, tolerance::<T>(), norm(xs.iter().copied()));
+    assert_close_at_scale(
+        &what,
+        &values::<T>(&out),
+        &reference,
+        tolerance::<T>(),
+        norm(xs.iter().copied()),
+    );
     let mut d_x = poisoned(shape, T::DTYPE, device);
     gelu_backward_into(&x_t, &tensor(&d_out, shape, device), &mut d_x).unwrap();
     let reference: Vec<f64> = xs.iter().zip(&gs).map(|(&x, &g)| g * gelu_grad(x)).collect();
     let what = format!("gelu backward {} {shape:?}", T::DTYPE);
-    assert_close_at_scale(&what, &values::<T>(&d_x), &reference, tolerance::<T>(), norm(gs.iter().copied()));
+    assert_close_at_scale(
+        &what,
+        &values::<T>(&d_x),
+        &reference,
+        tolerance::<T>(),
+        norm(gs.iter().copied()),
+    );
 }
 
 fn check_swiglu<T: Float>(device: &Device, rng: &mut StdRng, rows: usize, width: usize, low: f32, high: f32) {
@@ -121,7 +133,16 @@ fn small_activation(device: &Device) {
 }
 
 /// Lengths around the vector widths (4 f32, 8 half) and the 256-thread block.
-const SHAPES: [&[usize]; 8] = [&[1], &[7], &[17], &[113], &[8, 128], &[1023], &[1025], &[3, 5, 2048 + 8]];
+const SHAPES: [&[usize]; 8] = [
+    &[1],
+    &[7],
+    &[17],
+    &[113],
+    &[8, 128],
+    &[1023],
+    &[1025],
+    &[3, 5, 2048 + 8],
+];
 
 fn gelu_all_dtypes(device: &Device) {
     let mut rng = common::rng();
@@ -158,11 +179,7 @@ fn backward_matches_finite_differences(device: &Device) {
     let n = 257;
     let x: Vec<f32> = uniform_in(&mut rng, n, -4.0, 4.0);
     let h = 1e-6;
-    let d_x = gelu_backward(
-        &tensor(&x, &[n], device),
-        &tensor(&vec![1.0f32; n], &[n], device),
-    )
-    .unwrap();
+    let d_x = gelu_backward(&tensor(&x, &[n], device), &tensor(&vec![1.0f32; n], &[n], device)).unwrap();
     let numeric: Vec<f64> = x
         .iter()
         .map(|&x| (gelu(x as f64 + h) - gelu(x as f64 - h)) / (2.0 * h))
@@ -197,9 +214,19 @@ fn errors_name_the_argument(device: &Device) {
     let before = common::bytes(&out);
     assert_invalid(gelu_forward(&ints), "gelu_forward", "x", &["u32"]);
     let mut wrong = Tensor::zeros(&[4, 6], DType::F32, device).unwrap();
-    assert_invalid(gelu_forward_into(&x, &mut wrong), "gelu_forward", "out", &["bf16", "f32"]);
+    assert_invalid(
+        gelu_forward_into(&x, &mut wrong),
+        "gelu_forward",
+        "out",
+        &["bf16", "f32"],
+    );
     let mut short = Tensor::zeros(&[4, 5], DType::BF16, device).unwrap();
-    assert_invalid(gelu_forward_into(&x, &mut short), "gelu_forward", "out", &["[4, 6]", "[4, 5]"]);
+    assert_invalid(
+        gelu_forward_into(&x, &mut short),
+        "gelu_forward",
+        "out",
+        &["[4, 6]", "[4, 5]"],
+    );
     assert_invalid(
         gelu_backward_into(&x, &odd, &mut out),
         "gelu_backward",

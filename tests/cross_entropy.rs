@@ -125,7 +125,13 @@ fn check<T: Float>(device: &Device, rng: &mut StdRng, case: &Case, form: Form) {
     // Losses are f32 arithmetic on exact inputs: far under 1e-4 relative to the log of the
     // vocabulary (their size), also where a loss is near 0.
     let scale = (vocab as f64).ln().max(1.0) * (rows as f64).sqrt();
-    assert_close_at_scale(&format!("losses {what}"), &values::<f32>(&losses), &ref_losses, 1e-5, scale);
+    assert_close_at_scale(
+        &format!("losses {what}"),
+        &values::<f32>(&losses),
+        &ref_losses,
+        1e-5,
+        scale,
+    );
     let got_mean = values::<f32>(&mean)[0];
     assert!(
         (got_mean - ref_mean).abs() <= 1e-5 * ref_mean.abs().max((vocab as f64).ln()),
@@ -165,7 +171,17 @@ fn small_cross_entropy(device: &Device) {
 
 fn all_forms_all_dtypes(device: &Device) {
     let mut rng = common::rng();
-    for (rows, vocab) in [(1, 1), (1, 2), (7, 17), (3, 113), (5, 256), (2, 1023), (3, 1025), (17, 4096), (2, 9000)] {
+    for (rows, vocab) in [
+        (1, 1),
+        (1, 2),
+        (7, 17),
+        (3, 113),
+        (5, 256),
+        (2, 1023),
+        (3, 1025),
+        (17, 4096),
+        (2, 9000),
+    ] {
         for form in [Form::LossOnly, Form::Into, Form::InPlace] {
             check::<f32>(device, &mut rng, &case(rows, vocab), form);
             check::<bf16>(device, &mut rng, &case(rows, vocab), form);
@@ -311,9 +327,20 @@ fn out_of_range_targets(device: &Device) {
         let d = d.to_vec::<f32>().unwrap();
         assert!(d[..8].iter().all(|v| v.is_finite()) && d[8..].iter().all(|v| v.is_nan()));
     } else {
-        assert_invalid(result, "cross_entropy_fused", "targets", &["8 at row 1", "vocabulary size 8"]);
-        assert!(losses.to_vec::<f32>().unwrap().iter().all(|v| v.is_nan()), "losses were written");
-        assert!(d.to_vec::<f32>().unwrap().iter().all(|v| v.is_nan()), "d_logits was written");
+        assert_invalid(
+            result,
+            "cross_entropy_fused",
+            "targets",
+            &["8 at row 1", "vocabulary size 8"],
+        );
+        assert!(
+            losses.to_vec::<f32>().unwrap().iter().all(|v| v.is_nan()),
+            "losses were written"
+        );
+        assert!(
+            d.to_vec::<f32>().unwrap().iter().all(|v| v.is_nan()),
+            "d_logits was written"
+        );
     }
 }
 

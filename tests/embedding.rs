@@ -39,7 +39,13 @@ struct Case {
 }
 
 fn check<T: Float>(device: &Device, rng: &mut StdRng, c: Case) {
-    let Case { batch, seq, vocab, width, .. } = c;
+    let Case {
+        batch,
+        seq,
+        vocab,
+        width,
+        ..
+    } = c;
     let count = batch * seq;
     let context = seq + 3;
     let tokens: Vec<u32> = (0..count).map(|_| rng.random_range(0..vocab as u32)).collect();
@@ -58,7 +64,11 @@ fn check<T: Float>(device: &Device, rng: &mut StdRng, c: Case) {
         .map(|i| {
             let (n, col) = (i / width, i % width);
             let e = wte[tokens[n] as usize * width + col].to_f64() as f32;
-            let p = if c.positions { wpe[(n % seq) * width + col].to_f64() as f32 } else { 0.0 };
+            let p = if c.positions {
+                wpe[(n % seq) * width + col].to_f64() as f32
+            } else {
+                0.0
+            };
             T::from_f32(e + p)
         })
         .collect();
@@ -80,7 +90,11 @@ fn check<T: Float>(device: &Device, rng: &mut StdRng, c: Case) {
     let mut d_wpe = poisoned(&[context, width], DType::F32, device);
     embedding_backward_into(&d_out_t, &plan, &mut d_wte, c.positions.then_some(&mut d_wpe), false).unwrap();
     // f64 reference and the documented f32 order (positions ascending, batches ascending).
-    let (mut ref_wte, mut f32_wte, mut abs_wte) = (vec![0.0f64; vocab * width], vec![0.0f32; vocab * width], vec![0.0; vocab * width]);
+    let (mut ref_wte, mut f32_wte, mut abs_wte) = (
+        vec![0.0f64; vocab * width],
+        vec![0.0f32; vocab * width],
+        vec![0.0; vocab * width],
+    );
     for (n, &t) in tokens.iter().enumerate() {
         for col in 0..width {
             let g = d_out[n * width + col].to_f64();
@@ -91,7 +105,11 @@ fn check<T: Float>(device: &Device, rng: &mut StdRng, c: Case) {
     }
     let got = values::<f32>(&d_wte);
     assert_close_at_scale(&format!("d_wte {what}"), &got, &ref_wte, 1e-6, norm(abs_wte));
-    assert_eq!(d_wte.to_vec::<f32>().unwrap(), f32_wte, "d_wte {what}: not the sums in position order");
+    assert_eq!(
+        d_wte.to_vec::<f32>().unwrap(),
+        f32_wte,
+        "d_wte {what}: not the sums in position order"
+    );
     if c.positions {
         let mut f32_wpe = vec![0.0f32; context * width];
         for b in 0..batch {
@@ -99,14 +117,27 @@ fn check<T: Float>(device: &Device, rng: &mut StdRng, c: Case) {
                 f32_wpe[i] += d_out[b * seq * width + i].to_f64() as f32;
             }
         }
-        assert_eq!(d_wpe.to_vec::<f32>().unwrap(), f32_wpe, "d_wpe {what}: not the sums in batch order");
+        assert_eq!(
+            d_wpe.to_vec::<f32>().unwrap(),
+            f32_wpe,
+            "d_wpe {what}: not the sums in batch order"
+        );
     } else {
-        assert!(values::<f32>(&d_wpe).iter().all(|v| v.is_nan()), "d_wpe was written without being asked for");
+        assert!(
+            values::<f32>(&d_wpe).iter().all(|v| v.is_nan()),
+            "d_wpe was written without being asked for"
+        );
     }
 }
 
 fn case(batch: usize, seq: usize, vocab: usize, width: usize) -> Case {
-    Case { batch, seq, vocab, width, positions: true }
+    Case {
+        batch,
+        seq,
+        vocab,
+        width,
+        positions: true,
+    }
 }
 
 /// The kernels' smallest cases, for compute-sanitizer: the vector and one-element forwards, both
@@ -119,7 +150,13 @@ fn small_embedding(device: &Device) {
 
 fn forward_and_backward_all_dtypes(device: &Device) {
     let mut rng = common::rng();
-    for c in [case(1, 1, 1, 1), case(3, 7, 50, 17), case(2, 17, 1000, 113), case(4, 33, 300, 768), case(2, 9, 20, 1025)] {
+    for c in [
+        case(1, 1, 1, 1),
+        case(3, 7, 50, 17),
+        case(2, 17, 1000, 113),
+        case(4, 33, 300, 768),
+        case(2, 9, 20, 1025),
+    ] {
         for positions in [true, false] {
             let c = Case { positions, ..c };
             check::<f32>(device, &mut rng, c);
@@ -175,7 +212,12 @@ fn accumulate_and_update(device: &Device) {
     let expected: Vec<f32> = wpe_sum.iter().map(|s| 0.25 + s + s).collect();
     assert_eq!(d_wpe.to_vec::<f32>().unwrap(), expected);
     // A plan update with the wrong length is refused and leaves the plan as it was.
-    assert_invalid(plan.update(&second[1..]), "EmbeddingGradPlan::update", "tokens", &["12 tokens", "11 tokens"]);
+    assert_invalid(
+        plan.update(&second[1..]),
+        "EmbeddingGradPlan::update",
+        "tokens",
+        &["12 tokens", "11 tokens"],
+    );
     assert_eq!(plan.shape(), (batch, seq, vocab));
 }
 
@@ -192,7 +234,12 @@ fn out_of_range_tokens(device: &Device) {
         assert_eq!(&out[..3], &[1.0, 1.0, 1.0]);
         assert!(out[3..].iter().all(|v| v.is_nan()));
     } else {
-        assert_invalid(result, "embedding_forward", "tokens", &["4 at index 1", "vocabulary size 4"]);
+        assert_invalid(
+            result,
+            "embedding_forward",
+            "tokens",
+            &["4 at index 1", "vocabulary size 4"],
+        );
         assert!(out.iter().all(|v| v.is_nan()), "the output was written");
     }
     assert_invalid(
@@ -207,21 +254,56 @@ fn errors_name_the_argument(device: &Device) {
     let zeros = |shape: &[usize], dtype| Tensor::zeros(shape, dtype, device).unwrap();
     let tokens = zeros(&[2, 3], DType::U32);
     let wte = zeros(&[5, 8], DType::BF16);
-    assert_invalid(embedding_forward(&zeros(&[2, 3], DType::F32), &wte, None), "embedding_forward", "tokens", &["u32"]);
-    assert_invalid(embedding_forward(&zeros(&[6], DType::U32), &wte, None), "embedding_forward", "tokens", &["2-d"]);
+    assert_invalid(
+        embedding_forward(&zeros(&[2, 3], DType::F32), &wte, None),
+        "embedding_forward",
+        "tokens",
+        &["u32"],
+    );
+    assert_invalid(
+        embedding_forward(&zeros(&[6], DType::U32), &wte, None),
+        "embedding_forward",
+        "tokens",
+        &["2-d"],
+    );
     let short = zeros(&[2, 8], DType::BF16);
-    assert_invalid(embedding_forward(&tokens, &wte, Some(&short)), "embedding_forward", "wpe", &["context >= 3"]);
+    assert_invalid(
+        embedding_forward(&tokens, &wte, Some(&short)),
+        "embedding_forward",
+        "wpe",
+        &["context >= 3"],
+    );
     let f32_wpe = zeros(&[3, 8], DType::F32);
-    assert_invalid(embedding_forward(&tokens, &wte, Some(&f32_wpe)), "embedding_forward", "wpe", &["bf16"]);
+    assert_invalid(
+        embedding_forward(&tokens, &wte, Some(&f32_wpe)),
+        "embedding_forward",
+        "wpe",
+        &["bf16"],
+    );
     let mut out = zeros(&[2, 3, 7], DType::BF16);
-    assert_invalid(embedding_forward_into(&tokens, &wte, None, &mut out), "embedding_forward", "out", &["[2, 3, 8]"]);
+    assert_invalid(
+        embedding_forward_into(&tokens, &wte, None, &mut out),
+        "embedding_forward",
+        "out",
+        &["[2, 3, 8]"],
+    );
     let plan = EmbeddingGradPlan::new(&[0, 1, 2, 3, 4, 0], 2, 3, 5, device).unwrap();
     let mut d_wte = zeros(&[5, 8], DType::BF16);
     let d_out = zeros(&[2, 3, 8], DType::BF16);
-    assert_invalid(embedding_backward_into(&d_out, &plan, &mut d_wte, None, false), "embedding_backward", "d_wte", &["f32"]);
+    assert_invalid(
+        embedding_backward_into(&d_out, &plan, &mut d_wte, None, false),
+        "embedding_backward",
+        "d_wte",
+        &["f32"],
+    );
     let mut d_wte = zeros(&[5, 8], DType::F32);
     let wrong = zeros(&[3, 2, 8], DType::BF16);
-    assert_invalid(embedding_backward_into(&wrong, &plan, &mut d_wte, None, false), "embedding_backward", "d_out", &["(2, 3, width)"]);
+    assert_invalid(
+        embedding_backward_into(&wrong, &plan, &mut d_wte, None, false),
+        "embedding_backward",
+        "d_out",
+        &["(2, 3, width)"],
+    );
     let mut d_wpe = zeros(&[2, 8], DType::F32);
     d_wte.fill_bytes(0x11).unwrap();
     assert_invalid(
@@ -231,5 +313,10 @@ fn errors_name_the_argument(device: &Device) {
         &["context >= 3"],
     );
     assert!(bytes(&d_wte).iter().all(|&b| b == 0x11), "a failed call wrote d_wte");
-    assert_invalid(EmbeddingGradPlan::new(&[0; 6], 2, 3, 0, device), "EmbeddingGradPlan::new", "vocab", &["between 1"]);
+    assert_invalid(
+        EmbeddingGradPlan::new(&[0; 6], 2, 3, 0, device),
+        "EmbeddingGradPlan::new",
+        "vocab",
+        &["between 1"],
+    );
 }

@@ -74,7 +74,12 @@ fn check_norm(device: &Device, rng: &mut StdRng, sizes: &[usize]) {
     let refs: Vec<&Tensor> = tensors.iter().collect();
     let mut norm = norm_tensor(device);
     grad_norm_into(&refs, &mut norm).unwrap();
-    assert_close(&format!("norm of {sizes:?}"), &values::<f32>(&norm), &[reference_norm(&vals)], 1e-6);
+    assert_close(
+        &format!("norm of {sizes:?}"),
+        &values::<f32>(&norm),
+        &[reference_norm(&vals)],
+        1e-6,
+    );
 }
 
 /// The kernels' smallest case, for compute-sanitizer: partial block, several segments, clipping.
@@ -115,7 +120,12 @@ fn clipping_scales_every_tensor(device: &Device) {
         };
         let expected: Vec<f64> = v.iter().map(|x| x * scale).collect();
         if !expected.is_empty() {
-            assert_close(&format!("clipped {} x{}", t.dtype(), t.numel()), &as_f64(t), &expected, tolerance);
+            assert_close(
+                &format!("clipped {} x{}", t.dtype(), t.numel()),
+                &as_f64(t),
+                &expected,
+                tolerance,
+            );
         }
     }
     let after: Vec<Vec<f64>> = tensors.iter().map(as_f64).collect();
@@ -162,17 +172,32 @@ fn errors_name_the_argument(device: &Device) {
     let mut a = Tensor::zeros(&[4], DType::F32, device).unwrap();
     let ints = Tensor::zeros(&[4], DType::U32, device).unwrap();
     let mut norm = norm_tensor(device);
-    assert_invalid(grad_norm_into(&[&a, &ints], &mut norm), "grad_norm", "tensors", &["u32", "tensors[1]"]);
+    assert_invalid(
+        grad_norm_into(&[&a, &ints], &mut norm),
+        "grad_norm",
+        "tensors",
+        &["u32", "tensors[1]"],
+    );
     let mut wide = Tensor::zeros(&[2], DType::F32, device).unwrap();
     assert_invalid(grad_norm_into(&[&a], &mut wide), "grad_norm", "norm", &["[1]"]);
     let mut half_norm = Tensor::zeros(&[1], DType::BF16, device).unwrap();
     assert_invalid(grad_norm_into(&[&a], &mut half_norm), "grad_norm", "norm", &["f32"]);
     for bad in [f32::NAN, -1.0, f32::INFINITY] {
-        assert_invalid(clip_grad_norm(&mut [&mut a], bad, &mut norm), "clip_grad_norm", "max_norm", &[">= 0"]);
+        assert_invalid(
+            clip_grad_norm(&mut [&mut a], bad, &mut norm),
+            "clip_grad_norm",
+            "max_norm",
+            &[">= 0"],
+        );
     }
     assert!(values::<f32>(&norm)[0].is_nan(), "a failed call wrote the norm");
     if device.is_cuda() {
         let host = Tensor::zeros(&[4], DType::F32, &Device::Cpu).unwrap();
-        assert_invalid(grad_norm_into(&[&a, &host], &mut norm), "grad_norm", "tensors", &["tensors[1]"]);
+        assert_invalid(
+            grad_norm_into(&[&a, &host], &mut norm),
+            "grad_norm",
+            "tensors",
+            &["tensors[1]"],
+        );
     }
 }

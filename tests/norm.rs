@@ -46,7 +46,10 @@ fn forward_reference(
                 let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / width as f64;
                 (mean, 1.0 / (var + eps).sqrt())
             }
-            NormKind::RmsNorm => (0.0, 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / width as f64 + eps).sqrt()),
+            NormKind::RmsNorm => (
+                0.0,
+                1.0 / (row.iter().map(|v| v * v).sum::<f64>() / width as f64 + eps).sqrt(),
+            ),
         };
         for c in 0..width {
             y[r * width + c] = (row[c] - mean) * rstd * w[c] + b.map_or(0.0, |b| b[c]);
@@ -174,13 +177,22 @@ fn check<T: Float>(device: &Device, rng: &mut StdRng, c: Case) {
     let y_tolerance = tolerance::<T>().max(offset_error);
     let (s64, w64, b64) = (common::to_f64(&s), common::to_f64(&w), common::to_f64(&b));
     if c.residual {
-        assert!(bytes(&sum) == bytes(&t(&s, &shape)), "sum {what}: not x + residual rounded once");
+        assert!(
+            bytes(&sum) == bytes(&t(&s, &shape)),
+            "sum {what}: not x + residual rounded once"
+        );
     }
     let (y, means, rstds) = forward_reference(c.kind, eps as f64, &s64, width, &w64, c.bias.then_some(&b64[..]));
     assert_close(&format!("y {what}"), &values::<T>(&out), &y, y_tolerance);
     // The mean is measured against the size of the values, the rstd relative to itself.
     let scale = norm(s64.iter().copied()) / (width as f64).sqrt();
-    assert_close_at_scale(&format!("mean {what}"), &values::<f32>(&stats.mean), &means, 1e-5, scale);
+    assert_close_at_scale(
+        &format!("mean {what}"),
+        &values::<f32>(&stats.mean),
+        &means,
+        1e-5,
+        scale,
+    );
     assert_close(&format!("rstd {what}"), &values::<f32>(&stats.rstd), &rstds, 1e-5);
 
     let input = if c.residual { &sum } else { &x_t };
@@ -207,16 +219,44 @@ fn check<T: Float>(device: &Device, rng: &mut StdRng, c: Case) {
     );
     // The input gradient cancels terms of size rstd·|dy·w|: measure against them.
     let terms = norm(rstds.iter().flat_map(|r| std::iter::repeat_n(r * 1.5, width)));
-    assert_close_at_scale(&format!("d_input {what}"), &values::<T>(&d_input), &dx, y_tolerance, terms);
+    assert_close_at_scale(
+        &format!("d_input {what}"),
+        &values::<T>(&d_input),
+        &dx,
+        y_tolerance,
+        terms,
+    );
     // Parameter gradients are f32 sums of exact products: f32 tolerance at every dtype.
     let sum_tolerance = (1e-5 * (rows as f64).sqrt().max(1.0)).max(offset_error);
-    assert_close_at_scale(&format!("d_weight {what}"), &values::<f32>(&d_weight), &dw, sum_tolerance, dw_scale);
+    assert_close_at_scale(
+        &format!("d_weight {what}"),
+        &values::<f32>(&d_weight),
+        &dw,
+        sum_tolerance,
+        dw_scale,
+    );
     let db_scale = norm((0..width).map(|c| (0..rows).map(|r| dy[r * width + c].to_f64().abs()).sum::<f64>()));
-    assert_close_at_scale(&format!("d_bias {what}"), &values::<f32>(&d_bias), &db, sum_tolerance, db_scale);
+    assert_close_at_scale(
+        &format!("d_bias {what}"),
+        &values::<f32>(&d_bias),
+        &db,
+        sum_tolerance,
+        db_scale,
+    );
 }
 
 fn shapes() -> Vec<(usize, usize)> {
-    vec![(1, 1), (3, 7), (5, 17), (2, 113), (7, 768), (3, 1023), (4, 1025), (65, 64), (1030, 24)]
+    vec![
+        (1, 1),
+        (3, 7),
+        (5, 17),
+        (2, 113),
+        (7, 768),
+        (3, 1023),
+        (4, 1025),
+        (65, 64),
+        (1030, 24),
+    ]
 }
 
 fn all_variants<T: Float>(device: &Device, rng: &mut StdRng, kind: NormKind) {
@@ -238,8 +278,24 @@ fn small_norm(device: &Device) {
     let mut rng = common::rng();
     for kind in [NormKind::LayerNorm, NormKind::RmsNorm] {
         check::<bf16>(device, &mut rng, case(kind, 3, 64));
-        check::<f32>(device, &mut rng, Case { residual: true, skip: true, ..case(kind, 5, 7) });
-        check::<f16>(device, &mut rng, Case { residual: true, bias: false, ..case(kind, 2, 24) });
+        check::<f32>(
+            device,
+            &mut rng,
+            Case {
+                residual: true,
+                skip: true,
+                ..case(kind, 5, 7)
+            },
+        );
+        check::<f16>(
+            device,
+            &mut rng,
+            Case {
+                residual: true,
+                bias: false,
+                ..case(kind, 2, 24)
+            },
+        );
     }
 }
 
@@ -260,7 +316,14 @@ fn rms_norm_all_dtypes(device: &Device) {
 /// The documented limit: rows of MAX_NORM_WIDTH (the backward's shared memory beyond 48 KiB).
 fn widest_rows(device: &Device) {
     let mut rng = common::rng();
-    check::<bf16>(device, &mut rng, Case { residual: true, ..case(NormKind::LayerNorm, 3, MAX_NORM_WIDTH) });
+    check::<bf16>(
+        device,
+        &mut rng,
+        Case {
+            residual: true,
+            ..case(NormKind::LayerNorm, 3, MAX_NORM_WIDTH)
+        },
+    );
     check::<f32>(device, &mut rng, case(NormKind::RmsNorm, 2, MAX_NORM_WIDTH - 1));
 }
 
@@ -268,15 +331,39 @@ fn widest_rows(device: &Device) {
 /// (variance 0: y is the bias, finite thanks to eps).
 fn large_offsets_and_constant_rows(device: &Device) {
     let mut rng = common::rng();
-    check::<f32>(device, &mut rng, Case { offset: 1000.0, spread: 1.0, ..case(NormKind::LayerNorm, 9, 300) });
-    check::<f32>(device, &mut rng, Case { offset: 1000.0, spread: 1.0, ..case(NormKind::RmsNorm, 9, 300) });
+    check::<f32>(
+        device,
+        &mut rng,
+        Case {
+            offset: 1000.0,
+            spread: 1.0,
+            ..case(NormKind::LayerNorm, 9, 300)
+        },
+    );
+    check::<f32>(
+        device,
+        &mut rng,
+        Case {
+            offset: 1000.0,
+            spread: 1.0,
+            ..case(NormKind::RmsNorm, 9, 300)
+        },
+    );
     let x = Tensor::from_vec(vec![3.0f32; 2 * 16], &[2, 16], device).unwrap();
     let w = Tensor::from_vec(vec![2.0f32; 16], &[16], device).unwrap();
     let b = Tensor::from_vec(vec![0.5f32; 16], &[16], device).unwrap();
-    let params = NormParams { weight: &w, bias: Some(&b) };
+    let params = NormParams {
+        weight: &w,
+        bias: Some(&b),
+    };
     let (y, _, stats) = norm_forward(&NormConfig::layer_norm(1e-5), &x, None, params).unwrap();
     assert_eq!(y.to_vec::<f32>().unwrap(), vec![0.5; 32]);
-    assert!(stats.rstd.to_vec::<f32>().unwrap().iter().all(|r| (*r as f64 - 1e5f64.sqrt()).abs() < 1.0));
+    assert!(stats
+        .rstd
+        .to_vec::<f32>()
+        .unwrap()
+        .iter()
+        .all(|r| (*r as f64 - 1e5f64.sqrt()).abs() < 1.0));
 }
 
 /// The reference backward is the derivative of the reference forward (f64 central differences of
@@ -285,10 +372,19 @@ fn large_offsets_and_constant_rows(device: &Device) {
 fn accumulate_adds_to_the_gradients(device: &Device) {
     let mut rng = common::rng();
     let (rows, width) = (3, 6);
-    let s: Vec<f64> = uniform::<f32>(&mut rng, rows * width).iter().map(|&v| v as f64).collect();
-    let w: Vec<f64> = uniform_in::<f32>(&mut rng, width, 0.5, 1.5).iter().map(|&v| v as f64).collect();
+    let s: Vec<f64> = uniform::<f32>(&mut rng, rows * width)
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let w: Vec<f64> = uniform_in::<f32>(&mut rng, width, 0.5, 1.5)
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
     let b: Vec<f64> = uniform::<f32>(&mut rng, width).iter().map(|&v| v as f64).collect();
-    let dy: Vec<f64> = uniform::<f32>(&mut rng, rows * width).iter().map(|&v| v as f64).collect();
+    let dy: Vec<f64> = uniform::<f32>(&mut rng, rows * width)
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
     for kind in [NormKind::LayerNorm, NormKind::RmsNorm] {
         let loss = |s: &[f64], w: &[f64], b: &[f64]| {
             let (y, _, _) = forward_reference(kind, 1e-5, s, width, w, Some(b));
@@ -306,17 +402,40 @@ fn accumulate_adds_to_the_gradients(device: &Device) {
                 .collect()
         };
         let (dx, dw, db, _) = backward_reference(kind, 1e-5, &s, width, &w, &dy, None);
-        assert_close("d_input by finite differences", &dx, &numeric(&s, &|v| loss(v, &w, &b)), 1e-6);
-        assert_close("d_weight by finite differences", &dw, &numeric(&w, &|v| loss(&s, v, &b)), 1e-6);
-        assert_close("d_bias by finite differences", &db, &numeric(&b, &|v| loss(&s, &w, v)), 1e-6);
+        assert_close(
+            "d_input by finite differences",
+            &dx,
+            &numeric(&s, &|v| loss(v, &w, &b)),
+            1e-6,
+        );
+        assert_close(
+            "d_weight by finite differences",
+            &dw,
+            &numeric(&w, &|v| loss(&s, v, &b)),
+            1e-6,
+        );
+        assert_close(
+            "d_bias by finite differences",
+            &db,
+            &numeric(&b, &|v| loss(&s, &w, v)),
+            1e-6,
+        );
 
         // Accumulation: two backward calls on top of a start value give start + 2·gradient.
         let t = |data: &[f64], shape: &[usize]| {
             Tensor::from_vec(data.iter().map(|&v| v as f32).collect::<Vec<_>>(), shape, device).unwrap()
         };
-        let (s_t, w_t, b_t, dy_t) = (t(&s, &[rows, width]), t(&w, &[width]), t(&b, &[width]), t(&dy, &[rows, width]));
+        let (s_t, w_t, b_t, dy_t) = (
+            t(&s, &[rows, width]),
+            t(&w, &[width]),
+            t(&b, &[width]),
+            t(&dy, &[rows, width]),
+        );
         let config = NormConfig { kind, eps: 1e-5 };
-        let params = NormParams { weight: &w_t, bias: Some(&b_t) };
+        let params = NormParams {
+            weight: &w_t,
+            bias: Some(&b_t),
+        };
         let (_, _, stats) = norm_forward(&config, &s_t, None, params).unwrap();
         let start = [0.25f64; 6];
         let mut d_weight = t(&start, &[width]);
@@ -371,13 +490,34 @@ fn errors_name_the_argument(device: &Device) {
     let mut out = zeros(&[4, 8], DType::BF16);
     let mut stats = NormStats::new(4, device).unwrap();
     let w32 = zeros(&[8], DType::F32);
-    let bad = NormParams { weight: &w32, bias: None };
-    assert_invalid(norm_forward_into(&config, &x, None, bad, &mut out, &mut stats), "norm_forward", "params.weight", &["bf16"]);
+    let bad = NormParams {
+        weight: &w32,
+        bias: None,
+    };
+    assert_invalid(
+        norm_forward_into(&config, &x, None, bad, &mut out, &mut stats),
+        "norm_forward",
+        "params.weight",
+        &["bf16"],
+    );
     let w7 = zeros(&[7], DType::BF16);
-    let bad = NormParams { weight: &w, bias: Some(&w7) };
-    assert_invalid(norm_forward_into(&config, &x, None, bad, &mut out, &mut stats), "norm_forward", "params.bias", &["[8]"]);
+    let bad = NormParams {
+        weight: &w,
+        bias: Some(&w7),
+    };
+    assert_invalid(
+        norm_forward_into(&config, &x, None, bad, &mut out, &mut stats),
+        "norm_forward",
+        "params.bias",
+        &["[8]"],
+    );
     let negative = NormConfig::layer_norm(-1.0);
-    assert_invalid(norm_forward_into(&negative, &x, None, params, &mut out, &mut stats), "norm_forward", "config.eps", &[">= 0"]);
+    assert_invalid(
+        norm_forward_into(&negative, &x, None, params, &mut out, &mut stats),
+        "norm_forward",
+        "config.eps",
+        &[">= 0"],
+    );
     let r = zeros(&[4, 8], DType::F32);
     let mut sum = zeros(&[4, 8], DType::BF16);
     assert_invalid(
@@ -387,23 +527,56 @@ fn errors_name_the_argument(device: &Device) {
         &["f32"],
     );
     let mut short = NormStats::new(3, device).unwrap();
-    assert_invalid(norm_forward_into(&config, &x, None, params, &mut out, &mut short), "norm_forward", "stats.mean", &["[4]"]);
+    assert_invalid(
+        norm_forward_into(&config, &x, None, params, &mut out, &mut short),
+        "norm_forward",
+        "stats.mean",
+        &["[4]"],
+    );
     let wide = zeros(&[1, MAX_NORM_WIDTH + 1], DType::BF16);
     let w_wide = zeros(&[MAX_NORM_WIDTH + 1], DType::BF16);
     assert_invalid(
-        norm_forward(&config, &wide, None, NormParams { weight: &w_wide, bias: None }),
+        norm_forward(
+            &config,
+            &wide,
+            None,
+            NormParams {
+                weight: &w_wide,
+                bias: None,
+            },
+        ),
         "norm_forward",
         "x",
         &["8192"],
     );
     let mut d_input = zeros(&[4, 8], DType::BF16);
     let mut d_weight = zeros(&[8], DType::BF16);
-    let grads = NormGrads { d_input: &mut d_input, d_weight: &mut d_weight, d_bias: None, accumulate: false };
-    assert_invalid(norm_backward_into(&config, &x, None, &x, params, &stats, grads), "norm_backward", "grads.d_weight", &["f32"]);
+    let grads = NormGrads {
+        d_input: &mut d_input,
+        d_weight: &mut d_weight,
+        d_bias: None,
+        accumulate: false,
+    };
+    assert_invalid(
+        norm_backward_into(&config, &x, None, &x, params, &stats, grads),
+        "norm_backward",
+        "grads.d_weight",
+        &["f32"],
+    );
     let mut d_weight = zeros(&[8], DType::F32);
     let dy = zeros(&[4, 9], DType::BF16);
-    let grads = NormGrads { d_input: &mut d_input, d_weight: &mut d_weight, d_bias: None, accumulate: false };
-    assert_invalid(norm_backward_into(&config, &dy, None, &x, params, &stats, grads), "norm_backward", "d_out", &["[4, 8]"]);
+    let grads = NormGrads {
+        d_input: &mut d_input,
+        d_weight: &mut d_weight,
+        d_bias: None,
+        accumulate: false,
+    };
+    assert_invalid(
+        norm_backward_into(&config, &dy, None, &x, params, &stats, grads),
+        "norm_backward",
+        "d_out",
+        &["[4, 8]"],
+    );
     assert_eq!(bytes(&out), vec![0u8; 64], "a failed call wrote its output");
     assert_eq!(bytes(&d_input), vec![0u8; 64], "a failed call wrote its output");
 }

@@ -100,7 +100,10 @@ fn check<T: Float>(device: &Device, rng: &mut StdRng, rows: usize, vocab: usize,
     let differ = (0..rows)
         .filter(|&r| got[r] != reference(&xs[r * vocab..(r + 1) * vocab], &o, r))
         .count();
-    assert!(got.iter().all(|&t| (t as usize) < vocab), "a token out of range: {got:?}");
+    assert!(
+        got.iter().all(|&t| (t as usize) < vocab),
+        "a token out of range: {got:?}"
+    );
     assert!(
         differ * 1000 <= rows.max(1000) && (rows >= 1000 || differ == 0),
         "{} {rows}x{vocab} {o:?}: {differ} rows differ from the reference",
@@ -143,10 +146,16 @@ fn greedy_takes_the_lowest_index_among_ties(device: &Device) {
     let tie = Tensor::from_vec(vec![5.0f32, 1.0, 5.0], &[1, 3], device).unwrap();
     let mut seen = [0usize; 3];
     for offset in 0..200 {
-        let o = SamplingOptions { offset, ..options(1.0, 1, 1.0) };
+        let o = SamplingOptions {
+            offset,
+            ..options(1.0, 1, 1.0)
+        };
         seen[sample(&tie, &o).unwrap().to_vec::<u32>().unwrap()[0] as usize] += 1;
     }
-    assert!(seen[1] == 0 && seen[0] > 50 && seen[2] > 50, "top-1 among a tie: {seen:?}");
+    assert!(
+        seen[1] == 0 && seen[0] > 50 && seen[2] > 50,
+        "top-1 among a tie: {seen:?}"
+    );
 }
 
 /// 40000 draws (one per row of identical rows) against the restricted softmax: every
@@ -165,7 +174,10 @@ fn frequencies_follow_the_softmax(device: &Device) {
         // The restricted distribution: the reference's kept set with weights.
         let mut sorted = x.to_vec();
         sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
-        let w: Vec<f64> = x.iter().map(|&v| ((v - sorted[0]) / o.temperature as f64).exp()).collect();
+        let w: Vec<f64> = x
+            .iter()
+            .map(|&v| ((v - sorted[0]) / o.temperature as f64).exp())
+            .collect();
         let kept: Vec<bool> = (0..6)
             .map(|i| {
                 let by_k = o.top_k == 0 || x[i] >= sorted[o.top_k - 1];
@@ -195,8 +207,16 @@ fn seeds_and_offsets(device: &Device) {
     let draw = |o: SamplingOptions| sample(&logits, &o).unwrap().to_vec::<u32>().unwrap();
     let base = options(1.0, 0, 1.0);
     assert_eq!(draw(base), draw(base), "the same seed and offset drew different tokens");
-    assert_ne!(draw(base), draw(SamplingOptions { offset: 8, ..base }), "a new offset drew the same 64 tokens");
-    assert_ne!(draw(base), draw(SamplingOptions { seed: 99, ..base }), "a new seed drew the same 64 tokens");
+    assert_ne!(
+        draw(base),
+        draw(SamplingOptions { offset: 8, ..base }),
+        "a new offset drew the same 64 tokens"
+    );
+    assert_ne!(
+        draw(base),
+        draw(SamplingOptions { seed: 99, ..base }),
+        "a new seed drew the same 64 tokens"
+    );
     // The generator's documented bits: splitmix64 chained as stated, top 24 bits.
     let splitmix = |z: u64| {
         let z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -208,22 +228,48 @@ fn seeds_and_offsets(device: &Device) {
         let bits = splitmix(splitmix(seed ^ splitmix(offset)) ^ row) >> 40;
         assert_eq!(sampling_uniform(seed, offset, row), bits as f32 / 16_777_216.0);
     }
-    assert!((0..10000).map(|r| sampling_uniform(5, 6, r)).all(|u| (0.0..1.0).contains(&u)));
+    assert!((0..10000)
+        .map(|r| sampling_uniform(5, 6, r))
+        .all(|u| (0.0..1.0).contains(&u)));
 }
 
 fn errors_name_the_argument(device: &Device) {
     let logits = Tensor::zeros(&[2, 5], DType::BF16, device).unwrap();
     for t in [-1.0, f32::NAN, f32::INFINITY] {
-        assert_invalid(sample(&logits, &options(t, 0, 1.0)), "sample", "options.temperature", &[">= 0"]);
+        assert_invalid(
+            sample(&logits, &options(t, 0, 1.0)),
+            "sample",
+            "options.temperature",
+            &[">= 0"],
+        );
     }
     for p in [0.0, 1.5, f32::NAN] {
-        assert_invalid(sample(&logits, &options(1.0, 0, p)), "sample", "options.top_p", &["(0, 1]"]);
+        assert_invalid(
+            sample(&logits, &options(1.0, 0, p)),
+            "sample",
+            "options.top_p",
+            &["(0, 1]"],
+        );
     }
     let mut out = Tensor::zeros(&[3], DType::U32, device).unwrap();
-    assert_invalid(sample_into(&logits, &options(1.0, 0, 1.0), &mut out), "sample", "out", &["[2]"]);
+    assert_invalid(
+        sample_into(&logits, &options(1.0, 0, 1.0), &mut out),
+        "sample",
+        "out",
+        &["[2]"],
+    );
     let mut f32_out = Tensor::zeros(&[2], DType::F32, device).unwrap();
-    assert_invalid(sample_into(&logits, &options(1.0, 0, 1.0), &mut f32_out), "sample", "out", &["u32"]);
+    assert_invalid(
+        sample_into(&logits, &options(1.0, 0, 1.0), &mut f32_out),
+        "sample",
+        "out",
+        &["u32"],
+    );
     let ints = Tensor::zeros(&[2, 5], DType::U32, device).unwrap();
     assert_invalid(sample(&ints, &SamplingOptions::greedy()), "sample", "logits", &["u32"]);
-    assert_eq!(out.to_vec::<u32>().unwrap(), vec![0; 3], "a failed call wrote its output");
+    assert_eq!(
+        out.to_vec::<u32>().unwrap(),
+        vec![0; 3],
+        "a failed call wrote its output"
+    );
 }

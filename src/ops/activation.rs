@@ -89,7 +89,14 @@ fn forward_into(op: &'static str, kind: Kind, x: &Tensor, out: &mut Tensor) -> R
 
 fn backward_into(op: &'static str, kind: Kind, x: &Tensor, d_out: &Tensor, d_x: &mut Tensor) -> Result<()> {
     let (rows, width) = check_input(op, kind, x)?;
-    expect_tensor(op, "d_out", d_out, &output_shape(kind, x, width), x.dtype(), &x.device())?;
+    expect_tensor(
+        op,
+        "d_out",
+        d_out,
+        &output_shape(kind, x, width),
+        x.dtype(),
+        &x.device(),
+    )?;
     expect_like(op, "d_x", d_x, x)?;
     match x.device() {
         Device::Cpu => cpu::backward(kind, x, d_out, d_x, width),
@@ -167,13 +174,16 @@ mod cpu {
                     *o = T::from_f32(gelu_f32(x.to_f32()));
                 }
             }),
-            Kind::Swiglu => out.par_chunks_mut(width).zip(x.par_chunks(2 * width)).for_each(|(o, x)| {
-                let (gate, up) = x.split_at(width);
-                for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
-                    let g = g.to_f32();
-                    *o = T::from_f32(g * sigmoid(g) * u.to_f32());
-                }
-            }),
+            Kind::Swiglu => out
+                .par_chunks_mut(width)
+                .zip(x.par_chunks(2 * width))
+                .for_each(|(o, x)| {
+                    let (gate, up) = x.split_at(width);
+                    for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                        let g = g.to_f32();
+                        *o = T::from_f32(g * sigmoid(g) * u.to_f32());
+                    }
+                }),
         }
         Ok(())
     }

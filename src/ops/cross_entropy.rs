@@ -220,7 +220,11 @@ mod cpu {
     ) -> Result<()> {
         let ignored = |t: u32| options.ignore_index == Some(t);
         let count = targets.iter().filter(|&&t| !ignored(t)).count();
-        let scale = if count > 0 { options.grad_scale / count as f32 } else { 0.0 };
+        let scale = if count > 0 {
+            options.grad_scale / count as f32
+        } else {
+            0.0
+        };
         let row_scale = |t: u32| if ignored(t) { 0.0 } else { scale };
         match logits {
             Logits::Read(x) => {
@@ -235,7 +239,11 @@ mod cpu {
                 let d_x = d_x.host_slice_mut::<T>()?;
                 losses
                     .par_iter_mut()
-                    .zip(x.par_chunks(vocab).zip(d_x.par_chunks_mut(vocab)).zip(targets.par_iter()))
+                    .zip(
+                        x.par_chunks(vocab)
+                            .zip(d_x.par_chunks_mut(vocab))
+                            .zip(targets.par_iter()),
+                    )
                     .for_each(|(loss, ((x, d_x), &t))| {
                         let (max, log_sum, row_loss) = row_stats(x, t, ignored(t));
                         *loss = row_loss;

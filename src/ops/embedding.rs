@@ -64,7 +64,12 @@ fn check_forward(tokens: &Tensor, wte: &Tensor, wpe: Option<&Tensor>) -> Result<
     }
     if device == Device::Cpu {
         let vocab_u32 = vocab as u32;
-        if let Some((n, &t)) = tokens.host_slice::<u32>()?.iter().enumerate().find(|(_, &t)| t >= vocab_u32) {
+        if let Some((n, &t)) = tokens
+            .host_slice::<u32>()?
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t >= vocab_u32)
+        {
             return Err(Error::invalid(
                 FORWARD,
                 "tokens",

@@ -295,6 +295,14 @@ mod cpu {
         with_float_type!(x.dtype(), "norm_forward", "x", T => forward_typed::<T>(config, x, residual, params, out, stats, width))
     }
 
+    /// Adds the tasks' partial sums per column, in task order, into or over `target`.
+    fn reduce(target: &mut [f32], partials: &[Vec<f32>], accumulate: bool) {
+        for (c, t) in target.iter_mut().enumerate() {
+            let sum = partials.iter().fold(0.0f32, |acc, p| acc + p[c]);
+            *t = if accumulate { *t + sum } else { sum };
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn backward_typed<T: Float>(
         config: &NormConfig,
@@ -348,16 +356,14 @@ mod cpu {
                 (d_weight, d_bias)
             })
             .collect();
-        let accumulate = grads.accumulate;
-        let reduce = |target: &mut [f32], pick: &dyn Fn(&(Vec<f32>, Vec<f32>)) -> &Vec<f32>| {
-            for (c, t) in target.iter_mut().enumerate() {
-                let sum = partials.iter().fold(0.0f32, |acc, p| acc + pick(p)[c]);
-                *t = if accumulate { *t + sum } else { sum };
-            }
-        };
-        reduce(grads.d_weight.host_slice_mut::<f32>()?, &|p| &p.0);
+        let (weight_partials, bias_partials): (Vec<Vec<f32>>, Vec<Vec<f32>>) = partials.into_iter().unzip();
+        reduce(
+            grads.d_weight.host_slice_mut::<f32>()?,
+            &weight_partials,
+            grads.accumulate,
+        );
         if let Some(d_bias) = grads.d_bias {
-            reduce(d_bias.host_slice_mut::<f32>()?, &|p| &p.1);
+            reduce(d_bias.host_slice_mut::<f32>()?, &bias_partials, grads.accumulate);
         }
         Ok(())
     }

@@ -99,7 +99,11 @@ fn validate(logits: &Tensor, options: &SamplingOptions) -> Result<(usize, usize)
 /// One token per row of `logits` (shape (..., V)): a u32 tensor of the leading shape.
 pub fn sample(logits: &Tensor, options: &SamplingOptions) -> Result<Tensor> {
     validate(logits, options)?;
-    let mut out = new_output(&logits.shape()[..logits.shape().len() - 1], DType::U32, &logits.device())?;
+    let mut out = new_output(
+        &logits.shape()[..logits.shape().len() - 1],
+        DType::U32,
+        &logits.device(),
+    )?;
     sample_into(logits, options, &mut out)?;
     Ok(out)
 }
@@ -140,7 +144,7 @@ mod cpu {
         if options.top_k > 0 && options.top_k < vocab {
             let (mut lo, mut hi) = (0u32, u32::MAX);
             while lo < hi {
-                let mid = lo + ((hi as u64 - lo as u64 + 1) / 2) as u32;
+                let mid = lo + (hi as u64 - lo as u64).div_ceil(2) as u32;
                 let count = x.iter().filter(|&&v| order_key(v) >= mid).count();
                 if count >= options.top_k {
                     lo = mid;
@@ -185,7 +189,12 @@ mod cpu {
         last
     }
 
-    fn sample_typed<T: Float>(logits: &Tensor, options: &SamplingOptions, out: &mut Tensor, vocab: usize) -> Result<()> {
+    fn sample_typed<T: Float>(
+        logits: &Tensor,
+        options: &SamplingOptions,
+        out: &mut Tensor,
+        vocab: usize,
+    ) -> Result<()> {
         let x = logits.host_slice::<T>()?;
         out.host_slice_mut::<u32>()?
             .par_iter_mut()

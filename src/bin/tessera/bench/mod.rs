@@ -3,8 +3,14 @@
 //! same run: device-to-device copy bandwidth and cuBLAS bf16 GEMM throughput. The JSON it writes
 //! is what benches/torch_compare.py reads to run PyTorch on exactly the same cases.
 
+mod activation;
 mod adamw;
+mod cross_entropy;
+mod embedding;
+mod grad_norm;
 mod matmul;
+mod norm;
+mod sampling;
 mod wavelet;
 
 use rayon::prelude::*;
@@ -34,6 +40,12 @@ const FAMILIES: &[(&str, Family)] = &[
     ("matmul", matmul::run),
     ("adamw", adamw::run),
     ("wavelet", wavelet::run),
+    ("activation", activation::run),
+    ("norm", norm::run),
+    ("cross_entropy", cross_entropy::run),
+    ("embedding", embedding::run),
+    ("grad_norm", grad_norm::run),
+    ("sampling", sampling::run),
 ];
 
 type Family = fn(&mut Context) -> Result<Vec<Value>>;
