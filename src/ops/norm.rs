@@ -56,6 +56,7 @@ impl NormConfig {
         }
     }
 
+    #[cfg(feature = "cuda")]
     fn prefix(&self) -> &'static str {
         match self.kind {
             NormKind::LayerNorm => "layer_norm",

@@ -114,7 +114,7 @@ pub fn sample_into(logits: &Tensor, options: &SamplingOptions, out: &mut Tensor)
     let row_shape = &logits.shape()[..logits.shape().len() - 1];
     expect_tensor(OP, "out", out, row_shape, DType::U32, &logits.device())?;
     match logits.device() {
-        Device::Cpu => cpu::sample(logits, options, out, vocab),
+        Device::Cpu => cpu::sample(logits, options, out, rows, vocab),
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::sample(logits, options, out, rows, vocab),
     }
@@ -207,7 +207,14 @@ mod cpu {
         Ok(())
     }
 
-    pub(super) fn sample(logits: &Tensor, options: &SamplingOptions, out: &mut Tensor, vocab: usize) -> Result<()> {
+    pub(super) fn sample(
+        logits: &Tensor,
+        options: &SamplingOptions,
+        out: &mut Tensor,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        debug_assert_eq!(out.numel(), rows);
         with_float_type!(logits.dtype(), OP, "logits", T => sample_typed::<T>(logits, options, out, vocab))
     }
 }
