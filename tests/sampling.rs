@@ -129,6 +129,9 @@ fn matches_the_sorting_reference(device: &Device) {
             options(1.3, 10, 1.0),
             options(0.9, 0, 0.5),
             options(0.6, 40, 0.95),
+            // top_k at and beyond the vocabulary keeps everything.
+            options(1.0, vocab, 1.0),
+            options(1.0, vocab + 5, 0.999),
         ] {
             check::<f32>(device, &mut rng, rows, vocab, o);
             check::<bf16>(device, &mut rng, rows, vocab, o);
