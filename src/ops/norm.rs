@@ -270,7 +270,9 @@ mod cpu {
                     let squares: f32 = s.iter().map(|v| v * v).sum();
                     (0.0, 1.0 / (squares / width as f32 + config.eps).sqrt())
                 } else {
-                    let mean = s.iter().sum::<f32>() / width as f32;
+                    // Sums of s - s[0] (as the kernel): a row far from zero keeps its mean's digits.
+                    let shift = s[0];
+                    let mean = shift + s.iter().map(|v| v - shift).sum::<f32>() / width as f32;
                     let var = s.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
                     (mean, 1.0 / (var + config.eps).sqrt())
                 };
