@@ -368,6 +368,150 @@ RUNNERS = {
 }
 
 
+def backward_timer(output, inputs, grad, warmup, iterations):
+    """Times only the backward of a graph built once: autograd.grad with the graph retained."""
+    return time_ms(lambda i: torch.autograd.grad(output, inputs, grad, retain_graph=True), warmup, iterations)
+
+
+def torch_activation(case, warmup, iterations, generator):
+    rows, width, sets = case["rows"], case["width"], case["input_sets"]
+    swiglu = case["op"] == "swiglu"
+    in_width = 2 * width if swiglu else width
+    xs = [uniform((rows, in_width), torch.bfloat16, -3, 3, generator) for _ in range(sets)]
+    d_out = uniform((rows, width), torch.bfloat16, -1, 1, generator)
+    F = torch.nn.functional
+
+    def forward(x):
+        if swiglu:
+            gate, up = x.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return F.gelu(x, approximate="tanh")
+
+    if case["direction"] == "forward":
+        ms = time_ms(lambda i: forward(xs[i % sets]), warmup, iterations)
+        what = "F.silu(gate) * up" if swiglu else "F.gelu(approximate='tanh')"
+    else:
+        x = xs[0].clone().requires_grad_(True)
+        ms = backward_timer(forward(x), [x], d_out, warmup, iterations)
+        what = "autograd backward of " + ("F.silu(gate) * up" if swiglu else "F.gelu(approximate='tanh')")
+    return {"ms": ms, "gbps": case["bytes"] / (ms * 1e6), "what": what}
+
+
+def torch_norm(case, warmup, iterations, generator):
+    rows, width, sets = case["rows"], case["width"], case["input_sets"]
+    F = torch.nn.functional
+    layer = case["norm"] == "layer_norm"
+    weight = uniform((width,), torch.bfloat16, 0.5, 1.5, generator)
+    bias = uniform((width,), torch.bfloat16, -0.5, 0.5, generator) if layer else None
+    inputs = [(uniform((rows, width), torch.bfloat16, -2, 2, generator), uniform((rows, width), torch.bfloat16, -2, 2, generator)) for _ in range(sets)]
+
+    def forward(x, residual):
+        s = x + residual if residual is not None else x
+        if layer:
+            return F.layer_norm(s, (width,), weight, bias, 1e-5)
+        return F.rms_norm(s, (width,), weight, 1e-5)
+
+    name = "F.layer_norm" if layer else "F.rms_norm"
+    if case["direction"] == "forward":
+        residual = case["residual"]
+        ms = time_ms(lambda i: forward(inputs[i % sets][0], inputs[i % sets][1] if residual else None), warmup, iterations)
+        what = ("x + residual, then " if residual else "") + name
+    else:
+        x = inputs[0][0].clone().requires_grad_(True)
+        weight.requires_grad_(True)
+        params = [x, weight] + ([bias.requires_grad_(True)] if layer else [])
+        d_out = uniform((rows, width), torch.bfloat16, -1, 1, generator)
+        ms = backward_timer(forward(x, None), params, d_out, warmup, iterations)
+        what = "autograd backward of " + name
+    return {"ms": ms, "gbps": case["bytes"] / (ms * 1e6), "what": what}
+
+
+def torch_cross_entropy(case, warmup, iterations, generator):
+    rows, vocab = case["rows"], case["vocab"]
+    logits = uniform((rows, vocab), torch.bfloat16, -4, 4, generator).requires_grad_(True)
+    targets = torch.tensor([(r * 2654435761) % vocab for r in range(rows)], device="cuda")
+    F = torch.nn.functional
+
+    def work(i):
+        loss = F.cross_entropy(logits, targets)
+        return torch.autograd.grad(loss, [logits])
+
+    ms = time_ms(work, warmup, iterations)
+    return {"ms": ms, "gbps": case["bytes"] / (ms * 1e6), "what": "F.cross_entropy forward + autograd backward"}
+
+
+def embedding_tokens(count, vocab):
+    """The tokens of src/bin/tessera/bench/embedding.rs: a Zipf-like law from a hash."""
+    out = []
+    for i in range(count):
+        h = ((i * 0x9E3779B97F4A7C15) % (1 << 64) >> 11) / float(1 << 53)
+        out.append(min(int(vocab ** h) - 1, vocab - 1))
+    return out
+
+
+def torch_embedding(case, warmup, iterations, generator):
+    batch, seq, vocab, width = case["batch"], case["seq"], case["vocab"], case["width"]
+    tokens = torch.tensor(embedding_tokens(batch * seq, vocab), device="cuda").view(batch, seq)
+    wte = uniform((vocab, width), torch.bfloat16, -0.1, 0.1, generator)
+    wpe = uniform((1024, width), torch.bfloat16, -0.1, 0.1, generator)
+    F = torch.nn.functional
+
+    def forward(wte, wpe):
+        return F.embedding(tokens, wte) + wpe[:seq]
+
+    if case["direction"] == "forward":
+        ms = time_ms(lambda i: forward(wte, wpe), warmup, iterations)
+        what = "F.embedding(tokens, wte) + wpe[:seq]"
+    else:
+        wte.requires_grad_(True)
+        wpe.requires_grad_(True)
+        d_out = uniform((batch, seq, width), torch.bfloat16, -1, 1, generator)
+        ms = backward_timer(forward(wte, wpe), [wte, wpe], d_out, warmup, iterations)
+        what = "autograd backward of F.embedding + wpe (bf16 table gradients)"
+    return {"ms": ms, "gbps": case["bytes"] / (ms * 1e6), "what": what}
+
+
+def torch_grad_norm(case, warmup, iterations, generator):
+    params = []
+    for n in case["sizes"]:
+        p = torch.nn.Parameter(torch.empty((n,), device="cuda"))
+        p.grad = uniform((n,), torch.float32, -1e-3, 1e-3, generator)
+        params.append(p)
+    grads = [p.grad for p in params]
+    if case["clip"]:
+        ms = time_ms(lambda i: torch.nn.utils.clip_grad_norm_(params, case["max_norm"], foreach=True), warmup, iterations)
+        what = "torch.nn.utils.clip_grad_norm_(foreach=True)"
+    else:
+        ms = time_ms(lambda i: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))), warmup, iterations)
+        what = "torch._foreach_norm + vector_norm"
+    return {"ms": ms, "gbps": case["bytes"] / (ms * 1e6), "what": what}
+
+
+def torch_sampling(case, warmup, iterations, generator):
+    rows, vocab = case["rows"], case["vocab"]
+    logits = uniform((rows, vocab), torch.bfloat16, -8, 8, generator)
+
+    def work(i):
+        if case["greedy"]:
+            return logits.argmax(dim=-1)
+        scores = logits.float() / case["temperature"]
+        kth = torch.topk(scores, case["top_k"]).values[..., -1, None]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+        ordered, index = torch.sort(scores, descending=True)
+        probs = ordered.softmax(dim=-1)
+        remove = probs.cumsum(dim=-1) - probs >= case["top_p"]
+        scores = scores.scatter(-1, index, ordered.masked_fill(remove, float("-inf")))
+        return torch.multinomial(scores.softmax(dim=-1), 1)
+
+    ms = time_ms(work, warmup, iterations)
+    what = "argmax" if case["greedy"] else "Hugging Face-style top-k, top-p (sort), multinomial"
+    return {"ms": ms, "gbps": rows * vocab * 2 / (ms * 1e6), "what": what}
+
+
+RUNNERS.update({"activation": torch_activation, "norm": torch_norm, "cross_entropy": torch_cross_entropy})
+RUNNERS.update({"embedding": torch_embedding, "grad_norm": torch_grad_norm, "sampling": torch_sampling})
+
+
 def compare(report, generator):
     """Runs PyTorch on every case of a tessera report; returns the cases with "torch" filled in.
     A case without a PyTorch counterpart, or whose PyTorch run fails, keeps its tessera numbers

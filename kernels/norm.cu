@@ -3,8 +3,9 @@
 // and parameter gradients in f32).
 //
 // Forward (norm_fwd_*): one warp per row, 8 rows per 256-thread block. The warp reads the row
-// (x, plus the residual when fused, whose rounded sum it writes out) and accumulates its mean,
-// reads it again for the variance about that mean (two-pass: no cancellation), and a third time
+// (x, plus the residual when fused, whose rounded sum it writes out) and accumulates its mean
+// (of the values minus the row's first one), reads it again for the variance about that mean
+// (two-pass: no cancellation), and a third time
 // to write y = (s - mean) * rstd * weight (+ bias). The second and third reads hit L1/L2: HBM
 // traffic is one read of each input and one write of each output. RMSNorm skips the mean
 // (stored as 0) and uses rstd = 1 / sqrt(mean(s^2) + eps).
@@ -36,6 +37,13 @@ __device__ void norm_fwd(const T* __restrict__ x, const T* __restrict__ residual
     const int64_t base = (int64_t)row * width;
     // The values normalised: x, or the rounded sum x + residual once it is written.
     const T* s = RESIDUAL ? sum_out + base : x + base;
+    // LayerNorm sums x - x[0]: terms of the row's spread, not its offset, so that a row far
+    // from zero keeps its mean's digits.
+    float shift = 0.0f;
+    if constexpr (!RMS) {
+        shift = tessera::to_float(x[base]);
+        if constexpr (RESIDUAL) shift = tessera::to_float(tessera::from_float<T>(shift + tessera::to_float(residual[base])));
+    }
     float total = 0.0f;
     for (int c = lane * VEC; c < width; c += 32 * VEC) {
         float v[VEC];
@@ -48,14 +56,14 @@ __device__ void norm_fwd(const T* __restrict__ x, const T* __restrict__ residual
             tessera::store_floats<T, VEC>(sum_out + base + c, v);
         }
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) total += RMS ? v[k] * v[k] : v[k];
+        for (int k = 0; k < VEC; ++k) total += RMS ? v[k] * v[k] : v[k] - shift;
     }
     total = tessera::warp_sum(total);
     float mean = 0.0f, rstd;
     if constexpr (RMS) {
         rstd = rsqrtf(total / (float)width + eps);
     } else {
-        mean = total / (float)width;
+        mean = shift + total / (float)width;
         float squares = 0.0f;
         for (int c = lane * VEC; c < width; c += 32 * VEC) {
             float v[VEC];

@@ -81,7 +81,7 @@ fn forward_into(op: &'static str, kind: Kind, x: &Tensor, out: &mut Tensor) -> R
     let (rows, width) = check_input(op, kind, x)?;
     expect_tensor(op, "out", out, &output_shape(kind, x, width), x.dtype(), &x.device())?;
     match x.device() {
-        Device::Cpu => cpu::forward(kind, x, out, width),
+        Device::Cpu => cpu::forward(kind, x, out, rows, width),
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::launch(kind, x, None, out, rows, width),
     }
@@ -99,7 +99,7 @@ fn backward_into(op: &'static str, kind: Kind, x: &Tensor, d_out: &Tensor, d_x: 
     )?;
     expect_like(op, "d_x", d_x, x)?;
     match x.device() {
-        Device::Cpu => cpu::backward(kind, x, d_out, d_x, width),
+        Device::Cpu => cpu::backward(kind, x, d_out, d_x, rows, width),
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::launch(kind, x, Some(d_out), d_x, rows, width),
     }
@@ -188,7 +188,8 @@ mod cpu {
         Ok(())
     }
 
-    pub(super) fn forward(kind: Kind, x: &Tensor, out: &mut Tensor, width: usize) -> Result<()> {
+    pub(super) fn forward(kind: Kind, x: &Tensor, out: &mut Tensor, rows: usize, width: usize) -> Result<()> {
+        debug_assert_eq!(out.numel(), rows * width);
         with_float_type!(x.dtype(), kind.name(), "x", T => forward_typed::<T>(kind, x, out, width))
     }
 
@@ -221,7 +222,15 @@ mod cpu {
         Ok(())
     }
 
-    pub(super) fn backward(kind: Kind, x: &Tensor, d_out: &Tensor, d_x: &mut Tensor, width: usize) -> Result<()> {
+    pub(super) fn backward(
+        kind: Kind,
+        x: &Tensor,
+        d_out: &Tensor,
+        d_x: &mut Tensor,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        debug_assert_eq!(d_out.numel(), rows * width);
         with_float_type!(x.dtype(), kind.name(), "x", T => backward_typed::<T>(kind, x, d_out, d_x, width))
     }
 }

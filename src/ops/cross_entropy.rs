@@ -177,7 +177,7 @@ fn run(
     vocab: usize,
 ) -> Result<()> {
     match logits.tensor().device() {
-        Device::Cpu => cpu::run(logits, targets, options, outputs, vocab),
+        Device::Cpu => cpu::run(logits, targets, options, outputs, rows, vocab),
         #[cfg(feature = "cuda")]
         Device::Cuda(backend) => cuda::run(&backend, logits, targets, options, outputs, rows, vocab),
     }
@@ -276,9 +276,11 @@ mod cpu {
         targets: &Tensor,
         options: &CrossEntropyOptions,
         outputs: CrossEntropyOutputs<'_>,
+        rows: usize,
         vocab: usize,
     ) -> Result<()> {
         let targets = targets.host_slice::<u32>()?;
+        debug_assert_eq!(targets.len(), rows);
         let losses = outputs.losses.host_slice_mut::<f32>()?;
         let dtype = logits.tensor().dtype();
         with_float_type!(dtype, "cross_entropy", "logits", T => run_typed::<T>(logits, targets, options, losses, vocab))?;

@@ -96,7 +96,7 @@ pub fn embedding_forward_into(tokens: &Tensor, wte: &Tensor, wpe: Option<&Tensor
     let (batch, seq, vocab, width) = check_forward(tokens, wte, wpe)?;
     expect_tensor(FORWARD, "out", out, &[batch, seq, width], wte.dtype(), &wte.device())?;
     match wte.device() {
-        Device::Cpu => cpu::forward(tokens, wte, wpe, out, seq, width),
+        Device::Cpu => cpu::forward(tokens, wte, wpe, out, seq, vocab, width),
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::forward(tokens, wte, wpe, out, batch * seq, seq, vocab, width),
     }
@@ -322,8 +322,10 @@ mod cpu {
         wpe: Option<&Tensor>,
         out: &mut Tensor,
         seq: usize,
+        vocab: usize,
         width: usize,
     ) -> Result<()> {
+        debug_assert_eq!(wte.numel(), vocab * width);
         with_float_type!(wte.dtype(), FORWARD, "wte", T => forward_typed::<T>(tokens, wte, wpe, out, seq, width))
     }
 

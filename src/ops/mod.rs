@@ -83,3 +83,7 @@ pub use embedding::{embedding_backward_into, embedding_forward, embedding_forwar
 pub mod grad_norm;
 
 pub use grad_norm::{clip_grad_norm, grad_norm_into};
+
+pub mod sampling;
+
+pub use sampling::{sample, sample_into, sampling_uniform, SamplingOptions};

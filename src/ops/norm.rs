@@ -56,6 +56,7 @@ impl NormConfig {
         }
     }
 
+    #[cfg(feature = "cuda")]
     fn prefix(&self) -> &'static str {
         match self.kind {
             NormKind::LayerNorm => "layer_norm",
@@ -269,7 +270,9 @@ mod cpu {
                     let squares: f32 = s.iter().map(|v| v * v).sum();
                     (0.0, 1.0 / (squares / width as f32 + config.eps).sqrt())
                 } else {
-                    let mean = s.iter().sum::<f32>() / width as f32;
+                    // Sums of s - s[0] (as the kernel): a row far from zero keeps its mean's digits.
+                    let shift = s[0];
+                    let mean = shift + s.iter().map(|v| v - shift).sum::<f32>() / width as f32;
                     let var = s.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
                     (mean, 1.0 / (var + config.eps).sqrt())
                 };
@@ -293,6 +296,14 @@ mod cpu {
         width: usize,
     ) -> Result<()> {
         with_float_type!(x.dtype(), "norm_forward", "x", T => forward_typed::<T>(config, x, residual, params, out, stats, width))
+    }
+
+    /// Adds the tasks' partial sums per column, in task order, into or over `target`.
+    fn reduce(target: &mut [f32], partials: &[Vec<f32>], accumulate: bool) {
+        for (c, t) in target.iter_mut().enumerate() {
+            let sum = partials.iter().fold(0.0f32, |acc, p| acc + p[c]);
+            *t = if accumulate { *t + sum } else { sum };
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -348,16 +359,14 @@ mod cpu {
                 (d_weight, d_bias)
             })
             .collect();
-        let accumulate = grads.accumulate;
-        let reduce = |target: &mut [f32], pick: &dyn Fn(&(Vec<f32>, Vec<f32>)) -> &Vec<f32>| {
-            for (c, t) in target.iter_mut().enumerate() {
-                let sum = partials.iter().fold(0.0f32, |acc, p| acc + pick(p)[c]);
-                *t = if accumulate { *t + sum } else { sum };
-            }
-        };
-        reduce(grads.d_weight.host_slice_mut::<f32>()?, &|p| &p.0);
+        let (weight_partials, bias_partials): (Vec<Vec<f32>>, Vec<Vec<f32>>) = partials.into_iter().unzip();
+        reduce(
+            grads.d_weight.host_slice_mut::<f32>()?,
+            &weight_partials,
+            grads.accumulate,
+        );
         if let Some(d_bias) = grads.d_bias {
-            reduce(d_bias.host_slice_mut::<f32>()?, &|p| &p.1);
+            reduce(d_bias.host_slice_mut::<f32>()?, &bias_partials, grads.accumulate);
         }
         Ok(())
     }

@@ -44,7 +44,7 @@ pub(crate) fn rows_and_width(op: &'static str, arg: &'static str, x: &Tensor) ->
     let Some(&width) = x.shape().last() else {
         return Err(Error::invalid(op, arg, "a tensor of rank 1 or more", "a scalar"));
     };
-    let rows = if width == 0 { 0 } else { x.numel() / width };
+    let rows = x.numel().checked_div(width).unwrap_or(0);
     if width == 0 || width > i32::MAX as usize || rows > i32::MAX as usize {
         return Err(Error::invalid(
             op,

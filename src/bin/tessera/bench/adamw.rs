@@ -43,7 +43,7 @@ pub fn run(context: &mut Context) -> Result<Vec<Value>> {
 }
 
 /// GPT-2 small's parameter tensors in Hugging Face order: 124M parameters in 148 tensors.
-fn gpt2_small_sizes() -> Vec<usize> {
+pub fn gpt2_small_sizes() -> Vec<usize> {
     let (vocab, context, width) = (50257, 1024, 768);
     let mut sizes = vec![vocab * width, context * width];
     for _ in 0..12 {

@@ -3,11 +3,17 @@
 //! same run: device-to-device copy bandwidth and cuBLAS bf16 GEMM throughput. The JSON it writes
 //! is what benches/torch_compare.py reads to run PyTorch on exactly the same cases.
 
+mod activation;
 mod adamw;
 mod attention;
 mod columns;
+mod cross_entropy;
+mod embedding;
+mod grad_norm;
 mod lora;
 mod matmul;
+mod norm;
+mod sampling;
 mod sparse;
 mod train;
 mod wavelet;
@@ -43,6 +49,12 @@ const FAMILIES: &[(&str, Family)] = &[
     ("sparse", sparse::run),
     ("lora", lora::run),
     ("attention", attention::run),
+    ("activation", activation::run),
+    ("norm", norm::run),
+    ("cross_entropy", cross_entropy::run),
+    ("embedding", embedding::run),
+    ("grad_norm", grad_norm::run),
+    ("sampling", sampling::run),
     ("train", train::run),
 ];
 
