@@ -24,10 +24,16 @@ macro_rules! with_float_type {
 }
 
 pub mod adamw;
+pub mod binary;
 pub mod matmul;
 pub mod wavelet;
 
 pub use adamw::{adamw_step, AdamWConfig, AdamWTensor};
+pub use binary::{
+    binary_init, binary_linear_backward, binary_linear_forward, binary_pack, binary_packed_forward,
+    binary_packed_forward_into, binary_unpack, distill_loss, distill_loss_into, BinaryLinear, BinaryLinearGrads,
+    PackedBinaryLinear,
+};
 pub use matmul::{matmul, matmul_into, MatmulOptions};
 pub use wavelet::{
     wavelet_backward, wavelet_backward_into, wavelet_forward, wavelet_forward_into, wavelet_learnable_backward,
