@@ -644,7 +644,7 @@ __device__ __forceinline__ void distill_loss_rows(const T* __restrict__ student,
 }  // namespace
 
 #define DISTILL_ROWS(NAME, T)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(DISTILL_THREADS)                                                \
+    extern "C" __global__ void __launch_bounds__(DISTILL_THREADS, 1)                                             \
         NAME(const T* __restrict__ student, const T* __restrict__ teacher, const uint32_t* __restrict__ labels, \
              T* __restrict__ grad, float* __restrict__ row_loss, int rows, int vocab, float ce_weight,           \
              float scale) {                                                                                      \

@@ -80,7 +80,12 @@ pub struct PackedBinaryLinear<'a> {
 
 fn check_dim(op: &'static str, arg: &'static str, what: &str, value: usize) -> Result<()> {
     if value == 0 || value > MAX_DIM {
-        return Err(Error::invalid(op, arg, format!("{what} between 1 and {MAX_DIM}"), value));
+        return Err(Error::invalid(
+            op,
+            arg,
+            format!("{what} between 1 and {MAX_DIM}"),
+            value,
+        ));
     }
     Ok(())
 }
@@ -312,7 +317,12 @@ pub fn binary_packed_forward_into(x: &Tensor, layer: PackedBinaryLinear<'_>, y: 
 }
 
 /// Validates the distillation loss's arguments; returns (rows, vocab).
-fn check_distill(student: &Tensor, teacher: &Tensor, labels: Option<&Tensor>, ce_weight: f32) -> Result<(usize, usize)> {
+fn check_distill(
+    student: &Tensor,
+    teacher: &Tensor,
+    labels: Option<&Tensor>,
+    ce_weight: f32,
+) -> Result<(usize, usize)> {
     let op = OP_DISTILL;
     student.expect_rank(op, "student", 2)?;
     student.expect_dtype(op, "student", &[DType::F32, DType::BF16, DType::F16])?;
@@ -756,7 +766,14 @@ mod cuda {
         u32::try_from(blocks)
             .ok()
             .filter(|&b| b <= i32::MAX as u32)
-            .ok_or_else(|| Error::invalid(op, arg, "a tensor small enough for one launch", format!("{blocks} blocks")))
+            .ok_or_else(|| {
+                Error::invalid(
+                    op,
+                    arg,
+                    "a tensor small enough for one launch",
+                    format!("{blocks} blocks"),
+                )
+            })
     }
 
     pub(super) fn pack(weight: &Tensor, d_out: usize, d_in: usize, bits: &mut Tensor) -> Result<()> {
