@@ -115,7 +115,25 @@ def torch_wavelet(case, warmup, iterations, generator):
     return {"ms": ms, "gbps": 4 * batch * seq * dim / (ms * 1e6), "what": "eager PyTorch: cumsum + gather"}
 
 
+def torch_binary(case, warmup, iterations, generator):
+    """The dense bf16 layer the binary one replaces: x @ W.T through cuBLAS, on the same shape."""
+    m, n, k, sets = case["m"], case["n"], case["k"], case["input_sets"]
+    # Dense weights are 16x the packed bytes: rotate over enough of them to leave L2 behind.
+    sets = max(1, min(8, -(-(256 << 20) // (2 * n * k + 2 * m * k))))
+    inputs = [(uniform((m, k), torch.bfloat16, -1, 1, generator), uniform((n, k), torch.bfloat16, -0.03, 0.03, generator))
+              for _ in range(sets)]
+    out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
+
+    def work(i):
+        x, w = inputs[i % sets]
+        torch.matmul(x, w.t(), out=out)
+
+    ms = time_ms(work, warmup, iterations)
+    return {"ms": ms, "tflops": 2 * m * n * k / (ms * 1e9), "what": "torch.matmul bf16 x @ W.T (cuBLAS)"}
+
+
 RUNNERS = {"copy": torch_copy, "matmul": torch_matmul, "adamw": torch_adamw, "wavelet": torch_wavelet}
+RUNNERS["binary"] = torch_binary
 
 
 def compare(report, generator):

@@ -4,6 +4,7 @@
 //! is what benches/torch_compare.py reads to run PyTorch on exactly the same cases.
 
 mod adamw;
+mod binary;
 mod matmul;
 mod wavelet;
 
@@ -34,6 +35,7 @@ const FAMILIES: &[(&str, Family)] = &[
     ("matmul", matmul::run),
     ("adamw", adamw::run),
     ("wavelet", wavelet::run),
+    ("binary", binary::run),
 ];
 
 type Family = fn(&mut Context) -> Result<Vec<Value>>;
