@@ -480,9 +480,6 @@ impl RowStats {
 mod cpu {
     use super::*;
 
-    /// Rows of work per rayon task where the rows are short.
-    const ROWS_PER_TASK: usize = 16;
-
     #[inline(always)]
     fn sign(w: f32) -> f32 {
         if w > 0.0 {
@@ -677,27 +674,41 @@ mod cpu {
         let alpha = layer.alpha.host_slice::<f32>()?;
         let beta = layer.beta.host_slice::<f32>()?;
         let bias = layer.bias.map(|b| b.host_slice::<f32>()).transpose()?;
-        let y = y.host_slice_mut::<T>()?;
-        y.par_chunks_mut(d_out * ROWS_PER_TASK.min(tokens))
+        // α·x and the β term per token, then one output channel per task against every token:
+        // each weight word is read once, and each bit flips the sign of its scaled input.
+        let scaled: Vec<f32> = x
+            .chunks_exact(d_in)
+            .flat_map(|row| row.iter().zip(alpha).map(|(v, a)| v.to_f32() * a))
+            .collect();
+        let shift: Vec<f32> = x
+            .chunks_exact(d_in)
+            .map(|row| row.iter().zip(beta).map(|(v, b)| v.to_f32() * b).sum())
+            .collect();
+        let columns: Vec<Vec<f32>> = bits
+            .par_chunks(words)
             .enumerate()
-            .for_each(|(task, y_rows)| {
-                for (r, y_row) in y_rows.chunks_exact_mut(d_out).enumerate() {
-                    let n = task * ROWS_PER_TASK.min(tokens) + r;
-                    let x_row = &x[n * d_in..(n + 1) * d_in];
-                    let scaled: Vec<f32> = x_row.iter().zip(alpha).map(|(v, a)| v.to_f32() * a).collect();
-                    let shift: f32 = x_row.iter().zip(beta).map(|(v, b)| v.to_f32() * b).sum();
-                    for (i, out) in y_row.iter_mut().enumerate() {
-                        let row_bits = &bits[i * words..(i + 1) * words];
+            .map(|(i, row_bits)| {
+                let b = bias.map_or(0.0, |b| b[i]);
+                (0..tokens)
+                    .map(|n| {
+                        let a = &scaled[n * d_in..(n + 1) * d_in];
                         let mut sum = 0.0f32;
-                        for (word, a) in row_bits.iter().zip(scaled.chunks(32)) {
-                            for (b, &a) in a.iter().enumerate() {
-                                sum += if (word >> b) & 1 == 1 { -a } else { a };
+                        for (word, a) in row_bits.iter().zip(a.chunks(32)) {
+                            for (bit, &a) in a.iter().enumerate() {
+                                sum += f32::from_bits(a.to_bits() ^ (((word >> bit) & 1) << 31));
                             }
                         }
-                        *out = T::from_f32(sum + shift + bias.map_or(0.0, |b| b[i]));
-                    }
-                }
-            });
+                        sum + shift[n] + b
+                    })
+                    .collect()
+            })
+            .collect();
+        let y = y.host_slice_mut::<T>()?;
+        for (i, column) in columns.iter().enumerate() {
+            for (n, value) in column.iter().enumerate() {
+                y[n * d_out + i] = T::from_f32(*value);
+            }
+        }
         Ok(())
     }
 
