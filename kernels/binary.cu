@@ -116,7 +116,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 // writes α·x (rounded to T) into shared memory in exactly that order, B-fragment-ready:
 // u32 index ((((sc·4 + i)·8 + τ)·32 + lane)·TT + tt)·2 + r, half h, for physical k
 // = 512·sc + 32·(4t + i) + 16·h + 2τ + r of token 8·tt + g.
-// Pipeline: a phase's bit loads are issued before its staging, so their latency hides behind it.
+// Pipeline: the next phase's bits are loaded into registers while this phase is staged and
+// multiplied, so that every warp always has 64 bytes per lane in flight.
 // Traffic: the bits once (n·k/8 bytes), x and α, β once per block (L2).
 namespace {
 
@@ -181,18 +182,26 @@ __device__ __forceinline__ void binary_gemv(const T* __restrict__ x, const uint3
 #pragma unroll
     for (int token = 0; token < TOKENS; ++token) shift[token] = 0.0f;
 
-    for (int k0 = 0; k0 < k; k0 += GEMV_PHASE_K) {
-        // This warp's super-chunk: its bits for rows g, g+8 of both row groups, in flight now.
+    // This warp's super-chunk of the phase at k0: 16 bytes of rows g and g+8 of both row groups.
+    auto load_phase = [&](int k0, uint4 (&wa)[2], uint4 (&wb)[2]) {
         const int chunk_k = k0 + warp * GEMV_CHUNK_K;
         const bool active = chunk_k < k;
         const int word = chunk_k / 32 + 4 * t;
-        uint4 wa[2], wb[2];
 #pragma unroll
         for (int rg = 0; rg < 2; ++rg) {
             const int ra = row0 + rg * 16 + g;
             wa[rg] = active ? load_bits4<Vector>(bits, ra, n, word, words) : make_uint4(0u, 0u, 0u, 0u);
             wb[rg] = active ? load_bits4<Vector>(bits, ra + 8, n, word, words) : make_uint4(0u, 0u, 0u, 0u);
         }
+    };
+    uint4 wa[2], wb[2];
+    load_phase(0, wa, wb);
+
+    for (int k0 = 0; k0 < k; k0 += GEMV_PHASE_K) {
+        const bool active = k0 + warp * GEMV_CHUNK_K < k;
+        // The next phase's bits are in flight during this phase's staging and tensor-core work.
+        uint4 next_a[2], next_b[2];
+        load_phase(k0 + GEMV_PHASE_K, next_a, next_b);
 
         __syncthreads();  // the previous phase's fragments have been read
         // Stage α·x for the real tokens, 8 consecutive k per thread and step, accumulating β·x.
@@ -252,6 +261,11 @@ __device__ __forceinline__ void binary_gemv(const T* __restrict__ x, const uint3
                     }
                 }
             }
+        }
+#pragma unroll
+        for (int rg = 0; rg < 2; ++rg) {
+            wa[rg] = next_a[rg];
+            wb[rg] = next_b[rg];
         }
     }
 

@@ -31,8 +31,9 @@ const OP_UNPACK: &str = "binary_unpack";
 const OP_PACKED: &str = "binary_packed_forward";
 const OP_DISTILL: &str = "distill_loss";
 
-/// The largest token count, `d_in` or `d_out` the ops accept (the kernels index with i32).
-pub const MAX_DIM: usize = i32::MAX as usize;
+/// The largest token count, `d_in`, `d_out` or vocabulary the ops accept: the kernels index
+/// rows and columns with i32 and step past the end by up to one k phase.
+pub const MAX_DIM: usize = 1 << 30;
 
 /// The largest token count the GPU packed forward takes in one call (its GEMM grid has one row
 /// of blocks per 128 tokens, at most 65535 rows).
