@@ -545,19 +545,19 @@ struct RowStats {
 __device__ __forceinline__ void push(RowStats& st, float zs, float zt) {
     if (zs > st.m_s) {
         if (st.s_t > 0.0f) st.u -= (zs - st.m_s) * st.s_t;
-        st.s_s = st.s_s * __expf(st.m_s - zs) + 1.0f;
+        st.s_s = st.s_s * expf(st.m_s - zs) + 1.0f;
         st.m_s = zs;
     } else {
-        st.s_s += __expf(zs - st.m_s);
+        st.s_s += expf(zs - st.m_s);
     }
     if (zt == -INFINITY) return;
     if (zt > st.m_t) {
-        const float scale = __expf(st.m_t - zt);
+        const float scale = expf(st.m_t - zt);
         st.s_t = st.s_t * scale + 1.0f;
         st.u = st.u * scale + (zs - st.m_s);
         st.m_t = zt;
     } else {
-        const float e = __expf(zt - st.m_t);
+        const float e = expf(zt - st.m_t);
         if (e > 0.0f) {
             st.s_t += e;
             st.u += e * (zs - st.m_s);
@@ -571,7 +571,7 @@ __device__ __forceinline__ RowStats merge(const RowStats& a, const RowStats& b) 
     if (b.s_s == 0.0f) return a;
     RowStats r;
     r.m_s = fmaxf(a.m_s, b.m_s);
-    r.s_s = a.s_s * __expf(a.m_s - r.m_s) + b.s_s * __expf(b.m_s - r.m_s);
+    r.s_s = a.s_s * expf(a.m_s - r.m_s) + b.s_s * expf(b.m_s - r.m_s);
     if (a.s_t == 0.0f && b.s_t == 0.0f) {
         r.m_t = -INFINITY;
         r.s_t = 0.0f;
@@ -580,8 +580,8 @@ __device__ __forceinline__ RowStats merge(const RowStats& a, const RowStats& b) 
     }
     r.m_t = fmaxf(a.m_t, b.m_t);
     // Each side's u re-centred on the common student maximum, then scaled to the common teacher one.
-    const float fa = a.s_t > 0.0f ? __expf(a.m_t - r.m_t) : 0.0f;
-    const float fb = b.s_t > 0.0f ? __expf(b.m_t - r.m_t) : 0.0f;
+    const float fa = a.s_t > 0.0f ? expf(a.m_t - r.m_t) : 0.0f;
+    const float fb = b.s_t > 0.0f ? expf(b.m_t - r.m_t) : 0.0f;
     const float ua = a.s_t > 0.0f ? a.u - (r.m_s - a.m_s) * a.s_t : 0.0f;
     const float ub = b.s_t > 0.0f ? b.u - (r.m_s - b.m_s) * b.s_t : 0.0f;
     r.s_t = a.s_t * fa + b.s_t * fb;
@@ -643,13 +643,13 @@ __device__ __forceinline__ void distill_loss_rows(const T* __restrict__ student,
     const int label = labels != nullptr ? (int)labels[row] : -1;
     const float inv_s = 1.0f / all.s_s, inv_t = 1.0f / all.s_t;
     for (int c = threadIdx.x; c < vocab; c += DISTILL_THREADS) {
-        const float p_s = __expf(load_float(zs + c) - all.m_s) * inv_s;
-        const float p_t = __expf(load_float(zt + c) - all.m_t) * inv_t;
+        const float p_s = expf(load_float(zs + c) - all.m_s) * inv_s;
+        const float p_t = expf(load_float(zt + c) - all.m_t) * inv_t;
         const float hot = c == label ? 1.0f : 0.0f;
         grad[row * vocab + c] = from_float<T>(scale * ((1.0f - ce_weight) * (p_s - p_t) + ce_weight * (p_s - hot)));
     }
     if (threadIdx.x == 0) {
-        const float log_s = __logf(all.s_s);
+        const float log_s = logf(all.s_s);
         const float ce = label >= 0 ? log_s - (load_float(zs + label) - all.m_s) : 0.0f;
         row_loss[row] = (1.0f - ce_weight) * (log_s - all.u / all.s_t) + ce_weight * ce;
     }
