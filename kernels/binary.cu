@@ -142,6 +142,34 @@ __device__ __forceinline__ uint4 load_bits4(const uint32_t* __restrict__ bits, i
     return v;
 }
 
+__device__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// 8 consecutive 16-bit floats (16-byte aligned) widened to f32.
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float* out) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const uint16_t lo = (uint16_t)(w[j] & 0xFFFFu), hi = (uint16_t)(w[j] >> 16);
+        out[2 * j] = Half<T>::to_float(*reinterpret_cast<const T*>(&lo));
+        out[2 * j + 1] = Half<T>::to_float(*reinterpret_cast<const T*>(&hi));
+    }
+}
+
+// 8 consecutive f32 (32-byte aligned).
+__device__ __forceinline__ void load8f(const float* p, float* out) {
+    const float4 lo = *reinterpret_cast<const float4*>(p), hi = *reinterpret_cast<const float4*>(p + 4);
+    out[0] = lo.x;
+    out[1] = lo.y;
+    out[2] = lo.z;
+    out[3] = lo.w;
+    out[4] = hi.x;
+    out[5] = hi.y;
+    out[6] = hi.z;
+    out[7] = hi.w;
+}
+
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -159,17 +187,12 @@ __device__ __forceinline__ void binary_gemv(const T* __restrict__ x, const uint3
     const int g = lane / 4, t = lane % 4;
     const int row0 = blockIdx.x * GEMV_ROWS;
 
-    // Token slots past m hold zeros for the whole kernel.
-    for (int e = threadIdx.x; e < GEMV_PHASE_K * TOKENS; e += THREADS) {
-        const int token = e / GEMV_PHASE_K;
-        if (token >= m) {
-            const int kk = e % GEMV_PHASE_K;
-            const int sc = kk / GEMV_CHUNK_K, kin = kk % GEMV_CHUNK_K, wd = kin / 32, b = kin % 32;
-            const int tt = token / 8, gl = (token % 8) * 4 + wd / 4;
-            const int index = ((((sc * 4 + wd % 4) * 8 + (b % 16) / 2) * 32 + gl) * TT + tt) * 2 + (b % 2);
-            staged[index * 2 + b / 16] = 0;
-        }
+    // Token slots past m hold zeros for the whole kernel: clear all slots once (the first phase's
+    // barrier orders this before any staging).
+    for (int e = threadIdx.x; e < GEMV_PHASE_K * TOKENS * 2 / 16; e += THREADS) {
+        reinterpret_cast<uint4*>(gemv_shared)[e] = make_uint4(0u, 0u, 0u, 0u);
     }
+    const bool vector_stage = k % 8 == 0 && aligned16(x) && aligned16(alpha) && aligned16(beta);
 
     float acc[2][TT][4];
 #pragma unroll
@@ -205,25 +228,34 @@ __device__ __forceinline__ void binary_gemv(const T* __restrict__ x, const uint3
 
         __syncthreads();  // the previous phase's fragments have been read
         // Stage α·x for the real tokens, 8 consecutive k per thread and step, accumulating β·x.
+        // The 8 k of a step share their word and half (h); they are the pairs τ0 + q/2 (r = q%2).
 #pragma unroll
         for (int token = 0; token < TOKENS; ++token) {
             if (token >= m) continue;
             for (int e = threadIdx.x; e < GEMV_PHASE_K / 8; e += THREADS) {
-                const int kk = e * 8;
+                const int kk = e * 8, kg0 = k0 + kk;
                 const int sc = kk / GEMV_CHUNK_K, kin = kk % GEMV_CHUNK_K, wd = kin / 32, b0 = kin % 32;
                 const int tt = token / 8, gl = (token % 8) * 4 + wd / 4;
+                const int base = ((((sc * 4 + wd % 4) * 8 + (b0 % 16) / 2) * 32 + gl) * TT + tt) * 2;
+                float v[8], a[8], bt[8];
+                if (vector_stage && kg0 + 8 <= k) {
+                    load8<T>(x + (uint64_t)token * k + kg0, v);
+                    load8f(alpha + kg0, a);
+                    load8f(beta + kg0, bt);
+                } else {
+#pragma unroll
+                    for (int q = 0; q < 8; ++q) {
+                        const bool in = kg0 + q < k;
+                        v[q] = in ? Half<T>::to_float(x[(uint64_t)token * k + kg0 + q]) : 0.0f;
+                        a[q] = in ? alpha[kg0 + q] : 0.0f;
+                        bt[q] = in ? beta[kg0 + q] : 0.0f;
+                    }
+                }
 #pragma unroll
                 for (int q = 0; q < 8; ++q) {
-                    const int kg = k0 + kk + q;
-                    float scaled = 0.0f;
-                    if (kg < k) {
-                        const float v = Half<T>::to_float(x[(uint64_t)token * k + kg]);
-                        scaled = alpha[kg] * v;
-                        shift[token] = fmaf(beta[kg], v, shift[token]);
-                    }
-                    const int b = b0 + q;
-                    const int index = ((((sc * 4 + wd % 4) * 8 + (b % 16) / 2) * 32 + gl) * TT + tt) * 2 + (b % 2);
-                    staged[index * 2 + b / 16] = Half<T>::bits(scaled);
+                    shift[token] = fmaf(bt[q], v[q], shift[token]);
+                    const int index = base + (q / 2) * (32 * TT * 2) + (q % 2);
+                    staged[index * 2 + b0 / 16] = Half<T>::bits(a[q] * v[q]);
                 }
             }
         }
