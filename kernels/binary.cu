@@ -104,7 +104,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 
 // ---- GEMV: 1..16 tokens ---------------------------------------------------------------------
 //
-// Tile: a block owns 32 output rows (two groups of 16, the mma's M) and all of k. The weights are
+// Tile: a block owns 16·RG output rows (RG groups of 16, the mma's M; RG = 2, or 4 for 16 token
+// slots on large n, where staging the tokens costs more than the rows) and all of k. The weights are
 // mma operand A, converted in registers from the bits; the tokens (8 per token tile, zero-padded)
 // are operand B. k is walked in phases of 4096: each warp owns one 512-wide super-chunk of a
 // phase, where lane (g, t) loads 16 bytes (words 4t..4t+3 of the super-chunk) of rows g and g+8
@@ -117,11 +118,10 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 // u32 index ((((sc·4 + i)·8 + τ)·32 + lane)·TT + tt)·2 + r, half h, for physical k
 // = 512·sc + 32·(4t + i) + 16·h + 2τ + r of token 8·tt + g.
 // Pipeline: the next phase's bits are loaded into registers while this phase is staged and
-// multiplied, so that every warp always has 64 bytes per lane in flight.
+// multiplied, so that every warp always has a phase of bits (32·RG bytes per lane) in flight.
 // Traffic: the bits once (n·k/8 bytes), x and α, β once per block (L2).
 namespace {
 
-constexpr int GEMV_ROWS = 32;
 constexpr int GEMV_PHASE_K = 4096;
 constexpr int GEMV_CHUNK_K = 512;
 
@@ -174,7 +174,7 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-template <typename T, int TT, bool Vector>
+template <typename T, int TT, int RG, bool Vector>
 __device__ __forceinline__ void binary_gemv(const T* __restrict__ x, const uint32_t* __restrict__ bits,
                                             const float* __restrict__ alpha, const float* __restrict__ beta,
                                             const float* __restrict__ bias, T* __restrict__ y, int m, int n, int k,
@@ -185,6 +185,7 @@ __device__ __forceinline__ void binary_gemv(const T* __restrict__ x, const uint3
     uint16_t* staged = reinterpret_cast<uint16_t*>(gemv_shared);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
+    constexpr int GEMV_ROWS = 16 * RG;
     const int row0 = blockIdx.x * GEMV_ROWS;
 
     // Token slots past m hold zeros for the whole kernel: clear all slots once (the first phase's
@@ -194,9 +195,9 @@ __device__ __forceinline__ void binary_gemv(const T* __restrict__ x, const uint3
     }
     const bool vector_stage = k % 8 == 0 && aligned16(x) && aligned16(alpha) && aligned16(beta);
 
-    float acc[2][TT][4];
+    float acc[RG][TT][4];
 #pragma unroll
-    for (int rg = 0; rg < 2; ++rg)
+    for (int rg = 0; rg < RG; ++rg)
 #pragma unroll
         for (int tt = 0; tt < TT; ++tt)
 #pragma unroll
@@ -206,24 +207,24 @@ __device__ __forceinline__ void binary_gemv(const T* __restrict__ x, const uint3
     for (int token = 0; token < TOKENS; ++token) shift[token] = 0.0f;
 
     // This warp's super-chunk of the phase at k0: 16 bytes of rows g and g+8 of both row groups.
-    auto load_phase = [&](int k0, uint4 (&wa)[2], uint4 (&wb)[2]) {
+    auto load_phase = [&](int k0, uint4 (&wa)[RG], uint4 (&wb)[RG]) {
         const int chunk_k = k0 + warp * GEMV_CHUNK_K;
         const bool active = chunk_k < k;
         const int word = chunk_k / 32 + 4 * t;
 #pragma unroll
-        for (int rg = 0; rg < 2; ++rg) {
+        for (int rg = 0; rg < RG; ++rg) {
             const int ra = row0 + rg * 16 + g;
             wa[rg] = active ? load_bits4<Vector>(bits, ra, n, word, words) : make_uint4(0u, 0u, 0u, 0u);
             wb[rg] = active ? load_bits4<Vector>(bits, ra + 8, n, word, words) : make_uint4(0u, 0u, 0u, 0u);
         }
     };
-    uint4 wa[2], wb[2];
+    uint4 wa[RG], wb[RG];
     load_phase(0, wa, wb);
 
     for (int k0 = 0; k0 < k; k0 += GEMV_PHASE_K) {
         const bool active = k0 + warp * GEMV_CHUNK_K < k;
         // The next phase's bits are in flight during this phase's staging and tensor-core work.
-        uint4 next_a[2], next_b[2];
+        uint4 next_a[RG], next_b[RG];
         load_phase(k0 + GEMV_PHASE_K, next_a, next_b);
 
         __syncthreads();  // the previous phase's fragments have been read
@@ -281,7 +282,7 @@ __device__ __forceinline__ void binary_gemv(const T* __restrict__ x, const uint3
                         b[0][1] = v.y;
                     }
 #pragma unroll
-                    for (int rg = 0; rg < 2; ++rg) {
+                    for (int rg = 0; rg < RG; ++rg) {
                         const uint32_t w_a = word_of(wa[rg], i), w_b = word_of(wb[rg], i);
                         uint32_t a[4];
                         a[0] = sign_pair<T>(w_a, 2 * tau);
@@ -295,7 +296,7 @@ __device__ __forceinline__ void binary_gemv(const T* __restrict__ x, const uint3
             }
         }
 #pragma unroll
-        for (int rg = 0; rg < 2; ++rg) {
+        for (int rg = 0; rg < RG; ++rg) {
             wa[rg] = next_a[rg];
             wb[rg] = next_b[rg];
         }
@@ -310,7 +311,7 @@ __device__ __forceinline__ void binary_gemv(const T* __restrict__ x, const uint3
     __syncthreads();  // all fragments read: the staging area now holds the per-warp partial sums
     float* partial = reinterpret_cast<float*>(gemv_shared);  // [WARPS][32 rows][TOKENS]
 #pragma unroll
-    for (int rg = 0; rg < 2; ++rg) {
+    for (int rg = 0; rg < RG; ++rg) {
 #pragma unroll
         for (int tt = 0; tt < TT; ++tt) {
             const int r = rg * 16 + g, c = tt * 8 + 2 * t;
@@ -337,22 +338,26 @@ __device__ __forceinline__ void binary_gemv(const T* __restrict__ x, const uint3
 
 }  // namespace
 
-#define BINARY_GEMV(NAME, T, TT, VECTOR)                                                                    \
+#define BINARY_GEMV(NAME, T, TT, RG, VECTOR)                                                                    \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                    \
         NAME(const T* __restrict__ x, const uint32_t* __restrict__ bits, const float* __restrict__ alpha,   \
              const float* __restrict__ beta, const float* __restrict__ bias, T* __restrict__ y, int m, int n, \
              int k, int words) {                                                                             \
-        binary_gemv<T, TT, VECTOR>(x, bits, alpha, beta, bias, y, m, n, k, words);                          \
+        binary_gemv<T, TT, RG, VECTOR>(x, bits, alpha, beta, bias, y, m, n, k, words);                          \
     }
 
-BINARY_GEMV(binary_gemv_bf16_t8, __nv_bfloat16, 1, false)
-BINARY_GEMV(binary_gemv_bf16_t8_vec, __nv_bfloat16, 1, true)
-BINARY_GEMV(binary_gemv_bf16_t16, __nv_bfloat16, 2, false)
-BINARY_GEMV(binary_gemv_bf16_t16_vec, __nv_bfloat16, 2, true)
-BINARY_GEMV(binary_gemv_f16_t8, __half, 1, false)
-BINARY_GEMV(binary_gemv_f16_t8_vec, __half, 1, true)
-BINARY_GEMV(binary_gemv_f16_t16, __half, 2, false)
-BINARY_GEMV(binary_gemv_f16_t16_vec, __half, 2, true)
+BINARY_GEMV(binary_gemv_bf16_t8, __nv_bfloat16, 1, 2, false)
+BINARY_GEMV(binary_gemv_bf16_t8_vec, __nv_bfloat16, 1, 2, true)
+BINARY_GEMV(binary_gemv_bf16_t16, __nv_bfloat16, 2, 2, false)
+BINARY_GEMV(binary_gemv_bf16_t16_r64, __nv_bfloat16, 2, 4, false)
+BINARY_GEMV(binary_gemv_bf16_t16_vec, __nv_bfloat16, 2, 2, true)
+BINARY_GEMV(binary_gemv_bf16_t16_r64_vec, __nv_bfloat16, 2, 4, true)
+BINARY_GEMV(binary_gemv_f16_t8, __half, 1, 2, false)
+BINARY_GEMV(binary_gemv_f16_t8_vec, __half, 1, 2, true)
+BINARY_GEMV(binary_gemv_f16_t16, __half, 2, 2, false)
+BINARY_GEMV(binary_gemv_f16_t16_r64, __half, 2, 4, false)
+BINARY_GEMV(binary_gemv_f16_t16_vec, __half, 2, 2, true)
+BINARY_GEMV(binary_gemv_f16_t16_r64_vec, __half, 2, 4, true)
 
 // ---- the β term for many tokens -------------------------------------------------------------
 

@@ -12,7 +12,7 @@ def sign_pair(w, p):
     # returns (low sign, high sign) as ±1: bits p and p+16, 1 = negative
     return (-1.0 if (w >> p) & 1 else 1.0, -1.0 if (w >> (p + 16)) & 1 else 1.0)
 
-def run_gemv(m, n, k, TT):
+def run_gemv(m, n, k, TT, RG=2):
     TOKENS = 8 * TT
     words = (k + 31) // 32
     x = rng.uniform(-1, 1, (m, k)); alpha = rng.uniform(0.5, 1.5, k); beta = rng.uniform(-.5, .5, k)
@@ -23,10 +23,11 @@ def run_gemv(m, n, k, TT):
             if W[i, j] < 0: bits[i, j // 32] |= np.uint64(1 << (j % 32))
     bits = bits.astype(np.uint32)
     y = np.full((m, n), np.nan)
-    for block in range((n + 31) // 32):
-        row0 = block * 32
+    ROWS = 16 * RG
+    for block in range((n + ROWS - 1) // ROWS):
+        row0 = block * ROWS
         staged = np.zeros(PHASE_K * TOKENS)  # u16 slots as floats
-        acc = np.zeros((WARPS, 32, 2, TT, 4))
+        acc = np.zeros((WARPS, 32, RG, TT, 4))
         shift = np.zeros(TOKENS)
         for k0 in range(0, k, PHASE_K):
             # staging
@@ -56,7 +57,7 @@ def run_gemv(m, n, k, TT):
                 for i in range(4):
                     for tau in range(8):
                         # per lane regs
-                        A = np.zeros((2, 16, 16)); B = np.zeros((TT, 16, 8))
+                        A = np.zeros((RG, 16, 16)); B = np.zeros((TT, 16, 8))
                         for lane in range(32):
                             g, t = lane // 4, lane % 4
                             base = (((warp * 4 + i) * 8 + tau) * 32 + lane) * TT * 2
@@ -66,7 +67,7 @@ def run_gemv(m, n, k, TT):
                                 B[tt, 2 * t, g], B[tt, 2 * t + 1, g] = r0
                                 B[tt, 2 * t + 8, g], B[tt, 2 * t + 9, g] = r1
                             word = chunk_k // 32 + 4 * t
-                            for rg in range(2):
+                            for rg in range(RG):
                                 ra = row0 + rg * 16 + g
                                 wa = load(ra, word)[i]; wb = load(ra + 8, word)[i]
                                 a0 = sign_pair(wa, 2 * tau); a1 = sign_pair(wb, 2 * tau)
@@ -75,28 +76,28 @@ def run_gemv(m, n, k, TT):
                                 A[rg, g + 8, 2 * t], A[rg, g + 8, 2 * t + 1] = a1
                                 A[rg, g, 2 * t + 8], A[rg, g, 2 * t + 9] = a2
                                 A[rg, g + 8, 2 * t + 8], A[rg, g + 8, 2 * t + 9] = a3
-                        for rg in range(2):
+                        for rg in range(RG):
                             for tt in range(TT):
                                 D = A[rg] @ B[tt]
                                 for lane in range(32):
                                     g, t = lane // 4, lane % 4
                                     acc[warp, lane, rg, tt] += [D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1]]
-        partial = np.zeros((WARPS, 32, TOKENS))
+        partial = np.zeros((WARPS, ROWS, TOKENS))
         for warp in range(WARPS):
             for lane in range(32):
                 g, t = lane // 4, lane % 4
-                for rg in range(2):
+                for rg in range(RG):
                     for tt in range(TT):
                         r, c = rg * 16 + g, tt * 8 + 2 * t
                         partial[warp, r, c], partial[warp, r, c + 1], partial[warp, r + 8, c], partial[warp, r + 8, c + 1] = acc[warp, lane, rg, tt]
         for token in range(m):
-            for r in range(32):
+            for r in range(ROWS):
                 row = row0 + r
                 if row < n:
                     y[token, row] = partial[:, r, token].sum() + shift[token]
     ref = (x * alpha) @ S.T + (x @ beta)[:, None]
     err = np.abs(y - ref).max()
-    print(f"m={m} n={n} k={k} TT={TT}: max err {err:.2e}")
+    print(f"gemv m={m} n={n} k={k} TT={TT} RG={RG}: max err {err:.2e}")
     assert err < 1e-9
 
 TILE, KS, PITCH = 128, 32, 40
@@ -178,7 +179,7 @@ def run_gemm(m, n, k):
                                     if row < n: y[tok, row] = acc[warp, lane, mt, nt, 2 * half + q] + shift[tok]
     S = np.where(W < 0, -1.0, 1.0)
     ref = (x * alpha) @ S.T + shift[:, None]
-    err = np.abs(y - ref).max(); print(f"m={m} n={n} k={k}: max err {err:.2e}"); assert err < 1e-9
+    err = np.abs(y - ref).max(); print(f"gemm m={m} n={n} k={k}: max err {err:.2e}"); assert err < 1e-9
 
 
 
@@ -186,5 +187,6 @@ if __name__ == "__main__":
     run_gemv(1, 40, 70, 1)
     run_gemv(3, 33, 600, 1)
     run_gemv(11, 17, 4096 + 300, 2)
+    run_gemv(16, 100, 700, 2, 4)
     run_gemm(20, 9, 40)
     run_gemm(130, 140, 72)

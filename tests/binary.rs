@@ -601,9 +601,12 @@ fn packed_forward_f32_on_cpu(device: &Device) {
     }
 }
 
-/// Several phases of 4096 k in the GEMV, a partial last phase, and a long GEMM reduction.
+/// Several phases of 4096 k in the GEMV, a partial last phase, a long GEMM reduction, and more
+/// output rows than 32 per SM, where 9..16 tokens take the GEMV's 64-row blocks.
 fn packed_forward_long_rows(device: &Device) {
     let mut rng = common::rng();
+    check_packed::<bf16>(device, &mut rng, 16, 4500, 520, true);
+    check_packed::<f16>(device, &mut rng, 9, 4350, 4200, false);
     check_packed::<bf16>(device, &mut rng, 1, 70, 4096 * 2 + 640, true);
     check_packed::<f16>(device, &mut rng, 16, 33, 12_321, false);
     check_packed::<bf16>(device, &mut rng, 40, 96, 9000, true);

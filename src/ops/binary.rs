@@ -855,9 +855,17 @@ mod cuda {
             // 128-bit loads of the bits need rows of whole 16-byte vectors, 16-byte aligned.
             let vector = words.is_multiple_of(4) && bits.is_multiple_of(16);
             let token_tiles = tokens.div_ceil(8);
+            // 16 token slots allow one block per SM: when 32-row blocks would take more than one
+            // wave, 64-row blocks stage the tokens half as often.
+            let rows = if token_tiles == 2 && d_out.div_ceil(GEMV_ROWS) > backend.multiprocessors() {
+                2 * GEMV_ROWS
+            } else {
+                GEMV_ROWS
+            };
             let name = format!(
-                "binary_gemv_{dtype}_t{}{}",
+                "binary_gemv_{dtype}_t{}{}{}",
                 8 * token_tiles,
+                if rows == GEMV_ROWS { "" } else { "_r64" },
                 if vector { "_vec" } else { "" }
             );
             let shared = (GEMV_PHASE_K * 16 * token_tiles) as u32;
@@ -881,12 +889,12 @@ mod cuda {
                 .arg(&k)
                 .arg(&w);
             let config = LaunchConfig {
-                grid_dim: (grid(OP_PACKED, "bits", d_out.div_ceil(GEMV_ROWS))?, 1, 1),
+                grid_dim: (grid(OP_PACKED, "bits", d_out.div_ceil(rows))?, 1, 1),
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: shared,
             };
             // SAFETY: validated shapes (x [m, k], bits [n, w], alpha/beta [k], bias [n] or null,
-            // y [m, n]), m <= 16 token slots staged, one block per 32 output rows.
+            // y [m, n]), m <= 16 token slots staged, one block per `rows` output rows.
             unsafe { builder.launch(config) }.context(&format!("launching {name}"))?;
             return Ok(());
         }
