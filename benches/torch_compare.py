@@ -512,6 +512,26 @@ RUNNERS.update({"activation": torch_activation, "norm": torch_norm, "cross_entro
 RUNNERS.update({"embedding": torch_embedding, "grad_norm": torch_grad_norm, "sampling": torch_sampling})
 
 
+def torch_binary(case, warmup, iterations, generator):
+    """The dense bf16 layer the binary one replaces: x @ W.T through cuBLAS, on the same shape."""
+    m, n, k, sets = case["m"], case["n"], case["k"], case["input_sets"]
+    # Dense weights are 16x the packed bytes: rotate over enough of them to leave L2 behind.
+    sets = max(1, min(8, -(-(256 << 20) // (2 * n * k + 2 * m * k))))
+    inputs = [(uniform((m, k), torch.bfloat16, -1, 1, generator), uniform((n, k), torch.bfloat16, -0.03, 0.03, generator))
+              for _ in range(sets)]
+    out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
+
+    def work(i):
+        x, w = inputs[i % sets]
+        torch.matmul(x, w.t(), out=out)
+
+    ms = time_ms(work, warmup, iterations)
+    return {"ms": ms, "tflops": 2 * m * n * k / (ms * 1e9), "what": "torch.matmul bf16 x @ W.T (cuBLAS)"}
+
+
+RUNNERS["binary"] = torch_binary
+
+
 def compare(report, generator):
     """Runs PyTorch on every case of a tessera report; returns the cases with "torch" filled in.
     A case without a PyTorch counterpart, or whose PyTorch run fails, keeps its tessera numbers

@@ -25,6 +25,7 @@ macro_rules! with_float_type {
 
 pub mod adamw;
 pub mod attention;
+pub mod binary;
 pub mod columns;
 pub mod lora;
 pub mod matmul;
@@ -36,6 +37,11 @@ pub mod wavelet;
 
 pub use adamw::{adamw_step, AdamWConfig, AdamWTensor};
 pub use attention::{attention_backward, attention_forward, AttentionMask, AttentionOptions, AttentionRope, Varlen};
+pub use binary::{
+    binary_init, binary_linear_backward, binary_linear_forward, binary_pack, binary_packed_forward,
+    binary_packed_forward_into, binary_unpack, distill_loss, distill_loss_into, BinaryLinear, BinaryLinearGrads,
+    PackedBinaryLinear,
+};
 pub use columns::copy_columns;
 pub use lora::{
     lora_backward, lora_forward, lora_forward_into, lora_merge, lora_unmerge, LoraAdapters, LoraBase, LoraGrads,

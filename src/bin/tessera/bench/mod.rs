@@ -6,6 +6,7 @@
 mod activation;
 mod adamw;
 mod attention;
+mod binary;
 mod columns;
 mod cross_entropy;
 mod embedding;
@@ -55,6 +56,7 @@ const FAMILIES: &[(&str, Family)] = &[
     ("embedding", embedding::run),
     ("grad_norm", grad_norm::run),
     ("sampling", sampling::run),
+    ("binary", binary::run),
     ("train", train::run),
 ];
 

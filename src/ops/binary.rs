@@ -1,0 +1,1007 @@
+//! Binarized linear layers (FBI-LLM, ALGORITHMS.md §1): the training form with an f32 latent
+//! weight, per-input-column scale α and shift β and an optional bias; its straight-through
+//! backward; the xnor initialisation of α and β; the packed inference form (sign bits, 32 per
+//! u32) with its fused GEMV/GEMM; and the autoregressive distillation loss.
+//!
+//! Forward, never materialising `W~ = α·sign(W) + β`:
+//! `y[n,i] = Σ_j sign(W[i,j]) · (α_j x[n,j]) + r[n] + b_i`, with `r[n] = Σ_j β_j x[n,j]`.
+//!
+//! # sign(0)
+//! The training form follows the reference (`torch.sign`): `sign(0) = 0`, so an exactly zero
+//! latent weight contributes `β_j` alone. A packed bit cannot hold 0: [`binary_pack`] stores bit 1
+//! for `w < 0` and bit 0 otherwise, so `0.0`, `-0.0` and NaN all pack to `+1` (contributing
+//! `α_j + β_j`). Random latent weights are never exactly zero, and both forms then agree.
+//!
+//! # Packed layout
+//! `bits` is u32 `[d_out, ceil(d_in / 32)]`: bit `j % 32` of word `j / 32` of row `i` is 1 when
+//! `W[i,j] < 0`. Bits past `d_in` in a row's last word are padding: [`binary_pack`] writes 0, and
+//! every reader ignores them.
+
+use crate::device::Device;
+use crate::dtype::{DType, Float};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+use rayon::prelude::*;
+
+const OP_FORWARD: &str = "binary_linear_forward";
+const OP_BACKWARD: &str = "binary_linear_backward";
+const OP_INIT: &str = "binary_init";
+const OP_PACK: &str = "binary_pack";
+const OP_UNPACK: &str = "binary_unpack";
+const OP_PACKED: &str = "binary_packed_forward";
+const OP_DISTILL: &str = "distill_loss";
+
+/// The largest token count, `d_in`, `d_out` or vocabulary the ops accept: the kernels index
+/// rows and columns with i32 and step past the end by up to one k phase.
+pub const MAX_DIM: usize = 1 << 30;
+
+/// The largest token count the GPU packed forward takes in one call (its GEMM grid has one row
+/// of blocks per 128 tokens, at most 65535 rows).
+pub const MAX_GPU_TOKENS: usize = 65535 * 128;
+
+/// Token counts up to this take the GPU's streaming GEMV; larger ones its tensor-core GEMM.
+pub const GEMV_MAX_TOKENS: usize = 16;
+
+/// u32 words per packed row of `d_in` weights.
+pub fn packed_words(d_in: usize) -> usize {
+    d_in.div_ceil(32)
+}
+
+/// The training form's parameters: latent weight `[d_out, d_in]`, `alpha` and `beta` `[d_in]`,
+/// optional `bias` `[d_out]`, all f32 on one device.
+#[derive(Clone, Copy, Debug)]
+pub struct BinaryLinear<'a> {
+    pub weight: &'a Tensor,
+    pub alpha: &'a Tensor,
+    pub beta: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+}
+
+/// The gradients of [`binary_linear_backward`], each shaped like what it is the gradient of.
+#[derive(Debug)]
+pub struct BinaryLinearGrads {
+    pub d_x: Tensor,
+    pub d_weight: Tensor,
+    pub d_alpha: Tensor,
+    pub d_beta: Tensor,
+    /// Present when the layer has a bias.
+    pub d_bias: Option<Tensor>,
+}
+
+/// The packed inference form: sign bits (see the module's layout), `alpha` and `beta` f32
+/// `[d_in]`, optional f32 `bias` `[d_out]`, and `d_in`, which the bits alone do not say.
+#[derive(Clone, Copy, Debug)]
+pub struct PackedBinaryLinear<'a> {
+    pub bits: &'a Tensor,
+    pub alpha: &'a Tensor,
+    pub beta: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub d_in: usize,
+}
+
+fn check_dim(op: &'static str, arg: &'static str, what: &str, value: usize) -> Result<()> {
+    if value == 0 || value > MAX_DIM {
+        return Err(Error::invalid(
+            op,
+            arg,
+            format!("{what} between 1 and {MAX_DIM}"),
+            value,
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a per-column or per-row f32 vector of `len` elements on `device`.
+fn check_vector(op: &'static str, arg: &'static str, t: &Tensor, len: usize, device: &Device) -> Result<()> {
+    t.expect_dtype(op, arg, &[DType::F32])?;
+    t.expect_shape(op, arg, &[len])?;
+    device.expect_same(&t.device(), op, arg)
+}
+
+/// Checks the latent weight; returns (d_out, d_in).
+fn check_weight(op: &'static str, w: &Tensor) -> Result<(usize, usize)> {
+    w.expect_rank(op, "weight", 2)?;
+    w.expect_dtype(op, "weight", &[DType::F32])?;
+    let (d_out, d_in) = (w.shape()[0], w.shape()[1]);
+    check_dim(op, "weight", "d_out", d_out)?;
+    check_dim(op, "weight", "d_in", d_in)?;
+    Ok((d_out, d_in))
+}
+
+/// Checks the training-form layer; returns (d_out, d_in).
+fn check_layer(op: &'static str, layer: &BinaryLinear<'_>) -> Result<(usize, usize)> {
+    let (d_out, d_in) = check_weight(op, layer.weight)?;
+    let device = layer.weight.device();
+    check_vector(op, "alpha", layer.alpha, d_in, &device)?;
+    check_vector(op, "beta", layer.beta, d_in, &device)?;
+    if let Some(bias) = layer.bias {
+        check_vector(op, "bias", bias, d_out, &device)?;
+    }
+    Ok((d_out, d_in))
+}
+
+/// Checks a token matrix `[tokens, cols]` of one of `dtypes` on `device`; returns the token count.
+fn check_tokens(
+    op: &'static str,
+    arg: &'static str,
+    x: &Tensor,
+    cols: usize,
+    dtypes: &[DType],
+    device: &Device,
+) -> Result<usize> {
+    x.expect_rank(op, arg, 2)?;
+    x.expect_dtype(op, arg, dtypes)?;
+    device.expect_same(&x.device(), op, arg)?;
+    if x.shape()[1] != cols {
+        return Err(Error::invalid(
+            op,
+            arg,
+            format!("shape (tokens, {cols})"),
+            format!("shape {:?}", x.shape()),
+        ));
+    }
+    check_dim(op, arg, "a token count", x.shape()[0])?;
+    Ok(x.shape()[0])
+}
+
+fn training_form_on_cpu(op: &'static str, device: &Device) -> Result<()> {
+    if device.is_cuda() {
+        return Err(Error::Unsupported {
+            op,
+            reason: "the training form runs on the CPU only; on a GPU use the packed form \
+                     (binary_pack + binary_packed_forward)"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+/// The training-form forward: `y = x·W~ᵀ + b` with `W~ = α·sign(W) + β` (sign(0) = 0), computed
+/// in the fused form. `x` is f32 `[tokens, d_in]`; returns f32 `[tokens, d_out]`. CPU only.
+pub fn binary_linear_forward(x: &Tensor, layer: BinaryLinear<'_>) -> Result<Tensor> {
+    let (d_out, d_in) = check_layer(OP_FORWARD, &layer)?;
+    let device = layer.weight.device();
+    let tokens = check_tokens(OP_FORWARD, "x", x, d_in, &[DType::F32], &device)?;
+    training_form_on_cpu(OP_FORWARD, &device)?;
+    let mut y = Tensor::zeros(&[tokens, d_out], DType::F32, &Device::Cpu)?;
+    cpu::forward(x, &layer, tokens, d_out, d_in, &mut y)?;
+    Ok(y)
+}
+
+/// The training-form backward with the spec's straight-through estimator (identity, no
+/// clipping): with `G = dYᵀX`, `dX = dY·W~`, `dα_j = Σ_i G_ij·sign(W_ij)`, `dβ_j = Σ_i G_ij`,
+/// `dW_ij = α_j·G_ij`, `db_i = Σ_n dY[n,i]`. `d_y` is f32 `[tokens, d_out]`, `x` the forward's
+/// input. CPU only.
+pub fn binary_linear_backward(d_y: &Tensor, x: &Tensor, layer: BinaryLinear<'_>) -> Result<BinaryLinearGrads> {
+    let (d_out, d_in) = check_layer(OP_BACKWARD, &layer)?;
+    let device = layer.weight.device();
+    let tokens = check_tokens(OP_BACKWARD, "x", x, d_in, &[DType::F32], &device)?;
+    check_tokens(OP_BACKWARD, "d_y", d_y, d_out, &[DType::F32], &device)?;
+    if d_y.shape()[0] != tokens {
+        return Err(Error::invalid(
+            OP_BACKWARD,
+            "d_y",
+            format!("shape [{tokens}, {d_out}] (the tokens of x)"),
+            format!("shape {:?}", d_y.shape()),
+        ));
+    }
+    training_form_on_cpu(OP_BACKWARD, &device)?;
+    cpu::backward(d_y, x, &layer, tokens, d_out, d_in)
+}
+
+/// The spec's xnor initialisation from a latent weight `[d_out, d_in]` (f32): per input column,
+/// `β_j = mean_i W_ij` and `α_j = mean_i |W_ij − β_j|`. Returns `(alpha, beta)`, f32 `[d_in]`,
+/// on the weight's device (a GPU weight is read back to the host, once per layer).
+pub fn binary_init(weight: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (d_out, d_in) = check_weight(OP_INIT, weight)?;
+    let w = weight.to_vec::<f32>()?;
+    let (alpha, beta) = cpu::xnor_init(&w, d_out, d_in);
+    let device = weight.device();
+    Ok((
+        Tensor::from_vec(alpha, &[d_in], &device)?,
+        Tensor::from_vec(beta, &[d_in], &device)?,
+    ))
+}
+
+/// Packs the signs of a latent weight f32 `[d_out, d_in]` into u32 `[d_out, ceil(d_in/32)]`
+/// (bit 1 for `w < 0`; see the module's notes on sign(0) and layout), on its device.
+pub fn binary_pack(weight: &Tensor) -> Result<Tensor> {
+    let (d_out, d_in) = check_weight(OP_PACK, weight)?;
+    let shape = [d_out, packed_words(d_in)];
+    match weight.device() {
+        Device::Cpu => {
+            let mut bits = Tensor::zeros(&shape, DType::U32, &Device::Cpu)?;
+            cpu::pack(weight.host_slice()?, d_in, bits.host_slice_mut()?);
+            Ok(bits)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(backend) => {
+            let mut bits = Tensor::uninit_cuda(&shape, DType::U32, &backend)?;
+            cuda::pack(weight, d_out, d_in, &mut bits)?;
+            Ok(bits)
+        }
+    }
+}
+
+/// Checks packed bits for `d_in` inputs; returns d_out.
+fn check_bits(op: &'static str, bits: &Tensor, d_in: usize) -> Result<usize> {
+    check_dim(op, "d_in", "d_in", d_in)?;
+    bits.expect_rank(op, "bits", 2)?;
+    bits.expect_dtype(op, "bits", &[DType::U32])?;
+    let (d_out, words) = (bits.shape()[0], bits.shape()[1]);
+    if words != packed_words(d_in) {
+        return Err(Error::invalid(
+            op,
+            "bits",
+            format!("{} u32 words per row for d_in = {d_in}", packed_words(d_in)),
+            format!("shape {:?}", bits.shape()),
+        ));
+    }
+    check_dim(op, "bits", "d_out", d_out)?;
+    Ok(d_out)
+}
+
+/// The signs of packed bits as f32 ±1, `[d_out, d_in]`, on their device.
+pub fn binary_unpack(bits: &Tensor, d_in: usize) -> Result<Tensor> {
+    let d_out = check_bits(OP_UNPACK, bits, d_in)?;
+    let shape = [d_out, d_in];
+    match bits.device() {
+        Device::Cpu => {
+            let mut signs = Tensor::zeros(&shape, DType::F32, &Device::Cpu)?;
+            cpu::unpack(bits.host_slice()?, d_in, signs.host_slice_mut()?);
+            Ok(signs)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(backend) => {
+            let mut signs = Tensor::uninit_cuda(&shape, DType::F32, &backend)?;
+            cuda::unpack(bits, d_out, d_in, &mut signs)?;
+            Ok(signs)
+        }
+    }
+}
+
+/// Validates a packed forward; returns (tokens, d_out).
+fn check_packed(x: &Tensor, layer: &PackedBinaryLinear<'_>) -> Result<(usize, usize)> {
+    let d_in = layer.d_in;
+    let d_out = check_bits(OP_PACKED, layer.bits, d_in)?;
+    let device = layer.bits.device();
+    check_vector(OP_PACKED, "alpha", layer.alpha, d_in, &device)?;
+    check_vector(OP_PACKED, "beta", layer.beta, d_in, &device)?;
+    if let Some(bias) = layer.bias {
+        check_vector(OP_PACKED, "bias", bias, d_out, &device)?;
+    }
+    let dtypes: &[DType] = if device.is_cuda() {
+        &[DType::BF16, DType::F16]
+    } else {
+        &[DType::F32, DType::BF16, DType::F16]
+    };
+    let tokens = check_tokens(OP_PACKED, "x", x, d_in, dtypes, &device)?;
+    if device.is_cuda() && tokens > MAX_GPU_TOKENS {
+        return Err(Error::invalid(
+            OP_PACKED,
+            "x",
+            format!("at most {MAX_GPU_TOKENS} tokens per call on a GPU"),
+            format!("shape {:?}", x.shape()),
+        ));
+    }
+    Ok((tokens, d_out))
+}
+
+/// The packed forward `y = Σ_j s_ij (α_j x_j) + Σ_j β_j x_j + b_i` per token: `x` `[tokens, d_in]`
+/// (f32, bf16 or f16 on the CPU; bf16 or f16 on a GPU), returns `[tokens, d_out]` of x's dtype.
+/// f32 accumulation. On a GPU, up to [`GEMV_MAX_TOKENS`] tokens stream the bits once through
+/// a GEMV; more use a tensor-core GEMM.
+pub fn binary_packed_forward(x: &Tensor, layer: PackedBinaryLinear<'_>) -> Result<Tensor> {
+    let (tokens, d_out) = check_packed(x, &layer)?;
+    let mut y = match x.device() {
+        Device::Cpu => Tensor::zeros(&[tokens, d_out], x.dtype(), &Device::Cpu)?,
+        #[cfg(feature = "cuda")]
+        Device::Cuda(backend) => Tensor::uninit_cuda(&[tokens, d_out], x.dtype(), &backend)?,
+    };
+    binary_packed_forward_into(x, layer, &mut y)?;
+    Ok(y)
+}
+
+/// [`binary_packed_forward`] into an existing `y` `[tokens, d_out]` of x's dtype and device.
+pub fn binary_packed_forward_into(x: &Tensor, layer: PackedBinaryLinear<'_>, y: &mut Tensor) -> Result<()> {
+    let (tokens, d_out) = check_packed(x, &layer)?;
+    y.expect_dtype(OP_PACKED, "y", &[x.dtype()])?;
+    y.expect_shape(OP_PACKED, "y", &[tokens, d_out])?;
+    x.device().expect_same(&y.device(), OP_PACKED, "y")?;
+    match x.device() {
+        Device::Cpu => {
+            with_float_type!(x.dtype(), OP_PACKED, "x", T => cpu::packed_forward::<T>(x, &layer, tokens, d_out, y))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::packed_forward(x, &layer, tokens, d_out, y),
+    }
+}
+
+/// Validates the distillation loss's arguments; returns (rows, vocab).
+fn check_distill(
+    student: &Tensor,
+    teacher: &Tensor,
+    labels: Option<&Tensor>,
+    ce_weight: f32,
+) -> Result<(usize, usize)> {
+    let op = OP_DISTILL;
+    student.expect_rank(op, "student", 2)?;
+    student.expect_dtype(op, "student", &[DType::F32, DType::BF16, DType::F16])?;
+    let (rows, vocab) = (student.shape()[0], student.shape()[1]);
+    check_dim(op, "student", "a row count", rows)?;
+    check_dim(op, "student", "a vocabulary size", vocab)?;
+    teacher.expect_dtype(op, "teacher", &[student.dtype()])?;
+    teacher.expect_shape(op, "teacher", student.shape())?;
+    let device = student.device();
+    device.expect_same(&teacher.device(), op, "teacher")?;
+    if !(0.0..=1.0).contains(&ce_weight) {
+        return Err(Error::invalid(op, "ce_weight", "a number in [0, 1]", ce_weight));
+    }
+    match labels {
+        None if ce_weight != 0.0 => {
+            return Err(Error::invalid(
+                op,
+                "labels",
+                format!("next-token labels, since ce_weight = {ce_weight} mixes in their cross-entropy"),
+                "none",
+            ))
+        }
+        None => {}
+        Some(labels) => {
+            labels.expect_dtype(op, "labels", &[DType::U32])?;
+            labels.expect_shape(op, "labels", &[rows])?;
+            device.expect_same(&labels.device(), op, "labels")?;
+            // Read back (rows × 4 bytes) so that no out-of-range label reaches a kernel.
+            if let Some((row, &label)) = labels
+                .to_vec::<u32>()?
+                .iter()
+                .enumerate()
+                .find(|(_, &l)| l as usize >= vocab)
+            {
+                return Err(Error::invalid(
+                    op,
+                    "labels",
+                    format!("every label below the vocabulary size {vocab}"),
+                    format!("{label} at row {row}"),
+                ));
+            }
+        }
+    }
+    Ok((rows, vocab))
+}
+
+/// The autoregressive distillation loss with the optional next-token mix:
+/// `L = (1 − w)·L_AD + w·CE`, `L_AD = −(1/R) Σ_r Σ_c softmax(teacher_r)_c · log softmax(student_r)_c`,
+/// `CE = −(1/R) Σ_r log softmax(student_r)_{label_r}`, `w = ce_weight` (0 for pure AD; the spec's
+/// ablation uses 0.5). `student` and `teacher` are logits `[rows, vocab]` of one dtype (rows =
+/// batch × sequence); `labels` u32 `[rows]`, needed when `w > 0`. Returns the loss (f32 `[1]`)
+/// and its gradient with respect to the student logits (`[rows, vocab]`, the student's dtype):
+/// `((1 − w)(p_S − p_T) + w(p_S − onehot)) / R`. Each row is reduced in f32 with running maxima
+/// (no overflow for large logits) and its gradient written directly: no probability tensor is
+/// ever stored. Deterministic.
+pub fn distill_loss(
+    student: &Tensor,
+    teacher: &Tensor,
+    labels: Option<&Tensor>,
+    ce_weight: f32,
+) -> Result<(Tensor, Tensor)> {
+    check_distill(student, teacher, labels, ce_weight)?;
+    let device = student.device();
+    let mut grad = match &device {
+        Device::Cpu => Tensor::zeros(student.shape(), student.dtype(), &Device::Cpu)?,
+        #[cfg(feature = "cuda")]
+        Device::Cuda(backend) => Tensor::uninit_cuda(student.shape(), student.dtype(), backend)?,
+    };
+    let mut loss = Tensor::zeros(&[1], DType::F32, &device)?;
+    distill_loss_into(student, teacher, labels, ce_weight, &mut loss, &mut grad)?;
+    Ok((loss, grad))
+}
+
+/// [`distill_loss`] into an existing `loss` (f32 `[1]`) and `grad` (like `student`).
+pub fn distill_loss_into(
+    student: &Tensor,
+    teacher: &Tensor,
+    labels: Option<&Tensor>,
+    ce_weight: f32,
+    loss: &mut Tensor,
+    grad: &mut Tensor,
+) -> Result<()> {
+    let (rows, vocab) = check_distill(student, teacher, labels, ce_weight)?;
+    let device = student.device();
+    loss.expect_dtype(OP_DISTILL, "loss", &[DType::F32])?;
+    loss.expect_shape(OP_DISTILL, "loss", &[1])?;
+    device.expect_same(&loss.device(), OP_DISTILL, "loss")?;
+    grad.expect_dtype(OP_DISTILL, "grad", &[student.dtype()])?;
+    grad.expect_shape(OP_DISTILL, "grad", student.shape())?;
+    device.expect_same(&grad.device(), OP_DISTILL, "grad")?;
+    match device {
+        Device::Cpu => with_float_type!(student.dtype(), OP_DISTILL, "student", T =>
+            cpu::distill::<T>(student, teacher, labels, ce_weight, rows, vocab, loss, grad)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::distill(student, teacher, labels, ce_weight, rows, vocab, loss, grad),
+    }
+}
+
+/// The running statistics of one row of the distillation loss, all f32: the student's maximum
+/// and `Σ exp(z_S − m_S)`, the teacher's maximum and `Σ exp(z_T − m_T)`, and the cross term
+/// `u = Σ exp(z_T − m_T)·(z_S − m_S)`, so that `L_AD = log s_S − u / s_T` needs no difference of
+/// large numbers. The CUDA kernel keeps the same state and merges it the same way.
+#[derive(Clone, Copy, Debug)]
+struct RowStats {
+    m_s: f32,
+    s_s: f32,
+    m_t: f32,
+    s_t: f32,
+    u: f32,
+}
+
+impl RowStats {
+    const EMPTY: RowStats = RowStats {
+        m_s: f32::NEG_INFINITY,
+        s_s: 0.0,
+        m_t: f32::NEG_INFINITY,
+        s_t: 0.0,
+        u: 0.0,
+    };
+
+    fn push(&mut self, z_s: f32, z_t: f32) {
+        if z_s > self.m_s {
+            // Re-centre the cross term on the new maximum: u -= Δ·s_T.
+            if self.s_t > 0.0 {
+                self.u -= (z_s - self.m_s) * self.s_t;
+            }
+            self.s_s = self.s_s * (self.m_s - z_s).exp() + 1.0;
+            self.m_s = z_s;
+        } else {
+            self.s_s += (z_s - self.m_s).exp();
+        }
+        if z_t == f32::NEG_INFINITY {
+            return;
+        }
+        if z_t > self.m_t {
+            let scale = (self.m_t - z_t).exp();
+            self.s_t = self.s_t * scale + 1.0;
+            self.u = self.u * scale + (z_s - self.m_s);
+            self.m_t = z_t;
+        } else {
+            let e = (z_t - self.m_t).exp();
+            if e > 0.0 {
+                self.s_t += e;
+                self.u += e * (z_s - self.m_s);
+            }
+        }
+    }
+
+    /// `log s_S − u / s_T`: the row's −Σ p_T log p_S.
+    fn distill(&self) -> f32 {
+        self.s_s.ln() - self.u / self.s_t
+    }
+}
+
+mod cpu {
+    use super::*;
+
+    #[inline(always)]
+    fn sign(w: f32) -> f32 {
+        if w > 0.0 {
+            1.0
+        } else if w < 0.0 {
+            -1.0
+        } else {
+            0.0
+        }
+    }
+
+    pub(super) fn forward(
+        x: &Tensor,
+        layer: &BinaryLinear<'_>,
+        tokens: usize,
+        d_out: usize,
+        d_in: usize,
+        y: &mut Tensor,
+    ) -> Result<()> {
+        let x = x.host_slice::<f32>()?;
+        let w = layer.weight.host_slice::<f32>()?;
+        let alpha = layer.alpha.host_slice::<f32>()?;
+        let beta = layer.beta.host_slice::<f32>()?;
+        let bias = layer.bias.map(|b| b.host_slice::<f32>()).transpose()?;
+        // The input scaled by α, and the rank-1 β term per token.
+        let scaled: Vec<f32> = x
+            .chunks_exact(d_in)
+            .flat_map(|row| row.iter().zip(alpha).map(|(v, a)| v * a))
+            .collect();
+        let shift: Vec<f32> = x
+            .chunks_exact(d_in)
+            .map(|row| row.iter().zip(beta).map(|(v, b)| v * b).sum())
+            .collect();
+        // One output channel per task: the signs of its weight row, once, against every token.
+        let columns: Vec<Vec<f32>> = (0..d_out)
+            .into_par_iter()
+            .map(|i| {
+                let signs: Vec<f32> = w[i * d_in..(i + 1) * d_in].iter().map(|&v| sign(v)).collect();
+                let b = bias.map_or(0.0, |b| b[i]);
+                (0..tokens)
+                    .map(|n| {
+                        let a = &scaled[n * d_in..(n + 1) * d_in];
+                        signs.iter().zip(a).map(|(s, a)| s * a).sum::<f32>() + shift[n] + b
+                    })
+                    .collect()
+            })
+            .collect();
+        let y = y.host_slice_mut::<f32>()?;
+        for (i, column) in columns.iter().enumerate() {
+            for (n, value) in column.iter().enumerate() {
+                y[n * d_out + i] = *value;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn backward(
+        d_y: &Tensor,
+        x: &Tensor,
+        layer: &BinaryLinear<'_>,
+        tokens: usize,
+        d_out: usize,
+        d_in: usize,
+    ) -> Result<BinaryLinearGrads> {
+        let dy = d_y.host_slice::<f32>()?;
+        let xs = x.host_slice::<f32>()?;
+        let w = layer.weight.host_slice::<f32>()?;
+        let alpha = layer.alpha.host_slice::<f32>()?;
+        let beta = layer.beta.host_slice::<f32>()?;
+        // P = dY·S and the row sums of dY carry dX, dα and dβ:
+        // dX = α⊙P + β·rowsum, dα_j = Σ_n X[n,j] P[n,j], dβ_j = Σ_n X[n,j] rowsum[n].
+        let row_sums: Vec<f32> = dy.chunks_exact(d_out).map(|row| row.iter().sum()).collect();
+        let mut p = vec![0.0f32; tokens * d_in];
+        p.par_chunks_mut(d_in).enumerate().for_each(|(n, p_row)| {
+            for (i, &g) in dy[n * d_out..(n + 1) * d_out].iter().enumerate() {
+                if g == 0.0 {
+                    continue;
+                }
+                for (p, &v) in p_row.iter_mut().zip(&w[i * d_in..(i + 1) * d_in]) {
+                    *p += g * sign(v);
+                }
+            }
+        });
+        let mut d_x = vec![0.0f32; tokens * d_in];
+        d_x.par_chunks_mut(d_in).enumerate().for_each(|(n, row)| {
+            for j in 0..d_in {
+                row[j] = alpha[j] * p[n * d_in + j] + beta[j] * row_sums[n];
+            }
+        });
+        let mut d_alpha = vec![0.0f32; d_in];
+        let mut d_beta = vec![0.0f32; d_in];
+        for n in 0..tokens {
+            for j in 0..d_in {
+                let v = xs[n * d_in + j];
+                d_alpha[j] += v * p[n * d_in + j];
+                d_beta[j] += v * row_sums[n];
+            }
+        }
+        // dW_ij = α_j G_ij with G = dYᵀX, one weight row per task.
+        let mut d_w = vec![0.0f32; d_out * d_in];
+        d_w.par_chunks_mut(d_in).enumerate().for_each(|(i, row)| {
+            for n in 0..tokens {
+                let g = dy[n * d_out + i];
+                for (r, &v) in row.iter_mut().zip(&xs[n * d_in..(n + 1) * d_in]) {
+                    *r += g * v;
+                }
+            }
+            for (r, a) in row.iter_mut().zip(alpha) {
+                *r *= a;
+            }
+        });
+        let d_bias = match layer.bias {
+            None => None,
+            Some(_) => {
+                let mut db = vec![0.0f32; d_out];
+                for row in dy.chunks_exact(d_out) {
+                    for (d, g) in db.iter_mut().zip(row) {
+                        *d += g;
+                    }
+                }
+                Some(Tensor::from_vec(db, &[d_out], &Device::Cpu)?)
+            }
+        };
+        Ok(BinaryLinearGrads {
+            d_x: Tensor::from_vec(d_x, &[tokens, d_in], &Device::Cpu)?,
+            d_weight: Tensor::from_vec(d_w, &[d_out, d_in], &Device::Cpu)?,
+            d_alpha: Tensor::from_vec(d_alpha, &[d_in], &Device::Cpu)?,
+            d_beta: Tensor::from_vec(d_beta, &[d_in], &Device::Cpu)?,
+            d_bias,
+        })
+    }
+
+    /// Column means in f64, rounded once to f32.
+    pub(super) fn xnor_init(w: &[f32], d_out: usize, d_in: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut mean = vec![0.0f64; d_in];
+        for row in w.chunks_exact(d_in) {
+            for (m, &v) in mean.iter_mut().zip(row) {
+                *m += v as f64;
+            }
+        }
+        for m in &mut mean {
+            *m /= d_out as f64;
+        }
+        let mut spread = vec![0.0f64; d_in];
+        for row in w.chunks_exact(d_in) {
+            for ((s, &v), m) in spread.iter_mut().zip(row).zip(&mean) {
+                *s += (v as f64 - m).abs();
+            }
+        }
+        let alpha = spread.iter().map(|s| (s / d_out as f64) as f32).collect();
+        let beta = mean.iter().map(|&m| m as f32).collect();
+        (alpha, beta)
+    }
+
+    pub(super) fn pack(w: &[f32], d_in: usize, bits: &mut [u32]) {
+        let words = packed_words(d_in);
+        bits.par_chunks_mut(words)
+            .zip(w.par_chunks(d_in))
+            .for_each(|(out, row)| {
+                for (word, chunk) in out.iter_mut().zip(row.chunks(32)) {
+                    *word = chunk
+                        .iter()
+                        .enumerate()
+                        .fold(0u32, |acc, (b, &v)| acc | (((v < 0.0) as u32) << b));
+                }
+            });
+    }
+
+    pub(super) fn unpack(bits: &[u32], d_in: usize, signs: &mut [f32]) {
+        let words = packed_words(d_in);
+        signs
+            .par_chunks_mut(d_in)
+            .zip(bits.par_chunks(words))
+            .for_each(|(row, bits)| {
+                for (j, s) in row.iter_mut().enumerate() {
+                    *s = if (bits[j / 32] >> (j % 32)) & 1 == 1 { -1.0 } else { 1.0 };
+                }
+            });
+    }
+
+    pub(super) fn packed_forward<T: Float>(
+        x: &Tensor,
+        layer: &PackedBinaryLinear<'_>,
+        tokens: usize,
+        d_out: usize,
+        y: &mut Tensor,
+    ) -> Result<()> {
+        let d_in = layer.d_in;
+        let words = packed_words(d_in);
+        let x = x.host_slice::<T>()?;
+        let bits = layer.bits.host_slice::<u32>()?;
+        let alpha = layer.alpha.host_slice::<f32>()?;
+        let beta = layer.beta.host_slice::<f32>()?;
+        let bias = layer.bias.map(|b| b.host_slice::<f32>()).transpose()?;
+        // α·x and the β term per token, then one output channel per task against every token:
+        // each weight word is read once, and each bit flips the sign of its scaled input.
+        let scaled: Vec<f32> = x
+            .chunks_exact(d_in)
+            .flat_map(|row| row.iter().zip(alpha).map(|(v, a)| v.to_f32() * a))
+            .collect();
+        let shift: Vec<f32> = x
+            .chunks_exact(d_in)
+            .map(|row| row.iter().zip(beta).map(|(v, b)| v.to_f32() * b).sum())
+            .collect();
+        let columns: Vec<Vec<f32>> = bits
+            .par_chunks(words)
+            .enumerate()
+            .map(|(i, row_bits)| {
+                let b = bias.map_or(0.0, |b| b[i]);
+                (0..tokens)
+                    .map(|n| {
+                        let a = &scaled[n * d_in..(n + 1) * d_in];
+                        let mut sum = 0.0f32;
+                        for (word, a) in row_bits.iter().zip(a.chunks(32)) {
+                            for (bit, &a) in a.iter().enumerate() {
+                                sum += f32::from_bits(a.to_bits() ^ (((word >> bit) & 1) << 31));
+                            }
+                        }
+                        sum + shift[n] + b
+                    })
+                    .collect()
+            })
+            .collect();
+        let y = y.host_slice_mut::<T>()?;
+        for (i, column) in columns.iter().enumerate() {
+            for (n, value) in column.iter().enumerate() {
+                y[n * d_out + i] = T::from_f32(*value);
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn distill<T: Float>(
+        student: &Tensor,
+        teacher: &Tensor,
+        labels: Option<&Tensor>,
+        ce_weight: f32,
+        rows: usize,
+        vocab: usize,
+        loss: &mut Tensor,
+        grad: &mut Tensor,
+    ) -> Result<()> {
+        let s = student.host_slice::<T>()?;
+        let t = teacher.host_slice::<T>()?;
+        let labels = labels.map(|l| l.host_slice::<u32>()).transpose()?;
+        let scale = 1.0 / rows as f32;
+        let grad = grad.host_slice_mut::<T>()?;
+        // One pass per row for the statistics, a second writing the row's gradient while the row
+        // is still in cache: only the gradient is ever stored.
+        let row_losses: Vec<f32> = grad
+            .par_chunks_mut(vocab)
+            .enumerate()
+            .map(|(r, g)| {
+                let (zs, zt) = (&s[r * vocab..(r + 1) * vocab], &t[r * vocab..(r + 1) * vocab]);
+                let mut stats = RowStats::EMPTY;
+                for (a, b) in zs.iter().zip(zt) {
+                    stats.push(a.to_f32(), b.to_f32());
+                }
+                let label = labels.map(|l| l[r] as usize);
+                let (inv_s, inv_t) = (1.0 / stats.s_s, 1.0 / stats.s_t);
+                for (c, ((out, a), b)) in g.iter_mut().zip(zs).zip(zt).enumerate() {
+                    let p_s = (a.to_f32() - stats.m_s).exp() * inv_s;
+                    let p_t = (b.to_f32() - stats.m_t).exp() * inv_t;
+                    let hot = if label == Some(c) { 1.0 } else { 0.0 };
+                    *out = T::from_f32(scale * ((1.0 - ce_weight) * (p_s - p_t) + ce_weight * (p_s - hot)));
+                }
+                let ce = label.map_or(0.0, |l| stats.s_s.ln() - (zs[l].to_f32() - stats.m_s));
+                (1.0 - ce_weight) * stats.distill() + ce_weight * ce
+            })
+            .collect();
+        loss.host_slice_mut::<f32>()?[0] = row_losses.iter().sum::<f32>() * scale;
+        Ok(())
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use crate::cuda::{CudaContextExt, LaunchConfig, PushKernelArg};
+    use cudarc::driver::sys::CUfunction_attribute_enum;
+
+    /// Must match kernels/binary.cu.
+    const THREADS: u32 = 256;
+    const GEMV_ROWS: usize = 32;
+    const GEMV_PHASE_K: usize = 4096;
+    const GEMM_TILE: usize = 128;
+    const DISTILL_THREADS: u32 = 512;
+
+    fn suffix(dtype: DType) -> &'static str {
+        dtype.name()
+    }
+
+    fn grid(op: &'static str, arg: &'static str, blocks: usize) -> Result<u32> {
+        u32::try_from(blocks)
+            .ok()
+            .filter(|&b| b <= i32::MAX as u32)
+            .ok_or_else(|| {
+                Error::invalid(
+                    op,
+                    arg,
+                    "a tensor small enough for one launch",
+                    format!("{blocks} blocks"),
+                )
+            })
+    }
+
+    pub(super) fn pack(weight: &Tensor, d_out: usize, d_in: usize, bits: &mut Tensor) -> Result<()> {
+        let buffer = weight.device_buffer()?;
+        let backend = buffer.backend().clone();
+        let (w, out) = (buffer.address(), bits.device_buffer()?.address());
+        let warps = d_out * packed_words(d_in);
+        let blocks = grid(OP_PACK, "weight", warps.div_ceil(THREADS as usize / 32))?;
+        let (rows, cols) = (d_out as i32, d_in as i32);
+        let function = backend.function("binary", "binary_pack")?;
+        let mut builder = backend.launch_builder(&function);
+        builder.arg(&w).arg(&out).arg(&rows).arg(&cols);
+        let config = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: w is f32 [rows, cols], out u32 [rows, ceil(cols/32)]; one warp per output word.
+        unsafe { builder.launch(config) }.context("launching binary_pack")?;
+        Ok(())
+    }
+
+    pub(super) fn unpack(bits: &Tensor, d_out: usize, d_in: usize, signs: &mut Tensor) -> Result<()> {
+        let buffer = bits.device_buffer()?;
+        let backend = buffer.backend().clone();
+        let (b, out) = (buffer.address(), signs.device_buffer()?.address());
+        let total = (d_out * d_in) as u64;
+        let blocks = (total.div_ceil(THREADS as u64)).min(backend.multiprocessors() as u64 * 32) as u32;
+        let (rows, cols) = (d_out as i32, d_in as i32);
+        let function = backend.function("binary", "binary_unpack")?;
+        let mut builder = backend.launch_builder(&function);
+        builder.arg(&b).arg(&out).arg(&rows).arg(&cols);
+        let config = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: bits is u32 [rows, ceil(cols/32)], out f32 [rows, cols]; a grid-stride loop
+        // over exactly rows·cols elements.
+        unsafe { builder.launch(config) }.context("launching binary_unpack")?;
+        Ok(())
+    }
+
+    pub(super) fn packed_forward(
+        x: &Tensor,
+        layer: &PackedBinaryLinear<'_>,
+        tokens: usize,
+        d_out: usize,
+        y: &mut Tensor,
+    ) -> Result<()> {
+        let x_buffer = x.device_buffer()?;
+        let backend = x_buffer.backend().clone();
+        let d_in = layer.d_in;
+        let words = packed_words(d_in);
+        let x_address = x_buffer.address();
+        let bits = layer.bits.device_buffer()?.address();
+        let alpha = layer.alpha.device_buffer()?.address();
+        let beta = layer.beta.device_buffer()?.address();
+        let bias = match layer.bias {
+            Some(b) => b.device_buffer()?.address(),
+            None => 0,
+        };
+        let y_address = y.device_buffer()?.address();
+        let (m, n, k, w) = (tokens as i32, d_out as i32, d_in as i32, words as i32);
+        let dtype = suffix(x.dtype());
+        if tokens <= GEMV_MAX_TOKENS {
+            // 128-bit loads of the bits need rows of whole 16-byte vectors, 16-byte aligned.
+            let vector = words.is_multiple_of(4) && bits.is_multiple_of(16);
+            let token_tiles = tokens.div_ceil(8);
+            // 16 token slots allow one block per SM: when 32-row blocks would take more than one
+            // wave, 64-row blocks stage the tokens half as often.
+            let rows = if token_tiles == 2 && d_out.div_ceil(GEMV_ROWS) > backend.multiprocessors() {
+                2 * GEMV_ROWS
+            } else {
+                GEMV_ROWS
+            };
+            let name = format!(
+                "binary_gemv_{dtype}_t{}{}{}",
+                8 * token_tiles,
+                if rows == GEMV_ROWS { "" } else { "_r64" },
+                if vector { "_vec" } else { "" }
+            );
+            let shared = (GEMV_PHASE_K * 16 * token_tiles) as u32;
+            let function = backend.function("binary", &name)?;
+            function
+                .set_attribute(
+                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared as i32,
+                )
+                .context(&format!("allowing {shared} bytes of shared memory for {name}"))?;
+            let mut builder = backend.launch_builder(&function);
+            builder
+                .arg(&x_address)
+                .arg(&bits)
+                .arg(&alpha)
+                .arg(&beta)
+                .arg(&bias)
+                .arg(&y_address)
+                .arg(&m)
+                .arg(&n)
+                .arg(&k)
+                .arg(&w);
+            let config = LaunchConfig {
+                grid_dim: (grid(OP_PACKED, "bits", d_out.div_ceil(rows))?, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: shared,
+            };
+            // SAFETY: validated shapes (x [m, k], bits [n, w], alpha/beta [k], bias [n] or null,
+            // y [m, n]), m <= 16 token slots staged, one block per `rows` output rows.
+            unsafe { builder.launch(config) }.context(&format!("launching {name}"))?;
+            return Ok(());
+        }
+        // Many tokens: the per-token β term first, then the tensor-core GEMM adds it.
+        let shift = Tensor::uninit_cuda(&[tokens], DType::F32, &backend)?;
+        let shift_address = shift.device_buffer()?.address();
+        let name = format!("binary_token_shift_{dtype}");
+        let function = backend.function("binary", &name)?;
+        let mut builder = backend.launch_builder(&function);
+        builder.arg(&x_address).arg(&beta).arg(&shift_address).arg(&m).arg(&k);
+        let config = LaunchConfig {
+            grid_dim: (grid(OP_PACKED, "x", tokens.div_ceil(THREADS as usize / 32))?, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: x [m, k], beta [k], shift [m]; one warp per token.
+        unsafe { builder.launch(config) }.context(&format!("launching {name}"))?;
+
+        let vector = d_in.is_multiple_of(8) && x_address.is_multiple_of(16);
+        let name = format!("binary_gemm_{dtype}{}", if vector { "_vec" } else { "" });
+        let function = backend.function("binary", &name)?;
+        let mut builder = backend.launch_builder(&function);
+        builder
+            .arg(&x_address)
+            .arg(&bits)
+            .arg(&alpha)
+            .arg(&shift_address)
+            .arg(&bias)
+            .arg(&y_address)
+            .arg(&m)
+            .arg(&n)
+            .arg(&k)
+            .arg(&w);
+        let config = LaunchConfig {
+            grid_dim: (
+                grid(OP_PACKED, "bits", d_out.div_ceil(GEMM_TILE))?,
+                tokens.div_ceil(GEMM_TILE) as u32,
+                1,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: validated shapes as above; tokens <= MAX_GPU_TOKENS keeps grid y <= 65535;
+        // shift holds m f32 written by the launch before on the same stream.
+        unsafe { builder.launch(config) }.context(&format!("launching {name}"))?;
+        // `shift` is freed in stream order, after the GEMM has read it.
+        drop(shift);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn distill(
+        student: &Tensor,
+        teacher: &Tensor,
+        labels: Option<&Tensor>,
+        ce_weight: f32,
+        rows: usize,
+        vocab: usize,
+        loss: &mut Tensor,
+        grad: &mut Tensor,
+    ) -> Result<()> {
+        let s_buffer = student.device_buffer()?;
+        let backend = s_buffer.backend().clone();
+        let s = s_buffer.address();
+        let t = teacher.device_buffer()?.address();
+        let l = match labels {
+            Some(labels) => labels.device_buffer()?.address(),
+            None => 0,
+        };
+        let g = grad.device_buffer()?.address();
+        let row_loss = Tensor::uninit_cuda(&[rows], DType::F32, &backend)?;
+        let row_loss_address = row_loss.device_buffer()?.address();
+        let (r, v) = (rows as i32, vocab as i32);
+        let scale = 1.0f32 / rows as f32;
+        let name = format!("distill_loss_rows_{}", suffix(student.dtype()));
+        let function = backend.function("binary", &name)?;
+        let mut builder = backend.launch_builder(&function);
+        builder
+            .arg(&s)
+            .arg(&t)
+            .arg(&l)
+            .arg(&g)
+            .arg(&row_loss_address)
+            .arg(&r)
+            .arg(&v)
+            .arg(&ce_weight)
+            .arg(&scale);
+        let config = LaunchConfig {
+            grid_dim: (grid(OP_DISTILL, "student", rows)?, 1, 1),
+            block_dim: (DISTILL_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: student, teacher and grad are [rows, vocab] of one dtype, labels u32 [rows]
+        // below vocab (validated) or null, row_loss f32 [rows]; one block per row.
+        unsafe { builder.launch(config) }.context(&format!("launching {name}"))?;
+        let loss_address = loss.device_buffer()?.address();
+        let function = backend.function("binary", "distill_loss_sum")?;
+        let mut builder = backend.launch_builder(&function);
+        builder.arg(&row_loss_address).arg(&loss_address).arg(&r).arg(&scale);
+        let config = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (DISTILL_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: row_loss holds rows f32 written by the launch before; loss is f32 [1].
+        unsafe { builder.launch(config) }.context("launching distill_loss_sum")?;
+        drop(row_loss);
+        Ok(())
+    }
+}
