@@ -406,17 +406,21 @@ impl Tensor {
 
     /// The same data seen with another shape of the same element count.
     pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
-        self.reshape_in_place(shape)?;
+        self.set_shape("Tensor::reshape", shape)?;
         Ok(self)
     }
 
     /// Gives the same data another shape of the same element count, in place: how a caller sees
     /// one buffer as (tokens, width) for a matmul and (batch, seq, heads, head_dim) for attention.
     pub fn reshape_in_place(&mut self, shape: &[usize]) -> Result<()> {
-        let numel = checked_numel("Tensor::reshape_in_place", shape)?;
+        self.set_shape("Tensor::reshape_in_place", shape)
+    }
+
+    fn set_shape(&mut self, op: &'static str, shape: &[usize]) -> Result<()> {
+        let numel = checked_numel(op, shape)?;
         if numel != self.numel() {
             return Err(Error::invalid(
-                "Tensor::reshape_in_place",
+                op,
                 "shape",
                 format!("a shape of {} elements", self.numel()),
                 format!("{shape:?} ({numel} elements)"),

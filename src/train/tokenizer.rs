@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use std::path::Path;
 
+#[cfg(feature = "hf-tokenizer")]
 const OP: &str = "Tokenizer";
 
 /// Turns text into token ids and back.

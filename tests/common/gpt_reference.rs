@@ -121,9 +121,9 @@ fn wavelet(config: &GptConfig, x: &[Vec<f64>]) -> Vec<Vec<f64>> {
     let mut out = x.to_vec();
     for i in 0..mixed {
         let k = (1usize << (1 + i * levels / mixed)).min(config.context);
-        for t in 0..x.len() {
+        for (t, row) in out.iter_mut().enumerate() {
             let start = (t + 1).saturating_sub(k);
-            out[t][i] = (start..=t).map(|s| x[s][i]).sum::<f64>() / k as f64;
+            row[i] = (start..=t).map(|s| x[s][i]).sum::<f64>() / k as f64;
         }
     }
     out
@@ -186,7 +186,8 @@ fn linear(w: &Weights, prefix: &str, x: &[f64], input_major: bool) -> Vec<f64> {
 fn attention(config: &GptConfig, w: &Weights, prefix: &str, h: &[Vec<f64>]) -> Vec<Vec<f64>> {
     let (c, heads, kv_heads, d) = (config.width, config.heads, config.kv_heads, config.head_dim());
     let kv = kv_heads * d;
-    let (q, k, v): (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>) = if config.family == Family::Gpt2 {
+    type Rows = Vec<Vec<f64>>;
+    let (q, k, v): (Rows, Rows, Rows) = if config.family == Family::Gpt2 {
         let qkv: Vec<Vec<f64>> = h
             .iter()
             .map(|row| linear(w, &format!("{prefix}.attn.c_attn"), row, true))

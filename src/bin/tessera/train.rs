@@ -139,11 +139,11 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
         };
         let step = record.step;
         let last = step == options.steps;
-        if last || (options.eval_every > 0 && step % options.eval_every == 0) {
+        if last || (options.eval_every > 0 && step.is_multiple_of(options.eval_every)) {
             last_validation = Some(trainer.validate(&corpus)?);
         }
         progress.update(record.loss, last_validation, record.tokens);
-        if last || (options.checkpoint_every > 0 && step % options.checkpoint_every == 0) {
+        if last || (options.checkpoint_every > 0 && step.is_multiple_of(options.checkpoint_every)) {
             trainer.save(&out)?;
         }
     }
@@ -253,7 +253,7 @@ impl Progress {
         if self.terminal {
             eprint!("\r{line}\x1b[K");
             let _ = std::io::stderr().flush();
-        } else if self.step % every == 0 || self.step == self.total {
+        } else if self.step.is_multiple_of(every) || self.step == self.total {
             eprintln!("{line}");
         }
     }
