@@ -443,3 +443,71 @@ fn recipe_options_round_trip_through_json() {
     wrong["forget_every"] = serde_json::json!("often");
     assert_eq!(TrainOptions::from_json(&wrong), None);
 }
+
+/// The recipes from the command line: GrowLength and active forgetting from the [train] table,
+/// then GAP on the run's checkpoint, whose output generate reads.
+#[test]
+fn recipes_run_from_the_command_line() {
+    let tessera = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(args)
+            .output()
+            .unwrap();
+        let log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(output.status.success(), "tessera {args:?}: {log}");
+        log
+    };
+    let dir = scratch("cli", &Device::Cpu);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("recipes.toml");
+    std::fs::write(
+        &config,
+        "[model]\nlayers = 1\nheads = 2\nkv_heads = 2\nwidth = 32\nffn_width = 64\ncontext = 16\n\n\
+         [train]\nbatch = 2\nseq = 16\nsteps = 4\nwarmup = 1\neval_windows = 2\ngrow_from = 4\nforget_every = 2\n",
+    )
+    .unwrap();
+    let gap_config = dir.join("gap.toml");
+    std::fs::write(&gap_config, "[train]\ngap_steps = 2\ngap_tokens = 16\n").unwrap();
+    let (run, gap) = (dir.join("run"), dir.join("gap"));
+    let path = |p: &PathBuf| p.to_str().unwrap().to_string();
+    tessera(&[
+        "train",
+        "--device",
+        "cpu",
+        "--config",
+        &path(&config),
+        "--out",
+        &path(&run),
+    ]);
+    let resumed = Trainer::resume(&run, &Device::Cpu).unwrap();
+    assert_eq!((resumed.options.grow_from, resumed.options.forget_every), (4, 2));
+    let log = tessera(&[
+        "train",
+        "--device",
+        "cpu",
+        "--gap",
+        &path(&run),
+        "--config",
+        &path(&gap_config),
+        "--out",
+        &path(&gap),
+    ]);
+    assert!(log.contains("GAP step 2 |") && log.contains("kept GAP step"), "{log}");
+    let sample = tessera(&[
+        "generate",
+        "--device",
+        "cpu",
+        "--checkpoint",
+        &path(&gap),
+        "--prompt",
+        "fox",
+        "--tokens",
+        "5",
+    ]);
+    assert!(sample.starts_with("fox"), "{sample}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
