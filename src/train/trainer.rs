@@ -136,9 +136,8 @@ impl TrainOptions {
                 return Err(Error::invalid(OP, "grad_clip", "a finite norm > 0", clip));
             }
         }
-        if self.grow_from > 0 {
-            let ratio = self.seq / self.grow_from;
-            if self.seq % self.grow_from != 0 || !ratio.is_power_of_two() {
+        if let Some(ratio) = self.seq.checked_div(self.grow_from) {
+            if !(self.seq.is_multiple_of(self.grow_from) && ratio.is_power_of_two()) {
                 return Err(Error::invalid(
                     OP,
                     "grow_from",
@@ -403,7 +402,7 @@ impl Trainer {
             }
         }
         self.step = step;
-        if self.options.forget_every > 0 && step % self.options.forget_every == 0 {
+        if self.options.forget_every > 0 && step.is_multiple_of(self.options.forget_every) {
             self.forget()?;
         }
         Ok(StepRecord {
