@@ -333,8 +333,13 @@ fn recipes_lower_the_loss(device: &Device) {
 fn gap_step_is_a_negated_step(device: &Device) {
     let corpus = corpus();
     for family in [Family::Gpt2, Family::Llama] {
-        let mut gap = Trainer::new(&config(family), options(5), device).unwrap();
-        let mut plain = Trainer::new(&config(family), options(5), device).unwrap();
+        // A learning rate that moves bf16 weights on a GPU (5e-5 is below their rounding step).
+        let small = TrainOptions {
+            gap_lr: 1e-3,
+            ..options(5)
+        };
+        let mut gap = Trainer::new(&config(family), small.clone(), device).unwrap();
+        let mut plain = Trainer::new(&config(family), small, device).unwrap();
         for _ in 0..5 {
             gap.train_step(&corpus).unwrap();
             plain.train_step(&corpus).unwrap();
@@ -354,11 +359,13 @@ fn gap_step_is_a_negated_step(device: &Device) {
             let negated: Vec<f32> = p.grad.to_vec::<f32>().unwrap().iter().map(|g| -g).collect();
             p.grad = Tensor::from_vec(negated, &p.spec.shape, device).unwrap();
         }
-        let config = plain.options.gap_adamw();
+        let defaults = TrainOptions::tiny().gap_adamw();
         assert_eq!(
-            (config.lr, config.beta1, config.beta2, config.weight_decay),
+            (defaults.lr, defaults.beta1, defaults.beta2, defaults.weight_decay),
             (5e-5, 0.9, 0.98, 0.0)
         );
+        let config = AdamWConfig { lr: 1e-3, ..defaults };
+        assert_eq!(plain.options.gap_adamw(), config);
         plain.model.params.adamw_step(&config, 1, 1.0).unwrap();
         assert_eq!(state(&gap), state(&plain), "{family:?}");
     }
@@ -509,5 +516,21 @@ fn recipes_run_from_the_command_line() {
         "5",
     ]);
     assert!(sample.starts_with("fox"), "{sample}");
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["train", "--device", "cpu", "--gap", &path(&run), "--out", &path(&run)])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2), "GAP never writes into the run it reads");
+    let default_out = tessera(&[
+        "train",
+        "--device",
+        "cpu",
+        "--gap",
+        &path(&run),
+        "--config",
+        &path(&gap_config),
+    ]);
+    assert!(default_out.contains(&format!("{}-gap", path(&run))), "{default_out}");
+    assert!(dir.join("run-gap").join("model.safetensors").is_file());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -29,8 +29,9 @@ options:
   --resume           continue from the latest checkpoint in --out
   --gap CHECKPOINT   GAP post-training of CHECKPOINT instead of training: gap_steps updates of
                      gradient ascent on one random text sample, validating after each, the
-                     best step's parameters written to --out (see [train] gap_steps, gap_lr,
-                     gap_tokens; --config overrides them, --seed picks another sample)
+                     best step's parameters written to --out (default: CHECKPOINT-gap; see
+                     [train] gap_steps, gap_lr, gap_tokens: --config overrides them, --seed
+                     picks another sample)
 
 The [train] table also turns on the recipes: grow_from = L0 (GrowLength: sequence lengths
 L0, 2·L0, ... up to seq, tokens per step constant) and forget_every = K (active forgetting:
@@ -66,14 +67,27 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
     let device = crate::device_option(&mut args)?;
     let steps: Option<u64> = args.parsed("--steps").map_err(usage)?;
     let seed: Option<u64> = args.parsed("--seed").map_err(usage)?;
-    let out = PathBuf::from(
-        args.value("--out")
-            .map_err(usage)?
-            .unwrap_or_else(|| format!("runs/{preset}")),
-    );
+    let out_arg = args.value("--out").map_err(usage)?;
     let resume = args.flag("--resume");
     let gap = args.value("--gap").map_err(usage)?;
     args.finish().map_err(usage)?;
+    // GAP writes a model directory of its own, never into the run it starts from.
+    let out = PathBuf::from(match (&out_arg, &gap) {
+        (Some(out), _) => out.clone(),
+        (None, Some(from)) => format!("{}-gap", from.trim_end_matches('/')),
+        (None, None) => format!("runs/{preset}"),
+    });
+    if let Some(from) = &gap {
+        let same = match (Path::new(from).canonicalize(), out.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => Path::new(from) == out,
+        };
+        if same {
+            return Err(Failure::Usage(format!(
+                "--out must differ from the --gap checkpoint ({from})"
+            )));
+        }
+    }
 
     // A run keeps its tokenizer beside its checkpoints, so that resuming, generate and eval
     // tokenize as training did.
