@@ -215,7 +215,7 @@ fn forgetting_resets_exactly_the_embedding(device: &Device) {
             let episode_step = (step - 1) % 3 + 1;
             for (i, (old, new)) in before.iter().zip(&after).enumerate() {
                 let name = &trainer.model.params.params[i].spec.name;
-                if i == embedding && step % 3 == 0 {
+                if i == embedding && step.is_multiple_of(3) {
                     let mut fresh = GptParams::init(&config, device, forget.seed).unwrap();
                     fresh.redraw(embedding, forget_seed(forget.seed, step)).unwrap();
                     let p = &fresh.params[embedding];

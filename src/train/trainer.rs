@@ -169,7 +169,10 @@ impl TrainOptions {
         if self.grow_from == 0 || self.grow_from > self.seq {
             return vec![self.seq];
         }
-        std::iter::successors(Some(self.grow_from), |&l| (l < self.seq).then_some(2 * l)).collect()
+        std::iter::successors(Some(self.grow_from), |&l| {
+            (l < self.seq).then_some((2 * l).min(self.seq))
+        })
+        .collect()
     }
 
     /// The (sequences, tokens per sequence) of the 1-based `step`'s micro-batches. With
