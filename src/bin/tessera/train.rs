@@ -366,7 +366,7 @@ impl Progress {
         if self.terminal {
             eprint!("\r{line}\x1b[K");
             let _ = std::io::stderr().flush();
-        } else if self.step % every == 0 || self.step == self.total {
+        } else if self.step.is_multiple_of(every) || self.step == self.total {
             eprintln!("{line}");
         }
     }
