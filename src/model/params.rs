@@ -389,6 +389,101 @@ impl GptParams {
         ops::adamw_step(&mut tensors, config, step, grad_scale)
     }
 
+    /// AdamW as [`GptParams::adamw_step`] over every parameter but `apart`, and a second update
+    /// of `apart` alone with its own configuration and step number (active forgetting gives the
+    /// token embedding its own learning rate and bias correction). Each tensor's update is the
+    /// one a single call would make with that tensor's configuration and step.
+    pub fn adamw_step_apart(
+        &mut self,
+        config: &AdamWConfig,
+        step: u64,
+        grad_scale: f32,
+        apart: usize,
+        apart_config: &AdamWConfig,
+        apart_step: u64,
+    ) -> Result<()> {
+        if apart >= self.params.len() {
+            return Err(Error::invalid(
+                "GptParams::adamw_step_apart",
+                "apart",
+                format!("a parameter index below {}", self.params.len()),
+                apart,
+            ));
+        }
+        let (mut rest, mut alone): (Vec<_>, Vec<_>) = self
+            .params
+            .iter_mut()
+            .enumerate()
+            .map(|(i, p)| {
+                (
+                    i,
+                    AdamWTensor {
+                        param: &mut p.value,
+                        grad: &p.grad,
+                        exp_avg: &mut p.exp_avg,
+                        exp_avg_sq: &mut p.exp_avg_sq,
+                        param_bf16: p.compute.as_mut(),
+                        weight_decay: p.spec.weight_decay,
+                    },
+                )
+            })
+            .partition(|(i, _)| *i != apart);
+        let mut rest: Vec<AdamWTensor<'_>> = rest.drain(..).map(|(_, t)| t).collect();
+        let mut alone: Vec<AdamWTensor<'_>> = alone.drain(..).map(|(_, t)| t).collect();
+        ops::adamw_step(&mut alone, apart_config, apart_step, grad_scale)?;
+        ops::adamw_step(&mut rest, config, step, grad_scale)
+    }
+
+    /// Re-draws parameter `index` from its initialisation (as [`GptParams::init`] would with
+    /// `seed`) and zeroes its AdamW moments.
+    pub fn redraw(&mut self, index: usize, seed: u64) -> Result<()> {
+        let spec = self.check_index("GptParams::redraw", index)?.clone();
+        let numel: usize = spec.shape.iter().product();
+        let values = match spec.init {
+            Init::Zeros => vec![0.0; numel],
+            Init::Ones => vec![1.0; numel],
+            Init::Normal(std) => normal(numel, std, seed ^ splitmix64(name_hash(&spec.name))),
+        };
+        self.set_value(index, values)?;
+        let p = &mut self.params[index];
+        p.exp_avg.fill_bytes(0)?;
+        p.exp_avg_sq.fill_bytes(0)
+    }
+
+    /// Replaces parameter `index`'s master value (and its compute copy) by `values`.
+    pub fn set_value(&mut self, index: usize, values: Vec<f32>) -> Result<()> {
+        let spec = self.check_index("GptParams::set_value", index)?;
+        let numel: usize = spec.shape.iter().product();
+        if values.len() != numel {
+            return Err(Error::invalid(
+                "GptParams::set_value",
+                "values",
+                format!("{numel} values for {}", spec.name),
+                values.len(),
+            ));
+        }
+        let value = Tensor::from_vec(values, &spec.shape, &self.device)?;
+        let compute = match self.params[index].compute {
+            Some(_) => Some(cast(&value, self.dtype)?),
+            None => None,
+        };
+        let p = &mut self.params[index];
+        p.value = value;
+        p.compute = compute;
+        Ok(())
+    }
+
+    fn check_index(&self, op: &'static str, index: usize) -> Result<&ParamSpec> {
+        self.params.get(index).map(|p| &p.spec).ok_or_else(|| {
+            Error::invalid(
+                op,
+                "index",
+                format!("a parameter index below {}", self.params.len()),
+                index,
+            )
+        })
+    }
+
     /// Writes the parameters to `path` (safetensors, Hugging Face names, the configuration in the
     /// metadata), atomically.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {

@@ -11,7 +11,7 @@
 //! complete, then the file `latest` is replaced (temporary file, rename) to name it, so a crash at
 //! any point leaves `latest` naming a whole checkpoint.
 
-use super::data::{validation_windows, BatchSampler, Corpus};
+use super::data::{splitmix64, validation_windows, BatchSampler, Corpus};
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -54,6 +54,19 @@ pub struct TrainOptions {
     /// Save a checkpoint every this many steps, and after the last (0: only after the last).
     pub checkpoint_every: u64,
     pub seed: u64,
+    /// GrowLength (ALGORITHMS.md §8.2): the first stage's sequence length `L_0` (0: off). The
+    /// run is split into stages of equal token budget with `L_s = L_0 · 2^s` up to `seq`, and
+    /// `batch · seq` tokens per micro-batch throughout (`B_s = batch · seq / L_s`).
+    pub grow_from: usize,
+    /// Active forgetting (§10.1): re-draw the token embedding and reset its AdamW state after
+    /// every this many steps (0: off).
+    pub forget_every: u64,
+    /// GAP (§10.2): gradient-ascent updates of a post-training run.
+    pub gap_steps: u64,
+    /// GAP's constant learning rate.
+    pub gap_lr: f32,
+    /// GAP's text sample length in tokens (capped at the model's context).
+    pub gap_tokens: usize,
 }
 
 impl TrainOptions {
@@ -75,6 +88,11 @@ impl TrainOptions {
             eval_windows: 64,
             checkpoint_every: 0,
             seed: 1337,
+            grow_from: 0,
+            forget_every: 0,
+            gap_steps: 15,
+            gap_lr: 5e-5,
+            gap_tokens: 512,
         }
     }
 
@@ -118,7 +136,74 @@ impl TrainOptions {
                 return Err(Error::invalid(OP, "grad_clip", "a finite norm > 0", clip));
             }
         }
+        if let Some(ratio) = self.seq.checked_div(self.grow_from) {
+            if !(self.seq.is_multiple_of(self.grow_from) && ratio.is_power_of_two()) {
+                return Err(Error::invalid(
+                    OP,
+                    "grow_from",
+                    format!("0, or seq ({}) divided by a power of two", self.seq),
+                    self.grow_from,
+                ));
+            }
+        }
+        if self.forget_every > self.steps {
+            return Err(Error::invalid(
+                OP,
+                "forget_every",
+                format!("0, or at most steps ({})", self.steps),
+                self.forget_every,
+            ));
+        }
+        if !(self.gap_lr.is_finite() && self.gap_lr > 0.0) {
+            return Err(Error::invalid(OP, "gap_lr", "a finite learning rate > 0", self.gap_lr));
+        }
+        if self.gap_tokens == 0 {
+            return Err(Error::invalid(OP, "gap_tokens", "a positive number", 0));
+        }
         WarmupCosine::new(self.lr, self.min_lr, self.warmup.min(self.steps), self.steps.max(1))
+    }
+
+    /// GrowLength's stage lengths, shortest first: `grow_from · 2^s` up to `seq` (just `seq`
+    /// when GrowLength is off).
+    pub fn stages(&self) -> Vec<usize> {
+        if self.grow_from == 0 || self.grow_from > self.seq {
+            return vec![self.seq];
+        }
+        std::iter::successors(Some(self.grow_from), |&l| {
+            (l < self.seq).then_some((2 * l).min(self.seq))
+        })
+        .collect()
+    }
+
+    /// The (sequences, tokens per sequence) of the 1-based `step`'s micro-batches. With
+    /// GrowLength the stages split the steps, hence the tokens, equally, and the tokens per
+    /// micro-batch stay `batch · seq`.
+    pub fn batch_shape(&self, step: u64) -> (usize, usize) {
+        let stages = self.stages();
+        let count = stages.len() as u128;
+        let stage = (u128::from(step.max(1) - 1) * count / u128::from(self.steps.max(1))).min(count - 1);
+        let seq = stages[stage as usize];
+        (self.batch * self.seq / seq, seq)
+    }
+
+    /// With active forgetting, the 1-based `step`'s place in its episode of `forget_every`
+    /// steps: the embedding's own AdamW step number, restarted by every reset.
+    pub fn embedding_step(&self, step: u64) -> u64 {
+        match self.forget_every {
+            0 => step,
+            k => (step.max(1) - 1) % k + 1,
+        }
+    }
+
+    /// GAP's optimizer: Adam with β = (0.9, 0.98) at a constant learning rate, no weight decay.
+    pub fn gap_adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            lr: self.gap_lr,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 
     fn adamw(&self, lr: f32) -> AdamWConfig {
@@ -139,13 +224,22 @@ impl TrainOptions {
             "beta1": self.beta1, "beta2": self.beta2, "grad_clip": self.grad_clip,
             "eval_every": self.eval_every, "eval_windows": self.eval_windows,
             "checkpoint_every": self.checkpoint_every, "seed": self.seed,
+            "grow_from": self.grow_from, "forget_every": self.forget_every,
+            "gap_steps": self.gap_steps, "gap_lr": self.gap_lr, "gap_tokens": self.gap_tokens,
         })
     }
 
     /// Parses [`TrainOptions::to_json`]'s output; `None` when a field is missing or mistyped.
+    /// The recipe fields may be missing (checkpoints written before they existed): they take
+    /// [`TrainOptions::tiny`]'s values, which leave the recipes off.
     pub fn from_json(value: &Value) -> Option<TrainOptions> {
         let size = |key: &str| value.get(key)?.as_u64();
         let number = |key: &str| value.get(key)?.as_f64().map(|v| v as f32);
+        let defaults = TrainOptions::tiny();
+        let optional_size = |key: &str, default: u64| match value.get(key) {
+            None => Some(default),
+            Some(v) => v.as_u64(),
+        };
         Some(TrainOptions {
             batch: size("batch")? as usize,
             seq: size("seq")? as usize,
@@ -165,6 +259,14 @@ impl TrainOptions {
             eval_windows: size("eval_windows")? as usize,
             checkpoint_every: size("checkpoint_every")?,
             seed: size("seed")?,
+            grow_from: optional_size("grow_from", defaults.grow_from as u64)? as usize,
+            forget_every: optional_size("forget_every", defaults.forget_every)?,
+            gap_steps: optional_size("gap_steps", defaults.gap_steps)?,
+            gap_lr: match value.get("gap_lr") {
+                None => defaults.gap_lr,
+                Some(v) => v.as_f64()? as f32,
+            },
+            gap_tokens: optional_size("gap_tokens", defaults.gap_tokens as u64)? as usize,
         })
     }
 }
@@ -179,6 +281,42 @@ pub struct StepRecord {
     /// The global gradient norm before clipping.
     pub grad_norm: f32,
     pub tokens: usize,
+    /// Sequences per micro-batch (GrowLength changes it).
+    pub batch: usize,
+    /// Tokens per sequence (GrowLength changes it).
+    pub seq: usize,
+}
+
+/// One GAP update's record.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GapStep {
+    pub step: u64,
+    /// The loss on the sample before this update.
+    pub sample_loss: f32,
+    /// The validation loss after it.
+    pub validation: f32,
+}
+
+/// What a GAP run did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GapReport {
+    /// The length of the text sample.
+    pub sample_tokens: usize,
+    /// The validation loss before the first update.
+    pub initial_validation: f32,
+    pub steps: Vec<GapStep>,
+    /// The index in `steps` of the update whose parameters were kept.
+    pub best: usize,
+    /// The loss on the sample under the kept parameters.
+    pub sample_loss_after: f32,
+}
+
+/// Separates GAP's sample draw from the training batches of the same seed.
+const GAP_SALT: u64 = 0x4741_5020_5341_4d50;
+
+/// The seed of active forgetting's re-draw after `step` in a run seeded by `seed`.
+pub fn forget_seed(seed: u64, step: u64) -> u64 {
+    splitmix64(seed ^ splitmix64(step ^ 0x464f_5247_4554))
 }
 
 /// A model, its optimizer state and where the data stream stands.
@@ -198,7 +336,8 @@ impl Trainer {
     pub fn new(config: &GptConfig, options: TrainOptions, device: &Device) -> Result<Trainer> {
         let schedule = options.validate(config)?;
         let params = GptParams::init(config, device, options.seed)?;
-        let model = Gpt::new(params, options.batch, options.seq)?;
+        let (batch, seq) = options.batch_shape(1);
+        let model = Gpt::new(params, batch, seq)?;
         Ok(Trainer {
             model,
             sampler: BatchSampler::new(options.seed),
@@ -215,11 +354,14 @@ impl Trainer {
         self.step
     }
 
-    /// One optimizer step: `accumulation` micro-batches of forward and backward, clipping, AdamW.
-    /// A loss or gradient that is not finite stops with an error before the update, so the
-    /// parameters stay those of the last good step.
+    /// One optimizer step: `accumulation` micro-batches of forward and backward, clipping, AdamW
+    /// (and the recipes the options turn on: GrowLength's batch shape, active forgetting's
+    /// embedding update and reset). A loss or gradient that is not finite stops with an error
+    /// before the update, so the parameters stay those of the last good step.
     pub fn train_step(&mut self, corpus: &Corpus) -> Result<StepRecord> {
-        let (batch, seq, micro) = (self.options.batch, self.options.seq, self.options.accumulation);
+        let step = self.step + 1;
+        let (batch, seq) = self.options.batch_shape(step);
+        let micro = self.options.accumulation;
         self.model.params.zero_grads()?;
         let mut loss = 0.0f64;
         for _ in 0..micro {
@@ -232,7 +374,6 @@ impl Trainer {
                 as f64;
         }
         let loss = (loss / micro as f64) as f32;
-        let step = self.step + 1;
         let grad_norm = self.model.params.grad_norm()?;
         if !loss.is_finite() || !grad_norm.is_finite() {
             return Err(Error::Diverged(format!(
@@ -245,15 +386,146 @@ impl Trainer {
             _ => 1.0,
         };
         let lr = self.schedule.lr(step);
-        self.model.params.adamw_step(&self.options.adamw(lr), step, scale)?;
+        match self.options.forget_every {
+            0 => self.model.params.adamw_step(&self.options.adamw(lr), step, scale)?,
+            every => {
+                // The embedding replays the whole schedule in every episode, sampled every
+                // steps/every steps, with its own bias-correction step (§10.1).
+                let episode_step = self.options.embedding_step(step);
+                let position = u128::from(episode_step) * u128::from(self.options.steps) / u128::from(every);
+                let embedding_lr = self.schedule.lr(position as u64);
+                self.model.params.adamw_step_apart(
+                    &self.options.adamw(lr),
+                    step,
+                    scale,
+                    self.model.params.layout.token_embedding,
+                    &self.options.adamw(embedding_lr),
+                    episode_step,
+                )?;
+            }
+        }
         self.step = step;
+        if self.options.forget_every > 0 && step.is_multiple_of(self.options.forget_every) {
+            self.forget()?;
+        }
         Ok(StepRecord {
             step,
             loss,
             lr,
             grad_norm,
             tokens: batch * seq * micro,
+            batch,
+            seq,
         })
+    }
+
+    /// Active forgetting's reset: the token embedding (and with it a tied head) re-drawn from
+    /// N(0, 0.02²), seeded by the run's seed and the step, and its AdamW moments zeroed. The
+    /// untied head, positions, norms and blocks are kept.
+    pub fn forget(&mut self) -> Result<()> {
+        let index = self.model.params.layout.token_embedding;
+        self.model
+            .params
+            .redraw(index, forget_seed(self.options.seed, self.step))
+    }
+
+    /// GAP's text sample: `gap_tokens` consecutive training tokens (at most the context) at an
+    /// offset drawn from the seed, as (inputs, targets).
+    pub fn gap_sample(&self, corpus: &Corpus) -> Result<(Vec<u32>, Vec<u32>)> {
+        let len = self
+            .options
+            .gap_tokens
+            .min(self.model.params.config.context)
+            .min(corpus.train.len().saturating_sub(1));
+        if len == 0 {
+            return Err(Error::invalid(
+                OP,
+                "corpus",
+                "at least two training tokens",
+                corpus.train.len(),
+            ));
+        }
+        let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+        BatchSampler::new(self.options.seed ^ GAP_SALT).next_batch(&corpus.train, 1, len, &mut inputs, &mut targets)?;
+        Ok((inputs, targets))
+    }
+
+    /// One GAP update: the gradient of the loss on `inputs` (one sequence) negated, then Adam
+    /// ([`TrainOptions::gap_adamw`]) at the 1-based `step`. Returns the loss before the update.
+    pub fn gap_step(&mut self, inputs: &[u32], targets: &[u32], step: u64) -> Result<f32> {
+        self.model.params.zero_grads()?;
+        let loss = self.model.forward_backward(inputs, targets, 1, inputs.len(), -1.0)?;
+        let grad_norm = self.model.params.grad_norm()?;
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            return Err(Error::Diverged(format!(
+                "at GAP step {step} the sample loss is {loss} and the gradient norm {grad_norm}; \
+                 the parameters were not updated"
+            )));
+        }
+        self.model.params.adamw_step(&self.options.gap_adamw(), step, 1.0)?;
+        Ok(loss)
+    }
+
+    /// Gradient Ascent Post-training (§10.2): fresh Adam moments, then `gap_steps` ascent updates
+    /// on one text sample ([`Trainer::gap_sample`]), validating after each, and the parameters of
+    /// the step with the lowest validation loss kept. The step counter is unchanged.
+    pub fn gap(&mut self, corpus: &Corpus) -> Result<GapReport> {
+        self.options.validate(&self.model.params.config)?;
+        if self.options.gap_steps == 0 {
+            return Err(Error::invalid(OP, "gap_steps", "a positive number", 0));
+        }
+        let (inputs, targets) = self.gap_sample(corpus)?;
+        for p in &mut self.model.params.params {
+            p.exp_avg.fill_bytes(0)?;
+            p.exp_avg_sq.fill_bytes(0)?;
+        }
+        let initial_validation = self.validate(corpus)?;
+        let mut steps = Vec::new();
+        let mut best: Option<(usize, Vec<Vec<f32>>)> = None;
+        for step in 1..=self.options.gap_steps {
+            let sample_loss = self.gap_step(&inputs, &targets, step)?;
+            let validation = self.validate(corpus)?;
+            steps.push(GapStep {
+                step,
+                sample_loss,
+                validation,
+            });
+            let improved = best.as_ref().is_none_or(|(i, _)| validation < steps[*i].validation);
+            if improved {
+                let values = self
+                    .model
+                    .params
+                    .params
+                    .iter()
+                    .map(|p| p.value.to_vec::<f32>())
+                    .collect::<Result<Vec<_>>>()?;
+                best = Some((steps.len() - 1, values));
+            }
+        }
+        let (index, values) = best.ok_or_else(|| Error::invalid(OP, "gap_steps", "a positive number", 0))?;
+        for (i, values) in values.into_iter().enumerate() {
+            self.model.params.set_value(i, values)?;
+        }
+        let sample_loss_after = self.model.loss(&inputs, &targets, 1, inputs.len())?;
+        Ok(GapReport {
+            sample_tokens: inputs.len(),
+            initial_validation,
+            steps,
+            best: index,
+            sample_loss_after,
+        })
+    }
+
+    /// Writes the parameters alone (`model.safetensors`, and `config.json` where transformers has
+    /// the architecture) into `dir`, a directory that generate and eval read as a checkpoint.
+    pub fn save_model(&self, dir: &Path) -> Result<()> {
+        fs::create_dir_all(dir).map_err(|e| Error::file(dir.display(), format!("cannot create the directory: {e}")))?;
+        self.model.params.save(dir.join("model.safetensors"))?;
+        if let Some(config) = self.model.params.config.hugging_face_json() {
+            fs::write(dir.join("config.json"), config)
+                .map_err(|e| Error::file(dir.display(), format!("cannot write config.json: {e}")))?;
+        }
+        Ok(())
     }
 
     /// The mean loss over the validation text (or its first `eval_windows` windows).
@@ -364,7 +636,8 @@ impl Trainer {
                 .take(&format!("exp_avg_sq.{}", p.spec.name), DType::F32, &shape)?
                 .to_device(device)?;
         }
-        let model = Gpt::new(params, options.batch, options.seq)?;
+        let (batch, seq) = options.batch_shape(step + 1);
+        let model = Gpt::new(params, batch, seq)?;
         Ok(Trainer {
             model,
             sampler: BatchSampler { seed, drawn },

@@ -3,7 +3,7 @@
 
 use crate::args::Args;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tessera::model::generate::{generate, Sampling};
 use tessera::model::GptConfig;
@@ -26,7 +26,16 @@ options:
   --steps N          optimizer steps (default: the preset's)
   --seed N           initialisation and data order
   --out DIR          checkpoint directory (default: runs/<preset>)
-  --resume           continue from the latest checkpoint in --out";
+  --resume           continue from the latest checkpoint in --out
+  --gap CHECKPOINT   GAP post-training of CHECKPOINT instead of training: gap_steps updates of
+                     gradient ascent on one random text sample, validating after each, the
+                     best step's parameters written to --out (default: CHECKPOINT-gap; see
+                     [train] gap_steps, gap_lr, gap_tokens: --config overrides them, --seed
+                     picks another sample)
+
+The [train] table also turns on the recipes: grow_from = L0 (GrowLength: sequence lengths
+L0, 2·L0, ... up to seq, tokens per step constant) and forget_every = K (active forgetting:
+the token embedding and its AdamW state reset every K steps).";
 
 /// Why `train` stopped, as the process's exit code says it.
 pub enum Failure {
@@ -58,13 +67,27 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
     let device = crate::device_option(&mut args)?;
     let steps: Option<u64> = args.parsed("--steps").map_err(usage)?;
     let seed: Option<u64> = args.parsed("--seed").map_err(usage)?;
-    let out = PathBuf::from(
-        args.value("--out")
-            .map_err(usage)?
-            .unwrap_or_else(|| format!("runs/{preset}")),
-    );
+    let out_arg = args.value("--out").map_err(usage)?;
     let resume = args.flag("--resume");
+    let gap = args.value("--gap").map_err(usage)?;
     args.finish().map_err(usage)?;
+    // GAP writes a model directory of its own, never into the run it starts from.
+    let out = PathBuf::from(match (&out_arg, &gap) {
+        (Some(out), _) => out.clone(),
+        (None, Some(from)) => format!("{}-gap", from.trim_end_matches('/')),
+        (None, None) => format!("runs/{preset}"),
+    });
+    if let Some(from) = &gap {
+        let same = match (Path::new(from).canonicalize(), out.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => Path::new(from) == out,
+        };
+        if same {
+            return Err(Failure::Usage(format!(
+                "--out must differ from the --gap checkpoint ({from})"
+            )));
+        }
+    }
 
     // A run keeps its tokenizer beside its checkpoints, so that resuming, generate and eval
     // tokenize as training did.
@@ -72,12 +95,34 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
     let tokenizer = match &tokenizer_file {
         Some(path) => Tokenizer::from_file(path)?,
         None if resume && kept_tokenizer.is_file() => Tokenizer::from_file(&kept_tokenizer)?,
+        None if gap
+            .as_ref()
+            .is_some_and(|from| Path::new(from).join("tokenizer.json").is_file()) =>
+        {
+            Tokenizer::from_file(Path::new(gap.as_deref().unwrap_or_default()).join("tokenizer.json"))?
+        }
         None => Tokenizer::Bytes,
     };
     let corpus = match &data {
         Some(path) => Corpus::from_file(path, &tokenizer)?,
         None => Corpus::embedded_with(&tokenizer)?,
     };
+
+    if let Some(from) = gap {
+        if resume || steps.is_some() {
+            return Err(Failure::Usage(
+                "--gap takes its number of updates from [train] gap_steps, and does not resume".into(),
+            ));
+        }
+        return post_train(
+            &PathBuf::from(from),
+            &out,
+            &corpus,
+            config_file.as_deref(),
+            seed,
+            &device,
+        );
+    }
 
     let mut trainer = if resume {
         let trainer = Trainer::resume(&out, &device)?;
@@ -195,20 +240,88 @@ fn configuration(preset: &str, file: Option<&str>) -> Result<(GptConfig, TrainOp
                 )))
             }
         };
-        let toml::Value::Table(fields) = value else {
-            return Err(Failure::Usage(format!("{path}: `{key}` must be a table")));
-        };
-        for (field, value) in fields {
-            if target.get(field).is_none() {
-                return Err(Failure::Usage(format!("{path}: unknown field `{field}` in [{key}]")));
-            }
-            target[field] = serde_json::to_value(value).map_err(|e| Failure::Usage(format!("{path}: {field}: {e}")))?;
-        }
+        overlay(target, key, value, path)?;
     }
     let config = GptConfig::from_json(&model.to_string()).map_err(|e| Failure::Usage(format!("{path}: {e}")))?;
     let options = TrainOptions::from_json(&train)
         .ok_or_else(|| Failure::Usage(format!("{path}: a field of [train] has the wrong type")))?;
     Ok((config, options))
+}
+
+/// Lays the TOML table `key` over the JSON object `target`, whose fields it may only replace.
+fn overlay(target: &mut serde_json::Value, key: &str, value: &toml::Value, path: &str) -> Result<(), Failure> {
+    let toml::Value::Table(fields) = value else {
+        return Err(Failure::Usage(format!("{path}: `{key}` must be a table")));
+    };
+    for (field, value) in fields {
+        if target.get(field).is_none() {
+            return Err(Failure::Usage(format!("{path}: unknown field `{field}` in [{key}]")));
+        }
+        target[field] = serde_json::to_value(value).map_err(|e| Failure::Usage(format!("{path}: {field}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// `tessera train --gap FROM`: GAP on the checkpoint FROM, with its recorded options under a
+/// config file's [train] table; the kept parameters go to `out`.
+fn post_train(
+    from: &Path,
+    out: &Path,
+    corpus: &Corpus,
+    file: Option<&str>,
+    seed: Option<u64>,
+    device: &tessera::Device,
+) -> Result<(), Failure> {
+    let mut trainer = Trainer::resume(from, device)?;
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).map_err(|e| Failure::Usage(format!("{path}: {e}")))?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| Failure::Usage(format!("{path}: {e}")))?;
+        let mut train = trainer.options.to_json();
+        for (key, value) in &table {
+            match key.as_str() {
+                "train" => overlay(&mut train, key, value, path)?,
+                other => {
+                    return Err(Failure::Usage(format!(
+                        "{path}: [{other}] does not apply to GAP (only [train] does)"
+                    )))
+                }
+            }
+        }
+        trainer.options = TrainOptions::from_json(&train)
+            .ok_or_else(|| Failure::Usage(format!("{path}: a field of [train] has the wrong type")))?;
+    }
+    if let Some(seed) = seed {
+        trainer.options.seed = seed;
+    }
+    let report = trainer.gap(corpus)?;
+    eprintln!(
+        "GAP on {} ({} sample tokens, lr {}): validation loss {:.4} before",
+        from.display(),
+        report.sample_tokens,
+        trainer.options.gap_lr,
+        report.initial_validation
+    );
+    for step in &report.steps {
+        eprintln!(
+            "GAP step {} | sample loss {:.4} | val {:.4}",
+            step.step, step.sample_loss, step.validation
+        );
+    }
+    let best = report.steps[report.best];
+    trainer.save_model(out)?;
+    let kept_tokenizer = from.join("tokenizer.json");
+    if kept_tokenizer.is_file() {
+        std::fs::copy(&kept_tokenizer, out.join("tokenizer.json"))
+            .map_err(|e| Failure::Other(format!("copying {}: {e}", kept_tokenizer.display())))?;
+    }
+    println!(
+        "kept GAP step {}: validation loss {:.4} (before: {:.4}); model: {}",
+        best.step,
+        best.validation,
+        report.initial_validation,
+        out.display()
+    );
+    Ok(())
 }
 
 /// One line on stderr, rewritten in place on a terminal and printed every tenth of the run

@@ -1,0 +1,536 @@
+//! The model-agnostic training recipes as trainer options: GrowLength (§8.2), active forgetting
+//! (§10.1) and GAP (§10.2). Each changes what it should and nothing else (checked bit for bit
+//! against AdamW applied by hand to the state before the step), resumes exactly, and trains.
+
+#[macro_use]
+mod common;
+
+use std::path::PathBuf;
+use tessera::model::{Activation, Attention, Family, GptConfig, GptParams, Norm, Positions};
+use tessera::ops::{self, AdamWConfig, AdamWTensor};
+use tessera::optim::WarmupCosine;
+use tessera::train::trainer::{forget_seed, TrainOptions, Trainer};
+use tessera::train::Corpus;
+use tessera::{DType, Device, Tensor};
+
+fn config(family: Family) -> GptConfig {
+    let gpt2 = family == Family::Gpt2;
+    GptConfig {
+        family,
+        vocab: 256,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        width: 32,
+        ffn_width: 40,
+        context: 8,
+        norm: if gpt2 { Norm::LayerNorm } else { Norm::RmsNorm },
+        norm_eps: 1e-5,
+        activation: if gpt2 { Activation::Gelu } else { Activation::SwiGlu },
+        positions: if gpt2 {
+            Positions::Learned
+        } else {
+            Positions::Rope {
+                bases: vec![10000.0, 500.0],
+            }
+        },
+        // GPT-2 ties the head to the embedding, Llama does not: forgetting resets the head
+        // only in the first.
+        tied_embeddings: gpt2,
+        attention: Attention::Causal,
+        wavelet: false,
+    }
+}
+
+fn options(steps: u64) -> TrainOptions {
+    TrainOptions {
+        batch: 2,
+        seq: 8,
+        steps,
+        warmup: 2,
+        lr: 3e-3,
+        min_lr: 3e-4,
+        eval_every: 0,
+        eval_windows: 4,
+        gap_tokens: 8,
+        ..TrainOptions::tiny()
+    }
+}
+
+fn corpus() -> Corpus {
+    let text = "the quick brown fox jumps over the lazy dog. ".repeat(40);
+    Corpus::from_bytes("test", text.as_bytes()).unwrap()
+}
+
+fn scratch(name: &str, device: &Device) -> PathBuf {
+    let kind = if device.is_cuda() { "gpu" } else { "cpu" };
+    let dir = std::env::temp_dir().join(format!("tessera-recipes-{name}-{kind}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Every parameter's value, compute copy and moments, as bytes.
+#[derive(Clone, Debug, PartialEq)]
+struct State {
+    value: Vec<u8>,
+    compute: Option<Vec<u8>>,
+    exp_avg: Vec<u8>,
+    exp_avg_sq: Vec<u8>,
+}
+
+fn state(trainer: &Trainer) -> Vec<State> {
+    trainer
+        .model
+        .params
+        .params
+        .iter()
+        .map(|p| State {
+            value: p.value.to_bytes().unwrap(),
+            compute: p.compute.as_ref().map(|c| c.to_bytes().unwrap()),
+            exp_avg: p.exp_avg.to_bytes().unwrap(),
+            exp_avg_sq: p.exp_avg_sq.to_bytes().unwrap(),
+        })
+        .collect()
+}
+
+/// `before`'s parameter `index` after one AdamW update with the gradient the trainer holds now.
+fn adamw_by_hand(
+    trainer: &Trainer,
+    before: &State,
+    index: usize,
+    config: &AdamWConfig,
+    step: u64,
+    device: &Device,
+) -> State {
+    let p = &trainer.model.params.params[index];
+    let shape = &p.spec.shape;
+    let f32_tensor = |bytes: &[u8]| Tensor::from_bytes(bytes, DType::F32, shape, device).unwrap();
+    let (mut value, mut exp_avg, mut exp_avg_sq) = (
+        f32_tensor(&before.value),
+        f32_tensor(&before.exp_avg),
+        f32_tensor(&before.exp_avg_sq),
+    );
+    let mut compute = before
+        .compute
+        .as_ref()
+        .map(|bytes| Tensor::from_bytes(bytes, DType::BF16, shape, device).unwrap());
+    let mut tensors = [AdamWTensor {
+        param: &mut value,
+        grad: &p.grad,
+        exp_avg: &mut exp_avg,
+        exp_avg_sq: &mut exp_avg_sq,
+        param_bf16: compute.as_mut(),
+        weight_decay: p.spec.weight_decay,
+    }];
+    ops::adamw_step(&mut tensors, config, step, 1.0).unwrap();
+    State {
+        value: value.to_bytes().unwrap(),
+        compute: compute.map(|c| c.to_bytes().unwrap()),
+        exp_avg: exp_avg.to_bytes().unwrap(),
+        exp_avg_sq: exp_avg_sq.to_bytes().unwrap(),
+    }
+}
+
+fn adamw(options: &TrainOptions, lr: f32) -> AdamWConfig {
+    AdamWConfig {
+        lr,
+        beta1: options.beta1,
+        beta2: options.beta2,
+        eps: 1e-8,
+        weight_decay: options.weight_decay,
+    }
+}
+
+fn mean(values: &[f32]) -> f32 {
+    values.iter().sum::<f32>() / values.len() as f32
+}
+
+/// Stages 2, 4, 8 over 9 steps: three steps each, 16 tokens per micro-batch throughout.
+fn grow_length_steps_have_the_planned_shapes(device: &Device) {
+    let corpus = corpus();
+    let grow = TrainOptions {
+        grow_from: 2,
+        accumulation: 2,
+        ..options(9)
+    };
+    assert_eq!(grow.stages(), vec![2, 4, 8]);
+    assert_eq!(options(9).stages(), vec![8]);
+    let mut trainer = Trainer::new(&config(Family::Gpt2), grow, device).unwrap();
+    let shapes: Vec<(usize, usize, usize)> = (0..9)
+        .map(|_| {
+            let r = trainer.train_step(&corpus).unwrap();
+            assert!(r.loss.is_finite());
+            (r.batch, r.seq, r.tokens)
+        })
+        .collect();
+    let planned = [(8, 2), (8, 2), (8, 2), (4, 4), (4, 4), (4, 4), (2, 8), (2, 8), (2, 8)];
+    for (step, ((batch, seq, tokens), (b, l))) in shapes.iter().zip(planned).enumerate() {
+        assert_eq!((*batch, *seq), (b, l), "step {}", step + 1);
+        assert_eq!(*tokens, 2 * 16, "step {}: tokens per step", step + 1);
+    }
+    // Uneven splits give stages step counts that differ by at most one, lengths up to seq.
+    let uneven = TrainOptions {
+        grow_from: 1,
+        ..options(10)
+    };
+    let lengths: Vec<usize> = (1..=10).map(|s| uneven.batch_shape(s).1).collect();
+    assert_eq!(lengths, [1, 1, 1, 2, 2, 4, 4, 4, 8, 8]);
+    assert!((1..=10).all(|s| {
+        let (b, l) = uneven.batch_shape(s);
+        b * l == 16
+    }));
+    let bad = TrainOptions {
+        grow_from: 3,
+        ..options(9)
+    };
+    common::assert_invalid(
+        Trainer::new(&config(Family::Gpt2), bad, device).map(|_| ()),
+        "train",
+        "grow_from",
+        &["power of two"],
+    );
+}
+
+/// Every step of a run with a reset every 3 steps, against AdamW by hand: the body's update is
+/// the ordinary one at the global step and learning rate; the embedding's uses its episode step
+/// (bias correction restarts) and the schedule replayed within the episode; after steps 3, 6 and
+/// 9 the embedding is the seeded fresh draw with zero moments, and nothing else differs.
+fn forgetting_resets_exactly_the_embedding(device: &Device) {
+    let corpus = corpus();
+    for family in [Family::Gpt2, Family::Llama] {
+        let config = config(family);
+        let forget = TrainOptions {
+            forget_every: 3,
+            grad_clip: None,
+            ..options(9)
+        };
+        let schedule = WarmupCosine::new(forget.lr, forget.min_lr, forget.warmup, forget.steps).unwrap();
+        let mut trainer = Trainer::new(&config, forget.clone(), device).unwrap();
+        let embedding = trainer.model.params.layout.token_embedding;
+        for step in 1..=9u64 {
+            let before = state(&trainer);
+            let record = trainer.train_step(&corpus).unwrap();
+            let after = state(&trainer);
+            assert_eq!(record.lr, schedule.lr(step));
+            let episode_step = (step - 1) % 3 + 1;
+            for (i, (old, new)) in before.iter().zip(&after).enumerate() {
+                let name = &trainer.model.params.params[i].spec.name;
+                if i == embedding && step.is_multiple_of(3) {
+                    let mut fresh = GptParams::init(&config, device, forget.seed).unwrap();
+                    fresh.redraw(embedding, forget_seed(forget.seed, step)).unwrap();
+                    let p = &fresh.params[embedding];
+                    assert_eq!(new.value, p.value.to_bytes().unwrap(), "step {step}: {name} redrawn");
+                    assert_ne!(new.value, old.value, "step {step}: {name} changed");
+                    assert_eq!(new.compute, p.compute.as_ref().map(|c| c.to_bytes().unwrap()));
+                    assert!(new.exp_avg.iter().chain(&new.exp_avg_sq).all(|&b| b == 0));
+                    continue;
+                }
+                let expected = if i == embedding {
+                    // Positions 3, 6, 9 of 9 steps: the schedule sampled every steps/K = 3 steps.
+                    adamw_by_hand(
+                        &trainer,
+                        old,
+                        i,
+                        &adamw(&forget, schedule.lr(episode_step * 3)),
+                        episode_step,
+                        device,
+                    )
+                } else {
+                    adamw_by_hand(&trainer, old, i, &adamw(&forget, record.lr), step, device)
+                };
+                assert_eq!(*new, expected, "{family:?} step {step}: {name}");
+            }
+        }
+        // The redraw is N(0, 0.02²) and depends on the step.
+        let values = trainer.model.params.params[embedding].value.to_vec::<f32>().unwrap();
+        let m = mean(&values);
+        let sd = (values.iter().map(|v| (v - m).powi(2)).sum::<f32>() / values.len() as f32).sqrt();
+        assert!(m.abs() < 2e-3 && (sd - 0.02).abs() < 2e-3, "mean {m}, sd {sd}");
+        assert_ne!(forget_seed(forget.seed, 3), forget_seed(forget.seed, 6));
+    }
+    let bad = TrainOptions {
+        forget_every: 10,
+        ..options(9)
+    };
+    common::assert_invalid(
+        Trainer::new(&config(Family::Gpt2), bad, device).map(|_| ()),
+        "train",
+        "forget_every",
+        &["at most steps (9)"],
+    );
+}
+
+/// A run with each recipe on, interrupted mid-stage and mid-episode, repeats the uninterrupted one.
+fn resume_equals_uninterrupted_with_each_recipe(device: &Device) {
+    let corpus = corpus();
+    let recipes = [
+        TrainOptions {
+            grow_from: 2,
+            ..options(9)
+        },
+        TrainOptions {
+            forget_every: 3,
+            ..options(9)
+        },
+        TrainOptions {
+            grow_from: 4,
+            forget_every: 2,
+            ..options(9)
+        },
+    ];
+    for (n, recipe) in recipes.into_iter().enumerate() {
+        let mut straight = Trainer::new(&config(Family::Llama), recipe.clone(), device).unwrap();
+        let expected: Vec<f32> = (0..9).map(|_| straight.train_step(&corpus).unwrap().loss).collect();
+        let dir = scratch(&format!("resume-{n}"), device);
+        let mut first = Trainer::new(&config(Family::Llama), recipe.clone(), device).unwrap();
+        let mut got: Vec<f32> = (0..4).map(|_| first.train_step(&corpus).unwrap().loss).collect();
+        first.save(&dir).unwrap();
+        drop(first);
+        let mut resumed = Trainer::resume(&dir, device).unwrap();
+        assert_eq!(resumed.options, recipe, "the options are restored");
+        got.extend((0..5).map(|_| resumed.train_step(&corpus).unwrap().loss));
+        assert_eq!(got, expected, "{recipe:?}");
+        assert_eq!(state(&resumed), state(&straight));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// GrowLength and active forgetting train: the loss falls and validation beats the unigram model.
+fn recipes_lower_the_loss(device: &Device) {
+    let corpus = corpus();
+    let recipes = [
+        TrainOptions {
+            grow_from: 2,
+            ..options(60)
+        },
+        TrainOptions {
+            forget_every: 40,
+            ..options(60)
+        },
+    ];
+    for recipe in recipes {
+        let fast = TrainOptions {
+            batch: 4,
+            lr: 1e-2,
+            min_lr: 1e-3,
+            ..recipe
+        };
+        let mut trainer = Trainer::new(&config(Family::Gpt2), fast.clone(), device).unwrap();
+        let initial = trainer.validate(&corpus).unwrap();
+        let losses: Vec<f32> = (0..60).map(|_| trainer.train_step(&corpus).unwrap().loss).collect();
+        let (start, end) = (mean(&losses[..3]), mean(&losses[57..]));
+        assert!(end < 0.7 * start, "{fast:?}: loss went from {start} to {end}");
+        let validation = trainer.validate(&corpus).unwrap();
+        assert!(
+            validation < initial && validation < corpus.unigram_loss(256) as f32,
+            "{fast:?}: validation {initial} -> {validation}"
+        );
+    }
+}
+
+/// A GAP step is an ordinary AdamW step (GAP's settings) on the negated gradient, and raises
+/// the loss on its sample.
+fn gap_step_is_a_negated_step(device: &Device) {
+    let corpus = corpus();
+    for family in [Family::Gpt2, Family::Llama] {
+        // A learning rate that moves bf16 weights on a GPU (5e-5 is below their rounding step).
+        let small = TrainOptions {
+            gap_lr: 1e-3,
+            ..options(5)
+        };
+        let mut gap = Trainer::new(&config(family), small.clone(), device).unwrap();
+        let mut plain = Trainer::new(&config(family), small, device).unwrap();
+        for _ in 0..5 {
+            gap.train_step(&corpus).unwrap();
+            plain.train_step(&corpus).unwrap();
+        }
+        let (inputs, targets) = gap.gap_sample(&corpus).unwrap();
+        assert_eq!(inputs.len(), 8);
+        assert_eq!(inputs[1..], targets[..7]);
+        let before = gap.model.loss(&inputs, &targets, 1, 8).unwrap();
+        let loss = gap.gap_step(&inputs, &targets, 1).unwrap();
+        assert_eq!(loss, before);
+        let after = gap.model.loss(&inputs, &targets, 1, 8).unwrap();
+        assert!(after > before, "{family:?}: sample loss {before} -> {after}");
+
+        plain.model.params.zero_grads().unwrap();
+        plain.model.forward_backward(&inputs, &targets, 1, 8, 1.0).unwrap();
+        for p in &mut plain.model.params.params {
+            let negated: Vec<f32> = p.grad.to_vec::<f32>().unwrap().iter().map(|g| -g).collect();
+            p.grad = Tensor::from_vec(negated, &p.spec.shape, device).unwrap();
+        }
+        let defaults = TrainOptions::tiny().gap_adamw();
+        assert_eq!(
+            (defaults.lr, defaults.beta1, defaults.beta2, defaults.weight_decay),
+            (5e-5, 0.9, 0.98, 0.0)
+        );
+        let config = AdamWConfig { lr: 1e-3, ..defaults };
+        assert_eq!(plain.options.gap_adamw(), config);
+        plain.model.params.adamw_step(&config, 1, 1.0).unwrap();
+        assert_eq!(state(&gap), state(&plain), "{family:?}");
+    }
+}
+
+/// A GAP run: the sample's loss rises update after update, the kept parameters are those of the
+/// step with the lowest validation loss, and the run is repeatable.
+fn gap_keeps_the_best_step(device: &Device) {
+    let corpus = corpus();
+    let trained = |steps| {
+        let options = TrainOptions {
+            gap_steps: 6,
+            gap_lr: 1e-3,
+            ..options(steps)
+        };
+        let mut trainer = Trainer::new(&config(Family::Gpt2), options, device).unwrap();
+        for _ in 0..steps {
+            trainer.train_step(&corpus).unwrap();
+        }
+        trainer
+    };
+    let mut trainer = trained(20);
+    let report = trainer.gap(&corpus).unwrap();
+    assert_eq!(report.steps.len(), 6);
+    assert_eq!(report.sample_tokens, 8);
+    let sample: Vec<f32> = report.steps.iter().map(|s| s.sample_loss).collect();
+    assert!(
+        sample.windows(2).all(|w| w[1] > w[0]) && report.sample_loss_after > sample[0],
+        "sample losses {sample:?}, after {}",
+        report.sample_loss_after
+    );
+    let best = report.steps.iter().map(|s| s.validation).fold(f32::INFINITY, f32::min);
+    assert_eq!(report.steps[report.best].validation, best);
+    assert_eq!(
+        trainer.validate(&corpus).unwrap(),
+        best,
+        "the best step's parameters are kept"
+    );
+    assert_eq!(trainer.step(), 20);
+    assert_eq!(trained(20).gap(&corpus).unwrap(), report);
+
+    let dir = scratch("gap", device);
+    trainer.save_model(&dir).unwrap();
+    let loaded = GptParams::load(dir.join("model.safetensors"), None, device).unwrap();
+    for (a, b) in loaded.params.iter().zip(&trainer.model.params.params) {
+        assert_eq!(a.value.to_bytes().unwrap(), b.value.to_bytes().unwrap());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    trainer.options.gap_lr = 0.0;
+    common::assert_invalid(trainer.gap(&corpus).map(|_| ()), "train", "gap_lr", &["> 0"]);
+}
+
+on_each_device!(
+    grow_length_steps_have_the_planned_shapes,
+    forgetting_resets_exactly_the_embedding,
+    resume_equals_uninterrupted_with_each_recipe,
+    recipes_lower_the_loss,
+    gap_step_is_a_negated_step,
+    gap_keeps_the_best_step,
+);
+
+/// The options travel through JSON (checkpoints, the TOML [train] table); a checkpoint written
+/// before the recipes existed reads with them off.
+#[test]
+fn recipe_options_round_trip_through_json() {
+    let recipe = TrainOptions {
+        grow_from: 16,
+        forget_every: 1000,
+        gap_steps: 7,
+        gap_lr: 2e-5,
+        gap_tokens: 256,
+        ..TrainOptions::tiny()
+    };
+    assert_eq!(TrainOptions::from_json(&recipe.to_json()), Some(recipe));
+    let mut old = TrainOptions::tiny().to_json();
+    for key in ["grow_from", "forget_every", "gap_steps", "gap_lr", "gap_tokens"] {
+        old.as_object_mut().unwrap().remove(key);
+    }
+    assert_eq!(TrainOptions::from_json(&old), Some(TrainOptions::tiny()));
+    let mut wrong = TrainOptions::tiny().to_json();
+    wrong["forget_every"] = serde_json::json!("often");
+    assert_eq!(TrainOptions::from_json(&wrong), None);
+}
+
+/// The recipes from the command line: GrowLength and active forgetting from the [train] table,
+/// then GAP on the run's checkpoint, whose output generate reads.
+#[test]
+fn recipes_run_from_the_command_line() {
+    let tessera = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(args)
+            .output()
+            .unwrap();
+        let log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(output.status.success(), "tessera {args:?}: {log}");
+        log
+    };
+    let dir = scratch("cli", &Device::Cpu);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("recipes.toml");
+    std::fs::write(
+        &config,
+        "[model]\nlayers = 1\nheads = 2\nkv_heads = 2\nwidth = 32\nffn_width = 64\ncontext = 16\n\n\
+         [train]\nbatch = 2\nseq = 16\nsteps = 4\nwarmup = 1\neval_windows = 2\ngrow_from = 4\nforget_every = 2\n",
+    )
+    .unwrap();
+    let gap_config = dir.join("gap.toml");
+    std::fs::write(&gap_config, "[train]\ngap_steps = 2\ngap_tokens = 16\n").unwrap();
+    let (run, gap) = (dir.join("run"), dir.join("gap"));
+    let path = |p: &PathBuf| p.to_str().unwrap().to_string();
+    tessera(&[
+        "train",
+        "--device",
+        "cpu",
+        "--config",
+        &path(&config),
+        "--out",
+        &path(&run),
+    ]);
+    let resumed = Trainer::resume(&run, &Device::Cpu).unwrap();
+    assert_eq!((resumed.options.grow_from, resumed.options.forget_every), (4, 2));
+    let log = tessera(&[
+        "train",
+        "--device",
+        "cpu",
+        "--gap",
+        &path(&run),
+        "--config",
+        &path(&gap_config),
+        "--out",
+        &path(&gap),
+    ]);
+    assert!(log.contains("GAP step 2 |") && log.contains("kept GAP step"), "{log}");
+    let sample = tessera(&[
+        "generate",
+        "--device",
+        "cpu",
+        "--checkpoint",
+        &path(&gap),
+        "--prompt",
+        "fox",
+        "--tokens",
+        "5",
+    ]);
+    assert!(sample.starts_with("fox"), "{sample}");
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["train", "--device", "cpu", "--gap", &path(&run), "--out", &path(&run)])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2), "GAP never writes into the run it reads");
+    let default_out = tessera(&[
+        "train",
+        "--device",
+        "cpu",
+        "--gap",
+        &path(&run),
+        "--config",
+        &path(&gap_config),
+    ]);
+    assert!(default_out.contains(&format!("{}-gap", path(&run))), "{default_out}");
+    assert!(dir.join("run-gap").join("model.safetensors").is_file());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
