@@ -4,7 +4,8 @@
  * Conventions, for every function below:
  * - Most functions return a TesseraStatus: TESSERA_STATUS_OK (0) or an error code, with a
  *   readable message from tessera_last_error() on the same thread.
- * - Handles (TesseraDevice*, TesseraTensor*, TesseraWaveletConfig*) are opaque tokens, never
+ * - Handles (TesseraDevice*, TesseraTensor*, TesseraWaveletConfig*, TesseraModel*,
+ *   TesseraTrainer*) are opaque tokens, never
  *   addresses: do not dereference them. Each *_new_* returns one that its *_free releases;
  *   *_free accepts NULL. A freed handle is detected and refused (TESSERA_STATUS_INVALID_HANDLE).
  * - Out-pointers to handles are set to NULL first, so they are NULL after a failure.
@@ -144,10 +145,23 @@ typedef int32_t TesseraWaveletDivisor;
 typedef struct TesseraDevice TesseraDevice;
 
 /**
+ * A language model loaded from a checkpoint, with its activations. Opaque: created by
+ * `tessera_model_load`, released by `tessera_model_free`.
+ */
+typedef struct TesseraModel TesseraModel;
+
+/**
  * A tensor: owned by tessera or wrapping caller memory. Opaque: created by `tessera_tensor_*`
  * constructors, released by `tessera_tensor_free`.
  */
 typedef struct TesseraTensor TesseraTensor;
+
+/**
+ * A training run: a model, its optimizer state, the schedule and the data position. Opaque:
+ * created by `tessera_trainer_new` or `tessera_trainer_resume`, released by
+ * `tessera_trainer_free`.
+ */
+typedef struct TesseraTrainer TesseraTrainer;
 
 /**
  * A wavelet-mixing configuration (windows per coordinate, boundary divisor). Opaque: created by
@@ -234,6 +248,73 @@ typedef struct {
    */
   float beta;
 } TesseraMatmulOptions;
+
+/**
+ * How `tessera_model_generate` draws each token. `tessera_sampling_default()` is greedy.
+ */
+typedef struct {
+  /**
+   * Divides the logits before sampling; 0 takes the most likely token (greedy). Finite, >= 0.
+   */
+  float temperature;
+  /**
+   * Keep only the `top_k` most likely tokens; 0 keeps all.
+   */
+  size_t top_k;
+  /**
+   * Keep the smallest set of most likely tokens whose probability reaches `top_p`, in (0, 1];
+   * 1 keeps all.
+   */
+  float top_p;
+} TesseraSampling;
+
+/**
+ * A model's shape, as `tessera_model_info` gives it.
+ */
+typedef struct {
+  /**
+   * Token ids are below `vocab`; logits rows have `vocab` entries.
+   */
+  size_t vocab;
+  /**
+   * The longest sequence the model takes.
+   */
+  size_t context;
+  size_t layers;
+  size_t heads;
+  size_t kv_heads;
+  size_t width;
+  /**
+   * The number of parameters (tied embeddings counted once).
+   */
+  size_t parameters;
+} TesseraModelInfo;
+
+/**
+ * What the last of a call's training steps did.
+ */
+typedef struct {
+  /**
+   * Steps completed, counting this one (a resumed run continues its count).
+   */
+  uint64_t step;
+  /**
+   * The mean training loss over the step's micro-batches (nats per token).
+   */
+  float loss;
+  /**
+   * The learning rate the step used.
+   */
+  float lr;
+  /**
+   * The global gradient norm before clipping.
+   */
+  float grad_norm;
+  /**
+   * Tokens the step trained on.
+   */
+  size_t tokens;
+} TesseraStepRecord;
 
 #ifdef __cplusplus
 extern "C" {
@@ -375,6 +456,100 @@ TesseraStatus tessera_matmul(const TesseraTensor *a,
                              const TesseraTensor *bias,
                              TesseraTensor *out,
                              const TesseraMatmulOptions *options);
+
+/**
+ * Greedy decoding: temperature 0, no top-k, top-p 1.
+ *
+ * Ownership: returned by value. Thread-safety: any thread. Errors: none.
+ */
+TesseraSampling tessera_sampling_default(void);
+
+/**
+ * Loads a model on a device from `path`: a `model.safetensors` file, a checkpoint directory
+ * holding one, or a training run's directory (the checkpoint its `latest` file names).
+ * `preset` (`"tiny"`, `"llama-tiny"`, `"gpt2-small"`) gives the configuration of a checkpoint
+ * that does not record one (a Hugging Face one); NULL uses the checkpoint's own.
+ *
+ * Ownership: the strings are read during the call only; `*out` receives a new handle, released
+ * with `tessera_model_free`. Thread-safety: any thread.
+ * Errors: `TESSERA_STATUS_FILE` (missing, unreadable or corrupt checkpoint, tensor names or
+ * shapes that do not match the configuration, no configuration and no preset),
+ * `TESSERA_STATUS_INVALID_ARGUMENT` (NULL `path` or `out`, unknown preset, non-UTF-8 preset),
+ * `TESSERA_STATUS_INVALID_HANDLE`, `TESSERA_STATUS_CUDA`. On failure `*out` is NULL.
+ */
+TesseraStatus tessera_model_load(const TesseraDevice *device,
+                                 const char *path,
+                                 const char *preset,
+                                 TesseraModel **out);
+
+/**
+ * Releases a model handle. NULL is accepted and does nothing.
+ *
+ * Ownership: the handle is invalid afterwards. Thread-safety: any thread; a call using the
+ * model on another thread finishes normally.
+ * Errors: `TESSERA_STATUS_INVALID_HANDLE` for a handle that is not a live model handle.
+ */
+TesseraStatus tessera_model_free(TesseraModel *model);
+
+/**
+ * The model's shape into `*info`.
+ *
+ * Ownership: none. Thread-safety: any thread; `TESSERA_STATUS_BUSY` while another call runs
+ * the model. Errors: `TESSERA_STATUS_INVALID_HANDLE`, `TESSERA_STATUS_INVALID_ARGUMENT` (NULL
+ * `info`), `TESSERA_STATUS_BUSY`; `*info` is unchanged on error.
+ */
+TesseraStatus tessera_model_info(const TesseraModel *model, TesseraModelInfo *info);
+
+/**
+ * The logits of `tokens` (`batch · seq` ids, row-major (batch, seq), each below the
+ * vocabulary; `seq` at most the context) into `logits`: an F32 tensor of shape
+ * (batch · seq, vocab) on any device (wrap a host buffer with `tessera_tensor_wrap_host` to
+ * receive them in caller memory). Row `b · seq + t` scores the token after `tokens[b, t]`.
+ *
+ * Ownership: `tokens` is read during the call only. Thread-safety: any thread; one call at a
+ * time per model (`TESSERA_STATUS_BUSY`), and `logits` may not be used by another call.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (NULL or misaligned `tokens`, sizes, token ids,
+ * `logits`' shape or dtype), `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error `logits`
+ * is unchanged.
+ */
+TesseraStatus tessera_model_logits(const TesseraModel *model,
+                                   const uint32_t *tokens,
+                                   size_t batch,
+                                   size_t seq,
+                                   TesseraTensor *logits);
+
+/**
+ * The mean next-token cross-entropy (nats per token) of `targets` given `inputs` (each
+ * `batch · seq` ids, row-major (batch, seq)) into `*loss`; no gradients.
+ *
+ * Ownership: the token arrays are read during the call only. Thread-safety: one call at a time
+ * per model (`TESSERA_STATUS_BUSY`). Errors: as `tessera_model_logits`; `*loss` is unchanged on
+ * error.
+ */
+TesseraStatus tessera_model_loss(const TesseraModel *model,
+                                 const uint32_t *inputs,
+                                 const uint32_t *targets,
+                                 size_t batch,
+                                 size_t seq,
+                                 float *loss);
+
+/**
+ * Continues `prompt` (`prompt_len` ids, at least 1) by `count` tokens written to `out` (room
+ * for `count` ids), drawn as `sampling` says (NULL: greedy); the same seed gives the same
+ * tokens. Each token runs the model over the last `context` tokens.
+ *
+ * Ownership: `prompt` is read during the call only. Thread-safety: one call at a time per
+ * model (`TESSERA_STATUS_BUSY`). Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (NULL pointers, an
+ * empty prompt, ids past the vocabulary, sampling values out of range),
+ * `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error `out` is unchanged.
+ */
+TesseraStatus tessera_model_generate(const TesseraModel *model,
+                                     const uint32_t *prompt,
+                                     size_t prompt_len,
+                                     size_t count,
+                                     const TesseraSampling *sampling,
+                                     uint64_t seed,
+                                     uint32_t *out);
 
 /**
  * The message of the last call on this thread that failed, or "" when the last call succeeded.
@@ -561,6 +736,135 @@ TesseraStatus tessera_tensor_size(const TesseraTensor *tensor, size_t *numel, si
  * `..._INVALID_HANDLE`, `..._BUSY`. On failure `*out` is NULL.
  */
 TesseraStatus tessera_tensor_device(const TesseraTensor *tensor, TesseraDevice **out);
+
+/**
+ * A new training run on a device: the preset's model (`"tiny"`, `"llama-tiny"`,
+ * `"gpt2-small"`), freshly initialised from the options' seed, and its training options, with
+ * the fields of the TOML document's `[model]` and `[train]` tables laid over them (the format
+ * of `tessera train --config`). The TOML comes as text in `config_toml` or from the file
+ * `config_path`; both NULL uses the preset as it is; not both.
+ *
+ * Ownership: the strings are read during the call only; `*out` receives a new handle, released
+ * with `tessera_trainer_free`. Thread-safety: any thread.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (NULL `preset` or `out`, unknown preset, bad TOML,
+ * unknown or mistyped fields, sizes that do not fit together, both TOML arguments given),
+ * `TESSERA_STATUS_FILE` (unreadable `config_path`), `..._INVALID_HANDLE`, `..._CUDA`. On
+ * failure `*out` is NULL.
+ */
+TesseraStatus tessera_trainer_new(const TesseraDevice *device,
+                                  const char *preset,
+                                  const char *config_toml,
+                                  const char *config_path,
+                                  TesseraTrainer **out);
+
+/**
+ * Continues a training run saved by `tessera_trainer_save` (or `tessera train`): `dir` is the
+ * run's directory (the checkpoint its `latest` file names) or a checkpoint directory. The
+ * model, the optimizer's moments, the step, the data position and the options are restored,
+ * so the next steps are those the saved run would have taken.
+ *
+ * Ownership: `dir` is read during the call only; `*out` receives a new handle, released with
+ * `tessera_trainer_free`. Thread-safety: any thread.
+ * Errors: `TESSERA_STATUS_FILE` (no checkpoint, missing or corrupt files),
+ * `TESSERA_STATUS_INVALID_ARGUMENT` (NULL pointers), `..._INVALID_HANDLE`, `..._CUDA`. On
+ * failure `*out` is NULL.
+ */
+TesseraStatus tessera_trainer_resume(const TesseraDevice *device,
+                                     const char *dir,
+                                     TesseraTrainer **out);
+
+/**
+ * Releases a trainer handle. NULL is accepted and does nothing. Unsaved progress is lost.
+ *
+ * Ownership: the handle is invalid afterwards. Thread-safety: any thread; a call using the
+ * trainer on another thread finishes normally.
+ * Errors: `TESSERA_STATUS_INVALID_HANDLE` for a handle that is not a live trainer handle.
+ */
+TesseraStatus tessera_trainer_free(TesseraTrainer *trainer);
+
+/**
+ * The trainer's model shape into `*info` (either may be skipped with NULL) and the steps
+ * completed into `*step`.
+ *
+ * Ownership: none. Thread-safety: any thread; `TESSERA_STATUS_BUSY` while another call uses
+ * the trainer. Errors: `TESSERA_STATUS_INVALID_HANDLE`, `TESSERA_STATUS_BUSY`; outputs are
+ * unchanged on error.
+ */
+TesseraStatus tessera_trainer_info(const TesseraTrainer *trainer,
+                                   TesseraModelInfo *info,
+                                   uint64_t *step);
+
+/**
+ * Runs `steps` optimizer steps on windows drawn from `tokens` (`count` ids, each below the
+ * vocabulary, more than the options' `seq`), as the trainer's options say (batch, sequence
+ * length, accumulation, learning-rate schedule, clipping). `*last` (may be NULL) receives the
+ * last step's record.
+ *
+ * Ownership: `tokens` is read during the call only. Thread-safety: one call at a time per
+ * trainer (`TESSERA_STATUS_BUSY`).
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (NULL or misaligned `tokens`, ids past the
+ * vocabulary, too few tokens), `TESSERA_STATUS_DIVERGED` (a loss or gradient that is not
+ * finite: the parameters stay those of the last good step, and the steps before it count),
+ * `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. `*last` is unchanged on error.
+ */
+TesseraStatus tessera_trainer_train_tokens(const TesseraTrainer *trainer,
+                                           const uint32_t *tokens,
+                                           size_t count,
+                                           uint64_t steps,
+                                           TesseraStepRecord *last);
+
+/**
+ * Runs `steps` optimizer steps on the text file at `path`, read as bytes (one token per byte,
+ * so the model's vocabulary must be at least 256); the last tenth of the file is held out for
+ * `tessera_trainer_validate_file`. `*last` (may be NULL) receives the last step's record.
+ *
+ * Ownership: `path` is read during the call only. Thread-safety: as
+ * `tessera_trainer_train_tokens`. Errors: as `tessera_trainer_train_tokens`, and
+ * `TESSERA_STATUS_FILE` for a file that cannot be read or is too small to split.
+ */
+TesseraStatus tessera_trainer_train_file(const TesseraTrainer *trainer,
+                                         const char *path,
+                                         uint64_t steps,
+                                         TesseraStepRecord *last);
+
+/**
+ * The mean next-token loss (nats per token) over `tokens` (`count` ids, below the vocabulary,
+ * more than the options' `seq`) cut into consecutive windows of `seq + 1` (at most the
+ * options' `eval_windows` of them, when not 0), into `*loss`. No parameter changes.
+ *
+ * Ownership: `tokens` is read during the call only. Thread-safety: as
+ * `tessera_trainer_train_tokens`. Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (NULL pointers,
+ * ids, too few tokens), `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`; `*loss` is unchanged on
+ * error.
+ */
+TesseraStatus tessera_trainer_validate_tokens(const TesseraTrainer *trainer,
+                                              const uint32_t *tokens,
+                                              size_t count,
+                                              float *loss);
+
+/**
+ * The mean next-token loss over the held-out last tenth of the text file at `path` (as
+ * `tessera_trainer_train_file` splits it), into `*loss`.
+ *
+ * Ownership: `path` is read during the call only. Thread-safety: as
+ * `tessera_trainer_train_tokens`. Errors: as `tessera_trainer_validate_tokens`, and
+ * `TESSERA_STATUS_FILE` for a file that cannot be read or is too small to split.
+ */
+TesseraStatus tessera_trainer_validate_file(const TesseraTrainer *trainer,
+                                            const char *path,
+                                            float *loss);
+
+/**
+ * Saves a checkpoint of the current step under the directory `dir` (created when missing) as
+ * `dir/step-NNNNNNNN` and points `dir/latest` at it, atomically: `tessera_trainer_resume` and
+ * `tessera_model_load` read `dir` back.
+ *
+ * Ownership: `dir` is read during the call only. Thread-safety: as
+ * `tessera_trainer_train_tokens`. Errors: `TESSERA_STATUS_FILE` (cannot create or write),
+ * `TESSERA_STATUS_INVALID_ARGUMENT` (NULL or empty `dir`), `..._INVALID_HANDLE`, `..._BUSY`,
+ * `..._CUDA`.
+ */
+TesseraStatus tessera_trainer_save(const TesseraTrainer *trainer, const char *dir);
 
 /**
  * The spec's exponential windows over the coordinates `mixed_start..mixed_end` of a `dim`-wide

@@ -16,8 +16,10 @@ pub mod adamw;
 pub mod device;
 pub mod handle;
 pub mod matmul;
+pub mod model;
 pub mod status;
 pub mod tensor;
+pub mod trainer;
 pub mod wavelet;
 
 use std::os::raw::c_char;
