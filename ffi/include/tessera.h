@@ -5,8 +5,8 @@
  * - Most functions return a TesseraStatus: TESSERA_STATUS_OK (0) or an error code, with a
  *   readable message from tessera_last_error() on the same thread.
  * - Handles (TesseraDevice*, TesseraTensor*, TesseraWaveletConfig*, TesseraModel*,
- *   TesseraTrainer*) are opaque tokens, never
- *   addresses: do not dereference them. Each *_new_* returns one that its *_free releases;
+ *   TesseraTrainer*) are opaque tokens, never addresses: do not dereference them. Each
+ *   *_new_* (or *_load, *_resume) returns one that its *_free releases;
  *   *_free accepts NULL. A freed handle is detected and refused (TESSERA_STATUS_INVALID_HANDLE).
  * - Out-pointers to handles are set to NULL first, so they are NULL after a failure.
  * - No call aborts the host program or lets a Rust panic through; bad input is an error code.

@@ -4,11 +4,15 @@
  * by scripts/test-capi: no invalid access and no leak, and every handle freed at the end.
  * scripts/test-capi also checks that every function the header declares is called here.
  */
+/* mkdtemp, nftw and unlink for the checkpoint directory the model and trainer tests write. */
+#define _XOPEN_SOURCE 700
+#include <ftw.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "tessera.h"
 
@@ -433,6 +437,271 @@ static void wavelet(TesseraDevice *cpu) {
     TesseraTensor *all[] = {x, out, narrow, flat, halves, tap, d_tap, short_tap};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) EXPECT_OK(tessera_tensor_free(all[i]));
 }
+/* A model small enough to train and run in moments, even under valgrind. */
+static const char *const TINY_TOML =
+    "[model]\nlayers = 1\nheads = 2\nkv_heads = 2\nwidth = 16\nffn_width = 32\ncontext = 16\n"
+    "[train]\nbatch = 2\nseq = 8\nsteps = 4\nwarmup = 1\neval_windows = 4\n";
+
+static int remove_entry(const char *path, const struct stat *info, int flag, struct FTW *ftw) {
+    (void)info;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+static void write_file(const char *path, const char *text) {
+    FILE *file = fopen(path, "w");
+    CHECK(file != NULL);
+    if (file == NULL) return;
+    fputs(text, file);
+    fclose(file);
+}
+
+static void trainer_and_model(TesseraDevice *cpu) {
+    char dir[] = "/tmp/tessera-bad-input-XXXXXX";
+    CHECK(mkdtemp(dir) != NULL);
+    char run[256], text[256], small[256], config[256], checkpoint_file[256];
+    snprintf(run, sizeof run, "%s/run", dir);
+    snprintf(text, sizeof text, "%s/text.txt", dir);
+    snprintf(small, sizeof small, "%s/small.txt", dir);
+    snprintf(config, sizeof config, "%s/config.toml", dir);
+    snprintf(checkpoint_file, sizeof checkpoint_file, "%s/run/step-00000003/model.safetensors", dir);
+    char corpus[2048];
+    for (size_t i = 0; i + 1 < sizeof corpus; i++) corpus[i] = "the quick brown fox jumps. "[i % 27];
+    corpus[sizeof corpus - 1] = '\0';
+    write_file(text, corpus);
+    write_file(small, "ab");
+    write_file(config, TINY_TOML);
+
+    TesseraTrainer *trainer = FORGED(TesseraTrainer);
+    EXPECT(INVALID, tessera_trainer_new(cpu, "tiny", TINY_TOML, NULL, NULL));
+    EXPECT(INVALID, tessera_trainer_new(NULL, "tiny", TINY_TOML, NULL, &trainer));
+    CHECK(trainer == NULL);
+    EXPECT(HANDLE, tessera_trainer_new(FORGED(TesseraDevice), "tiny", TINY_TOML, NULL, &trainer));
+    EXPECT(INVALID, tessera_trainer_new(cpu, NULL, TINY_TOML, NULL, &trainer));
+    EXPECT(INVALID, tessera_trainer_new(cpu, "huge", TINY_TOML, NULL, &trainer));
+    EXPECT(INVALID, tessera_trainer_new(cpu, "tiny", "[model", NULL, &trainer));
+    EXPECT(INVALID, tessera_trainer_new(cpu, "tiny", "[optimizer]\nlr = 1.0\n", NULL, &trainer));
+    EXPECT(INVALID, tessera_trainer_new(cpu, "tiny", "[model]\ndepth = 3\n", NULL, &trainer));
+    EXPECT(INVALID, tessera_trainer_new(cpu, "tiny", "[train]\nbatch = \"two\"\n", NULL, &trainer));
+    EXPECT(INVALID, tessera_trainer_new(cpu, "tiny", "[model]\nwidth = 15\n", NULL, &trainer));
+    EXPECT(INVALID, tessera_trainer_new(cpu, "tiny", "[train]\nseq = 129\n", NULL, &trainer));
+    EXPECT(INVALID, tessera_trainer_new(cpu, "tiny", "\xff", NULL, &trainer));
+    EXPECT(INVALID, tessera_trainer_new(cpu, "tiny", TINY_TOML, config, &trainer));
+    EXPECT(TESSERA_STATUS_FILE, tessera_trainer_new(cpu, "tiny", NULL, "/nonexistent/tessera.toml", &trainer));
+    EXPECT(INVALID, tessera_trainer_new(cpu, "tiny", NULL, "", &trainer));
+    CHECK(trainer == NULL);
+    EXPECT_OK(tessera_trainer_new(cpu, "tiny", NULL, config, &trainer));
+    EXPECT_OK(tessera_trainer_free(trainer));
+    EXPECT_OK(tessera_trainer_new(cpu, "tiny", TINY_TOML, NULL, &trainer));
+
+    TesseraModelInfo info = {0};
+    uint64_t step = 99;
+    EXPECT(HANDLE, tessera_trainer_info(FORGED(TesseraTrainer), &info, &step));
+    EXPECT(INVALID, tessera_trainer_info(NULL, &info, &step));
+    EXPECT(HANDLE, tessera_trainer_info((TesseraTrainer *)cpu, &info, &step));
+    EXPECT_OK(tessera_trainer_info(trainer, NULL, NULL));
+    EXPECT_OK(tessera_trainer_info(trainer, &info, &step));
+    CHECK(info.vocab == 256 && info.context == 16 && info.layers == 1 && info.width == 16 && step == 0);
+    CHECK(info.parameters > 256 * 16);
+
+    uint32_t tokens[64];
+    for (size_t i = 0; i < 64; i++) tokens[i] = (uint32_t)((i * 7 + 3) % 256);
+    TesseraStepRecord record = {.step = 77};
+    EXPECT(INVALID, tessera_trainer_train_tokens(trainer, NULL, 64, 1, &record));
+    EXPECT(INVALID, tessera_trainer_train_tokens(trainer, (const uint32_t *)((const char *)tokens + 1), 32, 1, &record));
+    EXPECT(INVALID, tessera_trainer_train_tokens(trainer, tokens, 8, 1, &record));
+    EXPECT(HANDLE, tessera_trainer_train_tokens(FORGED(TesseraTrainer), tokens, 64, 1, &record));
+    tokens[40] = 256;
+    EXPECT(INVALID, tessera_trainer_train_tokens(trainer, tokens, 64, 1, &record));
+    tokens[40] = 5;
+    CHECK(record.step == 77);
+    EXPECT_OK(tessera_trainer_info(trainer, NULL, &step));
+    CHECK(step == 0);
+    EXPECT_OK(tessera_trainer_train_tokens(trainer, tokens, 64, 0, &record));
+    CHECK(record.step == 77);
+    EXPECT_OK(tessera_trainer_train_tokens(trainer, tokens, 64, 2, &record));
+    CHECK(record.step == 2 && isfinite(record.loss) && record.loss > 0 && record.tokens == 16);
+    CHECK(isfinite(record.grad_norm) && record.lr > 0);
+
+    EXPECT(INVALID, tessera_trainer_train_file(trainer, NULL, 1, &record));
+    EXPECT(INVALID, tessera_trainer_train_file(trainer, "", 1, &record));
+    EXPECT(TESSERA_STATUS_FILE, tessera_trainer_train_file(trainer, "/nonexistent/text.txt", 1, &record));
+    EXPECT(TESSERA_STATUS_FILE, tessera_trainer_train_file(trainer, small, 1, &record));
+    EXPECT(HANDLE, tessera_trainer_train_file(FORGED(TesseraTrainer), text, 1, &record));
+    CHECK(record.step == 2);
+    EXPECT_OK(tessera_trainer_train_file(trainer, text, 1, NULL));
+    EXPECT_OK(tessera_trainer_info(trainer, NULL, &step));
+    CHECK(step == 3);
+
+    float loss = -1.0f;
+    EXPECT(INVALID, tessera_trainer_validate_tokens(trainer, tokens, 64, NULL));
+    EXPECT(INVALID, tessera_trainer_validate_tokens(trainer, NULL, 64, &loss));
+    EXPECT(INVALID, tessera_trainer_validate_tokens(trainer, tokens, 8, &loss));
+    EXPECT(HANDLE, tessera_trainer_validate_tokens(FORGED(TesseraTrainer), tokens, 64, &loss));
+    tokens[3] = 1000;
+    EXPECT(INVALID, tessera_trainer_validate_tokens(trainer, tokens, 64, &loss));
+    tokens[3] = 3;
+    CHECK(loss == -1.0f);
+    EXPECT_OK(tessera_trainer_validate_tokens(trainer, tokens, 64, &loss));
+    CHECK(isfinite(loss) && loss > 0);
+    loss = -1.0f;
+    EXPECT(INVALID, tessera_trainer_validate_file(trainer, text, NULL));
+    EXPECT(INVALID, tessera_trainer_validate_file(trainer, NULL, &loss));
+    EXPECT(TESSERA_STATUS_FILE, tessera_trainer_validate_file(trainer, "/nonexistent/text.txt", &loss));
+    EXPECT(HANDLE, tessera_trainer_validate_file(FORGED(TesseraTrainer), text, &loss));
+    CHECK(loss == -1.0f);
+    EXPECT_OK(tessera_trainer_validate_file(trainer, text, &loss));
+    CHECK(isfinite(loss) && loss > 0);
+
+    EXPECT(INVALID, tessera_trainer_save(trainer, NULL));
+    EXPECT(INVALID, tessera_trainer_save(trainer, ""));
+    EXPECT(TESSERA_STATUS_FILE, tessera_trainer_save(trainer, text));
+    EXPECT(HANDLE, tessera_trainer_save(FORGED(TesseraTrainer), run));
+    EXPECT_OK(tessera_trainer_save(trainer, run));
+
+    TesseraTrainer *resumed = FORGED(TesseraTrainer);
+    EXPECT(INVALID, tessera_trainer_resume(cpu, run, NULL));
+    EXPECT(INVALID, tessera_trainer_resume(cpu, NULL, &resumed));
+    CHECK(resumed == NULL);
+    EXPECT(HANDLE, tessera_trainer_resume(FORGED(TesseraDevice), run, &resumed));
+    EXPECT(TESSERA_STATUS_FILE, tessera_trainer_resume(cpu, dir, &resumed));
+    CHECK(resumed == NULL);
+    EXPECT_OK(tessera_trainer_resume(cpu, run, &resumed));
+    EXPECT_OK(tessera_trainer_info(resumed, &info, &step));
+    CHECK(step == 3 && info.width == 16);
+    /* The resumed run takes the step the saved one would have taken. */
+    TesseraStepRecord next = {0}, resumed_next = {0};
+    EXPECT_OK(tessera_trainer_train_tokens(trainer, tokens, 64, 1, &next));
+    EXPECT_OK(tessera_trainer_train_tokens(resumed, tokens, 64, 1, &resumed_next));
+    CHECK(next.step == 4 && resumed_next.step == 4 && next.loss == resumed_next.loss);
+    CHECK(next.grad_norm == resumed_next.grad_norm);
+    EXPECT(HANDLE, tessera_model_free((TesseraModel *)resumed));
+    EXPECT_OK(tessera_trainer_free(resumed));
+    EXPECT(HANDLE, tessera_trainer_free(resumed));
+    EXPECT(HANDLE, tessera_trainer_info(resumed, NULL, NULL));
+    EXPECT_OK(tessera_trainer_free(NULL));
+
+    TesseraModel *model = FORGED(TesseraModel);
+    EXPECT(INVALID, tessera_model_load(cpu, run, NULL, NULL));
+    EXPECT(INVALID, tessera_model_load(cpu, NULL, NULL, &model));
+    CHECK(model == NULL);
+    EXPECT(HANDLE, tessera_model_load((TesseraDevice *)trainer, run, NULL, &model));
+    EXPECT(TESSERA_STATUS_FILE, tessera_model_load(cpu, "/nonexistent/run", NULL, &model));
+    EXPECT(TESSERA_STATUS_FILE, tessera_model_load(cpu, text, NULL, &model));
+    EXPECT(INVALID, tessera_model_load(cpu, run, "huge", &model));
+    CHECK(model == NULL);
+    EXPECT_OK(tessera_model_load(cpu, checkpoint_file, NULL, &model));
+    EXPECT_OK(tessera_model_free(model));
+    EXPECT_OK(tessera_model_load(cpu, run, NULL, &model));
+
+    EXPECT(INVALID, tessera_model_info(model, NULL));
+    EXPECT(HANDLE, tessera_model_info(FORGED(TesseraModel), &info));
+    EXPECT(HANDLE, tessera_model_info((TesseraModel *)trainer, &info));
+    memset(&info, 0, sizeof info);
+    EXPECT_OK(tessera_model_info(model, &info));
+    CHECK(info.vocab == 256 && info.context == 16 && info.heads == 2 && info.kv_heads == 2);
+
+    /* The logits land in caller memory through a wrapped host buffer. */
+    const size_t logits_shape[2] = {8, 256};
+    float *buffer = malloc(8 * 256 * sizeof(float));
+    CHECK(buffer != NULL);
+    if (buffer == NULL) return;
+    for (size_t i = 0; i < 8 * 256; i++) buffer[i] = 7.0f;
+    TesseraTensor *logits = NULL;
+    EXPECT_OK(tessera_tensor_wrap_host(buffer, 8 * 256 * sizeof(float), TESSERA_DTYPE_F32, logits_shape, 2, NULL,
+                                       &logits));
+    TesseraTensor *wrong_shape = make(cpu, TESSERA_DTYPE_F32, 2, 8, 255, 0, 1.0f);
+    TesseraTensor *wrong_dtype = make(cpu, TESSERA_DTYPE_BF16, 2, 8, 256, 0, 1.0f);
+    EXPECT(INVALID, tessera_model_logits(model, tokens, 2, 4, wrong_shape));
+    EXPECT(INVALID, tessera_model_logits(model, tokens, 2, 4, wrong_dtype));
+    EXPECT(INVALID, tessera_model_logits(model, tokens, 2, 4, NULL));
+    EXPECT(INVALID, tessera_model_logits(model, NULL, 2, 4, logits));
+    EXPECT(INVALID, tessera_model_logits(model, tokens, 1, 17, logits));
+    EXPECT(INVALID, tessera_model_logits(model, tokens, 0, 4, logits));
+    EXPECT(INVALID, tessera_model_logits(model, tokens, SIZE_MAX, 2, logits));
+    EXPECT(INVALID, tessera_model_logits(model, tokens, 4, 4, logits));
+    EXPECT(HANDLE, tessera_model_logits(FORGED(TesseraModel), tokens, 2, 4, logits));
+    EXPECT(HANDLE, tessera_model_logits(model, tokens, 2, 4, (TesseraTensor *)model));
+    tokens[7] = 256;
+    EXPECT(INVALID, tessera_model_logits(model, tokens, 2, 4, logits));
+    tokens[7] = 7;
+    int untouched = 1;
+    for (size_t i = 0; i < 8 * 256; i++) untouched &= buffer[i] == 7.0f;
+    CHECK(untouched);
+    EXPECT_OK(tessera_model_logits(model, tokens, 2, 4, logits));
+    int finite = 1;
+    for (size_t i = 0; i < 8 * 256; i++) finite &= isfinite(buffer[i]) && buffer[i] != 7.0f;
+    CHECK(finite);
+
+    loss = -1.0f;
+    EXPECT(INVALID, tessera_model_loss(model, tokens, tokens + 1, 2, 4, NULL));
+    EXPECT(INVALID, tessera_model_loss(model, tokens, NULL, 2, 4, &loss));
+    EXPECT(INVALID, tessera_model_loss(model, tokens, tokens + 1, 2, 17, &loss));
+    EXPECT(HANDLE, tessera_model_loss(FORGED(TesseraModel), tokens, tokens + 1, 2, 4, &loss));
+    CHECK(loss == -1.0f);
+    EXPECT_OK(tessera_model_loss(model, tokens, tokens + 1, 2, 4, &loss));
+    CHECK(isfinite(loss) && loss > 0);
+
+    TesseraSampling sampling = tessera_sampling_default();
+    CHECK(sampling.temperature == 0.0f && sampling.top_k == 0 && sampling.top_p == 1.0f);
+    uint32_t prompt[3] = {116, 104, 101};
+    uint32_t out[12], again[12];
+    for (size_t i = 0; i < 12; i++) out[i] = again[i] = 1000;
+    EXPECT(INVALID, tessera_model_generate(model, prompt, 0, 12, NULL, 1, out));
+    EXPECT(INVALID, tessera_model_generate(model, NULL, 3, 12, NULL, 1, out));
+    EXPECT(INVALID, tessera_model_generate(model, prompt, 3, 12, NULL, 1, NULL));
+    sampling.temperature = -1.0f;
+    EXPECT(INVALID, tessera_model_generate(model, prompt, 3, 12, &sampling, 1, out));
+    sampling.temperature = NAN;
+    EXPECT(INVALID, tessera_model_generate(model, prompt, 3, 12, &sampling, 1, out));
+    sampling.temperature = 0.8f;
+    sampling.top_p = 0.0f;
+    EXPECT(INVALID, tessera_model_generate(model, prompt, 3, 12, &sampling, 1, out));
+    sampling.top_p = 1.5f;
+    EXPECT(INVALID, tessera_model_generate(model, prompt, 3, 12, &sampling, 1, out));
+    prompt[1] = 300;
+    EXPECT(INVALID, tessera_model_generate(model, prompt, 3, 12, NULL, 1, out));
+    prompt[1] = 104;
+    EXPECT(HANDLE, tessera_model_generate(FORGED(TesseraModel), prompt, 3, 12, NULL, 1, out));
+    CHECK(out[0] == 1000 && out[11] == 1000);
+    EXPECT_OK(tessera_model_generate(model, prompt, 3, 0, NULL, 1, NULL));
+
+    /* Greedy: the first token is the arg-max of the last prompt position's logits. */
+    EXPECT_OK(tessera_model_generate(model, prompt, 3, 12, NULL, 1, out));
+    TesseraTensor *prompt_logits = make(cpu, TESSERA_DTYPE_F32, 2, 3, 256, 0, 1.0f);
+    EXPECT_OK(tessera_model_logits(model, prompt, 1, 3, prompt_logits));
+    float last[3 * 256];
+    EXPECT_OK(tessera_tensor_copy_to_host(prompt_logits, last, sizeof last));
+    size_t best = 0;
+    for (size_t i = 1; i < 256; i++)
+        if (last[2 * 256 + i] > last[2 * 256 + best]) best = i;
+    CHECK(out[0] == best);
+    int in_vocab = 1;
+    for (size_t i = 0; i < 12; i++) in_vocab &= out[i] < 256;
+    CHECK(in_vocab);
+    /* Sampling: the same seed draws the same tokens. */
+    sampling.top_p = 0.9f;
+    sampling.top_k = 40;
+    EXPECT_OK(tessera_model_generate(model, prompt, 3, 12, &sampling, 42, out));
+    EXPECT_OK(tessera_model_generate(model, prompt, 3, 12, &sampling, 42, again));
+    CHECK(memcmp(out, again, sizeof out) == 0);
+
+    EXPECT_OK(tessera_tensor_free(prompt_logits));
+    EXPECT_OK(tessera_tensor_free(logits));
+    free(buffer);
+    EXPECT_OK(tessera_tensor_free(wrong_shape));
+    EXPECT_OK(tessera_tensor_free(wrong_dtype));
+    EXPECT(HANDLE, tessera_trainer_free((TesseraTrainer *)model));
+    EXPECT_OK(tessera_model_free(model));
+    EXPECT(HANDLE, tessera_model_free(model));
+    EXPECT(HANDLE, tessera_model_loss(model, tokens, tokens + 1, 2, 4, &loss));
+    EXPECT_OK(tessera_model_free(NULL));
+    EXPECT_OK(tessera_trainer_free(trainer));
+    EXPECT(HANDLE, tessera_trainer_save(trainer, run));
+    CHECK(nftw(dir, remove_entry, 8, FTW_DEPTH | FTW_PHYS) == 0);
+}
+
 
 /* Only where a GPU can be used: device memory wrapping is refused as unsupported, and tensors on
  * two devices do not mix. */
@@ -478,6 +747,7 @@ int main(void) {
     matmul(cpu);
     adamw(cpu);
     wavelet(cpu);
+    trainer_and_model(cpu);
     gpu();
     EXPECT_OK(tessera_device_free(cpu));
     CHECK(tessera_live_handle_count() == 0);
