@@ -40,7 +40,12 @@ pub(crate) fn tokens_arg<'a>(op: &str, arg: &str, tokens: *const u32, count: usi
     }
     require(op, arg, tokens)?;
     if !(tokens as usize).is_multiple_of(std::mem::align_of::<u32>()) {
-        return Err(FfiError::invalid(op, arg, "a 4-byte aligned pointer", format!("{tokens:p}")));
+        return Err(FfiError::invalid(
+            op,
+            arg,
+            "a 4-byte aligned pointer",
+            format!("{tokens:p}"),
+        ));
     }
     // SAFETY: non-null and aligned; the caller promises `count` readable ids (header).
     Ok(unsafe { std::slice::from_raw_parts(tokens, count) })
@@ -48,9 +53,14 @@ pub(crate) fn tokens_arg<'a>(op: &str, arg: &str, tokens: *const u32, count: usi
 
 /// `batch · seq`, or an error when it overflows.
 pub(crate) fn token_count(op: &str, batch: usize, seq: usize) -> FfiResult<usize> {
-    batch
-        .checked_mul(seq)
-        .ok_or_else(|| FfiError::invalid(op, "batch", "batch · seq that fits in size_t", format!("{batch} · {seq}")))
+    batch.checked_mul(seq).ok_or_else(|| {
+        FfiError::invalid(
+            op,
+            "batch",
+            "batch · seq that fits in size_t",
+            format!("{batch} · {seq}"),
+        )
+    })
 }
 
 /// How `tessera_model_generate` draws each token. `tessera_sampling_default()` is greedy.
@@ -142,7 +152,9 @@ pub unsafe extern "C" fn tessera_model_load(
         require(OP, "out", out)?;
         let device = handle::device(OP, "device", device)?;
         let path = path_arg(OP, "path", path)?;
-        let preset = (!preset.is_null()).then(|| text_arg(OP, "preset", preset)).transpose()?;
+        let preset = (!preset.is_null())
+            .then(|| text_arg(OP, "preset", preset))
+            .transpose()?;
         let model = load(path, preset, &device)?;
         write_out(
             OP,

@@ -85,10 +85,7 @@ pub unsafe extern "C" fn tessera_trainer_new(
                     )
                 })?;
                 Some(String::from_utf8(bytes).map_err(|e| {
-                    FfiError::with_status(
-                        TesseraStatus::File,
-                        format!("{}: not UTF-8 text: {e}", path.display()),
-                    )
+                    FfiError::with_status(TesseraStatus::File, format!("{}: not UTF-8 text: {e}", path.display()))
                 })?)
             }
             (false, false) => {
@@ -222,7 +219,12 @@ pub unsafe extern "C" fn tessera_trainer_train_tokens(
         check_vocab(OP, "tokens", tokens, trainer.model.params.config.vocab)?;
         let seq = trainer.options.seq;
         if count <= seq {
-            return Err(FfiError::invalid(OP, "count", format!("more than seq ({seq}) tokens"), count));
+            return Err(FfiError::invalid(
+                OP,
+                "count",
+                format!("more than seq ({seq}) tokens"),
+                count,
+            ));
         }
         let corpus = Corpus {
             name: "tokens".into(),

@@ -28,10 +28,22 @@ pub fn configuration(preset: &str, toml: Option<&str>) -> Result<(GptConfig, Tra
         let target = match key.as_str() {
             "model" => &mut model,
             "train" => &mut train,
-            other => return Err(Error::invalid(OP, "toml", "only the tables [model] and [train]", format!("[{other}]"))),
+            other => {
+                return Err(Error::invalid(
+                    OP,
+                    "toml",
+                    "only the tables [model] and [train]",
+                    format!("[{other}]"),
+                ))
+            }
         };
         let toml::Value::Table(fields) = value else {
-            return Err(Error::invalid(OP, "toml", format!("`{key}` to be a table"), value.type_str()));
+            return Err(Error::invalid(
+                OP,
+                "toml",
+                format!("`{key}` to be a table"),
+                value.type_str(),
+            ));
         };
         for (field, value) in fields {
             if target.get(field).is_none() {
