@@ -37,6 +37,38 @@
 #define TESSERA_MAX_RANK 8
 
 /**
+ * Which keys a query sees (`int32_t mask` in `TesseraAttentionOptions`). Positions are aligned
+ * bottom-right: query `i` of `seq_q` sits at `p = i + seq_k - seq_q`.
+ */
+enum TesseraAttentionMask
+#ifdef __cplusplus
+  : int32_t
+#endif // __cplusplus
+ {
+  /**
+   * Every key.
+   */
+  TESSERA_ATTENTION_MASK_NONE = 0,
+  /**
+   * Keys `j <= p`.
+   */
+  TESSERA_ATTENTION_MASK_CAUSAL = 1,
+  /**
+   * Keys `p - window_left <= j <= p + window_right` (`window_left = w - 1`, `window_right = 0`
+   * is a causal sliding window of `w` tokens).
+   */
+  TESSERA_ATTENTION_MASK_WINDOW = 2,
+  /**
+   * Causal, and either among the first `lambda_global` keys or within the `lambda_window`
+   * most recent ones (LM-Infinite).
+   */
+  TESSERA_ATTENTION_MASK_LAMBDA = 3,
+};
+#ifndef __cplusplus
+typedef int32_t TesseraAttentionMask;
+#endif // __cplusplus
+
+/**
  * Element type codes, as `int32_t dtype` arguments take them and `tessera_tensor_dtype` gives
  * them.
  */
@@ -54,6 +86,27 @@ enum TesseraDtype
 };
 #ifndef __cplusplus
 typedef int32_t TesseraDtype;
+#endif // __cplusplus
+
+/**
+ * Pairs of dimensions RoPE rotates (`int32_t rope_convention`).
+ */
+enum TesseraRopeConvention
+#ifdef __cplusplus
+  : int32_t
+#endif // __cplusplus
+ {
+  /**
+   * `(i, i + head_dim/2)`: Llama and Hugging Face.
+   */
+  TESSERA_ROPE_CONVENTION_ROTATE_HALF = 0,
+  /**
+   * `(2i, 2i + 1)`: GPT-J.
+   */
+  TESSERA_ROPE_CONVENTION_INTERLEAVED = 1,
+};
+#ifndef __cplusplus
+typedef int32_t TesseraRopeConvention;
 #endif // __cplusplus
 
 /**
@@ -227,6 +280,55 @@ typedef struct {
 } TesseraAdamWTensor;
 
 /**
+ * Options of `tessera_attention_forward` and `_backward`; `tessera_attention_options_default()`
+ * is unmasked attention with scale `1/sqrt(head_dim)`, no varlen, no RoPE. The arrays it points
+ * to are read during the call only.
+ */
+typedef struct {
+  /**
+   * A `TesseraAttentionMask` code.
+   */
+  int32_t mask;
+  /**
+   * `TESSERA_ATTENTION_MASK_WINDOW`: keys this far before and after the query's position.
+   */
+  size_t window_left;
+  size_t window_right;
+  /**
+   * `TESSERA_ATTENTION_MASK_LAMBDA`: the always-visible first keys and the local window (>= 1).
+   */
+  size_t lambda_global;
+  size_t lambda_window;
+  /**
+   * The softmax scale; 0 means `1/sqrt(head_dim)`.
+   */
+  float scale;
+  /**
+   * Packed variable-length sequences: `varlen_count` sequences, sequence `b` holding queries
+   * `cu_seqlens_q[b] .. cu_seqlens_q[b+1]` and keys `cu_seqlens_k[b] .. cu_seqlens_k[b+1]`
+   * (arrays of `varlen_count + 1` offsets from 0 to the token count). 0: no varlen, and the
+   * arrays are not read.
+   */
+  size_t varlen_count;
+  const size_t *cu_seqlens_q;
+  const size_t *cu_seqlens_k;
+  /**
+   * RoPE inside attention: `rope_base_count` bases (one for all heads, or one per key/value
+   * head group: the count must divide `heads_kv`); 0: no RoPE, and the rest is not read.
+   */
+  size_t rope_base_count;
+  const double *rope_bases;
+  /**
+   * A `TesseraRopeConvention` code.
+   */
+  int32_t rope_convention;
+  /**
+   * LM-Infinite's distance ceiling: relative distances beyond it count as it; 0: none.
+   */
+  size_t rope_distance_ceiling;
+} TesseraAttentionOptions;
+
+/**
  * How `tessera_matmul` combines its operands. `tessera_matmul_options_default()` gives
  * `out = a·b`; set `trans_b = 1` for a linear layer's `x·wᵀ`.
  */
@@ -361,6 +463,59 @@ TesseraStatus tessera_adamw_step(const TesseraAdamWTensor *tensors,
                                  const TesseraAdamWConfig *config,
                                  uint64_t step,
                                  float grad_scale);
+
+/**
+ * Unmasked attention, scale `1/sqrt(head_dim)`, no varlen, no RoPE.
+ *
+ * Ownership: returned by value. Thread-safety: any thread. Errors: none.
+ */
+TesseraAttentionOptions tessera_attention_options_default(void);
+
+/**
+ * `out = softmax(scale · q·kᵀ + mask) · v` per head, flash-style (the score matrix is never
+ * stored), and `lse` (may be NULL), the log-sum-exp of each query row's scaled scores, which the
+ * backward needs.
+ *
+ * `q` is (batch, seq_q, heads_q, head_dim), `k` and `v` (batch, seq_k, heads_kv, head_dim) with
+ * `heads_q` a multiple of `heads_kv` (grouped-query attention: query head `h` reads key/value
+ * head `h / (heads_q / heads_kv)`); with varlen the batch dimension goes ((total, heads,
+ * head_dim)). `head_dim` is a multiple of 8 up to 256. One dtype: F32, BF16 or F16 on the CPU,
+ * BF16 or F16 on a GPU; one device. `out` has `q`'s shape and dtype; `lse` is F32 shaped as `q`
+ * without its last dimension. A row that sees no key gets 0 and `lse = -inf`. `options` may be
+ * NULL for the defaults. The result is computed in tessera's memory and copied into the outputs.
+ *
+ * Ownership: nothing is taken. Thread-safety: any thread; the outputs may not be used by another
+ * call meanwhile (`TESSERA_STATUS_BUSY`).
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (shapes, dtypes, devices, head counts, mask sizes,
+ * scale, varlen offsets, RoPE bases, codes, aliasing), `..._INVALID_HANDLE`, `..._BUSY`,
+ * `..._CUDA`. On error the outputs are unchanged.
+ */
+TesseraStatus tessera_attention_forward(const TesseraTensor *q,
+                                        const TesseraTensor *k,
+                                        const TesseraTensor *v,
+                                        const TesseraAttentionOptions *options,
+                                        TesseraTensor *out,
+                                        TesseraTensor *lse);
+
+/**
+ * The gradients of `tessera_attention_forward` into `d_q`, `d_k`, `d_v` (shaped and typed as
+ * `q`, `k`, `v`), given `d_out` and the forward's inputs, options, `out` and `lse` (not NULL
+ * here). Deterministic: every sum runs in a fixed order.
+ *
+ * Ownership: nothing is taken; the three outputs must be distinct and not overlap the inputs.
+ * Thread-safety: as `tessera_attention_forward`. Errors: as `tessera_attention_forward`; on
+ * error no output is changed.
+ */
+TesseraStatus tessera_attention_backward(const TesseraTensor *d_out,
+                                         const TesseraTensor *q,
+                                         const TesseraTensor *k,
+                                         const TesseraTensor *v,
+                                         const TesseraTensor *out,
+                                         const TesseraTensor *lse,
+                                         const TesseraAttentionOptions *options,
+                                         TesseraTensor *d_q,
+                                         TesseraTensor *d_k,
+                                         TesseraTensor *d_v);
 
 /**
  * Creates a handle for the host CPU.

@@ -13,6 +13,7 @@
 #![allow(clippy::missing_safety_doc)]
 
 pub mod adamw;
+pub mod attention;
 pub mod device;
 pub mod handle;
 pub mod matmul;

@@ -437,6 +437,223 @@ static void wavelet(TesseraDevice *cpu) {
     TesseraTensor *all[] = {x, out, narrow, flat, halves, tap, d_tap, short_tap};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) EXPECT_OK(tessera_tensor_free(all[i]));
 }
+/* Attention shapes for the checks below: one sequence of 5 queries and keys, 4 query heads over
+ * 2 key/value heads (grouped), head dimension 8. */
+enum { AS = 5, AHQ = 4, AHK = 2, AD = 8 };
+
+/* The f64 reference: out, lse and the gradients of attention under `visible(p, j)`. */
+static int attention_sees(const TesseraAttentionOptions *o, long p, long j) {
+    switch (o->mask) {
+    case TESSERA_ATTENTION_MASK_CAUSAL: return j <= p;
+    case TESSERA_ATTENTION_MASK_WINDOW: return j >= p - (long)o->window_left && j <= p + (long)o->window_right;
+    case TESSERA_ATTENTION_MASK_LAMBDA:
+        return j <= p && (p - j < (long)o->lambda_window || j < (long)o->lambda_global);
+    default: return 1;
+    }
+}
+
+static void attention_reference(const TesseraAttentionOptions *o, const float *q, const float *k, const float *v,
+                                const float *d_out, double *out, double *lse, double *d_q, double *d_k,
+                                double *d_v) {
+    double scale = o->scale != 0.0f ? o->scale : 1.0 / sqrt((double)AD);
+    memset(d_q, 0, sizeof(double) * AS * AHQ * AD);
+    memset(d_k, 0, sizeof(double) * AS * AHK * AD);
+    memset(d_v, 0, sizeof(double) * AS * AHK * AD);
+    for (size_t h = 0; h < AHQ; h++) {
+        size_t g = h / (AHQ / AHK);
+        for (size_t i = 0; i < AS; i++) {
+            const float *qi = q + (i * AHQ + h) * AD;
+            double s[AS], p[AS], m = -INFINITY, sum = 0, dp[AS], dsum = 0;
+            for (size_t j = 0; j < AS; j++) {
+                const float *kj = k + (j * AHK + g) * AD;
+                double dot = 0;
+                for (size_t d = 0; d < AD; d++) dot += (double)qi[d] * kj[d];
+                s[j] = attention_sees(o, (long)i, (long)j) ? scale * dot : -INFINITY;
+                if (s[j] > m) m = s[j];
+            }
+            for (size_t j = 0; j < AS; j++) sum += s[j] == -INFINITY ? 0 : exp(s[j] - m);
+            lse[i * AHQ + h] = sum > 0 ? m + log(sum) : -INFINITY;
+            const float *doi = d_out + (i * AHQ + h) * AD;
+            for (size_t d = 0; d < AD; d++) out[(i * AHQ + h) * AD + d] = 0;
+            for (size_t j = 0; j < AS; j++) {
+                p[j] = s[j] == -INFINITY ? 0 : exp(s[j] - m) / sum;
+                const float *vj = v + (j * AHK + g) * AD;
+                dp[j] = 0;
+                for (size_t d = 0; d < AD; d++) {
+                    out[(i * AHQ + h) * AD + d] += p[j] * vj[d];
+                    dp[j] += (double)doi[d] * vj[d];
+                    d_v[(j * AHK + g) * AD + d] += p[j] * doi[d];
+                }
+                dsum += p[j] * dp[j];
+            }
+            for (size_t j = 0; j < AS; j++) {
+                double ds = p[j] * (dp[j] - dsum) * scale;
+                const float *kj = k + (j * AHK + g) * AD;
+                for (size_t d = 0; d < AD; d++) {
+                    d_q[(i * AHQ + h) * AD + d] += ds * kj[d];
+                    d_k[(j * AHK + g) * AD + d] += ds * qi[d];
+                }
+            }
+        }
+    }
+}
+
+static int attention_close(const float *got, const double *want, size_t count) {
+    for (size_t i = 0; i < count; i++) {
+        if (isinf(want[i]) ? got[i] != (float)want[i] : !(fabs(got[i] - want[i]) <= 1e-5 * (1 + fabs(want[i]))))
+            return 0;
+    }
+    return 1;
+}
+
+static void attention(TesseraDevice *cpu) {
+    const size_t q_shape[4] = {1, AS, AHQ, AD}, kv_shape[4] = {1, AS, AHK, AD}, lse_shape[3] = {1, AS, AHQ};
+    float q[AS * AHQ * AD], k[AS * AHK * AD], v[AS * AHK * AD], d_out[AS * AHQ * AD];
+    for (size_t i = 0; i < AS * AHQ * AD; i++) {
+        q[i] = (float)sin(0.37 * (double)i + 0.1);
+        d_out[i] = (float)cos(0.23 * (double)i);
+    }
+    for (size_t i = 0; i < AS * AHK * AD; i++) {
+        k[i] = (float)cos(0.41 * (double)i + 0.3);
+        v[i] = (float)sin(0.19 * (double)i - 0.7);
+    }
+    TesseraTensor *tq = NULL, *tk = NULL, *tv = NULL, *tdo = NULL, *out = NULL, *lse = NULL;
+    TesseraTensor *dq = NULL, *dk = NULL, *dv = NULL;
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, q_shape, 4, q, sizeof q, &tq));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, kv_shape, 4, k, sizeof k, &tk));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, kv_shape, 4, v, sizeof v, &tv));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, q_shape, 4, d_out, sizeof d_out, &tdo));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, q_shape, 4, &out));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, lse_shape, 3, &lse));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, q_shape, 4, &dq));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, kv_shape, 4, &dk));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, kv_shape, 4, &dv));
+
+    /* Every mask, grouped heads, against the f64 reference. */
+    TesseraAttentionOptions cases[4];
+    for (size_t c = 0; c < 4; c++) cases[c] = tessera_attention_options_default();
+    cases[1].mask = TESSERA_ATTENTION_MASK_CAUSAL;
+    cases[1].scale = 0.3f;
+    cases[2].mask = TESSERA_ATTENTION_MASK_WINDOW;
+    cases[2].window_left = 1;
+    cases[2].window_right = 1;
+    cases[3].mask = TESSERA_ATTENTION_MASK_LAMBDA;
+    cases[3].lambda_global = 1;
+    cases[3].lambda_window = 2;
+    for (size_t c = 0; c < 4; c++) {
+        double want_out[AS * AHQ * AD], want_lse[AS * AHQ], want_dq[AS * AHQ * AD], want_dk[AS * AHK * AD],
+            want_dv[AS * AHK * AD];
+        float got_out[AS * AHQ * AD], got_lse[AS * AHQ], got_dq[AS * AHQ * AD], got_dk[AS * AHK * AD],
+            got_dv[AS * AHK * AD];
+        attention_reference(&cases[c], q, k, v, d_out, want_out, want_lse, want_dq, want_dk, want_dv);
+        EXPECT_OK(tessera_attention_forward(tq, tk, tv, &cases[c], out, lse));
+        EXPECT_OK(tessera_attention_backward(tdo, tq, tk, tv, out, lse, &cases[c], dq, dk, dv));
+        EXPECT_OK(tessera_tensor_copy_to_host(out, got_out, sizeof got_out));
+        EXPECT_OK(tessera_tensor_copy_to_host(lse, got_lse, sizeof got_lse));
+        EXPECT_OK(tessera_tensor_copy_to_host(dq, got_dq, sizeof got_dq));
+        EXPECT_OK(tessera_tensor_copy_to_host(dk, got_dk, sizeof got_dk));
+        EXPECT_OK(tessera_tensor_copy_to_host(dv, got_dv, sizeof got_dv));
+        CHECK(attention_close(got_out, want_out, AS * AHQ * AD));
+        CHECK(attention_close(got_lse, want_lse, AS * AHQ));
+        CHECK(attention_close(got_dq, want_dq, AS * AHQ * AD));
+        CHECK(attention_close(got_dk, want_dk, AS * AHK * AD));
+        CHECK(attention_close(got_dv, want_dv, AS * AHK * AD));
+    }
+    /* lse may be skipped in the forward. */
+    EXPECT_OK(tessera_attention_forward(tq, tk, tv, NULL, out, NULL));
+
+    /* Varlen: the one sequence given as offsets, with RoPE inside; the batch dimension goes. */
+    const size_t packed_q[3] = {AS, AHQ, AD}, packed_kv[3] = {AS, AHK, AD}, packed_lse[2] = {AS, AHQ};
+    const size_t cu[2] = {0, AS};
+    const double bases[1] = {10000.0};
+    TesseraAttentionOptions varlen = tessera_attention_options_default();
+    varlen.mask = TESSERA_ATTENTION_MASK_CAUSAL;
+    varlen.varlen_count = 1;
+    varlen.cu_seqlens_q = cu;
+    varlen.cu_seqlens_k = cu;
+    varlen.rope_base_count = 1;
+    varlen.rope_bases = bases;
+    TesseraTensor *pq = NULL, *pk = NULL, *pv = NULL, *pout = NULL, *plse = NULL;
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, packed_q, 3, q, sizeof q, &pq));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, packed_kv, 3, k, sizeof k, &pk));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, packed_kv, 3, v, sizeof v, &pv));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, packed_q, 3, &pout));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, packed_lse, 2, &plse));
+    EXPECT_OK(tessera_attention_forward(pq, pk, pv, &varlen, pout, plse));
+    /* The first query sees only the first key, at distance 0 where RoPE changes nothing. */
+    float first[AS * AHQ * AD];
+    EXPECT_OK(tessera_tensor_copy_to_host(pout, first, sizeof first));
+    CHECK(fabsf(first[0] - v[0]) < 1e-6f && fabsf(first[2 * AD + 3] - v[AD + 3]) < 1e-6f);
+
+    /* Bad input: the outputs keep their values. */
+    float before = sum_of(lse);
+    TesseraAttentionOptions bad = tessera_attention_options_default();
+    bad.mask = 4;
+    EXPECT(INVALID, tessera_attention_forward(tq, tk, tv, &bad, out, lse));
+    bad.mask = -1;
+    EXPECT(INVALID, tessera_attention_backward(tdo, tq, tk, tv, out, lse, &bad, dq, dk, dv));
+    bad = tessera_attention_options_default();
+    bad.scale = -1.0f;
+    EXPECT(INVALID, tessera_attention_forward(tq, tk, tv, &bad, out, lse));
+    bad.scale = NAN;
+    EXPECT(INVALID, tessera_attention_forward(tq, tk, tv, &bad, out, lse));
+    bad = tessera_attention_options_default();
+    bad.mask = TESSERA_ATTENTION_MASK_LAMBDA;
+    bad.lambda_window = 0;
+    EXPECT(INVALID, tessera_attention_forward(tq, tk, tv, &bad, out, lse));
+    bad = varlen;
+    bad.cu_seqlens_q = NULL;
+    EXPECT(INVALID, tessera_attention_forward(pq, pk, pv, &bad, pout, plse));
+    bad = varlen;
+    const size_t short_cu[2] = {0, AS - 1};
+    bad.cu_seqlens_k = short_cu;
+    EXPECT(INVALID, tessera_attention_forward(pq, pk, pv, &bad, pout, plse));
+    EXPECT(INVALID, tessera_attention_forward(tq, tk, tv, &varlen, out, lse));
+    bad = varlen;
+    bad.rope_bases = NULL;
+    EXPECT(INVALID, tessera_attention_forward(pq, pk, pv, &bad, pout, plse));
+    bad = varlen;
+    bad.rope_convention = 2;
+    EXPECT(INVALID, tessera_attention_forward(pq, pk, pv, &bad, pout, plse));
+    bad = varlen;
+    const double three_bases[3] = {1e4, 2e4, 3e4};
+    bad.rope_bases = three_bases;
+    bad.rope_base_count = 3;
+    EXPECT(INVALID, tessera_attention_forward(pq, pk, pv, &bad, pout, plse));
+    /* Shapes, dtypes, grouped heads, aliasing, handles. */
+    EXPECT(INVALID, tessera_attention_forward(tq, tk, tv, NULL, dk, lse));
+    EXPECT(INVALID, tessera_attention_forward(tq, tk, tv, NULL, out, out));
+    EXPECT(INVALID, tessera_attention_forward(tk, tq, tv, NULL, dk, NULL));
+    EXPECT(INVALID, tessera_attention_forward(tq, tk, tv, NULL, tq, lse));
+    EXPECT(INVALID, tessera_attention_forward(tq, tk, tv, NULL, lse, NULL));
+    EXPECT(INVALID, tessera_attention_forward(NULL, tk, tv, NULL, out, lse));
+    EXPECT(INVALID, tessera_attention_forward(tq, tk, tv, NULL, NULL, lse));
+    EXPECT(HANDLE, tessera_attention_forward(tq, FORGED(TesseraTensor), tv, NULL, out, lse));
+    EXPECT(HANDLE, tessera_attention_forward(tq, tk, tv, NULL, out, (TesseraTensor *)cpu));
+    /* A bf16 query with f32 keys; 3 query heads over 2 key/value heads. */
+    TesseraTensor *bf = NULL, *bf_out = NULL, *odd = NULL, *odd_out = NULL, *odd_lse = NULL;
+    const size_t odd_shape[4] = {1, AS, 3, AD}, odd_lse_shape[3] = {1, AS, 3};
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_BF16, q_shape, 4, &bf));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_BF16, q_shape, 4, &bf_out));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, odd_shape, 4, &odd));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, odd_shape, 4, &odd_out));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, odd_lse_shape, 3, &odd_lse));
+    EXPECT(INVALID, tessera_attention_forward(bf, tk, tv, NULL, bf_out, lse));
+    EXPECT(INVALID, tessera_attention_forward(odd, tk, tv, NULL, odd_out, odd_lse));
+    EXPECT(INVALID, tessera_attention_backward(tdo, tq, tk, tv, out, lse, NULL, dq, dq, dv));
+    EXPECT(INVALID, tessera_attention_backward(tdo, tq, tk, tv, out, lse, NULL, dq, dk, tv));
+    EXPECT(INVALID, tessera_attention_backward(tdo, tq, tk, tv, out, NULL, NULL, dq, dk, dv));
+    EXPECT(INVALID, tessera_attention_backward(tdo, tq, tk, tv, out, tdo, NULL, dq, dk, dv));
+    EXPECT(INVALID, tessera_attention_backward(tdo, tq, tk, tv, out, lse, NULL, dk, dq, dv));
+    EXPECT(INVALID, tessera_attention_backward(NULL, tq, tk, tv, out, lse, NULL, dq, dk, dv));
+    EXPECT(HANDLE, tessera_attention_backward(tdo, tq, tk, tv, out, lse, NULL, dq, dk, FORGED(TesseraTensor)));
+    CHECK(sum_of(lse) == before);
+
+    TesseraTensor *all[] = {tq, tk, tv, tdo, out, lse, dq, dk, dv, pq, pk, pv, pout, plse, bf, bf_out, odd, odd_out, odd_lse};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) EXPECT_OK(tessera_tensor_free(all[i]));
+    EXPECT(HANDLE, tessera_attention_forward(tq, tk, tv, NULL, out, lse));
+}
+
 /* A model small enough to train and run in moments, even under valgrind. */
 static const char *const TINY_TOML =
     "[model]\nlayers = 1\nheads = 2\nkv_heads = 2\nwidth = 16\nffn_width = 32\ncontext = 16\n"
@@ -747,6 +964,7 @@ int main(void) {
     matmul(cpu);
     adamw(cpu);
     wavelet(cpu);
+    attention(cpu);
     trainer_and_model(cpu);
     gpu();
     EXPECT_OK(tessera_device_free(cpu));
