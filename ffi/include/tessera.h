@@ -4,9 +4,10 @@
  * Conventions, for every function below:
  * - Most functions return a TesseraStatus: TESSERA_STATUS_OK (0) or an error code, with a
  *   readable message from tessera_last_error() on the same thread.
- * - Handles (TesseraDevice*, TesseraTensor*, TesseraWaveletConfig*, TesseraModel*,
- *   TesseraTrainer*) are opaque tokens, never addresses: do not dereference them. Each
- *   *_new_* (or *_load, *_resume) returns one that its *_free releases;
+ * - Handles (TesseraDevice*, TesseraTensor*, TesseraWaveletConfig*, TesseraSparse24*,
+ *   TesseraModel*, TesseraTrainer*) are opaque tokens, never addresses: do not dereference
+ *   them. Each constructor (*_new_*, *_load, *_resume, *_compress, ...) returns one that its
+ *   *_free releases;
  *   *_free accepts NULL. A freed handle is detected and refused (TESSERA_STATUS_INVALID_HANDLE).
  * - Out-pointers to handles are set to NULL first, so they are NULL after a failure.
  * - No call aborts the host program or lets a Rust panic through; bad input is an error code.
@@ -202,6 +203,13 @@ typedef struct TesseraDevice TesseraDevice;
  * `tessera_model_load`, released by `tessera_model_free`.
  */
 typedef struct TesseraModel TesseraModel;
+
+/**
+ * A weight matrix in the 2:4 compressed format of the sparse tensor cores (values and
+ * metadata). Opaque: created by `tessera_sparse24_*` constructors, released by
+ * `tessera_sparse24_free`; never changed once made.
+ */
+typedef struct TesseraSparse24 TesseraSparse24;
 
 /**
  * A tensor: owned by tessera or wrapping caller memory. Opaque: created by `tessera_tensor_*`
@@ -705,6 +713,122 @@ TesseraStatus tessera_model_generate(const TesseraModel *model,
                                      const TesseraSampling *sampling,
                                      uint64_t seed,
                                      uint32_t *out);
+
+/**
+ * `w` (rows, cols) pruned N:M along each row into `out` (same shape, dtype and device): in every
+ * group of `m` consecutive elements the `n` of largest magnitude are kept (ties to the lower
+ * index), the others set to 0. Any `1 <= n <= m <= 64` with `m` dividing `cols` on the CPU; 2:4
+ * and 1:2 on a GPU.
+ *
+ * Ownership: nothing is taken; `out` must not be or overlap `w`. Thread-safety: any thread;
+ * `out` may not be used by another call meanwhile (`TESSERA_STATUS_BUSY`).
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (pattern, shapes, dtypes, devices, aliasing),
+ * `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error `out` is unchanged.
+ */
+TesseraStatus tessera_nm_prune(const TesseraTensor *w, size_t n, size_t m, TesseraTensor *out);
+
+/**
+ * Prunes `w` (rows, cols: rows a multiple of 16, cols of 64) by magnitude with the pattern `n:m`
+ * (2:4 or 1:2) and compresses it into a new 2:4 matrix (F32, BF16 or F16 on the CPU; BF16 or F16
+ * on a GPU), on `w`'s device. The kept positions are those the magnitudes chose, even where a
+ * kept value is 0.
+ *
+ * Ownership: `*out` receives a new handle, released with `tessera_sparse24_free`.
+ * Thread-safety: any thread. Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (pattern, shape, dtype,
+ * NULL `out`), `..._INVALID_HANDLE`, `..._BUSY` (`w` being written), `..._CUDA`. On failure
+ * `*out` is NULL.
+ */
+TesseraStatus tessera_sparse24_prune_compress(const TesseraTensor *w,
+                                              size_t n,
+                                              size_t m,
+                                              TesseraSparse24 **out);
+
+/**
+ * Compresses `w`, which must already be 2:4-sparse (at most 2 non-zeros in each group of 4
+ * columns; the message names the first group that is not), into a new 2:4 matrix. Shapes and
+ * dtypes as `tessera_sparse24_prune_compress`.
+ *
+ * Ownership: `*out` receives a new handle, released with `tessera_sparse24_free`.
+ * Thread-safety: any thread. Errors: as `tessera_sparse24_prune_compress`. On failure `*out` is
+ * NULL.
+ */
+TesseraStatus tessera_sparse24_compress(const TesseraTensor *w, TesseraSparse24 **out);
+
+/**
+ * SLoPe's double-pruned transpose of `s` (rows, cols; rows a multiple of 64 too): a new 2:4
+ * matrix (cols, rows), the transpose of `s` pruned 2:4 by magnitude along its rows. The sparse
+ * linear backward takes it; make it again whenever the weight changes.
+ *
+ * Ownership: `*out` receives a new handle, released with `tessera_sparse24_free`.
+ * Thread-safety: any thread. Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (rows not a multiple of
+ * 64, NULL `out`), `..._INVALID_HANDLE`, `..._CUDA`. On failure `*out` is NULL.
+ */
+TesseraStatus tessera_sparse24_double_prune(const TesseraSparse24 *s, TesseraSparse24 **out);
+
+/**
+ * Releases a 2:4 matrix handle. NULL is accepted and does nothing.
+ *
+ * Ownership: the handle is invalid afterwards. Thread-safety: any thread; calls using the
+ * matrix on other threads finish normally.
+ * Errors: `TESSERA_STATUS_INVALID_HANDLE` for a handle that is not a live 2:4 matrix.
+ */
+TesseraStatus tessera_sparse24_free(TesseraSparse24 *s);
+
+/**
+ * The dense shape (`rows`, `cols`) and the `TesseraDtype` code of a 2:4 matrix; any pointer may
+ * be NULL to skip it.
+ *
+ * Ownership: none. Thread-safety: any thread. Errors: `TESSERA_STATUS_INVALID_HANDLE`.
+ */
+TesseraStatus tessera_sparse24_info(const TesseraSparse24 *s,
+                                    size_t *rows,
+                                    size_t *cols,
+                                    int32_t *dtype);
+
+/**
+ * The dense matrix of `s` into `out`: (rows, cols) of its dtype on its device, the kept values
+ * in place and zeros elsewhere.
+ *
+ * Ownership: nothing is taken. Thread-safety: any thread; `out` may not be used by another call
+ * meanwhile. Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (shape, dtype, device),
+ * `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error `out` is unchanged.
+ */
+TesseraStatus tessera_sparse24_decompress(const TesseraSparse24 *s, TesseraTensor *out);
+
+/**
+ * The sparse linear layer `y = x·wᵀ + bias` with `w` a 2:4 matrix (out features, in features):
+ * `x` (tokens, in features), `bias` (out features; may be NULL), `y` (tokens, out features),
+ * all of `w`'s dtype and on its device; f32 accumulation (sparse tensor cores on a GPU).
+ *
+ * Ownership: nothing is taken; `y` must not be or overlap an input. Thread-safety: any thread;
+ * `y` may not be used by another call meanwhile (`TESSERA_STATUS_BUSY`).
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (shapes, dtypes, devices, aliasing),
+ * `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error `y` is unchanged.
+ */
+TesseraStatus tessera_sparse_linear_forward(const TesseraTensor *x,
+                                            const TesseraSparse24 *w,
+                                            const TesseraTensor *bias,
+                                            TesseraTensor *y);
+
+/**
+ * SLoPe's backward of `tessera_sparse_linear_forward`: `d_x = dy·W_dp` through `w_dp_t`
+ * (`tessera_sparse24_double_prune` of `w`) into `d_x` (tokens, in features; `dy`'s dtype);
+ * `dy`ᵀ·`x` at the kept positions of `w`, in the layout of its compressed values, into
+ * `d_values` (F32, (out features, in features / 2)); and the column sums of `dy` into `d_bias`
+ * (F32, out features; NULL skips it). `dy` is (tokens, out features), `x` the forward's input.
+ *
+ * Ownership: nothing is taken; the outputs must be distinct and not overlap the inputs.
+ * Thread-safety: as `tessera_sparse_linear_forward`. Errors: as
+ * `tessera_sparse_linear_forward`, and `TESSERA_STATUS_INVALID_ARGUMENT` when `w_dp_t` is not
+ * shaped as `w`'s transpose. On error no output is changed.
+ */
+TesseraStatus tessera_sparse_linear_backward(const TesseraTensor *dy,
+                                             const TesseraTensor *x,
+                                             const TesseraSparse24 *w,
+                                             const TesseraSparse24 *w_dp_t,
+                                             TesseraTensor *d_x,
+                                             TesseraTensor *d_values,
+                                             TesseraTensor *d_bias);
 
 /**
  * The message of the last call on this thread that failed, or "" when the last call succeeded.

@@ -11,7 +11,7 @@ use crate::status::{FfiError, FfiResult};
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 use tessera_core::model::Gpt;
-use tessera_core::ops::WaveletConfig;
+use tessera_core::ops::{Sparse24, WaveletConfig};
 use tessera_core::train::trainer::Trainer;
 use tessera_core::{Device, Tensor};
 
@@ -46,6 +46,13 @@ pub struct TesseraTrainer {
     _opaque: [u8; 0],
 }
 
+/// A weight matrix in the 2:4 compressed format of the sparse tensor cores (values and
+/// metadata). Opaque: created by `tessera_sparse24_*` constructors, released by
+/// `tessera_sparse24_free`; never changed once made.
+pub struct TesseraSparse24 {
+    _opaque: [u8; 0],
+}
+
 /// A model or trainer shared between its handle and the call using it. Every call on one
 /// changes its activations, so one call at a time has it; another call meanwhile fails with
 /// `TESSERA_STATUS_BUSY` instead of waiting.
@@ -61,6 +68,7 @@ pub enum Object {
     Device(Device),
     Tensor(SharedTensor),
     WaveletConfig(Arc<WaveletConfig>),
+    Sparse24(Arc<Sparse24>),
     Model(Exclusive<Gpt>),
     Trainer(Exclusive<Trainer>),
 }
@@ -71,6 +79,7 @@ impl Object {
             Object::Device(_) => "a device handle",
             Object::Tensor(_) => "a tensor handle",
             Object::WaveletConfig(_) => "a wavelet config handle",
+            Object::Sparse24(_) => "a sparse 2:4 matrix handle",
             Object::Model(_) => "a model handle",
             Object::Trainer(_) => "a trainer handle",
         }
@@ -178,6 +187,14 @@ pub fn wavelet_config(op: &str, arg: &str, handle: *const TesseraWaveletConfig) 
     match lookup(op, arg, handle as usize, "a wavelet config handle")? {
         Object::WaveletConfig(config) => Ok(config),
         other => Err(FfiError::handle(op, arg, "a wavelet config handle", other.kind())),
+    }
+}
+
+/// The compressed matrix behind a handle.
+pub fn sparse24(op: &str, arg: &str, handle: *const TesseraSparse24) -> FfiResult<Arc<Sparse24>> {
+    match lookup(op, arg, handle as usize, "a sparse 2:4 matrix handle")? {
+        Object::Sparse24(matrix) => Ok(matrix),
+        other => Err(FfiError::handle(op, arg, "a sparse 2:4 matrix handle", other.kind())),
     }
 }
 

@@ -18,6 +18,7 @@ pub mod device;
 pub mod handle;
 pub mod matmul;
 pub mod model;
+pub mod sparse;
 pub mod status;
 pub mod tensor;
 pub mod trainer;
