@@ -654,6 +654,164 @@ static void attention(TesseraDevice *cpu) {
     EXPECT(HANDLE, tessera_attention_forward(tq, tk, tv, NULL, out, lse));
 }
 
+/* The sparse linear layer on a 64x64 weight (the smallest the double-pruned backward takes) and
+ * 3 tokens, against plain loops. */
+enum { SR = 64, SC = 64, SN = 3 };
+
+static void sparse(TesseraDevice *cpu) {
+    static float w[SR * SC], pruned[SR * SC], dense[SR * SC], dp_t[SC * SR];
+    float x[SN * SC], dy[SN * SR], bias[SR], y[SN * SR], d_x[SN * SC], d_bias[SR];
+    static float d_values[SR * SC / 2];
+    for (size_t i = 0; i < SR * SC; i++) w[i] = (float)sin(1.7 * (double)i + 0.3);
+    for (size_t i = 0; i < SN * SC; i++) x[i] = (float)cos(0.9 * (double)i);
+    for (size_t i = 0; i < SN * SR; i++) dy[i] = (float)sin(0.61 * (double)i + 1.0);
+    for (size_t i = 0; i < SR; i++) bias[i] = 0.01f * (float)i;
+    const size_t w_shape[2] = {SR, SC}, x_shape[2] = {SN, SC}, y_shape[2] = {SN, SR}, b_shape[1] = {SR};
+    const size_t dv_shape[2] = {SR, SC / 2};
+    TesseraTensor *tw = NULL, *tpruned = NULL, *tdense = NULL, *tdp = NULL, *tx = NULL, *tdy = NULL, *tb = NULL;
+    TesseraTensor *ty = NULL, *tdx = NULL, *tdv = NULL, *tdb = NULL;
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, w_shape, 2, w, sizeof w, &tw));
+    EXPECT_OK(tessera_tensor_wrap_host(pruned, sizeof pruned, TESSERA_DTYPE_F32, w_shape, 2, NULL, &tpruned));
+    EXPECT_OK(tessera_tensor_wrap_host(dense, sizeof dense, TESSERA_DTYPE_F32, w_shape, 2, NULL, &tdense));
+    EXPECT_OK(tessera_tensor_wrap_host(dp_t, sizeof dp_t, TESSERA_DTYPE_F32, w_shape, 2, NULL, &tdp));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, x_shape, 2, x, sizeof x, &tx));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, y_shape, 2, dy, sizeof dy, &tdy));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, b_shape, 1, bias, sizeof bias, &tb));
+    EXPECT_OK(tessera_tensor_wrap_host(y, sizeof y, TESSERA_DTYPE_F32, y_shape, 2, NULL, &ty));
+    EXPECT_OK(tessera_tensor_wrap_host(d_x, sizeof d_x, TESSERA_DTYPE_F32, x_shape, 2, NULL, &tdx));
+    EXPECT_OK(tessera_tensor_wrap_host(d_values, sizeof d_values, TESSERA_DTYPE_F32, dv_shape, 2, NULL, &tdv));
+    EXPECT_OK(tessera_tensor_wrap_host(d_bias, sizeof d_bias, TESSERA_DTYPE_F32, b_shape, 1, NULL, &tdb));
+
+    /* Pruning keeps the two of largest magnitude in every group of four. */
+    EXPECT_OK(tessera_nm_prune(tw, 2, 4, tpruned));
+    int kept_right = 1;
+    for (size_t g = 0; g < SR * SC / 4; g++) {
+        for (size_t e = 0; e < 4; e++) {
+            size_t larger = 0;
+            for (size_t o = 0; o < 4; o++) larger += fabsf(w[4 * g + o]) > fabsf(w[4 * g + e]);
+            float want = larger < 2 ? w[4 * g + e] : 0.0f;
+            kept_right &= pruned[4 * g + e] == want;
+        }
+    }
+    CHECK(kept_right);
+
+    TesseraSparse24 *s = FORGED(TesseraSparse24), *s_dp = NULL, *again = NULL;
+    EXPECT_OK(tessera_sparse24_prune_compress(tw, 2, 4, &s));
+    EXPECT_OK(tessera_sparse24_decompress(s, tdense));
+    CHECK(memcmp(dense, pruned, sizeof dense) == 0);
+    EXPECT_OK(tessera_sparse24_compress(tpruned, &again));
+    size_t rows = 0, cols = 0;
+    int32_t dtype = -1;
+    EXPECT_OK(tessera_sparse24_info(again, &rows, &cols, &dtype));
+    CHECK(rows == SR && cols == SC && dtype == TESSERA_DTYPE_F32);
+    EXPECT_OK(tessera_sparse24_info(again, NULL, NULL, NULL));
+
+    /* Forward: y = x·denseᵀ + bias. */
+    EXPECT_OK(tessera_sparse_linear_forward(tx, s, tb, ty));
+    int forward_right = 1;
+    for (size_t n = 0; n < SN; n++) {
+        for (size_t r = 0; r < SR; r++) {
+            double want = bias[r];
+            for (size_t c = 0; c < SC; c++) want += (double)x[n * SC + c] * dense[r * SC + c];
+            forward_right &= fabs(y[n * SR + r] - want) <= 1e-5 * (1 + fabs(want));
+        }
+    }
+    CHECK(forward_right);
+    float with_bias[SN * SR];
+    memcpy(with_bias, y, sizeof y);
+    EXPECT_OK(tessera_sparse_linear_forward(tx, s, NULL, ty));
+    int no_bias_right = 1;
+    for (size_t i = 0; i < SN * SR; i++) no_bias_right &= fabsf(y[i] - (with_bias[i] - bias[i % SR])) <= 1e-5f;
+    CHECK(no_bias_right);
+
+    /* Backward: d_x through the double-pruned transpose, d_bias the column sums, and d_values
+     * summing dyᵀ·x over the kept positions. */
+    EXPECT_OK(tessera_sparse24_double_prune(s, &s_dp));
+    EXPECT_OK(tessera_sparse24_decompress(s_dp, tdp));
+    EXPECT_OK(tessera_sparse_linear_backward(tdy, tx, s, s_dp, tdx, tdv, tdb));
+    int backward_right = 1;
+    for (size_t n = 0; n < SN; n++) {
+        for (size_t c = 0; c < SC; c++) {
+            double want = 0;
+            for (size_t r = 0; r < SR; r++) want += (double)dy[n * SR + r] * dp_t[c * SR + r];
+            backward_right &= fabs(d_x[n * SC + c] - want) <= 1e-5 * (1 + fabs(want));
+        }
+    }
+    double kept_sum = 0, got_sum = 0;
+    for (size_t r = 0; r < SR; r++) {
+        double want = 0;
+        for (size_t n = 0; n < SN; n++) want += dy[n * SR + r];
+        backward_right &= fabs(d_bias[r] - want) <= 1e-5 * (1 + fabs(want));
+        for (size_t c = 0; c < SC; c++) {
+            if (dense[r * SC + c] == 0.0f) continue;
+            for (size_t n = 0; n < SN; n++) kept_sum += (double)dy[n * SR + r] * x[n * SC + c];
+        }
+    }
+    for (size_t i = 0; i < SR * SC / 2; i++) got_sum += d_values[i];
+    CHECK(backward_right);
+    CHECK(fabs(got_sum - kept_sum) <= 1e-4 * (1 + fabs(kept_sum)));
+    EXPECT_OK(tessera_sparse_linear_backward(tdy, tx, s, s_dp, tdx, tdv, NULL));
+
+    /* Bad input. */
+    TesseraSparse24 *bad = FORGED(TesseraSparse24);
+    EXPECT(INVALID, tessera_nm_prune(tw, 3, 2, tpruned));
+    EXPECT(INVALID, tessera_nm_prune(tw, 0, 4, tpruned));
+    EXPECT(INVALID, tessera_nm_prune(tw, 2, 128, tpruned));
+    EXPECT(INVALID, tessera_nm_prune(tw, 2, 4, tw));
+    EXPECT(INVALID, tessera_nm_prune(tw, 2, 4, ty));
+    EXPECT(INVALID, tessera_nm_prune(tw, 2, 4, NULL));
+    EXPECT(HANDLE, tessera_nm_prune(FORGED(TesseraTensor), 2, 4, tpruned));
+    EXPECT(INVALID, tessera_sparse24_prune_compress(tw, 2, 8, &bad));
+    CHECK(bad == NULL);
+    EXPECT(INVALID, tessera_sparse24_prune_compress(tw, 2, 4, NULL));
+    EXPECT(INVALID, tessera_sparse24_prune_compress(tx, 2, 4, &bad));
+    EXPECT(HANDLE, tessera_sparse24_prune_compress((TesseraTensor *)s, 2, 4, &bad));
+    EXPECT(INVALID, tessera_sparse24_compress(tw, &bad));
+    EXPECT(INVALID, tessera_sparse24_compress(NULL, &bad));
+    EXPECT(INVALID, tessera_sparse24_compress(tpruned, NULL));
+    CHECK(bad == NULL);
+    TesseraTensor *short_w = make(cpu, TESSERA_DTYPE_F32, 2, 16, 64, 0, 1.0f);
+    TesseraSparse24 *short_s = NULL;
+    EXPECT_OK(tessera_sparse24_prune_compress(short_w, 2, 4, &short_s));
+    EXPECT(INVALID, tessera_sparse24_double_prune(short_s, &bad));
+    EXPECT(INVALID, tessera_sparse24_double_prune(s, NULL));
+    EXPECT(HANDLE, tessera_sparse24_double_prune(FORGED(TesseraSparse24), &bad));
+    CHECK(bad == NULL);
+    EXPECT(INVALID, tessera_sparse24_decompress(short_s, tdense));
+    EXPECT(INVALID, tessera_sparse24_decompress(s, NULL));
+    EXPECT(HANDLE, tessera_sparse24_decompress((TesseraSparse24 *)tw, tdense));
+    EXPECT(HANDLE, tessera_sparse24_info(FORGED(TesseraSparse24), &rows, &cols, &dtype));
+    float y_before = y[0];
+    EXPECT(INVALID, tessera_sparse_linear_forward(tw, s, tb, ty));
+    EXPECT(INVALID, tessera_sparse_linear_forward(tx, s, tx, ty));
+    EXPECT(INVALID, tessera_sparse_linear_forward(tx, s, tb, tx));
+    EXPECT(INVALID, tessera_sparse_linear_forward(tx, s, tb, tdv));
+    EXPECT(INVALID, tessera_sparse_linear_forward(tx, short_s, NULL, ty));
+    EXPECT(INVALID, tessera_sparse_linear_forward(tx, NULL, tb, ty));
+    EXPECT(HANDLE, tessera_sparse_linear_forward(tx, FORGED(TesseraSparse24), tb, ty));
+    CHECK(y[0] == y_before);
+    float dx_before = d_x[0];
+    EXPECT(INVALID, tessera_sparse_linear_backward(tdy, tx, s, short_s, tdx, tdv, tdb));
+    EXPECT(INVALID, tessera_sparse_linear_backward(tdy, tx, s, s_dp, tdx, tdx, tdb));
+    EXPECT(INVALID, tessera_sparse_linear_backward(tdy, tx, s, s_dp, tdx, tdv, tdv));
+    EXPECT(INVALID, tessera_sparse_linear_backward(tdy, tx, s, s_dp, tx, tdv, tdb));
+    EXPECT(INVALID, tessera_sparse_linear_backward(tdy, tx, s, s_dp, tdx, tdense, tdb));
+    EXPECT(INVALID, tessera_sparse_linear_backward(tb, tx, s, s_dp, tdx, tdv, tdb));
+    EXPECT(INVALID, tessera_sparse_linear_backward(tdy, tx, s, NULL, tdx, tdv, tdb));
+    EXPECT(HANDLE, tessera_sparse_linear_backward(tdy, tx, s, s_dp, tdx, FORGED(TesseraTensor), tdb));
+    CHECK(d_x[0] == dx_before);
+
+    EXPECT(HANDLE, tessera_tensor_free((TesseraTensor *)s));
+    EXPECT(HANDLE, tessera_sparse24_free((TesseraSparse24 *)tw));
+    TesseraSparse24 *handles[] = {s, s_dp, again, short_s};
+    for (size_t i = 0; i < 4; i++) EXPECT_OK(tessera_sparse24_free(handles[i]));
+    EXPECT(HANDLE, tessera_sparse24_free(s));
+    EXPECT(HANDLE, tessera_sparse_linear_forward(tx, s, tb, ty));
+    EXPECT_OK(tessera_sparse24_free(NULL));
+    TesseraTensor *all[] = {tw, tpruned, tdense, tdp, tx, tdy, tb, ty, tdx, tdv, tdb, short_w};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) EXPECT_OK(tessera_tensor_free(all[i]));
+}
+
 /* A model small enough to train and run in moments, even under valgrind. */
 static const char *const TINY_TOML =
     "[model]\nlayers = 1\nheads = 2\nkv_heads = 2\nwidth = 16\nffn_width = 32\ncontext = 16\n"
@@ -965,6 +1123,7 @@ int main(void) {
     adamw(cpu);
     wavelet(cpu);
     attention(cpu);
+    sparse(cpu);
     trainer_and_model(cpu);
     gpu();
     EXPECT_OK(tessera_device_free(cpu));
