@@ -770,7 +770,10 @@ static void sparse(TesseraDevice *cpu) {
     EXPECT(INVALID, tessera_sparse24_compress(NULL, &bad));
     EXPECT(INVALID, tessera_sparse24_compress(tpruned, NULL));
     CHECK(bad == NULL);
-    TesseraTensor *short_w = make(cpu, TESSERA_DTYPE_F32, 2, 16, 64, 0, 1.0f);
+    /* The first 16 rows of w: too few rows for the double-pruned transpose. */
+    const size_t short_shape[2] = {16, SC};
+    TesseraTensor *short_w = NULL;
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, short_shape, 2, w, 16 * SC * sizeof(float), &short_w));
     TesseraSparse24 *short_s = NULL;
     EXPECT_OK(tessera_sparse24_prune_compress(short_w, 2, 4, &short_s));
     EXPECT(INVALID, tessera_sparse24_double_prune(short_s, &bad));
@@ -986,8 +989,10 @@ static void trainer_and_model(TesseraDevice *cpu) {
     TesseraTensor *logits = NULL;
     EXPECT_OK(tessera_tensor_wrap_host(buffer, 8 * 256 * sizeof(float), TESSERA_DTYPE_F32, logits_shape, 2, NULL,
                                        &logits));
-    TesseraTensor *wrong_shape = make(cpu, TESSERA_DTYPE_F32, 2, 8, 255, 0, 1.0f);
-    TesseraTensor *wrong_dtype = make(cpu, TESSERA_DTYPE_BF16, 2, 8, 256, 0, 1.0f);
+    const size_t narrow_shape[2] = {8, 255};
+    TesseraTensor *wrong_shape = NULL, *wrong_dtype = NULL;
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, narrow_shape, 2, &wrong_shape));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_BF16, logits_shape, 2, &wrong_dtype));
     EXPECT(INVALID, tessera_model_logits(model, tokens, 2, 4, wrong_shape));
     EXPECT(INVALID, tessera_model_logits(model, tokens, 2, 4, wrong_dtype));
     EXPECT(INVALID, tessera_model_logits(model, tokens, 2, 4, NULL));
@@ -1044,7 +1049,9 @@ static void trainer_and_model(TesseraDevice *cpu) {
 
     /* Greedy: the first token is the arg-max of the last prompt position's logits. */
     EXPECT_OK(tessera_model_generate(model, prompt, 3, 12, NULL, 1, out));
-    TesseraTensor *prompt_logits = make(cpu, TESSERA_DTYPE_F32, 2, 3, 256, 0, 1.0f);
+    const size_t prompt_shape[2] = {3, 256};
+    TesseraTensor *prompt_logits = NULL;
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, prompt_shape, 2, &prompt_logits));
     EXPECT_OK(tessera_model_logits(model, prompt, 1, 3, prompt_logits));
     float last[3 * 256];
     EXPECT_OK(tessera_tensor_copy_to_host(prompt_logits, last, sizeof last));
