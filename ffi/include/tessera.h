@@ -38,6 +38,27 @@
 #define TESSERA_MAX_RANK 8
 
 /**
+ * Which activation (`int32_t activation` arguments).
+ */
+enum TesseraActivation
+#ifdef __cplusplus
+  : int32_t
+#endif // __cplusplus
+ {
+  /**
+   * GELU, tanh approximation (GPT-2), elementwise over any shape.
+   */
+  TESSERA_ACTIVATION_GELU = 0,
+  /**
+   * SwiGLU (Llama): rows of `[gate | up]`, each half as wide; `silu(gate)·up`.
+   */
+  TESSERA_ACTIVATION_SWIGLU = 1,
+};
+#ifndef __cplusplus
+typedef int32_t TesseraActivation;
+#endif // __cplusplus
+
+/**
  * Which keys a query sees (`int32_t mask` in `TesseraAttentionOptions`). Positions are aligned
  * bottom-right: query `i` of `seq_q` sits at `p = i + seq_k - seq_q`.
  */
@@ -425,6 +446,23 @@ typedef struct {
    */
   size_t tokens;
 } TesseraStepRecord;
+
+/**
+ * Options of `tessera_cross_entropy`; `tessera_cross_entropy_options_default()` ignores no
+ * target and scales the gradient by 1.
+ */
+typedef struct {
+  /**
+   * 1: rows whose target is `ignore_index` contribute neither loss nor gradient; 0: none is
+   * ignored.
+   */
+  int32_t use_ignore_index;
+  uint32_t ignore_index;
+  /**
+   * The gradient is that of `grad_scale · mean loss`.
+   */
+  float grad_scale;
+} TesseraCrossEntropyOptions;
 
 #ifdef __cplusplus
 extern "C" {
@@ -1144,6 +1182,89 @@ TesseraStatus tessera_trainer_validate_file(const TesseraTrainer *trainer,
  * `..._CUDA`.
  */
 TesseraStatus tessera_trainer_save(const TesseraTrainer *trainer, const char *dir);
+
+/**
+ * The activation of `x` into `out`: for GELU `out` has the shape of `x`; for SwiGLU `x` has
+ * rows `[gate | up]` and `out` the shape of `x` with the last dimension halved. F32, BF16 or
+ * F16, one dtype and device; f32 arithmetic.
+ *
+ * Ownership: nothing is taken; `out` must not be or overlap `x`. Thread-safety: any thread;
+ * `out` may not be used by another call meanwhile (`TESSERA_STATUS_BUSY`).
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (activation code, shapes, dtypes, devices,
+ * aliasing), `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error `out` is unchanged.
+ */
+TesseraStatus tessera_activation_forward(int32_t activation_code,
+                                         const TesseraTensor *x,
+                                         TesseraTensor *out);
+
+/**
+ * The gradient of `tessera_activation_forward` with respect to `x` into `d_x` (the shape of
+ * `x`), given the forward's input `x` and the gradient `d_out` of its output.
+ *
+ * Ownership: nothing is taken; `d_x` must not be or overlap an input. Thread-safety: as
+ * `tessera_activation_forward`. Errors: as `tessera_activation_forward`; on error `d_x` is
+ * unchanged.
+ */
+TesseraStatus tessera_activation_backward(int32_t activation_code,
+                                          const TesseraTensor *x,
+                                          const TesseraTensor *d_out,
+                                          TesseraTensor *d_x);
+
+/**
+ * No ignored target, gradient scale 1.
+ *
+ * Ownership: returned by value. Thread-safety: any thread. Errors: none.
+ */
+TesseraCrossEntropyOptions tessera_cross_entropy_options_default(void);
+
+/**
+ * Softmax cross-entropy of `logits` (..., vocab; F32, BF16 or F16) against `targets` (U32,
+ * the logits' shape without the last dimension): each row's loss `logsumexp(x) - x[target]`
+ * into `losses` (F32, the targets' shape), their mean over the rows not ignored into `mean`
+ * (F32, shape (1); NaN when every row is ignored), and, when `d_logits` is not NULL, the
+ * gradient of `grad_scale · mean` into it (the logits' shape and dtype). `options` may be NULL.
+ * On the CPU a target past the vocabulary is an error; on a GPU its row is NaN.
+ *
+ * Ownership: nothing is taken; the outputs must be distinct and not overlap the inputs.
+ * Thread-safety: any thread; the outputs may not be used by another call meanwhile.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (shapes, dtypes, devices, targets, option values,
+ * aliasing), `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error no output is changed.
+ */
+TesseraStatus tessera_cross_entropy(const TesseraTensor *logits,
+                                    const TesseraTensor *targets,
+                                    const TesseraCrossEntropyOptions *options,
+                                    TesseraTensor *losses,
+                                    TesseraTensor *mean,
+                                    TesseraTensor *d_logits);
+
+/**
+ * The global L2 norm `sqrt(Σ_tensors Σ_i g_i²)` of `count` tensors (F32, BF16 or F16, any
+ * shapes, one device; `tensors` may be NULL when `count` is 0, whose norm is 0) into `norm`
+ * (F32, shape (1), on their device). Summed in a fixed order: deterministic.
+ *
+ * Ownership: nothing is taken; `norm` must not be one of the tensors. Thread-safety: any
+ * thread; `norm` may not be used by another call meanwhile.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (NULL, repeated handles, dtypes, devices, `norm`'s
+ * shape), `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error `norm` is unchanged.
+ */
+TesseraStatus tessera_grad_norm(const TesseraTensor *const *tensors,
+                                size_t count,
+                                TesseraTensor *norm);
+
+/**
+ * `tessera_grad_norm` into `norm`, then every tensor scaled in place by
+ * `min(1, max_norm / (norm + 1e-6))` (PyTorch's `clip_grad_norm_`; nothing is scaled when the
+ * norm is not finite, which tells the caller to skip the step). `max_norm` is finite and >= 0.
+ *
+ * Ownership: nothing is taken; the tensors are changed in place and must not overlap one
+ * another or `norm`. Thread-safety: any thread; none of the tensors may be used by another call
+ * meanwhile. Errors: as `tessera_grad_norm`, and `TESSERA_STATUS_INVALID_ARGUMENT` for
+ * `max_norm`. On error nothing is changed.
+ */
+TesseraStatus tessera_clip_grad_norm(TesseraTensor *const *tensors,
+                                     size_t count,
+                                     float max_norm,
+                                     TesseraTensor *norm);
 
 /**
  * The spec's exponential windows over the coordinates `mixed_start..mixed_end` of a `dim`-wide

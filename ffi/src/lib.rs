@@ -22,6 +22,7 @@ pub mod sparse;
 pub mod status;
 pub mod tensor;
 pub mod trainer;
+pub mod transformer;
 pub mod wavelet;
 
 use std::os::raw::c_char;

@@ -815,6 +815,161 @@ static void sparse(TesseraDevice *cpu) {
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) EXPECT_OK(tessera_tensor_free(all[i]));
 }
 
+/* GELU, SwiGLU, cross-entropy and the gradient norm against plain loops, then bad input. */
+static double gelu_ref(double x) { return 0.5 * x * (1 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))); }
+
+static void transformer_ops(TesseraDevice *cpu) {
+    enum { R = 3, W = 4, V = 5 };
+    float x[R * 2 * W], d_out[R * 2 * W], out[R * 2 * W], d_x[R * 2 * W];
+    for (size_t i = 0; i < R * 2 * W; i++) {
+        x[i] = (float)sin(0.9 * (double)i) * 2.0f;
+        d_out[i] = (float)cos(0.5 * (double)i);
+    }
+    const size_t full[2] = {R, 2 * W}, half[2] = {R, W};
+    TesseraTensor *tx = NULL, *tdo = NULL, *tdo_half = NULL, *tout = NULL, *tout_half = NULL, *tdx = NULL;
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, full, 2, x, sizeof x, &tx));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, full, 2, d_out, sizeof d_out, &tdo));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, half, 2, d_out, sizeof d_out / 2, &tdo_half));
+    EXPECT_OK(tessera_tensor_wrap_host(out, sizeof out, TESSERA_DTYPE_F32, full, 2, NULL, &tout));
+    EXPECT_OK(tessera_tensor_wrap_host(out, sizeof out / 2, TESSERA_DTYPE_F32, half, 2, NULL, &tout_half));
+    EXPECT_OK(tessera_tensor_wrap_host(d_x, sizeof d_x, TESSERA_DTYPE_F32, full, 2, NULL, &tdx));
+
+    EXPECT_OK(tessera_activation_forward(TESSERA_ACTIVATION_GELU, tx, tout));
+    EXPECT_OK(tessera_activation_backward(TESSERA_ACTIVATION_GELU, tx, tdo, tdx));
+    int gelu_right = 1;
+    for (size_t i = 0; i < R * 2 * W; i++) {
+        double h = 1e-4, slope = (gelu_ref(x[i] + h) - gelu_ref(x[i] - h)) / (2 * h);
+        gelu_right &= fabs(out[i] - gelu_ref(x[i])) <= 1e-5 * (1 + fabs(gelu_ref(x[i])));
+        gelu_right &= fabs(d_x[i] - d_out[i] * slope) <= 1e-4 * (1 + fabs(d_out[i] * slope));
+    }
+    CHECK(gelu_right);
+    EXPECT_OK(tessera_activation_forward(TESSERA_ACTIVATION_SWIGLU, tx, tout_half));
+    EXPECT_OK(tessera_activation_backward(TESSERA_ACTIVATION_SWIGLU, tx, tdo_half, tdx));
+    int swiglu_right = 1;
+    for (size_t r = 0; r < R; r++) {
+        for (size_t j = 0; j < W; j++) {
+            double g = x[r * 2 * W + j], u = x[r * 2 * W + W + j], sg = 1 / (1 + exp(-g)), d = d_out[r * W + j];
+            swiglu_right &= fabs(out[r * W + j] - g * sg * u) <= 1e-5 * (1 + fabs(g * sg * u));
+            double d_gate = d * u * sg * (1 + g * (1 - sg)), d_up = d * g * sg;
+            swiglu_right &= fabs(d_x[r * 2 * W + j] - d_gate) <= 1e-5 * (1 + fabs(d_gate));
+            swiglu_right &= fabs(d_x[r * 2 * W + W + j] - d_up) <= 1e-5 * (1 + fabs(d_up));
+        }
+    }
+    CHECK(swiglu_right);
+    float kept = out[0];
+    EXPECT(INVALID, tessera_activation_forward(2, tx, tout));
+    EXPECT(INVALID, tessera_activation_forward(-1, tx, tout));
+    EXPECT(INVALID, tessera_activation_forward(TESSERA_ACTIVATION_GELU, tx, tout_half));
+    EXPECT(INVALID, tessera_activation_forward(TESSERA_ACTIVATION_SWIGLU, tx, tout));
+    EXPECT(INVALID, tessera_activation_forward(TESSERA_ACTIVATION_GELU, tx, tx));
+    EXPECT(INVALID, tessera_activation_forward(TESSERA_ACTIVATION_GELU, tout, tout_half));
+    EXPECT(INVALID, tessera_activation_forward(TESSERA_ACTIVATION_GELU, NULL, tout));
+    EXPECT(HANDLE, tessera_activation_forward(TESSERA_ACTIVATION_GELU, tx, FORGED(TesseraTensor)));
+    CHECK(out[0] == kept);
+    kept = d_x[0];
+    EXPECT(INVALID, tessera_activation_backward(7, tx, tdo, tdx));
+    EXPECT(INVALID, tessera_activation_backward(TESSERA_ACTIVATION_GELU, tx, tdo_half, tdx));
+    EXPECT(INVALID, tessera_activation_backward(TESSERA_ACTIVATION_SWIGLU, tx, tdo, tdx));
+    EXPECT(INVALID, tessera_activation_backward(TESSERA_ACTIVATION_GELU, tx, tdo, tdo));
+    EXPECT(INVALID, tessera_activation_backward(TESSERA_ACTIVATION_GELU, tx, tdo, NULL));
+    EXPECT(HANDLE, tessera_activation_backward(TESSERA_ACTIVATION_GELU, (TesseraTensor *)cpu, tdo, tdx));
+    CHECK(d_x[0] == kept);
+
+    /* Cross-entropy over 3 rows of 5 logits, the last row's target ignored. */
+    float logits[R * V], losses[R], mean[1], d_logits[R * V];
+    uint32_t targets[R] = {4, 0, 2};
+    for (size_t i = 0; i < R * V; i++) logits[i] = (float)sin(1.3 * (double)i);
+    const size_t l_shape[2] = {R, V}, t_shape[1] = {R}, one[1] = {1};
+    TesseraTensor *tl = NULL, *tt = NULL, *tlosses = NULL, *tmean = NULL, *tdl = NULL;
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, l_shape, 2, logits, sizeof logits, &tl));
+    EXPECT_OK(tessera_tensor_wrap_host(targets, sizeof targets, TESSERA_DTYPE_U32, t_shape, 1, NULL, &tt));
+    EXPECT_OK(tessera_tensor_wrap_host(losses, sizeof losses, TESSERA_DTYPE_F32, t_shape, 1, NULL, &tlosses));
+    EXPECT_OK(tessera_tensor_wrap_host(mean, sizeof mean, TESSERA_DTYPE_F32, one, 1, NULL, &tmean));
+    EXPECT_OK(tessera_tensor_wrap_host(d_logits, sizeof d_logits, TESSERA_DTYPE_F32, l_shape, 2, NULL, &tdl));
+    TesseraCrossEntropyOptions ce = tessera_cross_entropy_options_default();
+    CHECK(ce.use_ignore_index == 0 && ce.grad_scale == 1.0f);
+    ce.use_ignore_index = 1;
+    ce.ignore_index = 2;
+    ce.grad_scale = 0.5f;
+    EXPECT_OK(tessera_cross_entropy(tl, tt, &ce, tlosses, tmean, tdl));
+    int ce_right = 1;
+    double total = 0;
+    for (size_t r = 0; r < R; r++) {
+        double m = -INFINITY, sum = 0;
+        for (size_t v = 0; v < V; v++) m = fmax(m, logits[r * V + v]);
+        for (size_t v = 0; v < V; v++) sum += exp(logits[r * V + v] - m);
+        double loss = r == 2 ? 0 : m + log(sum) - logits[r * V + targets[r]];
+        total += loss;
+        ce_right &= fabs(losses[r] - loss) <= 1e-5 * (1 + loss);
+        for (size_t v = 0; v < V; v++) {
+            double grad = r == 2 ? 0 : 0.5 * (exp(logits[r * V + v] - m) / sum - (v == targets[r])) / 2;
+            ce_right &= fabs(d_logits[r * V + v] - grad) <= 1e-6;
+        }
+    }
+    ce_right &= fabs(mean[0] - total / 2) <= 1e-5 * (1 + total);
+    CHECK(ce_right);
+    EXPECT_OK(tessera_cross_entropy(tl, tt, NULL, tlosses, tmean, NULL));
+    CHECK(losses[2] > 0);
+    kept = mean[0];
+    ce.use_ignore_index = 2;
+    EXPECT(INVALID, tessera_cross_entropy(tl, tt, &ce, tlosses, tmean, tdl));
+    ce.use_ignore_index = 0;
+    ce.grad_scale = NAN;
+    EXPECT(INVALID, tessera_cross_entropy(tl, tt, &ce, tlosses, tmean, tdl));
+    targets[1] = V;
+    EXPECT(INVALID, tessera_cross_entropy(tl, tt, NULL, tlosses, tmean, tdl));
+    targets[1] = 0;
+    EXPECT(INVALID, tessera_cross_entropy(tl, tl, NULL, tlosses, tmean, tdl));
+    EXPECT(INVALID, tessera_cross_entropy(tl, tt, NULL, tmean, tlosses, tdl));
+    EXPECT(INVALID, tessera_cross_entropy(tl, tt, NULL, tlosses, tlosses, tdl));
+    EXPECT(INVALID, tessera_cross_entropy(tl, tt, NULL, tlosses, tmean, tl));
+    EXPECT(INVALID, tessera_cross_entropy(tl, tt, NULL, tlosses, NULL, tdl));
+    EXPECT(HANDLE, tessera_cross_entropy(tl, FORGED(TesseraTensor), NULL, tlosses, tmean, tdl));
+    CHECK(mean[0] == kept);
+
+    /* The global norm of two tensors, then clipping to half of it. */
+    TesseraTensor *norm = NULL, *wrong_norm = NULL;
+    float norm_value[1] = {0};
+    EXPECT_OK(tessera_tensor_wrap_host(norm_value, sizeof norm_value, TESSERA_DTYPE_F32, one, 1, NULL, &norm));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, half, 2, &wrong_norm));
+    const TesseraTensor *pair[2] = {tx, tdo};
+    EXPECT_OK(tessera_grad_norm(pair, 2, norm));
+    double squares = 0;
+    for (size_t i = 0; i < R * 2 * W; i++) squares += (double)x[i] * x[i] + (double)d_out[i] * d_out[i];
+    CHECK(fabs(norm_value[0] - sqrt(squares)) <= 1e-5 * sqrt(squares));
+    EXPECT_OK(tessera_grad_norm(NULL, 0, norm));
+    CHECK(norm_value[0] == 0.0f);
+    TesseraTensor *clipped[2] = {tx, tdo};
+    float max_norm = (float)(sqrt(squares) / 2);
+    EXPECT_OK(tessera_clip_grad_norm(clipped, 2, max_norm, norm));
+    float back[R * 2 * W];
+    EXPECT_OK(tessera_tensor_copy_to_host(tx, back, sizeof back));
+    double scale = max_norm / (sqrt(squares) + 1e-6);
+    CHECK(fabs(back[3] - x[3] * scale) <= 1e-5 * (1 + fabs(x[3])));
+    const TesseraTensor *twice[2] = {tx, tx};
+    TesseraTensor *clip_twice[2] = {tx, tx};
+    const TesseraTensor *with_bad[2] = {tx, FORGED(TesseraTensor)};
+    const TesseraTensor *with_norm[2] = {tx, norm};
+    const TesseraTensor *with_targets[2] = {tx, tt};
+    kept = norm_value[0];
+    EXPECT(INVALID, tessera_grad_norm(NULL, 2, norm));
+    EXPECT(INVALID, tessera_grad_norm(twice, 2, norm));
+    EXPECT(HANDLE, tessera_grad_norm(with_bad, 2, norm));
+    EXPECT(INVALID, tessera_grad_norm(with_norm, 2, norm));
+    EXPECT(INVALID, tessera_grad_norm(with_targets, 2, norm));
+    EXPECT(INVALID, tessera_grad_norm(pair, 2, wrong_norm));
+    EXPECT(INVALID, tessera_grad_norm(pair, 2, NULL));
+    EXPECT(INVALID, tessera_clip_grad_norm(clip_twice, 2, 1.0f, norm));
+    EXPECT(INVALID, tessera_clip_grad_norm(clipped, 2, -1.0f, norm));
+    EXPECT(INVALID, tessera_clip_grad_norm(clipped, 2, INFINITY, norm));
+    EXPECT(INVALID, tessera_clip_grad_norm(NULL, 1, 1.0f, norm));
+    EXPECT(INVALID, tessera_clip_grad_norm(clipped, 2, 1.0f, wrong_norm));
+    CHECK(norm_value[0] == kept);
+
+    TesseraTensor *all[] = {tx, tdo, tdo_half, tout, tout_half, tdx, tl, tt, tlosses, tmean, tdl, norm, wrong_norm};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) EXPECT_OK(tessera_tensor_free(all[i]));
+}
+
 /* A model small enough to train and run in moments, even under valgrind. */
 static const char *const TINY_TOML =
     "[model]\nlayers = 1\nheads = 2\nkv_heads = 2\nwidth = 16\nffn_width = 32\ncontext = 16\n"
@@ -1131,6 +1286,7 @@ int main(void) {
     wavelet(cpu);
     attention(cpu);
     sparse(cpu);
+    transformer_ops(cpu);
     trainer_and_model(cpu);
     gpu();
     EXPECT_OK(tessera_device_free(cpu));
