@@ -111,6 +111,27 @@ typedef int32_t TesseraDtype;
 #endif // __cplusplus
 
 /**
+ * Which normalisation (`int32_t kind` arguments).
+ */
+enum TesseraNormKind
+#ifdef __cplusplus
+  : int32_t
+#endif // __cplusplus
+ {
+  /**
+   * `(x - mean)·rstd·weight + bias` (GPT-2).
+   */
+  TESSERA_NORM_KIND_LAYER_NORM = 0,
+  /**
+   * `x·rstd·weight`, rstd from the mean square (Llama).
+   */
+  TESSERA_NORM_KIND_RMS_NORM = 1,
+};
+#ifndef __cplusplus
+typedef int32_t TesseraNormKind;
+#endif // __cplusplus
+
+/**
  * Pairs of dimensions RoPE rotates (`int32_t rope_convention`).
  */
 enum TesseraRopeConvention
@@ -1265,6 +1286,91 @@ TesseraStatus tessera_clip_grad_norm(TesseraTensor *const *tensors,
                                      size_t count,
                                      float max_norm,
                                      TesseraTensor *norm);
+
+/**
+ * Token embeddings plus (optionally) learned positions: `out[b, t, :] = wte[tokens[b, t], :]
+ * (+ wpe[t, :])`. `tokens` is U32 (batch, seq), each below the vocabulary; `wte` (vocab, width)
+ * and `wpe` (context >= seq, width; may be NULL) of one float dtype; `out` (batch, seq, width)
+ * of that dtype; one device.
+ *
+ * Ownership: nothing is taken; `out` must not be or overlap an input. Thread-safety: any
+ * thread; `out` may not be used by another call meanwhile.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (shapes, dtypes, devices, token ids, aliasing),
+ * `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error `out` is unchanged.
+ */
+TesseraStatus tessera_embedding_forward(const TesseraTensor *tokens,
+                                        const TesseraTensor *wte,
+                                        const TesseraTensor *wpe,
+                                        TesseraTensor *out);
+
+/**
+ * The embedding's backward: with `d_out` the (batch, seq, width) gradient of its output and
+ * `tokens` the forward's (U32 (batch, seq)), `d_wte[v, :] = Σ d_out[p, :]` over the positions
+ * holding token `v` (F32 (vocab, width)) and, when `d_wpe` is not NULL, `d_wpe[t, :] =
+ * Σ_b d_out[b, t, :]` (F32 (context >= seq, width); rows past `seq` get nothing). With
+ * `accumulate` = 1 the sums are added to what the gradients hold, with 0 they replace it. Sums
+ * run in a fixed order: deterministic.
+ *
+ * Ownership: nothing is taken; the outputs must be distinct and not overlap the inputs.
+ * Thread-safety: any thread; the outputs may not be used by another call meanwhile.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (shapes, dtypes, devices, token ids, `accumulate`
+ * not 0 or 1, aliasing), `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error no output is
+ * changed.
+ */
+TesseraStatus tessera_embedding_backward(const TesseraTensor *tokens,
+                                         const TesseraTensor *d_out,
+                                         TesseraTensor *d_wte,
+                                         TesseraTensor *d_wpe,
+                                         int32_t accumulate);
+
+/**
+ * LayerNorm or RMSNorm over the last dimension (width at most 8192) of `x` into `out` (the
+ * shape and dtype of `x`), with each row's mean (0 for RMSNorm) and reciprocal standard
+ * deviation into `mean` and `rstd` (F32, (rows)) for the backward. `weight` and `bias` (may be
+ * NULL; LayerNorm only adds it) are (width) of `x`'s dtype. With `residual` (not NULL), the op
+ * normalises `x + residual` and writes that sum into `sum` (both of `x`'s shape and dtype;
+ * `sum` must be NULL without `residual`). `eps` is finite and >= 0.
+ *
+ * Ownership: nothing is taken; the outputs must be distinct and not overlap the inputs.
+ * Thread-safety: any thread; the outputs may not be used by another call meanwhile.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (kind code, eps, shapes, dtypes, devices, width,
+ * aliasing), `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error no output is changed.
+ */
+TesseraStatus tessera_norm_forward(int32_t kind,
+                                   float eps,
+                                   const TesseraTensor *x,
+                                   const TesseraTensor *residual,
+                                   TesseraTensor *sum,
+                                   const TesseraTensor *weight,
+                                   const TesseraTensor *bias,
+                                   TesseraTensor *out,
+                                   TesseraTensor *mean,
+                                   TesseraTensor *rstd);
+
+/**
+ * The backward of `tessera_norm_forward`: `input` is what the forward normalised (`x`, or the
+ * `sum` it wrote), `d_out` the gradient of its output, `d_skip` (may be NULL) a gradient reaching
+ * `input` through the skip connection, added to `d_input`; `mean` and `rstd` the forward's.
+ * Writes `d_input` (the shape and dtype of `input`), `d_weight` (F32, (width)) and `d_bias`
+ * (F32, (width); may be NULL). With `accumulate` = 1 the parameter gradients are added to what
+ * `d_weight` and `d_bias` hold; with 0 they replace it.
+ *
+ * Ownership: nothing is taken; the outputs must be distinct and not overlap the inputs.
+ * Thread-safety: as `tessera_norm_forward`. Errors: as `tessera_norm_forward`, and
+ * `TESSERA_STATUS_INVALID_ARGUMENT` for `accumulate` not 0 or 1. On error no output is changed.
+ */
+TesseraStatus tessera_norm_backward(int32_t kind,
+                                    float eps,
+                                    const TesseraTensor *d_out,
+                                    const TesseraTensor *d_skip,
+                                    const TesseraTensor *input,
+                                    const TesseraTensor *weight,
+                                    const TesseraTensor *mean,
+                                    const TesseraTensor *rstd,
+                                    TesseraTensor *d_input,
+                                    TesseraTensor *d_weight,
+                                    TesseraTensor *d_bias,
+                                    int32_t accumulate);
 
 /**
  * The spec's exponential windows over the coordinates `mixed_start..mixed_end` of a `dim`-wide

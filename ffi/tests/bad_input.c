@@ -970,6 +970,176 @@ static void transformer_ops(TesseraDevice *cpu) {
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) EXPECT_OK(tessera_tensor_free(all[i]));
 }
 
+/* Embedding and LayerNorm/RMSNorm against plain loops, then bad input. */
+static void embedding_and_norm(TesseraDevice *cpu) {
+    enum { B = 2, T = 3, VOC = 7, CTX = 4, WD = 5 };
+    uint32_t ids[B * T] = {1, 6, 1, 0, 3, 3};
+    float wte[VOC * WD], wpe[CTX * WD], emb[B * T * WD], grad[B * T * WD], d_wte[VOC * WD], d_wpe[CTX * WD];
+    for (size_t i = 0; i < VOC * WD; i++) wte[i] = (float)sin(0.7 * (double)i);
+    for (size_t i = 0; i < CTX * WD; i++) wpe[i] = (float)cos(0.3 * (double)i);
+    for (size_t i = 0; i < B * T * WD; i++) grad[i] = (float)sin(0.45 * (double)i + 2);
+    const size_t id_shape[2] = {B, T}, wte_shape[2] = {VOC, WD}, wpe_shape[2] = {CTX, WD}, e_shape[3] = {B, T, WD};
+    TesseraTensor *tids = NULL, *twte = NULL, *twpe = NULL, *temb = NULL, *tgrad = NULL, *tdwte = NULL, *tdwpe = NULL;
+    EXPECT_OK(tessera_tensor_wrap_host(ids, sizeof ids, TESSERA_DTYPE_U32, id_shape, 2, NULL, &tids));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, wte_shape, 2, wte, sizeof wte, &twte));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, wpe_shape, 2, wpe, sizeof wpe, &twpe));
+    EXPECT_OK(tessera_tensor_wrap_host(emb, sizeof emb, TESSERA_DTYPE_F32, e_shape, 3, NULL, &temb));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, e_shape, 3, grad, sizeof grad, &tgrad));
+    EXPECT_OK(tessera_tensor_wrap_host(d_wte, sizeof d_wte, TESSERA_DTYPE_F32, wte_shape, 2, NULL, &tdwte));
+    EXPECT_OK(tessera_tensor_wrap_host(d_wpe, sizeof d_wpe, TESSERA_DTYPE_F32, wpe_shape, 2, NULL, &tdwpe));
+    EXPECT_OK(tessera_embedding_forward(tids, twte, twpe, temb));
+    int emb_right = 1;
+    for (size_t p = 0; p < B * T; p++)
+        for (size_t c = 0; c < WD; c++)
+            emb_right &= fabsf(emb[p * WD + c] - (wte[ids[p] * WD + c] + wpe[(p % T) * WD + c])) <= 1e-6f;
+    CHECK(emb_right);
+    /* Accumulating: onto ones for the token table, onto zeros for the positions. */
+    for (size_t i = 0; i < VOC * WD; i++) d_wte[i] = 1.0f;
+    for (size_t i = 0; i < CTX * WD; i++) d_wpe[i] = 0.0f;
+    EXPECT_OK(tessera_embedding_backward(tids, tgrad, tdwte, tdwpe, 1));
+    int grad_right = 1;
+    for (size_t v = 0; v < VOC; v++) {
+        for (size_t c = 0; c < WD; c++) {
+            double want = 1.0;
+            for (size_t p = 0; p < B * T; p++)
+                if (ids[p] == v) want += grad[p * WD + c];
+            grad_right &= fabs(d_wte[v * WD + c] - want) <= 1e-5;
+        }
+    }
+    for (size_t t = 0; t < CTX; t++) {
+        for (size_t c = 0; c < WD; c++) {
+            double want = 0;
+            for (size_t b = 0; t < T && b < B; b++) want += grad[(b * T + t) * WD + c];
+            grad_right &= t < T ? fabs(d_wpe[t * WD + c] - want) <= 1e-5 : 1;
+        }
+    }
+    CHECK(grad_right);
+    EXPECT_OK(tessera_embedding_forward(tids, twte, NULL, temb));
+    CHECK(emb[WD] == wte[6 * WD]);
+    float kept = emb[0];
+    ids[4] = VOC;
+    EXPECT(INVALID, tessera_embedding_forward(tids, twte, twpe, temb));
+    EXPECT(INVALID, tessera_embedding_backward(tids, tgrad, tdwte, NULL, 0));
+    ids[4] = 3;
+    EXPECT(INVALID, tessera_embedding_forward(twte, twte, twpe, temb));
+    EXPECT(INVALID, tessera_embedding_forward(tids, twte, twpe, twpe));
+    EXPECT(INVALID, tessera_embedding_forward(tids, twte, twpe, NULL));
+    EXPECT(HANDLE, tessera_embedding_forward(tids, FORGED(TesseraTensor), twpe, temb));
+    CHECK(emb[0] == kept);
+    kept = d_wte[0];
+    EXPECT(INVALID, tessera_embedding_backward(tids, tgrad, tdwte, tdwpe, 2));
+    EXPECT(INVALID, tessera_embedding_backward(twte, tgrad, tdwte, tdwpe, 0));
+    EXPECT(INVALID, tessera_embedding_backward(tids, tgrad, tdwte, tdwte, 0));
+    EXPECT(INVALID, tessera_embedding_backward(tids, tgrad, tgrad, tdwpe, 0));
+    EXPECT(INVALID, tessera_embedding_backward(tids, twte, tdwte, tdwpe, 0));
+    EXPECT(INVALID, tessera_embedding_backward(NULL, tgrad, tdwte, tdwpe, 0));
+    EXPECT(HANDLE, tessera_embedding_backward(tids, tgrad, (TesseraTensor *)cpu, tdwpe, 0));
+    CHECK(d_wte[0] == kept);
+
+    /* LayerNorm of x + residual over rows of 5, then its backward through the weight. */
+    float x[B * T * WD], res[B * T * WD], sum[B * T * WD], y[B * T * WD], w[WD], bias[WD], mean[B * T], rstd[B * T];
+    float d_in[B * T * WD], d_w[WD], d_b[WD];
+    for (size_t i = 0; i < B * T * WD; i++) {
+        x[i] = (float)sin(1.1 * (double)i);
+        res[i] = (float)cos(0.8 * (double)i);
+    }
+    for (size_t i = 0; i < WD; i++) {
+        w[i] = 1.0f + 0.1f * (float)i;
+        bias[i] = 0.05f * (float)i;
+    }
+    const size_t row_shape[1] = {B * T}, w_shape[1] = {WD};
+    TesseraTensor *tx = NULL, *tres = NULL, *tsum = NULL, *ty = NULL, *tw = NULL, *tb = NULL, *tmean = NULL;
+    TesseraTensor *trstd = NULL, *tdin = NULL, *tdw = NULL, *tdb = NULL;
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, e_shape, 3, x, sizeof x, &tx));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, e_shape, 3, res, sizeof res, &tres));
+    EXPECT_OK(tessera_tensor_wrap_host(sum, sizeof sum, TESSERA_DTYPE_F32, e_shape, 3, NULL, &tsum));
+    EXPECT_OK(tessera_tensor_wrap_host(y, sizeof y, TESSERA_DTYPE_F32, e_shape, 3, NULL, &ty));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, w_shape, 1, w, sizeof w, &tw));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, w_shape, 1, bias, sizeof bias, &tb));
+    EXPECT_OK(tessera_tensor_wrap_host(mean, sizeof mean, TESSERA_DTYPE_F32, row_shape, 1, NULL, &tmean));
+    EXPECT_OK(tessera_tensor_wrap_host(rstd, sizeof rstd, TESSERA_DTYPE_F32, row_shape, 1, NULL, &trstd));
+    EXPECT_OK(tessera_tensor_wrap_host(d_in, sizeof d_in, TESSERA_DTYPE_F32, e_shape, 3, NULL, &tdin));
+    EXPECT_OK(tessera_tensor_wrap_host(d_w, sizeof d_w, TESSERA_DTYPE_F32, w_shape, 1, NULL, &tdw));
+    EXPECT_OK(tessera_tensor_wrap_host(d_b, sizeof d_b, TESSERA_DTYPE_F32, w_shape, 1, NULL, &tdb));
+    EXPECT_OK(tessera_norm_forward(TESSERA_NORM_KIND_LAYER_NORM, 1e-5f, tx, tres, tsum, tw, tb, ty, tmean, trstd));
+    int norm_right = 1;
+    double want_dw[WD] = {0}, want_db[WD] = {0};
+    for (size_t r = 0; r < B * T; r++) {
+        double mu = 0, var = 0;
+        for (size_t c = 0; c < WD; c++) mu += (double)x[r * WD + c] + res[r * WD + c];
+        mu /= WD;
+        for (size_t c = 0; c < WD; c++) var += pow((double)x[r * WD + c] + res[r * WD + c] - mu, 2);
+        double inv = 1 / sqrt(var / WD + 1e-5);
+        norm_right &= fabs(mean[r] - mu) <= 1e-5 && fabs(rstd[r] - inv) <= 1e-4 * inv;
+        for (size_t c = 0; c < WD; c++) {
+            double s_val = (double)x[r * WD + c] + res[r * WD + c], xhat = (s_val - mu) * inv;
+            norm_right &= fabs(sum[r * WD + c] - s_val) <= 1e-6;
+            norm_right &= fabs(y[r * WD + c] - (xhat * w[c] + bias[c])) <= 1e-5 * (1 + fabs(xhat * w[c]));
+            want_dw[c] += grad[r * WD + c] * xhat;
+            want_db[c] += grad[r * WD + c];
+        }
+    }
+    CHECK(norm_right);
+    EXPECT_OK(tessera_norm_backward(TESSERA_NORM_KIND_LAYER_NORM, 1e-5f, tgrad, NULL, tsum, tw, tmean, trstd, tdin,
+                                    tdw, tdb, 0));
+    int dnorm_right = 1;
+    for (size_t c = 0; c < WD; c++)
+        dnorm_right &= fabs(d_w[c] - want_dw[c]) <= 1e-5 * (1 + fabs(want_dw[c])) &&
+                       fabs(d_b[c] - want_db[c]) <= 1e-5 * (1 + fabs(want_db[c]));
+    /* d_input of each row: rstd·(g - mean(g) - xhat·mean(g·xhat)) with g = d_out·weight. */
+    for (size_t r = 0; r < B * T; r++) {
+        double mg = 0, mgx = 0;
+        for (size_t c = 0; c < WD; c++) {
+            double xhat = (sum[r * WD + c] - mean[r]) * rstd[r], g = grad[r * WD + c] * w[c];
+            mg += g / WD;
+            mgx += g * xhat / WD;
+        }
+        for (size_t c = 0; c < WD; c++) {
+            double xhat = (sum[r * WD + c] - mean[r]) * rstd[r], g = grad[r * WD + c] * w[c];
+            double want = rstd[r] * (g - mg - xhat * mgx);
+            dnorm_right &= fabs(d_in[r * WD + c] - want) <= 1e-4 * (1 + fabs(want));
+        }
+    }
+    CHECK(dnorm_right);
+    EXPECT_OK(tessera_norm_forward(TESSERA_NORM_KIND_RMS_NORM, 1e-6f, tx, NULL, NULL, tw, NULL, ty, tmean, trstd));
+    CHECK(mean[0] == 0.0f);
+    EXPECT_OK(tessera_norm_backward(TESSERA_NORM_KIND_RMS_NORM, 1e-6f, tgrad, tres, tx, tw, tmean, trstd, tdin, tdw,
+                                    NULL, 1));
+
+    kept = y[0];
+    float kept_rstd = rstd[0];
+    EXPECT(INVALID, tessera_norm_forward(2, 1e-5f, tx, NULL, NULL, tw, NULL, ty, tmean, trstd));
+    EXPECT(INVALID, tessera_norm_forward(0, -1.0f, tx, NULL, NULL, tw, NULL, ty, tmean, trstd));
+    EXPECT(INVALID, tessera_norm_forward(0, NAN, tx, NULL, NULL, tw, NULL, ty, tmean, trstd));
+    EXPECT(INVALID, tessera_norm_forward(0, 1e-5f, tx, tres, NULL, tw, NULL, ty, tmean, trstd));
+    EXPECT(INVALID, tessera_norm_forward(0, 1e-5f, tx, NULL, tsum, tw, NULL, ty, tmean, trstd));
+    EXPECT(INVALID, tessera_norm_forward(0, 1e-5f, tx, NULL, NULL, tmean, NULL, ty, tmean, trstd));
+    EXPECT(INVALID, tessera_norm_forward(0, 1e-5f, tx, NULL, NULL, tw, NULL, ty, trstd, trstd));
+    EXPECT(INVALID, tessera_norm_forward(0, 1e-5f, tx, NULL, NULL, tw, NULL, tx, tmean, trstd));
+    EXPECT(INVALID, tessera_norm_forward(0, 1e-5f, tx, NULL, NULL, tw, NULL, ty, tw, trstd));
+    EXPECT(INVALID, tessera_norm_forward(0, 1e-5f, tx, NULL, NULL, tw, NULL, NULL, tmean, trstd));
+    EXPECT(HANDLE, tessera_norm_forward(0, 1e-5f, tx, NULL, NULL, tw, NULL, ty, tmean, FORGED(TesseraTensor)));
+    /* Statistics of the wrong shape: refused, and the caller's tensor is intact afterwards. */
+    EXPECT(INVALID, tessera_norm_forward(0, 1e-5f, tx, NULL, NULL, tw, NULL, ty, tdw, trstd));
+    size_t lent_numel = 0;
+    EXPECT_OK(tessera_tensor_size(tdw, &lent_numel, NULL));
+    CHECK(lent_numel == WD);
+    CHECK(y[0] == kept && rstd[0] == kept_rstd);
+    EXPECT(INVALID, tessera_norm_backward(5, 1e-5f, tgrad, NULL, tx, tw, tmean, trstd, tdin, tdw, NULL, 0));
+    EXPECT(INVALID, tessera_norm_backward(0, 1e-5f, tgrad, NULL, tx, tw, tmean, trstd, tdin, tdw, NULL, 3));
+    EXPECT(INVALID, tessera_norm_backward(0, 1e-5f, tgrad, NULL, tx, tw, tw, trstd, tdin, tdw, NULL, 0));
+    EXPECT(INVALID, tessera_norm_backward(0, 1e-5f, tgrad, NULL, tx, tw, tmean, trstd, tdin, tdin, NULL, 0));
+    EXPECT(INVALID, tessera_norm_backward(0, 1e-5f, tgrad, NULL, tx, tw, tmean, trstd, tdin, tw, NULL, 0));
+    EXPECT(INVALID, tessera_norm_backward(0, 1e-5f, tgrad, NULL, tx, tw, tmean, trstd, tdin, tdw, tdin, 0));
+    EXPECT(INVALID, tessera_norm_backward(0, 1e-5f, NULL, NULL, tx, tw, tmean, trstd, tdin, tdw, NULL, 0));
+    EXPECT(HANDLE, tessera_norm_backward(0, 1e-5f, tgrad, FORGED(TesseraTensor), tx, tw, tmean, trstd, tdin, tdw, NULL,
+                                         0));
+
+    TesseraTensor *all[] = {tids, twte, twpe, temb, tgrad, tdwte, tdwpe, tx, tres, tsum, ty, tw, tb, tmean, trstd,
+                            tdin, tdw, tdb};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) EXPECT_OK(tessera_tensor_free(all[i]));
+}
+
 /* A model small enough to train and run in moments, even under valgrind. */
 static const char *const TINY_TOML =
     "[model]\nlayers = 1\nheads = 2\nkv_heads = 2\nwidth = 16\nffn_width = 32\ncontext = 16\n"
@@ -1287,6 +1457,7 @@ int main(void) {
     attention(cpu);
     sparse(cpu);
     transformer_ops(cpu);
+    embedding_and_norm(cpu);
     trainer_and_model(cpu);
     gpu();
     EXPECT_OK(tessera_device_free(cpu));
