@@ -585,6 +585,28 @@ TesseraStatus tessera_attention_backward(const TesseraTensor *d_out,
                                          TesseraTensor *d_v);
 
 /**
+ * RoPE on its own, forward (`backward` = 0: rotate `x` by `R(p)`) or backward (1: the
+ * transposed rotation `R(p)ᵀ`, the gradient of the forward), into `out` (the shape and dtype of
+ * `x`). `x` is (..., heads, head_dim) of F32, BF16 or F16 (head_dim even, at most 1024);
+ * `positions` U32 with the shape of `x` without its last two dimensions, one per token;
+ * `base_count` bases at `bases` (1 for every head, or one per head); `convention_code` a
+ * `TesseraRopeConvention`. Angles are reduced in f64, so positions up to 2^32 keep precision.
+ *
+ * Ownership: `bases` is read during the call only; `out` must not be or overlap an input.
+ * Thread-safety: any thread; `out` may not be used by another call meanwhile.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (codes, bases, shapes, dtypes, devices, aliasing),
+ * `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error `out` is unchanged. The result is
+ * computed in tessera's memory and copied into `out`.
+ */
+TesseraStatus tessera_rope(const TesseraTensor *x,
+                           const TesseraTensor *positions,
+                           const double *bases,
+                           size_t base_count,
+                           int32_t convention_code,
+                           int32_t backward,
+                           TesseraTensor *out);
+
+/**
  * Creates a handle for the host CPU.
  *
  * Ownership: `*out` receives a new handle, released with `tessera_device_free`.

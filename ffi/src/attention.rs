@@ -89,6 +89,19 @@ pub extern "C" fn tessera_attention_options_default() -> TesseraAttentionOptions
     }
 }
 
+fn convention(op: &str, arg: &str, code: i32) -> FfiResult<RopeConvention> {
+    match code {
+        0 => Ok(RopeConvention::RotateHalf),
+        1 => Ok(RopeConvention::Interleaved),
+        other => Err(FfiError::invalid(
+            op,
+            arg,
+            "a TesseraRopeConvention code, 0 (ROTATE_HALF) or 1 (INTERLEAVED)",
+            other,
+        )),
+    }
+}
+
 fn offsets(op: &str, arg: &str, pointer: *const usize, count: usize) -> FfiResult<Vec<usize>> {
     require(op, arg, pointer)?;
     let len = count
@@ -146,18 +159,7 @@ fn read_options(op: &str, options: *const TesseraAttentionOptions) -> FfiResult<
     let rope = if options.rope_base_count == 0 {
         None
     } else {
-        let convention = match options.rope_convention {
-            0 => RopeConvention::RotateHalf,
-            1 => RopeConvention::Interleaved,
-            other => {
-                return Err(FfiError::invalid(
-                    op,
-                    "options.rope_convention",
-                    "a TesseraRopeConvention code, 0 (ROTATE_HALF) or 1 (INTERLEAVED)",
-                    other,
-                ))
-            }
-        };
+        let convention = convention(op, "options.rope_convention", options.rope_convention)?;
         require(op, "options.rope_bases", options.rope_bases)?;
         // SAFETY: non-null; the caller promises `rope_base_count` readable bases (header).
         let bases = unsafe { std::slice::from_raw_parts(options.rope_bases, options.rope_base_count) }.to_vec();
@@ -339,6 +341,58 @@ pub unsafe extern "C" fn tessera_attention_backward(
         d_q.copy_from(&grad_q)?;
         d_k.copy_from(&grad_k)?;
         d_v.copy_from(&grad_v)?;
+        Ok(())
+    })
+}
+
+/// RoPE on its own, forward (`backward` = 0: rotate `x` by `R(p)`) or backward (1: the
+/// transposed rotation `R(p)ᵀ`, the gradient of the forward), into `out` (the shape and dtype of
+/// `x`). `x` is (..., heads, head_dim) of F32, BF16 or F16 (head_dim even, at most 1024);
+/// `positions` U32 with the shape of `x` without its last two dimensions, one per token;
+/// `base_count` bases at `bases` (1 for every head, or one per head); `convention_code` a
+/// `TesseraRopeConvention`. Angles are reduced in f64, so positions up to 2^32 keep precision.
+///
+/// Ownership: `bases` is read during the call only; `out` must not be or overlap an input.
+/// Thread-safety: any thread; `out` may not be used by another call meanwhile.
+/// Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (codes, bases, shapes, dtypes, devices, aliasing),
+/// `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error `out` is unchanged. The result is
+/// computed in tessera's memory and copied into `out`.
+#[no_mangle]
+pub unsafe extern "C" fn tessera_rope(
+    x: *const TesseraTensor,
+    positions: *const TesseraTensor,
+    bases: *const f64,
+    base_count: usize,
+    convention_code: i32,
+    backward: i32,
+    out: *mut TesseraTensor,
+) -> TesseraStatus {
+    const OP: &str = "tessera_rope";
+    guard(OP, || {
+        let convention = convention(OP, "convention", convention_code)?;
+        let backward = crate::matmul::flag(OP, "backward", backward)?;
+        if base_count == 0 {
+            return Err(FfiError::invalid(OP, "base_count", "at least 1", 0));
+        }
+        require(OP, "bases", bases)?;
+        // SAFETY: non-null; the caller promises `base_count` readable bases (header).
+        let bases = unsafe { std::slice::from_raw_parts(bases, base_count) }.to_vec();
+        let x = handle::tensor(OP, "x", x)?;
+        let positions = handle::tensor(OP, "positions", positions)?;
+        let out = handle::tensor(OP, "out", out)?;
+        handle::expect_other_handles(OP, "out", &out, &[("x", &x), ("positions", &positions)])?;
+        let x = handle::read(OP, "x", &x)?;
+        let positions = handle::read(OP, "positions", &positions)?;
+        let mut out = handle::write(OP, "out", &out)?;
+        handle::expect_no_overlap(OP, "out", &out, &[("x", &x), ("positions", &positions)])?;
+        expect_output(OP, "out", &out, x.shape(), x.dtype(), &x.device())?;
+        let config = RopeConfig::new(x.shape().last().copied().unwrap_or(0), bases, convention)?;
+        let result = if backward {
+            ops::rope_backward(&x, &positions, &config)?
+        } else {
+            ops::rope_forward(&x, &positions, &config)?
+        };
+        out.copy_from(&result)?;
         Ok(())
     })
 }

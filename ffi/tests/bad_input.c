@@ -649,6 +649,51 @@ static void attention(TesseraDevice *cpu) {
     EXPECT(HANDLE, tessera_attention_backward(tdo, tq, tk, tv, out, lse, NULL, dq, dk, FORGED(TesseraTensor)));
     CHECK(sum_of(lse) == before);
 
+    /* RoPE on its own: rotate-half pairs (i, i + 2) of 2 heads of 4 at positions 0, 5 and 17,
+     * and the backward undoing the forward. */
+    {
+        float rx[3 * 2 * 4], rout[3 * 2 * 4], rback[3 * 2 * 4];
+        uint32_t pos[3] = {0, 5, 17};
+        for (size_t i = 0; i < 24; i++) rx[i] = (float)sin(0.77 * (double)i + 0.2);
+        const size_t r_shape[3] = {3, 2, 4}, p_shape[1] = {3};
+        TesseraTensor *trx = NULL, *tpos = NULL, *trout = NULL, *trback = NULL;
+        EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, r_shape, 3, rx, sizeof rx, &trx));
+        EXPECT_OK(tessera_tensor_wrap_host(pos, sizeof pos, TESSERA_DTYPE_U32, p_shape, 1, NULL, &tpos));
+        EXPECT_OK(tessera_tensor_wrap_host(rout, sizeof rout, TESSERA_DTYPE_F32, r_shape, 3, NULL, &trout));
+        EXPECT_OK(tessera_tensor_wrap_host(rback, sizeof rback, TESSERA_DTYPE_F32, r_shape, 3, NULL, &trback));
+        EXPECT_OK(tessera_rope(trx, tpos, bases, 1, TESSERA_ROPE_CONVENTION_ROTATE_HALF, 0, trout));
+        int rope_right = 1;
+        for (size_t t = 0; t < 3; t++) {
+            for (size_t h = 0; h < 2; h++) {
+                for (size_t i = 0; i < 2; i++) {
+                    double angle = pos[t] * pow(10000.0, -2.0 * (double)i / 4), c = cos(angle), sn = sin(angle);
+                    size_t at = (t * 2 + h) * 4;
+                    double a = rx[at + i], b = rx[at + i + 2];
+                    rope_right &= fabs(rout[at + i] - (a * c - b * sn)) <= 1e-5;
+                    rope_right &= fabs(rout[at + i + 2] - (b * c + a * sn)) <= 1e-5;
+                }
+            }
+        }
+        CHECK(rope_right);
+        EXPECT_OK(tessera_rope(trout, tpos, bases, 1, TESSERA_ROPE_CONVENTION_ROTATE_HALF, 1, trback));
+        int undone = 1;
+        for (size_t i = 0; i < 24; i++) undone &= fabsf(rback[i] - rx[i]) <= 1e-5f;
+        CHECK(undone);
+        float kept_rope = rout[1];
+        EXPECT(INVALID, tessera_rope(trx, tpos, bases, 1, 2, 0, trout));
+        EXPECT(INVALID, tessera_rope(trx, tpos, bases, 1, 0, 2, trout));
+        EXPECT(INVALID, tessera_rope(trx, tpos, NULL, 1, 0, 0, trout));
+        EXPECT(INVALID, tessera_rope(trx, tpos, bases, 0, 0, 0, trout));
+        EXPECT(INVALID, tessera_rope(trx, tpos, three_bases, 3, 0, 0, trout));
+        EXPECT(INVALID, tessera_rope(trx, trx, bases, 1, 0, 0, trout));
+        EXPECT(INVALID, tessera_rope(trx, tpos, bases, 1, 0, 0, trx));
+        EXPECT(INVALID, tessera_rope(trx, tpos, bases, 1, 0, 0, tq));
+        EXPECT(HANDLE, tessera_rope(trx, FORGED(TesseraTensor), bases, 1, 0, 0, trout));
+        CHECK(rout[1] == kept_rope);
+        TesseraTensor *rope_tensors[] = {trx, tpos, trout, trback};
+        for (size_t i = 0; i < 4; i++) EXPECT_OK(tessera_tensor_free(rope_tensors[i]));
+    }
+
     TesseraTensor *all[] = {tq, tk, tv, tdo, out, lse, dq, dk, dv, pq, pk, pv, pout, plse, bf, bf_out, odd, odd_out, odd_lse};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) EXPECT_OK(tessera_tensor_free(all[i]));
     EXPECT(HANDLE, tessera_attention_forward(tq, tk, tv, NULL, out, lse));
