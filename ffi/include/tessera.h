@@ -4,8 +4,10 @@
  * Conventions, for every function below:
  * - Most functions return a TesseraStatus: TESSERA_STATUS_OK (0) or an error code, with a
  *   readable message from tessera_last_error() on the same thread.
- * - Handles (TesseraDevice*, TesseraTensor*, TesseraWaveletConfig*) are opaque tokens, never
- *   addresses: do not dereference them. Each *_new_* returns one that its *_free releases;
+ * - Handles (TesseraDevice*, TesseraTensor*, TesseraWaveletConfig*, TesseraSparse24*,
+ *   TesseraModel*, TesseraTrainer*) are opaque tokens, never addresses: do not dereference
+ *   them. Each constructor (*_new_*, *_load, *_resume, *_compress, ...) returns one that its
+ *   *_free releases;
  *   *_free accepts NULL. A freed handle is detected and refused (TESSERA_STATUS_INVALID_HANDLE).
  * - Out-pointers to handles are set to NULL first, so they are NULL after a failure.
  * - No call aborts the host program or lets a Rust panic through; bad input is an error code.
@@ -36,6 +38,59 @@
 #define TESSERA_MAX_RANK 8
 
 /**
+ * Which activation (`int32_t activation` arguments).
+ */
+enum TesseraActivation
+#ifdef __cplusplus
+  : int32_t
+#endif // __cplusplus
+ {
+  /**
+   * GELU, tanh approximation (GPT-2), elementwise over any shape.
+   */
+  TESSERA_ACTIVATION_GELU = 0,
+  /**
+   * SwiGLU (Llama): rows of `[gate | up]`, each half as wide; `silu(gate)·up`.
+   */
+  TESSERA_ACTIVATION_SWIGLU = 1,
+};
+#ifndef __cplusplus
+typedef int32_t TesseraActivation;
+#endif // __cplusplus
+
+/**
+ * Which keys a query sees (`int32_t mask` in `TesseraAttentionOptions`). Positions are aligned
+ * bottom-right: query `i` of `seq_q` sits at `p = i + seq_k - seq_q`.
+ */
+enum TesseraAttentionMask
+#ifdef __cplusplus
+  : int32_t
+#endif // __cplusplus
+ {
+  /**
+   * Every key.
+   */
+  TESSERA_ATTENTION_MASK_NONE = 0,
+  /**
+   * Keys `j <= p`.
+   */
+  TESSERA_ATTENTION_MASK_CAUSAL = 1,
+  /**
+   * Keys `p - window_left <= j <= p + window_right` (`window_left = w - 1`, `window_right = 0`
+   * is a causal sliding window of `w` tokens).
+   */
+  TESSERA_ATTENTION_MASK_WINDOW = 2,
+  /**
+   * Causal, and either among the first `lambda_global` keys or within the `lambda_window`
+   * most recent ones (LM-Infinite).
+   */
+  TESSERA_ATTENTION_MASK_LAMBDA = 3,
+};
+#ifndef __cplusplus
+typedef int32_t TesseraAttentionMask;
+#endif // __cplusplus
+
+/**
  * Element type codes, as `int32_t dtype` arguments take them and `tessera_tensor_dtype` gives
  * them.
  */
@@ -53,6 +108,48 @@ enum TesseraDtype
 };
 #ifndef __cplusplus
 typedef int32_t TesseraDtype;
+#endif // __cplusplus
+
+/**
+ * Which normalisation (`int32_t kind` arguments).
+ */
+enum TesseraNormKind
+#ifdef __cplusplus
+  : int32_t
+#endif // __cplusplus
+ {
+  /**
+   * `(x - mean)·rstd·weight + bias` (GPT-2).
+   */
+  TESSERA_NORM_KIND_LAYER_NORM = 0,
+  /**
+   * `x·rstd·weight`, rstd from the mean square (Llama).
+   */
+  TESSERA_NORM_KIND_RMS_NORM = 1,
+};
+#ifndef __cplusplus
+typedef int32_t TesseraNormKind;
+#endif // __cplusplus
+
+/**
+ * Pairs of dimensions RoPE rotates (`int32_t rope_convention`).
+ */
+enum TesseraRopeConvention
+#ifdef __cplusplus
+  : int32_t
+#endif // __cplusplus
+ {
+  /**
+   * `(i, i + head_dim/2)`: Llama and Hugging Face.
+   */
+  TESSERA_ROPE_CONVENTION_ROTATE_HALF = 0,
+  /**
+   * `(2i, 2i + 1)`: GPT-J.
+   */
+  TESSERA_ROPE_CONVENTION_INTERLEAVED = 1,
+};
+#ifndef __cplusplus
+typedef int32_t TesseraRopeConvention;
 #endif // __cplusplus
 
 /**
@@ -144,10 +241,30 @@ typedef int32_t TesseraWaveletDivisor;
 typedef struct TesseraDevice TesseraDevice;
 
 /**
+ * A language model loaded from a checkpoint, with its activations. Opaque: created by
+ * `tessera_model_load`, released by `tessera_model_free`.
+ */
+typedef struct TesseraModel TesseraModel;
+
+/**
+ * A weight matrix in the 2:4 compressed format of the sparse tensor cores (values and
+ * metadata). Opaque: created by `tessera_sparse24_*` constructors, released by
+ * `tessera_sparse24_free`; never changed once made.
+ */
+typedef struct TesseraSparse24 TesseraSparse24;
+
+/**
  * A tensor: owned by tessera or wrapping caller memory. Opaque: created by `tessera_tensor_*`
  * constructors, released by `tessera_tensor_free`.
  */
 typedef struct TesseraTensor TesseraTensor;
+
+/**
+ * A training run: a model, its optimizer state, the schedule and the data position. Opaque:
+ * created by `tessera_trainer_new` or `tessera_trainer_resume`, released by
+ * `tessera_trainer_free`.
+ */
+typedef struct TesseraTrainer TesseraTrainer;
 
 /**
  * A wavelet-mixing configuration (windows per coordinate, boundary divisor). Opaque: created by
@@ -213,6 +330,55 @@ typedef struct {
 } TesseraAdamWTensor;
 
 /**
+ * Options of `tessera_attention_forward` and `_backward`; `tessera_attention_options_default()`
+ * is unmasked attention with scale `1/sqrt(head_dim)`, no varlen, no RoPE. The arrays it points
+ * to are read during the call only.
+ */
+typedef struct {
+  /**
+   * A `TesseraAttentionMask` code.
+   */
+  int32_t mask;
+  /**
+   * `TESSERA_ATTENTION_MASK_WINDOW`: keys this far before and after the query's position.
+   */
+  size_t window_left;
+  size_t window_right;
+  /**
+   * `TESSERA_ATTENTION_MASK_LAMBDA`: the always-visible first keys and the local window (>= 1).
+   */
+  size_t lambda_global;
+  size_t lambda_window;
+  /**
+   * The softmax scale; 0 means `1/sqrt(head_dim)`.
+   */
+  float scale;
+  /**
+   * Packed variable-length sequences: `varlen_count` sequences, sequence `b` holding queries
+   * `cu_seqlens_q[b] .. cu_seqlens_q[b+1]` and keys `cu_seqlens_k[b] .. cu_seqlens_k[b+1]`
+   * (arrays of `varlen_count + 1` offsets from 0 to the token count). 0: no varlen, and the
+   * arrays are not read.
+   */
+  size_t varlen_count;
+  const size_t *cu_seqlens_q;
+  const size_t *cu_seqlens_k;
+  /**
+   * RoPE inside attention: `rope_base_count` bases (one for all heads, or one per key/value
+   * head group: the count must divide `heads_kv`); 0: no RoPE, and the rest is not read.
+   */
+  size_t rope_base_count;
+  const double *rope_bases;
+  /**
+   * A `TesseraRopeConvention` code.
+   */
+  int32_t rope_convention;
+  /**
+   * LM-Infinite's distance ceiling: relative distances beyond it count as it; 0: none.
+   */
+  size_t rope_distance_ceiling;
+} TesseraAttentionOptions;
+
+/**
  * How `tessera_matmul` combines its operands. `tessera_matmul_options_default()` gives
  * `out = a·b`; set `trans_b = 1` for a linear layer's `x·wᵀ`.
  */
@@ -234,6 +400,90 @@ typedef struct {
    */
   float beta;
 } TesseraMatmulOptions;
+
+/**
+ * How `tessera_model_generate` draws each token. `tessera_sampling_default()` is greedy.
+ */
+typedef struct {
+  /**
+   * Divides the logits before sampling; 0 takes the most likely token (greedy). Finite, >= 0.
+   */
+  float temperature;
+  /**
+   * Keep only the `top_k` most likely tokens; 0 keeps all.
+   */
+  size_t top_k;
+  /**
+   * Keep the smallest set of most likely tokens whose probability reaches `top_p`, in (0, 1];
+   * 1 keeps all.
+   */
+  float top_p;
+} TesseraSampling;
+
+/**
+ * A model's shape, as `tessera_model_info` gives it.
+ */
+typedef struct {
+  /**
+   * Token ids are below `vocab`; logits rows have `vocab` entries.
+   */
+  size_t vocab;
+  /**
+   * The longest sequence the model takes.
+   */
+  size_t context;
+  size_t layers;
+  size_t heads;
+  size_t kv_heads;
+  size_t width;
+  /**
+   * The number of parameters (tied embeddings counted once).
+   */
+  size_t parameters;
+} TesseraModelInfo;
+
+/**
+ * What the last of a call's training steps did.
+ */
+typedef struct {
+  /**
+   * Steps completed, counting this one (a resumed run continues its count).
+   */
+  uint64_t step;
+  /**
+   * The mean training loss over the step's micro-batches (nats per token).
+   */
+  float loss;
+  /**
+   * The learning rate the step used.
+   */
+  float lr;
+  /**
+   * The global gradient norm before clipping.
+   */
+  float grad_norm;
+  /**
+   * Tokens the step trained on.
+   */
+  size_t tokens;
+} TesseraStepRecord;
+
+/**
+ * Options of `tessera_cross_entropy`; `tessera_cross_entropy_options_default()` ignores no
+ * target and scales the gradient by 1.
+ */
+typedef struct {
+  /**
+   * 1: rows whose target is `ignore_index` contribute neither loss nor gradient; 0: none is
+   * ignored.
+   */
+  int32_t use_ignore_index;
+  uint32_t ignore_index;
+  /**
+   * The gradient is that of `grad_scale · mean loss`.
+   */
+  float grad_scale;
+} TesseraCrossEntropyOptions;
 
 #ifdef __cplusplus
 extern "C" {
@@ -280,6 +530,81 @@ TesseraStatus tessera_adamw_step(const TesseraAdamWTensor *tensors,
                                  const TesseraAdamWConfig *config,
                                  uint64_t step,
                                  float grad_scale);
+
+/**
+ * Unmasked attention, scale `1/sqrt(head_dim)`, no varlen, no RoPE.
+ *
+ * Ownership: returned by value. Thread-safety: any thread. Errors: none.
+ */
+TesseraAttentionOptions tessera_attention_options_default(void);
+
+/**
+ * `out = softmax(scale · q·kᵀ + mask) · v` per head, flash-style (the score matrix is never
+ * stored), and `lse` (may be NULL), the log-sum-exp of each query row's scaled scores, which the
+ * backward needs.
+ *
+ * `q` is (batch, seq_q, heads_q, head_dim), `k` and `v` (batch, seq_k, heads_kv, head_dim) with
+ * `heads_q` a multiple of `heads_kv` (grouped-query attention: query head `h` reads key/value
+ * head `h / (heads_q / heads_kv)`); with varlen the batch dimension goes ((total, heads,
+ * head_dim)). `head_dim` is a multiple of 8 up to 256. One dtype: F32, BF16 or F16 on the CPU,
+ * BF16 or F16 on a GPU; one device. `out` has `q`'s shape and dtype; `lse` is F32 shaped as `q`
+ * without its last dimension. A row that sees no key gets 0 and `lse = -inf`. `options` may be
+ * NULL for the defaults. The result is computed in tessera's memory and copied into the outputs.
+ *
+ * Ownership: nothing is taken. Thread-safety: any thread; the outputs may not be used by another
+ * call meanwhile (`TESSERA_STATUS_BUSY`).
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (shapes, dtypes, devices, head counts, mask sizes,
+ * scale, varlen offsets, RoPE bases, codes, aliasing), `..._INVALID_HANDLE`, `..._BUSY`,
+ * `..._CUDA`. On error the outputs are unchanged.
+ */
+TesseraStatus tessera_attention_forward(const TesseraTensor *q,
+                                        const TesseraTensor *k,
+                                        const TesseraTensor *v,
+                                        const TesseraAttentionOptions *options,
+                                        TesseraTensor *out,
+                                        TesseraTensor *lse);
+
+/**
+ * The gradients of `tessera_attention_forward` into `d_q`, `d_k`, `d_v` (shaped and typed as
+ * `q`, `k`, `v`), given `d_out` and the forward's inputs, options, `out` and `lse` (not NULL
+ * here). Deterministic: every sum runs in a fixed order.
+ *
+ * Ownership: nothing is taken; the three outputs must be distinct and not overlap the inputs.
+ * Thread-safety: as `tessera_attention_forward`. Errors: as `tessera_attention_forward`; on
+ * error no output is changed.
+ */
+TesseraStatus tessera_attention_backward(const TesseraTensor *d_out,
+                                         const TesseraTensor *q,
+                                         const TesseraTensor *k,
+                                         const TesseraTensor *v,
+                                         const TesseraTensor *out,
+                                         const TesseraTensor *lse,
+                                         const TesseraAttentionOptions *options,
+                                         TesseraTensor *d_q,
+                                         TesseraTensor *d_k,
+                                         TesseraTensor *d_v);
+
+/**
+ * RoPE on its own, forward (`backward` = 0: rotate `x` by `R(p)`) or backward (1: the
+ * transposed rotation `R(p)ᵀ`, the gradient of the forward), into `out` (the shape and dtype of
+ * `x`). `x` is (..., heads, head_dim) of F32, BF16 or F16 (head_dim even, at most 1024);
+ * `positions` U32 with the shape of `x` without its last two dimensions, one per token;
+ * `base_count` bases at `bases` (1 for every head, or one per head); `convention_code` a
+ * `TesseraRopeConvention`. Angles are reduced in f64, so positions up to 2^32 keep precision.
+ *
+ * Ownership: `bases` is read during the call only; `out` must not be or overlap an input.
+ * Thread-safety: any thread; `out` may not be used by another call meanwhile.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (codes, bases, shapes, dtypes, devices, aliasing),
+ * `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error `out` is unchanged. The result is
+ * computed in tessera's memory and copied into `out`.
+ */
+TesseraStatus tessera_rope(const TesseraTensor *x,
+                           const TesseraTensor *positions,
+                           const double *bases,
+                           size_t base_count,
+                           int32_t convention_code,
+                           int32_t backward,
+                           TesseraTensor *out);
 
 /**
  * Creates a handle for the host CPU.
@@ -375,6 +700,216 @@ TesseraStatus tessera_matmul(const TesseraTensor *a,
                              const TesseraTensor *bias,
                              TesseraTensor *out,
                              const TesseraMatmulOptions *options);
+
+/**
+ * Greedy decoding: temperature 0, no top-k, top-p 1.
+ *
+ * Ownership: returned by value. Thread-safety: any thread. Errors: none.
+ */
+TesseraSampling tessera_sampling_default(void);
+
+/**
+ * Loads a model on a device from `path`: a `model.safetensors` file, a checkpoint directory
+ * holding one, or a training run's directory (the checkpoint its `latest` file names).
+ * `preset` (`"tiny"`, `"llama-tiny"`, `"gpt2-small"`) gives the configuration of a checkpoint
+ * that does not record one (a Hugging Face one); NULL uses the checkpoint's own.
+ *
+ * Ownership: the strings are read during the call only; `*out` receives a new handle, released
+ * with `tessera_model_free`. Thread-safety: any thread.
+ * Errors: `TESSERA_STATUS_FILE` (missing, unreadable or corrupt checkpoint, tensor names or
+ * shapes that do not match the configuration, no configuration and no preset),
+ * `TESSERA_STATUS_INVALID_ARGUMENT` (NULL `path` or `out`, unknown preset, non-UTF-8 preset),
+ * `TESSERA_STATUS_INVALID_HANDLE`, `TESSERA_STATUS_CUDA`. On failure `*out` is NULL.
+ */
+TesseraStatus tessera_model_load(const TesseraDevice *device,
+                                 const char *path,
+                                 const char *preset,
+                                 TesseraModel **out);
+
+/**
+ * Releases a model handle. NULL is accepted and does nothing.
+ *
+ * Ownership: the handle is invalid afterwards. Thread-safety: any thread; a call using the
+ * model on another thread finishes normally.
+ * Errors: `TESSERA_STATUS_INVALID_HANDLE` for a handle that is not a live model handle.
+ */
+TesseraStatus tessera_model_free(TesseraModel *model);
+
+/**
+ * The model's shape into `*info`.
+ *
+ * Ownership: none. Thread-safety: any thread; `TESSERA_STATUS_BUSY` while another call runs
+ * the model. Errors: `TESSERA_STATUS_INVALID_HANDLE`, `TESSERA_STATUS_INVALID_ARGUMENT` (NULL
+ * `info`), `TESSERA_STATUS_BUSY`; `*info` is unchanged on error.
+ */
+TesseraStatus tessera_model_info(const TesseraModel *model, TesseraModelInfo *info);
+
+/**
+ * The logits of `tokens` (`batch · seq` ids, row-major (batch, seq), each below the
+ * vocabulary; `seq` at most the context) into `logits`: an F32 tensor of shape
+ * (batch · seq, vocab) on any device (wrap a host buffer with `tessera_tensor_wrap_host` to
+ * receive them in caller memory). Row `b · seq + t` scores the token after `tokens[b, t]`.
+ *
+ * Ownership: `tokens` is read during the call only. Thread-safety: any thread; one call at a
+ * time per model (`TESSERA_STATUS_BUSY`), and `logits` may not be used by another call.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (NULL or misaligned `tokens`, sizes, token ids,
+ * `logits`' shape or dtype), `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error `logits`
+ * is unchanged.
+ */
+TesseraStatus tessera_model_logits(const TesseraModel *model,
+                                   const uint32_t *tokens,
+                                   size_t batch,
+                                   size_t seq,
+                                   TesseraTensor *logits);
+
+/**
+ * The mean next-token cross-entropy (nats per token) of `targets` given `inputs` (each
+ * `batch · seq` ids, row-major (batch, seq)) into `*loss`; no gradients.
+ *
+ * Ownership: the token arrays are read during the call only. Thread-safety: one call at a time
+ * per model (`TESSERA_STATUS_BUSY`). Errors: as `tessera_model_logits`; `*loss` is unchanged on
+ * error.
+ */
+TesseraStatus tessera_model_loss(const TesseraModel *model,
+                                 const uint32_t *inputs,
+                                 const uint32_t *targets,
+                                 size_t batch,
+                                 size_t seq,
+                                 float *loss);
+
+/**
+ * Continues `prompt` (`prompt_len` ids, at least 1) by `count` tokens written to `out` (room
+ * for `count` ids), drawn as `sampling` says (NULL: greedy); the same seed gives the same
+ * tokens. Each token runs the model over the last `context` tokens.
+ *
+ * Ownership: `prompt` is read during the call only. Thread-safety: one call at a time per
+ * model (`TESSERA_STATUS_BUSY`). Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (NULL pointers, an
+ * empty prompt, ids past the vocabulary, sampling values out of range),
+ * `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error `out` is unchanged.
+ */
+TesseraStatus tessera_model_generate(const TesseraModel *model,
+                                     const uint32_t *prompt,
+                                     size_t prompt_len,
+                                     size_t count,
+                                     const TesseraSampling *sampling,
+                                     uint64_t seed,
+                                     uint32_t *out);
+
+/**
+ * `w` (rows, cols) pruned N:M along each row into `out` (same shape, dtype and device): in every
+ * group of `m` consecutive elements the `n` of largest magnitude are kept (ties to the lower
+ * index), the others set to 0. Any `1 <= n <= m <= 64` with `m` dividing `cols` on the CPU; 2:4
+ * and 1:2 on a GPU.
+ *
+ * Ownership: nothing is taken; `out` must not be or overlap `w`. Thread-safety: any thread;
+ * `out` may not be used by another call meanwhile (`TESSERA_STATUS_BUSY`).
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (pattern, shapes, dtypes, devices, aliasing),
+ * `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error `out` is unchanged.
+ */
+TesseraStatus tessera_nm_prune(const TesseraTensor *w, size_t n, size_t m, TesseraTensor *out);
+
+/**
+ * Prunes `w` (rows, cols: rows a multiple of 16, cols of 64) by magnitude with the pattern `n:m`
+ * (2:4 or 1:2) and compresses it into a new 2:4 matrix (F32, BF16 or F16 on the CPU; BF16 or F16
+ * on a GPU), on `w`'s device. The kept positions are those the magnitudes chose, even where a
+ * kept value is 0.
+ *
+ * Ownership: `*out` receives a new handle, released with `tessera_sparse24_free`.
+ * Thread-safety: any thread. Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (pattern, shape, dtype,
+ * NULL `out`), `..._INVALID_HANDLE`, `..._BUSY` (`w` being written), `..._CUDA`. On failure
+ * `*out` is NULL.
+ */
+TesseraStatus tessera_sparse24_prune_compress(const TesseraTensor *w,
+                                              size_t n,
+                                              size_t m,
+                                              TesseraSparse24 **out);
+
+/**
+ * Compresses `w`, which must already be 2:4-sparse (at most 2 non-zeros in each group of 4
+ * columns; the message names the first group that is not), into a new 2:4 matrix. Shapes and
+ * dtypes as `tessera_sparse24_prune_compress`.
+ *
+ * Ownership: `*out` receives a new handle, released with `tessera_sparse24_free`.
+ * Thread-safety: any thread. Errors: as `tessera_sparse24_prune_compress`. On failure `*out` is
+ * NULL.
+ */
+TesseraStatus tessera_sparse24_compress(const TesseraTensor *w, TesseraSparse24 **out);
+
+/**
+ * SLoPe's double-pruned transpose of `s` (rows, cols; rows a multiple of 64 too): a new 2:4
+ * matrix (cols, rows), the transpose of `s` pruned 2:4 by magnitude along its rows. The sparse
+ * linear backward takes it; make it again whenever the weight changes.
+ *
+ * Ownership: `*out` receives a new handle, released with `tessera_sparse24_free`.
+ * Thread-safety: any thread. Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (rows not a multiple of
+ * 64, NULL `out`), `..._INVALID_HANDLE`, `..._CUDA`. On failure `*out` is NULL.
+ */
+TesseraStatus tessera_sparse24_double_prune(const TesseraSparse24 *s, TesseraSparse24 **out);
+
+/**
+ * Releases a 2:4 matrix handle. NULL is accepted and does nothing.
+ *
+ * Ownership: the handle is invalid afterwards. Thread-safety: any thread; calls using the
+ * matrix on other threads finish normally.
+ * Errors: `TESSERA_STATUS_INVALID_HANDLE` for a handle that is not a live 2:4 matrix.
+ */
+TesseraStatus tessera_sparse24_free(TesseraSparse24 *s);
+
+/**
+ * The dense shape (`rows`, `cols`) and the `TesseraDtype` code of a 2:4 matrix; any pointer may
+ * be NULL to skip it.
+ *
+ * Ownership: none. Thread-safety: any thread. Errors: `TESSERA_STATUS_INVALID_HANDLE`.
+ */
+TesseraStatus tessera_sparse24_info(const TesseraSparse24 *s,
+                                    size_t *rows,
+                                    size_t *cols,
+                                    int32_t *dtype);
+
+/**
+ * The dense matrix of `s` into `out`: (rows, cols) of its dtype on its device, the kept values
+ * in place and zeros elsewhere.
+ *
+ * Ownership: nothing is taken. Thread-safety: any thread; `out` may not be used by another call
+ * meanwhile. Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (shape, dtype, device),
+ * `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error `out` is unchanged.
+ */
+TesseraStatus tessera_sparse24_decompress(const TesseraSparse24 *s, TesseraTensor *out);
+
+/**
+ * The sparse linear layer `y = x·wᵀ + bias` with `w` a 2:4 matrix (out features, in features):
+ * `x` (tokens, in features), `bias` (out features; may be NULL), `y` (tokens, out features),
+ * all of `w`'s dtype and on its device; f32 accumulation (sparse tensor cores on a GPU).
+ *
+ * Ownership: nothing is taken; `y` must not be or overlap an input. Thread-safety: any thread;
+ * `y` may not be used by another call meanwhile (`TESSERA_STATUS_BUSY`).
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (shapes, dtypes, devices, aliasing),
+ * `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error `y` is unchanged.
+ */
+TesseraStatus tessera_sparse_linear_forward(const TesseraTensor *x,
+                                            const TesseraSparse24 *w,
+                                            const TesseraTensor *bias,
+                                            TesseraTensor *y);
+
+/**
+ * SLoPe's backward of `tessera_sparse_linear_forward`: `d_x = dy·W_dp` through `w_dp_t`
+ * (`tessera_sparse24_double_prune` of `w`) into `d_x` (tokens, in features; `dy`'s dtype);
+ * `dy`ᵀ·`x` at the kept positions of `w`, in the layout of its compressed values, into
+ * `d_values` (F32, (out features, in features / 2)); and the column sums of `dy` into `d_bias`
+ * (F32, out features; NULL skips it). `dy` is (tokens, out features), `x` the forward's input.
+ *
+ * Ownership: nothing is taken; the outputs must be distinct and not overlap the inputs.
+ * Thread-safety: as `tessera_sparse_linear_forward`. Errors: as
+ * `tessera_sparse_linear_forward`, and `TESSERA_STATUS_INVALID_ARGUMENT` when `w_dp_t` is not
+ * shaped as `w`'s transpose. On error no output is changed.
+ */
+TesseraStatus tessera_sparse_linear_backward(const TesseraTensor *dy,
+                                             const TesseraTensor *x,
+                                             const TesseraSparse24 *w,
+                                             const TesseraSparse24 *w_dp_t,
+                                             TesseraTensor *d_x,
+                                             TesseraTensor *d_values,
+                                             TesseraTensor *d_bias);
 
 /**
  * The message of the last call on this thread that failed, or "" when the last call succeeded.
@@ -561,6 +1096,303 @@ TesseraStatus tessera_tensor_size(const TesseraTensor *tensor, size_t *numel, si
  * `..._INVALID_HANDLE`, `..._BUSY`. On failure `*out` is NULL.
  */
 TesseraStatus tessera_tensor_device(const TesseraTensor *tensor, TesseraDevice **out);
+
+/**
+ * A new training run on a device: the preset's model (`"tiny"`, `"llama-tiny"`,
+ * `"gpt2-small"`), freshly initialised from the options' seed, and its training options, with
+ * the fields of the TOML document's `[model]` and `[train]` tables laid over them (the format
+ * of `tessera train --config`). The TOML comes as text in `config_toml` or from the file
+ * `config_path`; both NULL uses the preset as it is; not both.
+ *
+ * Ownership: the strings are read during the call only; `*out` receives a new handle, released
+ * with `tessera_trainer_free`. Thread-safety: any thread.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (NULL `preset` or `out`, unknown preset, bad TOML,
+ * unknown or mistyped fields, sizes that do not fit together, both TOML arguments given),
+ * `TESSERA_STATUS_FILE` (unreadable `config_path`), `..._INVALID_HANDLE`, `..._CUDA`. On
+ * failure `*out` is NULL.
+ */
+TesseraStatus tessera_trainer_new(const TesseraDevice *device,
+                                  const char *preset,
+                                  const char *config_toml,
+                                  const char *config_path,
+                                  TesseraTrainer **out);
+
+/**
+ * Continues a training run saved by `tessera_trainer_save` (or `tessera train`): `dir` is the
+ * run's directory (the checkpoint its `latest` file names) or a checkpoint directory. The
+ * model, the optimizer's moments, the step, the data position and the options are restored,
+ * so the next steps are those the saved run would have taken.
+ *
+ * Ownership: `dir` is read during the call only; `*out` receives a new handle, released with
+ * `tessera_trainer_free`. Thread-safety: any thread.
+ * Errors: `TESSERA_STATUS_FILE` (no checkpoint, missing or corrupt files),
+ * `TESSERA_STATUS_INVALID_ARGUMENT` (NULL pointers), `..._INVALID_HANDLE`, `..._CUDA`. On
+ * failure `*out` is NULL.
+ */
+TesseraStatus tessera_trainer_resume(const TesseraDevice *device,
+                                     const char *dir,
+                                     TesseraTrainer **out);
+
+/**
+ * Releases a trainer handle. NULL is accepted and does nothing. Unsaved progress is lost.
+ *
+ * Ownership: the handle is invalid afterwards. Thread-safety: any thread; a call using the
+ * trainer on another thread finishes normally.
+ * Errors: `TESSERA_STATUS_INVALID_HANDLE` for a handle that is not a live trainer handle.
+ */
+TesseraStatus tessera_trainer_free(TesseraTrainer *trainer);
+
+/**
+ * The trainer's model shape into `*info` (either may be skipped with NULL) and the steps
+ * completed into `*step`.
+ *
+ * Ownership: none. Thread-safety: any thread; `TESSERA_STATUS_BUSY` while another call uses
+ * the trainer. Errors: `TESSERA_STATUS_INVALID_HANDLE`, `TESSERA_STATUS_BUSY`; outputs are
+ * unchanged on error.
+ */
+TesseraStatus tessera_trainer_info(const TesseraTrainer *trainer,
+                                   TesseraModelInfo *info,
+                                   uint64_t *step);
+
+/**
+ * Runs `steps` optimizer steps on windows drawn from `tokens` (`count` ids, each below the
+ * vocabulary, more than the options' `seq`), as the trainer's options say (batch, sequence
+ * length, accumulation, learning-rate schedule, clipping). `*last` (may be NULL) receives the
+ * last step's record.
+ *
+ * Ownership: `tokens` is read during the call only. Thread-safety: one call at a time per
+ * trainer (`TESSERA_STATUS_BUSY`).
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (NULL or misaligned `tokens`, ids past the
+ * vocabulary, too few tokens), `TESSERA_STATUS_DIVERGED` (a loss or gradient that is not
+ * finite: the parameters stay those of the last good step, and the steps before it count),
+ * `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. `*last` is unchanged on error.
+ */
+TesseraStatus tessera_trainer_train_tokens(const TesseraTrainer *trainer,
+                                           const uint32_t *tokens,
+                                           size_t count,
+                                           uint64_t steps,
+                                           TesseraStepRecord *last);
+
+/**
+ * Runs `steps` optimizer steps on the text file at `path`, read as bytes (one token per byte,
+ * so the model's vocabulary must be at least 256); the last tenth of the file is held out for
+ * `tessera_trainer_validate_file`. `*last` (may be NULL) receives the last step's record.
+ *
+ * Ownership: `path` is read during the call only. Thread-safety: as
+ * `tessera_trainer_train_tokens`. Errors: as `tessera_trainer_train_tokens`, and
+ * `TESSERA_STATUS_FILE` for a file that cannot be read or is too small to split.
+ */
+TesseraStatus tessera_trainer_train_file(const TesseraTrainer *trainer,
+                                         const char *path,
+                                         uint64_t steps,
+                                         TesseraStepRecord *last);
+
+/**
+ * The mean next-token loss (nats per token) over `tokens` (`count` ids, below the vocabulary,
+ * more than the options' `seq`) cut into consecutive windows of `seq + 1` (at most the
+ * options' `eval_windows` of them, when not 0), into `*loss`. No parameter changes.
+ *
+ * Ownership: `tokens` is read during the call only. Thread-safety: as
+ * `tessera_trainer_train_tokens`. Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (NULL pointers,
+ * ids, too few tokens), `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`; `*loss` is unchanged on
+ * error.
+ */
+TesseraStatus tessera_trainer_validate_tokens(const TesseraTrainer *trainer,
+                                              const uint32_t *tokens,
+                                              size_t count,
+                                              float *loss);
+
+/**
+ * The mean next-token loss over the held-out last tenth of the text file at `path` (as
+ * `tessera_trainer_train_file` splits it), into `*loss`.
+ *
+ * Ownership: `path` is read during the call only. Thread-safety: as
+ * `tessera_trainer_train_tokens`. Errors: as `tessera_trainer_validate_tokens`, and
+ * `TESSERA_STATUS_FILE` for a file that cannot be read or is too small to split.
+ */
+TesseraStatus tessera_trainer_validate_file(const TesseraTrainer *trainer,
+                                            const char *path,
+                                            float *loss);
+
+/**
+ * Saves a checkpoint of the current step under the directory `dir` (created when missing) as
+ * `dir/step-NNNNNNNN` and points `dir/latest` at it, atomically: `tessera_trainer_resume` and
+ * `tessera_model_load` read `dir` back.
+ *
+ * Ownership: `dir` is read during the call only. Thread-safety: as
+ * `tessera_trainer_train_tokens`. Errors: `TESSERA_STATUS_FILE` (cannot create or write),
+ * `TESSERA_STATUS_INVALID_ARGUMENT` (NULL or empty `dir`), `..._INVALID_HANDLE`, `..._BUSY`,
+ * `..._CUDA`.
+ */
+TesseraStatus tessera_trainer_save(const TesseraTrainer *trainer, const char *dir);
+
+/**
+ * The activation of `x` into `out`: for GELU `out` has the shape of `x`; for SwiGLU `x` has
+ * rows `[gate | up]` and `out` the shape of `x` with the last dimension halved. F32, BF16 or
+ * F16, one dtype and device; f32 arithmetic.
+ *
+ * Ownership: nothing is taken; `out` must not be or overlap `x`. Thread-safety: any thread;
+ * `out` may not be used by another call meanwhile (`TESSERA_STATUS_BUSY`).
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (activation code, shapes, dtypes, devices,
+ * aliasing), `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error `out` is unchanged.
+ */
+TesseraStatus tessera_activation_forward(int32_t activation_code,
+                                         const TesseraTensor *x,
+                                         TesseraTensor *out);
+
+/**
+ * The gradient of `tessera_activation_forward` with respect to `x` into `d_x` (the shape of
+ * `x`), given the forward's input `x` and the gradient `d_out` of its output.
+ *
+ * Ownership: nothing is taken; `d_x` must not be or overlap an input. Thread-safety: as
+ * `tessera_activation_forward`. Errors: as `tessera_activation_forward`; on error `d_x` is
+ * unchanged.
+ */
+TesseraStatus tessera_activation_backward(int32_t activation_code,
+                                          const TesseraTensor *x,
+                                          const TesseraTensor *d_out,
+                                          TesseraTensor *d_x);
+
+/**
+ * No ignored target, gradient scale 1.
+ *
+ * Ownership: returned by value. Thread-safety: any thread. Errors: none.
+ */
+TesseraCrossEntropyOptions tessera_cross_entropy_options_default(void);
+
+/**
+ * Softmax cross-entropy of `logits` (..., vocab; F32, BF16 or F16) against `targets` (U32,
+ * the logits' shape without the last dimension): each row's loss `logsumexp(x) - x[target]`
+ * into `losses` (F32, the targets' shape), their mean over the rows not ignored into `mean`
+ * (F32, shape (1); NaN when every row is ignored), and, when `d_logits` is not NULL, the
+ * gradient of `grad_scale · mean` into it (the logits' shape and dtype). `options` may be NULL.
+ * On the CPU a target past the vocabulary is an error; on a GPU its row is NaN.
+ *
+ * Ownership: nothing is taken; the outputs must be distinct and not overlap the inputs.
+ * Thread-safety: any thread; the outputs may not be used by another call meanwhile.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (shapes, dtypes, devices, targets, option values,
+ * aliasing), `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error no output is changed.
+ */
+TesseraStatus tessera_cross_entropy(const TesseraTensor *logits,
+                                    const TesseraTensor *targets,
+                                    const TesseraCrossEntropyOptions *options,
+                                    TesseraTensor *losses,
+                                    TesseraTensor *mean,
+                                    TesseraTensor *d_logits);
+
+/**
+ * The global L2 norm `sqrt(Σ_tensors Σ_i g_i²)` of `count` tensors (F32, BF16 or F16, any
+ * shapes, one device; `tensors` may be NULL when `count` is 0, whose norm is 0) into `norm`
+ * (F32, shape (1), on their device). Summed in a fixed order: deterministic.
+ *
+ * Ownership: nothing is taken; `norm` must not be one of the tensors. Thread-safety: any
+ * thread; `norm` may not be used by another call meanwhile.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (NULL, repeated handles, dtypes, devices, `norm`'s
+ * shape), `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error `norm` is unchanged.
+ */
+TesseraStatus tessera_grad_norm(const TesseraTensor *const *tensors,
+                                size_t count,
+                                TesseraTensor *norm);
+
+/**
+ * `tessera_grad_norm` into `norm`, then every tensor scaled in place by
+ * `min(1, max_norm / (norm + 1e-6))` (PyTorch's `clip_grad_norm_`; nothing is scaled when the
+ * norm is not finite, which tells the caller to skip the step). `max_norm` is finite and >= 0.
+ *
+ * Ownership: nothing is taken; the tensors are changed in place and must not overlap one
+ * another or `norm`. Thread-safety: any thread; none of the tensors may be used by another call
+ * meanwhile. Errors: as `tessera_grad_norm`, and `TESSERA_STATUS_INVALID_ARGUMENT` for
+ * `max_norm`. On error nothing is changed.
+ */
+TesseraStatus tessera_clip_grad_norm(TesseraTensor *const *tensors,
+                                     size_t count,
+                                     float max_norm,
+                                     TesseraTensor *norm);
+
+/**
+ * Token embeddings plus (optionally) learned positions: `out[b, t, :] = wte[tokens[b, t], :]
+ * (+ wpe[t, :])`. `tokens` is U32 (batch, seq), each below the vocabulary; `wte` (vocab, width)
+ * and `wpe` (context >= seq, width; may be NULL) of one float dtype; `out` (batch, seq, width)
+ * of that dtype; one device.
+ *
+ * Ownership: nothing is taken; `out` must not be or overlap an input. Thread-safety: any
+ * thread; `out` may not be used by another call meanwhile.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (shapes, dtypes, devices, token ids, aliasing),
+ * `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error `out` is unchanged.
+ */
+TesseraStatus tessera_embedding_forward(const TesseraTensor *tokens,
+                                        const TesseraTensor *wte,
+                                        const TesseraTensor *wpe,
+                                        TesseraTensor *out);
+
+/**
+ * The embedding's backward: with `d_out` the (batch, seq, width) gradient of its output and
+ * `tokens` the forward's (U32 (batch, seq)), `d_wte[v, :] = Σ d_out[p, :]` over the positions
+ * holding token `v` (F32 (vocab, width)) and, when `d_wpe` is not NULL, `d_wpe[t, :] =
+ * Σ_b d_out[b, t, :]` (F32 (context >= seq, width); rows past `seq` get nothing). With
+ * `accumulate` = 1 the sums are added to what the gradients hold, with 0 they replace it. Sums
+ * run in a fixed order: deterministic.
+ *
+ * Ownership: nothing is taken; the outputs must be distinct and not overlap the inputs.
+ * Thread-safety: any thread; the outputs may not be used by another call meanwhile.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (shapes, dtypes, devices, token ids, `accumulate`
+ * not 0 or 1, aliasing), `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error no output is
+ * changed.
+ */
+TesseraStatus tessera_embedding_backward(const TesseraTensor *tokens,
+                                         const TesseraTensor *d_out,
+                                         TesseraTensor *d_wte,
+                                         TesseraTensor *d_wpe,
+                                         int32_t accumulate);
+
+/**
+ * LayerNorm or RMSNorm over the last dimension (width at most 8192) of `x` into `out` (the
+ * shape and dtype of `x`), with each row's mean (0 for RMSNorm) and reciprocal standard
+ * deviation into `mean` and `rstd` (F32, (rows)) for the backward. `weight` and `bias` (may be
+ * NULL; LayerNorm only adds it) are (width) of `x`'s dtype. With `residual` (not NULL), the op
+ * normalises `x + residual` and writes that sum into `sum` (both of `x`'s shape and dtype;
+ * `sum` must be NULL without `residual`). `eps` is finite and >= 0.
+ *
+ * Ownership: nothing is taken; the outputs must be distinct and not overlap the inputs.
+ * Thread-safety: any thread; the outputs may not be used by another call meanwhile.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (kind code, eps, shapes, dtypes, devices, width,
+ * aliasing), `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error no output is changed.
+ */
+TesseraStatus tessera_norm_forward(int32_t kind,
+                                   float eps,
+                                   const TesseraTensor *x,
+                                   const TesseraTensor *residual,
+                                   TesseraTensor *sum,
+                                   const TesseraTensor *weight,
+                                   const TesseraTensor *bias,
+                                   TesseraTensor *out,
+                                   TesseraTensor *mean,
+                                   TesseraTensor *rstd);
+
+/**
+ * The backward of `tessera_norm_forward`: `input` is what the forward normalised (`x`, or the
+ * `sum` it wrote), `d_out` the gradient of its output, `d_skip` (may be NULL) a gradient reaching
+ * `input` through the skip connection, added to `d_input`; `mean` and `rstd` the forward's.
+ * Writes `d_input` (the shape and dtype of `input`), `d_weight` (F32, (width)) and `d_bias`
+ * (F32, (width); may be NULL). With `accumulate` = 1 the parameter gradients are added to what
+ * `d_weight` and `d_bias` hold; with 0 they replace it.
+ *
+ * Ownership: nothing is taken; the outputs must be distinct and not overlap the inputs.
+ * Thread-safety: as `tessera_norm_forward`. Errors: as `tessera_norm_forward`, and
+ * `TESSERA_STATUS_INVALID_ARGUMENT` for `accumulate` not 0 or 1. On error no output is changed.
+ */
+TesseraStatus tessera_norm_backward(int32_t kind,
+                                    float eps,
+                                    const TesseraTensor *d_out,
+                                    const TesseraTensor *d_skip,
+                                    const TesseraTensor *input,
+                                    const TesseraTensor *weight,
+                                    const TesseraTensor *mean,
+                                    const TesseraTensor *rstd,
+                                    TesseraTensor *d_input,
+                                    TesseraTensor *d_weight,
+                                    TesseraTensor *d_bias,
+                                    int32_t accumulate);
 
 /**
  * The spec's exponential windows over the coordinates `mixed_start..mixed_end` of a `dim`-wide

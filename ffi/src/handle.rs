@@ -9,8 +9,10 @@
 
 use crate::status::{FfiError, FfiResult};
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
-use tessera_core::ops::WaveletConfig;
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
+use tessera_core::model::Gpt;
+use tessera_core::ops::{Sparse24, WaveletConfig};
+use tessera_core::train::trainer::Trainer;
 use tessera_core::{Device, Tensor};
 
 /// A device (the CPU or one CUDA GPU, with its context and stream). Opaque: created by
@@ -31,6 +33,31 @@ pub struct TesseraWaveletConfig {
     _opaque: [u8; 0],
 }
 
+/// A language model loaded from a checkpoint, with its activations. Opaque: created by
+/// `tessera_model_load`, released by `tessera_model_free`.
+pub struct TesseraModel {
+    _opaque: [u8; 0],
+}
+
+/// A training run: a model, its optimizer state, the schedule and the data position. Opaque:
+/// created by `tessera_trainer_new` or `tessera_trainer_resume`, released by
+/// `tessera_trainer_free`.
+pub struct TesseraTrainer {
+    _opaque: [u8; 0],
+}
+
+/// A weight matrix in the 2:4 compressed format of the sparse tensor cores (values and
+/// metadata). Opaque: created by `tessera_sparse24_*` constructors, released by
+/// `tessera_sparse24_free`; never changed once made.
+pub struct TesseraSparse24 {
+    _opaque: [u8; 0],
+}
+
+/// A model or trainer shared between its handle and the call using it. Every call on one
+/// changes its activations, so one call at a time has it; another call meanwhile fails with
+/// `TESSERA_STATUS_BUSY` instead of waiting.
+pub type Exclusive<T> = Arc<Mutex<T>>;
+
 /// A tensor shared between its handle and the calls using it. Readers share it; a writer has it
 /// alone; a call that cannot get its access at once fails with `TESSERA_STATUS_BUSY`, so that no
 /// two calls ever wait on each other.
@@ -41,6 +68,9 @@ pub enum Object {
     Device(Device),
     Tensor(SharedTensor),
     WaveletConfig(Arc<WaveletConfig>),
+    Sparse24(Arc<Sparse24>),
+    Model(Exclusive<Gpt>),
+    Trainer(Exclusive<Trainer>),
 }
 
 impl Object {
@@ -49,6 +79,9 @@ impl Object {
             Object::Device(_) => "a device handle",
             Object::Tensor(_) => "a tensor handle",
             Object::WaveletConfig(_) => "a wavelet config handle",
+            Object::Sparse24(_) => "a sparse 2:4 matrix handle",
+            Object::Model(_) => "a model handle",
+            Object::Trainer(_) => "a trainer handle",
         }
     }
 }
@@ -154,6 +187,42 @@ pub fn wavelet_config(op: &str, arg: &str, handle: *const TesseraWaveletConfig) 
     match lookup(op, arg, handle as usize, "a wavelet config handle")? {
         Object::WaveletConfig(config) => Ok(config),
         other => Err(FfiError::handle(op, arg, "a wavelet config handle", other.kind())),
+    }
+}
+
+/// The compressed matrix behind a handle.
+pub fn sparse24(op: &str, arg: &str, handle: *const TesseraSparse24) -> FfiResult<Arc<Sparse24>> {
+    match lookup(op, arg, handle as usize, "a sparse 2:4 matrix handle")? {
+        Object::Sparse24(matrix) => Ok(matrix),
+        other => Err(FfiError::handle(op, arg, "a sparse 2:4 matrix handle", other.kind())),
+    }
+}
+
+/// The model behind a handle, not yet locked.
+pub fn model(op: &str, arg: &str, handle: *const TesseraModel) -> FfiResult<Exclusive<Gpt>> {
+    match lookup(op, arg, handle as usize, "a model handle")? {
+        Object::Model(model) => Ok(model),
+        other => Err(FfiError::handle(op, arg, "a model handle", other.kind())),
+    }
+}
+
+/// The trainer behind a handle, not yet locked.
+pub fn trainer(op: &str, arg: &str, handle: *const TesseraTrainer) -> FfiResult<Exclusive<Trainer>> {
+    match lookup(op, arg, handle as usize, "a trainer handle")? {
+        Object::Trainer(trainer) => Ok(trainer),
+        other => Err(FfiError::handle(op, arg, "a trainer handle", other.kind())),
+    }
+}
+
+/// Sole access to a model or trainer, or `TESSERA_STATUS_BUSY` when another call has it.
+pub fn exclusive<'a, T>(op: &str, arg: &str, object: &'a Exclusive<T>) -> FfiResult<MutexGuard<'a, T>> {
+    match object.try_lock() {
+        Ok(guard) => Ok(guard),
+        Err(TryLockError::Poisoned(poisoned)) => Ok(poisoned.into_inner()),
+        Err(TryLockError::WouldBlock) => Err(FfiError::with_status(
+            crate::status::TesseraStatus::Busy,
+            format!("{op}: argument `{arg}`: in use by another call; nothing was done"),
+        )),
     }
 }
 

@@ -13,11 +13,16 @@
 #![allow(clippy::missing_safety_doc)]
 
 pub mod adamw;
+pub mod attention;
 pub mod device;
 pub mod handle;
 pub mod matmul;
+pub mod model;
+pub mod sparse;
 pub mod status;
 pub mod tensor;
+pub mod trainer;
+pub mod transformer;
 pub mod wavelet;
 
 use std::os::raw::c_char;

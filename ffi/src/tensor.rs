@@ -41,7 +41,7 @@ pub(crate) fn dtype_from_code(op: &str, arg: &str, code: i32) -> FfiResult<DType
     })
 }
 
-fn dtype_code(dtype: DType) -> TesseraDtype {
+pub(crate) fn dtype_code(dtype: DType) -> TesseraDtype {
     match dtype {
         DType::F32 => TesseraDtype::F32,
         DType::BF16 => TesseraDtype::BF16,

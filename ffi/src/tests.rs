@@ -135,3 +135,45 @@ fn handles_work_from_many_threads_at_once() {
         assert_eq!(tessera_device_free(device as *mut _), TesseraStatus::Ok);
     }
 }
+
+#[test]
+fn a_trainer_in_use_elsewhere_is_busy_and_unchanged() {
+    use crate::trainer::*;
+    let device = cpu();
+    let toml = c"[model]\nlayers = 1\nheads = 2\nkv_heads = 2\nwidth = 16\nffn_width = 32\ncontext = 8\n[train]\nbatch = 1\nseq = 4\n";
+    let mut trainer = std::ptr::null_mut();
+    // SAFETY: valid strings and out-pointer.
+    let status =
+        unsafe { tessera_trainer_new(device, c"tiny".as_ptr(), toml.as_ptr(), std::ptr::null(), &mut trainer) };
+    assert_eq!(status, TesseraStatus::Ok, "{}", last_error());
+    let tokens: Vec<u32> = (0..32).map(|i| i * 5 % 256).collect();
+    let shared = handle::trainer("test", "trainer", trainer).unwrap();
+
+    let held = shared.lock().unwrap();
+    let mut record = TesseraStepRecord {
+        step: 99,
+        loss: 0.0,
+        lr: 0.0,
+        grad_norm: 0.0,
+        tokens: 0,
+    };
+    // SAFETY: live handle; `tokens` holds 32 ids.
+    let status = unsafe { tessera_trainer_train_tokens(trainer, tokens.as_ptr(), 32, 1, &mut record) };
+    assert_eq!(status, TesseraStatus::Busy);
+    assert!(last_error().contains("argument `trainer`"), "{}", last_error());
+    assert_eq!(held.step(), 0);
+    assert_eq!(record.step, 99);
+    drop(held);
+
+    // SAFETY: as above.
+    let status = unsafe { tessera_trainer_train_tokens(trainer, tokens.as_ptr(), 32, 1, &mut record) };
+    assert_eq!(status, TesseraStatus::Ok, "{}", last_error());
+    assert_eq!(record.step, 1);
+    // A handle freed while a call holds the trainer: the call's reference stays valid.
+    // SAFETY: live handles, freed once.
+    unsafe {
+        assert_eq!(tessera_trainer_free(trainer), TesseraStatus::Ok);
+        assert_eq!(shared.lock().unwrap().step(), 1);
+        assert_eq!(tessera_device_free(device), TesseraStatus::Ok);
+    }
+}

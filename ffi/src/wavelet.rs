@@ -227,7 +227,14 @@ pub unsafe extern "C" fn tessera_wavelet_backward(
 }
 
 /// Checks, before any work, that `out` can receive a result of this shape, dtype and device.
-fn expect_output(op: &str, arg: &str, out: &Tensor, shape: &[usize], dtype: DType, device: &Device) -> FfiResult<()> {
+pub(crate) fn expect_output(
+    op: &str,
+    arg: &str,
+    out: &Tensor,
+    shape: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> FfiResult<()> {
     if out.shape() != shape || out.dtype() != dtype || out.device() != *device {
         return Err(FfiError::invalid(
             op,

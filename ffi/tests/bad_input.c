@@ -4,11 +4,15 @@
  * by scripts/test-capi: no invalid access and no leak, and every handle freed at the end.
  * scripts/test-capi also checks that every function the header declares is called here.
  */
+/* mkdtemp, nftw and unlink for the checkpoint directory the model and trainer tests write. */
+#define _XOPEN_SOURCE 700
+#include <ftw.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "tessera.h"
 
@@ -433,6 +437,1023 @@ static void wavelet(TesseraDevice *cpu) {
     TesseraTensor *all[] = {x, out, narrow, flat, halves, tap, d_tap, short_tap};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) EXPECT_OK(tessera_tensor_free(all[i]));
 }
+/* Attention shapes for the checks below: one sequence of 5 queries and keys, 4 query heads over
+ * 2 key/value heads (grouped), head dimension 8. */
+enum { AS = 5, AHQ = 4, AHK = 2, AD = 8 };
+
+/* The f64 reference: out, lse and the gradients of attention under `visible(p, j)`. */
+static int attention_sees(const TesseraAttentionOptions *o, long p, long j) {
+    switch (o->mask) {
+    case TESSERA_ATTENTION_MASK_CAUSAL: return j <= p;
+    case TESSERA_ATTENTION_MASK_WINDOW: return j >= p - (long)o->window_left && j <= p + (long)o->window_right;
+    case TESSERA_ATTENTION_MASK_LAMBDA:
+        return j <= p && (p - j < (long)o->lambda_window || j < (long)o->lambda_global);
+    default: return 1;
+    }
+}
+
+static void attention_reference(const TesseraAttentionOptions *o, const float *q, const float *k, const float *v,
+                                const float *d_out, double *out, double *lse, double *d_q, double *d_k,
+                                double *d_v) {
+    double scale = o->scale != 0.0f ? o->scale : 1.0 / sqrt((double)AD);
+    memset(d_q, 0, sizeof(double) * AS * AHQ * AD);
+    memset(d_k, 0, sizeof(double) * AS * AHK * AD);
+    memset(d_v, 0, sizeof(double) * AS * AHK * AD);
+    for (size_t h = 0; h < AHQ; h++) {
+        size_t g = h / (AHQ / AHK);
+        for (size_t i = 0; i < AS; i++) {
+            const float *qi = q + (i * AHQ + h) * AD;
+            double s[AS], p[AS], m = -INFINITY, sum = 0, dp[AS], dsum = 0;
+            for (size_t j = 0; j < AS; j++) {
+                const float *kj = k + (j * AHK + g) * AD;
+                double dot = 0;
+                for (size_t d = 0; d < AD; d++) dot += (double)qi[d] * kj[d];
+                s[j] = attention_sees(o, (long)i, (long)j) ? scale * dot : -INFINITY;
+                if (s[j] > m) m = s[j];
+            }
+            for (size_t j = 0; j < AS; j++) sum += s[j] == -INFINITY ? 0 : exp(s[j] - m);
+            lse[i * AHQ + h] = sum > 0 ? m + log(sum) : -INFINITY;
+            const float *doi = d_out + (i * AHQ + h) * AD;
+            for (size_t d = 0; d < AD; d++) out[(i * AHQ + h) * AD + d] = 0;
+            for (size_t j = 0; j < AS; j++) {
+                p[j] = s[j] == -INFINITY ? 0 : exp(s[j] - m) / sum;
+                const float *vj = v + (j * AHK + g) * AD;
+                dp[j] = 0;
+                for (size_t d = 0; d < AD; d++) {
+                    out[(i * AHQ + h) * AD + d] += p[j] * vj[d];
+                    dp[j] += (double)doi[d] * vj[d];
+                    d_v[(j * AHK + g) * AD + d] += p[j] * doi[d];
+                }
+                dsum += p[j] * dp[j];
+            }
+            for (size_t j = 0; j < AS; j++) {
+                double ds = p[j] * (dp[j] - dsum) * scale;
+                const float *kj = k + (j * AHK + g) * AD;
+                for (size_t d = 0; d < AD; d++) {
+                    d_q[(i * AHQ + h) * AD + d] += ds * kj[d];
+                    d_k[(j * AHK + g) * AD + d] += ds * qi[d];
+                }
+            }
+        }
+    }
+}
+
+static int attention_close(const float *got, const double *want, size_t count) {
+    for (size_t i = 0; i < count; i++) {
+        if (isinf(want[i]) ? got[i] != (float)want[i] : !(fabs(got[i] - want[i]) <= 1e-5 * (1 + fabs(want[i]))))
+            return 0;
+    }
+    return 1;
+}
+
+static void attention(TesseraDevice *cpu) {
+    const size_t q_shape[4] = {1, AS, AHQ, AD}, kv_shape[4] = {1, AS, AHK, AD}, lse_shape[3] = {1, AS, AHQ};
+    float q[AS * AHQ * AD], k[AS * AHK * AD], v[AS * AHK * AD], d_out[AS * AHQ * AD];
+    for (size_t i = 0; i < AS * AHQ * AD; i++) {
+        q[i] = (float)sin(0.37 * (double)i + 0.1);
+        d_out[i] = (float)cos(0.23 * (double)i);
+    }
+    for (size_t i = 0; i < AS * AHK * AD; i++) {
+        k[i] = (float)cos(0.41 * (double)i + 0.3);
+        v[i] = (float)sin(0.19 * (double)i - 0.7);
+    }
+    TesseraTensor *tq = NULL, *tk = NULL, *tv = NULL, *tdo = NULL, *out = NULL, *lse = NULL;
+    TesseraTensor *dq = NULL, *dk = NULL, *dv = NULL;
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, q_shape, 4, q, sizeof q, &tq));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, kv_shape, 4, k, sizeof k, &tk));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, kv_shape, 4, v, sizeof v, &tv));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, q_shape, 4, d_out, sizeof d_out, &tdo));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, q_shape, 4, &out));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, lse_shape, 3, &lse));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, q_shape, 4, &dq));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, kv_shape, 4, &dk));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, kv_shape, 4, &dv));
+
+    /* Every mask, grouped heads, against the f64 reference. */
+    TesseraAttentionOptions cases[4];
+    for (size_t c = 0; c < 4; c++) cases[c] = tessera_attention_options_default();
+    cases[1].mask = TESSERA_ATTENTION_MASK_CAUSAL;
+    cases[1].scale = 0.3f;
+    cases[2].mask = TESSERA_ATTENTION_MASK_WINDOW;
+    cases[2].window_left = 1;
+    cases[2].window_right = 1;
+    cases[3].mask = TESSERA_ATTENTION_MASK_LAMBDA;
+    cases[3].lambda_global = 1;
+    cases[3].lambda_window = 2;
+    for (size_t c = 0; c < 4; c++) {
+        double want_out[AS * AHQ * AD], want_lse[AS * AHQ], want_dq[AS * AHQ * AD], want_dk[AS * AHK * AD],
+            want_dv[AS * AHK * AD];
+        float got_out[AS * AHQ * AD], got_lse[AS * AHQ], got_dq[AS * AHQ * AD], got_dk[AS * AHK * AD],
+            got_dv[AS * AHK * AD];
+        attention_reference(&cases[c], q, k, v, d_out, want_out, want_lse, want_dq, want_dk, want_dv);
+        EXPECT_OK(tessera_attention_forward(tq, tk, tv, &cases[c], out, lse));
+        EXPECT_OK(tessera_attention_backward(tdo, tq, tk, tv, out, lse, &cases[c], dq, dk, dv));
+        EXPECT_OK(tessera_tensor_copy_to_host(out, got_out, sizeof got_out));
+        EXPECT_OK(tessera_tensor_copy_to_host(lse, got_lse, sizeof got_lse));
+        EXPECT_OK(tessera_tensor_copy_to_host(dq, got_dq, sizeof got_dq));
+        EXPECT_OK(tessera_tensor_copy_to_host(dk, got_dk, sizeof got_dk));
+        EXPECT_OK(tessera_tensor_copy_to_host(dv, got_dv, sizeof got_dv));
+        CHECK(attention_close(got_out, want_out, AS * AHQ * AD));
+        CHECK(attention_close(got_lse, want_lse, AS * AHQ));
+        CHECK(attention_close(got_dq, want_dq, AS * AHQ * AD));
+        CHECK(attention_close(got_dk, want_dk, AS * AHK * AD));
+        CHECK(attention_close(got_dv, want_dv, AS * AHK * AD));
+    }
+    /* lse may be skipped in the forward. */
+    EXPECT_OK(tessera_attention_forward(tq, tk, tv, NULL, out, NULL));
+
+    /* Varlen: the one sequence given as offsets, with RoPE inside; the batch dimension goes. */
+    const size_t packed_q[3] = {AS, AHQ, AD}, packed_kv[3] = {AS, AHK, AD}, packed_lse[2] = {AS, AHQ};
+    const size_t cu[2] = {0, AS};
+    const double bases[1] = {10000.0};
+    TesseraAttentionOptions varlen = tessera_attention_options_default();
+    varlen.mask = TESSERA_ATTENTION_MASK_CAUSAL;
+    varlen.varlen_count = 1;
+    varlen.cu_seqlens_q = cu;
+    varlen.cu_seqlens_k = cu;
+    varlen.rope_base_count = 1;
+    varlen.rope_bases = bases;
+    TesseraTensor *pq = NULL, *pk = NULL, *pv = NULL, *pout = NULL, *plse = NULL;
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, packed_q, 3, q, sizeof q, &pq));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, packed_kv, 3, k, sizeof k, &pk));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, packed_kv, 3, v, sizeof v, &pv));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, packed_q, 3, &pout));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, packed_lse, 2, &plse));
+    EXPECT_OK(tessera_attention_forward(pq, pk, pv, &varlen, pout, plse));
+    /* The first query sees only the first key, at distance 0 where RoPE changes nothing. */
+    float first[AS * AHQ * AD];
+    EXPECT_OK(tessera_tensor_copy_to_host(pout, first, sizeof first));
+    CHECK(fabsf(first[0] - v[0]) < 1e-6f && fabsf(first[2 * AD + 3] - v[AD + 3]) < 1e-6f);
+
+    /* Bad input: the outputs keep their values. */
+    float before = sum_of(lse);
+    TesseraAttentionOptions bad = tessera_attention_options_default();
+    bad.mask = 4;
+    EXPECT(INVALID, tessera_attention_forward(tq, tk, tv, &bad, out, lse));
+    bad.mask = -1;
+    EXPECT(INVALID, tessera_attention_backward(tdo, tq, tk, tv, out, lse, &bad, dq, dk, dv));
+    bad = tessera_attention_options_default();
+    bad.scale = -1.0f;
+    EXPECT(INVALID, tessera_attention_forward(tq, tk, tv, &bad, out, lse));
+    bad.scale = NAN;
+    EXPECT(INVALID, tessera_attention_forward(tq, tk, tv, &bad, out, lse));
+    bad = tessera_attention_options_default();
+    bad.mask = TESSERA_ATTENTION_MASK_LAMBDA;
+    bad.lambda_window = 0;
+    EXPECT(INVALID, tessera_attention_forward(tq, tk, tv, &bad, out, lse));
+    bad = varlen;
+    bad.cu_seqlens_q = NULL;
+    EXPECT(INVALID, tessera_attention_forward(pq, pk, pv, &bad, pout, plse));
+    bad = varlen;
+    const size_t short_cu[2] = {0, AS - 1};
+    bad.cu_seqlens_k = short_cu;
+    EXPECT(INVALID, tessera_attention_forward(pq, pk, pv, &bad, pout, plse));
+    EXPECT(INVALID, tessera_attention_forward(tq, tk, tv, &varlen, out, lse));
+    bad = varlen;
+    bad.rope_bases = NULL;
+    EXPECT(INVALID, tessera_attention_forward(pq, pk, pv, &bad, pout, plse));
+    bad = varlen;
+    bad.rope_convention = 2;
+    EXPECT(INVALID, tessera_attention_forward(pq, pk, pv, &bad, pout, plse));
+    bad = varlen;
+    const double three_bases[3] = {1e4, 2e4, 3e4};
+    bad.rope_bases = three_bases;
+    bad.rope_base_count = 3;
+    EXPECT(INVALID, tessera_attention_forward(pq, pk, pv, &bad, pout, plse));
+    /* Shapes, dtypes, grouped heads, aliasing, handles. */
+    EXPECT(INVALID, tessera_attention_forward(tq, tk, tv, NULL, dk, lse));
+    EXPECT(INVALID, tessera_attention_forward(tq, tk, tv, NULL, out, out));
+    EXPECT(INVALID, tessera_attention_forward(tk, tq, tv, NULL, dk, NULL));
+    EXPECT(INVALID, tessera_attention_forward(tq, tk, tv, NULL, tq, lse));
+    EXPECT(INVALID, tessera_attention_forward(tq, tk, tv, NULL, lse, NULL));
+    EXPECT(INVALID, tessera_attention_forward(NULL, tk, tv, NULL, out, lse));
+    EXPECT(INVALID, tessera_attention_forward(tq, tk, tv, NULL, NULL, lse));
+    EXPECT(HANDLE, tessera_attention_forward(tq, FORGED(TesseraTensor), tv, NULL, out, lse));
+    EXPECT(HANDLE, tessera_attention_forward(tq, tk, tv, NULL, out, (TesseraTensor *)cpu));
+    /* A bf16 query with f32 keys; 3 query heads over 2 key/value heads. */
+    TesseraTensor *bf = NULL, *bf_out = NULL, *odd = NULL, *odd_out = NULL, *odd_lse = NULL;
+    const size_t odd_shape[4] = {1, AS, 3, AD}, odd_lse_shape[3] = {1, AS, 3};
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_BF16, q_shape, 4, &bf));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_BF16, q_shape, 4, &bf_out));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, odd_shape, 4, &odd));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, odd_shape, 4, &odd_out));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, odd_lse_shape, 3, &odd_lse));
+    EXPECT(INVALID, tessera_attention_forward(bf, tk, tv, NULL, bf_out, lse));
+    EXPECT(INVALID, tessera_attention_forward(odd, tk, tv, NULL, odd_out, odd_lse));
+    EXPECT(INVALID, tessera_attention_backward(tdo, tq, tk, tv, out, lse, NULL, dq, dq, dv));
+    EXPECT(INVALID, tessera_attention_backward(tdo, tq, tk, tv, out, lse, NULL, dq, dk, tv));
+    EXPECT(INVALID, tessera_attention_backward(tdo, tq, tk, tv, out, NULL, NULL, dq, dk, dv));
+    EXPECT(INVALID, tessera_attention_backward(tdo, tq, tk, tv, out, tdo, NULL, dq, dk, dv));
+    EXPECT(INVALID, tessera_attention_backward(tdo, tq, tk, tv, out, lse, NULL, dk, dq, dv));
+    EXPECT(INVALID, tessera_attention_backward(NULL, tq, tk, tv, out, lse, NULL, dq, dk, dv));
+    EXPECT(HANDLE, tessera_attention_backward(tdo, tq, tk, tv, out, lse, NULL, dq, dk, FORGED(TesseraTensor)));
+    CHECK(sum_of(lse) == before);
+
+    /* RoPE on its own: rotate-half pairs (i, i + 2) of 2 heads of 4 at positions 0, 5 and 17,
+     * and the backward undoing the forward. */
+    {
+        float rx[3 * 2 * 4], rout[3 * 2 * 4], rback[3 * 2 * 4];
+        uint32_t pos[3] = {0, 5, 17};
+        for (size_t i = 0; i < 24; i++) rx[i] = (float)sin(0.77 * (double)i + 0.2);
+        const size_t r_shape[3] = {3, 2, 4}, p_shape[1] = {3};
+        TesseraTensor *trx = NULL, *tpos = NULL, *trout = NULL, *trback = NULL;
+        EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, r_shape, 3, rx, sizeof rx, &trx));
+        EXPECT_OK(tessera_tensor_wrap_host(pos, sizeof pos, TESSERA_DTYPE_U32, p_shape, 1, NULL, &tpos));
+        EXPECT_OK(tessera_tensor_wrap_host(rout, sizeof rout, TESSERA_DTYPE_F32, r_shape, 3, NULL, &trout));
+        EXPECT_OK(tessera_tensor_wrap_host(rback, sizeof rback, TESSERA_DTYPE_F32, r_shape, 3, NULL, &trback));
+        EXPECT_OK(tessera_rope(trx, tpos, bases, 1, TESSERA_ROPE_CONVENTION_ROTATE_HALF, 0, trout));
+        int rope_right = 1;
+        for (size_t t = 0; t < 3; t++) {
+            for (size_t h = 0; h < 2; h++) {
+                for (size_t i = 0; i < 2; i++) {
+                    double angle = pos[t] * pow(10000.0, -2.0 * (double)i / 4), c = cos(angle), sn = sin(angle);
+                    size_t at = (t * 2 + h) * 4;
+                    double a = rx[at + i], b = rx[at + i + 2];
+                    rope_right &= fabs(rout[at + i] - (a * c - b * sn)) <= 1e-5;
+                    rope_right &= fabs(rout[at + i + 2] - (b * c + a * sn)) <= 1e-5;
+                }
+            }
+        }
+        CHECK(rope_right);
+        EXPECT_OK(tessera_rope(trout, tpos, bases, 1, TESSERA_ROPE_CONVENTION_ROTATE_HALF, 1, trback));
+        int undone = 1;
+        for (size_t i = 0; i < 24; i++) undone &= fabsf(rback[i] - rx[i]) <= 1e-5f;
+        CHECK(undone);
+        float kept_rope = rout[1];
+        EXPECT(INVALID, tessera_rope(trx, tpos, bases, 1, 2, 0, trout));
+        EXPECT(INVALID, tessera_rope(trx, tpos, bases, 1, 0, 2, trout));
+        EXPECT(INVALID, tessera_rope(trx, tpos, NULL, 1, 0, 0, trout));
+        EXPECT(INVALID, tessera_rope(trx, tpos, bases, 0, 0, 0, trout));
+        EXPECT(INVALID, tessera_rope(trx, tpos, three_bases, 3, 0, 0, trout));
+        EXPECT(INVALID, tessera_rope(trx, trx, bases, 1, 0, 0, trout));
+        EXPECT(INVALID, tessera_rope(trx, tpos, bases, 1, 0, 0, trx));
+        EXPECT(INVALID, tessera_rope(trx, tpos, bases, 1, 0, 0, tq));
+        EXPECT(HANDLE, tessera_rope(trx, FORGED(TesseraTensor), bases, 1, 0, 0, trout));
+        CHECK(rout[1] == kept_rope);
+        TesseraTensor *rope_tensors[] = {trx, tpos, trout, trback};
+        for (size_t i = 0; i < 4; i++) EXPECT_OK(tessera_tensor_free(rope_tensors[i]));
+    }
+
+    TesseraTensor *all[] = {tq, tk, tv, tdo, out, lse, dq, dk, dv, pq, pk, pv, pout, plse, bf, bf_out, odd, odd_out, odd_lse};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) EXPECT_OK(tessera_tensor_free(all[i]));
+    EXPECT(HANDLE, tessera_attention_forward(tq, tk, tv, NULL, out, lse));
+}
+
+/* The sparse linear layer on a 64x64 weight (the smallest the double-pruned backward takes) and
+ * 3 tokens, against plain loops. */
+enum { SR = 64, SC = 64, SN = 3 };
+
+static void sparse(TesseraDevice *cpu) {
+    static float w[SR * SC], pruned[SR * SC], dense[SR * SC], dp_t[SC * SR];
+    float x[SN * SC], dy[SN * SR], bias[SR], y[SN * SR], d_x[SN * SC], d_bias[SR];
+    static float d_values[SR * SC / 2];
+    for (size_t i = 0; i < SR * SC; i++) w[i] = (float)sin(1.7 * (double)i + 0.3);
+    for (size_t i = 0; i < SN * SC; i++) x[i] = (float)cos(0.9 * (double)i);
+    for (size_t i = 0; i < SN * SR; i++) dy[i] = (float)sin(0.61 * (double)i + 1.0);
+    for (size_t i = 0; i < SR; i++) bias[i] = 0.01f * (float)i;
+    const size_t w_shape[2] = {SR, SC}, x_shape[2] = {SN, SC}, y_shape[2] = {SN, SR}, b_shape[1] = {SR};
+    const size_t dv_shape[2] = {SR, SC / 2};
+    TesseraTensor *tw = NULL, *tpruned = NULL, *tdense = NULL, *tdp = NULL, *tx = NULL, *tdy = NULL, *tb = NULL;
+    TesseraTensor *ty = NULL, *tdx = NULL, *tdv = NULL, *tdb = NULL;
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, w_shape, 2, w, sizeof w, &tw));
+    EXPECT_OK(tessera_tensor_wrap_host(pruned, sizeof pruned, TESSERA_DTYPE_F32, w_shape, 2, NULL, &tpruned));
+    EXPECT_OK(tessera_tensor_wrap_host(dense, sizeof dense, TESSERA_DTYPE_F32, w_shape, 2, NULL, &tdense));
+    EXPECT_OK(tessera_tensor_wrap_host(dp_t, sizeof dp_t, TESSERA_DTYPE_F32, w_shape, 2, NULL, &tdp));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, x_shape, 2, x, sizeof x, &tx));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, y_shape, 2, dy, sizeof dy, &tdy));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, b_shape, 1, bias, sizeof bias, &tb));
+    EXPECT_OK(tessera_tensor_wrap_host(y, sizeof y, TESSERA_DTYPE_F32, y_shape, 2, NULL, &ty));
+    EXPECT_OK(tessera_tensor_wrap_host(d_x, sizeof d_x, TESSERA_DTYPE_F32, x_shape, 2, NULL, &tdx));
+    EXPECT_OK(tessera_tensor_wrap_host(d_values, sizeof d_values, TESSERA_DTYPE_F32, dv_shape, 2, NULL, &tdv));
+    EXPECT_OK(tessera_tensor_wrap_host(d_bias, sizeof d_bias, TESSERA_DTYPE_F32, b_shape, 1, NULL, &tdb));
+
+    /* Pruning keeps the two of largest magnitude in every group of four. */
+    EXPECT_OK(tessera_nm_prune(tw, 2, 4, tpruned));
+    int kept_right = 1;
+    for (size_t g = 0; g < SR * SC / 4; g++) {
+        for (size_t e = 0; e < 4; e++) {
+            size_t larger = 0;
+            for (size_t o = 0; o < 4; o++) larger += fabsf(w[4 * g + o]) > fabsf(w[4 * g + e]);
+            float want = larger < 2 ? w[4 * g + e] : 0.0f;
+            kept_right &= pruned[4 * g + e] == want;
+        }
+    }
+    CHECK(kept_right);
+
+    TesseraSparse24 *s = FORGED(TesseraSparse24), *s_dp = NULL, *again = NULL;
+    EXPECT_OK(tessera_sparse24_prune_compress(tw, 2, 4, &s));
+    EXPECT_OK(tessera_sparse24_decompress(s, tdense));
+    CHECK(memcmp(dense, pruned, sizeof dense) == 0);
+    EXPECT_OK(tessera_sparse24_compress(tpruned, &again));
+    size_t rows = 0, cols = 0;
+    int32_t dtype = -1;
+    EXPECT_OK(tessera_sparse24_info(again, &rows, &cols, &dtype));
+    CHECK(rows == SR && cols == SC && dtype == TESSERA_DTYPE_F32);
+    EXPECT_OK(tessera_sparse24_info(again, NULL, NULL, NULL));
+
+    /* Forward: y = x·denseᵀ + bias. */
+    EXPECT_OK(tessera_sparse_linear_forward(tx, s, tb, ty));
+    int forward_right = 1;
+    for (size_t n = 0; n < SN; n++) {
+        for (size_t r = 0; r < SR; r++) {
+            double want = bias[r];
+            for (size_t c = 0; c < SC; c++) want += (double)x[n * SC + c] * dense[r * SC + c];
+            forward_right &= fabs(y[n * SR + r] - want) <= 1e-5 * (1 + fabs(want));
+        }
+    }
+    CHECK(forward_right);
+    float with_bias[SN * SR];
+    memcpy(with_bias, y, sizeof y);
+    EXPECT_OK(tessera_sparse_linear_forward(tx, s, NULL, ty));
+    int no_bias_right = 1;
+    for (size_t i = 0; i < SN * SR; i++) no_bias_right &= fabsf(y[i] - (with_bias[i] - bias[i % SR])) <= 1e-5f;
+    CHECK(no_bias_right);
+
+    /* Backward: d_x through the double-pruned transpose, d_bias the column sums, and d_values
+     * summing dyᵀ·x over the kept positions. */
+    EXPECT_OK(tessera_sparse24_double_prune(s, &s_dp));
+    EXPECT_OK(tessera_sparse24_decompress(s_dp, tdp));
+    EXPECT_OK(tessera_sparse_linear_backward(tdy, tx, s, s_dp, tdx, tdv, tdb));
+    int backward_right = 1;
+    for (size_t n = 0; n < SN; n++) {
+        for (size_t c = 0; c < SC; c++) {
+            double want = 0;
+            for (size_t r = 0; r < SR; r++) want += (double)dy[n * SR + r] * dp_t[c * SR + r];
+            backward_right &= fabs(d_x[n * SC + c] - want) <= 1e-5 * (1 + fabs(want));
+        }
+    }
+    double kept_sum = 0, got_sum = 0;
+    for (size_t r = 0; r < SR; r++) {
+        double want = 0;
+        for (size_t n = 0; n < SN; n++) want += dy[n * SR + r];
+        backward_right &= fabs(d_bias[r] - want) <= 1e-5 * (1 + fabs(want));
+        for (size_t c = 0; c < SC; c++) {
+            if (dense[r * SC + c] == 0.0f) continue;
+            for (size_t n = 0; n < SN; n++) kept_sum += (double)dy[n * SR + r] * x[n * SC + c];
+        }
+    }
+    for (size_t i = 0; i < SR * SC / 2; i++) got_sum += d_values[i];
+    CHECK(backward_right);
+    CHECK(fabs(got_sum - kept_sum) <= 1e-4 * (1 + fabs(kept_sum)));
+    EXPECT_OK(tessera_sparse_linear_backward(tdy, tx, s, s_dp, tdx, tdv, NULL));
+
+    /* Bad input. */
+    TesseraSparse24 *bad = FORGED(TesseraSparse24);
+    EXPECT(INVALID, tessera_nm_prune(tw, 3, 2, tpruned));
+    EXPECT(INVALID, tessera_nm_prune(tw, 0, 4, tpruned));
+    EXPECT(INVALID, tessera_nm_prune(tw, 2, 128, tpruned));
+    EXPECT(INVALID, tessera_nm_prune(tw, 2, 4, tw));
+    EXPECT(INVALID, tessera_nm_prune(tw, 2, 4, ty));
+    EXPECT(INVALID, tessera_nm_prune(tw, 2, 4, NULL));
+    EXPECT(HANDLE, tessera_nm_prune(FORGED(TesseraTensor), 2, 4, tpruned));
+    EXPECT(INVALID, tessera_sparse24_prune_compress(tw, 2, 8, &bad));
+    CHECK(bad == NULL);
+    EXPECT(INVALID, tessera_sparse24_prune_compress(tw, 2, 4, NULL));
+    EXPECT(INVALID, tessera_sparse24_prune_compress(tx, 2, 4, &bad));
+    EXPECT(HANDLE, tessera_sparse24_prune_compress((TesseraTensor *)s, 2, 4, &bad));
+    EXPECT(INVALID, tessera_sparse24_compress(tw, &bad));
+    EXPECT(INVALID, tessera_sparse24_compress(NULL, &bad));
+    EXPECT(INVALID, tessera_sparse24_compress(tpruned, NULL));
+    CHECK(bad == NULL);
+    /* The first 16 rows of w: too few rows for the double-pruned transpose. */
+    const size_t short_shape[2] = {16, SC};
+    TesseraTensor *short_w = NULL;
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, short_shape, 2, w, 16 * SC * sizeof(float), &short_w));
+    TesseraSparse24 *short_s = NULL;
+    EXPECT_OK(tessera_sparse24_prune_compress(short_w, 2, 4, &short_s));
+    EXPECT(INVALID, tessera_sparse24_double_prune(short_s, &bad));
+    EXPECT(INVALID, tessera_sparse24_double_prune(s, NULL));
+    EXPECT(HANDLE, tessera_sparse24_double_prune(FORGED(TesseraSparse24), &bad));
+    CHECK(bad == NULL);
+    EXPECT(INVALID, tessera_sparse24_decompress(short_s, tdense));
+    EXPECT(INVALID, tessera_sparse24_decompress(s, NULL));
+    EXPECT(HANDLE, tessera_sparse24_decompress((TesseraSparse24 *)tw, tdense));
+    EXPECT(HANDLE, tessera_sparse24_info(FORGED(TesseraSparse24), &rows, &cols, &dtype));
+    float y_before = y[0];
+    EXPECT(INVALID, tessera_sparse_linear_forward(tw, s, tb, ty));
+    EXPECT(INVALID, tessera_sparse_linear_forward(tx, s, tx, ty));
+    EXPECT(INVALID, tessera_sparse_linear_forward(tx, s, tb, tx));
+    EXPECT(INVALID, tessera_sparse_linear_forward(tx, s, tb, tdv));
+    EXPECT(INVALID, tessera_sparse_linear_forward(tx, short_s, NULL, ty));
+    EXPECT(INVALID, tessera_sparse_linear_forward(tx, NULL, tb, ty));
+    EXPECT(HANDLE, tessera_sparse_linear_forward(tx, FORGED(TesseraSparse24), tb, ty));
+    CHECK(y[0] == y_before);
+    float dx_before = d_x[0];
+    EXPECT(INVALID, tessera_sparse_linear_backward(tdy, tx, s, short_s, tdx, tdv, tdb));
+    EXPECT(INVALID, tessera_sparse_linear_backward(tdy, tx, s, s_dp, tdx, tdx, tdb));
+    EXPECT(INVALID, tessera_sparse_linear_backward(tdy, tx, s, s_dp, tdx, tdv, tdv));
+    EXPECT(INVALID, tessera_sparse_linear_backward(tdy, tx, s, s_dp, tx, tdv, tdb));
+    EXPECT(INVALID, tessera_sparse_linear_backward(tdy, tx, s, s_dp, tdx, tdense, tdb));
+    EXPECT(INVALID, tessera_sparse_linear_backward(tb, tx, s, s_dp, tdx, tdv, tdb));
+    EXPECT(INVALID, tessera_sparse_linear_backward(tdy, tx, s, NULL, tdx, tdv, tdb));
+    EXPECT(HANDLE, tessera_sparse_linear_backward(tdy, tx, s, s_dp, tdx, FORGED(TesseraTensor), tdb));
+    CHECK(d_x[0] == dx_before);
+
+    EXPECT(HANDLE, tessera_tensor_free((TesseraTensor *)s));
+    EXPECT(HANDLE, tessera_sparse24_free((TesseraSparse24 *)tw));
+    TesseraSparse24 *handles[] = {s, s_dp, again, short_s};
+    for (size_t i = 0; i < 4; i++) EXPECT_OK(tessera_sparse24_free(handles[i]));
+    EXPECT(HANDLE, tessera_sparse24_free(s));
+    EXPECT(HANDLE, tessera_sparse_linear_forward(tx, s, tb, ty));
+    EXPECT_OK(tessera_sparse24_free(NULL));
+    TesseraTensor *all[] = {tw, tpruned, tdense, tdp, tx, tdy, tb, ty, tdx, tdv, tdb, short_w};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) EXPECT_OK(tessera_tensor_free(all[i]));
+}
+
+/* GELU, SwiGLU, cross-entropy and the gradient norm against plain loops, then bad input. */
+static double gelu_ref(double x) { return 0.5 * x * (1 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))); }
+
+static void transformer_ops(TesseraDevice *cpu) {
+    enum { R = 3, W = 4, V = 5 };
+    float x[R * 2 * W], d_out[R * 2 * W], out[R * 2 * W], d_x[R * 2 * W];
+    for (size_t i = 0; i < R * 2 * W; i++) {
+        x[i] = (float)sin(0.9 * (double)i) * 2.0f;
+        d_out[i] = (float)cos(0.5 * (double)i);
+    }
+    const size_t full[2] = {R, 2 * W}, half[2] = {R, W};
+    TesseraTensor *tx = NULL, *tdo = NULL, *tdo_half = NULL, *tout = NULL, *tout_half = NULL, *tdx = NULL;
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, full, 2, x, sizeof x, &tx));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, full, 2, d_out, sizeof d_out, &tdo));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, half, 2, d_out, sizeof d_out / 2, &tdo_half));
+    EXPECT_OK(tessera_tensor_wrap_host(out, sizeof out, TESSERA_DTYPE_F32, full, 2, NULL, &tout));
+    EXPECT_OK(tessera_tensor_wrap_host(out, sizeof out / 2, TESSERA_DTYPE_F32, half, 2, NULL, &tout_half));
+    EXPECT_OK(tessera_tensor_wrap_host(d_x, sizeof d_x, TESSERA_DTYPE_F32, full, 2, NULL, &tdx));
+
+    EXPECT_OK(tessera_activation_forward(TESSERA_ACTIVATION_GELU, tx, tout));
+    EXPECT_OK(tessera_activation_backward(TESSERA_ACTIVATION_GELU, tx, tdo, tdx));
+    int gelu_right = 1;
+    for (size_t i = 0; i < R * 2 * W; i++) {
+        double h = 1e-4, slope = (gelu_ref(x[i] + h) - gelu_ref(x[i] - h)) / (2 * h);
+        gelu_right &= fabs(out[i] - gelu_ref(x[i])) <= 1e-5 * (1 + fabs(gelu_ref(x[i])));
+        gelu_right &= fabs(d_x[i] - d_out[i] * slope) <= 1e-4 * (1 + fabs(d_out[i] * slope));
+    }
+    CHECK(gelu_right);
+    EXPECT_OK(tessera_activation_forward(TESSERA_ACTIVATION_SWIGLU, tx, tout_half));
+    EXPECT_OK(tessera_activation_backward(TESSERA_ACTIVATION_SWIGLU, tx, tdo_half, tdx));
+    int swiglu_right = 1;
+    for (size_t r = 0; r < R; r++) {
+        for (size_t j = 0; j < W; j++) {
+            double g = x[r * 2 * W + j], u = x[r * 2 * W + W + j], sg = 1 / (1 + exp(-g)), d = d_out[r * W + j];
+            swiglu_right &= fabs(out[r * W + j] - g * sg * u) <= 1e-5 * (1 + fabs(g * sg * u));
+            double d_gate = d * u * sg * (1 + g * (1 - sg)), d_up = d * g * sg;
+            swiglu_right &= fabs(d_x[r * 2 * W + j] - d_gate) <= 1e-5 * (1 + fabs(d_gate));
+            swiglu_right &= fabs(d_x[r * 2 * W + W + j] - d_up) <= 1e-5 * (1 + fabs(d_up));
+        }
+    }
+    CHECK(swiglu_right);
+    float kept = out[0];
+    EXPECT(INVALID, tessera_activation_forward(2, tx, tout));
+    EXPECT(INVALID, tessera_activation_forward(-1, tx, tout));
+    EXPECT(INVALID, tessera_activation_forward(TESSERA_ACTIVATION_GELU, tx, tout_half));
+    EXPECT(INVALID, tessera_activation_forward(TESSERA_ACTIVATION_SWIGLU, tx, tout));
+    EXPECT(INVALID, tessera_activation_forward(TESSERA_ACTIVATION_GELU, tx, tx));
+    EXPECT(INVALID, tessera_activation_forward(TESSERA_ACTIVATION_GELU, tout, tout_half));
+    EXPECT(INVALID, tessera_activation_forward(TESSERA_ACTIVATION_GELU, NULL, tout));
+    EXPECT(HANDLE, tessera_activation_forward(TESSERA_ACTIVATION_GELU, tx, FORGED(TesseraTensor)));
+    CHECK(out[0] == kept);
+    kept = d_x[0];
+    EXPECT(INVALID, tessera_activation_backward(7, tx, tdo, tdx));
+    EXPECT(INVALID, tessera_activation_backward(TESSERA_ACTIVATION_GELU, tx, tdo_half, tdx));
+    EXPECT(INVALID, tessera_activation_backward(TESSERA_ACTIVATION_SWIGLU, tx, tdo, tdx));
+    EXPECT(INVALID, tessera_activation_backward(TESSERA_ACTIVATION_GELU, tx, tdo, tdo));
+    EXPECT(INVALID, tessera_activation_backward(TESSERA_ACTIVATION_GELU, tx, tdo, NULL));
+    EXPECT(HANDLE, tessera_activation_backward(TESSERA_ACTIVATION_GELU, (TesseraTensor *)cpu, tdo, tdx));
+    CHECK(d_x[0] == kept);
+
+    /* Cross-entropy over 3 rows of 5 logits, the last row's target ignored. */
+    float logits[R * V], losses[R], mean[1], d_logits[R * V];
+    uint32_t targets[R] = {4, 0, 2};
+    for (size_t i = 0; i < R * V; i++) logits[i] = (float)sin(1.3 * (double)i);
+    const size_t l_shape[2] = {R, V}, t_shape[1] = {R}, one[1] = {1};
+    TesseraTensor *tl = NULL, *tt = NULL, *tlosses = NULL, *tmean = NULL, *tdl = NULL;
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, l_shape, 2, logits, sizeof logits, &tl));
+    EXPECT_OK(tessera_tensor_wrap_host(targets, sizeof targets, TESSERA_DTYPE_U32, t_shape, 1, NULL, &tt));
+    EXPECT_OK(tessera_tensor_wrap_host(losses, sizeof losses, TESSERA_DTYPE_F32, t_shape, 1, NULL, &tlosses));
+    EXPECT_OK(tessera_tensor_wrap_host(mean, sizeof mean, TESSERA_DTYPE_F32, one, 1, NULL, &tmean));
+    EXPECT_OK(tessera_tensor_wrap_host(d_logits, sizeof d_logits, TESSERA_DTYPE_F32, l_shape, 2, NULL, &tdl));
+    TesseraCrossEntropyOptions ce = tessera_cross_entropy_options_default();
+    CHECK(ce.use_ignore_index == 0 && ce.grad_scale == 1.0f);
+    ce.use_ignore_index = 1;
+    ce.ignore_index = 2;
+    ce.grad_scale = 0.5f;
+    EXPECT_OK(tessera_cross_entropy(tl, tt, &ce, tlosses, tmean, tdl));
+    int ce_right = 1;
+    double total = 0;
+    for (size_t r = 0; r < R; r++) {
+        double m = -INFINITY, sum = 0;
+        for (size_t v = 0; v < V; v++) m = fmax(m, logits[r * V + v]);
+        for (size_t v = 0; v < V; v++) sum += exp(logits[r * V + v] - m);
+        double loss = r == 2 ? 0 : m + log(sum) - logits[r * V + targets[r]];
+        total += loss;
+        ce_right &= fabs(losses[r] - loss) <= 1e-5 * (1 + loss);
+        for (size_t v = 0; v < V; v++) {
+            double grad = r == 2 ? 0 : 0.5 * (exp(logits[r * V + v] - m) / sum - (v == targets[r])) / 2;
+            ce_right &= fabs(d_logits[r * V + v] - grad) <= 1e-6;
+        }
+    }
+    ce_right &= fabs(mean[0] - total / 2) <= 1e-5 * (1 + total);
+    CHECK(ce_right);
+    EXPECT_OK(tessera_cross_entropy(tl, tt, NULL, tlosses, tmean, NULL));
+    CHECK(losses[2] > 0);
+    kept = mean[0];
+    ce.use_ignore_index = 2;
+    EXPECT(INVALID, tessera_cross_entropy(tl, tt, &ce, tlosses, tmean, tdl));
+    ce.use_ignore_index = 0;
+    ce.grad_scale = NAN;
+    EXPECT(INVALID, tessera_cross_entropy(tl, tt, &ce, tlosses, tmean, tdl));
+    targets[1] = V;
+    EXPECT(INVALID, tessera_cross_entropy(tl, tt, NULL, tlosses, tmean, tdl));
+    targets[1] = 0;
+    EXPECT(INVALID, tessera_cross_entropy(tl, tl, NULL, tlosses, tmean, tdl));
+    EXPECT(INVALID, tessera_cross_entropy(tl, tt, NULL, tmean, tlosses, tdl));
+    EXPECT(INVALID, tessera_cross_entropy(tl, tt, NULL, tlosses, tlosses, tdl));
+    EXPECT(INVALID, tessera_cross_entropy(tl, tt, NULL, tlosses, tmean, tl));
+    EXPECT(INVALID, tessera_cross_entropy(tl, tt, NULL, tlosses, NULL, tdl));
+    EXPECT(HANDLE, tessera_cross_entropy(tl, FORGED(TesseraTensor), NULL, tlosses, tmean, tdl));
+    CHECK(mean[0] == kept);
+
+    /* The global norm of two tensors, then clipping to half of it. */
+    TesseraTensor *norm = NULL, *wrong_norm = NULL;
+    float norm_value[1] = {0};
+    EXPECT_OK(tessera_tensor_wrap_host(norm_value, sizeof norm_value, TESSERA_DTYPE_F32, one, 1, NULL, &norm));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, half, 2, &wrong_norm));
+    const TesseraTensor *pair[2] = {tx, tdo};
+    EXPECT_OK(tessera_grad_norm(pair, 2, norm));
+    double squares = 0;
+    for (size_t i = 0; i < R * 2 * W; i++) squares += (double)x[i] * x[i] + (double)d_out[i] * d_out[i];
+    CHECK(fabs(norm_value[0] - sqrt(squares)) <= 1e-5 * sqrt(squares));
+    EXPECT_OK(tessera_grad_norm(NULL, 0, norm));
+    CHECK(norm_value[0] == 0.0f);
+    TesseraTensor *clipped[2] = {tx, tdo};
+    float max_norm = (float)(sqrt(squares) / 2);
+    EXPECT_OK(tessera_clip_grad_norm(clipped, 2, max_norm, norm));
+    float back[R * 2 * W];
+    EXPECT_OK(tessera_tensor_copy_to_host(tx, back, sizeof back));
+    double scale = max_norm / (sqrt(squares) + 1e-6);
+    CHECK(fabs(back[3] - x[3] * scale) <= 1e-5 * (1 + fabs(x[3])));
+    const TesseraTensor *twice[2] = {tx, tx};
+    TesseraTensor *clip_twice[2] = {tx, tx};
+    const TesseraTensor *with_bad[2] = {tx, FORGED(TesseraTensor)};
+    const TesseraTensor *with_norm[2] = {tx, norm};
+    const TesseraTensor *with_targets[2] = {tx, tt};
+    kept = norm_value[0];
+    EXPECT(INVALID, tessera_grad_norm(NULL, 2, norm));
+    EXPECT(INVALID, tessera_grad_norm(twice, 2, norm));
+    EXPECT(HANDLE, tessera_grad_norm(with_bad, 2, norm));
+    EXPECT(INVALID, tessera_grad_norm(with_norm, 2, norm));
+    EXPECT(INVALID, tessera_grad_norm(with_targets, 2, norm));
+    EXPECT(INVALID, tessera_grad_norm(pair, 2, wrong_norm));
+    EXPECT(INVALID, tessera_grad_norm(pair, 2, NULL));
+    EXPECT(INVALID, tessera_clip_grad_norm(clip_twice, 2, 1.0f, norm));
+    EXPECT(INVALID, tessera_clip_grad_norm(clipped, 2, -1.0f, norm));
+    EXPECT(INVALID, tessera_clip_grad_norm(clipped, 2, INFINITY, norm));
+    EXPECT(INVALID, tessera_clip_grad_norm(NULL, 1, 1.0f, norm));
+    EXPECT(INVALID, tessera_clip_grad_norm(clipped, 2, 1.0f, wrong_norm));
+    CHECK(norm_value[0] == kept);
+
+    TesseraTensor *all[] = {tx, tdo, tdo_half, tout, tout_half, tdx, tl, tt, tlosses, tmean, tdl, norm, wrong_norm};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) EXPECT_OK(tessera_tensor_free(all[i]));
+}
+
+/* Embedding and LayerNorm/RMSNorm against plain loops, then bad input. */
+static void embedding_and_norm(TesseraDevice *cpu) {
+    enum { B = 2, T = 3, VOC = 7, CTX = 4, WD = 5 };
+    uint32_t ids[B * T] = {1, 6, 1, 0, 3, 3};
+    float wte[VOC * WD], wpe[CTX * WD], emb[B * T * WD], grad[B * T * WD], d_wte[VOC * WD], d_wpe[CTX * WD];
+    for (size_t i = 0; i < VOC * WD; i++) wte[i] = (float)sin(0.7 * (double)i);
+    for (size_t i = 0; i < CTX * WD; i++) wpe[i] = (float)cos(0.3 * (double)i);
+    for (size_t i = 0; i < B * T * WD; i++) grad[i] = (float)sin(0.45 * (double)i + 2);
+    const size_t id_shape[2] = {B, T}, wte_shape[2] = {VOC, WD}, wpe_shape[2] = {CTX, WD}, e_shape[3] = {B, T, WD};
+    TesseraTensor *tids = NULL, *twte = NULL, *twpe = NULL, *temb = NULL, *tgrad = NULL, *tdwte = NULL, *tdwpe = NULL;
+    EXPECT_OK(tessera_tensor_wrap_host(ids, sizeof ids, TESSERA_DTYPE_U32, id_shape, 2, NULL, &tids));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, wte_shape, 2, wte, sizeof wte, &twte));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, wpe_shape, 2, wpe, sizeof wpe, &twpe));
+    EXPECT_OK(tessera_tensor_wrap_host(emb, sizeof emb, TESSERA_DTYPE_F32, e_shape, 3, NULL, &temb));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, e_shape, 3, grad, sizeof grad, &tgrad));
+    EXPECT_OK(tessera_tensor_wrap_host(d_wte, sizeof d_wte, TESSERA_DTYPE_F32, wte_shape, 2, NULL, &tdwte));
+    EXPECT_OK(tessera_tensor_wrap_host(d_wpe, sizeof d_wpe, TESSERA_DTYPE_F32, wpe_shape, 2, NULL, &tdwpe));
+    EXPECT_OK(tessera_embedding_forward(tids, twte, twpe, temb));
+    int emb_right = 1;
+    for (size_t p = 0; p < B * T; p++)
+        for (size_t c = 0; c < WD; c++)
+            emb_right &= fabsf(emb[p * WD + c] - (wte[ids[p] * WD + c] + wpe[(p % T) * WD + c])) <= 1e-6f;
+    CHECK(emb_right);
+    /* Accumulating: onto ones for the token table, onto zeros for the positions. */
+    for (size_t i = 0; i < VOC * WD; i++) d_wte[i] = 1.0f;
+    for (size_t i = 0; i < CTX * WD; i++) d_wpe[i] = 0.0f;
+    EXPECT_OK(tessera_embedding_backward(tids, tgrad, tdwte, tdwpe, 1));
+    int grad_right = 1;
+    for (size_t v = 0; v < VOC; v++) {
+        for (size_t c = 0; c < WD; c++) {
+            double want = 1.0;
+            for (size_t p = 0; p < B * T; p++)
+                if (ids[p] == v) want += grad[p * WD + c];
+            grad_right &= fabs(d_wte[v * WD + c] - want) <= 1e-5;
+        }
+    }
+    for (size_t t = 0; t < CTX; t++) {
+        for (size_t c = 0; c < WD; c++) {
+            double want = 0;
+            for (size_t b = 0; t < T && b < B; b++) want += grad[(b * T + t) * WD + c];
+            grad_right &= t < T ? fabs(d_wpe[t * WD + c] - want) <= 1e-5 : 1;
+        }
+    }
+    CHECK(grad_right);
+    EXPECT_OK(tessera_embedding_forward(tids, twte, NULL, temb));
+    CHECK(emb[WD] == wte[6 * WD]);
+    float kept = emb[0];
+    ids[4] = VOC;
+    EXPECT(INVALID, tessera_embedding_forward(tids, twte, twpe, temb));
+    EXPECT(INVALID, tessera_embedding_backward(tids, tgrad, tdwte, NULL, 0));
+    ids[4] = 3;
+    EXPECT(INVALID, tessera_embedding_forward(twte, twte, twpe, temb));
+    EXPECT(INVALID, tessera_embedding_forward(tids, twte, twpe, twpe));
+    EXPECT(INVALID, tessera_embedding_forward(tids, twte, twpe, NULL));
+    EXPECT(HANDLE, tessera_embedding_forward(tids, FORGED(TesseraTensor), twpe, temb));
+    CHECK(emb[0] == kept);
+    kept = d_wte[0];
+    EXPECT(INVALID, tessera_embedding_backward(tids, tgrad, tdwte, tdwpe, 2));
+    EXPECT(INVALID, tessera_embedding_backward(twte, tgrad, tdwte, tdwpe, 0));
+    EXPECT(INVALID, tessera_embedding_backward(tids, tgrad, tdwte, tdwte, 0));
+    EXPECT(INVALID, tessera_embedding_backward(tids, tgrad, tgrad, tdwpe, 0));
+    EXPECT(INVALID, tessera_embedding_backward(tids, twte, tdwte, tdwpe, 0));
+    EXPECT(INVALID, tessera_embedding_backward(NULL, tgrad, tdwte, tdwpe, 0));
+    EXPECT(HANDLE, tessera_embedding_backward(tids, tgrad, (TesseraTensor *)cpu, tdwpe, 0));
+    CHECK(d_wte[0] == kept);
+
+    /* LayerNorm of x + residual over rows of 5, then its backward through the weight. */
+    float x[B * T * WD], res[B * T * WD], sum[B * T * WD], y[B * T * WD], w[WD], bias[WD], mean[B * T], rstd[B * T];
+    float d_in[B * T * WD], d_w[WD], d_b[WD];
+    for (size_t i = 0; i < B * T * WD; i++) {
+        x[i] = (float)sin(1.1 * (double)i);
+        res[i] = (float)cos(0.8 * (double)i);
+    }
+    for (size_t i = 0; i < WD; i++) {
+        w[i] = 1.0f + 0.1f * (float)i;
+        bias[i] = 0.05f * (float)i;
+    }
+    const size_t row_shape[1] = {B * T}, w_shape[1] = {WD};
+    TesseraTensor *tx = NULL, *tres = NULL, *tsum = NULL, *ty = NULL, *tw = NULL, *tb = NULL, *tmean = NULL;
+    TesseraTensor *trstd = NULL, *tdin = NULL, *tdw = NULL, *tdb = NULL;
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, e_shape, 3, x, sizeof x, &tx));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, e_shape, 3, res, sizeof res, &tres));
+    EXPECT_OK(tessera_tensor_wrap_host(sum, sizeof sum, TESSERA_DTYPE_F32, e_shape, 3, NULL, &tsum));
+    EXPECT_OK(tessera_tensor_wrap_host(y, sizeof y, TESSERA_DTYPE_F32, e_shape, 3, NULL, &ty));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, w_shape, 1, w, sizeof w, &tw));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, w_shape, 1, bias, sizeof bias, &tb));
+    EXPECT_OK(tessera_tensor_wrap_host(mean, sizeof mean, TESSERA_DTYPE_F32, row_shape, 1, NULL, &tmean));
+    EXPECT_OK(tessera_tensor_wrap_host(rstd, sizeof rstd, TESSERA_DTYPE_F32, row_shape, 1, NULL, &trstd));
+    EXPECT_OK(tessera_tensor_wrap_host(d_in, sizeof d_in, TESSERA_DTYPE_F32, e_shape, 3, NULL, &tdin));
+    EXPECT_OK(tessera_tensor_wrap_host(d_w, sizeof d_w, TESSERA_DTYPE_F32, w_shape, 1, NULL, &tdw));
+    EXPECT_OK(tessera_tensor_wrap_host(d_b, sizeof d_b, TESSERA_DTYPE_F32, w_shape, 1, NULL, &tdb));
+    EXPECT_OK(tessera_norm_forward(TESSERA_NORM_KIND_LAYER_NORM, 1e-5f, tx, tres, tsum, tw, tb, ty, tmean, trstd));
+    int norm_right = 1;
+    double want_dw[WD] = {0}, want_db[WD] = {0};
+    for (size_t r = 0; r < B * T; r++) {
+        double mu = 0, var = 0;
+        for (size_t c = 0; c < WD; c++) mu += (double)x[r * WD + c] + res[r * WD + c];
+        mu /= WD;
+        for (size_t c = 0; c < WD; c++) var += pow((double)x[r * WD + c] + res[r * WD + c] - mu, 2);
+        double inv = 1 / sqrt(var / WD + 1e-5);
+        norm_right &= fabs(mean[r] - mu) <= 1e-5 && fabs(rstd[r] - inv) <= 1e-4 * inv;
+        for (size_t c = 0; c < WD; c++) {
+            double s_val = (double)x[r * WD + c] + res[r * WD + c], xhat = (s_val - mu) * inv;
+            norm_right &= fabs(sum[r * WD + c] - s_val) <= 1e-6;
+            norm_right &= fabs(y[r * WD + c] - (xhat * w[c] + bias[c])) <= 1e-5 * (1 + fabs(xhat * w[c]));
+            want_dw[c] += grad[r * WD + c] * xhat;
+            want_db[c] += grad[r * WD + c];
+        }
+    }
+    CHECK(norm_right);
+    EXPECT_OK(tessera_norm_backward(TESSERA_NORM_KIND_LAYER_NORM, 1e-5f, tgrad, NULL, tsum, tw, tmean, trstd, tdin,
+                                    tdw, tdb, 0));
+    int dnorm_right = 1;
+    for (size_t c = 0; c < WD; c++)
+        dnorm_right &= fabs(d_w[c] - want_dw[c]) <= 1e-5 * (1 + fabs(want_dw[c])) &&
+                       fabs(d_b[c] - want_db[c]) <= 1e-5 * (1 + fabs(want_db[c]));
+    /* d_input of each row: rstd·(g - mean(g) - xhat·mean(g·xhat)) with g = d_out·weight. */
+    for (size_t r = 0; r < B * T; r++) {
+        double mg = 0, mgx = 0;
+        for (size_t c = 0; c < WD; c++) {
+            double xhat = (sum[r * WD + c] - mean[r]) * rstd[r], g = grad[r * WD + c] * w[c];
+            mg += g / WD;
+            mgx += g * xhat / WD;
+        }
+        for (size_t c = 0; c < WD; c++) {
+            double xhat = (sum[r * WD + c] - mean[r]) * rstd[r], g = grad[r * WD + c] * w[c];
+            double want = rstd[r] * (g - mg - xhat * mgx);
+            dnorm_right &= fabs(d_in[r * WD + c] - want) <= 1e-4 * (1 + fabs(want));
+        }
+    }
+    CHECK(dnorm_right);
+    EXPECT_OK(tessera_norm_forward(TESSERA_NORM_KIND_RMS_NORM, 1e-6f, tx, NULL, NULL, tw, NULL, ty, tmean, trstd));
+    CHECK(mean[0] == 0.0f);
+    EXPECT_OK(tessera_norm_backward(TESSERA_NORM_KIND_RMS_NORM, 1e-6f, tgrad, tres, tx, tw, tmean, trstd, tdin, tdw,
+                                    NULL, 1));
+
+    kept = y[0];
+    float kept_rstd = rstd[0];
+    EXPECT(INVALID, tessera_norm_forward(2, 1e-5f, tx, NULL, NULL, tw, NULL, ty, tmean, trstd));
+    EXPECT(INVALID, tessera_norm_forward(0, -1.0f, tx, NULL, NULL, tw, NULL, ty, tmean, trstd));
+    EXPECT(INVALID, tessera_norm_forward(0, NAN, tx, NULL, NULL, tw, NULL, ty, tmean, trstd));
+    EXPECT(INVALID, tessera_norm_forward(0, 1e-5f, tx, tres, NULL, tw, NULL, ty, tmean, trstd));
+    EXPECT(INVALID, tessera_norm_forward(0, 1e-5f, tx, NULL, tsum, tw, NULL, ty, tmean, trstd));
+    EXPECT(INVALID, tessera_norm_forward(0, 1e-5f, tx, NULL, NULL, tmean, NULL, ty, tmean, trstd));
+    EXPECT(INVALID, tessera_norm_forward(0, 1e-5f, tx, NULL, NULL, tw, NULL, ty, trstd, trstd));
+    EXPECT(INVALID, tessera_norm_forward(0, 1e-5f, tx, NULL, NULL, tw, NULL, tx, tmean, trstd));
+    EXPECT(INVALID, tessera_norm_forward(0, 1e-5f, tx, NULL, NULL, tw, NULL, ty, tw, trstd));
+    EXPECT(INVALID, tessera_norm_forward(0, 1e-5f, tx, NULL, NULL, tw, NULL, NULL, tmean, trstd));
+    EXPECT(HANDLE, tessera_norm_forward(0, 1e-5f, tx, NULL, NULL, tw, NULL, ty, tmean, FORGED(TesseraTensor)));
+    /* Statistics of the wrong shape: refused, and the caller's tensor is intact afterwards. */
+    EXPECT(INVALID, tessera_norm_forward(0, 1e-5f, tx, NULL, NULL, tw, NULL, ty, tdw, trstd));
+    size_t lent_numel = 0;
+    EXPECT_OK(tessera_tensor_size(tdw, &lent_numel, NULL));
+    CHECK(lent_numel == WD);
+    CHECK(y[0] == kept && rstd[0] == kept_rstd);
+    EXPECT(INVALID, tessera_norm_backward(5, 1e-5f, tgrad, NULL, tx, tw, tmean, trstd, tdin, tdw, NULL, 0));
+    EXPECT(INVALID, tessera_norm_backward(0, 1e-5f, tgrad, NULL, tx, tw, tmean, trstd, tdin, tdw, NULL, 3));
+    EXPECT(INVALID, tessera_norm_backward(0, 1e-5f, tgrad, NULL, tx, tw, tw, trstd, tdin, tdw, NULL, 0));
+    EXPECT(INVALID, tessera_norm_backward(0, 1e-5f, tgrad, NULL, tx, tw, tmean, trstd, tdin, tdin, NULL, 0));
+    EXPECT(INVALID, tessera_norm_backward(0, 1e-5f, tgrad, NULL, tx, tw, tmean, trstd, tdin, tw, NULL, 0));
+    EXPECT(INVALID, tessera_norm_backward(0, 1e-5f, tgrad, NULL, tx, tw, tmean, trstd, tdin, tdw, tdin, 0));
+    EXPECT(INVALID, tessera_norm_backward(0, 1e-5f, NULL, NULL, tx, tw, tmean, trstd, tdin, tdw, NULL, 0));
+    EXPECT(HANDLE, tessera_norm_backward(0, 1e-5f, tgrad, FORGED(TesseraTensor), tx, tw, tmean, trstd, tdin, tdw, NULL,
+                                         0));
+
+    TesseraTensor *all[] = {tids, twte, twpe, temb, tgrad, tdwte, tdwpe, tx, tres, tsum, ty, tw, tb, tmean, trstd,
+                            tdin, tdw, tdb};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) EXPECT_OK(tessera_tensor_free(all[i]));
+}
+
+/* A model small enough to train and run in moments, even under valgrind. */
+static const char *const TINY_TOML =
+    "[model]\nlayers = 1\nheads = 2\nkv_heads = 2\nwidth = 16\nffn_width = 32\ncontext = 16\n"
+    "[train]\nbatch = 2\nseq = 8\nsteps = 4\nwarmup = 1\neval_windows = 4\n";
+
+static int remove_entry(const char *path, const struct stat *info, int flag, struct FTW *ftw) {
+    (void)info;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+static void write_file(const char *path, const char *text) {
+    FILE *file = fopen(path, "w");
+    CHECK(file != NULL);
+    if (file == NULL) return;
+    fputs(text, file);
+    fclose(file);
+}
+
+static void trainer_and_model(TesseraDevice *cpu) {
+    char dir[] = "/tmp/tessera-bad-input-XXXXXX";
+    CHECK(mkdtemp(dir) != NULL);
+    char run[256], text[256], small[256], config[256], checkpoint_file[256];
+    snprintf(run, sizeof run, "%s/run", dir);
+    snprintf(text, sizeof text, "%s/text.txt", dir);
+    snprintf(small, sizeof small, "%s/small.txt", dir);
+    snprintf(config, sizeof config, "%s/config.toml", dir);
+    snprintf(checkpoint_file, sizeof checkpoint_file, "%s/run/step-00000003/model.safetensors", dir);
+    char corpus[2048];
+    for (size_t i = 0; i + 1 < sizeof corpus; i++) corpus[i] = "the quick brown fox jumps. "[i % 27];
+    corpus[sizeof corpus - 1] = '\0';
+    write_file(text, corpus);
+    write_file(small, "ab");
+    write_file(config, TINY_TOML);
+
+    TesseraTrainer *trainer = FORGED(TesseraTrainer);
+    EXPECT(INVALID, tessera_trainer_new(cpu, "tiny", TINY_TOML, NULL, NULL));
+    EXPECT(INVALID, tessera_trainer_new(NULL, "tiny", TINY_TOML, NULL, &trainer));
+    CHECK(trainer == NULL);
+    EXPECT(HANDLE, tessera_trainer_new(FORGED(TesseraDevice), "tiny", TINY_TOML, NULL, &trainer));
+    EXPECT(INVALID, tessera_trainer_new(cpu, NULL, TINY_TOML, NULL, &trainer));
+    EXPECT(INVALID, tessera_trainer_new(cpu, "huge", TINY_TOML, NULL, &trainer));
+    EXPECT(INVALID, tessera_trainer_new(cpu, "tiny", "[model", NULL, &trainer));
+    EXPECT(INVALID, tessera_trainer_new(cpu, "tiny", "[optimizer]\nlr = 1.0\n", NULL, &trainer));
+    EXPECT(INVALID, tessera_trainer_new(cpu, "tiny", "[model]\ndepth = 3\n", NULL, &trainer));
+    EXPECT(INVALID, tessera_trainer_new(cpu, "tiny", "[train]\nbatch = \"two\"\n", NULL, &trainer));
+    EXPECT(INVALID, tessera_trainer_new(cpu, "tiny", "[model]\nwidth = 15\n", NULL, &trainer));
+    EXPECT(INVALID, tessera_trainer_new(cpu, "tiny", "[train]\nseq = 129\n", NULL, &trainer));
+    EXPECT(INVALID, tessera_trainer_new(cpu, "tiny", "\xff", NULL, &trainer));
+    EXPECT(INVALID, tessera_trainer_new(cpu, "tiny", TINY_TOML, config, &trainer));
+    EXPECT(TESSERA_STATUS_FILE, tessera_trainer_new(cpu, "tiny", NULL, "/nonexistent/tessera.toml", &trainer));
+    EXPECT(INVALID, tessera_trainer_new(cpu, "tiny", NULL, "", &trainer));
+    CHECK(trainer == NULL);
+    EXPECT_OK(tessera_trainer_new(cpu, "tiny", NULL, config, &trainer));
+    EXPECT_OK(tessera_trainer_free(trainer));
+    EXPECT_OK(tessera_trainer_new(cpu, "tiny", TINY_TOML, NULL, &trainer));
+
+    TesseraModelInfo info = {0};
+    uint64_t step = 99;
+    EXPECT(HANDLE, tessera_trainer_info(FORGED(TesseraTrainer), &info, &step));
+    EXPECT(INVALID, tessera_trainer_info(NULL, &info, &step));
+    EXPECT(HANDLE, tessera_trainer_info((TesseraTrainer *)cpu, &info, &step));
+    EXPECT_OK(tessera_trainer_info(trainer, NULL, NULL));
+    EXPECT_OK(tessera_trainer_info(trainer, &info, &step));
+    CHECK(info.vocab == 256 && info.context == 16 && info.layers == 1 && info.width == 16 && step == 0);
+    CHECK(info.parameters > 256 * 16);
+
+    uint32_t tokens[64];
+    for (size_t i = 0; i < 64; i++) tokens[i] = (uint32_t)((i * 7 + 3) % 256);
+    TesseraStepRecord record = {.step = 77};
+    EXPECT(INVALID, tessera_trainer_train_tokens(trainer, NULL, 64, 1, &record));
+    EXPECT(INVALID, tessera_trainer_train_tokens(trainer, (const uint32_t *)((const char *)tokens + 1), 32, 1, &record));
+    EXPECT(INVALID, tessera_trainer_train_tokens(trainer, tokens, 8, 1, &record));
+    EXPECT(HANDLE, tessera_trainer_train_tokens(FORGED(TesseraTrainer), tokens, 64, 1, &record));
+    tokens[40] = 256;
+    EXPECT(INVALID, tessera_trainer_train_tokens(trainer, tokens, 64, 1, &record));
+    tokens[40] = 5;
+    CHECK(record.step == 77);
+    EXPECT_OK(tessera_trainer_info(trainer, NULL, &step));
+    CHECK(step == 0);
+    EXPECT_OK(tessera_trainer_train_tokens(trainer, tokens, 64, 0, &record));
+    CHECK(record.step == 77);
+    EXPECT_OK(tessera_trainer_train_tokens(trainer, tokens, 64, 2, &record));
+    CHECK(record.step == 2 && isfinite(record.loss) && record.loss > 0 && record.tokens == 16);
+    CHECK(isfinite(record.grad_norm) && record.lr > 0);
+
+    EXPECT(INVALID, tessera_trainer_train_file(trainer, NULL, 1, &record));
+    EXPECT(INVALID, tessera_trainer_train_file(trainer, "", 1, &record));
+    EXPECT(TESSERA_STATUS_FILE, tessera_trainer_train_file(trainer, "/nonexistent/text.txt", 1, &record));
+    EXPECT(TESSERA_STATUS_FILE, tessera_trainer_train_file(trainer, small, 1, &record));
+    EXPECT(HANDLE, tessera_trainer_train_file(FORGED(TesseraTrainer), text, 1, &record));
+    CHECK(record.step == 2);
+    EXPECT_OK(tessera_trainer_train_file(trainer, text, 1, NULL));
+    EXPECT_OK(tessera_trainer_info(trainer, NULL, &step));
+    CHECK(step == 3);
+
+    float loss = -1.0f;
+    EXPECT(INVALID, tessera_trainer_validate_tokens(trainer, tokens, 64, NULL));
+    EXPECT(INVALID, tessera_trainer_validate_tokens(trainer, NULL, 64, &loss));
+    EXPECT(INVALID, tessera_trainer_validate_tokens(trainer, tokens, 8, &loss));
+    EXPECT(HANDLE, tessera_trainer_validate_tokens(FORGED(TesseraTrainer), tokens, 64, &loss));
+    tokens[3] = 1000;
+    EXPECT(INVALID, tessera_trainer_validate_tokens(trainer, tokens, 64, &loss));
+    tokens[3] = 3;
+    CHECK(loss == -1.0f);
+    EXPECT_OK(tessera_trainer_validate_tokens(trainer, tokens, 64, &loss));
+    CHECK(isfinite(loss) && loss > 0);
+    loss = -1.0f;
+    EXPECT(INVALID, tessera_trainer_validate_file(trainer, text, NULL));
+    EXPECT(INVALID, tessera_trainer_validate_file(trainer, NULL, &loss));
+    EXPECT(TESSERA_STATUS_FILE, tessera_trainer_validate_file(trainer, "/nonexistent/text.txt", &loss));
+    EXPECT(HANDLE, tessera_trainer_validate_file(FORGED(TesseraTrainer), text, &loss));
+    CHECK(loss == -1.0f);
+    EXPECT_OK(tessera_trainer_validate_file(trainer, text, &loss));
+    CHECK(isfinite(loss) && loss > 0);
+
+    EXPECT(INVALID, tessera_trainer_save(trainer, NULL));
+    EXPECT(INVALID, tessera_trainer_save(trainer, ""));
+    EXPECT(TESSERA_STATUS_FILE, tessera_trainer_save(trainer, text));
+    EXPECT(HANDLE, tessera_trainer_save(FORGED(TesseraTrainer), run));
+    EXPECT_OK(tessera_trainer_save(trainer, run));
+
+    TesseraTrainer *resumed = FORGED(TesseraTrainer);
+    EXPECT(INVALID, tessera_trainer_resume(cpu, run, NULL));
+    EXPECT(INVALID, tessera_trainer_resume(cpu, NULL, &resumed));
+    CHECK(resumed == NULL);
+    EXPECT(HANDLE, tessera_trainer_resume(FORGED(TesseraDevice), run, &resumed));
+    EXPECT(TESSERA_STATUS_FILE, tessera_trainer_resume(cpu, dir, &resumed));
+    CHECK(resumed == NULL);
+    EXPECT_OK(tessera_trainer_resume(cpu, run, &resumed));
+    EXPECT_OK(tessera_trainer_info(resumed, &info, &step));
+    CHECK(step == 3 && info.width == 16);
+    /* The resumed run takes the step the saved one would have taken. */
+    TesseraStepRecord next = {0}, resumed_next = {0};
+    EXPECT_OK(tessera_trainer_train_tokens(trainer, tokens, 64, 1, &next));
+    EXPECT_OK(tessera_trainer_train_tokens(resumed, tokens, 64, 1, &resumed_next));
+    CHECK(next.step == 4 && resumed_next.step == 4 && next.loss == resumed_next.loss);
+    CHECK(next.grad_norm == resumed_next.grad_norm);
+    EXPECT(HANDLE, tessera_model_free((TesseraModel *)resumed));
+    EXPECT_OK(tessera_trainer_free(resumed));
+    EXPECT(HANDLE, tessera_trainer_free(resumed));
+    EXPECT(HANDLE, tessera_trainer_info(resumed, NULL, NULL));
+    EXPECT_OK(tessera_trainer_free(NULL));
+
+    TesseraModel *model = FORGED(TesseraModel);
+    EXPECT(INVALID, tessera_model_load(cpu, run, NULL, NULL));
+    EXPECT(INVALID, tessera_model_load(cpu, NULL, NULL, &model));
+    CHECK(model == NULL);
+    EXPECT(HANDLE, tessera_model_load((TesseraDevice *)trainer, run, NULL, &model));
+    EXPECT(TESSERA_STATUS_FILE, tessera_model_load(cpu, "/nonexistent/run", NULL, &model));
+    EXPECT(TESSERA_STATUS_FILE, tessera_model_load(cpu, text, NULL, &model));
+    EXPECT(INVALID, tessera_model_load(cpu, run, "huge", &model));
+    CHECK(model == NULL);
+    EXPECT_OK(tessera_model_load(cpu, checkpoint_file, NULL, &model));
+    EXPECT_OK(tessera_model_free(model));
+    EXPECT_OK(tessera_model_load(cpu, run, NULL, &model));
+
+    EXPECT(INVALID, tessera_model_info(model, NULL));
+    EXPECT(HANDLE, tessera_model_info(FORGED(TesseraModel), &info));
+    EXPECT(HANDLE, tessera_model_info((TesseraModel *)trainer, &info));
+    memset(&info, 0, sizeof info);
+    EXPECT_OK(tessera_model_info(model, &info));
+    CHECK(info.vocab == 256 && info.context == 16 && info.heads == 2 && info.kv_heads == 2);
+
+    /* The logits land in caller memory through a wrapped host buffer. */
+    const size_t logits_shape[2] = {8, 256};
+    float *buffer = malloc(8 * 256 * sizeof(float));
+    CHECK(buffer != NULL);
+    if (buffer == NULL) return;
+    for (size_t i = 0; i < 8 * 256; i++) buffer[i] = 7.0f;
+    TesseraTensor *logits = NULL;
+    EXPECT_OK(tessera_tensor_wrap_host(buffer, 8 * 256 * sizeof(float), TESSERA_DTYPE_F32, logits_shape, 2, NULL,
+                                       &logits));
+    const size_t narrow_shape[2] = {8, 255};
+    TesseraTensor *wrong_shape = NULL, *wrong_dtype = NULL;
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, narrow_shape, 2, &wrong_shape));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_BF16, logits_shape, 2, &wrong_dtype));
+    EXPECT(INVALID, tessera_model_logits(model, tokens, 2, 4, wrong_shape));
+    EXPECT(INVALID, tessera_model_logits(model, tokens, 2, 4, wrong_dtype));
+    EXPECT(INVALID, tessera_model_logits(model, tokens, 2, 4, NULL));
+    EXPECT(INVALID, tessera_model_logits(model, NULL, 2, 4, logits));
+    EXPECT(INVALID, tessera_model_logits(model, tokens, 1, 17, logits));
+    EXPECT(INVALID, tessera_model_logits(model, tokens, 0, 4, logits));
+    EXPECT(INVALID, tessera_model_logits(model, tokens, SIZE_MAX, 2, logits));
+    EXPECT(INVALID, tessera_model_logits(model, tokens, 4, 4, logits));
+    EXPECT(HANDLE, tessera_model_logits(FORGED(TesseraModel), tokens, 2, 4, logits));
+    EXPECT(HANDLE, tessera_model_logits(model, tokens, 2, 4, (TesseraTensor *)model));
+    tokens[7] = 256;
+    EXPECT(INVALID, tessera_model_logits(model, tokens, 2, 4, logits));
+    tokens[7] = 7;
+    int untouched = 1;
+    for (size_t i = 0; i < 8 * 256; i++) untouched &= buffer[i] == 7.0f;
+    CHECK(untouched);
+    EXPECT_OK(tessera_model_logits(model, tokens, 2, 4, logits));
+    int finite = 1;
+    for (size_t i = 0; i < 8 * 256; i++) finite &= isfinite(buffer[i]) && buffer[i] != 7.0f;
+    CHECK(finite);
+
+    loss = -1.0f;
+    EXPECT(INVALID, tessera_model_loss(model, tokens, tokens + 1, 2, 4, NULL));
+    EXPECT(INVALID, tessera_model_loss(model, tokens, NULL, 2, 4, &loss));
+    EXPECT(INVALID, tessera_model_loss(model, tokens, tokens + 1, 2, 17, &loss));
+    EXPECT(HANDLE, tessera_model_loss(FORGED(TesseraModel), tokens, tokens + 1, 2, 4, &loss));
+    CHECK(loss == -1.0f);
+    EXPECT_OK(tessera_model_loss(model, tokens, tokens + 1, 2, 4, &loss));
+    CHECK(isfinite(loss) && loss > 0);
+
+    TesseraSampling sampling = tessera_sampling_default();
+    CHECK(sampling.temperature == 0.0f && sampling.top_k == 0 && sampling.top_p == 1.0f);
+    uint32_t prompt[3] = {116, 104, 101};
+    uint32_t out[12], again[12];
+    for (size_t i = 0; i < 12; i++) out[i] = again[i] = 1000;
+    EXPECT(INVALID, tessera_model_generate(model, prompt, 0, 12, NULL, 1, out));
+    EXPECT(INVALID, tessera_model_generate(model, NULL, 3, 12, NULL, 1, out));
+    EXPECT(INVALID, tessera_model_generate(model, prompt, 3, 12, NULL, 1, NULL));
+    sampling.temperature = -1.0f;
+    EXPECT(INVALID, tessera_model_generate(model, prompt, 3, 12, &sampling, 1, out));
+    sampling.temperature = NAN;
+    EXPECT(INVALID, tessera_model_generate(model, prompt, 3, 12, &sampling, 1, out));
+    sampling.temperature = 0.8f;
+    sampling.top_p = 0.0f;
+    EXPECT(INVALID, tessera_model_generate(model, prompt, 3, 12, &sampling, 1, out));
+    sampling.top_p = 1.5f;
+    EXPECT(INVALID, tessera_model_generate(model, prompt, 3, 12, &sampling, 1, out));
+    prompt[1] = 300;
+    EXPECT(INVALID, tessera_model_generate(model, prompt, 3, 12, NULL, 1, out));
+    prompt[1] = 104;
+    EXPECT(HANDLE, tessera_model_generate(FORGED(TesseraModel), prompt, 3, 12, NULL, 1, out));
+    CHECK(out[0] == 1000 && out[11] == 1000);
+    EXPECT_OK(tessera_model_generate(model, prompt, 3, 0, NULL, 1, NULL));
+
+    /* Greedy: the first token is the arg-max of the last prompt position's logits. */
+    EXPECT_OK(tessera_model_generate(model, prompt, 3, 12, NULL, 1, out));
+    const size_t prompt_shape[2] = {3, 256};
+    TesseraTensor *prompt_logits = NULL;
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, prompt_shape, 2, &prompt_logits));
+    EXPECT_OK(tessera_model_logits(model, prompt, 1, 3, prompt_logits));
+    float last[3 * 256];
+    EXPECT_OK(tessera_tensor_copy_to_host(prompt_logits, last, sizeof last));
+    size_t best = 0;
+    for (size_t i = 1; i < 256; i++)
+        if (last[2 * 256 + i] > last[2 * 256 + best]) best = i;
+    CHECK(out[0] == best);
+    int in_vocab = 1;
+    for (size_t i = 0; i < 12; i++) in_vocab &= out[i] < 256;
+    CHECK(in_vocab);
+    /* Sampling: the same seed draws the same tokens. */
+    sampling.top_p = 0.9f;
+    sampling.top_k = 40;
+    EXPECT_OK(tessera_model_generate(model, prompt, 3, 12, &sampling, 42, out));
+    EXPECT_OK(tessera_model_generate(model, prompt, 3, 12, &sampling, 42, again));
+    CHECK(memcmp(out, again, sizeof out) == 0);
+
+    EXPECT_OK(tessera_tensor_free(prompt_logits));
+    EXPECT_OK(tessera_tensor_free(logits));
+    free(buffer);
+    EXPECT_OK(tessera_tensor_free(wrong_shape));
+    EXPECT_OK(tessera_tensor_free(wrong_dtype));
+    EXPECT(HANDLE, tessera_trainer_free((TesseraTrainer *)model));
+    EXPECT_OK(tessera_model_free(model));
+    EXPECT(HANDLE, tessera_model_free(model));
+    EXPECT(HANDLE, tessera_model_loss(model, tokens, tokens + 1, 2, 4, &loss));
+    EXPECT_OK(tessera_model_free(NULL));
+    EXPECT_OK(tessera_trainer_free(trainer));
+    EXPECT(HANDLE, tessera_trainer_save(trainer, run));
+    CHECK(nftw(dir, remove_entry, 8, FTW_DEPTH | FTW_PHYS) == 0);
+}
+
 
 /* Only where a GPU can be used: device memory wrapping is refused as unsupported, and tensors on
  * two devices do not mix. */
@@ -478,6 +1499,11 @@ int main(void) {
     matmul(cpu);
     adamw(cpu);
     wavelet(cpu);
+    attention(cpu);
+    sparse(cpu);
+    transformer_ops(cpu);
+    embedding_and_norm(cpu);
+    trainer_and_model(cpu);
     gpu();
     EXPECT_OK(tessera_device_free(cpu));
     CHECK(tessera_live_handle_count() == 0);

@@ -1,5 +1,6 @@
 //! Training: data and batches, and the training loop.
 
+pub mod config;
 pub mod data;
 pub mod tokenizer;
 pub mod trainer;

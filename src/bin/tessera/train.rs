@@ -217,35 +217,13 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
 
 /// The preset, with a TOML file's [model] and [train] tables laid over it.
 fn configuration(preset: &str, file: Option<&str>) -> Result<(GptConfig, TrainOptions), Failure> {
-    let config = GptConfig::preset(preset)?;
-    let options = match preset {
-        "gpt2-small" => TrainOptions::gpt2_small(),
-        _ => TrainOptions::tiny(),
-    };
-    let Some(path) = file else {
-        return Ok((config, options));
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| Failure::Usage(format!("{path}: {e}")))?;
-    let table: toml::Table = toml::from_str(&text).map_err(|e| Failure::Usage(format!("{path}: {e}")))?;
-    let mut model =
-        serde_json::from_str::<serde_json::Value>(&config.to_json()).map_err(|e| Failure::Other(e.to_string()))?;
-    let mut train = options.to_json();
-    for (key, value) in &table {
-        let target = match key.as_str() {
-            "model" => &mut model,
-            "train" => &mut train,
-            other => {
-                return Err(Failure::Usage(format!(
-                    "{path}: unknown table [{other}] (expected [model] or [train])"
-                )))
-            }
-        };
-        overlay(target, key, value, path)?;
-    }
-    let config = GptConfig::from_json(&model.to_string()).map_err(|e| Failure::Usage(format!("{path}: {e}")))?;
-    let options = TrainOptions::from_json(&train)
-        .ok_or_else(|| Failure::Usage(format!("{path}: a field of [train] has the wrong type")))?;
-    Ok((config, options))
+    let text = file
+        .map(|path| std::fs::read_to_string(path).map_err(|e| Failure::Usage(format!("{path}: {e}"))))
+        .transpose()?;
+    tessera::train::config::configuration(preset, text.as_deref()).map_err(|e| match file {
+        Some(path) => Failure::Usage(format!("{path}: {e}")),
+        None => Failure::from(e),
+    })
 }
 
 /// Lays the TOML table `key` over the JSON object `target`, whose fields it may only replace.
