@@ -14,8 +14,8 @@
 //! gradient over them. Activations and weights are in the compute dtype (f32 on the CPU, bf16 on
 //! a GPU); sums, norms' statistics and the loss are f32.
 
-use super::config::{Activation, Attention, Norm, Positions};
-use super::params::{Block, GptParams, Layout, Linear, NormIndex, Qkv};
+use super::config::{Activation, Attention, GptConfig, Norm, Positions};
+use super::params::{cast, Block, GptParams, Layout, Linear, NormIndex, Qkv};
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -108,14 +108,7 @@ impl Gpt {
     /// The model of `params`, with activations for batches of `batch` sequences of `seq` tokens.
     pub fn new(params: GptParams, batch: usize, seq: usize) -> Result<Gpt> {
         let config = &params.config;
-        if batch == 0 || seq == 0 || seq > config.context {
-            return Err(Error::invalid(
-                OP,
-                "batch shape",
-                format!("batch >= 1 and 1 <= seq <= context ({})", config.context),
-                format!("batch {batch}, seq {seq}"),
-            ));
-        }
+        check_batch_shape(config, batch, seq)?;
         let norm = match config.norm {
             Norm::LayerNorm => NormConfig::layer_norm(config.norm_eps),
             Norm::RmsNorm => NormConfig::rms_norm(config.norm_eps),
@@ -207,14 +200,7 @@ impl Gpt {
     ) -> Result<()> {
         let config = &self.params.config;
         let m = batch * seq;
-        if batch == 0 || seq == 0 || seq > config.context {
-            return Err(Error::invalid(
-                OP,
-                "batch shape",
-                format!("batch >= 1 and 1 <= seq <= context ({})", config.context),
-                format!("batch {batch}, seq {seq}"),
-            ));
-        }
+        check_batch_shape(config, batch, seq)?;
         check_tokens("inputs", inputs, m, config.vocab)?;
         if let Some(targets) = targets {
             check_tokens("targets", targets, m, config.vocab)?;
@@ -406,6 +392,18 @@ impl Gpt {
     }
 }
 
+fn check_batch_shape(config: &GptConfig, batch: usize, seq: usize) -> Result<()> {
+    if batch == 0 || seq == 0 || seq > config.context {
+        return Err(Error::invalid(
+            OP,
+            "batch shape",
+            format!("batch >= 1 and 1 <= seq <= context ({})", config.context),
+            format!("batch {batch}, seq {seq}"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_tokens(arg: &'static str, tokens: &[u32], expected: usize, vocab: usize) -> Result<()> {
     if tokens.len() != expected {
         return Err(Error::invalid(
@@ -458,7 +456,7 @@ impl Activations {
                 })
             })
             .collect::<Result<_>>()?;
-        let ones = Tensor::from_vec(vec![1.0f32; m], &[m, 1], &Device::Cpu)?;
+        let ones = Tensor::from_vec(vec![1.0f32; m], &[m, 1], device)?;
         let scratch = Scratch {
             qkv: if fused_qkv { Some(tensor(c + 2 * kv)?) } else { None },
             gate: if swiglu { Some(tensor(f)?) } else { None },
@@ -469,7 +467,7 @@ impl Activations {
             d_attention: tensor(c)?,
             d_pre_activation: tensor(pre_width)?,
             d_activated: tensor(f)?,
-            ones: cast_to(&ones, dtype, device)?,
+            ones: cast(&ones, dtype)?,
         };
         Ok(Activations {
             batch,
@@ -487,24 +485,6 @@ impl Activations {
             d_stream: [tensor(c)?, tensor(c)?],
             scratch,
         })
-    }
-}
-
-/// `tensor` (f32, host) converted to `dtype` on `device`.
-fn cast_to(tensor: &Tensor, dtype: DType, device: &Device) -> Result<Tensor> {
-    let values = tensor.to_vec::<f32>()?;
-    match dtype {
-        DType::BF16 => Tensor::from_vec(
-            values.into_iter().map(half::bf16::from_f32).collect(),
-            tensor.shape(),
-            device,
-        ),
-        DType::F16 => Tensor::from_vec(
-            values.into_iter().map(half::f16::from_f32).collect(),
-            tensor.shape(),
-            device,
-        ),
-        _ => Tensor::from_vec(values, tensor.shape(), device),
     }
 }
 

@@ -524,7 +524,7 @@ impl GptParams {
 }
 
 /// `tensor` (f32) converted to `dtype`, rounding to nearest even, on the same device.
-fn cast(tensor: &Tensor, dtype: DType) -> Result<Tensor> {
+pub(crate) fn cast(tensor: &Tensor, dtype: DType) -> Result<Tensor> {
     let values = tensor.to_vec::<f32>()?;
     let device = tensor.device();
     match dtype {
