@@ -1,10 +1,14 @@
 //! With the `cuda` feature: compiles every kernels/*.cu with nvcc into an sm_90a cubin, an sm_80
 //! cubin and compute_80 PTX, records ptxas's resource report, and writes `kernels.rs` into
 //! OUT_DIR, which embeds them all (src/cuda/kernels.rs includes it). Without the feature it does
-//! nothing, so the crate builds on machines with no CUDA toolkit.
+//! nothing, so the crate builds on machines with no CUDA toolkit. An image whose inputs (the
+//! source, the shared headers in kernels/common, nvcc and its arguments) have not changed since
+//! the last build is reused, so editing one kernel recompiles only that kernel.
 
+use std::collections::hash_map::DefaultHasher;
 use std::env;
 use std::fs;
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread;
@@ -37,13 +41,15 @@ fn main() {
     for source in &sources {
         println!("cargo::rerun-if-changed={}", source.display());
     }
+    let headers = shared_headers();
     let jobs: Vec<_> = sources
         .iter()
         .flat_map(|source| TARGETS.iter().map(move |target| (source.clone(), *target)))
         .map(|(source, (suffix, args))| {
             let nvcc = nvcc.clone();
             let out_dir = out_dir.clone();
-            thread::spawn(move || compile(&nvcc, &source, &out_dir, suffix, args))
+            let headers = headers.clone();
+            thread::spawn(move || compile(&nvcc, &source, &headers, &out_dir, suffix, args))
         })
         .collect();
     let mut report = String::new();
@@ -115,9 +121,48 @@ fn stem(source: &Path) -> String {
         .to_string()
 }
 
+/// The contents of every file under kernels/common, which any kernel may include.
+fn shared_headers() -> Vec<u8> {
+    let mut paths: Vec<PathBuf> = fs::read_dir("kernels/common")
+        .map(|dir| dir.filter_map(|entry| entry.ok().map(|entry| entry.path())).collect())
+        .unwrap_or_default();
+    paths.sort();
+    let mut bytes = Vec::new();
+    for path in paths {
+        bytes.extend(path.display().to_string().as_bytes());
+        bytes.extend(fs::read(&path).unwrap_or_default());
+    }
+    bytes
+}
+
 /// Compiles one target; returns ptxas's report for cubins (empty for PTX), or nvcc's messages.
-fn compile(nvcc: &Path, source: &Path, out_dir: &Path, suffix: &str, args: &[&str]) -> Result<String, String> {
+/// Reuses the previous image and report when nothing that goes into them has changed.
+fn compile(
+    nvcc: &Path,
+    source: &Path,
+    headers: &[u8],
+    out_dir: &Path,
+    suffix: &str,
+    args: &[&str],
+) -> Result<String, String> {
     let output_path = out_dir.join(format!("{}.{suffix}", stem(source)));
+    let key_path = out_dir.join(format!("{}.{suffix}.key", stem(source)));
+    let log_path = out_dir.join(format!("{}.{suffix}.log", stem(source)));
+    let key = {
+        let mut hasher = DefaultHasher::new();
+        nvcc.hash(&mut hasher);
+        args.hash(&mut hasher);
+        headers.hash(&mut hasher);
+        fs::read(source)
+            .map_err(|e| format!("could not read {}: {e}", source.display()))?
+            .hash(&mut hasher);
+        format!("{:016x}", hasher.finish())
+    };
+    if output_path.is_file() && fs::read_to_string(&key_path).is_ok_and(|previous| previous == key) {
+        if let Ok(log) = fs::read_to_string(&log_path) {
+            return Ok(log);
+        }
+    }
     let mut command = Command::new(nvcc);
     command
         .args(args)
@@ -142,11 +187,14 @@ fn compile(nvcc: &Path, source: &Path, out_dir: &Path, suffix: &str, args: &[&st
     if !output.status.success() {
         return Err(format!("nvcc {} ({suffix}):\n{log}", source.display()));
     }
-    Ok(if suffix.ends_with("cubin") {
+    let report = if suffix.ends_with("cubin") {
         format!("== {} {}\n{log}", stem(source), suffix.trim_end_matches(".cubin"))
     } else {
         String::new()
-    })
+    };
+    fs::write(&log_path, &report).map_err(|e| format!("could not write {}: {e}", log_path.display()))?;
+    fs::write(&key_path, key).map_err(|e| format!("could not write {}: {e}", key_path.display()))?;
+    Ok(report)
 }
 
 fn embed(sources: &[PathBuf], out_dir: &Path) -> String {
