@@ -123,6 +123,12 @@ impl CudaBackend {
         self.total_memory
     }
 
+    /// Device memory in use now, by this process and any other, in bytes.
+    pub fn memory_in_use(&self) -> Result<usize> {
+        let (free, total) = self.context.mem_get_info().context("cuMemGetInfo")?;
+        Ok(total - free)
+    }
+
     /// Streaming multiprocessors.
     pub fn multiprocessors(&self) -> usize {
         self.multiprocessors

@@ -9,6 +9,7 @@ mod args;
 mod bench;
 mod eval;
 mod generate;
+mod recipes;
 mod train;
 
 use std::process::ExitCode;
@@ -24,7 +25,9 @@ commands:
   info                       devices, compute capability, memory, embedded kernel images
   bench [--json FILE] [--quick] [--only KIND,...]
                              time the GPU ops (CUDA events, medians) beside the copy-bandwidth
-                             and bf16-GEMM ceilings measured in the same run";
+                             and bf16-GEMM ceilings measured in the same run
+  bench recipes              train the tiny preset once per training recipe, same token budget,
+                             and print one table beside the dense baseline (CPU or GPU)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -39,6 +42,10 @@ fn main() -> ExitCode {
         Some("generate") => generate::run(rest),
         Some("eval") => eval::run(rest),
         Some("info") => info().map_err(Failure::Other),
+        Some("bench") if rest.first().is_some_and(|a| a == "recipes") => match wants_help {
+            true => help(recipes::USAGE),
+            false => recipes::run(&rest[1..]),
+        },
         Some("bench") => bench(rest).map_err(Failure::Other),
         Some("-h" | "--help" | "help") => help(USAGE),
         Some(other) => Err(Failure::Usage(format!("unknown command `{other}`\n\n{USAGE}"))),

@@ -1,0 +1,291 @@
+//! `tessera bench recipes`: trains the `tiny` preset on the embedded corpus once per training
+//! recipe, every run with the same token budget, seed and data order, and prints one table beside
+//! the dense baseline: final validation loss, tokens/s, step time, peak memory and the bytes of
+//! the weights at inference. It answers "what does each recipe cost and what does it buy at this
+//! scale", not "does it reproduce the paper": a tiny model trained for a minute is far from the
+//! papers' regimes, and the table says what it measured.
+
+use crate::args::Args;
+use crate::train::Failure;
+use serde_json::{json, Value};
+use std::time::Instant;
+use tessera::model::GptConfig;
+use tessera::train::trainer::{TrainOptions, Trainer};
+use tessera::train::Corpus;
+use tessera::{Device, Error};
+
+pub const USAGE: &str = "usage: tessera bench recipes [options]
+
+Trains the tiny preset on the embedded corpus with each training recipe for the same number of
+steps (same tokens, seed and data order) and prints final validation loss, tokens/s, step time,
+peak memory and inference weight bytes beside the dense baseline.
+
+options:
+  --device DEVICE    cpu or cuda (default: cuda when a GPU is usable, else cpu)
+  --steps N          optimizer steps per recipe (default 300: about a minute each on 2 CPU cores)
+  --only NAME,...    only these recipes (the dense baseline always runs first)
+  --json FILE        also write the table and every run's settings as JSON";
+
+/// One row of the report: how a run differs from the dense baseline.
+struct Recipe {
+    name: &'static str,
+    /// What the row changes, for the table's last column.
+    what: &'static str,
+    options: fn(&mut TrainOptions),
+    /// A post-training phase run on the trained model (GAP).
+    post: Option<Post>,
+}
+
+#[derive(Clone, Copy)]
+enum Post {
+    Gap,
+}
+
+fn recipes() -> Vec<Recipe> {
+    vec![
+        Recipe {
+            name: "dense",
+            what: "the baseline: AdamW, warmup and cosine decay",
+            options: |_| {},
+            post: None,
+        },
+        Recipe {
+            name: "growlength",
+            what: "GrowLength: seq 32, 64, 128 in equal token stages, tokens per step constant",
+            options: |o| o.grow_from = 32,
+            post: None,
+        },
+        Recipe {
+            name: "forgetting",
+            what: "active forgetting: token embedding re-drawn at 40% and 80% of the steps",
+            // Not a divisor of the run: a reset on the last step would leave nothing relearned.
+            options: |o| o.forget_every = (o.steps * 2 / 5).max(1),
+            post: None,
+        },
+        Recipe {
+            name: "gap",
+            what: "dense, then GAP: 15 ascent steps on one sample, best validation kept",
+            options: |_| {},
+            post: Some(Post::Gap),
+        },
+    ]
+}
+
+/// What one run measured.
+struct Measured {
+    validation: f32,
+    tokens_per_s: f64,
+    step_ms: f64,
+    peak_bytes: Option<u64>,
+    inference_bytes: usize,
+    steps: u64,
+    tokens: usize,
+    post: Option<Value>,
+}
+
+pub fn run(args: &[String]) -> Result<(), Failure> {
+    let mut args = Args::new(args);
+    let usage = Failure::Usage;
+    let device = crate::device_option(&mut args)?;
+    let steps: u64 = args.parsed("--steps").map_err(usage)?.unwrap_or(300);
+    let only = args.value("--only").map_err(usage)?;
+    let json_path = args.value("--json").map_err(usage)?;
+    args.finish().map_err(usage)?;
+    if steps == 0 {
+        return Err(Failure::Usage("--steps must be at least 1".into()));
+    }
+    let all = recipes();
+    let selected: Vec<&Recipe> = match &only {
+        None => all.iter().collect(),
+        Some(list) => {
+            let names: Vec<&str> = list.split(',').map(str::trim).collect();
+            if let Some(unknown) = names.iter().find(|n| !all.iter().any(|r| r.name == **n)) {
+                let known: Vec<&str> = all.iter().map(|r| r.name).collect();
+                return Err(Failure::Usage(format!(
+                    "--only: unknown recipe `{unknown}` (recipes: {})",
+                    known.join(",")
+                )));
+            }
+            all.iter()
+                .filter(|r| r.name == "dense" || names.contains(&r.name))
+                .collect()
+        }
+    };
+    let corpus = Corpus::embedded()?;
+    let config = GptConfig::tiny();
+    eprintln!(
+        "recipes: tiny preset ({} parameters), {steps} steps each on {}",
+        config.parameter_count(),
+        device_name(&device)
+    );
+    let mut rows = Vec::new();
+    for recipe in selected {
+        let mut options = TrainOptions {
+            steps,
+            warmup: (steps / 20).max(1),
+            eval_every: 0,
+            ..TrainOptions::tiny()
+        };
+        (recipe.options)(&mut options);
+        eprintln!("recipes: {} ...", recipe.name);
+        let measured = train(&config, &options, recipe.post, &corpus, &device)?;
+        rows.push((recipe, options, measured));
+    }
+
+    let baseline = rows.first().map(|(_, _, m)| m.validation).unwrap_or(f32::NAN);
+    println!(
+        "| recipe | val loss | vs dense | tokens/s | step ms | peak memory | inference weights | what it changes |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (recipe, _, m) in &rows {
+        println!(
+            "| {} | {:.4} | {:+.4} | {:.0} | {:.1} | {} | {} | {} |",
+            recipe.name,
+            m.validation,
+            m.validation - baseline,
+            m.tokens_per_s,
+            m.step_ms,
+            m.peak_bytes.map(mib).unwrap_or_else(|| "n/a".into()),
+            mib(m.inference_bytes as u64),
+            recipe.what
+        );
+    }
+    if let Some(path) = json_path {
+        let report = json!({
+            "tool": "tessera bench recipes",
+            "version": env!("CARGO_PKG_VERSION"),
+            "device": device_name(&device),
+            "preset": "tiny",
+            "config": serde_json::from_str::<Value>(&config.to_json()).map_err(|e| Failure::Other(e.to_string()))?,
+            "steps": steps,
+            "rows": rows.iter().map(|(recipe, options, m)| json!({
+                "recipe": recipe.name,
+                "what": recipe.what,
+                "options": options.to_json(),
+                "validation_loss": m.validation,
+                "validation_loss_vs_dense": m.validation - baseline,
+                "tokens_per_s": m.tokens_per_s,
+                "step_ms": m.step_ms,
+                "peak_bytes": m.peak_bytes,
+                "inference_weight_bytes": m.inference_bytes,
+                "steps": m.steps,
+                "tokens": m.tokens,
+                "post": m.post,
+            })).collect::<Vec<_>>(),
+        });
+        let text = serde_json::to_string_pretty(&report).map_err(|e| Failure::Other(e.to_string()))?;
+        std::fs::write(&path, text).map_err(|e| Failure::Other(format!("writing {path}: {e}")))?;
+    }
+    Ok(())
+}
+
+fn train(
+    config: &GptConfig,
+    options: &TrainOptions,
+    post: Option<Post>,
+    corpus: &Corpus,
+    device: &Device,
+) -> Result<Measured, Error> {
+    let memory = PeakMemory::start(device);
+    let mut trainer = Trainer::new(config, options.clone(), device)?;
+    let mut tokens = 0;
+    let started = Instant::now();
+    for _ in 0..options.steps {
+        tokens += trainer.train_step(corpus)?.tokens;
+        memory.sample();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let mut validation = trainer.validate(corpus)?;
+    let post = match post {
+        None => None,
+        Some(Post::Gap) => {
+            let report = trainer.gap(corpus)?;
+            validation = report.steps[report.best].validation;
+            Some(json!({
+                "gap_initial_validation": report.initial_validation,
+                "gap_best_step": report.steps[report.best].step,
+                "gap_validation": report.steps.iter().map(|s| s.validation).collect::<Vec<_>>(),
+            }))
+        }
+    };
+    Ok(Measured {
+        validation,
+        tokens_per_s: tokens as f64 / seconds,
+        step_ms: 1e3 * seconds / options.steps as f64,
+        peak_bytes: memory.peak(),
+        // Every weight at bf16, the compute dtype on a GPU.
+        inference_bytes: 2 * config.parameter_count(),
+        steps: options.steps,
+        tokens,
+        post,
+    })
+}
+
+fn device_name(device: &Device) -> String {
+    match device {
+        Device::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(gpu) => gpu.name().to_string(),
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+/// The memory a run holds at its peak. On the CPU, the process's high-water resident set,
+/// restarted before each run (Linux's clear_refs); on a GPU, the most device memory in use after
+/// any step, less what was in use before the run started.
+enum PeakMemory {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda {
+        gpu: std::sync::Arc<tessera::cuda::CudaBackend>,
+        before: u64,
+        peak: std::cell::Cell<u64>,
+    },
+    Unknown,
+}
+
+impl PeakMemory {
+    fn start(device: &Device) -> PeakMemory {
+        match device {
+            Device::Cpu => match std::fs::write("/proc/self/clear_refs", "5") {
+                Ok(()) => PeakMemory::Cpu,
+                Err(_) => PeakMemory::Unknown,
+            },
+            #[cfg(feature = "cuda")]
+            Device::Cuda(gpu) => match gpu.memory_in_use() {
+                Ok(before) => PeakMemory::Cuda {
+                    gpu: gpu.clone(),
+                    before: before as u64,
+                    peak: std::cell::Cell::new(before as u64),
+                },
+                Err(_) => PeakMemory::Unknown,
+            },
+        }
+    }
+
+    fn sample(&self) {
+        #[cfg(feature = "cuda")]
+        if let PeakMemory::Cuda { gpu, peak, .. } = self {
+            if let Ok(now) = gpu.memory_in_use() {
+                peak.set(peak.get().max(now as u64));
+            }
+        }
+    }
+
+    fn peak(&self) -> Option<u64> {
+        match self {
+            PeakMemory::Cpu => {
+                let status = std::fs::read_to_string("/proc/self/status").ok()?;
+                let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+                let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+                Some(kib * 1024)
+            }
+            #[cfg(feature = "cuda")]
+            PeakMemory::Cuda { before, peak, .. } => Some(peak.get() - before),
+            PeakMemory::Unknown => None,
+        }
+    }
+}
