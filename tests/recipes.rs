@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::PathBuf;
-use tessera::model::{Activation, Attention, Family, GptConfig, GptParams, Norm, Positions};
+use tessera::model::{Activation, Attention, Family, Gpt, GptConfig, GptParams, Norm, Positions};
 use tessera::ops::{self, AdamWConfig, AdamWTensor};
 use tessera::optim::WarmupCosine;
 use tessera::train::trainer::{forget_seed, TrainOptions, Trainer};
@@ -419,7 +419,150 @@ fn gap_keeps_the_best_step(device: &Device) {
     common::assert_invalid(trainer.gap(&corpus).map(|_| ()), "train", "gap_lr", &["> 0"]);
 }
 
+/// Every parameter's gradient, as f32.
+fn grads(model: &Gpt) -> Vec<Vec<f32>> {
+    model
+        .params
+        .params
+        .iter()
+        .map(|p| p.grad.to_vec::<f32>().unwrap())
+        .collect()
+}
+
+fn model(family: Family, seed: u64, device: &Device) -> Gpt {
+    let params = GptParams::init(&config(family), device, seed).unwrap();
+    Gpt::new(params, 2, 8).unwrap()
+}
+
+fn tokens(seed: u64) -> Vec<u32> {
+    (0..16).map(|i| (splitmix(seed + i) % 256) as u32).collect()
+}
+
+fn splitmix(x: u64) -> u64 {
+    tessera::train::data::splitmix64(x)
+}
+
+/// FBI-LLM's distillation with the next-token weight at 1 is next-token training: the same loss
+/// and the same gradients, whatever the teacher says; at a loss scale of ½ the gradients halve.
+fn distillation_at_ce_weight_one_is_next_token_training(device: &Device) {
+    let tolerance = if device.is_cuda() { 2e-2 } else { 1e-4 };
+    for family in [Family::Gpt2, Family::Llama] {
+        let (inputs, targets) = (tokens(1), tokens(2));
+        let mut teacher = model(family, 99, device);
+        let teacher_logits = teacher.logits(&inputs, 2, 8).unwrap();
+        for scale in [1.0f32, 0.5] {
+            let mut plain = model(family, 5, device);
+            plain.params.zero_grads().unwrap();
+            let expected = plain.forward_backward(&inputs, &targets, 2, 8, scale).unwrap();
+            let mut distilled = model(family, 5, device);
+            distilled.params.zero_grads().unwrap();
+            let got = distilled
+                .forward_backward_distill(&inputs, &targets, teacher_logits, 1.0, 2, 8, scale)
+                .unwrap();
+            assert!(
+                (got - expected).abs() <= tolerance * expected.abs(),
+                "{family:?}: {got} vs {expected}"
+            );
+            for (index, (g, e)) in grads(&distilled).iter().zip(grads(&plain)).enumerate() {
+                let norm = e.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+                assert!(norm > 0.0, "{family:?} parameter {index} has no gradient");
+                for (a, b) in g.iter().zip(&e) {
+                    assert!(
+                        (a - b).abs() <= tolerance * norm,
+                        "{family:?} scale {scale} parameter {index}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A student distilled from itself (pure distillation) has nothing to learn: every gradient is 0,
+/// and the loss is the teacher's entropy, between 0 and ln(vocab).
+fn self_distillation_has_no_gradient(device: &Device) {
+    for family in [Family::Gpt2, Family::Llama] {
+        let inputs = tokens(3);
+        let mut teacher = model(family, 5, device);
+        let teacher_logits = teacher.logits(&inputs, 2, 8).unwrap();
+        let mut student = model(family, 5, device);
+        student.params.zero_grads().unwrap();
+        let loss = student
+            .forward_backward_distill(&inputs, &tokens(4), teacher_logits, 0.0, 2, 8, 1.0)
+            .unwrap();
+        assert!(loss > 0.0 && loss < (256f32).ln() + 1e-3, "{family:?}: entropy {loss}");
+        for (index, g) in grads(&student).iter().enumerate() {
+            let largest = g.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+            assert!(largest <= 1e-6, "{family:?} parameter {index}: gradient {largest}");
+        }
+    }
+}
+
+/// A student trained by distillation from a trained teacher learns (its validation loss falls
+/// below the unigram model's), resumes exactly with its teacher, and a teacher with another
+/// vocabulary is refused.
+fn distillation_trains_and_resumes(device: &Device) {
+    let corpus = corpus();
+    let teacher_dir = scratch("teacher", device);
+    let fast = TrainOptions {
+        batch: 4,
+        lr: 1e-2,
+        min_lr: 1e-3,
+        ..options(40)
+    };
+    let mut teacher = Trainer::new(&config(Family::Gpt2), fast.clone(), device).unwrap();
+    for _ in 0..40 {
+        teacher.train_step(&corpus).unwrap();
+    }
+    teacher.save(&teacher_dir).unwrap();
+    let distill = TrainOptions {
+        distill_from: Some(teacher_dir.to_str().unwrap().into()),
+        seed: 7,
+        ..fast
+    };
+    // The student may differ from its teacher in everything but the vocabulary.
+    let mut student = Trainer::new(&config(Family::Llama), distill.clone(), device).unwrap();
+    let initial = student.validate(&corpus).unwrap();
+    for _ in 0..40 {
+        student.train_step(&corpus).unwrap();
+    }
+    let validation = student.validate(&corpus).unwrap();
+    assert!(
+        validation < initial && validation < corpus.unigram_loss(256) as f32,
+        "validation {initial} -> {validation}"
+    );
+
+    let short = TrainOptions {
+        steps: 6,
+        ..distill.clone()
+    };
+    let mut straight = Trainer::new(&config(Family::Llama), short.clone(), device).unwrap();
+    let expected: Vec<f32> = (0..6).map(|_| straight.train_step(&corpus).unwrap().loss).collect();
+    let dir = scratch("distill-resume", device);
+    let mut first = Trainer::new(&config(Family::Llama), short.clone(), device).unwrap();
+    let mut got: Vec<f32> = (0..3).map(|_| first.train_step(&corpus).unwrap().loss).collect();
+    first.save(&dir).unwrap();
+    drop(first);
+    let mut resumed = Trainer::resume(&dir, device).unwrap();
+    assert_eq!(resumed.options, short);
+    got.extend((0..3).map(|_| resumed.train_step(&corpus).unwrap().loss));
+    assert_eq!(got, expected);
+
+    let other_vocab = GptConfig {
+        vocab: 300,
+        ..config(Family::Llama)
+    };
+    let refused = Trainer::new(&other_vocab, distill, device)
+        .err()
+        .expect("a teacher of another vocabulary");
+    assert!(refused.to_string().contains("vocabulary"), "{refused}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&teacher_dir).unwrap();
+}
+
 on_each_device!(
+    distillation_at_ce_weight_one_is_next_token_training,
+    self_distillation_has_no_gradient,
+    distillation_trains_and_resumes,
     grow_length_steps_have_the_planned_shapes,
     forgetting_resets_exactly_the_embedding,
     resume_equals_uninterrupted_with_each_recipe,
@@ -438,11 +581,21 @@ fn recipe_options_round_trip_through_json() {
         gap_steps: 7,
         gap_lr: 2e-5,
         gap_tokens: 256,
+        distill_from: Some("runs/teacher".into()),
+        distill_ce_weight: 0.5,
         ..TrainOptions::tiny()
     };
     assert_eq!(TrainOptions::from_json(&recipe.to_json()), Some(recipe));
     let mut old = TrainOptions::tiny().to_json();
-    for key in ["grow_from", "forget_every", "gap_steps", "gap_lr", "gap_tokens"] {
+    for key in [
+        "grow_from",
+        "forget_every",
+        "gap_steps",
+        "gap_lr",
+        "gap_tokens",
+        "distill_from",
+        "distill_ce_weight",
+    ] {
         old.as_object_mut().unwrap().remove(key);
     }
     assert_eq!(TrainOptions::from_json(&old), Some(TrainOptions::tiny()));
@@ -492,6 +645,20 @@ fn recipes_run_from_the_command_line() {
     ]);
     let resumed = Trainer::resume(&run, &Device::Cpu).unwrap();
     assert_eq!((resumed.options.grow_from, resumed.options.forget_every), (4, 2));
+    let student = dir.join("student");
+    tessera(&[
+        "train",
+        "--device",
+        "cpu",
+        "--config",
+        &path(&config),
+        "--distill-from",
+        &path(&run),
+        "--out",
+        &path(&student),
+    ]);
+    let distilled = Trainer::resume(&student, &Device::Cpu).unwrap();
+    assert_eq!(distilled.options.distill_from, Some(path(&run)));
     let log = tessera(&[
         "train",
         "--device",

@@ -87,6 +87,12 @@ struct Activations {
     final_stats: NormStats,
     /// (M, V); after a training forward, their gradient.
     logits: Tensor,
+    /// What the backward scales the logits' gradient by: 1 when the fused cross-entropy scaled
+    /// it already, the loss scale when distillation wrote it.
+    logits_grad_scale: f32,
+    /// Distillation's gradient (M, V), allocated on its first use; it trades places with
+    /// `logits` so that the backward reads the gradient where it always does.
+    distill_grad: Option<Tensor>,
     losses: Tensor,
     mean_loss: Tensor,
     /// Gradients with respect to the residual stream (M, C), two used in turn.
@@ -172,6 +178,53 @@ impl Gpt {
         self.mean_loss()
     }
 
+    /// FBI-LLM's autoregressive distillation (ALGORITHMS.md §1.6): the loss
+    /// `(1 − w)·L_AD + w·CE` of the model's logits against `teacher_logits` (batch · seq, vocab),
+    /// in the compute dtype, and the teacher's softmax as targets, `w = ce_weight`, with the
+    /// gradients of `loss_scale · loss` added to the parameters' gradients. `targets` are read
+    /// only when `w > 0`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward_distill(
+        &mut self,
+        inputs: &[u32],
+        targets: &[u32],
+        teacher_logits: &Tensor,
+        ce_weight: f32,
+        batch: usize,
+        seq: usize,
+        loss_scale: f32,
+    ) -> Result<f32> {
+        let m = batch * seq;
+        check_tokens("targets", targets, m, self.params.config.vocab)?;
+        teacher_logits.expect_shape(OP, "teacher_logits", &[m, self.params.config.vocab])?;
+        self.forward(inputs, None, batch, seq, None)?;
+        let acts = &mut self.activations;
+        acts.targets
+            .copy_from(&Tensor::from_slice(targets, &[m], &Device::Cpu)?)?;
+        acts.embedding_plan.update(inputs)?;
+        let grad = match &mut acts.distill_grad {
+            Some(grad) => grad,
+            empty => empty.insert(Tensor::zeros(
+                acts.logits.shape(),
+                acts.logits.dtype(),
+                &acts.logits.device(),
+            )?),
+        };
+        let labels = (ce_weight > 0.0).then_some(&acts.targets);
+        ops::distill_loss_into(
+            &acts.logits,
+            teacher_logits,
+            labels,
+            ce_weight,
+            &mut acts.mean_loss,
+            grad,
+        )?;
+        std::mem::swap(&mut acts.logits, grad);
+        acts.logits_grad_scale = loss_scale;
+        self.backward()?;
+        self.mean_loss()
+    }
+
     /// The mean next-token loss, without gradients.
     pub fn loss(&mut self, inputs: &[u32], targets: &[u32], batch: usize, seq: usize) -> Result<f32> {
         self.forward(inputs, Some(targets), batch, seq, None)?;
@@ -220,6 +273,7 @@ impl Gpt {
         if loss_scale.is_some() {
             acts.embedding_plan.update(inputs)?;
         }
+        acts.logits_grad_scale = 1.0;
 
         let layout = &params.layout;
         embed(params, &acts.tokens, &mut acts.blocks[0].input, batch, seq)?;
@@ -324,13 +378,24 @@ impl Gpt {
 
         // logits = final_normed·Eᵀ: the head's gradient, and that of the final norm's output.
         let head = layout.head.unwrap_or(layout.token_embedding);
-        weight_grad(params, head, Layout::OutputMajor, &acts.final_normed, &acts.logits)?;
+        let alpha = acts.logits_grad_scale;
+        weight_grad_scaled(
+            params,
+            head,
+            Layout::OutputMajor,
+            &acts.final_normed,
+            &acts.logits,
+            alpha,
+        )?;
         ops::matmul_into(
             &acts.logits,
             params.weight(head),
             None,
             &mut s.d_normed,
-            MatmulOptions::default(),
+            MatmulOptions {
+                alpha,
+                ..MatmulOptions::default()
+            },
         )?;
         norm_backward(
             params,
@@ -480,6 +545,8 @@ impl Activations {
             final_normed: tensor(c)?,
             final_stats: stats()?,
             logits: tensor(v)?,
+            logits_grad_scale: 1.0,
+            distill_grad: None,
             losses: Tensor::zeros(&[m], DType::F32, device)?,
             mean_loss: Tensor::zeros(&[1], DType::F32, device)?,
             d_stream: [tensor(c)?, tensor(c)?],
@@ -587,9 +654,22 @@ fn linear_backward(
 
 /// Adds a weight's gradient: (in, out) `xᵀ·dY`, or (out, in) `dYᵀ·x`.
 fn weight_grad(params: &mut GptParams, index: usize, layout: Layout, x: &Tensor, dy: &Tensor) -> Result<()> {
+    weight_grad_scaled(params, index, layout, x, dy, 1.0)
+}
+
+/// [`weight_grad`] of `alpha · dY`.
+fn weight_grad_scaled(
+    params: &mut GptParams,
+    index: usize,
+    layout: Layout,
+    x: &Tensor,
+    dy: &Tensor,
+    alpha: f32,
+) -> Result<()> {
     let options = MatmulOptions {
         trans_a: true,
         beta: 1.0,
+        alpha,
         ..MatmulOptions::default()
     };
     let grad = &mut params.params[index].grad;

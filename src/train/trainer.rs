@@ -67,6 +67,13 @@ pub struct TrainOptions {
     pub gap_lr: f32,
     /// GAP's text sample length in tokens (capped at the model's context).
     pub gap_tokens: usize,
+    /// FBI-LLM's autoregressive distillation (ALGORITHMS.md §1.6): the teacher checkpoint (a
+    /// tessera run or a Hugging Face GPT-2/Llama directory with the same vocabulary), whose
+    /// softmax replaces the next-token targets. `None` trains on the targets alone.
+    pub distill_from: Option<String>,
+    /// With a teacher: the weight `w` of the ordinary next-token loss in
+    /// `(1 − w)·distillation + w·next-token` (0: pure distillation, the paper's default).
+    pub distill_ce_weight: f32,
 }
 
 impl TrainOptions {
@@ -93,6 +100,8 @@ impl TrainOptions {
             gap_steps: 15,
             gap_lr: 5e-5,
             gap_tokens: 512,
+            distill_from: None,
+            distill_ce_weight: 0.0,
         }
     }
 
@@ -160,6 +169,14 @@ impl TrainOptions {
         if self.gap_tokens == 0 {
             return Err(Error::invalid(OP, "gap_tokens", "a positive number", 0));
         }
+        if !(0.0..=1.0).contains(&self.distill_ce_weight) {
+            return Err(Error::invalid(
+                OP,
+                "distill_ce_weight",
+                "a weight in [0, 1]",
+                self.distill_ce_weight,
+            ));
+        }
         WarmupCosine::new(self.lr, self.min_lr, self.warmup.min(self.steps), self.steps.max(1))
     }
 
@@ -226,6 +243,7 @@ impl TrainOptions {
             "checkpoint_every": self.checkpoint_every, "seed": self.seed,
             "grow_from": self.grow_from, "forget_every": self.forget_every,
             "gap_steps": self.gap_steps, "gap_lr": self.gap_lr, "gap_tokens": self.gap_tokens,
+            "distill_from": self.distill_from, "distill_ce_weight": self.distill_ce_weight,
         })
     }
 
@@ -267,6 +285,14 @@ impl TrainOptions {
                 Some(v) => v.as_f64()? as f32,
             },
             gap_tokens: optional_size("gap_tokens", defaults.gap_tokens as u64)? as usize,
+            distill_from: match value.get("distill_from") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(v.as_str()?.to_string()),
+            },
+            distill_ce_weight: match value.get("distill_ce_weight") {
+                None => defaults.distill_ce_weight,
+                Some(v) => v.as_f64()? as f32,
+            },
         })
     }
 }
@@ -329,6 +355,8 @@ pub struct Trainer {
     step: u64,
     inputs: Vec<u32>,
     targets: Vec<u32>,
+    /// The frozen teacher of [`TrainOptions::distill_from`].
+    teacher: Option<Gpt>,
 }
 
 impl Trainer {
@@ -338,6 +366,7 @@ impl Trainer {
         let params = GptParams::init(config, device, options.seed)?;
         let (batch, seq) = options.batch_shape(1);
         let model = Gpt::new(params, batch, seq)?;
+        let teacher = load_teacher(&options, config, device)?;
         Ok(Trainer {
             model,
             sampler: BatchSampler::new(options.seed),
@@ -346,6 +375,7 @@ impl Trainer {
             step: 0,
             inputs: Vec::new(),
             targets: Vec::new(),
+            teacher,
         })
     }
 
@@ -368,10 +398,24 @@ impl Trainer {
             self.sampler
                 .next_batch(&corpus.train, batch, seq, &mut self.inputs, &mut self.targets)?;
             // Each micro-batch's mean loss is scaled by 1/micro so the gradients sum to the mean.
-            loss += self
-                .model
-                .forward_backward(&self.inputs, &self.targets, batch, seq, 1.0 / micro as f32)?
-                as f64;
+            let scale = 1.0 / micro as f32;
+            loss += match &mut self.teacher {
+                None => self
+                    .model
+                    .forward_backward(&self.inputs, &self.targets, batch, seq, scale)?,
+                Some(teacher) => {
+                    let teacher_logits = teacher.logits(&self.inputs, batch, seq)?;
+                    self.model.forward_backward_distill(
+                        &self.inputs,
+                        &self.targets,
+                        teacher_logits,
+                        self.options.distill_ce_weight,
+                        batch,
+                        seq,
+                        scale,
+                    )?
+                }
+            } as f64;
         }
         let loss = (loss / micro as f64) as f32;
         let grad_norm = self.model.params.grad_norm()?;
@@ -637,6 +681,7 @@ impl Trainer {
                 .to_device(device)?;
         }
         let (batch, seq) = options.batch_shape(step + 1);
+        let teacher = load_teacher(&options, &params.config, device)?;
         let model = Gpt::new(params, batch, seq)?;
         Ok(Trainer {
             model,
@@ -646,8 +691,38 @@ impl Trainer {
             step,
             inputs: Vec::new(),
             targets: Vec::new(),
+            teacher,
         })
     }
+}
+
+/// The teacher of `options.distill_from`, on `device`, checked against the student's `config`:
+/// the same vocabulary, and a context that holds the training sequences.
+fn load_teacher(options: &TrainOptions, config: &GptConfig, device: &Device) -> Result<Option<Gpt>> {
+    let Some(from) = &options.distill_from else {
+        return Ok(None);
+    };
+    let dir = checkpoint_dir(Path::new(from))?;
+    let params = GptParams::load(dir.join("model.safetensors"), None, device)?;
+    let teacher = &params.config;
+    if teacher.vocab != config.vocab {
+        return Err(Error::invalid(
+            OP,
+            "distill_from",
+            format!("a teacher with the student's vocabulary ({})", config.vocab),
+            format!("{from}: vocabulary {}", teacher.vocab),
+        ));
+    }
+    if teacher.context < options.seq {
+        return Err(Error::invalid(
+            OP,
+            "distill_from",
+            format!("a teacher whose context holds seq ({})", options.seq),
+            format!("{from}: context {}", teacher.context),
+        ));
+    }
+    let (batch, seq) = options.batch_shape(1);
+    Ok(Some(Gpt::new(params, batch, seq)?))
 }
 
 /// The checkpoint directory `out/latest` names, or `out` itself when it holds a model.

@@ -26,6 +26,11 @@ options:
   --steps N          optimizer steps (default: the preset's)
   --seed N           initialisation and data order
   --out DIR          checkpoint directory (default: runs/<preset>)
+  --distill-from CHECKPOINT
+                     FBI-LLM's autoregressive distillation: train on the softmax of this
+                     teacher (a tessera run or a Hugging Face GPT-2/Llama directory with the
+                     same vocabulary) instead of the next tokens; [train] distill_ce_weight = w
+                     mixes in w times the next-token loss
   --resume           continue from the latest checkpoint in --out
   --gap CHECKPOINT   GAP post-training of CHECKPOINT instead of training: gap_steps updates of
                      gradient ascent on one random text sample, validating after each, the
@@ -70,6 +75,7 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
     let out_arg = args.value("--out").map_err(usage)?;
     let resume = args.flag("--resume");
     let gap = args.value("--gap").map_err(usage)?;
+    let distill_from = args.value("--distill-from").map_err(usage)?;
     args.finish().map_err(usage)?;
     // GAP writes a model directory of its own, never into the run it starts from.
     let out = PathBuf::from(match (&out_arg, &gap) {
@@ -124,6 +130,11 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
         );
     }
 
+    if resume && distill_from.is_some() {
+        return Err(Failure::Usage(
+            "--distill-from starts a run; a resumed run keeps the teacher its checkpoint names".into(),
+        ));
+    }
     let mut trainer = if resume {
         let trainer = Trainer::resume(&out, &device)?;
         eprintln!("resuming at step {} from {}", trainer.step(), out.display());
@@ -138,6 +149,9 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
         }
         if let Some(seed) = seed {
             options.seed = seed;
+        }
+        if distill_from.is_some() {
+            options.distill_from = distill_from;
         }
         if config.vocab < tokenizer.vocab_size() {
             return Err(Failure::Usage(format!(
