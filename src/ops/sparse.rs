@@ -583,6 +583,28 @@ pub fn sparse_linear_backward(
     Ok(SparseLinearGrads { d_x, d_values, d_bias })
 }
 
+/// The most tokens one GPU sparse GEMM takes (the many-token kernel's grid limit).
+pub(crate) const GPU_MAX_TOKENS: usize = 65535 * 128;
+
+/// `x·W_sᵀ` in f32 on the host: `x` is (m, w.cols()) f32, the result (m, w.rows()) f32. For ops
+/// that add more terms before rounding once (the LoRA linear on a sparse base); `w` is on the host.
+pub(crate) fn sparse24_product_f32(x: &[f32], w: &Sparse24) -> Result<Vec<f32>> {
+    with_float_type!(w.dtype(), "sparse24_product", "w", T => cpu::product_f32::<T>(x, w))
+}
+
+/// The weight gradient of [`sparse_linear_backward`] alone: `dYᵀ·X` at the kept positions of
+/// `w`, in the layout of its values, f32 (rows, cols/2). `dy` (m, w.rows()) and `x` (m, w.cols())
+/// are validated by the caller to match `w` in dtype and device.
+pub(crate) fn sparse24_weight_grad(dy: &Tensor, x: &Tensor, w: &Sparse24) -> Result<Tensor> {
+    let mut d_values = new_on(&dy.device(), &[w.rows, w.cols / 2], DType::F32)?;
+    match dy.device() {
+        Device::Cpu => cpu::weight_grad(dy, x, w, &mut d_values, None)?,
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::weight_grad(dy, x, w, &mut d_values, None, dy.shape()[0])?,
+    }
+    Ok(d_values)
+}
+
 mod cpu {
     use super::*;
     use rayon::prelude::*;
@@ -795,6 +817,22 @@ mod cpu {
                 }
             });
         Ok(())
+    }
+
+    pub(super) fn product_f32<T: Float>(x: &[f32], w: &Sparse24) -> Result<Vec<f32>> {
+        let entries = kept_entries::<T>(w)?;
+        let entries: Vec<Vec<(usize, f32)>> = entries
+            .into_iter()
+            .map(|row| row.into_iter().map(|(c, v)| (c, v.to_f32())).collect())
+            .collect();
+        let (k, n) = (w.cols, w.rows);
+        let mut y = vec![0.0f32; x.len() / k * n];
+        y.par_chunks_mut(n).zip(x.par_chunks(k)).for_each(|(y, x)| {
+            for (out, row) in y.iter_mut().zip(&entries) {
+                *out = row.iter().map(|&(c, v)| v * x[c]).sum();
+            }
+        });
+        Ok(y)
     }
 
     pub(super) fn forward(x: &Tensor, w: &Sparse24, bias: Option<&Tensor>, y: &mut Tensor) -> Result<()> {
