@@ -1164,7 +1164,13 @@ fn small_sparse_base_backward(device: &Device) {
     let mut rng = common::rng();
     let c = Case::mixed(&mut rng, 19, 64, 64, 3, 8);
     check_sparse_backward::<bf16>(device, &mut rng, &c, false, "small mixed");
-    check_sparse_backward::<f16>(device, &mut rng, &Case::single(70, 64, 64, 8, 8), true, "small full rank");
+    check_sparse_backward::<f16>(
+        device,
+        &mut rng,
+        &Case::single(70, 64, 64, 8, 8),
+        true,
+        "small full rank",
+    );
 }
 
 fn sparse_base_forward_dtypes(device: &Device) {
@@ -1244,7 +1250,15 @@ fn sparse_base_finite_differences() {
     };
     let t = tensors(&c, &d, device);
     let w = sparse_weight(&c, &d, device);
-    let grads = lora_backward(&g_tensor, &t.x, LoraBase::Sparse24(&w, None), &t.adapters, &t.routing, true).unwrap();
+    let grads = lora_backward(
+        &g_tensor,
+        &t.x,
+        LoraBase::Sparse24(&w, None),
+        &t.adapters,
+        &t.routing,
+        true,
+    )
+    .unwrap();
     let step = 0.25f32;
     let numeric = |which: usize, skip: &dyn Fn(usize) -> bool| -> Vec<f64> {
         let len = field(&mut clone_data(&d), which).len();

@@ -114,12 +114,7 @@ impl LoraBase<'_> {
                         return Err(Error::invalid(
                             op,
                             "base",
-                            format!(
-                                "a double-pruned transpose of {}x{} {}",
-                                w.cols(),
-                                w.rows(),
-                                w.dtype()
-                            ),
+                            format!("a double-pruned transpose of {}x{} {}", w.cols(), w.rows(), w.dtype()),
                             format!("{}x{} {}", t.rows(), t.cols(), t.dtype()),
                         ));
                     }
@@ -1851,40 +1846,71 @@ mod cuda {
         let t = Tensor::uninit_cuda(&[d.m, r], dtype, backend)?;
         let u = Tensor::uninit_cuda(&[d.m, r], dtype, backend)?;
         let (t_address, u_address) = (address(&t)?, address(&u)?);
-        let product = |m: usize, n: usize, k: usize, trans: (bool, bool), a: u64, b: u64, out: u64, alpha: f32, beta: f32| {
-            blas(
-                backend,
-                MatmulShape {
-                    dtype,
-                    out_dtype: dtype,
-                    m,
-                    n,
-                    k,
-                    trans_a: trans.0,
-                    trans_b: trans.1,
-                    bias: false,
-                },
-                MatmulOperands {
-                    a,
-                    b,
-                    out,
-                    bias: None,
-                    alpha,
-                    beta,
-                },
-            )
-        };
+        let product =
+            |m: usize, n: usize, k: usize, trans: (bool, bool), a: u64, b: u64, out: u64, alpha: f32, beta: f32| {
+                blas(
+                    backend,
+                    MatmulShape {
+                        dtype,
+                        out_dtype: dtype,
+                        m,
+                        n,
+                        k,
+                        trans_a: trans.0,
+                        trans_b: trans.1,
+                        bias: false,
+                    },
+                    MatmulOperands {
+                        a,
+                        b,
+                        out,
+                        bias: None,
+                        alpha,
+                        beta,
+                    },
+                )
+            };
         product(d.m, r, d.d_in, (false, true), x_address, a_address, t_address, 1.0, 0.0)?;
-        product(d.m, r, d.d_out, (false, false), d_y_address, b_address, u_address, 1.0, 0.0)?;
+        product(
+            d.m,
+            r,
+            d.d_out,
+            (false, false),
+            d_y_address,
+            b_address,
+            u_address,
+            1.0,
+            0.0,
+        )?;
         let d_x_address = address(&grads.d_x)?;
         match input_gradient {
             InputGradient::Dense(w) => {
-                product(d.m, d.d_in, r, (false, false), u_address, a_address, d_x_address, s, 0.0)?;
+                product(
+                    d.m,
+                    d.d_in,
+                    r,
+                    (false, false),
+                    u_address,
+                    a_address,
+                    d_x_address,
+                    s,
+                    0.0,
+                )?;
                 dense_input_gradient(backend, d, d_y, w, d_x_address)?;
             }
             InputGradient::Sparse(w_dp_t) => {
                 sparse_linear_forward_into(d_y, w_dp_t, None, &mut grads.d_x)?;
-                product(d.m, d.d_in, r, (false, false), u_address, a_address, d_x_address, s, 1.0)?;
+                product(
+                    d.m,
+                    d.d_in,
+                    r,
+                    (false, false),
+                    u_address,
+                    a_address,
+                    d_x_address,
+                    s,
+                    1.0,
+                )?;
             }
         }
         grads.d_a.fill_bytes(0)?;

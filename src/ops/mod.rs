@@ -43,11 +43,11 @@ pub use binary::{
     PackedBinaryLinear,
 };
 pub use columns::copy_columns;
+pub use lora::lora_merged_weight;
 pub use lora::{
     lora_backward, lora_forward, lora_forward_into, lora_merge, lora_unmerge, LoraAdapters, LoraBase, LoraGrads,
     LoraRouting, Velora,
 };
-pub use lora::lora_merged_weight;
 pub use matmul::{matmul, matmul_into, MatmulOptions};
 pub use rope::{rope_backward, rope_forward, RopeConfig, RopeConvention};
 pub use sltrain::{sltrain_backward, sltrain_forward, sltrain_weight, SlTrainConfig, SlTrainGrads, SlTrainLayer};
