@@ -39,7 +39,7 @@ use crate::device::Device;
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
 use crate::ops::matmul::{matmul, MatmulOptions};
-use crate::ops::sparse::{self, sparse24_decompress, sparse24_double_prune, sparse_linear_forward_into, Sparse24};
+use crate::ops::sparse::{self, sparse24_decompress, sparse24_double_prune, Sparse24};
 use crate::tensor::Tensor;
 
 const OP: &str = "lora";
@@ -1221,6 +1221,7 @@ mod cuda {
     use super::*;
     use crate::cuda::blaslt::{MatmulOperands, MatmulShape};
     use crate::cuda::{CudaBackend, CudaContextExt, LaunchConfig, PushKernelArg};
+    use crate::ops::sparse::sparse_linear_forward_into;
     use cudarc::driver::CudaStream;
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex, OnceLock};
