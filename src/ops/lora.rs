@@ -21,19 +21,19 @@
 //! All arithmetic is f32; inputs and outputs are f32, bf16 or f16 (a sparse base on a GPU: bf16,
 //! f16). On the GPU the dense base product is cuBLASLt, the sparse one the mma.sp GEMMs of
 //! kernels/sparse_nm.cu (through [`crate::ops::sparse_linear_forward_into`]). One adapter over
-//! many rows (see [`blas_rows`]) runs its two products in cuBLASLt too: over a dense base
-//! `s·T·Bᵀ (+ bias)` is written into `Y` before the base GEMM accumulates onto it (beta = 1), over
-//! a sparse base the sparse GEMM writes `X·W_sᵀ (+ bias)` and `s·T·Bᵀ` accumulates onto it. Other
+//! many rows (see [`blas_rows`]) runs its two products in cuBLASLt too, writing `s·T·Bᵀ` (+ bias)
+//! into `Y` before the base GEMM accumulates onto it (cuBLASLt's beta = 1, or the accumulating
+//! epilogue of the sparse GEMM, which reads `Y` where it writes it). Other
 //! batches run the hand-written kernels of kernels/lora.cu: `T = X·Aᵀ` per row's adapter on a
 //! side stream beside the base GEMM (dense or sparse), then `s·T·Bᵀ` added onto its output. The
 //! backward mirrors this (cuBLASLt for one adapter over many rows, the kernels otherwise; the
 //! sparse base's `dY·W_dp` is the same sparse GEMM on `W_dpᵀ`) and recomputes `T`.
 //!
-//! Over a sparse base, adding `s·T·Bᵀ` onto `Y` costs one extra read and write of `Y` (m·d_out
-//! values) and a launch. A version fused into the sparse GEMM's epilogue (`T` ready before it,
-//! `B_a`'s rows read per output tile) would save exactly that: about 2·m·d_out·2 bytes, at
-//! m = 4096, d = 4096 bf16 64 MiB of traffic (≈ 20 µs on an H100 beside a ≈ 0.3 ms sparse GEMM),
-//! and one launch (a few µs) at m ≤ 16, where the sparse GEMM itself takes ≈ 6 µs.
+//! The adapter's expand is its own launch. Fused into the sparse GEMM's epilogue (`T` ready
+//! before it, `B_a`'s rows read per output tile), it would save the write of `s·T·Bᵀ` and its read
+//! back: at m = 4096, d = 4096 bf16 64 MiB of traffic (≈ 20 µs on an H100 beside a sparse GEMM of
+//! ≈ 0.15..0.3 ms), and at m ≤ 16 one launch (a few µs beside a sparse GEMM of ≈ 6 µs), where
+//! the shrink would also have to finish before the GEMM instead of running beside it.
 
 use crate::device::Device;
 use crate::dtype::{DType, Float};
@@ -1221,7 +1221,7 @@ mod cuda {
     use super::*;
     use crate::cuda::blaslt::{MatmulOperands, MatmulShape};
     use crate::cuda::{CudaBackend, CudaContextExt, LaunchConfig, PushKernelArg};
-    use crate::ops::sparse::sparse_linear_forward_into;
+    use crate::ops::sparse::{sparse_linear_accumulate_into, sparse_linear_forward_into};
     use cudarc::driver::CudaStream;
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex, OnceLock};
@@ -1662,17 +1662,16 @@ mod cuda {
                         },
                     )
                 };
+                // out = s·T·B_aᵀ (+ bias), then the base GEMM accumulates onto it: beta = 1 in
+                // cuBLASLt, the sparse GEMM's accumulating epilogue.
                 match base {
-                    // out = s·T·B_aᵀ + bias, then the base GEMM accumulates onto it (beta = 1).
                     LoraBase::Dense(w) => {
                         expand(bias.map(address).transpose()?, 0.0)?;
                         dense_product(&backend, d, x, w, None, out_address, 1.0)
                     }
-                    // The sparse GEMM writes out = X·W_sᵀ + bias, then s·T·B_aᵀ is added onto
-                    // it (beta = 1).
                     LoraBase::Sparse24(w, _) => {
-                        sparse_linear_forward_into(x, w, bias, out)?;
-                        expand(None, 1.0)
+                        expand(None, 0.0)?;
+                        sparse_linear_accumulate_into(x, w, bias, out)
                     }
                 }
             }
@@ -1753,12 +1752,7 @@ mod cuda {
             adapters,
             d.d_out,
         )?;
-        // dX = s·U·A, then + dY·W from a dense base; a sparse base's GEMM writes dY·W_dp first
-        // and s·U·A is added onto it.
-        let sparse_first = matches!(input_gradient, InputGradient::Sparse(_));
-        if let InputGradient::Sparse(w_dp_t) = input_gradient {
-            sparse_linear_forward_into(d_y, w_dp_t, None, &mut grads.d_x)?;
-        }
+        // dX = s·U·A, then + dY·W (dense) or + dY·W_dp (sparse) from the base.
         let d_x_address = address(&grads.d_x)?;
         let a_by_column = Strided {
             base: a_matrix.base,
@@ -1773,14 +1767,12 @@ mod cuda {
             &a_by_column,
             0,
             d_x_address,
-            sparse_first,
+            false,
             routing,
             adapters,
             d.d_in,
         )?;
-        if let InputGradient::Dense(w) = input_gradient {
-            dense_input_gradient(&backend, d, d_y, w, d_x_address)?;
-        }
+        base_input_gradient(&backend, d, d_y, input_gradient, &mut grads.d_x)?;
         // dA[a, j, k] = s·Σ U[row, j]·X[row, k]; dB[a, o, j] = s·Σ dY[row, o]·T[row, j].
         let d_a = Strided {
             base: address(&grads.d_a)?,
@@ -1798,29 +1790,39 @@ mod cuda {
         adapter_grad(&backend, dtype, d_y_address, &t, &d_b, routing, adapters, d.d_out)
     }
 
-    /// `d_x = dY·W + d_x`: a dense base's part of the input gradient, accumulating.
-    fn dense_input_gradient(backend: &Arc<CudaBackend>, d: Dims, d_y: &Tensor, w: &Tensor, d_x: u64) -> Result<()> {
-        blas(
-            backend,
-            MatmulShape {
-                dtype: d_y.dtype(),
-                out_dtype: d_y.dtype(),
-                m: d.m,
-                n: d.d_in,
-                k: d.d_out,
-                trans_a: false,
-                trans_b: false,
-                bias: false,
-            },
-            MatmulOperands {
-                a: address(d_y)?,
-                b: address(w)?,
-                out: d_x,
-                bias: None,
-                alpha: 1.0,
-                beta: 1.0,
-            },
-        )
+    /// `d_x = dY·G + d_x`: the base's part of the input gradient, accumulating (cuBLASLt with
+    /// beta = 1, or the sparse GEMM on `W_dpᵀ` with its accumulating epilogue).
+    fn base_input_gradient(
+        backend: &Arc<CudaBackend>,
+        d: Dims,
+        d_y: &Tensor,
+        input_gradient: InputGradient,
+        d_x: &mut Tensor,
+    ) -> Result<()> {
+        match input_gradient {
+            InputGradient::Dense(w) => blas(
+                backend,
+                MatmulShape {
+                    dtype: d_y.dtype(),
+                    out_dtype: d_y.dtype(),
+                    m: d.m,
+                    n: d.d_in,
+                    k: d.d_out,
+                    trans_a: false,
+                    trans_b: false,
+                    bias: false,
+                },
+                MatmulOperands {
+                    a: address(d_y)?,
+                    b: address(w)?,
+                    out: address(d_x)?,
+                    bias: None,
+                    alpha: 1.0,
+                    beta: 1.0,
+                },
+            ),
+            InputGradient::Sparse(w_dp_t) => sparse_linear_accumulate_into(d_y, w_dp_t, None, d_x),
+        }
     }
 
     /// The backward of one adapter `a` over many rows, every product in cuBLASLt: T = X·A_aᵀ and
@@ -1884,36 +1886,18 @@ mod cuda {
             0.0,
         )?;
         let d_x_address = address(&grads.d_x)?;
-        match input_gradient {
-            InputGradient::Dense(w) => {
-                product(
-                    d.m,
-                    d.d_in,
-                    r,
-                    (false, false),
-                    u_address,
-                    a_address,
-                    d_x_address,
-                    s,
-                    0.0,
-                )?;
-                dense_input_gradient(backend, d, d_y, w, d_x_address)?;
-            }
-            InputGradient::Sparse(w_dp_t) => {
-                sparse_linear_forward_into(d_y, w_dp_t, None, &mut grads.d_x)?;
-                product(
-                    d.m,
-                    d.d_in,
-                    r,
-                    (false, false),
-                    u_address,
-                    a_address,
-                    d_x_address,
-                    s,
-                    1.0,
-                )?;
-            }
-        }
+        product(
+            d.m,
+            d.d_in,
+            r,
+            (false, false),
+            u_address,
+            a_address,
+            d_x_address,
+            s,
+            0.0,
+        )?;
+        base_input_gradient(backend, d, d_y, input_gradient, &mut grads.d_x)?;
         grads.d_a.fill_bytes(0)?;
         grads.d_b.fill_bytes(0)?;
         product(

@@ -505,20 +505,44 @@ pub fn sparse_linear_forward(x: &Tensor, w: &Sparse24, bias: Option<&Tensor>) ->
 /// [`sparse_linear_forward`] into an existing `y`.
 pub fn sparse_linear_forward_into(x: &Tensor, w: &Sparse24, bias: Option<&Tensor>, y: &mut Tensor) -> Result<()> {
     const OP: &str = "sparse_linear_forward";
-    let m = check_tokens(OP, "x", x, w.cols, w)?;
-    if let Some(bias) = bias {
-        bias.expect_dtype(OP, "bias", &[x.dtype()])?;
-        bias.expect_shape(OP, "bias", &[w.rows])?;
-        x.device().expect_same(&bias.device(), OP, "bias")?;
-    }
-    y.expect_dtype(OP, "y", &[x.dtype()])?;
-    y.expect_shape(OP, "y", &[m, w.rows])?;
-    x.device().expect_same(&y.device(), OP, "y")?;
+    let m = check_forward_into(OP, x, w, bias, y)?;
     match x.device() {
         Device::Cpu => cpu::forward(x, w, bias, y),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::forward(x, w, bias, y, m),
+        Device::Cuda(_) => cuda::forward(x, w, bias, y, m, false),
     }
+}
+
+/// `y = x·W_sᵀ (+ bias) + y` on a GPU: [`sparse_linear_forward_into`] adding its result onto what
+/// `y` holds (read in the GEMM's epilogue, one rounding of the sum), for ops that write another
+/// term into `y` first (the LoRA linear's adapter).
+#[cfg(feature = "cuda")]
+pub(crate) fn sparse_linear_accumulate_into(
+    x: &Tensor,
+    w: &Sparse24,
+    bias: Option<&Tensor>,
+    y: &mut Tensor,
+) -> Result<()> {
+    const OP: &str = "sparse_linear_accumulate";
+    let m = check_forward_into(OP, x, w, bias, y)?;
+    if !x.device().is_cuda() {
+        return Err(Error::invalid(OP, "x", "tensors on a GPU", "host tensors"));
+    }
+    cuda::forward(x, w, bias, y, m, true)
+}
+
+/// Checks the arguments of the forward into `y`; returns the token count.
+fn check_forward_into(op: &'static str, x: &Tensor, w: &Sparse24, bias: Option<&Tensor>, y: &Tensor) -> Result<usize> {
+    let m = check_tokens(op, "x", x, w.cols, w)?;
+    if let Some(bias) = bias {
+        bias.expect_dtype(op, "bias", &[x.dtype()])?;
+        bias.expect_shape(op, "bias", &[w.rows])?;
+        x.device().expect_same(&bias.device(), op, "bias")?;
+    }
+    y.expect_dtype(op, "y", &[x.dtype()])?;
+    y.expect_shape(op, "y", &[m, w.rows])?;
+    x.device().expect_same(&y.device(), op, "y")?;
+    Ok(m)
 }
 
 /// The gradients of the sparse linear layer.
@@ -1057,7 +1081,15 @@ pub(crate) mod cuda {
         })
     }
 
-    pub(super) fn forward(x: &Tensor, w: &Sparse24, bias: Option<&Tensor>, y: &mut Tensor, m: usize) -> Result<()> {
+    /// `y = x·W_sᵀ (+ bias)`, plus `y`'s own values when `accumulate`.
+    pub(super) fn forward(
+        x: &Tensor,
+        w: &Sparse24,
+        bias: Option<&Tensor>,
+        y: &mut Tensor,
+        m: usize,
+        accumulate: bool,
+    ) -> Result<()> {
         let backend = backend_of(x)?;
         let (n, k) = (w.rows, w.cols);
         let addresses = (
@@ -1102,7 +1134,7 @@ pub(crate) mod cuda {
         if launch.shared_mem_bytes > 0 {
             backend.allow_dynamic_shared(&function, launch.shared_mem_bytes as usize)?;
         }
-        let (m_i, n_i, k_i) = (m as i32, n as i32, k as i32);
+        let (m_i, n_i, k_i, accumulate) = (m as i32, n as i32, k as i32, accumulate as i32);
         let mut builder = backend.launch_builder(&function);
         builder
             .arg(&addresses.0)
@@ -1112,10 +1144,11 @@ pub(crate) mod cuda {
             .arg(&addresses.4)
             .arg(&m_i)
             .arg(&n_i)
-            .arg(&k_i);
+            .arg(&k_i)
+            .arg(&accumulate);
         // SAFETY: w has the format's sizes (n % 16 == 0, k % 64 == 0), x is (m, k), y (m, n) and
         // bias (n) or null, all of one 16-bit dtype on this device (validated). The kernels read
-        // and write only inside those bounds: tokens past m are masked, rows come in whole tiles
+        // (y too, when accumulating) and write only inside those bounds: tokens past m are masked, rows come in whole tiles
         // of 16, and the many-token kernel clamps the tiles past n.
         unsafe { builder.launch(launch) }.context(&format!("launching {name}"))?;
         Ok(())
