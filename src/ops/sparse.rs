@@ -505,11 +505,11 @@ pub fn sparse_linear_forward(x: &Tensor, w: &Sparse24, bias: Option<&Tensor>) ->
 /// [`sparse_linear_forward`] into an existing `y`.
 pub fn sparse_linear_forward_into(x: &Tensor, w: &Sparse24, bias: Option<&Tensor>, y: &mut Tensor) -> Result<()> {
     const OP: &str = "sparse_linear_forward";
-    let m = check_forward_into(OP, x, w, bias, y)?;
+    check_forward_into(OP, x, w, bias, y)?;
     match x.device() {
         Device::Cpu => cpu::forward(x, w, bias, y),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::forward(x, w, bias, y, m, false),
+        Device::Cuda(_) => cuda::forward(x, w, bias, y, x.shape()[0], false),
     }
 }
 
