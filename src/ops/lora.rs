@@ -76,7 +76,8 @@ pub enum LoraBase<'a> {
     /// the input's dtype (bf16 or f16 on a GPU), and optionally its double-pruned transpose
     /// `W_dpᵀ` ([`sparse24_double_prune`]), through which the backward's `dX` goes (§2.3).
     /// Without it each backward computes it from `W_s` (the spec's reference semantics; that
-    /// needs d_out to be a multiple of 64); the forward never reads it. A training loop that keeps `W_s` frozen computes it once and passes it.
+    /// needs d_out to be a multiple of 64); the forward never reads it. A training loop that
+    /// keeps `W_s` frozen computes it once and passes it.
     Sparse24(&'a Sparse24, Option<&'a Sparse24>),
 }
 
