@@ -532,6 +532,56 @@ def torch_binary(case, warmup, iterations, generator):
 RUNNERS["binary"] = torch_binary
 
 
+def torch_lora_sparse(case, warmup, iterations, generator):
+    """LoRA over a 2:4 sparse base, unfused: F.linear on to_sparse_semi_structured (cuSPARSELt)
+    plus s * (x @ A.T) @ B.T; the sparse linear alone and dense F.linear ride along. Where
+    cuSPARSELt refuses the shape (one token), the anchor is NaN with the reason."""
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    SparseSemiStructuredTensor._FORCE_CUTLASS = False
+    dtype = DTYPES[case["dtype"]]
+    m, d, r, sets, s = case["m"], case["d"], case["rank"], case["input_sets"], case["scale"]
+    mask = torch.tensor([True, True, False, False], device="cuda").tile(d, d // 4)
+    inputs = [
+        (
+            uniform((m, d), dtype, -1, 1, generator),
+            uniform((d, d), dtype, -0.02, 0.02, generator) * mask,
+            uniform((r, d), dtype, -0.02, 0.02, generator),
+            uniform((d, r), dtype, -0.02, 0.02, generator),
+        )
+        for _ in range(sets)
+    ]
+    linear = torch.nn.functional.linear
+    dense_ms = time_ms(lambda i: linear(inputs[i % sets][0], inputs[i % sets][1]), warmup, iterations)
+    result = {"dense_base_ms": dense_ms}
+    try:
+        sparse = [to_sparse_semi_structured(w) for _, w, _, _ in inputs]
+
+        def work(i):
+            x, _, a, b = inputs[i % sets]
+            return linear(x, sparse[i % sets]) + s * (x @ a.T) @ b.T
+
+        base_ms = time_ms(lambda i: linear(inputs[i % sets][0], sparse[i % sets]), warmup, iterations)
+        ms = time_ms(work, warmup, iterations)
+        result.update(
+            {
+                "ms": ms,
+                "base_ms": base_ms,
+                "overhead_pct": 100 * (ms / base_ms - 1),
+                "what": "F.linear on to_sparse_semi_structured (cuSPARSELt) + s*(x@A.T)@B.T, eager",
+            }
+        )
+    except Exception as error:  # cuSPARSELt refuses some shapes (one token): report, do not stop
+        reason = f"cuSPARSELt failed: {error}".splitlines()[0]
+        result.update({"ms": float("nan"), "base_ms": float("nan"), "overhead_pct": float("nan"), "what": reason})
+    result["vs_dense_base_pct"] = 100 * (result["ms"] / dense_ms - 1)
+    result["tflops"] = 2 * m * d * d / (result["ms"] * 1e9)
+    return result
+
+
+RUNNERS["lora_sparse"] = torch_lora_sparse
+
+
 def compare(report, generator):
     """Runs PyTorch on every case of a tessera report; returns the cases with "torch" filled in.
     A case without a PyTorch counterpart, or whose PyTorch run fails, keeps its tessera numbers

@@ -1,6 +1,7 @@
 // Sparsity (src/ops/sparse.rs, spdf.rs, sltrain.rs): 2:4 and 1:2 magnitude pruning, the
 // compressed format that mma.sp reads (compress, decompress, SLoPe's double-pruned transpose, the
-// gather of a dense gradient at the kept positions), two sparse GEMMs y = x·W_sᵀ + bias on the
+// gather of a dense gradient at the kept positions), two sparse GEMMs y = x·W_sᵀ + bias (+ y when
+// `accumulate`: another op's term written into y first, added in the epilogue) on the
 // sparse tensor cores (mma.sp.m16n8k32, bf16 and f16, f32 accumulation): one for few tokens that
 // reads the compressed weight once, one for many tokens that is math-bound; and the element
 // kernels of SPDF (a static bitmask applied in place) and SLTrain (scatter-add and gather on a
@@ -398,7 +399,7 @@ constexpr int SMALL_WARPS = 8;
 
 template <typename T, int TOKEN_TILES>
 __device__ void gemm_small(const uint4* __restrict__ values, const uint32_t* __restrict__ meta, const T* __restrict__ x,
-                           const T* __restrict__ bias, T* __restrict__ y, int m, int n, int k) {
+                           const T* __restrict__ bias, T* __restrict__ y, int m, int n, int k, int accumulate) {
     constexpr int ROW_TILES = TOKEN_TILES <= 4 ? 2 : 1;
     __shared__ float partial[SMALL_WARPS][ROW_TILES][TOKEN_TILES][4][WARP];
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
@@ -491,7 +492,9 @@ __device__ void gemm_small(const uint4* __restrict__ values, const uint32_t* __r
         for (int w = 0; w < SMALL_WARPS; ++w) sum += partial[w][rt][tt][i][src];
         const int row = (first_tile + rt) * 16 + within;
         if (bias != nullptr) sum += to_float(bias[row]);
-        y[(int64_t)j * n + row] = from_float<T>(sum);
+        T* out = y + (int64_t)j * n + row;
+        if (accumulate) sum += to_float(*out);
+        *out = from_float<T>(sum);
     }
 }
 
@@ -560,7 +563,7 @@ __device__ __forceinline__ void load_stage(uint32_t stage, const uint8_t* values
 template <typename T>
 __device__ void gemm_big(const uint8_t* __restrict__ values, const uint32_t* __restrict__ meta,
                          const uint8_t* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y, int m, int n,
-                         int k) {
+                         int k, int accumulate) {
     extern __shared__ __align__(128) uint8_t shared[];
     const uint32_t smem = (uint32_t)__cvta_generic_to_shared(shared);
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
@@ -637,7 +640,10 @@ __device__ void gemm_big(const uint8_t* __restrict__ values, const uint32_t* __r
 #pragma unroll
                 for (int i = 0; i < 2; ++i) {
                     const int token = token0 + warp_token + tt * 8 + 2 * t + i;
-                    if (token < m) y[(int64_t)token * n + row] = from_float<T>(acc[rt][tt][2 * half + i] + b);
+                    if (token >= m) continue;
+                    T* out = y + (int64_t)token * n + row;
+                    const float value = acc[rt][tt][2 * half + i] + b;
+                    *out = from_float<T>(accumulate ? value + to_float(*out) : value);
                 }
             }
         }
@@ -690,24 +696,29 @@ __device__ void gemm_big(const uint8_t* __restrict__ values, const uint32_t* __r
         gather<T>(g, meta, d_values, rows, cols);                                                                  \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(SMALL_WARPS * WARP) sparse24_gemm_small1_##NAME(                  \
-        const uint4* values, const uint32_t* meta, const T* x, const T* bias, T* y, int m, int n, int k) {         \
-        gemm_small<T, 1>(values, meta, x, bias, y, m, n, k);                                                       \
+        const uint4* values, const uint32_t* meta, const T* x, const T* bias, T* y, int m, int n, int k,            \
+        int accumulate) {                                                                                          \
+        gemm_small<T, 1>(values, meta, x, bias, y, m, n, k, accumulate);                                           \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(SMALL_WARPS * WARP) sparse24_gemm_small2_##NAME(                  \
-        const uint4* values, const uint32_t* meta, const T* x, const T* bias, T* y, int m, int n, int k) {         \
-        gemm_small<T, 2>(values, meta, x, bias, y, m, n, k);                                                       \
+        const uint4* values, const uint32_t* meta, const T* x, const T* bias, T* y, int m, int n, int k,            \
+        int accumulate) {                                                                                          \
+        gemm_small<T, 2>(values, meta, x, bias, y, m, n, k, accumulate);                                           \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(SMALL_WARPS * WARP) sparse24_gemm_small4_##NAME(                  \
-        const uint4* values, const uint32_t* meta, const T* x, const T* bias, T* y, int m, int n, int k) {         \
-        gemm_small<T, 4>(values, meta, x, bias, y, m, n, k);                                                       \
+        const uint4* values, const uint32_t* meta, const T* x, const T* bias, T* y, int m, int n, int k,            \
+        int accumulate) {                                                                                          \
+        gemm_small<T, 4>(values, meta, x, bias, y, m, n, k, accumulate);                                           \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(SMALL_WARPS * WARP) sparse24_gemm_small8_##NAME(                  \
-        const uint4* values, const uint32_t* meta, const T* x, const T* bias, T* y, int m, int n, int k) {         \
-        gemm_small<T, 8>(values, meta, x, bias, y, m, n, k);                                                       \
+        const uint4* values, const uint32_t* meta, const T* x, const T* bias, T* y, int m, int n, int k,            \
+        int accumulate) {                                                                                          \
+        gemm_small<T, 8>(values, meta, x, bias, y, m, n, k, accumulate);                                           \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(BIG_WARPS * WARP) sparse24_gemm_##NAME(                           \
-        const uint8_t* values, const uint32_t* meta, const uint8_t* x, const T* bias, T* y, int m, int n, int k) { \
-        gemm_big<T>(values, meta, x, bias, y, m, n, k);                                                            \
+        const uint8_t* values, const uint32_t* meta, const uint8_t* x, const T* bias, T* y, int m, int n, int k,   \
+        int accumulate) {                                                                                          \
+        gemm_big<T>(values, meta, x, bias, y, m, n, k, accumulate);                                                \
     }
 
 ELEMENT_KERNELS(float, f32)

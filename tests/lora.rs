@@ -1,7 +1,8 @@
 //! Fused LoRA (src/ops/lora.rs, kernels/lora.cu) against f64 references computed on the host from
 //! the exact input values, on every device: forward and backward for every dtype and odd token
 //! counts, batches of many adapters with mixed ranks (padding filled with NaN, which must never be
-//! read), finite differences, merge/unmerge, SLoPe's lazy adapters, VeLoRA and argument errors.
+//! read), finite differences, merge/unmerge, SLoPe's lazy adapters, VeLoRA and argument errors;
+//! the same over a 2:4 sparse base (SLoPe's sparse + low-rank, `dX` through `W_dp`).
 
 #[macro_use]
 mod common;
@@ -11,9 +12,11 @@ use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::Rng;
 use tessera::ops::lora::{set_blas_rows, DEFAULT_BLAS_ROWS, MAX_RANK};
+use tessera::ops::sparse::stored_index;
 use tessera::ops::{
-    lora_backward, lora_forward, lora_forward_into, lora_merge, lora_unmerge, matmul, LoraAdapters, LoraBase,
-    LoraRouting, MatmulOptions, Velora,
+    lora_backward, lora_forward, lora_forward_into, lora_merge, lora_merged_weight, lora_unmerge, matmul,
+    sparse24_compress, sparse24_double_prune, sparse_linear_forward, LoraAdapters, LoraBase, LoraRouting,
+    MatmulOptions, Sparse24, Velora,
 };
 use tessera::{DType, Device, Tensor};
 
@@ -45,6 +48,15 @@ on_each_device!(
     errors_leave_outputs_unchanged,
     replaced_adapter_tensors_are_refused,
     one_adapter_on_either_path,
+    small_sparse_base_forward,
+    small_sparse_base_backward,
+    sparse_base_forward_dtypes,
+    sparse_base_odd_token_counts,
+    sparse_base_many_adapters_mixed_ranks,
+    sparse_base_one_adapter_full_rank,
+    sparse_base_lazy_adapters,
+    sparse_base_merged_weight,
+    sparse_base_errors,
 );
 
 // ---- cases, inputs and references ----------------------------------------------------------
@@ -980,4 +992,486 @@ fn one_adapter_on_either_path(device: &Device) {
         check_backward::<f32>(device, rng, &c, &format!("threshold {rows}"));
     }
     set_blas_rows(DEFAULT_BLAS_ROWS);
+}
+
+// ---- a 2:4 sparse base (SLoPe's sparse + low-rank) ------------------------------------------
+
+/// False where the sparse base cannot hold `T`: the sparse tensor cores take no f32.
+fn sparse_supported<T: Float>(device: &Device) -> bool {
+    !(device.is_cuda() && T::DTYPE == DType::F32)
+}
+
+/// Prunes `d.w` (d_out, d_in) 2:4 along d_in: each group of 4 keeps a random pair (made non-zero
+/// so that compression keeps exactly it), or with `doubly` the pair with `(o + k) % 4 < 2`, which
+/// is 2:4 along d_out as well, so that the double-pruned transpose is the plain one. Returns the
+/// kept columns (within the group, ascending) of group `q` of row `o` at `o·d_in/4 + q`.
+fn prune_24<T: Float>(rng: &mut StdRng, c: &Case, d: &mut Data<T>, doubly: bool) -> Vec<[usize; 2]> {
+    let groups = c.d_in / 4;
+    let mut kept = Vec::with_capacity(c.d_out * groups);
+    for o in 0..c.d_out {
+        for q in 0..groups {
+            let pair = if doubly {
+                let mut pair: Vec<usize> = (0..4).filter(|j| (o + 4 * q + j) % 4 < 2).collect();
+                pair.sort_unstable();
+                [pair[0], pair[1]]
+            } else {
+                let first = rng.random_range(0..3usize);
+                [first, rng.random_range(first + 1..4)]
+            };
+            for j in 0..4 {
+                let w = &mut d.w[o * c.d_in + 4 * q + j];
+                if !pair.contains(&j) {
+                    *w = T::from_f32(0.0);
+                } else if w.to_f64() == 0.0 {
+                    *w = T::from_f32(0.5);
+                }
+            }
+            kept.push(pair);
+        }
+    }
+    kept
+}
+
+fn sparse_weight<T: Float>(c: &Case, d: &Data<T>, device: &Device) -> Sparse24 {
+    sparse24_compress(&Tensor::from_slice(&d.w, &[c.d_out, c.d_in], device).unwrap()).unwrap()
+}
+
+/// `W_dp` (d_out, d_in) of the pruned `w`: in each column, every group of 4 rows keeps its 2
+/// largest magnitudes (equal ones: the lower row), the spec's double pruning (§2.2).
+fn double_pruned(c: &Case, w: &[f64]) -> Vec<f64> {
+    let mut out = vec![0.0; w.len()];
+    for k in 0..c.d_in {
+        for q in 0..c.d_out / 4 {
+            let rows: Vec<usize> = (4 * q..4 * q + 4).collect();
+            for &o in &rows {
+                let key = w[o * c.d_in + k].abs();
+                let beaten_by = rows
+                    .iter()
+                    .filter(|&&p| {
+                        let other = w[p * c.d_in + k].abs();
+                        other > key || (other == key && p < o)
+                    })
+                    .count();
+                if beaten_by < 2 {
+                    out[o * c.d_in + k] = w[o * c.d_in + k];
+                }
+            }
+        }
+    }
+    out
+}
+
+fn exact_with_weight(e: &Exact, w: Vec<f64>) -> Exact {
+    Exact {
+        x: e.x.clone(),
+        w,
+        bias: e.bias.clone(),
+        a: e.a.clone(),
+        b: e.b.clone(),
+    }
+}
+
+/// The dense `dYᵀ·X` (d_out, d_in) at the kept positions, in the layout of the values.
+fn masked_weight_gradient(c: &Case, kept: &[[usize; 2]], dw: &[f64]) -> Vec<f64> {
+    let groups = c.d_in / 4;
+    let mut out = vec![0.0; c.d_out * c.d_in / 2];
+    for o in 0..c.d_out {
+        for q in 0..groups {
+            for (slot, &j) in kept[o * groups + q].iter().enumerate() {
+                out[o * c.d_in / 2 + stored_index(q, slot)] = dw[o * c.d_in + 4 * q + j];
+            }
+        }
+    }
+    out
+}
+
+fn check_sparse_forward<T: Float>(device: &Device, rng: &mut StdRng, c: &Case, what: &str) {
+    let mut d = data::<T>(rng, c);
+    prune_24(rng, c, &mut d, false);
+    let t = tensors(c, &d, device);
+    let w = sparse_weight(c, &d, device);
+    let e = exact(&d);
+    for with_bias in [false, true] {
+        let mut out = Tensor::zeros(&[c.m, c.d_out], T::DTYPE, device).unwrap();
+        out.fill_bytes(0xFF).unwrap();
+        lora_forward_into(
+            &t.x,
+            LoraBase::Sparse24(&w, None),
+            with_bias.then_some(&t.bias),
+            &t.adapters,
+            &t.routing,
+            &mut out,
+        )
+        .unwrap();
+        assert_close(
+            &format!("{what} sparse-base forward (bias {with_bias})"),
+            &values::<T>(&out),
+            &c.forward(&e, with_bias),
+            T::MATMUL_TOLERANCE,
+        );
+    }
+}
+
+/// The backward over a sparse base against the f64 reference through `W_dp`, with the transpose
+/// given (`given`) or computed by the backward.
+fn check_sparse_backward<T: Float>(device: &Device, rng: &mut StdRng, c: &Case, given: bool, what: &str) {
+    let mut d = data::<T>(rng, c);
+    let kept = prune_24(rng, c, &mut d, false);
+    let t = tensors(c, &d, device);
+    let w = sparse_weight(c, &d, device);
+    let w_dp_t = sparse24_double_prune(&w).unwrap();
+    let base = LoraBase::Sparse24(&w, given.then_some(&w_dp_t));
+    let dy: Vec<T> = uniform(rng, c.m * c.d_out);
+    let dy_tensor = Tensor::from_slice(&dy, &[c.m, c.d_out], device).unwrap();
+    let g = lora_backward(&dy_tensor, &t.x, base, &t.adapters, &t.routing, true).unwrap();
+    let e = exact(&d);
+    let dy64 = common::to_f64(&dy);
+    let [dx, da, db, dw] = c.backward(&exact_with_weight(&e, double_pruned(c, &e.w)), &e.x, &dy64);
+    let tolerance = T::MATMUL_TOLERANCE;
+    assert_close(&format!("{what} sparse d_x"), &values::<T>(&g.d_x), &dx, tolerance);
+    // The double-pruned input gradient is deliberately not the forward's exact one: tell them apart.
+    let [exact_dx, _, _, _] = c.backward(&e, &e.x, &dy64);
+    let apart = common::relative_error(&dx, &exact_dx).unwrap();
+    assert!(apart > 0.05, "{what}: W_dp changed dX by only {apart}");
+    assert_close(&format!("{what} sparse d_a"), &values::<T>(&g.d_a), &da, tolerance);
+    assert_close(&format!("{what} sparse d_b"), &values::<T>(&g.d_b), &db, tolerance);
+    let d_w = g.d_w.as_ref().unwrap();
+    assert_eq!((d_w.shape(), d_w.dtype()), (&[c.d_out, c.d_in / 2][..], DType::F32));
+    assert_close(
+        &format!("{what} sparse masked d_w"),
+        &values::<f32>(d_w),
+        &masked_weight_gradient(c, &kept, &dw),
+        tolerance,
+    );
+    for (name, got, want) in [("d_a", values::<T>(&g.d_a), &da), ("d_b", values::<T>(&g.d_b), &db)] {
+        for (i, (&got, &want)) in got.iter().zip(want).enumerate() {
+            assert!(
+                want != 0.0 || got == 0.0,
+                "{what}: {name}[{i}] = {got}, expected exactly 0"
+            );
+        }
+    }
+}
+
+fn small_sparse_base_forward(device: &Device) {
+    let mut rng = common::rng();
+    let c = Case::mixed(&mut rng, 19, 64, 32, 3, 8);
+    check_sparse_forward::<bf16>(device, &mut rng, &c, "small mixed");
+    check_sparse_forward::<f16>(device, &mut rng, &Case::single(70, 128, 16, 8, 8), "small full rank");
+}
+
+fn small_sparse_base_backward(device: &Device) {
+    let mut rng = common::rng();
+    let c = Case::mixed(&mut rng, 19, 64, 64, 3, 8);
+    check_sparse_backward::<bf16>(device, &mut rng, &c, false, "small mixed");
+    check_sparse_backward::<f16>(
+        device,
+        &mut rng,
+        &Case::single(70, 64, 64, 8, 8),
+        true,
+        "small full rank",
+    );
+}
+
+fn sparse_base_forward_dtypes(device: &Device) {
+    let mut rng = common::rng();
+    let rng = &mut rng;
+    for (m, d_in, d_out, rank, max_rank) in [(1, 64, 48, 8, 8), (7, 128, 16, 16, 16), (33, 192, 80, 5, 8)] {
+        let c = Case::single(m, d_in, d_out, rank, max_rank);
+        let what = format!("m={m} d_in={d_in} d_out={d_out} r={rank}/{max_rank}");
+        if sparse_supported::<f32>(device) {
+            check_sparse_forward::<f32>(device, rng, &c, &what);
+        }
+        check_sparse_forward::<bf16>(device, rng, &c, &what);
+        check_sparse_forward::<f16>(device, rng, &c, &what);
+    }
+}
+
+fn sparse_base_odd_token_counts(device: &Device) {
+    let mut rng = common::rng();
+    let rng = &mut rng;
+    for m in [1, 7, 113, 1025] {
+        let single = Case::single(m, 128, 48, 16, 16);
+        check_sparse_forward::<bf16>(device, rng, &single, &format!("m={m} one adapter"));
+        let mixed = Case::mixed(rng, m, 128, 48, 5, 16);
+        check_sparse_forward::<bf16>(device, rng, &mixed, &format!("m={m} mixed"));
+        let mixed = Case::mixed(rng, m, 64, 64, 4, 16);
+        check_sparse_backward::<bf16>(device, rng, &mixed, m % 2 == 1, &format!("m={m} mixed"));
+    }
+}
+
+fn sparse_base_many_adapters_mixed_ranks(device: &Device) {
+    let mut rng = common::rng();
+    let rng = &mut rng;
+    for (m, count, max_rank) in [(17, 3, 64), (64, 64, 16), (300, 9, 32)] {
+        let c = Case::mixed(rng, m, 128, 64, count, max_rank);
+        let what = format!("m={m} {count} adapters up to r={max_rank}");
+        check_sparse_forward::<bf16>(device, rng, &c, &what);
+        check_sparse_forward::<f16>(device, rng, &c, &what);
+        check_sparse_backward::<bf16>(device, rng, &c, true, &what);
+    }
+}
+
+/// One adapter of full rank from 64 rows on: cuBLASLt for the adapter beside the sparse GEMM.
+fn sparse_base_one_adapter_full_rank(device: &Device) {
+    let mut rng = common::rng();
+    let rng = &mut rng;
+    for (m, rank) in [(64, 8), (150, 16), (129, 64)] {
+        let c = Case::single(m, 128, 64, rank, rank);
+        let what = format!("m={m} r={rank}");
+        check_sparse_forward::<bf16>(device, rng, &c, &what);
+        check_sparse_backward::<bf16>(device, rng, &c, rank != 16, &what);
+        if sparse_supported::<f32>(device) {
+            check_sparse_backward::<f32>(device, rng, &c, true, &what);
+        }
+    }
+}
+
+/// `L = Σ G ⊙ Y` over a weight 2:4 along both dimensions (so that `W_dp = W_s` and `dX` is the
+/// exact gradient): every gradient against central differences, `dW` at the kept positions. On
+/// the host in f32 only: the sparse tensor cores take no f32, and bf16 rounding of `Y` would
+/// swamp a difference quotient (the GPU's gradients meet the same f64 reference above).
+#[test]
+fn sparse_base_finite_differences() {
+    let device = &Device::Cpu;
+    let mut rng = common::rng();
+    let rng = &mut rng;
+    let mut c = Case::mixed(rng, 3, 64, 64, 2, 3);
+    c.ids = vec![0, 1, 1];
+    let mut d = data::<f32>(rng, &c);
+    let kept = prune_24(rng, &c, &mut d, true);
+    let g: Vec<f32> = uniform(rng, c.m * c.d_out);
+    let g_tensor = Tensor::from_slice(&g, &[c.m, c.d_out], device).unwrap();
+    let loss = |d: &Data<f32>| -> f64 {
+        let t = tensors(&c, d, device);
+        let w = sparse_weight(&c, d, device);
+        let y = lora_forward(&t.x, LoraBase::Sparse24(&w, None), None, &t.adapters, &t.routing).unwrap();
+        values::<f32>(&y).iter().zip(&g).map(|(y, g)| y * *g as f64).sum()
+    };
+    let t = tensors(&c, &d, device);
+    let w = sparse_weight(&c, &d, device);
+    let grads = lora_backward(
+        &g_tensor,
+        &t.x,
+        LoraBase::Sparse24(&w, None),
+        &t.adapters,
+        &t.routing,
+        true,
+    )
+    .unwrap();
+    let step = 0.25f32;
+    let numeric = |which: usize, skip: &dyn Fn(usize) -> bool| -> Vec<f64> {
+        let len = field(&mut clone_data(&d), which).len();
+        (0..len)
+            .map(|i| {
+                let (mut plus, mut minus) = (clone_data(&d), clone_data(&d));
+                if skip(i) || field(&mut plus, which)[i].is_nan() {
+                    return 0.0;
+                }
+                field(&mut plus, which)[i] += step;
+                field(&mut minus, which)[i] -= step;
+                (loss(&plus) - loss(&minus)) / (2.0 * step as f64)
+            })
+            .collect()
+    };
+    let keep_all = |_: usize| false;
+    for (which, name, analytic) in [(0, "x", &grads.d_x), (1, "a", &grads.d_a), (2, "b", &grads.d_b)] {
+        assert_close(
+            &format!("sparse base finite differences d_{name}"),
+            &values::<f32>(analytic),
+            &numeric(which, &keep_all),
+            1e-4,
+        );
+    }
+    // W: only its kept entries move (a pruned one stays 0), the gradient in the values' layout.
+    let groups = c.d_in / 4;
+    let pruned = |i: usize| {
+        let (o, k) = (i / c.d_in, i % c.d_in);
+        !kept[o * groups + k / 4].contains(&(k % 4))
+    };
+    let dw = numeric(3, &pruned);
+    assert_close(
+        "sparse base finite differences d_w",
+        &values::<f32>(grads.d_w.as_ref().unwrap()),
+        &masked_weight_gradient(&c, &kept, &dw),
+        1e-4,
+    );
+}
+
+/// Adapters inserted with B = 0 leave a sparse layer's output exactly as the sparse linear gives it.
+fn sparse_base_lazy_adapters(device: &Device) {
+    let mut rng = common::rng();
+    let rng = &mut rng;
+    let c = Case::single(37, 128, 48, 4, 4);
+    let mut d = data::<bf16>(rng, &c);
+    prune_24(rng, &c, &mut d, false);
+    let t = tensors(&c, &d, device);
+    let w = sparse_weight(&c, &d, device);
+    let adapters = LoraAdapters::lazy_init(2, 4, c.d_in, c.d_out, DType::BF16, device, 11).unwrap();
+    let routing = LoraRouting::per_row(&(0..c.m as u32).map(|i| i % 2).collect::<Vec<_>>(), device).unwrap();
+    let with = lora_forward(&t.x, LoraBase::Sparse24(&w, None), None, &adapters, &routing).unwrap();
+    let without = sparse_linear_forward(&t.x, &w, None).unwrap();
+    assert_eq!(
+        values::<bf16>(&with),
+        values::<bf16>(&without),
+        "inserting lazy adapters changed the sparse layer's output"
+    );
+}
+
+/// Merging into a sparse base gives a dense copy; W_s is left as it was.
+fn sparse_base_merged_weight(device: &Device) {
+    let mut rng = common::rng();
+    let rng = &mut rng;
+    let c = Case::mixed(rng, 21, 128, 48, 3, 16);
+    let mut d = data::<bf16>(rng, &c);
+    prune_24(rng, &c, &mut d, false);
+    let t = tensors(&c, &d, device);
+    let w = sparse_weight(&c, &d, device);
+    let (values_before, meta_before) = (bytes(w.values()), bytes(w.meta()));
+    let adapter = 1;
+    let merged = lora_merged_weight(LoraBase::Sparse24(&w, None), &t.adapters, adapter).unwrap();
+    assert_eq!((merged.shape(), merged.dtype()), (&[c.d_out, c.d_in][..], DType::BF16));
+    let e = exact(&d);
+    let s = c.scales[adapter] as f64;
+    let expected: Vec<f64> = (0..c.d_out * c.d_in)
+        .map(|i| {
+            let (o, k) = (i / c.d_in, i % c.d_in);
+            e.w[i]
+                + s * (0..c.ranks[adapter])
+                    .map(|j| c.b(&e, adapter, o, j) * c.a(&e, adapter, j, k))
+                    .sum::<f64>()
+        })
+        .collect();
+    assert_close("merged dense copy", &values::<bf16>(&merged), &expected, 4e-3);
+    let routing = LoraRouting::single(c.m, adapter as u32, device).unwrap();
+    let fused = lora_forward(&t.x, LoraBase::Sparse24(&w, None), None, &t.adapters, &routing).unwrap();
+    let plain = matmul(&t.x, &merged, None, MatmulOptions::linear()).unwrap();
+    assert_close(
+        "merged linear vs fused adapter on a sparse base",
+        &values::<bf16>(&plain),
+        &values::<bf16>(&fused),
+        2e-2,
+    );
+    assert_eq!(bytes(w.values()), values_before, "merging changed W_s");
+    assert_eq!(bytes(w.meta()), meta_before, "merging changed W_s's metadata");
+    // A dense base: the same as lora_merge on a copy, and the base unchanged.
+    let dense_before = bytes(&t.w);
+    let copy = lora_merged_weight(LoraBase::Dense(&t.w), &t.adapters, adapter).unwrap();
+    let mut in_place = Tensor::from_slice(&d.w, &[c.d_out, c.d_in], device).unwrap();
+    lora_merge(&mut in_place, &t.adapters, adapter).unwrap();
+    assert_eq!(bytes(&copy), bytes(&in_place));
+    assert_eq!(bytes(&t.w), dense_before);
+}
+
+fn sparse_base_errors(device: &Device) {
+    let mut rng = common::rng();
+    let rng = &mut rng;
+    let c = Case::mixed(rng, 5, 64, 48, 3, 4);
+    let mut d = data::<bf16>(rng, &c);
+    prune_24(rng, &c, &mut d, false);
+    let t = tensors(&c, &d, device);
+    let w = sparse_weight(&c, &d, device);
+    let base = LoraBase::Sparse24(&w, None);
+    let x_f16 = Tensor::zeros(&[5, 64], DType::F16, device).unwrap();
+    assert_invalid(
+        lora_forward(&x_f16, base, None, &t.adapters, &t.routing),
+        "lora",
+        "base",
+        &["f16", "bf16"],
+    );
+    let wide = Tensor::zeros(&[5, 128], DType::BF16, device).unwrap();
+    assert_invalid(
+        lora_forward(&wide, base, None, &t.adapters, &t.routing),
+        "lora",
+        "x",
+        &["(m, 64)", "[5, 128]"],
+    );
+    let a = Tensor::zeros(&[1, 4, 64], DType::BF16, device).unwrap();
+    let b = Tensor::zeros(&[1, 32, 4], DType::BF16, device).unwrap();
+    let narrow = LoraAdapters::new(a, b, &[4], &[1.0]).unwrap();
+    let routing = LoraRouting::single(5, 0, device).unwrap();
+    assert_invalid(
+        lora_forward(&t.x, base, None, &narrow, &routing),
+        "lora",
+        "adapters",
+        &["d_out=48", "d_out=32"],
+    );
+    let a = Tensor::zeros(&[1, 4, 64], DType::F16, device).unwrap();
+    let b = Tensor::zeros(&[1, 48, 4], DType::F16, device).unwrap();
+    let half_adapters = LoraAdapters::new(a, b, &[4], &[1.0]).unwrap();
+    assert_invalid(
+        lora_forward(&t.x, base, None, &half_adapters, &routing),
+        "lora",
+        "adapters",
+        &["bf16"],
+    );
+    let bias = Tensor::zeros(&[64], DType::BF16, device).unwrap();
+    assert_invalid(
+        lora_forward(&t.x, base, Some(&bias), &t.adapters, &t.routing),
+        "lora",
+        "bias",
+        &["[48]"],
+    );
+    // A transpose that is not W_dpᵀ's shape: W_s itself.
+    let wrong = LoraBase::Sparse24(&w, Some(&w));
+    assert_invalid(
+        lora_forward(&t.x, wrong, None, &t.adapters, &t.routing),
+        "lora",
+        "base",
+        &["64x48", "48x64"],
+    );
+    let dy = Tensor::zeros(&[5, 48], DType::BF16, device).unwrap();
+    assert_invalid(
+        lora_backward(&dy, &t.x, wrong, &t.adapters, &t.routing, false),
+        "lora_backward",
+        "base",
+        &["double-pruned"],
+    );
+    // d_out = 48: no double-pruned transpose can be computed, one must be given.
+    assert_invalid(
+        lora_backward(&dy, &t.x, base, &t.adapters, &t.routing, false),
+        "lora_backward",
+        "base",
+        &["multiple of 64", "d_out = 48"],
+    );
+    assert_invalid(
+        lora_merged_weight(base, &t.adapters, 3),
+        "lora_merged_weight",
+        "adapter",
+        &["below 3"],
+    );
+    assert_invalid(
+        lora_merged_weight(base, &narrow, 0),
+        "lora_merged_weight",
+        "base",
+        &["32x64", "48x64"],
+    );
+    if device.is_cuda() {
+        let host = sparse_weight(&c, &d, &Device::Cpu);
+        assert_invalid(
+            lora_forward(&t.x, LoraBase::Sparse24(&host, None), None, &t.adapters, &t.routing),
+            "lora",
+            "base",
+            &[],
+        );
+    }
+    // A failed forward leaves its output as it was.
+    let mut out = Tensor::zeros(&[5, 48], DType::BF16, device).unwrap();
+    out.fill_bytes(0x5A).unwrap();
+    let pattern = bytes(&out);
+    let out_of_range = LoraRouting::per_row(&[0, 1, 3, 0, 0], device).unwrap();
+    assert_invalid(
+        lora_forward_into(&t.x, base, None, &t.adapters, &out_of_range, &mut out),
+        "lora",
+        "routing",
+        &[],
+    );
+    assert_invalid(
+        lora_forward_into(&x_f16, base, None, &t.adapters, &t.routing, &mut out),
+        "lora",
+        "base",
+        &[],
+    );
+    device.synchronize().unwrap();
+    assert_eq!(bytes(&out), pattern, "out changed by a failed forward");
 }

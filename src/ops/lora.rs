@@ -8,20 +8,38 @@
 //! max_rank), adapter `a` using the first `rank_a` rows of `A[a]` and columns of `B[a]` (the rest
 //! is ignored, whatever it holds) with scale `s_a`. A [`LoraRouting`] names each row's adapter.
 //!
-//! The base is a [`LoraBase`]: dense today; a 2:4 sparse base (SLoPe's sparse + low-rank) is meant
-//! to be another variant of that enum, with only its base product and `dX` term to add.
+//! The base is a [`LoraBase`]: a dense weight, or SLoPe's sparse + low-rank (§2.5), a 2:4 sparse
+//! `W_s` in the compressed format of [`crate::ops::sparse`] (`Y = X·W_sᵀ + b + s·(X·Aᵀ)·Bᵀ`).
+//! Over a sparse base the backward is SLoPe's: `dX = dY·W_dp + s·(dY·B)·A`, the base's part through
+//! the double-pruned transpose `W_dpᵀ` as §2.3 specifies for the sparse layer (adapters add their
+//! term, §2.5, and change nothing in the base's), so `dX` is deliberately not the exact gradient of
+//! the forward; `dA`, `dB` are exact, and `dW`, when asked for, is the masked gradient at the kept
+//! positions. Adding a dense `B·A` to `W_s` would break its 2:4 pattern: an adapter merges into a
+//! sparse base only as a dense copy, [`lora_merged_weight`]; [`lora_merge`] and [`lora_unmerge`]
+//! change dense weights in place.
 //!
-//! All arithmetic is f32; inputs and outputs are f32, bf16 or f16. On the GPU the base product is
-//! cuBLASLt. One adapter over many rows (see [`blas_rows`]) runs its two products in cuBLASLt too,
-//! writing `s·T·Bᵀ (+ bias)` into `Y` before the base GEMM accumulates onto it (beta = 1); other
+//! All arithmetic is f32; inputs and outputs are f32, bf16 or f16 (a sparse base on a GPU: bf16,
+//! f16). On the GPU the dense base product is cuBLASLt, the sparse one the mma.sp GEMMs of
+//! kernels/sparse_nm.cu (through [`crate::ops::sparse_linear_forward_into`]). One adapter over
+//! many rows (see [`blas_rows`]) runs its two products in cuBLASLt too, writing `s·T·Bᵀ` (+ bias)
+//! into `Y` before the base GEMM accumulates onto it (cuBLASLt's beta = 1, or the accumulating
+//! epilogue of the sparse GEMM, which reads `Y` where it writes it). Other
 //! batches run the hand-written kernels of kernels/lora.cu: `T = X·Aᵀ` per row's adapter on a
-//! side stream beside the base GEMM, then `s·T·Bᵀ` added onto its output. The backward mirrors
-//! this (cuBLASLt for one adapter over many rows, the kernels otherwise) and recomputes `T`.
+//! side stream beside the base GEMM (dense or sparse), then `s·T·Bᵀ` added onto its output. The
+//! backward mirrors this (cuBLASLt for one adapter over many rows, the kernels otherwise; the
+//! sparse base's `dY·W_dp` is the same sparse GEMM on `W_dpᵀ`) and recomputes `T`.
+//!
+//! The adapter's expand is its own launch. Fused into the sparse GEMM's epilogue (`T` ready
+//! before it, `B_a`'s rows read per output tile), it would save the write of `s·T·Bᵀ` and its read
+//! back: at m = 4096, d = 4096 bf16 64 MiB of traffic (≈ 20 µs on an H100 beside a sparse GEMM of
+//! ≈ 0.15..0.3 ms), and at m ≤ 16 one launch (a few µs beside a sparse GEMM of ≈ 6 µs), where
+//! the shrink would also have to finish before the GEMM instead of running beside it.
 
 use crate::device::Device;
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
 use crate::ops::matmul::{matmul, MatmulOptions};
+use crate::ops::sparse::{self, sparse24_decompress, sparse24_double_prune, Sparse24};
 use crate::tensor::Tensor;
 
 const OP: &str = "lora";
@@ -54,6 +72,13 @@ pub fn blas_rows() -> usize {
 pub enum LoraBase<'a> {
     /// A dense weight (d_out, d_in) of the input's dtype.
     Dense(&'a Tensor),
+    /// SLoPe's sparse base (ALGORITHMS.md §2.5): `W_s`, (d_out, d_in) 2:4-sparse along d_in in
+    /// the input's dtype (bf16 or f16 on a GPU), and optionally its double-pruned transpose
+    /// `W_dpᵀ` ([`sparse24_double_prune`]), through which the backward's `dX` goes (§2.3).
+    /// Without it each backward computes it from `W_s` (the spec's reference semantics; that
+    /// needs d_out to be a multiple of 64); the forward never reads it. A training loop that
+    /// keeps `W_s` frozen computes it once and passes it.
+    Sparse24(&'a Sparse24, Option<&'a Sparse24>),
 }
 
 impl LoraBase<'_> {
@@ -74,8 +99,56 @@ impl LoraBase<'_> {
                 }
                 Ok((d_out, d_in))
             }
+            LoraBase::Sparse24(w, transposed) => {
+                if w.dtype() != x.dtype() {
+                    return Err(Error::invalid(
+                        op,
+                        "base",
+                        format!("a sparse weight of the input's dtype {}", x.dtype()),
+                        format!("dtype {}", w.dtype()),
+                    ));
+                }
+                x.device().expect_same(&w.device(), op, "base")?;
+                if let Some(t) = transposed {
+                    if t.rows() != w.cols() || t.cols() != w.rows() || t.dtype() != w.dtype() {
+                        return Err(Error::invalid(
+                            op,
+                            "base",
+                            format!("a double-pruned transpose of {}x{} {}", w.cols(), w.rows(), w.dtype()),
+                            format!("{}x{} {}", t.rows(), t.cols(), t.dtype()),
+                        ));
+                    }
+                    x.device().expect_same(&t.device(), op, "base")?;
+                }
+                let m = x.shape()[0];
+                if x.device().is_cuda() && m > sparse::GPU_MAX_TOKENS {
+                    return Err(Error::invalid(
+                        op,
+                        "x",
+                        format!("at most {} rows over a sparse base on a GPU", sparse::GPU_MAX_TOKENS),
+                        format!("shape {:?}", x.shape()),
+                    ));
+                }
+                Ok((w.rows(), w.cols()))
+            }
         }
     }
+}
+
+/// The double-pruned transpose of a sparse base given without one.
+fn double_prune_for(op: &'static str, w: &Sparse24) -> Result<Sparse24> {
+    if !w.rows().is_multiple_of(sparse::COL_BLOCK) {
+        return Err(Error::invalid(
+            op,
+            "base",
+            format!(
+                "its double-pruned transpose, or d_out a multiple of {} to compute it",
+                sparse::COL_BLOCK
+            ),
+            format!("d_out = {} and no transpose", w.rows()),
+        ));
+    }
+    sparse24_double_prune(w)
 }
 
 /// A set of adapters in one padded pair of tensors, with each adapter's rank and scale.
@@ -510,15 +583,27 @@ pub fn lora_forward_into(
 /// Gradients of [`lora_forward`].
 #[derive(Debug)]
 pub struct LoraGrads {
-    /// (m, d_in): `dY·W + s·(dY·B)·A`, per row's adapter.
+    /// (m, d_in): `dY·W + s·(dY·B)·A`, per row's adapter; over a sparse base `dY·W_dp` in place
+    /// of `dY·W` (SLoPe's double-pruned input gradient, §2.3).
     pub d_x: Tensor,
     /// Shaped like the adapters' `A`: `s_a·(dY·B_a)ᵀ·X` over adapter `a`'s rows; zero for padded
     /// ranks and for adapters no row uses.
     pub d_a: Tensor,
     /// Shaped like `B`: `s_a·dYᵀ·(X·A_aᵀ)` over adapter `a`'s rows; zero where `d_a` is.
     pub d_b: Tensor,
-    /// `dYᵀ·X` (d_out, d_in), when asked for (a trainable base).
+    /// When asked for (a trainable base): over a dense base `dYᵀ·X` (d_out, d_in) in the input's
+    /// dtype; over a sparse base `dYᵀ·X` at the kept positions of `W_s` only, f32 in the layout
+    /// of its values (d_out, d_in/2), what [`sparse_linear_backward`](crate::ops::sparse_linear_backward)
+    /// gives for SLoPe's sparse AdamW.
     pub d_w: Option<Tensor>,
+}
+
+/// The operand `G` of the base's part of the input gradient, `dX = dY·G`: the dense weight, or
+/// a sparse base's double-pruned transpose `W_dpᵀ` (so that `dY·G` is its sparse GEMM).
+#[derive(Clone, Copy, Debug)]
+enum InputGradient<'a> {
+    Dense(&'a Tensor),
+    Sparse(&'a Sparse24),
 }
 
 /// The backward of [`lora_forward`] given `d_y` (m, d_out) and the forward's input `x` (or its
@@ -536,6 +621,15 @@ pub fn lora_backward(
     d_y.expect_dtype(OP, "d_y", &[x.dtype()])?;
     d_y.expect_shape(OP, "d_y", &[m, d_out])?;
     x.device().expect_same(&d_y.device(), OP, "d_y")?;
+    let computed;
+    let input_gradient = match base {
+        LoraBase::Dense(w) => InputGradient::Dense(w),
+        LoraBase::Sparse24(_, Some(t)) => InputGradient::Sparse(t),
+        LoraBase::Sparse24(w, None) => {
+            computed = double_prune_for(OP, w)?;
+            InputGradient::Sparse(&computed)
+        }
+    };
     let device = x.device();
     let mut grads = LoraGrads {
         d_x: new_output(&[m, d_in], x.dtype(), &device)?,
@@ -545,20 +639,23 @@ pub fn lora_backward(
     };
     let dims = Dims { m, d_in, d_out };
     match device {
-        Device::Cpu => cpu::backward(dims, d_y, x, base, adapters, routing, &mut grads)?,
+        Device::Cpu => cpu::backward(dims, d_y, x, input_gradient, adapters, routing, &mut grads)?,
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::backward(dims, d_y, x, base, adapters, routing, &mut grads)?,
+        Device::Cuda(_) => cuda::backward(dims, d_y, x, input_gradient, adapters, routing, &mut grads)?,
     }
     if base_gradient {
-        grads.d_w = Some(matmul(
-            d_y,
-            x,
-            None,
-            MatmulOptions {
-                trans_a: true,
-                ..Default::default()
-            },
-        )?);
+        grads.d_w = Some(match base {
+            LoraBase::Dense(_) => matmul(
+                d_y,
+                x,
+                None,
+                MatmulOptions {
+                    trans_a: true,
+                    ..Default::default()
+                },
+            )?,
+            LoraBase::Sparse24(w, _) => sparse::sparse24_weight_grad(d_y, x, w)?,
+        });
     }
     Ok(grads)
 }
@@ -591,6 +688,49 @@ pub fn lora_merge(w: &mut Tensor, adapters: &LoraAdapters, adapter: usize) -> Re
 pub fn lora_unmerge(w: &mut Tensor, adapters: &LoraAdapters, adapter: usize) -> Result<()> {
     check_merge("lora_unmerge", w, adapters, adapter)?;
     merge(w, adapters, adapter, -1.0)
+}
+
+/// A dense copy of the base with adapter `adapter` merged, `W + s_a·B_a·A_a` (d_out, d_in) in
+/// the base's dtype, computed as [`lora_merge`] does. This is how an adapter merges into a sparse
+/// base: adding the dense `B_a·A_a` to `W_s` would break its 2:4 pattern, so `W_s` is never
+/// changed; the merged weight is the decompressed `W_s` plus the adapter, dense, and undoing the
+/// merge is dropping the copy (`W_s` still holds the base).
+pub fn lora_merged_weight(base: LoraBase, adapters: &LoraAdapters, adapter: usize) -> Result<Tensor> {
+    const OP: &str = "lora_merged_weight";
+    let mut w = match base {
+        LoraBase::Dense(w) => {
+            check_merge(OP, w, adapters, adapter)?;
+            w.to_device(&w.device())?
+        }
+        LoraBase::Sparse24(w, _) => {
+            adapters.check_consistent(OP)?;
+            if w.dtype() != adapters.a.dtype() || w.rows() != adapters.d_out() || w.cols() != adapters.d_in() {
+                return Err(Error::invalid(
+                    OP,
+                    "base",
+                    format!(
+                        "a {}x{} {} weight, as the adapters are",
+                        adapters.d_out(),
+                        adapters.d_in(),
+                        adapters.a.dtype()
+                    ),
+                    format!("{}x{} {}", w.rows(), w.cols(), w.dtype()),
+                ));
+            }
+            w.device().expect_same(&adapters.a.device(), OP, "adapters")?;
+            if adapter >= adapters.count() {
+                return Err(Error::invalid(
+                    OP,
+                    "adapter",
+                    format!("an adapter index below {}", adapters.count()),
+                    adapter,
+                ));
+            }
+            sparse24_decompress(w)?
+        }
+    };
+    merge(&mut w, adapters, adapter, 1.0)?;
+    Ok(w)
 }
 
 fn merge(w: &mut Tensor, adapters: &LoraAdapters, adapter: usize, sign: f32) -> Result<()> {
@@ -898,6 +1038,7 @@ mod cpu {
                 [d.d_out, d.d_in],
                 MatmulOptions::linear(),
             )?,
+            LoraBase::Sparse24(w, _) => sparse::sparse24_product_f32(&xs, w)?,
         };
         let bias = bias.map(widen::<T>).transpose()?;
         let widened = Widened::new::<T>(adapters)?;
@@ -930,7 +1071,7 @@ mod cpu {
         d: Dims,
         d_y: &Tensor,
         x: &Tensor,
-        base: LoraBase,
+        input_gradient: InputGradient,
         adapters: &LoraAdapters,
         routing: &LoraRouting,
         grads: &mut LoraGrads,
@@ -958,14 +1099,15 @@ mod cpu {
                         .sum();
                 }
             });
-        let mut d_x = match base {
-            LoraBase::Dense(w) => product(
+        let mut d_x = match input_gradient {
+            InputGradient::Dense(w) => product(
                 dys.clone(),
                 [d.m, d.d_out],
                 widen::<T>(w)?,
                 [d.d_out, d.d_in],
                 MatmulOptions::default(),
             )?,
+            InputGradient::Sparse(w_dp_t) => sparse::sparse24_product_f32(&dys, w_dp_t)?,
         };
         d_x.par_chunks_mut(d.d_in).enumerate().for_each(|(i, d_x)| {
             let adapter = widened.get(adapters, d, routing.ids[i] as usize);
@@ -1014,12 +1156,12 @@ mod cpu {
         d: Dims,
         d_y: &Tensor,
         x: &Tensor,
-        base: LoraBase,
+        input_gradient: InputGradient,
         adapters: &LoraAdapters,
         routing: &LoraRouting,
         grads: &mut LoraGrads,
     ) -> Result<()> {
-        with_float_type!(x.dtype(), OP, "x", T => backward_typed::<T>(d, d_y, x, base, adapters, routing, grads))
+        with_float_type!(x.dtype(), OP, "x", T => backward_typed::<T>(d, d_y, x, input_gradient, adapters, routing, grads))
     }
 
     fn merge_typed<T: Float>(w: &mut Tensor, adapters: &LoraAdapters, index: usize, sign: f32) -> Result<()> {
@@ -1079,6 +1221,7 @@ mod cuda {
     use super::*;
     use crate::cuda::blaslt::{MatmulOperands, MatmulShape};
     use crate::cuda::{CudaBackend, CudaContextExt, LaunchConfig, PushKernelArg};
+    use crate::ops::sparse::{sparse_linear_accumulate_into, sparse_linear_forward_into};
     use cudarc::driver::CudaStream;
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex, OnceLock};
@@ -1386,64 +1529,55 @@ mod cuda {
         (d.m >= blas_rows() && adapters.ranks[a] == r && aligned).then_some(a)
     }
 
-    /// The base product accumulating onto `out`: `out = X·Wᵀ + out`.
-    fn base_accumulate(backend: &Arc<CudaBackend>, d: Dims, x: &Tensor, base: LoraBase, out: u64) -> Result<()> {
-        match base {
-            LoraBase::Dense(w) => blas(
-                backend,
-                MatmulShape {
-                    dtype: x.dtype(),
-                    out_dtype: x.dtype(),
-                    m: d.m,
-                    n: d.d_out,
-                    k: d.d_in,
-                    trans_a: false,
-                    trans_b: true,
-                    bias: false,
-                },
-                MatmulOperands {
-                    a: address(x)?,
-                    b: address(w)?,
-                    out,
-                    bias: None,
-                    alpha: 1.0,
-                    beta: 1.0,
-                },
-            ),
-        }
+    /// `out = X·Wᵀ (+ bias) + beta·out`: the dense base product in cuBLASLt.
+    fn dense_product(
+        backend: &Arc<CudaBackend>,
+        d: Dims,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<u64>,
+        out: u64,
+        beta: f32,
+    ) -> Result<()> {
+        blas(
+            backend,
+            MatmulShape {
+                dtype: x.dtype(),
+                out_dtype: x.dtype(),
+                m: d.m,
+                n: d.d_out,
+                k: d.d_in,
+                trans_a: false,
+                trans_b: true,
+                bias: bias.is_some(),
+            },
+            MatmulOperands {
+                a: address(x)?,
+                b: address(w)?,
+                out,
+                bias,
+                alpha: 1.0,
+                beta,
+            },
+        )
     }
 
-    /// The base product overwriting `out`: `out = X·Wᵀ (+ bias)`.
+    /// The base product overwriting `out`: `out = X·Wᵀ (+ bias)`, cuBLASLt for a dense base,
+    /// the mma.sp GEMM of kernels/sparse_nm.cu for a sparse one.
     fn base_product(
         backend: &Arc<CudaBackend>,
         d: Dims,
         x: &Tensor,
         base: LoraBase,
-        bias: Option<u64>,
-        out: u64,
+        bias: Option<&Tensor>,
+        out: &mut Tensor,
     ) -> Result<()> {
         match base {
-            LoraBase::Dense(w) => blas(
-                backend,
-                MatmulShape {
-                    dtype: x.dtype(),
-                    out_dtype: x.dtype(),
-                    m: d.m,
-                    n: d.d_out,
-                    k: d.d_in,
-                    trans_a: false,
-                    trans_b: true,
-                    bias: bias.is_some(),
-                },
-                MatmulOperands {
-                    a: address(x)?,
-                    b: address(w)?,
-                    out,
-                    bias,
-                    alpha: 1.0,
-                    beta: 0.0,
-                },
-            ),
+            LoraBase::Dense(w) => {
+                let bias = bias.map(address).transpose()?;
+                dense_product(backend, d, x, w, bias, address(out)?, 0.0)
+            }
+            LoraBase::Sparse24(w, _) => sparse_linear_forward_into(x, w, bias, out),
         }
     }
 
@@ -1479,10 +1613,9 @@ mod cuda {
         let size = dtype.size_in_bytes() as u64;
         let r = adapters.max_rank();
         let (x_address, out_address) = (address(x)?, address(out)?);
-        let bias_address = bias.map(address).transpose()?;
         match blas_adapter(d, adapters, routing) {
             Some(a) => {
-                // T = X·A_aᵀ (m, r) in the input dtype, then out = s·T·B_aᵀ + bias, all cuBLASLt.
+                // T = X·A_aᵀ (m, r) in the input dtype, then the base and s·T·B_aᵀ, all GEMMs.
                 let t = Tensor::uninit_cuda(&[d.m, r], dtype, &backend)?;
                 let t_address = address(&t)?;
                 blas(
@@ -1506,28 +1639,41 @@ mod cuda {
                         beta: 0.0,
                     },
                 )?;
-                blas(
-                    &backend,
-                    MatmulShape {
-                        dtype,
-                        out_dtype: dtype,
-                        m: d.m,
-                        n: d.d_out,
-                        k: r,
-                        trans_a: false,
-                        trans_b: true,
-                        bias: bias.is_some(),
-                    },
-                    MatmulOperands {
-                        a: t_address,
-                        b: address(&adapters.b)? + (a * d.d_out * r) as u64 * size,
-                        out: out_address,
-                        bias: bias_address,
-                        alpha: adapters.scales[a],
-                        beta: 0.0,
-                    },
-                )?;
-                base_accumulate(&backend, d, x, base, out_address)
+                let expand = |bias: Option<u64>, beta: f32| {
+                    blas(
+                        &backend,
+                        MatmulShape {
+                            dtype,
+                            out_dtype: dtype,
+                            m: d.m,
+                            n: d.d_out,
+                            k: r,
+                            trans_a: false,
+                            trans_b: true,
+                            bias: bias.is_some(),
+                        },
+                        MatmulOperands {
+                            a: t_address,
+                            b: address(&adapters.b)? + (a * d.d_out * r) as u64 * size,
+                            out: out_address,
+                            bias,
+                            alpha: adapters.scales[a],
+                            beta,
+                        },
+                    )
+                };
+                // out = s·T·B_aᵀ (+ bias), then the base GEMM accumulates onto it: beta = 1 in
+                // cuBLASLt, the sparse GEMM's accumulating epilogue.
+                match base {
+                    LoraBase::Dense(w) => {
+                        expand(bias.map(address).transpose()?, 0.0)?;
+                        dense_product(&backend, d, x, w, None, out_address, 1.0)
+                    }
+                    LoraBase::Sparse24(w, _) => {
+                        expand(None, 0.0)?;
+                        sparse_linear_accumulate_into(x, w, bias, out)
+                    }
+                }
             }
             _ => {
                 // The adapter's shrink runs on the side stream beside the base GEMM (which needs
@@ -1541,7 +1687,7 @@ mod cuda {
                 };
                 let side = side_stream(&backend)?;
                 let t = shrink(&backend, &side, dtype, x_address, &a_matrix, routing, adapters, d.d_in)?;
-                base_product(&backend, d, x, base, bias_address, out_address)?;
+                base_product(&backend, d, x, base, bias, out)?;
                 backend.stream().join(&side).context("joining the LoRA side stream")?;
                 let b_matrix = Strided {
                     base: address(&adapters.b)?,
@@ -1569,14 +1715,14 @@ mod cuda {
         d: Dims,
         d_y: &Tensor,
         x: &Tensor,
-        base: LoraBase,
+        input_gradient: InputGradient,
         adapters: &LoraAdapters,
         routing: &LoraRouting,
         grads: &mut LoraGrads,
     ) -> Result<()> {
         let backend = backend_of(x)?;
         if let Some(a) = blas_adapter(d, adapters, routing) {
-            return backward_blas(&backend, d, d_y, x, base, adapters, a, grads);
+            return backward_blas(&backend, d, d_y, x, input_gradient, adapters, a, grads);
         }
         let dtype = x.dtype();
         let r = adapters.max_rank();
@@ -1606,7 +1752,7 @@ mod cuda {
             adapters,
             d.d_out,
         )?;
-        // dX = s·U·A, then + dY·W from the base.
+        // dX = s·U·A, then + dY·W (dense) or + dY·W_dp (sparse) from the base.
         let d_x_address = address(&grads.d_x)?;
         let a_by_column = Strided {
             base: a_matrix.base,
@@ -1626,7 +1772,7 @@ mod cuda {
             adapters,
             d.d_in,
         )?;
-        base_input_gradient(&backend, d, d_y, base, d_x_address)?;
+        base_input_gradient(&backend, d, d_y, input_gradient, &mut grads.d_x)?;
         // dA[a, j, k] = s·Σ U[row, j]·X[row, k]; dB[a, o, j] = s·Σ dY[row, o]·T[row, j].
         let d_a = Strided {
             base: address(&grads.d_a)?,
@@ -1644,10 +1790,17 @@ mod cuda {
         adapter_grad(&backend, dtype, d_y_address, &t, &d_b, routing, adapters, d.d_out)
     }
 
-    /// `d_x = dY·W + d_x`: the base's part of the input gradient, accumulating.
-    fn base_input_gradient(backend: &Arc<CudaBackend>, d: Dims, d_y: &Tensor, base: LoraBase, d_x: u64) -> Result<()> {
-        match base {
-            LoraBase::Dense(w) => blas(
+    /// `d_x = dY·G + d_x`: the base's part of the input gradient, accumulating (cuBLASLt with
+    /// beta = 1, or the sparse GEMM on `W_dpᵀ` with its accumulating epilogue).
+    fn base_input_gradient(
+        backend: &Arc<CudaBackend>,
+        d: Dims,
+        d_y: &Tensor,
+        input_gradient: InputGradient,
+        d_x: &mut Tensor,
+    ) -> Result<()> {
+        match input_gradient {
+            InputGradient::Dense(w) => blas(
                 backend,
                 MatmulShape {
                     dtype: d_y.dtype(),
@@ -1662,12 +1815,13 @@ mod cuda {
                 MatmulOperands {
                     a: address(d_y)?,
                     b: address(w)?,
-                    out: d_x,
+                    out: address(d_x)?,
                     bias: None,
                     alpha: 1.0,
                     beta: 1.0,
                 },
             ),
+            InputGradient::Sparse(w_dp_t) => sparse_linear_accumulate_into(d_y, w_dp_t, None, d_x),
         }
     }
 
@@ -1680,7 +1834,7 @@ mod cuda {
         d: Dims,
         d_y: &Tensor,
         x: &Tensor,
-        base: LoraBase,
+        input_gradient: InputGradient,
         adapters: &LoraAdapters,
         a: usize,
         grads: &mut LoraGrads,
@@ -1695,34 +1849,55 @@ mod cuda {
         let t = Tensor::uninit_cuda(&[d.m, r], dtype, backend)?;
         let u = Tensor::uninit_cuda(&[d.m, r], dtype, backend)?;
         let (t_address, u_address) = (address(&t)?, address(&u)?);
-        let product = |m: usize, n: usize, k: usize, trans: (bool, bool), a: u64, b: u64, out: u64, alpha: f32| {
-            blas(
-                backend,
-                MatmulShape {
-                    dtype,
-                    out_dtype: dtype,
-                    m,
-                    n,
-                    k,
-                    trans_a: trans.0,
-                    trans_b: trans.1,
-                    bias: false,
-                },
-                MatmulOperands {
-                    a,
-                    b,
-                    out,
-                    bias: None,
-                    alpha,
-                    beta: 0.0,
-                },
-            )
-        };
-        product(d.m, r, d.d_in, (false, true), x_address, a_address, t_address, 1.0)?;
-        product(d.m, r, d.d_out, (false, false), d_y_address, b_address, u_address, 1.0)?;
+        let product =
+            |m: usize, n: usize, k: usize, trans: (bool, bool), a: u64, b: u64, out: u64, alpha: f32, beta: f32| {
+                blas(
+                    backend,
+                    MatmulShape {
+                        dtype,
+                        out_dtype: dtype,
+                        m,
+                        n,
+                        k,
+                        trans_a: trans.0,
+                        trans_b: trans.1,
+                        bias: false,
+                    },
+                    MatmulOperands {
+                        a,
+                        b,
+                        out,
+                        bias: None,
+                        alpha,
+                        beta,
+                    },
+                )
+            };
+        product(d.m, r, d.d_in, (false, true), x_address, a_address, t_address, 1.0, 0.0)?;
+        product(
+            d.m,
+            r,
+            d.d_out,
+            (false, false),
+            d_y_address,
+            b_address,
+            u_address,
+            1.0,
+            0.0,
+        )?;
         let d_x_address = address(&grads.d_x)?;
-        product(d.m, d.d_in, r, (false, false), u_address, a_address, d_x_address, s)?;
-        base_input_gradient(backend, d, d_y, base, d_x_address)?;
+        product(
+            d.m,
+            d.d_in,
+            r,
+            (false, false),
+            u_address,
+            a_address,
+            d_x_address,
+            s,
+            0.0,
+        )?;
+        base_input_gradient(backend, d, d_y, input_gradient, &mut grads.d_x)?;
         grads.d_a.fill_bytes(0)?;
         grads.d_b.fill_bytes(0)?;
         product(
@@ -1734,6 +1909,7 @@ mod cuda {
             x_address,
             address(&grads.d_a)? + a_offset,
             s,
+            0.0,
         )?;
         product(
             d.d_out,
@@ -1744,6 +1920,7 @@ mod cuda {
             t_address,
             address(&grads.d_b)? + b_offset,
             s,
+            0.0,
         )
     }
 

@@ -43,6 +43,7 @@ pub use binary::{
     PackedBinaryLinear,
 };
 pub use columns::copy_columns;
+pub use lora::lora_merged_weight;
 pub use lora::{
     lora_backward, lora_forward, lora_forward_into, lora_merge, lora_unmerge, LoraAdapters, LoraBase, LoraGrads,
     LoraRouting, Velora,

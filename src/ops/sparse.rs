@@ -505,20 +505,44 @@ pub fn sparse_linear_forward(x: &Tensor, w: &Sparse24, bias: Option<&Tensor>) ->
 /// [`sparse_linear_forward`] into an existing `y`.
 pub fn sparse_linear_forward_into(x: &Tensor, w: &Sparse24, bias: Option<&Tensor>, y: &mut Tensor) -> Result<()> {
     const OP: &str = "sparse_linear_forward";
-    let m = check_tokens(OP, "x", x, w.cols, w)?;
-    if let Some(bias) = bias {
-        bias.expect_dtype(OP, "bias", &[x.dtype()])?;
-        bias.expect_shape(OP, "bias", &[w.rows])?;
-        x.device().expect_same(&bias.device(), OP, "bias")?;
-    }
-    y.expect_dtype(OP, "y", &[x.dtype()])?;
-    y.expect_shape(OP, "y", &[m, w.rows])?;
-    x.device().expect_same(&y.device(), OP, "y")?;
+    check_forward_into(OP, x, w, bias, y)?;
     match x.device() {
         Device::Cpu => cpu::forward(x, w, bias, y),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::forward(x, w, bias, y, m),
+        Device::Cuda(_) => cuda::forward(x, w, bias, y, x.shape()[0], false),
     }
+}
+
+/// `y = x·W_sᵀ (+ bias) + y` on a GPU: [`sparse_linear_forward_into`] adding its result onto what
+/// `y` holds (read in the GEMM's epilogue, one rounding of the sum), for ops that write another
+/// term into `y` first (the LoRA linear's adapter).
+#[cfg(feature = "cuda")]
+pub(crate) fn sparse_linear_accumulate_into(
+    x: &Tensor,
+    w: &Sparse24,
+    bias: Option<&Tensor>,
+    y: &mut Tensor,
+) -> Result<()> {
+    const OP: &str = "sparse_linear_accumulate";
+    let m = check_forward_into(OP, x, w, bias, y)?;
+    if !x.device().is_cuda() {
+        return Err(Error::invalid(OP, "x", "tensors on a GPU", "host tensors"));
+    }
+    cuda::forward(x, w, bias, y, m, true)
+}
+
+/// Checks the arguments of the forward into `y`; returns the token count.
+fn check_forward_into(op: &'static str, x: &Tensor, w: &Sparse24, bias: Option<&Tensor>, y: &Tensor) -> Result<usize> {
+    let m = check_tokens(op, "x", x, w.cols, w)?;
+    if let Some(bias) = bias {
+        bias.expect_dtype(op, "bias", &[x.dtype()])?;
+        bias.expect_shape(op, "bias", &[w.rows])?;
+        x.device().expect_same(&bias.device(), op, "bias")?;
+    }
+    y.expect_dtype(op, "y", &[x.dtype()])?;
+    y.expect_shape(op, "y", &[m, w.rows])?;
+    x.device().expect_same(&y.device(), op, "y")?;
+    Ok(m)
 }
 
 /// The gradients of the sparse linear layer.
@@ -581,6 +605,28 @@ pub fn sparse_linear_backward(
         Device::Cuda(_) => cuda::weight_grad(dy, x, w, &mut d_values, d_bias.as_mut(), m)?,
     }
     Ok(SparseLinearGrads { d_x, d_values, d_bias })
+}
+
+/// The most tokens one GPU sparse GEMM takes (the many-token kernel's grid limit).
+pub(crate) const GPU_MAX_TOKENS: usize = 65535 * 128;
+
+/// `x·W_sᵀ` in f32 on the host: `x` is (m, w.cols()) f32, the result (m, w.rows()) f32. For ops
+/// that add more terms before rounding once (the LoRA linear on a sparse base); `w` is on the host.
+pub(crate) fn sparse24_product_f32(x: &[f32], w: &Sparse24) -> Result<Vec<f32>> {
+    with_float_type!(w.dtype(), "sparse24_product", "w", T => cpu::product_f32::<T>(x, w))
+}
+
+/// The weight gradient of [`sparse_linear_backward`] alone: `dYᵀ·X` at the kept positions of
+/// `w`, in the layout of its values, f32 (rows, cols/2). `dy` (m, w.rows()) and `x` (m, w.cols())
+/// are validated by the caller to match `w` in dtype and device.
+pub(crate) fn sparse24_weight_grad(dy: &Tensor, x: &Tensor, w: &Sparse24) -> Result<Tensor> {
+    let mut d_values = new_on(&dy.device(), &[w.rows, w.cols / 2], DType::F32)?;
+    match dy.device() {
+        Device::Cpu => cpu::weight_grad(dy, x, w, &mut d_values, None)?,
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::weight_grad(dy, x, w, &mut d_values, None, dy.shape()[0])?,
+    }
+    Ok(d_values)
 }
 
 mod cpu {
@@ -795,6 +841,22 @@ mod cpu {
                 }
             });
         Ok(())
+    }
+
+    pub(super) fn product_f32<T: Float>(x: &[f32], w: &Sparse24) -> Result<Vec<f32>> {
+        let entries = kept_entries::<T>(w)?;
+        let entries: Vec<Vec<(usize, f32)>> = entries
+            .into_iter()
+            .map(|row| row.into_iter().map(|(c, v)| (c, v.to_f32())).collect())
+            .collect();
+        let (k, n) = (w.cols, w.rows);
+        let mut y = vec![0.0f32; x.len() / k * n];
+        y.par_chunks_mut(n).zip(x.par_chunks(k)).for_each(|(y, x)| {
+            for (out, row) in y.iter_mut().zip(&entries) {
+                *out = row.iter().map(|&(c, v)| v * x[c]).sum();
+            }
+        });
+        Ok(y)
     }
 
     pub(super) fn forward(x: &Tensor, w: &Sparse24, bias: Option<&Tensor>, y: &mut Tensor) -> Result<()> {
@@ -1019,7 +1081,15 @@ pub(crate) mod cuda {
         })
     }
 
-    pub(super) fn forward(x: &Tensor, w: &Sparse24, bias: Option<&Tensor>, y: &mut Tensor, m: usize) -> Result<()> {
+    /// `y = x·W_sᵀ (+ bias)`, plus `y`'s own values when `accumulate`.
+    pub(super) fn forward(
+        x: &Tensor,
+        w: &Sparse24,
+        bias: Option<&Tensor>,
+        y: &mut Tensor,
+        m: usize,
+        accumulate: bool,
+    ) -> Result<()> {
         let backend = backend_of(x)?;
         let (n, k) = (w.rows, w.cols);
         let addresses = (
@@ -1064,7 +1134,7 @@ pub(crate) mod cuda {
         if launch.shared_mem_bytes > 0 {
             backend.allow_dynamic_shared(&function, launch.shared_mem_bytes as usize)?;
         }
-        let (m_i, n_i, k_i) = (m as i32, n as i32, k as i32);
+        let (m_i, n_i, k_i, accumulate) = (m as i32, n as i32, k as i32, accumulate as i32);
         let mut builder = backend.launch_builder(&function);
         builder
             .arg(&addresses.0)
@@ -1074,10 +1144,11 @@ pub(crate) mod cuda {
             .arg(&addresses.4)
             .arg(&m_i)
             .arg(&n_i)
-            .arg(&k_i);
+            .arg(&k_i)
+            .arg(&accumulate);
         // SAFETY: w has the format's sizes (n % 16 == 0, k % 64 == 0), x is (m, k), y (m, n) and
         // bias (n) or null, all of one 16-bit dtype on this device (validated). The kernels read
-        // and write only inside those bounds: tokens past m are masked, rows come in whole tiles
+        // (y too, when accumulating) and write only inside those bounds: tokens past m are masked, rows come in whole tiles
         // of 16, and the many-token kernel clamps the tiles past n.
         unsafe { builder.launch(launch) }.context(&format!("launching {name}"))?;
         Ok(())
