@@ -386,7 +386,7 @@ impl DeviceBuffer {
         let stream = &self.backend.stream;
         let len = len.min(self.slice.len());
         let (address, _sync) = self.slice.device_ptr(stream);
-        // SAFETY: the range is exactly this allocation, and the memset is ordered on its stream.
+        // SAFETY: the range lies within this allocation, and the memset is ordered on its stream.
         unsafe { driver::memset_d8_async(address, byte, len, stream.cu_stream()) }.context("cuMemsetD8Async")
     }
 }
