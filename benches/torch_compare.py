@@ -582,6 +582,42 @@ def torch_lora_sparse(case, warmup, iterations, generator):
 RUNNERS["lora_sparse"] = torch_lora_sparse
 
 
+def torch_generate(case, warmup, iterations, generator):
+    """Hugging Face transformers' GPT2LMHeadModel.generate with its key/value cache
+    (use_cache=True), greedy, bf16, random weights of the case's shape: one prefill of the prompts
+    and a decode step per further token, as tessera's case. Without transformers installed the
+    import fails and compare() reports why there is no anchor."""
+    import transformers
+
+    c, batch, new = case["config"], case["batch"], case["new_tokens"]
+    config = transformers.GPT2Config(
+        vocab_size=c["vocab"], n_positions=c["context"], n_embd=c["width"], n_layer=c["layers"],
+        n_head=c["heads"], n_inner=c["ffn_width"], layer_norm_epsilon=c["norm_eps"],
+        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=None, eos_token_id=None, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).to(device="cuda", dtype=torch.bfloat16).eval()
+    prompts = torch.randint(0, c["vocab"], (batch, case["prompt"]), device="cuda", generator=generator)
+    mask = torch.ones_like(prompts)
+
+    def work(i):
+        with torch.no_grad():
+            out = model.generate(prompts, attention_mask=mask, max_new_tokens=new, do_sample=False, use_cache=True)
+        assert out.shape[1] == case["prompt"] + new, out.shape
+
+    ms = time_ms(work, max(warmup, 1), min(iterations, 5))
+    return {
+        "ms": ms,
+        "tokens_per_s": batch * new / (ms * 1e-3),
+        "tflops": case["tflops"] * case["ms"] / ms,
+        "what": f"transformers {transformers.__version__} GPT2LMHeadModel.generate, use_cache=True, greedy",
+    }
+
+
+RUNNERS["generate"] = torch_generate
+
+
 def compare(report, generator):
     """Runs PyTorch on every case of a tessera report; returns the cases with "torch" filled in.
     A case without a PyTorch counterpart, or whose PyTorch run fails, keeps its tessera numbers

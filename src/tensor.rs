@@ -1,4 +1,8 @@
 //! Tensor: an owned, contiguous, row-major array of one dtype on one device.
+//!
+//! The allocation may hold more rows (entries of the leading dimension) than the shape shows
+//! ([`Tensor::set_leading_dim`]): a buffer that grows, such as a key/value cache, reserves its
+//! capacity once and shows ops the filled prefix. Every access sees only the shape's elements.
 
 use crate::device::Device;
 use crate::dtype::{DType, Element};
@@ -276,7 +280,7 @@ impl Tensor {
     /// The elements as little-endian bytes on the host, whatever the device.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         match &self.storage {
-            Storage::Host(host) => Ok(host.as_bytes().to_vec()),
+            Storage::Host(host) => Ok(host.as_bytes()[..self.size_in_bytes()].to_vec()),
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => Ok(self.to_device(&Device::Cpu)?.to_bytes()?),
         }
@@ -334,7 +338,7 @@ impl Tensor {
         let mut out = vec![T::zeroed(); self.numel()];
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
         match &self.storage {
-            Storage::Host(host) => bytes.copy_from_slice(host.as_bytes()),
+            Storage::Host(host) => bytes.copy_from_slice(&host.as_bytes()[..self.size_in_bytes()]),
             #[cfg(feature = "cuda")]
             Storage::Cuda(buffer) => buffer.copy_to_host(bytes)?,
         }
@@ -346,11 +350,14 @@ impl Tensor {
         let storage = match (&self.storage, device) {
             (Storage::Host(host), Device::Cpu) => {
                 let mut copy = HostBuffer::zeros(self.dtype, self.numel())?;
-                copy.as_bytes_mut().copy_from_slice(host.as_bytes());
+                copy.as_bytes_mut()
+                    .copy_from_slice(&host.as_bytes()[..self.size_in_bytes()]);
                 Storage::Host(copy)
             }
             #[cfg(feature = "cuda")]
-            (Storage::Host(host), Device::Cuda(cuda)) => Storage::Cuda(cuda.upload(host.as_bytes())?),
+            (Storage::Host(host), Device::Cuda(cuda)) => {
+                Storage::Cuda(cuda.upload(&host.as_bytes()[..self.size_in_bytes()])?)
+            }
             #[cfg(feature = "cuda")]
             (Storage::Cuda(buffer), Device::Cpu) => {
                 let mut copy = HostBuffer::zeros(self.dtype, self.numel())?;
@@ -358,7 +365,7 @@ impl Tensor {
                 Storage::Host(copy)
             }
             #[cfg(feature = "cuda")]
-            (Storage::Cuda(buffer), Device::Cuda(cuda)) => Storage::Cuda(buffer.copy_to(cuda)?),
+            (Storage::Cuda(buffer), Device::Cuda(cuda)) => Storage::Cuda(buffer.copy_to(cuda, self.size_in_bytes())?),
         };
         Ok(Tensor {
             shape: self.shape.clone(),
@@ -372,14 +379,17 @@ impl Tensor {
         const OP: &str = "Tensor::copy_from";
         source.expect_dtype(OP, "source", &[self.dtype])?;
         source.expect_shape(OP, "source", &self.shape)?;
+        let bytes = self.size_in_bytes();
         match (&mut self.storage, &source.storage) {
-            (Storage::Host(dst), Storage::Host(src)) => dst.as_bytes_mut().copy_from_slice(src.as_bytes()),
+            (Storage::Host(dst), Storage::Host(src)) => {
+                dst.as_bytes_mut()[..bytes].copy_from_slice(&src.as_bytes()[..bytes])
+            }
             #[cfg(feature = "cuda")]
-            (Storage::Host(dst), Storage::Cuda(src)) => src.copy_to_host(dst.as_bytes_mut())?,
+            (Storage::Host(dst), Storage::Cuda(src)) => src.copy_to_host(&mut dst.as_bytes_mut()[..bytes])?,
             #[cfg(feature = "cuda")]
-            (Storage::Cuda(dst), Storage::Host(src)) => dst.copy_from_host(src.as_bytes())?,
+            (Storage::Cuda(dst), Storage::Host(src)) => dst.copy_from_host(&src.as_bytes()[..bytes])?,
             #[cfg(feature = "cuda")]
-            (Storage::Cuda(dst), Storage::Cuda(src)) => dst.copy_from(src)?,
+            (Storage::Cuda(dst), Storage::Cuda(src)) => dst.copy_range_from(0, src, 0, bytes)?,
         }
         Ok(())
     }
@@ -396,10 +406,11 @@ impl Tensor {
     /// Overwrites every byte with `byte`. Tests use `0xFF` to poison outputs (NaN in every float
     /// dtype) so that an element a kernel failed to write cannot pass for a result.
     pub fn fill_bytes(&mut self, byte: u8) -> Result<()> {
+        let bytes = self.size_in_bytes();
         match &mut self.storage {
-            Storage::Host(host) => host.as_bytes_mut().fill(byte),
+            Storage::Host(host) => host.as_bytes_mut()[..bytes].fill(byte),
             #[cfg(feature = "cuda")]
-            Storage::Cuda(buffer) => buffer.fill_bytes(byte)?,
+            Storage::Cuda(buffer) => buffer.fill_bytes(byte, bytes)?,
         }
         Ok(())
     }
@@ -414,6 +425,102 @@ impl Tensor {
     /// one buffer as (tokens, width) for a matmul and (batch, seq, heads, head_dim) for attention.
     pub fn reshape_in_place(&mut self, shape: &[usize]) -> Result<()> {
         self.set_shape("Tensor::reshape_in_place", shape)
+    }
+
+    /// How many entries of the leading dimension the allocation holds (the shape shows
+    /// `shape()[0]` of them).
+    pub fn leading_capacity(&self) -> usize {
+        let row_bytes = self.shape[1..].iter().product::<usize>() * self.dtype.size_in_bytes();
+        if row_bytes == 0 {
+            return self.shape.first().copied().unwrap_or(0);
+        }
+        self.capacity_bytes() / row_bytes
+    }
+
+    /// Shows the first `rows` entries of the leading dimension of the allocation, up to
+    /// [`Tensor::leading_capacity`]: entries beyond the shape keep their data (a growing buffer
+    /// shows ops the part written so far, and grows without a copy).
+    pub fn set_leading_dim(&mut self, rows: usize) -> Result<()> {
+        const OP: &str = "Tensor::set_leading_dim";
+        if self.shape.is_empty() {
+            return Err(Error::invalid(OP, "self", "a tensor of rank at least 1", "a scalar"));
+        }
+        let capacity = self.leading_capacity();
+        if rows > capacity {
+            return Err(Error::invalid(
+                OP,
+                "rows",
+                format!("at most the {capacity} the allocation holds"),
+                rows,
+            ));
+        }
+        self.shape[0] = rows;
+        Ok(())
+    }
+
+    /// Copies entries `source_start..source_start + count` of `source`'s leading dimension into
+    /// entries `start..start + count` of this tensor's. Both must lie within the shapes; the
+    /// entries must have the same size and dtype, on the same device.
+    pub fn copy_rows_from(&mut self, start: usize, source: &Tensor, source_start: usize, count: usize) -> Result<()> {
+        const OP: &str = "Tensor::copy_rows_from";
+        source.expect_dtype(OP, "source", &[self.dtype])?;
+        self.device().expect_same(&source.device(), OP, "source")?;
+        let row = |t: &Tensor| t.shape.get(1..).map(|r| r.iter().product::<usize>());
+        let (Some(row_elements), Some(source_row)) = (row(self), row(source)) else {
+            return Err(Error::invalid(OP, "self", "tensors of rank at least 1", "a scalar"));
+        };
+        if source_row != row_elements {
+            return Err(Error::invalid(
+                OP,
+                "source",
+                format!("entries of {row_elements} elements, as the destination's"),
+                format!("shape {:?}", source.shape),
+            ));
+        }
+        if source_start.checked_add(count).is_none_or(|end| end > source.shape[0]) {
+            return Err(Error::invalid(
+                OP,
+                "source_start",
+                format!("{count} entries within the source's {}", source.shape[0]),
+                source_start,
+            ));
+        }
+        if start.checked_add(count).is_none_or(|end| end > self.shape[0]) {
+            return Err(Error::invalid(
+                OP,
+                "start",
+                format!("{count} entries within the destination's {}", self.shape[0]),
+                start,
+            ));
+        }
+        let row_bytes = row_elements * self.dtype.size_in_bytes();
+        let (from, to, bytes) = (source_start * row_bytes, start * row_bytes, count * row_bytes);
+        match (&mut self.storage, &source.storage) {
+            (Storage::Host(dst), Storage::Host(src)) => {
+                dst.as_bytes_mut()[to..to + bytes].copy_from_slice(&src.as_bytes()[from..from + bytes])
+            }
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(dst), Storage::Cuda(src)) => dst.copy_range_from(to, src, from, bytes)?,
+            #[cfg(feature = "cuda")]
+            _ => {
+                return Err(Error::invalid(
+                    OP,
+                    "source",
+                    "a tensor on the same device",
+                    "another device",
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes the allocation holds.
+    fn capacity_bytes(&self) -> usize {
+        match &self.storage {
+            Storage::Host(host) => host.as_bytes().len(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(buffer) => buffer.len(),
+        }
     }
 
     fn set_shape(&mut self, op: &'static str, shape: &[usize]) -> Result<()> {
@@ -475,7 +582,9 @@ impl Tensor {
     /// Typed view of host data. Callers have validated the dtype; a mismatch is still an error.
     pub(crate) fn host_slice<T: Element>(&self) -> Result<&[T]> {
         match &self.storage {
-            Storage::Host(host) if self.dtype == T::DTYPE => Ok(bytemuck::cast_slice(host.as_bytes())),
+            Storage::Host(host) if self.dtype == T::DTYPE => {
+                Ok(bytemuck::cast_slice(&host.as_bytes()[..self.size_in_bytes()]))
+            }
             _ => Err(self.not_host_of::<T>()),
         }
     }
@@ -485,8 +594,9 @@ impl Tensor {
         if self.dtype != T::DTYPE || !matches!(self.storage, Storage::Host(_)) {
             return Err(self.not_host_of::<T>());
         }
+        let bytes = self.size_in_bytes();
         match &mut self.storage {
-            Storage::Host(host) => Ok(bytemuck::cast_slice_mut(host.as_bytes_mut())),
+            Storage::Host(host) => Ok(bytemuck::cast_slice_mut(&mut host.as_bytes_mut()[..bytes])),
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => Err(Error::invalid(
                 "Tensor::host_slice_mut",
@@ -500,7 +610,7 @@ impl Tensor {
     /// The bytes of host data, whatever the dtype.
     pub(crate) fn host_bytes(&self) -> Result<&[u8]> {
         match &self.storage {
-            Storage::Host(host) => Ok(host.as_bytes()),
+            Storage::Host(host) => Ok(&host.as_bytes()[..self.size_in_bytes()]),
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => Err(Error::invalid(
                 "Tensor::host_bytes",
@@ -513,8 +623,9 @@ impl Tensor {
 
     /// The bytes of host data, mutably, whatever the dtype.
     pub(crate) fn host_bytes_mut(&mut self) -> Result<&mut [u8]> {
+        let bytes = self.size_in_bytes();
         match &mut self.storage {
-            Storage::Host(host) => Ok(host.as_bytes_mut()),
+            Storage::Host(host) => Ok(&mut host.as_bytes_mut()[..bytes]),
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => Err(Error::invalid(
                 "Tensor::host_bytes_mut",

@@ -117,6 +117,11 @@ fn train_resume_eval_generate() {
     ]);
     assert!(generate.status.success(), "{}", text(&generate));
     assert!(String::from_utf8_lossy(&generate.stdout).starts_with("fox"));
+    assert!(
+        String::from_utf8_lossy(&generate.stderr).contains("5 tokens in"),
+        "{}",
+        text(&generate)
+    );
     let twice = tessera(&[
         "generate",
         "--device",

@@ -273,7 +273,7 @@ impl CudaBackend {
     /// `bytes` of zeroed device memory.
     pub(crate) fn alloc_zeroed(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuffer> {
         let mut buffer = self.alloc(bytes)?;
-        buffer.fill_bytes(0)?;
+        buffer.fill_bytes(0, bytes)?;
         Ok(buffer)
     }
 
@@ -308,23 +308,56 @@ impl DeviceBuffer {
         address
     }
 
+    /// Bytes the buffer holds.
+    pub(crate) fn len(&self) -> usize {
+        self.slice.len()
+    }
+
+    /// Copies the buffer's first `out.len()` bytes (at most all it holds) to the host.
     pub(crate) fn copy_to_host(&self, out: &mut [u8]) -> Result<()> {
+        let source = self.slice.try_slice(..out.len()).ok_or_else(|| {
+            Error::invalid(
+                "DeviceBuffer::copy_to_host",
+                "out",
+                format!("at most {} bytes", self.slice.len()),
+                out.len(),
+            )
+        })?;
         self.backend
             .stream
-            .memcpy_dtoh(&self.slice, out)
+            .memcpy_dtoh(&source, out)
             .context("copying device to host")?;
         self.backend.synchronize()
     }
 
-    /// Copies `source`, a buffer of the same size on this or another GPU, into this one.
-    pub(crate) fn copy_from(&mut self, source: &DeviceBuffer) -> Result<()> {
+    /// Copies `bytes` bytes of `source` (on this or another GPU) from `source_offset` into this
+    /// buffer at `offset`.
+    pub(crate) fn copy_range_from(
+        &mut self,
+        offset: usize,
+        source: &DeviceBuffer,
+        source_offset: usize,
+        bytes: usize,
+    ) -> Result<()> {
+        let (dst_len, src_len) = (self.slice.len(), source.slice.len());
+        let range = |start: usize, len: usize| start.checked_add(bytes).filter(|&end| end <= len).map(|end| start..end);
+        let (Some(to), Some(from)) = (range(offset, dst_len), range(source_offset, src_len)) else {
+            return Err(Error::invalid(
+                "DeviceBuffer::copy_range_from",
+                "bytes",
+                format!("ranges within {src_len} source and {dst_len} destination bytes"),
+                format!("{bytes} bytes from {source_offset} to {offset}"),
+            ));
+        };
+        let source = source.slice.slice(from);
+        let mut destination = self.slice.slice_mut(to);
         self.backend
             .stream
-            .memcpy_dtod(&source.slice, &mut self.slice)
+            .memcpy_dtod(&source, &mut destination)
             .context("copying device to device")
     }
 
-    /// Copies host bytes, exactly as many as the buffer holds, into it.
+    /// Copies host bytes, at most as many as the buffer holds, into its start.
     pub(crate) fn copy_from_host(&mut self, bytes: &[u8]) -> Result<()> {
         self.backend
             .stream
@@ -332,24 +365,34 @@ impl DeviceBuffer {
             .context("copying host to device")
     }
 
-    pub(crate) fn copy_to(&self, backend: &Arc<CudaBackend>) -> Result<DeviceBuffer> {
-        let mut copy = backend.alloc(self.slice.len())?;
+    /// A copy of the buffer's first `bytes` bytes on `backend`'s GPU.
+    pub(crate) fn copy_to(&self, backend: &Arc<CudaBackend>, bytes: usize) -> Result<DeviceBuffer> {
+        let mut copy = backend.alloc(bytes)?;
+        let source = self.slice.try_slice(..bytes).ok_or_else(|| {
+            Error::invalid(
+                "DeviceBuffer::copy_to",
+                "bytes",
+                format!("at most {}", self.slice.len()),
+                bytes,
+            )
+        })?;
         backend
             .stream
-            .memcpy_dtod(&self.slice, &mut copy.slice)
+            .memcpy_dtod(&source, &mut copy.slice)
             .context("copying device to device")?;
         Ok(copy)
     }
 
-    pub(crate) fn fill_bytes(&mut self, byte: u8) -> Result<()> {
+    /// Sets the buffer's first `len` bytes (at most all it holds) to `byte`.
+    pub(crate) fn fill_bytes(&mut self, byte: u8, len: usize) -> Result<()> {
         self.backend
             .context
             .bind_to_thread()
             .context("binding the CUDA context")?;
         let stream = &self.backend.stream;
-        let len = self.slice.len();
+        let len = len.min(self.slice.len());
         let (address, _sync) = self.slice.device_ptr(stream);
-        // SAFETY: the range is exactly this allocation, and the memset is ordered on its stream.
+        // SAFETY: the range lies within this allocation, and the memset is ordered on its stream.
         unsafe { driver::memset_d8_async(address, byte, len, stream.cu_stream()) }.context("cuMemsetD8Async")
     }
 }

@@ -1,5 +1,9 @@
 //! Text generation: the model's next-token distribution, sampled with temperature, top-k and
 //! top-p, one token at a time over a window of at most the model's context.
+//!
+//! While the text fits the context, the prompt runs once and each new token runs alone against a
+//! key/value cache ([`Gpt::prefill`], [`Gpt::decode`]); beyond it the window slides, which moves
+//! every position, so each further token reruns the forward over the last `context` tokens.
 
 use super::gpt::Gpt;
 use crate::dtype::DType;
@@ -50,20 +54,48 @@ impl Sampling {
 }
 
 /// `count` tokens continuing `prompt`, drawn with `sampling`; the same seed gives the same text.
-///
-/// Each step runs the model over the last `context` tokens (no key/value cache yet, so a step
-/// costs a forward pass over the window).
+/// Uses the key/value cache while the text fits the model's context.
 pub fn generate(model: &mut Gpt, prompt: &[u32], count: usize, sampling: &Sampling, seed: u64) -> Result<Vec<u32>> {
+    generate_with(model, prompt, count, sampling, seed, true)
+}
+
+/// [`generate`], with the cache or (`cached` false) rerunning the forward over the whole window
+/// for every token: the reference the cached path must reproduce.
+pub fn generate_with(
+    model: &mut Gpt,
+    prompt: &[u32],
+    count: usize,
+    sampling: &Sampling,
+    seed: u64,
+    cached: bool,
+) -> Result<Vec<u32>> {
     sampling.validate()?;
     if prompt.is_empty() {
         return Err(Error::invalid(OP, "prompt", "at least one token", "none"));
     }
     let (context, vocab) = (model.params.config.context, model.params.config.vocab);
+    let mut cache = if cached && count > 0 && prompt.len() <= context {
+        Some(model.kv_cache(1)?)
+    } else {
+        None
+    };
     let mut tokens = prompt.to_vec();
     for step in 0..count {
-        let window = &tokens[tokens.len().saturating_sub(context)..];
-        let logits = model.logits(window, 1, window.len())?;
-        let last = last_row(logits, vocab)?;
+        let last = match cache.as_mut() {
+            Some(cache) if tokens.len() <= context => {
+                let logits = if cache.is_empty() {
+                    model.prefill(cache, &tokens)?
+                } else {
+                    model.decode(cache, &tokens[tokens.len() - 1..])?
+                };
+                last_row(logits, vocab)?
+            }
+            _ => {
+                let window = &tokens[tokens.len().saturating_sub(context)..];
+                let logits = model.logits(window, 1, window.len())?;
+                last_row(logits, vocab)?
+            }
+        };
         let draw = (splitmix64(seed ^ splitmix64(step as u64)) >> 11) as f64 / (1u64 << 53) as f64;
         tokens.push(sample(&last, sampling, draw) as u32);
     }

@@ -104,10 +104,10 @@ struct Activations {
 pub struct Gpt {
     pub params: GptParams,
     activations: Activations,
-    attention: AttentionOptions,
-    norm: NormConfig,
+    pub(super) attention: AttentionOptions,
+    pub(super) norm: NormConfig,
     /// WaveletGPT's mixing between blocks, when the model uses it.
-    wavelet: Option<WaveletConfig>,
+    pub(super) wavelet: Option<WaveletConfig>,
 }
 
 impl Gpt {
@@ -555,7 +555,7 @@ impl Activations {
     }
 }
 
-fn norm_params(params: &GptParams, index: NormIndex) -> NormParams<'_> {
+pub(super) fn norm_params(params: &GptParams, index: NormIndex) -> NormParams<'_> {
     NormParams {
         weight: params.weight(index.weight),
         bias: index.bias.map(|b| params.weight(b)),
@@ -606,7 +606,7 @@ fn norm_backward(
 }
 
 /// `out = x·W (+ b)` in the weight's layout.
-fn linear_forward(params: &GptParams, linear: &Linear, x: &Tensor, out: &mut Tensor) -> Result<()> {
+pub(super) fn linear_forward(params: &GptParams, linear: &Linear, x: &Tensor, out: &mut Tensor) -> Result<()> {
     let options = match linear.layout {
         Layout::OutputMajor => MatmulOptions::linear(),
         _ => MatmulOptions::default(),

@@ -4,10 +4,12 @@
 pub mod config;
 pub mod generate;
 pub mod gpt;
+pub mod kv_cache;
 pub mod params;
 pub mod safetensors;
 
 pub use config::{Activation, Attention, Family, GptConfig, Norm, Positions};
 pub use gpt::Gpt;
+pub use kv_cache::KvCache;
 pub use params::{GptParams, ModelLayout, Parameter};
 pub use safetensors::SafeTensors;

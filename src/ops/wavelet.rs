@@ -167,6 +167,32 @@ impl WaveletConfig {
         })
     }
 
+    /// The same mixing for `copies` embeddings side by side, `copies · dim` wide: `copies`
+    /// sequences stored position-major, (seq, copies, dim), mix in one call seen as
+    /// (1, seq, copies · dim), each column exactly as it would alone.
+    pub fn tiled(&self, copies: usize) -> Result<WaveletConfig> {
+        if copies == 0
+            || self
+                .windows
+                .len()
+                .checked_mul(copies)
+                .is_none_or(|n| n > i32::MAX as usize)
+        {
+            return Err(Error::invalid(
+                "WaveletConfig::tiled",
+                "copies",
+                format!("1 to {} copies", i32::MAX as usize / self.windows.len()),
+                copies,
+            ));
+        }
+        Ok(WaveletConfig {
+            windows: self.windows.repeat(copies),
+            divisor: self.divisor,
+            #[cfg(feature = "cuda")]
+            on_device: Default::default(),
+        })
+    }
+
     /// The embedding width this configuration is for.
     pub fn dim(&self) -> usize {
         self.windows.len()

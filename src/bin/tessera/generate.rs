@@ -38,7 +38,9 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
     let device = crate::device_option(&mut args)?;
     args.finish().map_err(usage)?;
 
-    let mut model = load_model(Path::new(&checkpoint), preset.as_deref(), &device, 1, None)?;
+    // Activations for one token: the cache does the work, and a window longer than the context
+    // reshapes them when it comes.
+    let mut model = load_model(Path::new(&checkpoint), preset.as_deref(), &device, 1, Some(1))?;
     let sampling = Sampling {
         temperature,
         top_k: (top_k > 0).then_some(top_k),
@@ -46,7 +48,15 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
     };
     let tokenizer = load_tokenizer(Path::new(&checkpoint), tokenizer.as_deref())?;
     let prompt_tokens = tokenizer.encode(prompt.as_bytes())?;
+    let started = std::time::Instant::now();
     let out = generate(&mut model, &prompt_tokens, tokens, &sampling, seed)?;
+    let seconds = started.elapsed().as_secs_f64();
     println!("{}{}", prompt, tokenizer.decode(&out)?);
+    eprintln!(
+        "{} tokens in {seconds:.2} s: {:.1} tokens/s (prompt of {} tokens)",
+        out.len(),
+        out.len() as f64 / seconds.max(1e-9),
+        prompt_tokens.len()
+    );
     Ok(())
 }

@@ -10,6 +10,7 @@ mod binary;
 mod columns;
 mod cross_entropy;
 mod embedding;
+mod generate;
 mod grad_norm;
 mod lora;
 mod matmul;
@@ -58,6 +59,7 @@ const FAMILIES: &[(&str, Family)] = &[
     ("sampling", sampling::run),
     ("binary", binary::run),
     ("train", train::run),
+    ("generate", generate::run),
 ];
 
 type Family = fn(&mut Context) -> Result<Vec<Value>>;

@@ -1,0 +1,395 @@
+//! The key/value cache: prefill plus decode steps give the logits of the full forward at those
+//! positions, for both families, every mask, with and without wavelet mixing, batches of
+//! different prompts, one-token prompts, prompts longer than one prefill pass, up to the context
+//! exactly; generation with the cache equals generation without it; the tensor views the cache
+//! is built on; and every invalid argument.
+
+#[macro_use]
+mod common;
+
+use rand::rngs::StdRng;
+use rand::Rng;
+use tessera::model::generate::{generate_with, Sampling};
+use tessera::model::kv_cache::PREFILL_CHUNK;
+use tessera::model::{Activation, Attention, Family, Gpt, GptConfig, GptParams, Norm, Positions};
+use tessera::{DType, Device, Error, Tensor};
+
+fn config(family: Family, attention: Attention, wavelet: bool, context: usize) -> GptConfig {
+    let gpt2 = family == Family::Gpt2;
+    GptConfig {
+        family,
+        vocab: 19,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        width: 32,
+        ffn_width: 40,
+        context,
+        norm: if gpt2 { Norm::LayerNorm } else { Norm::RmsNorm },
+        norm_eps: 1e-5,
+        activation: if gpt2 { Activation::Gelu } else { Activation::SwiGlu },
+        positions: if gpt2 {
+            Positions::Learned
+        } else {
+            Positions::Rope {
+                bases: vec![10000.0, 500.0],
+            }
+        },
+        tied_embeddings: gpt2,
+        attention,
+        wavelet,
+    }
+}
+
+/// Every family, mask and wavelet setting.
+fn every_config(context: usize) -> Vec<GptConfig> {
+    let masks = [
+        Attention::Causal,
+        Attention::Window { size: 3 },
+        Attention::Lambda { global: 2, window: 3 },
+    ];
+    let mut configs = Vec::new();
+    for family in [Family::Gpt2, Family::Llama] {
+        for attention in masks {
+            for wavelet in [false, true] {
+                configs.push(config(family, attention, wavelet, context));
+            }
+        }
+    }
+    configs
+}
+
+/// Parameters with every value random (gains near 1), so that each one matters.
+fn random_params(config: &GptConfig, device: &Device, rng: &mut StdRng) -> GptParams {
+    let mut params = GptParams::init(config, device, 1).unwrap();
+    for p in &mut params.params {
+        let n: usize = p.spec.shape.iter().product();
+        let gain =
+            p.spec.name.ends_with("norm.weight") || p.spec.name.contains("ln_") && p.spec.name.ends_with(".weight");
+        let values: Vec<f32> = (0..n)
+            .map(|_| rng.random_range(-0.4f32..0.4) + if gain { 1.0 } else { 0.0 })
+            .collect();
+        p.value = Tensor::from_vec(values.clone(), &p.spec.shape, device).unwrap();
+        if let Some(compute) = &mut p.compute {
+            let bf16: Vec<half::bf16> = values.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            *compute = Tensor::from_vec(bf16, &p.spec.shape, device).unwrap();
+        }
+    }
+    params
+}
+
+fn to_f64(t: &Tensor) -> Vec<f64> {
+    match t.dtype() {
+        DType::F32 => t.to_vec::<f32>().unwrap().iter().map(|&v| v as f64).collect(),
+        DType::BF16 => t.to_vec::<half::bf16>().unwrap().iter().map(|v| v.to_f64()).collect(),
+        other => panic!("unexpected logits dtype {other}"),
+    }
+}
+
+/// f32 on the CPU; bf16 activations and weights on a GPU, where the two paths round differently
+/// (matmuls of other shapes, attention over other tiles).
+fn tolerance(device: &Device) -> f64 {
+    if device.is_cuda() {
+        3e-2
+    } else {
+        1e-5
+    }
+}
+
+/// Λ with RoPE needs the distance ceiling, which attention runs on the CPU only for now: the
+/// cached path must refuse it as the full forward does.
+fn unsupported_here(config: &GptConfig, device: &Device) -> bool {
+    device.is_cuda()
+        && matches!(config.attention, Attention::Lambda { .. })
+        && matches!(config.positions, Positions::Rope { .. })
+}
+
+fn random_tokens(rng: &mut StdRng, n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|_| rng.random_range(0..vocab as u32)).collect()
+}
+
+/// Prefills `batch` random prompts of `prompt` tokens, decodes `steps` more tokens per sequence,
+/// and compares every returned row of logits with the full forward's at that position.
+fn check_against_full_forward(device: &Device, config: &GptConfig, batch: usize, prompt: usize, steps: usize) {
+    let mut rng = common::rng();
+    let vocab = config.vocab;
+    let total = prompt + steps;
+    let tokens = random_tokens(&mut rng, batch * total, vocab);
+    let params = random_params(config, device, &mut rng);
+    let mut full = Gpt::new(params, batch, total).unwrap();
+    let name = format!(
+        "{:?} {:?} wavelet {} batch {batch} prompt {prompt} +{steps}",
+        config.family, config.attention, config.wavelet
+    );
+    if unsupported_here(config, device) {
+        assert!(matches!(
+            full.logits(&tokens, batch, total),
+            Err(Error::Unsupported { .. })
+        ));
+        let mut cache = full.kv_cache(batch).unwrap();
+        let prompts: Vec<u32> = (0..batch)
+            .flat_map(|b| tokens[b * total..b * total + prompt].to_vec())
+            .collect();
+        let result = full.prefill(&mut cache, &prompts).map(|_| ());
+        assert!(matches!(result, Err(Error::Unsupported { .. })), "{name}: {result:?}");
+        return;
+    }
+    let reference = to_f64(full.logits(&tokens, batch, total).unwrap());
+    let row = |b: usize, position: usize| {
+        let at = (b * total + position) * vocab;
+        &reference[at..at + vocab]
+    };
+    let expected = |position: usize| -> Vec<f64> { (0..batch).flat_map(|b| row(b, position).to_vec()).collect() };
+
+    let mut cache = full.kv_cache(batch).unwrap();
+    let prompts: Vec<u32> = (0..batch)
+        .flat_map(|b| tokens[b * total..b * total + prompt].to_vec())
+        .collect();
+    let logits = to_f64(full.prefill(&mut cache, &prompts).unwrap());
+    common::assert_close(
+        &format!("{name}: prefill"),
+        &logits,
+        &expected(prompt - 1),
+        tolerance(device),
+    );
+    assert_eq!(cache.len(), prompt);
+    for step in 0..steps {
+        let position = prompt + step;
+        let next: Vec<u32> = (0..batch).map(|b| tokens[b * total + position]).collect();
+        let logits = to_f64(full.decode(&mut cache, &next).unwrap());
+        common::assert_close(
+            &format!("{name}: decode at position {position}"),
+            &logits,
+            &expected(position),
+            tolerance(device),
+        );
+    }
+    assert_eq!(cache.len(), total);
+}
+
+/// Every family, mask and wavelet setting, two different prompts, decoding up to the context
+/// exactly; then one token more is an error that leaves the cache as it was.
+fn cached_logits_equal_the_full_forward(device: &Device) {
+    let context = 10;
+    for config in every_config(context) {
+        check_against_full_forward(device, &config, 2, 4, context - 4);
+        if unsupported_here(&config, device) {
+            continue;
+        }
+        let mut rng = common::rng();
+        let model = Gpt::new(random_params(&config, device, &mut rng), 1, 1).unwrap();
+        let mut cache = model.kv_cache(2).unwrap();
+        model
+            .prefill(&mut cache, &random_tokens(&mut rng, 2 * context, config.vocab))
+            .unwrap();
+        assert_eq!(cache.len(), cache.capacity());
+        common::assert_invalid(
+            model.decode(&mut cache, &[1, 2]),
+            "KvCache",
+            "tokens",
+            &["context of 10"],
+        );
+        assert_eq!(cache.len(), context);
+    }
+}
+
+/// One-token prompts, a single sequence and three at once.
+fn one_token_prompts(device: &Device) {
+    for config in every_config(6) {
+        check_against_full_forward(device, &config, 1, 1, 5);
+        check_against_full_forward(device, &config, 3, 1, 3);
+    }
+}
+
+/// A prompt longer than one prefill pass runs in chunks and still matches.
+fn long_prompts_prefill_in_chunks(device: &Device) {
+    let context = PREFILL_CHUNK + 20;
+    for family in [Family::Gpt2, Family::Llama] {
+        for (attention, wavelet) in [(Attention::Causal, true), (Attention::Window { size: 7 }, false)] {
+            let config = config(family, attention, wavelet, context);
+            check_against_full_forward(device, &config, 2, PREFILL_CHUNK + 13, 3);
+        }
+    }
+}
+
+/// A second prefill starts over: the cache holds only the new prompts.
+fn prefill_restarts_the_cache(device: &Device) {
+    let mut rng = common::rng();
+    let config = config(Family::Llama, Attention::Causal, true, 8);
+    let params = random_params(&config, device, &mut rng);
+    let model = Gpt::new(params, 1, 1).unwrap();
+    let mut cache = model.kv_cache(1).unwrap();
+    model
+        .prefill(&mut cache, &random_tokens(&mut rng, 7, config.vocab))
+        .unwrap();
+    let prompt = random_tokens(&mut rng, 3, config.vocab);
+    let again = to_f64(model.prefill(&mut cache, &prompt).unwrap());
+    assert_eq!(cache.len(), 3);
+    let mut fresh = model.kv_cache(1).unwrap();
+    let expected = to_f64(model.prefill(&mut fresh, &prompt).unwrap());
+    assert_eq!(again, expected);
+}
+
+/// Every argument the cache checks.
+fn invalid_arguments(device: &Device) {
+    let mut rng = common::rng();
+    let config = config(Family::Gpt2, Attention::Causal, false, 8);
+    let model = Gpt::new(random_params(&config, device, &mut rng), 1, 1).unwrap();
+    common::assert_invalid(model.kv_cache(0), "KvCache", "batch", &["at least 1"]);
+    let mut cache = model.kv_cache(2).unwrap();
+    common::assert_invalid(model.prefill(&mut cache, &[]), "KvCache", "prompts", &["2 prompts"]);
+    common::assert_invalid(
+        model.prefill(&mut cache, &[1, 2, 3]),
+        "KvCache",
+        "prompts",
+        &["3 tokens"],
+    );
+    common::assert_invalid(
+        model.prefill(&mut cache, &[1; 18]),
+        "KvCache",
+        "prompts",
+        &["context of 8", "9 tokens"],
+    );
+    common::assert_invalid(
+        model.prefill(&mut cache, &[1, 19]),
+        "KvCache",
+        "tokens",
+        &["19 at index 1"],
+    );
+    assert!(cache.is_empty());
+    model.prefill(&mut cache, &[1, 2, 3, 4]).unwrap();
+    common::assert_invalid(
+        model.decode(&mut cache, &[1]),
+        "KvCache",
+        "tokens",
+        &["one token per sequence"],
+    );
+    common::assert_invalid(
+        model.decode(&mut cache, &[1, 25]),
+        "KvCache",
+        "tokens",
+        &["25 at index 1"],
+    );
+    assert_eq!(cache.len(), 2);
+    let other = Gpt::new(
+        random_params(&GptConfig { vocab: 23, ..config }, device, &mut rng),
+        1,
+        1,
+    )
+    .unwrap();
+    common::assert_invalid(
+        other.decode(&mut cache, &[1, 2]),
+        "KvCache",
+        "cache",
+        &["another configuration"],
+    );
+    assert_eq!(cache.len(), 2);
+}
+
+/// The views the cache is built on: a prefix of the leading dimension, grown and shrunk within
+/// the allocation without losing data, and rows copied between tensors (small, so that
+/// compute-sanitizer checks the device copies).
+fn small_leading_views_and_row_copies(device: &Device) {
+    let mut rng = common::rng();
+    let values: Vec<f32> = (0..7 * 3).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let mut t = Tensor::from_vec(values.clone(), &[7, 3], device).unwrap();
+    assert_eq!(t.leading_capacity(), 7);
+    t.set_leading_dim(2).unwrap();
+    assert_eq!(t.shape(), &[2, 3]);
+    assert_eq!(t.to_vec::<f32>().unwrap(), values[..6]);
+    let copy = t.to_device(&Device::Cpu).unwrap();
+    assert_eq!(copy.to_vec::<f32>().unwrap(), values[..6]);
+    common::assert_invalid(t.set_leading_dim(8), "Tensor::set_leading_dim", "rows", &["7", "8"]);
+    t.set_leading_dim(7).unwrap();
+    assert_eq!(t.to_vec::<f32>().unwrap(), values);
+
+    let source_values: Vec<f32> = (0..4 * 3).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let source = Tensor::from_vec(source_values.clone(), &[4, 3], device).unwrap();
+    t.set_leading_dim(5).unwrap();
+    t.copy_rows_from(3, &source, 1, 2).unwrap();
+    t.set_leading_dim(7).unwrap();
+    let mut expected = values.clone();
+    expected[9..15].copy_from_slice(&source_values[3..9]);
+    assert_eq!(t.to_vec::<f32>().unwrap(), expected);
+
+    // A short view copies and fills only what it shows.
+    t.set_leading_dim(1).unwrap();
+    t.fill_bytes(0xFF).unwrap();
+    t.copy_from(&Tensor::from_vec(vec![5.0f32; 3], &[1, 3], device).unwrap())
+        .unwrap();
+    t.set_leading_dim(7).unwrap();
+    let all = t.to_vec::<f32>().unwrap();
+    assert_eq!(all[..3], [5.0; 3]);
+    assert_eq!(all[3..], expected[3..]);
+
+    t.set_leading_dim(4).unwrap();
+    common::assert_invalid(
+        t.copy_rows_from(3, &source, 0, 2),
+        "Tensor::copy_rows_from",
+        "start",
+        &["4"],
+    );
+    common::assert_invalid(
+        t.copy_rows_from(0, &source, 3, 2),
+        "Tensor::copy_rows_from",
+        "source_start",
+        &["4"],
+    );
+    let wide = Tensor::zeros(&[2, 4], DType::F32, device).unwrap();
+    common::assert_invalid(
+        t.copy_rows_from(0, &wide, 0, 1),
+        "Tensor::copy_rows_from",
+        "source",
+        &["3 elements"],
+    );
+    let half = Tensor::zeros(&[2, 3], DType::BF16, device).unwrap();
+    common::assert_invalid(
+        t.copy_rows_from(0, &half, 0, 1),
+        "Tensor::copy_rows_from",
+        "source",
+        &["f32"],
+    );
+    t.set_leading_dim(7).unwrap();
+    assert_eq!(t.to_vec::<f32>().unwrap()[3..], expected[3..]);
+}
+
+on_each_device!(
+    cached_logits_equal_the_full_forward,
+    one_token_prompts,
+    long_prompts_prefill_in_chunks,
+    prefill_restarts_the_cache,
+    invalid_arguments,
+    small_leading_views_and_row_copies,
+);
+
+/// Greedy and sampled generation are the same with and without the cache, also past the
+/// context, where generation slides its window and reruns the forward.
+#[test]
+fn generation_with_the_cache_equals_generation_without() {
+    let mut rng = common::rng();
+    for config in every_config(12) {
+        let params = random_params(&config, &Device::Cpu, &mut rng);
+        let mut model = Gpt::new(params, 1, 1).unwrap();
+        let prompt = random_tokens(&mut rng, 3, config.vocab);
+        let sampled = Sampling {
+            temperature: 0.9,
+            top_k: Some(8),
+            top_p: Some(0.95),
+        };
+        for sampling in [Sampling::greedy(), sampled] {
+            let seed = rng.random();
+            let with = generate_with(&mut model, &prompt, 16, &sampling, seed, true).unwrap();
+            let without = generate_with(&mut model, &prompt, 16, &sampling, seed, false).unwrap();
+            assert_eq!(
+                with, without,
+                "{:?} {:?} wavelet {}",
+                config.family, config.attention, config.wavelet
+            );
+        }
+        // A prompt longer than the context never uses the cache, and still continues it.
+        let long = random_tokens(&mut rng, 15, config.vocab);
+        let with = generate_with(&mut model, &long, 2, &Sampling::greedy(), 0, true).unwrap();
+        let without = generate_with(&mut model, &long, 2, &Sampling::greedy(), 0, false).unwrap();
+        assert_eq!(with, without);
+    }
+}
