@@ -235,26 +235,35 @@ __device__ __forceinline__ void binary_gemv(const T* __restrict__ x, const uint3
         __syncthreads();  // the previous phase's fragments have been read
         // Stage α·x for the real tokens, 8 consecutive k per thread and step, accumulating β·x.
         // The 8 k of a step share their word and half (h); they are the pairs τ0 + q/2 (r = q%2).
+        // α and β are loaded once per step for all the tokens.
+        for (int e = threadIdx.x; e < GEMV_PHASE_K / 8; e += THREADS) {
+            const int kk = e * 8, kg0 = k0 + kk;
+            const int sc = kk / GEMV_CHUNK_K, kin = kk % GEMV_CHUNK_K, wd = kin / 32, b0 = kin % 32;
+            const bool vector = vector_stage && kg0 + 8 <= k;
+            float a[8], bt[8];
+            if (vector) {
+                load8f(alpha + kg0, a);
+                load8f(beta + kg0, bt);
+            } else {
 #pragma unroll
-        for (int token = 0; token < TOKENS; ++token) {
-            if (token >= m) continue;
-            for (int e = threadIdx.x; e < GEMV_PHASE_K / 8; e += THREADS) {
-                const int kk = e * 8, kg0 = k0 + kk;
-                const int sc = kk / GEMV_CHUNK_K, kin = kk % GEMV_CHUNK_K, wd = kin / 32, b0 = kin % 32;
+                for (int q = 0; q < 8; ++q) {
+                    const bool in = kg0 + q < k;
+                    a[q] = in ? alpha[kg0 + q] : 0.0f;
+                    bt[q] = in ? beta[kg0 + q] : 0.0f;
+                }
+            }
+#pragma unroll
+            for (int token = 0; token < TOKENS; ++token) {
+                if (token >= m) break;
                 const int tt = token / 8, gl = (token % 8) * 4 + wd / 4;
                 const int base = ((((sc * 4 + wd % 4) * 8 + (b0 % 16) / 2) * 32 + gl) * TT + tt) * 2;
-                float v[8], a[8], bt[8];
-                if (vector_stage && kg0 + 8 <= k) {
+                float v[8];
+                if (vector) {
                     load8<T>(x + (uint64_t)token * k + kg0, v);
-                    load8f(alpha + kg0, a);
-                    load8f(beta + kg0, bt);
                 } else {
 #pragma unroll
                     for (int q = 0; q < 8; ++q) {
-                        const bool in = kg0 + q < k;
-                        v[q] = in ? Half<T>::to_float(x[(uint64_t)token * k + kg0 + q]) : 0.0f;
-                        a[q] = in ? alpha[kg0 + q] : 0.0f;
-                        bt[q] = in ? beta[kg0 + q] : 0.0f;
+                        v[q] = kg0 + q < k ? Half<T>::to_float(x[(uint64_t)token * k + kg0 + q]) : 0.0f;
                     }
                 }
 #pragma unroll
