@@ -594,12 +594,14 @@ __device__ __forceinline__ uint16_t half_bits(T v) {
     return *reinterpret_cast<const uint16_t*>(&v);
 }
 
-// v as a high part in T and the remainder in T: v ≈ hi + lo.
+// v as a high part in T and the remainder in T: v ≈ hi + lo. Past T's range hi is ±inf and lo
+// 0 (not inf - inf = NaN), as a rounded output would be.
 template <typename T>
 __device__ __forceinline__ void split(float v, uint16_t& hi, uint16_t& lo) {
     const T h = Half<T>::from_float(v);
+    const float high = Half<T>::to_float(h);
     hi = half_bits(h);
-    lo = Half<T>::bits(v - Half<T>::to_float(h));
+    lo = isinf(high) ? (uint16_t)0 : Half<T>::bits(v - high);
 }
 
 template <typename T>
