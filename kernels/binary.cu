@@ -582,7 +582,7 @@ BINARY_GEMM(binary_gemm_f16_vec, __half, true)
 // The forward is one GEMM y = A·Bᵀ over pitch = roundup(d_in + 4, 8) columns:
 //   A = [α⊙x | r_hi r_lo | 1 1 | 0…] (tokens x pitch), B = [sign(W) | 1 1 | b_hi b_lo | 0…] (d_out x pitch),
 // with r[n] = Σ_j β_j x[n,j] and the bias each split into a value of T and the rest, so that
-// the f32 accumulator receives them to ~2^-17 relative (f16: ~2^-22) and y is rounded once.
+// the f32 accumulator receives them to ~2^-16 relative (f16: ~2^-22) and y is rounded once.
 // The backward's GEMM dY·B (without the bias columns) gives dY·sign(W) and, in column d_in, the
 // row sums of dY. Every pass here is memory-bound and touches each element once.
 namespace {

@@ -213,9 +213,9 @@ fn output(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
 ///
 /// On a GPU: sign(W) is written in x's dtype (exact: ±1 and 0), α·x is rounded once to x's
 /// dtype, and one tensor-core GEMM (cuBLASLt, f32 accumulation) computes the ±1 product. The β
-/// term `r[n] = Σ_j β_j x[n,j]` (f32) and the bias enter the same f32 accumulator exactly, as
-/// extra k columns (each value split into a high and a low part of x's dtype, multiplied by 1),
-/// so the output is rounded once.
+/// term `r[n] = Σ_j β_j x[n,j]` (f32) and the bias enter the same f32 accumulator as extra k
+/// columns, each split into a high and a low part of x's dtype multiplied by 1 (within ~2^-16 of
+/// the f32 value in bf16, ~2^-22 in f16), so the output is rounded once.
 pub fn binary_linear_forward(x: &Tensor, layer: BinaryLinear<'_>) -> Result<Tensor> {
     let (tokens, d_out, _) = check_forward(x, &layer)?;
     let mut y = output(&[tokens, d_out], x.dtype(), &x.device())?;
