@@ -1,5 +1,5 @@
 //! Criterion benchmarks of the binarized linear layer and the distillation loss: the packed
-//! forward (bf16, 1 and 16 tokens, 1024x4096) and the training-form forward on the CPU, the
+//! forward (bf16, 1 and 16 tokens, 1024x4096) and the training-form forward and backward on the CPU, the
 //! distillation loss (8 rows of a 32000 vocabulary, f32), and the packed forward at the issue's
 //! 8192x8192 on the GPU when one is present (the CUDA-event benchmark beside cuBLAS is
 //! `tessera bench`). Packed-forward throughput counts the packed weight bytes.
@@ -9,7 +9,8 @@ use half::bf16;
 use std::time::Duration;
 use tessera::ops::binary::packed_words;
 use tessera::ops::{
-    binary_linear_forward, binary_pack, binary_packed_forward_into, distill_loss_into, BinaryLinear, PackedBinaryLinear,
+    binary_linear_backward_into, binary_linear_forward, binary_pack, binary_packed_forward_into, distill_loss_into,
+    BinaryLinear, BinaryLinearGrads, PackedBinaryLinear,
 };
 use tessera::{DType, Device, Tensor};
 
@@ -78,6 +79,18 @@ fn bench_cpu_training_and_loss(c: &mut Criterion) {
     let mut group = group(c, "binary_cpu");
     group.bench_function(format!("training_forward_m{m}_{n}x{k}"), |bencher| {
         bencher.iter(|| binary_linear_forward(&x, layer).expect("forward"))
+    });
+    let dy = Tensor::from_vec(values(m * n, 7), &[m, n], &cpu).expect("dy");
+    let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &cpu).expect("gradient");
+    let mut grads = BinaryLinearGrads {
+        d_x: zeros(&[m, k]),
+        d_weight: zeros(&[n, k]),
+        d_alpha: zeros(&[k]),
+        d_beta: zeros(&[k]),
+        d_bias: None,
+    };
+    group.bench_function(format!("training_backward_m{m}_{n}x{k}"), |bencher| {
+        bencher.iter(|| binary_linear_backward_into(&dy, &x, layer, &mut grads).expect("backward"))
     });
     group.throughput(Throughput::Bytes((3 * rows * vocab * 4) as u64));
     group.bench_function(format!("distill_loss_f32_{rows}x{vocab}"), |bencher| {

@@ -618,6 +618,60 @@ def torch_generate(case, warmup, iterations, generator):
 RUNNERS["generate"] = torch_generate
 
 
+def torch_binary_train(case, warmup, iterations, generator):
+    """The dense bf16 layer's GEMMs on the binary training case's shape: x @ W.T forward;
+    dY @ W and dY.T @ x (f32 out) backward, through cuBLAS."""
+    m, n, k = case["m"], case["n"], case["k"]
+    x = uniform((m, k), torch.bfloat16, -1, 1, generator)
+    w = uniform((n, k), torch.bfloat16, -0.05, 0.05, generator)
+    dy = uniform((m, n), torch.bfloat16, -1, 1, generator)
+    y = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
+    dx = torch.empty((m, k), dtype=torch.bfloat16, device="cuda")
+    if case["direction"] == "forward":
+        ms = time_ms(lambda i: torch.matmul(x, w.t(), out=y), warmup, iterations)
+        return {"ms": ms, "tflops": 2 * m * n * k / (ms * 1e9), "what": "torch.matmul bf16 x @ W.T (cuBLAS)"}
+
+    try:  # torch.mm's out_dtype (bf16 operands, f32 output) is recent
+        torch.mm(dy.t(), x, out_dtype=torch.float32)
+        grad_w, what = (lambda: torch.mm(dy.t(), x, out_dtype=torch.float32)), "dY.T @ x (f32 out)"
+    except (TypeError, RuntimeError):
+        grad_w, what = (lambda: torch.matmul(dy.t(), x)), "dY.T @ x (bf16 out)"
+
+    def work(i):
+        torch.matmul(dy, w, out=dx)
+        grad_w()
+
+    ms = time_ms(work, warmup, iterations)
+    return {"ms": ms, "tflops": 4 * m * n * k / (ms * 1e9), "what": f"dY @ W and {what}, cuBLAS"}
+
+
+def torch_distill(case, warmup, iterations, generator):
+    """Eager distillation loss: softmax of the teacher, log_softmax of the student (in f32), the
+    cross-entropy against the teacher's probabilities, mixed with the next-token loss when the
+    case's ce_weight > 0; forward + autograd backward to the student's logits."""
+    rows, vocab, w = case["rows"], case["vocab"], case["ce_weight"]
+    student = uniform((rows, vocab), torch.bfloat16, -4, 4, generator).requires_grad_(True)
+    teacher = uniform((rows, vocab), torch.bfloat16, -4, 4, generator)
+    labels = torch.tensor([(r * 2654435761) % vocab for r in range(rows)], device="cuda")
+    F = torch.nn.functional
+
+    def work(i):
+        with torch.no_grad():
+            p_t = F.softmax(teacher.float(), dim=-1)
+        log_p = F.log_softmax(student.float(), dim=-1)
+        loss = -(p_t * log_p).sum(dim=-1).mean()
+        if w > 0:
+            loss = (1 - w) * loss + w * F.nll_loss(log_p, labels)
+        return torch.autograd.grad(loss, [student])
+
+    ms = time_ms(work, warmup, iterations)
+    return {"ms": ms, "gbps": case["bytes"] / (ms * 1e6), "what": "softmax / log_softmax (f32) KL + CE mix, forward + autograd backward"}
+
+
+RUNNERS["binary_train"] = torch_binary_train
+RUNNERS["distill"] = torch_distill
+
+
 def compare(report, generator):
     """Runs PyTorch on every case of a tessera report; returns the cases with "torch" filled in.
     A case without a PyTorch counterpart, or whose PyTorch run fails, keeps its tessera numbers

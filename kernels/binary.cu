@@ -60,10 +60,15 @@ struct Half<__half> {
     }
 };
 
-// Two ±1 values whose signs are bits p and p+16 of w (bit 1 = negative).
+// Two ±1 values whose signs are bits p and p+16 of w (bit 1 = negative). Written as one LOP3
+// ((a & b) | c, lookup 0xEA) with both constants in registers: from C, the AND and the OR each
+// carry an immediate and compile to two LOP3s, and the integer pipe (16 lanes per scheduler on
+// sm_80/sm_90) bounds the GEMV. The shift compiles to IMAD.SHL, on the FMA pipe.
 template <typename T>
 __device__ __forceinline__ uint32_t sign_pair(uint32_t w, int p) {
-    return ((w << (15 - p)) & 0x80008000u) | Half<T>::ONE2;
+    uint32_t out;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(out) : "r"(w << (15 - p)), "r"(0x80008000u), "r"(Half<T>::ONE2));
+    return out;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -230,26 +235,35 @@ __device__ __forceinline__ void binary_gemv(const T* __restrict__ x, const uint3
         __syncthreads();  // the previous phase's fragments have been read
         // Stage α·x for the real tokens, 8 consecutive k per thread and step, accumulating β·x.
         // The 8 k of a step share their word and half (h); they are the pairs τ0 + q/2 (r = q%2).
+        // α and β are loaded once per step for all the tokens.
+        for (int e = threadIdx.x; e < GEMV_PHASE_K / 8; e += THREADS) {
+            const int kk = e * 8, kg0 = k0 + kk;
+            const int sc = kk / GEMV_CHUNK_K, kin = kk % GEMV_CHUNK_K, wd = kin / 32, b0 = kin % 32;
+            const bool vector = vector_stage && kg0 + 8 <= k;
+            float a[8], bt[8];
+            if (vector) {
+                load8f(alpha + kg0, a);
+                load8f(beta + kg0, bt);
+            } else {
 #pragma unroll
-        for (int token = 0; token < TOKENS; ++token) {
-            if (token >= m) continue;
-            for (int e = threadIdx.x; e < GEMV_PHASE_K / 8; e += THREADS) {
-                const int kk = e * 8, kg0 = k0 + kk;
-                const int sc = kk / GEMV_CHUNK_K, kin = kk % GEMV_CHUNK_K, wd = kin / 32, b0 = kin % 32;
+                for (int q = 0; q < 8; ++q) {
+                    const bool in = kg0 + q < k;
+                    a[q] = in ? alpha[kg0 + q] : 0.0f;
+                    bt[q] = in ? beta[kg0 + q] : 0.0f;
+                }
+            }
+#pragma unroll
+            for (int token = 0; token < TOKENS; ++token) {
+                if (token >= m) break;
                 const int tt = token / 8, gl = (token % 8) * 4 + wd / 4;
                 const int base = ((((sc * 4 + wd % 4) * 8 + (b0 % 16) / 2) * 32 + gl) * TT + tt) * 2;
-                float v[8], a[8], bt[8];
-                if (vector_stage && kg0 + 8 <= k) {
+                float v[8];
+                if (vector) {
                     load8<T>(x + (uint64_t)token * k + kg0, v);
-                    load8f(alpha + kg0, a);
-                    load8f(beta + kg0, bt);
                 } else {
 #pragma unroll
                     for (int q = 0; q < 8; ++q) {
-                        const bool in = kg0 + q < k;
-                        v[q] = in ? Half<T>::to_float(x[(uint64_t)token * k + kg0 + q]) : 0.0f;
-                        a[q] = in ? alpha[kg0 + q] : 0.0f;
-                        bt[q] = in ? beta[kg0 + q] : 0.0f;
+                        v[q] = kg0 + q < k ? Half<T>::to_float(x[(uint64_t)token * k + kg0 + q]) : 0.0f;
                     }
                 }
 #pragma unroll
@@ -562,6 +576,181 @@ BINARY_GEMM(binary_gemm_bf16, __nv_bfloat16, false)
 BINARY_GEMM(binary_gemm_bf16_vec, __nv_bfloat16, true)
 BINARY_GEMM(binary_gemm_f16, __half, false)
 BINARY_GEMM(binary_gemm_f16_vec, __half, true)
+
+// ---- training form: operands for cuBLASLt and the backward's small passes --------------------
+//
+// The forward is one GEMM y = A·Bᵀ over pitch = roundup(d_in + 4, 8) columns:
+//   A = [α⊙x | r_hi r_lo | 1 1 | 0…] (tokens x pitch), B = [sign(W) | 1 1 | b_hi b_lo | 0…] (d_out x pitch),
+// with r[n] = Σ_j β_j x[n,j] and the bias each split into a value of T and the rest, so that
+// the f32 accumulator receives them to ~2^-16 relative (f16: ~2^-22) and y is rounded once.
+// The backward's GEMM dY·B (without the bias columns) gives dY·sign(W) and, in column d_in, the
+// row sums of dY. Every pass here is memory-bound and touches each element once.
+namespace {
+
+constexpr int TRAIN_CHUNK_ROWS = 64;
+
+template <typename T>
+__device__ __forceinline__ uint16_t half_bits(T v) {
+    return *reinterpret_cast<const uint16_t*>(&v);
+}
+
+// v as a high part in T and the remainder in T: v ≈ hi + lo. Past T's range hi is ±inf and lo
+// 0 (not inf - inf = NaN), as a rounded output would be.
+template <typename T>
+__device__ __forceinline__ void split(float v, uint16_t& hi, uint16_t& lo) {
+    const T h = Half<T>::from_float(v);
+    const float high = Half<T>::to_float(h);
+    hi = half_bits(h);
+    lo = isinf(high) ? (uint16_t)0 : Half<T>::bits(v - high);
+}
+
+template <typename T>
+__device__ __forceinline__ uint16_t sign_bits(float w) {
+    // sign(0) = 0, as torch.sign; NaN too, as the CPU path.
+    return w > 0.0f ? Half<T>::bits(1.0f) : w < 0.0f ? Half<T>::bits(-1.0f) : (uint16_t)0;
+}
+
+// Thread (column pair q) of grid row y writes columns 2q, 2q+1 of rows y, y + gridDim.y, ...
+template <typename T>
+__device__ __forceinline__ void binary_train_signs(const float* __restrict__ w, const float* __restrict__ bias,
+                                                   T* __restrict__ out, int rows, int cols, int pitch) {
+    const int c0 = 2 * (blockIdx.x * THREADS + threadIdx.x);
+    if (c0 >= pitch) return;
+    const uint16_t one = Half<T>::bits(1.0f);
+    for (int row = blockIdx.y; row < rows; row += gridDim.y) {
+        uint16_t h[2];
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            const int c = c0 + q;
+            if (c < cols) {
+                h[q] = sign_bits<T>(w[(uint64_t)row * cols + c]);
+            } else if (c < cols + 2) {
+                h[q] = one;
+            } else if (c < cols + 4 && bias != nullptr) {
+                uint16_t hi, lo;
+                split<T>(bias[row], hi, lo);
+                h[q] = c == cols + 2 ? hi : lo;
+            } else {
+                h[q] = 0;
+            }
+        }
+        reinterpret_cast<uint32_t*>(out + (uint64_t)row * pitch)[c0 / 2] = h[0] | ((uint32_t)h[1] << 16);
+    }
+}
+
+// One block per token: α⊙x rounded to T, r = Σ β_j x_j in f32 (a fixed-order block sum), then
+// the extra columns.
+template <typename T>
+__device__ __forceinline__ void binary_train_scale(const T* __restrict__ x, const float* __restrict__ alpha,
+                                                   const float* __restrict__ beta, T* __restrict__ out, int cols,
+                                                   int pitch) {
+    __shared__ float partial[WARPS];
+    const uint64_t token = blockIdx.x;
+    const T* row = x + token * cols;
+    uint16_t* dst = reinterpret_cast<uint16_t*>(out + token * pitch);
+    float r = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += THREADS) {
+        const float v = Half<T>::to_float(row[c]);
+        r = fmaf(beta[c], v, r);
+        dst[c] = Half<T>::bits(alpha[c] * v);
+    }
+    r = warp_sum(r);
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = r;
+    __syncthreads();
+    float total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) total += partial[w];
+    uint16_t hi, lo;
+    split<T>(total, hi, lo);
+    const uint16_t one = Half<T>::bits(1.0f);
+    for (int c = cols + threadIdx.x; c < pitch; c += THREADS) {
+        dst[c] = c == cols ? hi : c == cols + 1 ? lo : c < cols + 4 ? one : (uint16_t)0;
+    }
+}
+
+// Thread = column j, grid row = chunk of TRAIN_CHUNK_ROWS tokens: dX = α_j·P + β_j·rowsum,
+// and the chunk's partial dα_j = Σ x·P, dβ_j = Σ x·rowsum, summed in token order.
+template <typename T>
+__device__ __forceinline__ void binary_train_dx(const float* __restrict__ products, const T* __restrict__ x,
+                                                const float* __restrict__ alpha, const float* __restrict__ beta,
+                                                T* __restrict__ dx, float* __restrict__ partial_alpha,
+                                                float* __restrict__ partial_beta, int m, int cols, int pitch) {
+    const int j = blockIdx.x * THREADS + threadIdx.x;
+    if (j >= cols) return;
+    const int n0 = blockIdx.y * TRAIN_CHUNK_ROWS;
+    const int n1 = min(n0 + TRAIN_CHUNK_ROWS, m);
+    const float a = alpha[j], b = beta[j];
+    float da = 0.0f, db = 0.0f;
+    for (int n = n0; n < n1; ++n) {
+        const float* p_row = products + (uint64_t)n * pitch;
+        const float p = p_row[j], sum = p_row[cols];
+        const float v = Half<T>::to_float(x[(uint64_t)n * cols + j]);
+        dx[(uint64_t)n * cols + j] = Half<T>::from_float(fmaf(a, p, b * sum));
+        da = fmaf(v, p, da);
+        db = fmaf(v, sum, db);
+    }
+    partial_alpha[(uint64_t)blockIdx.y * cols + j] = da;
+    partial_beta[(uint64_t)blockIdx.y * cols + j] = db;
+}
+
+// Thread = column j, grid row = chunk of tokens: the chunk's column sum of y, in token order.
+template <typename T>
+__device__ __forceinline__ void binary_column_sums(const T* __restrict__ y, float* __restrict__ partial, int m,
+                                                   int cols) {
+    const int j = blockIdx.x * THREADS + threadIdx.x;
+    if (j >= cols) return;
+    const int n0 = blockIdx.y * TRAIN_CHUNK_ROWS;
+    const int n1 = min(n0 + TRAIN_CHUNK_ROWS, m);
+    float sum = 0.0f;
+    for (int n = n0; n < n1; ++n) sum += Half<T>::to_float(y[(uint64_t)n * cols + j]);
+    partial[(uint64_t)blockIdx.y * cols + j] = sum;
+}
+
+}  // namespace
+
+#define BINARY_TRAIN(T, NAME)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                          \
+        binary_train_signs_##NAME(const float* __restrict__ w, const float* __restrict__ bias, T* __restrict__ out, \
+                                  int rows, int cols, int pitch) {                                                 \
+        binary_train_signs<T>(w, bias, out, rows, cols, pitch);                                                    \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                          \
+        binary_train_scale_##NAME(const T* __restrict__ x, const float* __restrict__ alpha,                        \
+                                  const float* __restrict__ beta, T* __restrict__ out, int cols, int pitch) {      \
+        binary_train_scale<T>(x, alpha, beta, out, cols, pitch);                                                   \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(THREADS) binary_train_dx_##NAME(                                  \
+        const float* __restrict__ products, const T* __restrict__ x, const float* __restrict__ alpha,              \
+        const float* __restrict__ beta, T* __restrict__ dx, float* __restrict__ partial_alpha,                     \
+        float* __restrict__ partial_beta, int m, int cols, int pitch) {                                            \
+        binary_train_dx<T>(products, x, alpha, beta, dx, partial_alpha, partial_beta, m, cols, pitch);             \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                          \
+        binary_column_sums_##NAME(const T* __restrict__ y, float* __restrict__ partial, int m, int cols) {         \
+        binary_column_sums<T>(y, partial, m, cols);                                                                \
+    }
+
+BINARY_TRAIN(__nv_bfloat16, bf16)
+BINARY_TRAIN(__half, f16)
+
+// out[j] = Σ_c partial[c][j] over the chunks in order.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    binary_column_finish(const float* __restrict__ partial, float* __restrict__ out, int chunks, int cols) {
+    const int j = blockIdx.x * THREADS + threadIdx.x;
+    if (j >= cols) return;
+    float sum = 0.0f;
+    for (int c = 0; c < chunks; ++c) sum += partial[(uint64_t)c * cols + j];
+    out[j] = sum;
+}
+
+// w[i][j] *= alpha[j]: thread = column j of the rows its grid row strides over.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    binary_scale_columns(float* __restrict__ w, const float* __restrict__ alpha, int rows, int cols) {
+    const int j = blockIdx.x * THREADS + threadIdx.x;
+    if (j >= cols) return;
+    const float a = alpha[j];
+    for (int row = blockIdx.y; row < rows; row += gridDim.y) w[(uint64_t)row * cols + j] *= a;
+}
 
 // ---- autoregressive distillation loss -------------------------------------------------------
 //

@@ -13,12 +13,13 @@ use common::{assert_close, assert_invalid, bytes, uniform, uniform_in, values, F
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::Rng;
-use tessera::ops::binary::{packed_words, GEMV_MAX_TOKENS};
+use tessera::ops::binary::{packed_words, GEMV_MAX_TOKENS, TRAIN_CHUNK_ROWS};
 use tessera::ops::{
-    binary_init, binary_linear_backward, binary_linear_forward, binary_pack, binary_packed_forward,
-    binary_packed_forward_into, binary_unpack, distill_loss, distill_loss_into, BinaryLinear, PackedBinaryLinear,
+    binary_init, binary_linear_backward, binary_linear_backward_into, binary_linear_forward,
+    binary_linear_forward_into, binary_pack, binary_packed_forward, binary_packed_forward_into, binary_unpack,
+    distill_loss, distill_loss_into, BinaryLinear, BinaryLinearGrads, PackedBinaryLinear,
 };
-use tessera::{DType, Device, Error, Tensor};
+use tessera::{DType, Device, Tensor};
 
 on_each_device!(
     small_pack_unpack,
@@ -42,6 +43,14 @@ on_each_device!(
     distill_wide_vocabulary,
     xnor_init_on_device,
     training_form_device_support,
+    small_training_form,
+    training_hand_fixture,
+    training_form_bf16,
+    training_form_f16,
+    training_form_f32_on_cpu,
+    training_form_many_tokens,
+    training_finite_differences,
+    training_errors,
     errors_name_the_argument,
     errors_leave_outputs_unchanged,
 );
@@ -891,7 +900,7 @@ fn xnor_init_on_device(device: &Device) {
     assert_eq!(bytes(&beta), bytes(&beta_cpu));
 }
 
-/// The training form runs on the CPU; on a GPU it is a clear `Unsupported`, not a panic.
+/// The training form takes f32 activations on the CPU only; a GPU runs it in bf16 or f16.
 fn training_form_device_support(device: &Device) {
     let mut rng = common::rng();
     let p = Params::random(&mut rng, 3, 5, false, 1.0);
@@ -907,12 +916,360 @@ fn training_form_device_support(device: &Device) {
     let forward = binary_linear_forward(&x, layer);
     let backward = binary_linear_backward(&dy, &x, layer);
     if device.is_cuda() {
-        assert!(matches!(forward, Err(Error::Unsupported { .. })), "{forward:?}");
-        assert!(matches!(backward, Err(Error::Unsupported { .. })), "{backward:?}");
+        assert_invalid(forward, "binary_linear_forward", "x", &["bf16", "f32"]);
+        assert_invalid(backward, "binary_linear_backward", "x", &["bf16", "f32"]);
     } else {
         assert_eq!(forward.unwrap().shape(), &[2, 3]);
         assert_eq!(backward.unwrap().d_weight.shape(), &[3, 5]);
     }
+    let x_half = tensor(uniform::<bf16>(&mut rng, 10), &[2, 5], device);
+    let y = binary_linear_forward(&x_half, layer).unwrap();
+    assert_eq!(
+        (y.shape(), y.dtype(), y.device()),
+        (&[2usize, 3][..], DType::BF16, device.clone())
+    );
+}
+
+/// A tensor whose every element is NaN (all bits set).
+fn poisoned(shape: &[usize], dtype: DType, device: &Device) -> Tensor {
+    let mut t = Tensor::zeros(shape, dtype, device).unwrap();
+    t.fill_bytes(0xFF).unwrap();
+    t
+}
+
+/// Gradients for a layer of this shape, every element NaN.
+fn poisoned_grads(
+    dtype: DType,
+    tokens: usize,
+    d_out: usize,
+    d_in: usize,
+    bias: bool,
+    device: &Device,
+) -> BinaryLinearGrads {
+    BinaryLinearGrads {
+        d_x: poisoned(&[tokens, d_in], dtype, device),
+        d_weight: poisoned(&[d_out, d_in], DType::F32, device),
+        d_alpha: poisoned(&[d_in], DType::F32, device),
+        d_beta: poisoned(&[d_in], DType::F32, device),
+        d_bias: bias.then(|| poisoned(&[d_out], DType::F32, device)),
+    }
+}
+
+/// `assert_close`, and every element within `4·tolerance` of the reference's size (its own
+/// magnitude plus the output's root mean square), so that one wrong element cannot hide in a norm.
+fn assert_each_close(what: &str, got: &[f64], want: &[f64], tolerance: f64) {
+    assert_close(what, got, want, tolerance);
+    let rms = (want.iter().map(|v| v * v).sum::<f64>() / want.len().max(1) as f64).sqrt();
+    for (e, (g, w)) in got.iter().zip(want).enumerate() {
+        let bound = 4.0 * tolerance * (w.abs() + rms) + 1e-30;
+        assert!(
+            (g - w).abs() <= bound,
+            "{what}: element {e} is {g}, expected {w} (bound {bound})"
+        );
+    }
+}
+
+/// The training form's forward and backward on activations of dtype `T` (poisoned outputs)
+/// against the f64 references from the exact inputs. `grad_tolerance` applies to the f32
+/// gradients (dW, dα, dβ, db), whose products of T values are exact and summed in f32.
+#[allow(clippy::too_many_arguments)]
+fn check_training<T: Float>(
+    device: &Device,
+    rng: &mut StdRng,
+    tokens: usize,
+    d_out: usize,
+    d_in: usize,
+    with_bias: bool,
+    w_range: f32,
+    grad_tolerance: f64,
+) {
+    let p = Params::random(rng, d_out, d_in, with_bias, w_range);
+    let (w, alpha, beta, bias) = p.tensors(device);
+    let layer = BinaryLinear {
+        weight: &w,
+        alpha: &alpha,
+        beta: &beta,
+        bias: bias.as_ref(),
+    };
+    let x_values: Vec<T> = uniform(rng, tokens * d_in);
+    let dy_values: Vec<T> = uniform(rng, tokens * d_out);
+    let x = tensor(x_values.clone(), &[tokens, d_in], device);
+    let dy = tensor(dy_values.clone(), &[tokens, d_out], device);
+    let (w64, a64, b64, bias64) = p.f64s();
+    let (x64, dy64) = (common::to_f64(&x_values), common::to_f64(&dy_values));
+    let what = format!(
+        "{} tokens={tokens} d_out={d_out} d_in={d_in} bias={with_bias} on {device}",
+        T::DTYPE
+    );
+
+    let mut y = poisoned(&[tokens, d_out], T::DTYPE, device);
+    binary_linear_forward_into(&x, layer, &mut y).unwrap();
+    let reference = dense_forward(&x64, &w64, &a64, &b64, bias64.as_deref(), tokens, d_out, d_in, sign);
+    assert_each_close(
+        &format!("forward {what}"),
+        &values::<T>(&y),
+        &reference,
+        T::MATMUL_TOLERANCE,
+    );
+    let allocated = binary_linear_forward(&x, layer).unwrap();
+    assert_eq!(bytes(&allocated), bytes(&y), "allocating forward {what}");
+
+    let mut grads = poisoned_grads(T::DTYPE, tokens, d_out, d_in, with_bias, device);
+    binary_linear_backward_into(&dy, &x, layer, &mut grads).unwrap();
+    let (d_x, d_alpha, d_beta, d_w, d_b) = backward_reference(&dy64, &x64, &w64, &a64, &b64, tokens, d_out, d_in);
+    assert_each_close(
+        &format!("dX {what}"),
+        &values::<T>(&grads.d_x),
+        &d_x,
+        T::MATMUL_TOLERANCE,
+    );
+    assert_each_close(
+        &format!("dW {what}"),
+        &values::<f32>(&grads.d_weight),
+        &d_w,
+        grad_tolerance,
+    );
+    assert_each_close(
+        &format!("dα {what}"),
+        &values::<f32>(&grads.d_alpha),
+        &d_alpha,
+        grad_tolerance,
+    );
+    assert_each_close(
+        &format!("dβ {what}"),
+        &values::<f32>(&grads.d_beta),
+        &d_beta,
+        grad_tolerance,
+    );
+    if let Some(db) = &grads.d_bias {
+        assert_each_close(&format!("db {what}"), &values::<f32>(db), &d_b, grad_tolerance);
+    }
+    let allocated = binary_linear_backward(&dy, &x, layer).unwrap();
+    assert_eq!(
+        bytes(&allocated.d_x),
+        bytes(&grads.d_x),
+        "allocating backward dX {what}"
+    );
+    assert_eq!(
+        bytes(&allocated.d_weight),
+        bytes(&grads.d_weight),
+        "allocating backward dW {what}"
+    );
+    assert_eq!(allocated.d_bias.is_some(), with_bias);
+}
+
+/// The f32 gradients' tolerance for half-precision activations: exact products, f32 sums of up to
+/// ~1000 terms (tensor cores included).
+const HALF_GRAD_TOLERANCE: f64 = 2e-4;
+
+fn small_training_form(device: &Device) {
+    let mut rng = common::rng();
+    check_training::<bf16>(device, &mut rng, 70, 9, 37, true, 1.0, HALF_GRAD_TOLERANCE);
+}
+
+/// The spec's hand fixture in bf16, where every value is exact: bit-for-bit on every device.
+fn training_hand_fixture(device: &Device) {
+    let w = tensor(vec![0.3f32, -0.2, -0.1, 0.4], &[2, 2], device);
+    let alpha = tensor(vec![1.0f32, 2.0], &[2], device);
+    let beta = tensor(vec![0.5f32, -0.5], &[2], device);
+    let layer = BinaryLinear {
+        weight: &w,
+        alpha: &alpha,
+        beta: &beta,
+        bias: None,
+    };
+    let half = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+    let x = tensor(half(&[1.0, 2.0]), &[1, 2], device);
+    let y = binary_linear_forward(&x, layer).unwrap();
+    assert_eq!(values::<bf16>(&y), vec![-3.5, 2.5]);
+    let dy = tensor(half(&[1.0, 1.0]), &[1, 2], device);
+    let grads = binary_linear_backward(&dy, &x, layer).unwrap();
+    assert_eq!(values::<bf16>(&grads.d_x), vec![1.0, -1.0]);
+    assert_eq!(grads.d_alpha.to_vec::<f32>().unwrap(), vec![0.0, 0.0]);
+    assert_eq!(grads.d_beta.to_vec::<f32>().unwrap(), vec![2.0, 4.0]);
+    assert_eq!(grads.d_weight.to_vec::<f32>().unwrap(), vec![1.0, 4.0, 1.0, 4.0]);
+}
+
+/// Odd shapes: 1, 7, 17, 113, 1023, 1025 in every dimension, rows of the GEMM operands padded
+/// (d_in + 4 up to a multiple of 8), several token chunks of the column reductions, latent
+/// weights beyond ±1 (no clipping).
+fn training_cases<T: Float>(device: &Device) {
+    let mut rng = common::rng();
+    let tolerance = HALF_GRAD_TOLERANCE;
+    for &(tokens, d_out, d_in, bias, w_range) in &[
+        (1, 1, 1, true, 1.0),
+        (3, 4, 8, false, 1.0),
+        (7, 17, 33, true, 4.0),
+        (17, 113, 7, true, 1.0),
+        (65, 64, 1025, false, 1.0),
+        (130, 1023, 17, true, 1.0),
+        (TRAIN_CHUNK_ROWS, 7, 1023, true, 4.0),
+        (113, 1025, 113, false, 1.0),
+    ] {
+        check_training::<T>(device, &mut rng, tokens, d_out, d_in, bias, w_range, tolerance);
+    }
+}
+
+fn training_form_bf16(device: &Device) {
+    training_cases::<bf16>(device);
+}
+
+fn training_form_f16(device: &Device) {
+    training_cases::<f16>(device);
+}
+
+fn training_form_f32_on_cpu(device: &Device) {
+    if device.is_cuda() {
+        return; // rejected on a GPU: training_form_device_support
+    }
+    let mut rng = common::rng();
+    for &(tokens, d_out, d_in) in &[(1, 1, 1), (7, 17, 33), (130, 33, 1025)] {
+        check_training::<f32>(device, &mut rng, tokens, d_out, d_in, true, 1.0, 1e-5);
+    }
+}
+
+/// Enough tokens for many column-reduction chunks and a GEMM with a long token reduction (dW).
+fn training_form_many_tokens(device: &Device) {
+    let mut rng = common::rng();
+    check_training::<bf16>(device, &mut rng, 1000, 96, 200, true, 1.0, HALF_GRAD_TOLERANCE);
+}
+
+/// Central differences in f64 of `L = Σ dY ⊙ Y(X, α, β, b)` at the exact f16 inputs, against the
+/// backward on this device.
+fn training_finite_differences(device: &Device) {
+    let mut rng = common::rng();
+    let (tokens, d_out, d_in) = (3, 4, 8);
+    let p = Params::random(&mut rng, d_out, d_in, true, 1.0);
+    let (w, alpha, beta, bias) = p.tensors(device);
+    let layer = BinaryLinear {
+        weight: &w,
+        alpha: &alpha,
+        beta: &beta,
+        bias: bias.as_ref(),
+    };
+    let x_values: Vec<f16> = uniform(&mut rng, tokens * d_in);
+    let dy_values: Vec<f16> = uniform(&mut rng, tokens * d_out);
+    let grads = binary_linear_backward(
+        &tensor(dy_values.clone(), &[tokens, d_out], device),
+        &tensor(x_values.clone(), &[tokens, d_in], device),
+        layer,
+    )
+    .unwrap();
+    let (w64, a64, b64, bias64) = p.f64s();
+    let (x64, dy64) = (common::to_f64(&x_values), common::to_f64(&dy_values));
+    let loss = |x: &[f64], a: &[f64], b: &[f64], bias: &[f64]| -> f64 {
+        dense_forward(x, &w64, a, b, Some(bias), tokens, d_out, d_in, sign)
+            .iter()
+            .zip(&dy64)
+            .map(|(y, g)| y * g)
+            .sum()
+    };
+    let h = 1e-6;
+    let mut inputs = [x64, a64, b64, bias64.unwrap()];
+    let analytic = [
+        values::<f16>(&grads.d_x),
+        values::<f32>(&grads.d_alpha),
+        values::<f32>(&grads.d_beta),
+        values::<f32>(grads.d_bias.as_ref().unwrap()),
+    ];
+    // dX is rounded to f16; the others are f32 sums of exact products.
+    let tolerances = [f16::MATMUL_TOLERANCE, 1e-5, 1e-5, 1e-5];
+    for (which, name) in ["x", "alpha", "beta", "bias"].iter().enumerate() {
+        let mut numeric = Vec::new();
+        for e in 0..inputs[which].len() {
+            let keep = inputs[which][e];
+            inputs[which][e] = keep + h;
+            let up = loss(&inputs[0], &inputs[1], &inputs[2], &inputs[3]);
+            inputs[which][e] = keep - h;
+            let down = loss(&inputs[0], &inputs[1], &inputs[2], &inputs[3]);
+            inputs[which][e] = keep;
+            numeric.push((up - down) / (2.0 * h));
+        }
+        assert_close(
+            &format!("finite differences of {name} on {device}"),
+            &analytic[which],
+            &numeric,
+            tolerances[which],
+        );
+    }
+}
+
+/// The `_into` forms' outputs and the backward's inputs are validated, and a failed call leaves
+/// every output as it was.
+fn training_errors(device: &Device) {
+    let mut rng = common::rng();
+    let (tokens, d_out, d_in) = (3, 6, 40);
+    let p = Params::random(&mut rng, d_out, d_in, true, 1.0);
+    let (w, alpha, beta, bias) = p.tensors(device);
+    let layer = BinaryLinear {
+        weight: &w,
+        alpha: &alpha,
+        beta: &beta,
+        bias: bias.as_ref(),
+    };
+    let x = tensor(uniform::<bf16>(&mut rng, tokens * d_in), &[tokens, d_in], device);
+    let dy = tensor(uniform::<bf16>(&mut rng, tokens * d_out), &[tokens, d_out], device);
+    let op = "binary_linear_forward";
+    let mut y_f16 = tensor(uniform::<f16>(&mut rng, tokens * d_out), &[tokens, d_out], device);
+    let before = bytes(&y_f16);
+    assert_invalid(
+        binary_linear_forward_into(&x, layer, &mut y_f16),
+        op,
+        "y",
+        &["bf16", "f16"],
+    );
+    assert_eq!(bytes(&y_f16), before);
+    let mut y_short = tensor(uniform::<bf16>(&mut rng, tokens * d_in), &[tokens, d_in], device);
+    assert_invalid(
+        binary_linear_forward_into(&x, layer, &mut y_short),
+        op,
+        "y",
+        &["[3, 6]"],
+    );
+
+    let op = "binary_linear_backward";
+    let dy_f16 = tensor(uniform::<f16>(&mut rng, tokens * d_out), &[tokens, d_out], device);
+    assert_invalid(binary_linear_backward(&dy_f16, &x, layer), op, "d_y", &["bf16", "f16"]);
+    let mut grads = poisoned_grads(DType::BF16, tokens, d_out, d_in, true, device);
+    let snapshot = |g: &BinaryLinearGrads| {
+        [&g.d_x, &g.d_weight, &g.d_alpha, &g.d_beta, g.d_bias.as_ref().unwrap()]
+            .iter()
+            .map(|t| bytes(t))
+            .collect::<Vec<_>>()
+    };
+    let before = snapshot(&grads);
+    let no_bias = BinaryLinear { bias: None, ..layer };
+    assert_invalid(
+        binary_linear_backward_into(&dy, &x, no_bias, &mut grads),
+        op,
+        "grads.d_bias",
+        &["no bias"],
+    );
+    grads.d_alpha = tensor(vec![0.0f32; d_in + 1], &[d_in + 1], device);
+    assert_invalid(
+        binary_linear_backward_into(&dy, &x, layer, &mut grads),
+        op,
+        "grads.d_alpha",
+        &["[40]", "[41]"],
+    );
+    grads.d_alpha = poisoned(&[d_in], DType::F32, device);
+    grads.d_weight = tensor(uniform::<bf16>(&mut rng, d_out * d_in), &[d_out, d_in], device);
+    assert_invalid(
+        binary_linear_backward_into(&dy, &x, layer, &mut grads),
+        op,
+        "grads.d_weight",
+        &["f32", "bf16"],
+    );
+    grads.d_weight = poisoned(&[d_out, d_in], DType::F32, device);
+    let mut missing = BinaryLinearGrads { d_bias: None, ..grads };
+    assert_invalid(
+        binary_linear_backward_into(&dy, &x, layer, &mut missing),
+        op,
+        "grads.d_bias",
+        &["has a bias"],
+    );
+    missing.d_bias = Some(poisoned(&[d_out], DType::F32, device));
+    assert_eq!(snapshot(&missing), before, "a failed backward wrote into its outputs");
 }
 
 fn errors_name_the_argument(device: &Device) {

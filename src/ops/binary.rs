@@ -42,6 +42,14 @@ pub const MAX_GPU_TOKENS: usize = 65535 * 128;
 /// Token counts up to this take the GPU's streaming GEMV; larger ones its tensor-core GEMM.
 pub const GEMV_MAX_TOKENS: usize = 16;
 
+/// Tokens per partial sum in the GPU training backward's column reductions (dα, dβ, db): each
+/// chunk's partial is summed by one thread in token order, then the chunks in chunk order.
+pub const TRAIN_CHUNK_ROWS: usize = 64;
+
+/// The largest token count the GPU training form takes in one call (one grid row per chunk of
+/// [`TRAIN_CHUNK_ROWS`] tokens, at most 65535 rows).
+pub const MAX_GPU_TRAIN_TOKENS: usize = 65535 * TRAIN_CHUNK_ROWS;
+
 /// u32 words per packed row of `d_in` weights.
 pub fn packed_words(d_in: usize) -> usize {
     d_in.div_ceil(32)
@@ -144,39 +152,97 @@ fn check_tokens(
     Ok(x.shape()[0])
 }
 
-fn training_form_on_cpu(op: &'static str, device: &Device) -> Result<()> {
+/// The training form's activation dtypes on `device`: the CPU computes in f32 from any float
+/// dtype; a GPU runs its GEMMs on bf16 or f16 tensor cores.
+fn training_dtypes(device: &Device) -> &'static [DType] {
     if device.is_cuda() {
-        return Err(Error::Unsupported {
+        &[DType::BF16, DType::F16]
+    } else {
+        &[DType::F32, DType::BF16, DType::F16]
+    }
+}
+
+/// Validates a training-form forward; returns (tokens, d_out, d_in).
+fn check_forward(x: &Tensor, layer: &BinaryLinear<'_>) -> Result<(usize, usize, usize)> {
+    let (d_out, d_in) = check_layer(OP_FORWARD, layer)?;
+    let device = layer.weight.device();
+    let tokens = check_tokens(OP_FORWARD, "x", x, d_in, training_dtypes(&device), &device)?;
+    check_gpu_tokens(OP_FORWARD, x, &device)?;
+    Ok((tokens, d_out, d_in))
+}
+
+/// On a GPU the backward's column reductions take one grid row per [`TRAIN_CHUNK_ROWS`] tokens.
+fn check_gpu_tokens(op: &'static str, x: &Tensor, device: &Device) -> Result<()> {
+    if device.is_cuda() && x.shape()[0] > MAX_GPU_TRAIN_TOKENS {
+        return Err(Error::invalid(
             op,
-            reason: "the training form runs on the CPU only; on a GPU use the packed form \
-                     (binary_pack + binary_packed_forward)"
-                .into(),
-        });
+            "x",
+            format!("at most {MAX_GPU_TRAIN_TOKENS} tokens per call on a GPU"),
+            format!("shape {:?}", x.shape()),
+        ));
     }
     Ok(())
 }
 
+/// Checks an output tensor's dtype, shape and device.
+fn check_output(
+    op: &'static str,
+    arg: &'static str,
+    t: &Tensor,
+    dtype: DType,
+    shape: &[usize],
+    device: &Device,
+) -> Result<()> {
+    t.expect_dtype(op, arg, &[dtype])?;
+    t.expect_shape(op, arg, shape)?;
+    device.expect_same(&t.device(), op, arg)
+}
+
+/// A new tensor for an op to write in full: zeros on the CPU, uninitialised on a GPU.
+fn output(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    match device {
+        Device::Cpu => Tensor::zeros(shape, dtype, &Device::Cpu),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(backend) => Tensor::uninit_cuda(shape, dtype, backend),
+    }
+}
+
 /// The training-form forward: `y = x·W~ᵀ + b` with `W~ = α·sign(W) + β` (sign(0) = 0), computed
-/// in the fused form. `x` is f32 `[tokens, d_in]`; returns f32 `[tokens, d_out]`. CPU only.
+/// in the fused form. `x` is `[tokens, d_in]`: f32, bf16 or f16 on the CPU (computed in f32),
+/// bf16 or f16 on a GPU; returns `[tokens, d_out]` of x's dtype.
+///
+/// On a GPU: sign(W) is written in x's dtype (exact: ±1 and 0), α·x is rounded once to x's
+/// dtype, and one tensor-core GEMM (cuBLASLt, f32 accumulation) computes the ±1 product. The β
+/// term `r[n] = Σ_j β_j x[n,j]` (f32) and the bias enter the same f32 accumulator as extra k
+/// columns, each split into a high and a low part of x's dtype multiplied by 1 (within ~2^-16 of
+/// the f32 value in bf16, ~2^-22 in f16), so the output is rounded once.
 pub fn binary_linear_forward(x: &Tensor, layer: BinaryLinear<'_>) -> Result<Tensor> {
-    let (d_out, d_in) = check_layer(OP_FORWARD, &layer)?;
-    let device = layer.weight.device();
-    let tokens = check_tokens(OP_FORWARD, "x", x, d_in, &[DType::F32], &device)?;
-    training_form_on_cpu(OP_FORWARD, &device)?;
-    let mut y = Tensor::zeros(&[tokens, d_out], DType::F32, &Device::Cpu)?;
-    cpu::forward(x, &layer, tokens, d_out, d_in, &mut y)?;
+    let (tokens, d_out, _) = check_forward(x, &layer)?;
+    let mut y = output(&[tokens, d_out], x.dtype(), &x.device())?;
+    binary_linear_forward_into(x, layer, &mut y)?;
     Ok(y)
 }
 
-/// The training-form backward with the spec's straight-through estimator (identity, no
-/// clipping): with `G = dYᵀX`, `dX = dY·W~`, `dα_j = Σ_i G_ij·sign(W_ij)`, `dβ_j = Σ_i G_ij`,
-/// `dW_ij = α_j·G_ij`, `db_i = Σ_n dY[n,i]`. `d_y` is f32 `[tokens, d_out]`, `x` the forward's
-/// input. CPU only.
-pub fn binary_linear_backward(d_y: &Tensor, x: &Tensor, layer: BinaryLinear<'_>) -> Result<BinaryLinearGrads> {
-    let (d_out, d_in) = check_layer(OP_BACKWARD, &layer)?;
+/// [`binary_linear_forward`] into an existing `y` `[tokens, d_out]` of x's dtype and device.
+pub fn binary_linear_forward_into(x: &Tensor, layer: BinaryLinear<'_>, y: &mut Tensor) -> Result<()> {
+    let (tokens, d_out, d_in) = check_forward(x, &layer)?;
+    check_output(OP_FORWARD, "y", y, x.dtype(), &[tokens, d_out], &x.device())?;
+    match x.device() {
+        Device::Cpu => {
+            with_float_type!(x.dtype(), OP_FORWARD, "x", T => cpu::forward::<T>(x, &layer, tokens, d_out, d_in, y))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::train_forward(x, &layer, tokens, d_out, d_in, y),
+    }
+}
+
+/// Validates a training-form backward; returns (tokens, d_out, d_in).
+fn check_backward(d_y: &Tensor, x: &Tensor, layer: &BinaryLinear<'_>) -> Result<(usize, usize, usize)> {
+    let (d_out, d_in) = check_layer(OP_BACKWARD, layer)?;
     let device = layer.weight.device();
-    let tokens = check_tokens(OP_BACKWARD, "x", x, d_in, &[DType::F32], &device)?;
-    check_tokens(OP_BACKWARD, "d_y", d_y, d_out, &[DType::F32], &device)?;
+    let tokens = check_tokens(OP_BACKWARD, "x", x, d_in, training_dtypes(&device), &device)?;
+    check_gpu_tokens(OP_BACKWARD, x, &device)?;
+    check_tokens(OP_BACKWARD, "d_y", d_y, d_out, &[x.dtype()], &device)?;
     if d_y.shape()[0] != tokens {
         return Err(Error::invalid(
             OP_BACKWARD,
@@ -185,8 +251,78 @@ pub fn binary_linear_backward(d_y: &Tensor, x: &Tensor, layer: BinaryLinear<'_>)
             format!("shape {:?}", d_y.shape()),
         ));
     }
-    training_form_on_cpu(OP_BACKWARD, &device)?;
-    cpu::backward(d_y, x, &layer, tokens, d_out, d_in)
+    Ok((tokens, d_out, d_in))
+}
+
+/// The training-form backward with the spec's straight-through estimator (identity, no
+/// clipping): with `G = dYᵀX`, `dX = dY·W~`, `dα_j = Σ_i G_ij·sign(W_ij)`, `dβ_j = Σ_i G_ij`,
+/// `dW_ij = α_j·G_ij`, `db_i = Σ_n dY[n,i]`. `d_y` is `[tokens, d_out]` of x's dtype, `x` the
+/// forward's input (dtypes as in [`binary_linear_forward`]). `d_x` has x's dtype; `d_weight`,
+/// `d_alpha`, `d_beta` and `d_bias` are f32.
+///
+/// On a GPU: `P = dY·sign(W)` and the row sums of dY come from one GEMM (f32 output, the sums
+/// through a column of ones beside the signs), then `dX = α⊙P + β·rowsum` (rounded once),
+/// `dα_j = Σ_n X[n,j]·P[n,j]` and `dβ_j = Σ_n X[n,j]·rowsum[n]`; `G = dYᵀX` is a GEMM written in
+/// f32 straight into `d_weight`, then scaled by α in place. Every reduction has a fixed order.
+pub fn binary_linear_backward(d_y: &Tensor, x: &Tensor, layer: BinaryLinear<'_>) -> Result<BinaryLinearGrads> {
+    let (tokens, d_out, d_in) = check_backward(d_y, x, &layer)?;
+    let device = x.device();
+    let mut grads = BinaryLinearGrads {
+        d_x: output(&[tokens, d_in], x.dtype(), &device)?,
+        d_weight: output(&[d_out, d_in], DType::F32, &device)?,
+        d_alpha: output(&[d_in], DType::F32, &device)?,
+        d_beta: output(&[d_in], DType::F32, &device)?,
+        d_bias: layer.bias.map(|_| output(&[d_out], DType::F32, &device)).transpose()?,
+    };
+    binary_linear_backward_into(d_y, x, layer, &mut grads)?;
+    Ok(grads)
+}
+
+/// [`binary_linear_backward`] into existing gradients (each shaped like what it is the gradient
+/// of, `d_x` of x's dtype and the rest f32, on x's device; `d_bias` present exactly when the
+/// layer has a bias). They are overwritten, not accumulated into.
+pub fn binary_linear_backward_into(
+    d_y: &Tensor,
+    x: &Tensor,
+    layer: BinaryLinear<'_>,
+    grads: &mut BinaryLinearGrads,
+) -> Result<()> {
+    let (tokens, d_out, d_in) = check_backward(d_y, x, &layer)?;
+    let device = x.device();
+    let op = OP_BACKWARD;
+    check_output(op, "grads.d_x", &grads.d_x, x.dtype(), &[tokens, d_in], &device)?;
+    check_output(
+        op,
+        "grads.d_weight",
+        &grads.d_weight,
+        DType::F32,
+        &[d_out, d_in],
+        &device,
+    )?;
+    check_output(op, "grads.d_alpha", &grads.d_alpha, DType::F32, &[d_in], &device)?;
+    check_output(op, "grads.d_beta", &grads.d_beta, DType::F32, &[d_in], &device)?;
+    match (&grads.d_bias, layer.bias) {
+        (Some(d_bias), Some(_)) => check_output(op, "grads.d_bias", d_bias, DType::F32, &[d_out], &device)?,
+        (None, None) => {}
+        (got, _) => {
+            return Err(Error::invalid(
+                op,
+                "grads.d_bias",
+                if layer.bias.is_some() {
+                    "a tensor, since the layer has a bias"
+                } else {
+                    "none, since the layer has no bias"
+                },
+                if got.is_some() { "a tensor" } else { "none" },
+            ))
+        }
+    }
+    match device {
+        Device::Cpu => with_float_type!(x.dtype(), op, "x", T =>
+            cpu::backward::<T>(d_y, x, &layer, tokens, d_out, d_in, grads)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::train_backward(d_y, x, &layer, tokens, d_out, d_in, grads),
+    }
 }
 
 /// The spec's xnor initialisation from a latent weight `[d_out, d_in]` (f32): per input column,
@@ -492,7 +628,7 @@ mod cpu {
         }
     }
 
-    pub(super) fn forward(
+    pub(super) fn forward<T: Float>(
         x: &Tensor,
         layer: &BinaryLinear<'_>,
         tokens: usize,
@@ -500,7 +636,7 @@ mod cpu {
         d_in: usize,
         y: &mut Tensor,
     ) -> Result<()> {
-        let x = x.host_slice::<f32>()?;
+        let x = x.host_slice::<T>()?;
         let w = layer.weight.host_slice::<f32>()?;
         let alpha = layer.alpha.host_slice::<f32>()?;
         let beta = layer.beta.host_slice::<f32>()?;
@@ -508,11 +644,11 @@ mod cpu {
         // The input scaled by α, and the rank-1 β term per token.
         let scaled: Vec<f32> = x
             .chunks_exact(d_in)
-            .flat_map(|row| row.iter().zip(alpha).map(|(v, a)| v * a))
+            .flat_map(|row| row.iter().zip(alpha).map(|(v, a)| v.to_f32() * a))
             .collect();
         let shift: Vec<f32> = x
             .chunks_exact(d_in)
-            .map(|row| row.iter().zip(beta).map(|(v, b)| v * b).sum())
+            .map(|row| row.iter().zip(beta).map(|(v, b)| v.to_f32() * b).sum())
             .collect();
         // One output channel per task: the signs of its weight row, once, against every token.
         let columns: Vec<Vec<f32>> = (0..d_out)
@@ -528,25 +664,26 @@ mod cpu {
                     .collect()
             })
             .collect();
-        let y = y.host_slice_mut::<f32>()?;
+        let y = y.host_slice_mut::<T>()?;
         for (i, column) in columns.iter().enumerate() {
             for (n, value) in column.iter().enumerate() {
-                y[n * d_out + i] = *value;
+                y[n * d_out + i] = T::from_f32(*value);
             }
         }
         Ok(())
     }
 
-    pub(super) fn backward(
+    pub(super) fn backward<T: Float>(
         d_y: &Tensor,
         x: &Tensor,
         layer: &BinaryLinear<'_>,
         tokens: usize,
         d_out: usize,
         d_in: usize,
-    ) -> Result<BinaryLinearGrads> {
-        let dy = d_y.host_slice::<f32>()?;
-        let xs = x.host_slice::<f32>()?;
+        grads: &mut BinaryLinearGrads,
+    ) -> Result<()> {
+        let dy: Vec<f32> = d_y.host_slice::<T>()?.iter().map(|v| v.to_f32()).collect();
+        let xs: Vec<f32> = x.host_slice::<T>()?.iter().map(|v| v.to_f32()).collect();
         let w = layer.weight.host_slice::<f32>()?;
         let alpha = layer.alpha.host_slice::<f32>()?;
         let beta = layer.beta.host_slice::<f32>()?;
@@ -564,14 +701,20 @@ mod cpu {
                 }
             }
         });
-        let mut d_x = vec![0.0f32; tokens * d_in];
-        d_x.par_chunks_mut(d_in).enumerate().for_each(|(n, row)| {
-            for j in 0..d_in {
-                row[j] = alpha[j] * p[n * d_in + j] + beta[j] * row_sums[n];
-            }
-        });
-        let mut d_alpha = vec![0.0f32; d_in];
-        let mut d_beta = vec![0.0f32; d_in];
+        grads
+            .d_x
+            .host_slice_mut::<T>()?
+            .par_chunks_mut(d_in)
+            .enumerate()
+            .for_each(|(n, row)| {
+                for (j, out) in row.iter_mut().enumerate() {
+                    *out = T::from_f32(alpha[j] * p[n * d_in + j] + beta[j] * row_sums[n]);
+                }
+            });
+        let d_alpha = grads.d_alpha.host_slice_mut::<f32>()?;
+        let d_beta = grads.d_beta.host_slice_mut::<f32>()?;
+        d_alpha.fill(0.0);
+        d_beta.fill(0.0);
         for n in 0..tokens {
             for j in 0..d_in {
                 let v = xs[n * d_in + j];
@@ -580,37 +723,33 @@ mod cpu {
             }
         }
         // dW_ij = α_j G_ij with G = dYᵀX, one weight row per task.
-        let mut d_w = vec![0.0f32; d_out * d_in];
-        d_w.par_chunks_mut(d_in).enumerate().for_each(|(i, row)| {
-            for n in 0..tokens {
-                let g = dy[n * d_out + i];
-                for (r, &v) in row.iter_mut().zip(&xs[n * d_in..(n + 1) * d_in]) {
-                    *r += g * v;
-                }
-            }
-            for (r, a) in row.iter_mut().zip(alpha) {
-                *r *= a;
-            }
-        });
-        let d_bias = match layer.bias {
-            None => None,
-            Some(_) => {
-                let mut db = vec![0.0f32; d_out];
-                for row in dy.chunks_exact(d_out) {
-                    for (d, g) in db.iter_mut().zip(row) {
-                        *d += g;
+        grads
+            .d_weight
+            .host_slice_mut::<f32>()?
+            .par_chunks_mut(d_in)
+            .enumerate()
+            .for_each(|(i, row)| {
+                row.fill(0.0);
+                for n in 0..tokens {
+                    let g = dy[n * d_out + i];
+                    for (r, &v) in row.iter_mut().zip(&xs[n * d_in..(n + 1) * d_in]) {
+                        *r += g * v;
                     }
                 }
-                Some(Tensor::from_vec(db, &[d_out], &Device::Cpu)?)
+                for (r, a) in row.iter_mut().zip(alpha) {
+                    *r *= a;
+                }
+            });
+        if let Some(d_bias) = grads.d_bias.as_mut() {
+            let db = d_bias.host_slice_mut::<f32>()?;
+            db.fill(0.0);
+            for row in dy.chunks_exact(d_out) {
+                for (d, g) in db.iter_mut().zip(row) {
+                    *d += g;
+                }
             }
-        };
-        Ok(BinaryLinearGrads {
-            d_x: Tensor::from_vec(d_x, &[tokens, d_in], &Device::Cpu)?,
-            d_weight: Tensor::from_vec(d_w, &[d_out, d_in], &Device::Cpu)?,
-            d_alpha: Tensor::from_vec(d_alpha, &[d_in], &Device::Cpu)?,
-            d_beta: Tensor::from_vec(d_beta, &[d_in], &Device::Cpu)?,
-            d_bias,
-        })
+        }
+        Ok(())
     }
 
     /// Column means in f64, rounded once to f32.
@@ -760,8 +899,10 @@ mod cpu {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
-    use crate::cuda::{CudaContextExt, LaunchConfig, PushKernelArg};
+    use crate::cuda::{CudaBackend, CudaContextExt, LaunchConfig, PushKernelArg};
+    use crate::ops::MatmulOptions;
     use cudarc::driver::sys::CUfunction_attribute_enum;
+    use std::sync::Arc;
 
     /// Must match kernels/binary.cu.
     const THREADS: u32 = 256;
@@ -942,6 +1083,203 @@ mod cuda {
         unsafe { builder.launch(config) }.context(&format!("launching {name}"))?;
         // `shift` is freed in stream order, after the GEMM has read it.
         drop(shift);
+        Ok(())
+    }
+
+    /// Columns per row of the training form's GEMM operands: d_in, then the β term's or the
+    /// row sums' two columns, the bias's two, zeros up to a multiple of 8 (16-byte rows).
+    fn train_pitch(d_in: usize) -> usize {
+        (d_in + 4).next_multiple_of(8)
+    }
+
+    fn config(grid: (u32, u32), threads: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (grid.0, grid.1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Grid rows for a kernel that strides over `rows` rows.
+    fn grid_rows(rows: usize) -> u32 {
+        rows.min(65535) as u32
+    }
+
+    /// The signs of the latent weight in `dtype`, `[d_out, pitch]`: sign(W) (0 for 0), a column
+    /// of ones twice, the bias split into high and low parts (zeros without a bias), zeros.
+    fn train_signs(
+        layer: &BinaryLinear<'_>,
+        d_out: usize,
+        d_in: usize,
+        dtype: DType,
+        with_bias: bool,
+    ) -> Result<Tensor> {
+        let w_buffer = layer.weight.device_buffer()?;
+        let backend = w_buffer.backend().clone();
+        let pitch = train_pitch(d_in);
+        let signs = Tensor::uninit_cuda(&[d_out, pitch], dtype, &backend)?;
+        let w = w_buffer.address();
+        let bias = match (with_bias, layer.bias) {
+            (true, Some(b)) => b.device_buffer()?.address(),
+            _ => 0,
+        };
+        let out = signs.device_buffer()?.address();
+        let (rows, cols, p) = (d_out as i32, d_in as i32, pitch as i32);
+        let name = format!("binary_train_signs_{}", suffix(dtype));
+        let function = backend.function("binary", &name)?;
+        let mut builder = backend.launch_builder(&function);
+        builder.arg(&w).arg(&bias).arg(&out).arg(&rows).arg(&cols).arg(&p);
+        let columns = grid(OP_FORWARD, "weight", (pitch / 2).div_ceil(THREADS as usize))?;
+        // SAFETY: w is f32 [rows, cols], bias f32 [rows] or null, out [rows, pitch] of dtype with
+        // pitch even; each thread writes one aligned pair of columns of the rows it strides over.
+        unsafe { builder.launch(config((columns, grid_rows(d_out)), THREADS)) }
+            .context(&format!("launching {name}"))?;
+        Ok(signs)
+    }
+
+    /// `[rows, cols]` partial sums (one row per chunk of tokens) summed in chunk order into `out`.
+    fn finish_columns(
+        backend: &Arc<CudaBackend>,
+        partial: &Tensor,
+        out: &mut Tensor,
+        chunks: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let (p, o) = (partial.device_buffer()?.address(), out.device_buffer()?.address());
+        let (c, n) = (chunks as i32, cols as i32);
+        let function = backend.function("binary", "binary_column_finish")?;
+        let mut builder = backend.launch_builder(&function);
+        builder.arg(&p).arg(&o).arg(&c).arg(&n);
+        let blocks = grid(OP_BACKWARD, "x", cols.div_ceil(THREADS as usize))?;
+        // SAFETY: partial is f32 [chunks, cols] written by the launch before, out f32 [cols].
+        unsafe { builder.launch(config((blocks, 1), THREADS)) }.context("launching binary_column_finish")?;
+        Ok(())
+    }
+
+    pub(super) fn train_forward(
+        x: &Tensor,
+        layer: &BinaryLinear<'_>,
+        tokens: usize,
+        d_out: usize,
+        d_in: usize,
+        y: &mut Tensor,
+    ) -> Result<()> {
+        let x_buffer = x.device_buffer()?;
+        let backend = x_buffer.backend().clone();
+        let dtype = x.dtype();
+        let pitch = train_pitch(d_in);
+        let signs = train_signs(layer, d_out, d_in, dtype, true)?;
+
+        let scaled = Tensor::uninit_cuda(&[tokens, pitch], dtype, &backend)?;
+        let (x_address, out) = (x_buffer.address(), scaled.device_buffer()?.address());
+        let alpha = layer.alpha.device_buffer()?.address();
+        let beta = layer.beta.device_buffer()?.address();
+        let (cols, p) = (d_in as i32, pitch as i32);
+        let name = format!("binary_train_scale_{}", suffix(dtype));
+        let function = backend.function("binary", &name)?;
+        let mut builder = backend.launch_builder(&function);
+        builder
+            .arg(&x_address)
+            .arg(&alpha)
+            .arg(&beta)
+            .arg(&out)
+            .arg(&cols)
+            .arg(&p);
+        let blocks = grid(OP_FORWARD, "x", tokens)?;
+        // SAFETY: x [tokens, cols], alpha/beta f32 [cols], out [tokens, pitch] of x's dtype; one
+        // block per token writes its whole row.
+        unsafe { builder.launch(config((blocks, 1), THREADS)) }.context(&format!("launching {name}"))?;
+
+        // y = [α⊙x | r_hi r_lo | 1 1 | 0…] · [S | 1 1 | b_hi b_lo | 0…]ᵀ, f32 accumulation.
+        crate::ops::matmul_into(&scaled, &signs, None, y, MatmulOptions::linear())
+    }
+
+    pub(super) fn train_backward(
+        d_y: &Tensor,
+        x: &Tensor,
+        layer: &BinaryLinear<'_>,
+        tokens: usize,
+        d_out: usize,
+        d_in: usize,
+        grads: &mut BinaryLinearGrads,
+    ) -> Result<()> {
+        let x_buffer = x.device_buffer()?;
+        let backend = x_buffer.backend().clone();
+        let dtype = x.dtype();
+        let pitch = train_pitch(d_in);
+        let chunks = tokens.div_ceil(TRAIN_CHUNK_ROWS);
+        let chunk_grid = grid(OP_BACKWARD, "x", chunks)?;
+
+        // P' = dY·[S | 1 1 | 0…]: dY·S in columns 0..d_in, the row sums of dY in column d_in.
+        let signs = train_signs(layer, d_out, d_in, dtype, false)?;
+        let mut products = Tensor::uninit_cuda(&[tokens, pitch], DType::F32, &backend)?;
+        crate::ops::matmul_into(d_y, &signs, None, &mut products, MatmulOptions::default())?;
+        drop(signs);
+
+        let partial_alpha = Tensor::uninit_cuda(&[chunks, d_in], DType::F32, &backend)?;
+        let partial_beta = Tensor::uninit_cuda(&[chunks, d_in], DType::F32, &backend)?;
+        let p = products.device_buffer()?.address();
+        let x_address = x_buffer.address();
+        let alpha = layer.alpha.device_buffer()?.address();
+        let beta = layer.beta.device_buffer()?.address();
+        let d_x = grads.d_x.device_buffer()?.address();
+        let (pa, pb) = (
+            partial_alpha.device_buffer()?.address(),
+            partial_beta.device_buffer()?.address(),
+        );
+        let (m, cols, pt) = (tokens as i32, d_in as i32, pitch as i32);
+        let name = format!("binary_train_dx_{}", suffix(dtype));
+        let function = backend.function("binary", &name)?;
+        let mut builder = backend.launch_builder(&function);
+        builder
+            .arg(&p)
+            .arg(&x_address)
+            .arg(&alpha)
+            .arg(&beta)
+            .arg(&d_x)
+            .arg(&pa)
+            .arg(&pb)
+            .arg(&m)
+            .arg(&cols)
+            .arg(&pt);
+        let columns = grid(OP_BACKWARD, "x", d_in.div_ceil(THREADS as usize))?;
+        // SAFETY: products f32 [m, pitch] (written by the GEMM before, pitch > cols), x and d_x
+        // [m, cols] of one dtype, alpha/beta f32 [cols], partials f32 [chunks, cols]; grid y =
+        // chunks <= 65535 (validated token count).
+        unsafe { builder.launch(config((columns, chunk_grid), THREADS)) }.context(&format!("launching {name}"))?;
+        finish_columns(&backend, &partial_alpha, &mut grads.d_alpha, chunks, d_in)?;
+        finish_columns(&backend, &partial_beta, &mut grads.d_beta, chunks, d_in)?;
+        drop((products, partial_alpha, partial_beta));
+
+        // G = dYᵀX in f32 straight into d_weight, then dW = α⊙G in place.
+        let transposed = MatmulOptions {
+            trans_a: true,
+            ..Default::default()
+        };
+        crate::ops::matmul_into(d_y, x, None, &mut grads.d_weight, transposed)?;
+        let d_w = grads.d_weight.device_buffer()?.address();
+        let (rows, cols) = (d_out as i32, d_in as i32);
+        let function = backend.function("binary", "binary_scale_columns")?;
+        let mut builder = backend.launch_builder(&function);
+        builder.arg(&d_w).arg(&alpha).arg(&rows).arg(&cols);
+        // SAFETY: d_w f32 [rows, cols], alpha f32 [cols]; each thread one column of the rows it
+        // strides over.
+        unsafe { builder.launch(config((columns, grid_rows(d_out)), THREADS)) }
+            .context("launching binary_scale_columns")?;
+
+        if let Some(d_bias) = grads.d_bias.as_mut() {
+            let partial = Tensor::uninit_cuda(&[chunks, d_out], DType::F32, &backend)?;
+            let (dy, pd) = (d_y.device_buffer()?.address(), partial.device_buffer()?.address());
+            let (m, n) = (tokens as i32, d_out as i32);
+            let name = format!("binary_column_sums_{}", suffix(dtype));
+            let function = backend.function("binary", &name)?;
+            let mut builder = backend.launch_builder(&function);
+            builder.arg(&dy).arg(&pd).arg(&m).arg(&n);
+            let columns = grid(OP_BACKWARD, "d_y", d_out.div_ceil(THREADS as usize))?;
+            // SAFETY: dy [m, n] of x's dtype, partial f32 [chunks, n]; grid y = chunks.
+            unsafe { builder.launch(config((columns, chunk_grid), THREADS)) }.context(&format!("launching {name}"))?;
+            finish_columns(&backend, &partial, d_bias, chunks, d_out)?;
+        }
         Ok(())
     }
 

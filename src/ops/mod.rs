@@ -42,6 +42,7 @@ pub use binary::{
     binary_packed_forward_into, binary_unpack, distill_loss, distill_loss_into, BinaryLinear, BinaryLinearGrads,
     PackedBinaryLinear,
 };
+pub use binary::{binary_linear_backward_into, binary_linear_forward_into};
 pub use columns::copy_columns;
 pub use lora::lora_merged_weight;
 pub use lora::{
