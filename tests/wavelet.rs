@@ -19,8 +19,8 @@ use common::{assert_close, assert_invalid, bytes, norm, uniform, values, Float};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::Rng;
-use tessera::ops::wavelet::MAX_WINDOW;
 use std::sync::Mutex;
+use tessera::ops::wavelet::MAX_WINDOW;
 use tessera::ops::{
     set_wavelet_kernel, wavelet_backward, wavelet_backward_into, wavelet_forward, wavelet_forward_into,
     wavelet_learnable_backward, wavelet_learnable_forward, wavelet_taps_init, WaveletConfig, WaveletDivisor,
@@ -968,7 +968,7 @@ fn long_sequences_body(device: &Device) {
 /// over several 64-coordinate strips (one partly and one wholly passing through), on the vector
 /// path (dim 200) and the element path (dim 203), forward with and without the residual and
 /// backward, every dtype, sequences of 1100 tokens.
-fn ring_and_far_windows(device: &Device) {
+fn ring_and_far_windows_body(device: &Device) {
     let mut rng = common::rng();
     let rng = &mut rng;
     let kinds = [
@@ -976,7 +976,13 @@ fn ring_and_far_windows(device: &Device) {
     ];
     // The first 60 coordinates in equal pairs, the next 60 each its own window.
     let windows: Vec<usize> = (0..120)
-        .map(|j| if j < 60 { kinds[j / 2 % kinds.len()] } else { kinds[j % kinds.len()] })
+        .map(|j| {
+            if j < 60 {
+                kinds[j / 2 % kinds.len()]
+            } else {
+                kinds[j % kinds.len()]
+            }
+        })
         .collect();
     for (dim, first) in [(200, 0), (203, 3)] {
         let s = shape(2, 1100, dim);
