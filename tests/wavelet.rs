@@ -30,6 +30,7 @@ use tessera::{DType, Device, Tensor};
 
 on_each_device!(
     small_wavelet,
+    small_ring_wraps,
     spec_fixtures,
     forward_f32,
     forward_bf16,
@@ -84,6 +85,7 @@ macro_rules! each_kernel_tests {
 
 each_kernel_tests!(
     small_wavelet => small_wavelet_body,
+    small_ring_wraps => small_ring_wraps_body,
     spec_fixtures => spec_fixtures_body,
     forward_f32 => forward_f32_body,
     forward_bf16 => forward_bf16_body,
@@ -837,6 +839,21 @@ fn small_wavelet_body(device: &Device) {
     all::<f32>(device, rng);
     all::<bf16>(device, rng);
     all::<f16>(device, rng);
+}
+
+/// Few elements again, for compute-sanitizer, but more chunks than the GPU tile kernel's ring
+/// holds (13), so that buffers are reused, with windows read from the ring and from global
+/// memory: f32 with the residual (16-row chunks, ring reach 96 rows), bf16 and f16 (64-row
+/// chunks, reach 384), and the element path (dim 13).
+fn small_ring_wraps_body(device: &Device) {
+    let mut rng = common::rng();
+    let rng = &mut rng;
+    let windows = [5, 96, 97, 250, 1, 40, 16, 17];
+    check_forward::<f32>(device, rng, shape(1, 300, 16), 0, &windows, true, true);
+    check_backward::<f32>(device, rng, shape(1, 300, 13), 2, &windows, true);
+    let windows = [3, 384, 385, 700, 64, 65, 2, 1000];
+    check_forward::<bf16>(device, rng, shape(1, 900, 16), 8, &windows, false, true);
+    check_backward::<f16>(device, rng, shape(1, 900, 16), 0, &grouped_windows(16, &[385, 7]), true);
 }
 
 /// §3.5.7: x = [1, 2, 3, 4, 5] (batch 1, seq 5, dim 1). Every value is exact in every dtype.
