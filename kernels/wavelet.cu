@@ -1,5 +1,7 @@
 // Wavelet mixing (WaveletGPT): causal box-window averages per embedding coordinate, forward and
 // backward (its adjoint, the same scan run from the end), plus the learnable-kernel variant.
+// Two box-window kernels, chosen by ops::set_wavelet_kernel: segments (described here) and tiles
+// (described where they start, further down).
 //
 // Box window, one pass: the sequence is cut into segments of S = 32 lanes x ROWS rows (256 for
 // bf16/f16), and one warp takes one segment of 8 adjacent coordinates (one 16-byte vector of
