@@ -1,12 +1,13 @@
 //! Criterion benchmarks of wavelet mixing (the spec's defaults: first half of the coordinates,
 //! windows 2..seq), forward and backward: bf16 (2, 1024, 512) on the CPU, and the issue's
-//! (8, 4096, 1024) on the GPU when one is present (the CUDA-event benchmark beside PyTorch is
-//! `tessera bench`). Throughput counts each element read once and written once.
+//! (8, 4096, 1024) on the GPU when one is present, with each box-window kernel (the CUDA-event
+//! benchmark beside PyTorch is `tessera bench`). Throughput counts each element read once and
+//! written once.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::bf16;
 use std::time::Duration;
-use tessera::ops::{wavelet_backward_into, wavelet_forward_into, WaveletConfig};
+use tessera::ops::{set_wavelet_kernel, wavelet_backward_into, wavelet_forward_into, WaveletConfig, WaveletKernel};
 use tessera::{Device, Tensor};
 
 fn bench_wavelet(c: &mut Criterion, group_name: &str, device: &Device, shape: [usize; 3]) {
@@ -42,7 +43,11 @@ fn bench_wavelet(c: &mut Criterion, group_name: &str, device: &Device, shape: [u
 fn benches(c: &mut Criterion) {
     bench_wavelet(c, "wavelet_cpu", &Device::Cpu, [2, 1024, 512]);
     if let Ok(gpu) = Device::cuda(0) {
-        bench_wavelet(c, "wavelet_gpu", &gpu, [8, 4096, 1024]);
+        set_wavelet_kernel(WaveletKernel::Segments);
+        bench_wavelet(c, "wavelet_gpu_segments", &gpu, [8, 4096, 1024]);
+        set_wavelet_kernel(WaveletKernel::Tiles);
+        bench_wavelet(c, "wavelet_gpu_tiles", &gpu, [8, 4096, 1024]);
+        set_wavelet_kernel(WaveletKernel::Segments);
     }
 }
 

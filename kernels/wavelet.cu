@@ -1,5 +1,7 @@
 // Wavelet mixing (WaveletGPT): causal box-window averages per embedding coordinate, forward and
 // backward (its adjoint, the same scan run from the end), plus the learnable-kernel variant.
+// Two box-window kernels, chosen by ops::set_wavelet_kernel: segments (described here) and tiles
+// (described where they start, further down).
 //
 // Box window, one pass: the sequence is cut into segments of S = 32 lanes x ROWS rows (256 for
 // bf16/f16), and one warp takes one segment of 8 adjacent coordinates (one 16-byte vector of
@@ -20,6 +22,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+
+#include <type_traits>
 
 namespace {
 
@@ -476,6 +480,354 @@ __device__ void window_kernel(const T* x, const T* residual, T* out, const uint3
     }
 }
 
+// ---- box window, tiles staged through shared memory ----------------------------------------
+//
+// One block walks one sequence for one strip of 64 coordinates (128-byte rows for bf16/f16,
+// 256-byte rows for f32), from the first token to the last (the backward from the last to the
+// first): no block waits for another. The walk goes in chunks of 8 KiB (64 rows of bf16, 32 of
+// f32, half that with the residual, whose rows are staged beside x's). Chunks are copied into a
+// ring of RING buffers with cp.async, DEPTH chunks ahead of the one being scanned (48 KiB in
+// flight per block); the ring keeps the RING_BACK chunks before the current one, so a window of
+// k <= RING_BACK chunk rows finds its leaving rows in shared memory. Longer windows re-read their
+// leaving elements from global memory (recently read, so mostly from L2), each thread loading its
+// own two chunks ahead into registers.
+//
+// Scan of a chunk: warp w takes rows [w·RPP, (w+1)·RPP) and lane q the coordinates 2q, 2q+1, so a
+// warp reads and writes whole rows. Each thread forms the differences (value entering minus value
+// leaving) of its rows and their prefix; the eight warps' totals are combined through shared
+// memory in warp order, on top of the window sum carried from the previous chunk. Every sum has a
+// fixed order (deterministic), and the carry is the window sum itself, never a running prefix of
+// the whole sequence, so its magnitude stays that of the window.
+//
+// Strips whose coordinates all pass through are copied through the same pipeline; pass-through
+// coordinates keep their bits (with the residual: x + residual rounded once).
+
+constexpr int TILE_COORDS = 64;                   // coordinates per strip
+constexpr int TILE_THREADS = 256;
+constexpr int TILE_PARTS = TILE_THREADS / WARP;   // warps, each a run of rows of the chunk
+constexpr int STAGE_BYTES = 8192;                 // one chunk (x and residual rows)
+constexpr int DEPTH = 6;                          // chunks in flight
+constexpr int RING_BACK = 6;                      // chunks kept behind the current one
+constexpr int RING = RING_BACK + 1 + DEPTH;       // chunk buffers
+constexpr int TOTALS_BYTES = TILE_PARTS * TILE_COORDS * 4;
+// Dynamic shared memory of a tile block; src/ops/wavelet.rs passes the same number.
+constexpr int TILE_SHARED_BYTES = RING * STAGE_BYTES + TOTALS_BYTES;
+static_assert(TILE_SHARED_BYTES == 108544, "tile shared memory size shared with src/ops/wavelet.rs");
+
+template <typename T, bool Residual>
+struct TileShape {
+    static constexpr int ROW_BYTES = TILE_COORDS * (int)sizeof(T);
+    static constexpr int TILES = Residual ? 2 : 1;  // x, then the residual
+    static constexpr int ROWS = STAGE_BYTES / (ROW_BYTES * TILES);
+    static constexpr int RPP = ROWS / TILE_PARTS;  // rows per warp
+    static constexpr int PIECES = ROW_BYTES / 16;  // 16-byte pieces per row
+    static constexpr int RING_ROWS = RING_BACK * ROWS;  // longest window served by the ring
+    static constexpr int VECTOR_LOADS = TILES * ROWS * PIECES / TILE_THREADS;
+    static constexpr int ELEMENT_LOADS = TILES * ROWS * TILE_COORDS / TILE_THREADS;
+    static_assert(RPP >= 1 && ROWS % TILE_PARTS == 0, "rows split evenly over the warps");
+    static_assert(VECTOR_LOADS * TILE_THREADS == TILES * ROWS * PIECES, "pieces split evenly");
+    static_assert(ELEMENT_LOADS * TILE_THREADS == TILES * ROWS * TILE_COORDS, "elements split evenly");
+};
+
+// Raw bits of one element, and of the two adjacent elements a lane handles.
+template <typename T>
+using Bits = typename std::conditional<sizeof(T) == 4, uint32_t, unsigned short>::type;
+template <typename T>
+using PairBits = typename std::conditional<sizeof(T) == 4, uint2, uint32_t>::type;
+
+__device__ __forceinline__ uint32_t half_of(uint32_t pair, int h) { return h == 0 ? pair & 0xffffu : pair >> 16; }
+__device__ __forceinline__ uint32_t half_of(uint2 pair, int h) { return h == 0 ? pair.x : pair.y; }
+
+template <typename T> __device__ __forceinline__ float bits_value(uint32_t bits);
+template <> __device__ __forceinline__ float bits_value<float>(uint32_t bits) { return __uint_as_float(bits); }
+template <> __device__ __forceinline__ float bits_value<__nv_bfloat16>(uint32_t bits) { return __uint_as_float(bits << 16); }
+template <> __device__ __forceinline__ float bits_value<__half>(uint32_t bits) { return half_bits_to_float(bits); }
+
+template <typename T> __device__ __forceinline__ uint32_t value_bits(float v);
+template <> __device__ __forceinline__ uint32_t value_bits<float>(float v) { return __float_as_uint(v); }
+template <> __device__ __forceinline__ uint32_t value_bits<__nv_bfloat16>(float v) { return float_to_bf16_bits(v); }
+template <> __device__ __forceinline__ uint32_t value_bits<__half>(float v) { return float_to_half_bits(v); }
+
+__device__ __forceinline__ void make_pair(uint32_t& pair, uint32_t a, uint32_t b) { pair = a | (b << 16); }
+__device__ __forceinline__ void make_pair(uint2& pair, uint32_t a, uint32_t b) { pair = make_uint2(a, b); }
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+// 16 bytes from global to shared memory, asynchronously; with `valid` false it writes zeros and
+// reads nothing (`source` must still be a mapped address).
+__device__ __forceinline__ void copy_async16(void* destination, const void* source, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(destination)), "l"(source),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+}
+
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void copy_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void store_pair(uint32_t* p, uint32_t v) { __stcs(reinterpret_cast<unsigned int*>(p), v); }
+__device__ __forceinline__ void store_pair(uint2* p, uint2 v) { __stcs(p, v); }
+
+template <typename T, bool Reverse, bool Residual>
+__device__ void tile_walk(const T* x, const T* residual, T* out, const uint32_t* windows, int seq, int dim, int c0,
+                          bool vector, bool available, unsigned char* shared) {
+    using S = TileShape<T, Residual>;
+    using Pair = PairBits<T>;
+    constexpr int ROWS = S::ROWS, RPP = S::RPP, TILES = S::TILES, ROW_BYTES = S::ROW_BYTES;
+    const int lane = threadIdx.x % WARP, part = threadIdx.x / WARP;
+    const int chunks = (seq + ROWS - 1) / ROWS;
+    // The tensor staged as tile `tile`: x, then the residual.
+    auto source = [&](int tile) { return Residual && tile != 0 ? residual : x; };
+    float* totals = reinterpret_cast<float*>(shared + RING * STAGE_BYTES);
+
+    // This lane's two coordinates (strip-relative 2·lane and 2·lane + 1); 0 also past `dim`.
+    const int ca = 2 * lane;
+    uint32_t k[2];
+    float inv_k[2];
+    bool far[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        k[h] = c0 + ca + h < dim ? windows[c0 + ca + h] : 0u;
+        inv_k[h] = 1.0f / (float)max(k[h], 1u);
+        far[h] = k[h] > (uint32_t)S::RING_ROWS;
+    }
+    const bool same = k[0] == k[1];
+    const bool mixed = __syncthreads_or(k[0] != 0 || k[1] != 0);
+
+    // Copies chunk n (scan positions n·ROWS ...) into its ring buffer: cp.async pieces, or element
+    // by element where rows are not 16-byte aligned. Rows past the sequence and coordinates past
+    // `dim` are zeros. Always commits a group, so that every thread counts the same groups.
+    auto issue = [&](int n) {
+        if (n < chunks) {
+            unsigned char* buffer = shared + (n % RING) * STAGE_BYTES;
+            if (vector) {
+#pragma unroll
+                for (int i = 0; i < S::VECTOR_LOADS; ++i) {
+                    const int e = threadIdx.x + i * TILE_THREADS;
+                    const int tile = e / (ROWS * S::PIECES), row = e / S::PIECES % ROWS, piece = e % S::PIECES;
+                    const int u = n * ROWS + row, c = piece * (16 / (int)sizeof(T));
+                    const bool valid = u < seq && c0 + c < dim;
+                    const int t = Reverse ? seq - 1 - u : u;
+                    const T* from = valid ? source(tile) + (size_t)t * dim + c0 + c : source(tile);
+                    copy_async16(buffer + (tile * ROWS + row) * ROW_BYTES + piece * 16, from, valid);
+                }
+            } else {
+                // Four loads in flight at a time: the element path is the rare case.
+                constexpr int BATCH = 4;
+                static_assert(S::ELEMENT_LOADS % BATCH == 0, "element loads in batches");
+#pragma unroll 1
+                for (int i0 = 0; i0 < S::ELEMENT_LOADS; i0 += BATCH) {
+                    Bits<T> v[BATCH];
+#pragma unroll
+                    for (int i = 0; i < BATCH; ++i) {
+                        const int e = threadIdx.x + (i0 + i) * TILE_THREADS;
+                        const int tile = e / (ROWS * TILE_COORDS), row = e / TILE_COORDS % ROWS, c = e % TILE_COORDS;
+                        const int u = n * ROWS + row;
+                        const int t = Reverse ? seq - 1 - u : u;
+                        const Bits<T>* from = reinterpret_cast<const Bits<T>*>(source(tile));
+                        v[i] = u < seq && c0 + c < dim ? from[(size_t)t * dim + c0 + c] : Bits<T>(0);
+                    }
+#pragma unroll
+                    for (int i = 0; i < BATCH; ++i) {
+                        const int e = threadIdx.x + (i0 + i) * TILE_THREADS;
+                        const int tile = e / (ROWS * TILE_COORDS), row = e / TILE_COORDS % ROWS, c = e % TILE_COORDS;
+                        reinterpret_cast<Bits<T>*>(buffer + (tile * ROWS + row) * ROW_BYTES)[c] = v[i];
+                    }
+                }
+            }
+        }
+        copy_async_commit();
+    };
+
+    // The leaving elements of this thread's rows of chunk n for its far coordinates, from global
+    // memory into registers (raw bits; 0 where none is needed).
+    auto fetch_far = [&](int n, uint32_t (&leaving)[RPP][TILES][2]) {
+#pragma unroll
+        for (int r = 0; r < RPP; ++r) {
+            const int u = n * ROWS + part * RPP + r;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int g = u - (int)k[h];
+                const bool need = far[h] && u < seq && g >= 0;
+                const int tg = Reverse ? seq - 1 - g : g;
+#pragma unroll
+                for (int tile = 0; tile < TILES; ++tile) {
+                    const Bits<T>* from = reinterpret_cast<const Bits<T>*>(source(tile));
+                    leaving[r][tile][h] = need ? (uint32_t)from[(size_t)tg * dim + c0 + ca + h] : 0u;
+                }
+            }
+        }
+    };
+
+    // The term a value contributes at token t: itself in the forward, divided by div(t) in the
+    // backward (the adjoint divides before summing).
+    auto term = [&](float v, int h, int t) {
+        return Reverse ? divide(v, inv_k[h], k[h], t, available) : v;
+    };
+
+    // The value (x, plus the residual) of element (row, coordinate 2·lane + h) of a ring buffer.
+    auto ring_value = [&](const unsigned char* buffer, int row, int h) {
+        const Bits<T>* elements = reinterpret_cast<const Bits<T>*>(buffer + row * ROW_BYTES);
+        float v = bits_value<T>(elements[ca + h]);
+        if (Residual) v += bits_value<T>(reinterpret_cast<const Bits<T>*>(buffer + (ROWS + row) * ROW_BYTES)[ca + h]);
+        return v;
+    };
+    // Both of this lane's values (x, plus the residual) of a row of a ring buffer, in one read each.
+    auto ring_pair = [&](const unsigned char* buffer, int row, float (&v)[2]) {
+        const Pair raw = *reinterpret_cast<const Pair*>(buffer + row * ROW_BYTES + lane * (int)sizeof(Pair));
+        v[0] = bits_value<T>(half_of(raw, 0));
+        v[1] = bits_value<T>(half_of(raw, 1));
+        if (Residual) {
+            const Pair res =
+                *reinterpret_cast<const Pair*>(buffer + (ROWS + row) * ROW_BYTES + lane * (int)sizeof(Pair));
+            v[0] += bits_value<T>(half_of(res, 0));
+            v[1] += bits_value<T>(half_of(res, 1));
+        }
+    };
+
+    float carry[2] = {0.0f, 0.0f};  // window sums at the end of the previous chunk
+
+    auto step = [&](int n, uint32_t (&leaving)[RPP][TILES][2]) {
+        issue(n + DEPTH);
+        copy_async_wait<DEPTH>();
+        __syncthreads();
+        const unsigned char* buffer = shared + (n % RING) * STAGE_BYTES;
+        // Ring buffers holding the chunk of the leaving row for each coordinate: the leaving row
+        // of row `row` is row - (k mod ROWS) of chunk n - k/ROWS, or of the chunk before that.
+        int now[2], before[2], shift[2];  // byte offsets of ring buffers, rows
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int back = (int)(min(k[h], (uint32_t)S::RING_ROWS) / ROWS);
+            shift[h] = (int)(min(k[h], (uint32_t)S::RING_ROWS) % ROWS);
+            now[h] = ((n - back + RING) % RING) * STAGE_BYTES;
+            before[h] = ((n - back - 1 + 2 * RING) % RING) * STAGE_BYTES;
+        }
+        float diff[RPP][2];
+#pragma unroll
+        for (int r = 0; r < RPP; ++r) {
+            const int row = part * RPP + r;
+            const int u = n * ROWS + row;
+            const int t = Reverse ? seq - 1 - u : u;
+            diff[r][0] = diff[r][1] = 0.0f;
+            if (!mixed) continue;
+            float v[2];
+            ring_pair(buffer, row, v);
+            float gone[2] = {0.0f, 0.0f};
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int g = u - (int)k[h];
+                if (k[h] == 0 || u >= seq || g < 0 || (h == 1 && same && !far[1])) continue;
+                const int tg = Reverse ? seq - 1 - g : g;
+                if (far[h]) {
+                    float value = bits_value<T>(leaving[r][0][h]);
+                    if (Residual) value += bits_value<T>(leaving[r][TILES - 1][h]);
+                    gone[h] = term(value, h, tg);
+                } else {
+                    const unsigned char* held = shared + (row >= shift[h] ? now[h] : before[h]);
+                    const int row_g = row >= shift[h] ? row - shift[h] : row - shift[h] + ROWS;
+                    if (h == 0 && same) {
+                        // Both coordinates share the window: one read of the pair.
+                        float pair[2];
+                        ring_pair(held, row_g, pair);
+                        gone[0] = term(pair[0], 0, tg);
+                        gone[1] = term(pair[1], 1, tg);
+                    } else {
+                        gone[h] = term(ring_value(held, row_g, h), h, tg);
+                    }
+                }
+            }
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                diff[r][h] = k[h] != 0 && u < seq ? term(v[h], h, t) - gone[h] : 0.0f;
+        }
+        fetch_far(n + 2, leaving);
+        float offset[2] = {0.0f, 0.0f};
+        if (mixed) {
+#pragma unroll
+            for (int r = 1; r < RPP; ++r)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) diff[r][h] += diff[r - 1][h];
+            reinterpret_cast<float2*>(totals)[part * (TILE_COORDS / 2) + lane] =
+                make_float2(diff[RPP - 1][0], diff[RPP - 1][1]);
+            __syncthreads();
+            // The window sum before this warp's rows: the carry plus the earlier warps' totals,
+            // added in warp order; the new carry continues the same sum over all warps.
+#pragma unroll
+            for (int p = 0; p < TILE_PARTS; ++p) {
+                if (p == part) {
+                    offset[0] = carry[0];
+                    offset[1] = carry[1];
+                }
+                const float2 total = reinterpret_cast<const float2*>(totals)[p * (TILE_COORDS / 2) + lane];
+                carry[0] += total.x;
+                carry[1] += total.y;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < RPP; ++r) {
+            const int row = part * RPP + r;
+            const int u = n * ROWS + row;
+            if (u >= seq) continue;
+            const int t = Reverse ? seq - 1 - u : u;
+            // Pass-through coordinates: x's bits, or x + residual rounded once.
+            Pair pass = *reinterpret_cast<const Pair*>(buffer + row * ROW_BYTES + lane * (int)sizeof(Pair));
+            if (Residual && (k[0] == 0 || k[1] == 0)) {
+                float v[2];
+                ring_pair(buffer, row, v);
+                make_pair(pass, value_bits<T>(v[0]), value_bits<T>(v[1]));
+            }
+            uint32_t bits[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const float window = offset[h] + diff[r][h];
+                bits[h] = k[h] == 0 ? half_of(pass, h)
+                                    : value_bits<T>(Reverse ? window : divide(window, inv_k[h], k[h], t, available));
+            }
+            T* to = out + (size_t)t * dim + c0 + ca;
+            if (vector) {
+                if (c0 + ca < dim) {
+                    Pair result;
+                    make_pair(result, bits[0], bits[1]);
+                    store_pair(reinterpret_cast<Pair*>(to), result);
+                }
+            } else {
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    if (c0 + ca + h < dim) reinterpret_cast<Bits<T>*>(to)[h] = (Bits<T>)bits[h];
+            }
+        }
+    };
+
+    uint32_t leaving_even[RPP][TILES][2], leaving_odd[RPP][TILES][2];
+    fetch_far(0, leaving_even);
+    fetch_far(1, leaving_odd);
+#pragma unroll 1
+    for (int n = 0; n < DEPTH; ++n) issue(n);
+    // Two chunks per turn, so that each register set of far leaving elements has a fixed name.
+#pragma unroll 1
+    for (int n = 0; n < chunks; n += 2) {
+        step(n, leaving_even);
+        if (n + 1 < chunks) step(n + 1, leaving_odd);
+    }
+}
+
+template <typename T, bool Reverse, bool Residual>
+__device__ void tile_kernel(const T* x, const T* residual, T* out, const uint32_t* windows, int seq, int dim,
+                            int vector, int available) {
+    extern __shared__ uint4 tile_shared[];
+    const unsigned strips = (unsigned)(dim + TILE_COORDS - 1) / TILE_COORDS;
+    const unsigned sequence = blockIdx.x / strips;
+    const int c0 = (int)(blockIdx.x % strips) * TILE_COORDS;
+    const size_t base = (size_t)sequence * seq * dim;
+    tile_walk<T, Reverse, Residual>(x + base, Residual ? residual + base : nullptr, out + base, windows, seq, dim, c0,
+                                    vector != 0, available != 0, reinterpret_cast<unsigned char*>(tile_shared));
+}
+
 // ---- learnable variant -------------------------------------------------------------------
 
 // out[t] = sum_u w[u] * x[t-u] (forward) or sum_u w[u] * x[t+u] (backward); one thread per
@@ -573,6 +925,25 @@ __device__ void tap_gradient_kernel(const T* d_out, const T* x, float* d_taps, c
         int seq, int dim, uint32_t max_window) {                                                                  \
         tap_gradient_kernel<T>(d_out, x, d_taps, windows, offsets, batch, seq, dim, max_window);                 \
     }
+
+#define WAVELET_TILE_KERNELS(T, NAME)                                                                             \
+    extern "C" __global__ void __launch_bounds__(TILE_THREADS, 2) wavelet_tiles_fwd_##NAME(                       \
+        const T* x, T* out, const uint32_t* windows, int seq, int dim, int vector_ok, int available) {           \
+        tile_kernel<T, false, false>(x, nullptr, out, windows, seq, dim, vector_ok, available);                   \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(TILE_THREADS, 2) wavelet_tiles_fwd_residual_##NAME(              \
+        const T* x, const T* residual, T* out, const uint32_t* windows, int seq, int dim, int vector_ok,          \
+        int available) {                                                                                          \
+        tile_kernel<T, false, true>(x, residual, out, windows, seq, dim, vector_ok, available);                   \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(TILE_THREADS, 2) wavelet_tiles_bwd_##NAME(                       \
+        const T* d_out, T* d_x, const uint32_t* windows, int seq, int dim, int vector_ok, int available) {       \
+        tile_kernel<T, true, false>(d_out, nullptr, d_x, windows, seq, dim, vector_ok, available);                \
+    }
+
+WAVELET_TILE_KERNELS(float, f32)
+WAVELET_TILE_KERNELS(__nv_bfloat16, bf16)
+WAVELET_TILE_KERNELS(__half, f16)
 
 WAVELET_KERNELS(float, f32)
 WAVELET_KERNELS(__nv_bfloat16, bf16)

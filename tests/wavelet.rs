@@ -5,6 +5,8 @@
 //! adjointness, finite differences, the learnable variant, the `_into` forms and the argument
 //! errors.
 //!
+//! On a GPU each test runs once with each box-window kernel (`ops::WaveletKernel`).
+//!
 //! Two checks per result: the project's norm-relative error (`assert_close`), which sees small
 //! errors spread over the whole tensor, and an element-wise bound (output rounding plus an f32
 //! arithmetic allowance relative to the size of the summed terms), which sees a few wrong
@@ -17,20 +19,24 @@ use common::{assert_close, assert_invalid, bytes, norm, uniform, values, Float};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::Rng;
+use std::sync::Mutex;
 use tessera::ops::wavelet::MAX_WINDOW;
 use tessera::ops::{
-    wavelet_backward, wavelet_backward_into, wavelet_forward, wavelet_forward_into, wavelet_learnable_backward,
-    wavelet_learnable_forward, wavelet_taps_init, WaveletConfig, WaveletDivisor,
+    set_wavelet_kernel, wavelet_backward, wavelet_backward_into, wavelet_forward, wavelet_forward_into,
+    wavelet_learnable_backward, wavelet_learnable_forward, wavelet_taps_init, WaveletConfig, WaveletDivisor,
+    WaveletKernel,
 };
 use tessera::{DType, Device, Tensor};
 
 on_each_device!(
     small_wavelet,
+    small_ring_wraps,
     spec_fixtures,
     forward_f32,
     forward_bf16,
     forward_f16,
     long_sequences,
+    ring_and_far_windows,
     many_sequences,
     residual_is_added_before_mixing,
     pass_through_is_bit_identical,
@@ -49,6 +55,61 @@ on_each_device!(
     into_forms_write_poisoned_outputs,
     errors_name_the_argument,
     errors_leave_outputs_unchanged,
+);
+
+/// Runs `body` on `device`; on a GPU once with each box-window kernel, holding a lock so that no
+/// other test of this file changes the process-wide choice meanwhile. The kernel is named on
+/// stderr first, so that a failure says which one failed.
+fn each_kernel(device: &Device, body: fn(&Device)) {
+    static CHOICE: Mutex<()> = Mutex::new(());
+    if !device.is_cuda() {
+        return body(device);
+    }
+    let _choice = CHOICE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    for kernel in [WaveletKernel::Segments, WaveletKernel::Tiles] {
+        set_wavelet_kernel(kernel);
+        eprintln!("box-window kernel: {kernel:?}");
+        body(device);
+    }
+    set_wavelet_kernel(WaveletKernel::Segments);
+}
+
+/// Every device test: `name => body`, the body run by [`each_kernel`].
+macro_rules! each_kernel_tests {
+    ($($name:ident => $body:ident),+ $(,)?) => {
+        $(fn $name(device: &Device) {
+            each_kernel(device, $body)
+        })+
+    };
+}
+
+each_kernel_tests!(
+    small_wavelet => small_wavelet_body,
+    small_ring_wraps => small_ring_wraps_body,
+    spec_fixtures => spec_fixtures_body,
+    forward_f32 => forward_f32_body,
+    forward_bf16 => forward_bf16_body,
+    forward_f16 => forward_f16_body,
+    long_sequences => long_sequences_body,
+    ring_and_far_windows => ring_and_far_windows_body,
+    many_sequences => many_sequences_body,
+    residual_is_added_before_mixing => residual_is_added_before_mixing_body,
+    pass_through_is_bit_identical => pass_through_is_bit_identical_body,
+    causality_by_perturbation => causality_by_perturbation_body,
+    constant_input => constant_input_body,
+    backward_is_the_adjoint => backward_is_the_adjoint_body,
+    backward_f32 => backward_f32_body,
+    backward_bf16 => backward_bf16_body,
+    backward_f16 => backward_f16_body,
+    finite_differences => finite_differences_body,
+    learnable_init_matches_the_box => learnable_init_matches_the_box_body,
+    learnable_random_taps_f32 => learnable_random_taps_f32_body,
+    learnable_random_taps_bf16 => learnable_random_taps_bf16_body,
+    learnable_random_taps_f16 => learnable_random_taps_f16_body,
+    learnable_window_beyond_grid_limits => learnable_window_beyond_grid_limits_body,
+    into_forms_write_poisoned_outputs => into_forms_write_poisoned_outputs_body,
+    errors_name_the_argument => errors_name_the_argument_body,
+    errors_leave_outputs_unchanged => errors_leave_outputs_unchanged_body,
 );
 
 const DIVISORS: [WaveletDivisor; 2] = [WaveletDivisor::Window, WaveletDivisor::Available];
@@ -762,7 +823,7 @@ fn config_errors_name_the_argument() {
 /// residual, allocating and into a poisoned output), backward, and the learnable forward and
 /// backward; a scalar-path dim (3), a vector-path dim (16, a whole group of 8 with one window and
 /// a group mixing windows and pass-through), windows beyond the sequence.
-fn small_wavelet(device: &Device) {
+fn small_wavelet_body(device: &Device) {
     let mut rng = common::rng();
     let rng = &mut rng;
     fn all<T: Float>(device: &Device, rng: &mut StdRng) {
@@ -780,8 +841,23 @@ fn small_wavelet(device: &Device) {
     all::<f16>(device, rng);
 }
 
+/// Few elements again, for compute-sanitizer, but more chunks than the GPU tile kernel's ring
+/// holds (13), so that buffers are reused, with windows read from the ring and from global
+/// memory: f32 with the residual (16-row chunks, ring reach 96 rows), bf16 and f16 (64-row
+/// chunks, reach 384), and the element path (dim 13).
+fn small_ring_wraps_body(device: &Device) {
+    let mut rng = common::rng();
+    let rng = &mut rng;
+    let windows = [5, 96, 97, 250, 1, 40, 16, 17];
+    check_forward::<f32>(device, rng, shape(1, 300, 16), 0, &windows, true, true);
+    check_backward::<f32>(device, rng, shape(1, 300, 13), 2, &windows, true);
+    let windows = [3, 384, 385, 700, 64, 65, 2, 1000];
+    check_forward::<bf16>(device, rng, shape(1, 900, 16), 8, &windows, false, true);
+    check_backward::<f16>(device, rng, shape(1, 900, 16), 0, &grouped_windows(16, &[385, 7]), true);
+}
+
 /// §3.5.7: x = [1, 2, 3, 4, 5] (batch 1, seq 5, dim 1). Every value is exact in every dtype.
-fn spec_fixtures(device: &Device) {
+fn spec_fixtures_body(device: &Device) {
     fn run<T: Float>(device: &Device) {
         let s = shape(1, 5, 1);
         let x = tensor(&[1.0f32, 2.0, 3.0, 4.0, 5.0].map(T::from_f32), s, device);
@@ -869,21 +945,21 @@ fn forward_cases<T: Float>(device: &Device) {
     check_forward::<T>(device, rng, shape(2, 40, 128), 0, &windows, false, true);
 }
 
-fn forward_f32(device: &Device) {
+fn forward_f32_body(device: &Device) {
     forward_cases::<f32>(device);
 }
 
-fn forward_bf16(device: &Device) {
+fn forward_bf16_body(device: &Device) {
     forward_cases::<bf16>(device);
 }
 
-fn forward_f16(device: &Device) {
+fn forward_f16_body(device: &Device) {
     forward_cases::<f16>(device);
 }
 
 /// 4097 steps, forward and backward: the running window sum over many GPU steps, windows from 1 to
 /// past the sequence, a vector-path dim (24) and a scalar-path dim (13), every dtype.
-fn long_sequences(device: &Device) {
+fn long_sequences_body(device: &Device) {
     let mut rng = common::rng();
     let rng = &mut rng;
     let seq = 4097;
@@ -901,10 +977,47 @@ fn long_sequences(device: &Device) {
     check_backward::<f16>(device, rng, s, first, &windows, true);
 }
 
+/// Windows around the limits of the GPU tile kernel (ops::WaveletKernel::Tiles): its chunks are
+/// 64 rows (bf16/f16), 32 (f32, or bf16/f16 with the residual) or 16 (f32 with the residual), its
+/// ring keeps 6 chunks behind the current one (windows up to 384, 192 or 96 rows read their
+/// leaving rows from shared memory, longer ones from global memory). Windows at and around each
+/// of those sizes and chunk multiples, paired equal and unequal within a lane's two coordinates,
+/// over several 64-coordinate strips (one partly and one wholly passing through), on the vector
+/// path (dim 200) and the element path (dim 203), forward with and without the residual and
+/// backward, every dtype, sequences of 1100 tokens.
+fn ring_and_far_windows_body(device: &Device) {
+    let mut rng = common::rng();
+    let rng = &mut rng;
+    let kinds = [
+        95, 96, 97, 127, 128, 129, 191, 192, 193, 383, 384, 385, 1000, 1099, 1100, 1101, 2, 15, 16, 17, 63, 64, 65,
+    ];
+    // The first 60 coordinates in equal pairs, the next 60 each its own window.
+    let windows: Vec<usize> = (0..120)
+        .map(|j| {
+            if j < 60 {
+                kinds[j / 2 % kinds.len()]
+            } else {
+                kinds[j % kinds.len()]
+            }
+        })
+        .collect();
+    for (dim, first) in [(200, 0), (203, 3)] {
+        let s = shape(2, 1100, dim);
+        check_forward::<f32>(device, rng, s, first, &windows, false, true);
+        check_forward::<bf16>(device, rng, s, first, &windows, true, false);
+        check_backward::<f16>(device, rng, s, first, &windows, true);
+    }
+    let s = shape(1, 1100, 200);
+    check_forward::<f32>(device, rng, s, 0, &windows, true, true);
+    check_forward::<f16>(device, rng, s, 0, &windows, false, false);
+    check_backward::<bf16>(device, rng, s, 0, &windows, false);
+    check_backward::<f32>(device, rng, s, 0, &windows, true);
+}
+
 /// More sequences than a CUDA grid's y or z dimension holds (65535), each short, forward (with
 /// the residual too) and backward. (The learnable variant is left out: its tap gradient over
 /// 131074 rows is an f32 sum whose rounding, ~1e-4 of the result, says nothing about the grid.)
-fn many_sequences(device: &Device) {
+fn many_sequences_body(device: &Device) {
     let mut rng = common::rng();
     let rng = &mut rng;
     let s = shape(65537, 2, 3);
@@ -915,7 +1028,7 @@ fn many_sequences(device: &Device) {
 
 /// `wavelet_forward(x, Some(r))` is the reference applied to x + r (summed exactly); pass-through
 /// coordinates are round(x + r); every dtype, scalar and vector paths.
-fn residual_is_added_before_mixing(device: &Device) {
+fn residual_is_added_before_mixing_body(device: &Device) {
     let mut rng = common::rng();
     let rng = &mut rng;
     fn run<T: Float>(device: &Device, rng: &mut StdRng) {
@@ -983,7 +1096,7 @@ impl Special for f16 {
 /// (which only pass-through coordinates hold), on the vector path (whole groups of 8 passing
 /// through), the mixed-group path and the scalar path; in the forward, the backward and the
 /// learnable variant.
-fn pass_through_is_bit_identical(device: &Device) {
+fn pass_through_is_bit_identical_body(device: &Device) {
     fn run<T: Special>(device: &Device, rng: &mut StdRng) {
         let specials = T::specials();
         let cases = [
@@ -1049,7 +1162,7 @@ fn pass_through_is_bit_identical(device: &Device) {
 /// to t0 + k_i - 1, by delta / div(t) there. Inputs are multiples of 1/64 in [-1, 1] and the
 /// changes too, so that every window sum is exact in f32 whatever the order of the additions, and
 /// the outputs outside the window must keep their bits.
-fn causality_by_perturbation(device: &Device) {
+fn causality_by_perturbation_body(device: &Device) {
     let mut rng = common::rng();
     let cases = [
         (shape(2, 300, 24), 2, awkward_windows(20, 300, 0)),
@@ -1114,7 +1227,7 @@ fn causality_by_perturbation(device: &Device) {
 
 /// §3.5.4: a constant input c gives c for t >= k_i - 1 and c·(t+1)/k_i before (Window divisor),
 /// and c everywhere with the Available divisor; every dtype, scalar and vector paths.
-fn constant_input(device: &Device) {
+fn constant_input_body(device: &Device) {
     fn run<T: Float>(device: &Device) {
         let cases = [
             (
@@ -1159,7 +1272,7 @@ fn constant_input(device: &Device) {
 
 /// §3.5.5: <A x, y> = <x, Aᵀ y> in f64 for random f32 x and y, with `wavelet_backward` as Aᵀ, both
 /// divisors; and the same for the learnable variant with random taps.
-fn backward_is_the_adjoint(device: &Device) {
+fn backward_is_the_adjoint_body(device: &Device) {
     let mut rng = common::rng();
     let rng = &mut rng;
     let cases = [
@@ -1233,22 +1346,22 @@ fn backward_cases<T: Float>(device: &Device) {
     }
 }
 
-fn backward_f32(device: &Device) {
+fn backward_f32_body(device: &Device) {
     backward_cases::<f32>(device);
 }
 
-fn backward_bf16(device: &Device) {
+fn backward_bf16_body(device: &Device) {
     backward_cases::<bf16>(device);
 }
 
-fn backward_f16(device: &Device) {
+fn backward_f16_body(device: &Device) {
     backward_cases::<f16>(device);
 }
 
 /// Central differences of L = Σ out·g (g random) on tiny f32 shapes: the box's d_x for both
 /// divisors, and the learnable variant's d_x and d_taps. The op is linear in x and in the taps, so
 /// a large step (the f32 step actually taken) is exact up to the rounding of the outputs.
-fn finite_differences(device: &Device) {
+fn finite_differences_body(device: &Device) {
     let mut rng = common::rng();
     let rng = &mut rng;
     let s = shape(2, 6, 5);
@@ -1311,7 +1424,7 @@ fn finite_differences(device: &Device) {
 /// `wavelet_taps_init` gives 1/k_i for each of coordinate i's k_i taps (f32, laid out by
 /// tap_offsets), and with them the learnable forward and backward equal the box with the Window
 /// divisor up to f32 rounding; every dtype.
-fn learnable_init_matches_the_box(device: &Device) {
+fn learnable_init_matches_the_box_body(device: &Device) {
     fn run<T: Float>(device: &Device, rng: &mut StdRng) {
         let cases = [
             (shape(2, 70, 20), 3, vec![1, 2, 3, 4, 5, 7, 8, 16, 17, 64, 65, 100]),
@@ -1395,28 +1508,28 @@ fn learnable_cases<T: Float>(device: &Device) {
     }
 }
 
-fn learnable_random_taps_f32(device: &Device) {
+fn learnable_random_taps_f32_body(device: &Device) {
     learnable_cases::<f32>(device);
 }
 
-fn learnable_random_taps_bf16(device: &Device) {
+fn learnable_random_taps_bf16_body(device: &Device) {
     learnable_cases::<bf16>(device);
 }
 
-fn learnable_random_taps_f16(device: &Device) {
+fn learnable_random_taps_f16_body(device: &Device) {
     learnable_cases::<f16>(device);
 }
 
 /// A window of more than 65535 taps (more than a CUDA grid's y dimension) beside small ones, on a
 /// short sequence: the taps beyond the sequence get a zero gradient.
-fn learnable_window_beyond_grid_limits(device: &Device) {
+fn learnable_window_beyond_grid_limits_body(device: &Device) {
     let mut rng = common::rng();
     check_learnable::<f32>(device, &mut rng, shape(2, 5, 3), 0, &[70_000, 2, 3]);
 }
 
 /// The `_into` forms write every element of a poisoned output and agree bit for bit with the
 /// allocating forms; a second call into the same output takes the new input.
-fn into_forms_write_poisoned_outputs(device: &Device) {
+fn into_forms_write_poisoned_outputs_body(device: &Device) {
     fn run<T: Float>(device: &Device, rng: &mut StdRng) {
         for (s, first, windows) in [
             (shape(2, 33, 16), 2, vec![1, 2, 3, 33, 40, 8]),
@@ -1462,7 +1575,7 @@ fn f32_tensor(rng: &mut StdRng, dims: &[usize], device: &Device) -> Tensor {
 }
 
 /// Bad tensors: an argument error naming the op and the argument.
-fn errors_name_the_argument(device: &Device) {
+fn errors_name_the_argument_body(device: &Device) {
     let mut rng = common::rng();
     let rng = &mut rng;
     let config = WaveletConfig::from_windows(8, 1, vec![2, 3], WaveletDivisor::Window).unwrap();
@@ -1626,7 +1739,7 @@ fn errors_name_the_argument(device: &Device) {
 }
 
 /// A failed `_into` call writes nothing: the output keeps its bytes, whatever the error.
-fn errors_leave_outputs_unchanged(device: &Device) {
+fn errors_leave_outputs_unchanged_body(device: &Device) {
     let mut rng = common::rng();
     let rng = &mut rng;
     let config = WaveletConfig::from_windows(8, 0, vec![4; 8], WaveletDivisor::Available).unwrap();

@@ -58,6 +58,7 @@ pub use sparse::{
     Sparse24, SparseLinearGrads,
 };
 pub use spdf::{spdf_apply_mask, StaticMask};
+pub use wavelet::{set_wavelet_kernel, wavelet_kernel, WaveletKernel};
 pub use wavelet::{
     wavelet_backward, wavelet_backward_into, wavelet_forward, wavelet_forward_into, wavelet_learnable_backward,
     wavelet_learnable_forward, wavelet_taps_init, WaveletConfig, WaveletDivisor,

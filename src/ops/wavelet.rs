@@ -17,10 +17,38 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// The largest window any coordinate may have. Windows are also bounded by the context length
 /// given to [`WaveletConfig::exponential`]; this bounds explicit ones.
 pub const MAX_WINDOW: usize = 1 << 20;
+
+/// Which CUDA kernel runs the box window (forward and backward); the CPU has one implementation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaveletKernel {
+    /// One warp per (256-row segment, 8 coordinates); windows longer than a segment add sums
+    /// that earlier segments publish (the default).
+    Segments,
+    /// One block per (sequence, 64 coordinates) walking the whole sequence, chunks staged
+    /// through a shared-memory ring with cp.async (needs 106 KiB of shared memory per block;
+    /// sequences over 2^30 tokens take `Segments`).
+    Tiles,
+}
+
+static KERNEL: AtomicU8 = AtomicU8::new(0);
+
+/// Chooses the box-window kernel for every later call in this process, on every GPU.
+pub fn set_wavelet_kernel(kernel: WaveletKernel) {
+    KERNEL.store(kernel as u8, Ordering::Relaxed);
+}
+
+/// The box-window kernel that [`set_wavelet_kernel`] chose ([`WaveletKernel::Segments`] until then).
+pub fn wavelet_kernel() -> WaveletKernel {
+    match KERNEL.load(Ordering::Relaxed) {
+        0 => WaveletKernel::Segments,
+        _ => WaveletKernel::Tiles,
+    }
+}
 
 /// What a window's sum is divided by near the start of the sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -746,7 +774,39 @@ mod cuda {
         32 * if residual { rows / 2 } else { rows }
     }
 
+    /// The longest sequence the tile kernel takes (its chunk arithmetic is in i32).
+    const TILE_MAX_SEQ: usize = 1 << 30;
+
     pub(super) fn window(
+        d: Dims,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        config: &WaveletConfig,
+        out: &mut Tensor,
+        direction: Direction,
+    ) -> Result<()> {
+        if wavelet_kernel() == WaveletKernel::Tiles && d.seq <= TILE_MAX_SEQ {
+            tiles(d, x, residual, config, out, direction)
+        } else {
+            segments(d, x, residual, config, out, direction)
+        }
+    }
+
+    /// Whether rows can be read as 16-byte vectors: every row starting 16-byte aligned, whole
+    /// groups of 8 coordinates.
+    fn vector_ok(d: Dims, dtype: DType, addresses: &[u64]) -> bool {
+        d.dim.is_multiple_of(COORDS_PER_WARP)
+            && (d.dim * dtype.size_in_bytes()).is_multiple_of(16)
+            && addresses.iter().all(|a| a.is_multiple_of(16))
+    }
+
+    /// Must match kernels/wavelet.cu (TILE_COORDS, TILE_THREADS, TILE_SHARED_BYTES).
+    const TILE_COORDS: usize = 64;
+    const TILE_THREADS: u32 = 256;
+    const TILE_SHARED_BYTES: u32 = 108_544;
+
+    /// The tile kernel: one block per (sequence, strip of 64 coordinates).
+    fn tiles(
         d: Dims,
         x: &Tensor,
         residual: Option<&Tensor>,
@@ -761,13 +821,63 @@ mod cuda {
             Some(r) => r.device_buffer()?.address(),
             None => 0,
         };
-        // 16-byte vectors of 8 coordinates need every row to start 16-byte aligned.
-        let row_bytes = d.dim * x.dtype().size_in_bytes();
-        let vector_ok = d.dim.is_multiple_of(COORDS_PER_WARP)
-            && row_bytes.is_multiple_of(16)
-            && [x_address, out_address, residual_address]
-                .iter()
-                .all(|a| a.is_multiple_of(16));
+        let vector = vector_ok(d, x.dtype(), &[x_address, out_address, residual_address]) as i32;
+        let blocks = grid_size(d.batch * d.dim.div_ceil(TILE_COORDS))?;
+        let (seq, dim, available) = (
+            int(d.seq),
+            int(d.dim),
+            (config.divisor == WaveletDivisor::Available) as i32,
+        );
+        let name = match (direction, residual.is_some()) {
+            (Direction::Forward, false) => format!("wavelet_tiles_fwd_{}", suffix(x.dtype())),
+            (Direction::Forward, true) => format!("wavelet_tiles_fwd_residual_{}", suffix(x.dtype())),
+            (Direction::Backward, _) => format!("wavelet_tiles_bwd_{}", suffix(x.dtype())),
+        };
+        let function = backend.function("wavelet", &name)?;
+        backend.allow_dynamic_shared(&function, TILE_SHARED_BYTES as usize)?;
+        let table = table(config, &backend)?;
+        let (windows, _) = addresses(&table, d.dim);
+        let mut builder = backend.launch_builder(&function);
+        builder.arg(&x_address);
+        if residual.is_some() {
+            builder.arg(&residual_address);
+        }
+        builder
+            .arg(&out_address)
+            .arg(&windows)
+            .arg(&seq)
+            .arg(&dim)
+            .arg(&vector)
+            .arg(&available);
+        let launch = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (TILE_THREADS, 1, 1),
+            shared_mem_bytes: TILE_SHARED_BYTES,
+        };
+        // SAFETY: the tensors were validated to be (batch, seq, dim) of one dtype on this device,
+        // seq is at most 2^30, the table holds `dim` windows, and the grid has one block per
+        // (sequence, 64 coordinates), each writing only its own rows and coordinates.
+        unsafe { builder.launch(launch) }.context(&format!("launching {name}"))?;
+        Ok(())
+    }
+
+    /// The segment kernel: one warp per (segment of rows, 8 coordinates).
+    fn segments(
+        d: Dims,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        config: &WaveletConfig,
+        out: &mut Tensor,
+        direction: Direction,
+    ) -> Result<()> {
+        let x_buffer = x.device_buffer()?;
+        let backend = x_buffer.backend().clone();
+        let (x_address, out_address) = (x_buffer.address(), out.device_buffer()?.address());
+        let residual_address = match residual {
+            Some(r) => r.device_buffer()?.address(),
+            None => 0,
+        };
+        let vector_ok = vector_ok(d, x.dtype(), &[x_address, out_address, residual_address]);
         let groups = d.dim.div_ceil(COORDS_PER_WARP);
         let tiles = groups.div_ceil(WINDOW_WARPS as usize);
         let segments = d.seq.div_ceil(segment_rows(x.dtype(), residual.is_some()));

@@ -1,8 +1,9 @@
-//! Wavelet mixing forward and backward with the spec's defaults, bf16, against the copy ceiling.
+//! Wavelet mixing forward and backward with the spec's defaults, bf16, against the copy ceiling:
+//! each case with both box-window kernels (`ops::WaveletKernel`).
 
 use super::{input_sets, random_tensor, Context, Result};
 use serde_json::{json, Value};
-use tessera::ops::{self, WaveletConfig};
+use tessera::ops::{self, WaveletConfig, WaveletKernel};
 use tessera::{DType, Tensor};
 
 pub fn run(context: &mut Context) -> Result<Vec<Value>> {
@@ -14,10 +15,15 @@ pub fn run(context: &mut Context) -> Result<Vec<Value>> {
     let mut results = Vec::new();
     for &(batch, seq, dim) in shapes {
         for direction in [Direction::Forward, Direction::Backward] {
-            let mut result = bench_wavelet(context, batch, seq, dim, direction)?;
-            let gbps = result["gbps"].as_f64().unwrap_or(f64::NAN);
-            result["pct_of_copy"] = json!(context.pct_of_copy(gbps));
-            results.push(result);
+            for kernel in [WaveletKernel::Segments, WaveletKernel::Tiles] {
+                ops::set_wavelet_kernel(kernel);
+                let result = bench_wavelet(context, batch, seq, dim, direction, kernel);
+                ops::set_wavelet_kernel(WaveletKernel::Segments);
+                let mut result = result?;
+                let gbps = result["gbps"].as_f64().unwrap_or(f64::NAN);
+                result["pct_of_copy"] = json!(context.pct_of_copy(gbps));
+                results.push(result);
+            }
         }
     }
     Ok(results)
@@ -31,7 +37,14 @@ enum Direction {
 
 /// Wavelet mixing with the spec's defaults (first half of the coordinates, windows 2..seq), bf16:
 /// each element read once and written once, so GB/s counts 4 bytes per element.
-fn bench_wavelet(context: &Context, batch: usize, seq: usize, dim: usize, direction: Direction) -> Result<Value> {
+fn bench_wavelet(
+    context: &Context,
+    batch: usize,
+    seq: usize,
+    dim: usize,
+    direction: Direction,
+    kernel: WaveletKernel,
+) -> Result<Value> {
     let device = &context.device;
     let config = WaveletConfig::paper_default(dim, seq).map_err(|e| e.to_string())?;
     let shape = [batch, seq, dim];
@@ -50,10 +63,15 @@ fn bench_wavelet(context: &Context, batch: usize, seq: usize, dim: usize, direct
     } else {
         "backward"
     };
+    let kernel_name = match kernel {
+        WaveletKernel::Segments => "segments",
+        WaveletKernel::Tiles => "tiles",
+    };
     Ok(json!({
-        "name": format!("wavelet {name} bf16 {batch}x{seq}x{dim}"),
+        "name": format!("wavelet {name} bf16 {batch}x{seq}x{dim} ({kernel_name})"),
         "kind": "wavelet",
         "direction": name,
+        "kernel": kernel_name,
         "batch": batch, "seq": seq, "dim": dim,
         "windows": config.windows(),
         "input_sets": sets,
