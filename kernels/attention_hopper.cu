@@ -1,7 +1,8 @@
 // Flash attention forward for Hopper (sm_90a): TMA loads into a shared-memory ring that mbarriers
 // hand between a producer warp and two consumer warpgroups, S = Q·Kᵀ and O += P·V on wgmma, the
-// online softmax in registers. bf16 and f16, head dims 64 and 128, masks none and causal, GQA via
-// the head mapping; every other case runs on the mma.sync kernels of attention.cu.
+// online softmax in registers. bf16 and f16, head dims 64 and 128, masks none and causal, dense
+// batches, GQA via the head mapping; src/ops/attention.rs runs every other call (and, until a GPU
+// run has measured this kernel, every call by default) on the mma.sync kernels of attention.cu.
 //
 // CTA: 3 warpgroups (384 threads). Warpgroup 0 is the producer: one thread issues every TMA copy
 // (Q once, then K and V per key tile) and the group gives its registers to the consumers
