@@ -1390,7 +1390,14 @@ mod cuda {
         /// The 4-d map (head_dim, heads, seq, batch) of a (batch, seq, heads, head_dim) tensor,
         /// read in boxes of (64, 1, rows, 1) with the 128-byte swizzle; out-of-bounds rows read
         /// as zeros.
-        fn tensor_map(t: &Tensor, batch: usize, seq: usize, heads: usize, rows: usize) -> Result<TensorMap> {
+        fn tensor_map(
+            t: &Tensor,
+            arg: &'static str,
+            batch: usize,
+            seq: usize,
+            heads: usize,
+            rows: usize,
+        ) -> Result<TensorMap> {
             let head_dim = t.shape()[t.shape().len() - 1];
             let data_type = match t.dtype() {
                 DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
@@ -1410,8 +1417,8 @@ mod cuda {
             if address % 16 != 0 {
                 return Err(Error::invalid(
                     OP,
-                    "q",
-                    "16-byte aligned device tensors",
+                    arg,
+                    "a 16-byte aligned device tensor",
                     format!("address {address:#x}"),
                 ));
             }
@@ -1456,9 +1463,9 @@ mod cuda {
                 });
             }
             let (batch, seq_q, seq_k, d) = (problem.batch(), problem.seq_q(0), problem.seq_k(0), problem.head_dim);
-            let map_q = tensor_map(q, batch, seq_q, problem.heads_q, ROWS)?;
-            let map_k = tensor_map(k, batch, seq_k, problem.heads_kv, KEYS)?;
-            let map_v = tensor_map(v, batch, seq_k, problem.heads_kv, KEYS)?;
+            let map_q = tensor_map(q, "q", batch, seq_q, problem.heads_q, ROWS)?;
+            let map_k = tensor_map(k, "k", batch, seq_k, problem.heads_kv, KEYS)?;
+            let map_v = tensor_map(v, "v", batch, seq_k, problem.heads_kv, KEYS)?;
             let params = HopperParams {
                 out: address(out)?,
                 lse: address(lse)?,
