@@ -18,6 +18,7 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use tessera::ops::rope::{RopeConfig, RopeConvention};
 use tessera::ops::{attention_backward, attention_forward, AttentionMask, AttentionOptions, AttentionRope, Varlen};
+use tessera::ops::{attention_forward_into, attention_kernel, with_attention_kernel, AttentionKernel};
 use tessera::{DType, Device, Tensor};
 
 on_each_device!(
@@ -34,6 +35,10 @@ on_each_device!(
     lambda_mask_fixture,
     backward_is_deterministic,
     errors_name_the_argument,
+    small_attention_hopper,
+    hopper_forward,
+    hopper_forward_long,
+    hopper_refuses_other_calls,
 );
 
 // ---- cases and the f64 reference -----------------------------------------------------------
@@ -410,6 +415,47 @@ fn read<T: Float>(t: &Tensor) -> Vec<f64> {
     common::values::<T>(t)
 }
 
+/// The forward's pass rule for `out` and `lse` against the exact and the straightforward
+/// references; returns our results, both references and the case's description.
+fn check_forward<T: Float>(
+    case: &Case,
+    inputs: &Inputs,
+    out: &Tensor,
+    lse: &Tensor,
+) -> (Results, Results, Results, String) {
+    let exact = naive(case, inputs, None);
+    let rounded = naive(
+        case,
+        inputs,
+        (T::DTYPE != DType::F32).then_some(round_to::<T> as fn(f64) -> f64),
+    );
+    let what = format!(
+        "{} {:?} h{}/{} d{} {:?}{}{}",
+        T::DTYPE,
+        &case.seqs[..case.seqs.len().min(3)],
+        case.heads_q,
+        case.heads_kv,
+        case.d,
+        case.mask,
+        if case.packed { " packed" } else { "" },
+        if case.rope.is_some() { " rope" } else { "" }
+    );
+    let unit = unit_roundoff::<T>();
+    let ours = Results {
+        out: read::<T>(out),
+        lse: lse.to_vec::<f32>().unwrap().iter().map(|&x| x as f64).collect(),
+        ..Default::default()
+    };
+    check_rule(&format!("out {what}"), &ours.out, &rounded.out, &exact.out, 2.0, unit);
+    // LSE is f32 on every path: compare it directly (−∞ must match exactly).
+    let lse_error = max_error(&ours.lse, &exact.lse).unwrap_or_else(|e| panic!("lse {what}: {e}"));
+    assert!(
+        lse_error <= 1e-3 + 4.0 * unit * max_abs(&exact.lse),
+        "lse {what}: error {lse_error:.3e}"
+    );
+    (ours, exact, rounded, what)
+}
+
 /// Runs forward and backward on `device` and checks every result against the references.
 fn check<T: Float>(device: &Device, rng: &mut StdRng, case: &Case, backward: bool) -> Results {
     let (q, k, v, d_o) = random_inputs::<T>(rng, case);
@@ -428,36 +474,8 @@ fn check<T: Float>(device: &Device, rng: &mut StdRng, case: &Case, backward: boo
         v: common::to_f64(&v),
         d_out: common::to_f64(&d_o),
     };
-    let exact = naive(case, &inputs, None);
-    let rounded = naive(
-        case,
-        &inputs,
-        (T::DTYPE != DType::F32).then_some(round_to::<T> as fn(f64) -> f64),
-    );
-    let what = format!(
-        "{} {:?} h{}/{} d{} {:?}{}{}",
-        T::DTYPE,
-        &case.seqs[..case.seqs.len().min(3)],
-        case.heads_q,
-        case.heads_kv,
-        case.d,
-        case.mask,
-        if case.packed { " packed" } else { "" },
-        if case.rope.is_some() { " rope" } else { "" }
-    );
+    let (ours, exact, rounded, what) = check_forward::<T>(case, &inputs, &out, &lse);
     let unit = unit_roundoff::<T>();
-    let ours = Results {
-        out: read::<T>(&out),
-        lse: lse.to_vec::<f32>().unwrap().iter().map(|&x| x as f64).collect(),
-        ..Default::default()
-    };
-    check_rule(&format!("out {what}"), &ours.out, &rounded.out, &exact.out, 2.0, unit);
-    // LSE is f32 on every path: compare it directly (−∞ must match exactly).
-    let lse_error = max_error(&ours.lse, &exact.lse).unwrap_or_else(|e| panic!("lse {what}: {e}"));
-    assert!(
-        lse_error <= 1e-3 + 4.0 * unit * max_abs(&exact.lse),
-        "lse {what}: error {lse_error:.3e}"
-    );
     if !backward {
         return ours;
     }
@@ -1065,4 +1083,215 @@ fn errors_name_the_argument(device: &Device) {
         "q",
         &["60"],
     );
+}
+
+// ---- the Hopper (sm_90a) forward ------------------------------------------------------------
+
+/// Whether `device` loads the sm_90a image, the only one the Hopper kernel runs from.
+#[cfg(feature = "cuda")]
+fn is_hopper(device: &Device) -> bool {
+    match device {
+        Device::Cuda(backend) => backend
+            .kernel_image()
+            .is_ok_and(|image| image == tessera::cuda::kernels::ImageKind::Sm90a),
+        Device::Cpu => false,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn is_hopper(_device: &Device) -> bool {
+    false
+}
+
+fn poisoned(shape: &[usize], dtype: DType, device: &Device) -> Tensor {
+    let mut t = Tensor::zeros(shape, dtype, device).unwrap();
+    t.fill_bytes(0xFF).unwrap();
+    t
+}
+
+/// The forward with the Hopper kernel forced, into NaN-poisoned `out` and `lse`, checked
+/// element by element against the references; returns our results.
+fn check_hopper<T: Float>(device: &Device, rng: &mut StdRng, case: &Case) -> Results {
+    let (q, k, v, d_o) = random_inputs::<T>(rng, case);
+    let tensor = |data: &[T], shape: Vec<usize>| Tensor::from_slice(data, &shape, device).unwrap();
+    let (qt, kt, vt) = (
+        tensor(&q, case.q_shape()),
+        tensor(&k, case.k_shape()),
+        tensor(&v, case.k_shape()),
+    );
+    let mut out = poisoned(&case.q_shape(), T::DTYPE, device);
+    let lse_shape = case.q_shape()[..case.q_shape().len() - 1].to_vec();
+    let mut lse = poisoned(&lse_shape, DType::F32, device);
+    with_attention_kernel(AttentionKernel::Hopper, || {
+        assert_eq!(attention_kernel(), AttentionKernel::Hopper);
+        attention_forward_into(&qt, &kt, &vt, &case.options(), &mut out, &mut lse)
+    })
+    .unwrap();
+    let inputs = Inputs {
+        q: common::to_f64(&q),
+        k: common::to_f64(&k),
+        v: common::to_f64(&v),
+        d_out: common::to_f64(&d_o),
+    };
+    check_forward::<T>(case, &inputs, &out, &lse).0
+}
+
+/// Where the Hopper kernel does not run: on the CPU the choice changes nothing (the CPU path,
+/// checked against the references, and the thread's choice restored afterwards); on another GPU
+/// forcing it is an `Unsupported` error that names the image.
+fn hopper_elsewhere(device: &Device, rng: &mut StdRng) {
+    let case = Case::dense(2, 17, 33, 2, 1, 64, AttentionMask::Causal);
+    let before = attention_kernel();
+    if device.is_cuda() {
+        let q = Tensor::from_slice(&uniform::<bf16>(rng, 2 * 17 * 2 * 64), &case.q_shape(), device).unwrap();
+        let k = Tensor::from_slice(&uniform::<bf16>(rng, 2 * 33 * 64), &case.k_shape(), device).unwrap();
+        let result = with_attention_kernel(AttentionKernel::Hopper, || {
+            attention_forward(&q, &k, &k, &case.options())
+        });
+        match result {
+            Err(tessera::Error::Unsupported { reason, .. }) => assert!(reason.contains("sm_90a"), "{reason}"),
+            other => panic!("forcing the Hopper kernel off Hopper: expected Unsupported, got {other:?}"),
+        }
+    } else {
+        check_hopper::<bf16>(device, rng, &case);
+    }
+    assert_eq!(attention_kernel(), before);
+}
+
+/// A small grid for compute-sanitizer: one partial tile, two query tiles with fully masked rows
+/// (causal, seq_q > seq_k), MQA, both dtypes and both head dims.
+fn small_attention_hopper(device: &Device) {
+    let mut rng = common::rng();
+    if !is_hopper(device) {
+        return hopper_elsewhere(device, &mut rng);
+    }
+    check_hopper::<bf16>(
+        device,
+        &mut rng,
+        &Case::dense(2, 17, 33, 2, 1, 64, AttentionMask::Causal),
+    );
+    check_hopper::<f16>(
+        device,
+        &mut rng,
+        &Case::dense(1, 70, 70, 1, 1, 128, AttentionMask::None),
+    );
+    check_hopper::<bf16>(
+        device,
+        &mut rng,
+        &Case::dense(1, 130, 100, 2, 2, 128, AttentionMask::Causal),
+    );
+}
+
+/// The Hopper kernel forced on every class of shape it serves: one key or query, partial tiles,
+/// several tiles, seq_q ≠ seq_k both ways, none and causal, MHA/GQA/MQA, head dims 64 and 128,
+/// bf16 and f16; and the rows that causal attention with seq_q > seq_k hides, which must be
+/// exactly 0 with an lse of −∞.
+fn hopper_forward(device: &Device) {
+    let mut rng = common::rng();
+    if !is_hopper(device) {
+        return hopper_elsewhere(device, &mut rng);
+    }
+    let heads = [(2, 2), (4, 2), (3, 1)];
+    let pairs = [
+        (1, 1),
+        (17, 17),
+        (113, 113),
+        (1, 239),
+        (17, 300),
+        (113, 203),
+        (203, 113),
+        (300, 17),
+        (256, 256),
+        (129, 128),
+    ];
+    let mut n = 0;
+    for &(sq, sk) in &pairs {
+        for mask in [AttentionMask::None, AttentionMask::Causal] {
+            for d in [64, 128] {
+                let (hq, hkv) = heads[n % heads.len()];
+                n += 1;
+                let case = Case::dense(2, sq, sk, hq, hkv, d, mask);
+                check_hopper::<bf16>(device, &mut rng, &case);
+                check_hopper::<f16>(device, &mut rng, &case);
+            }
+        }
+    }
+    for d in [64, 128] {
+        let (sq, sk, hq) = (200, 60, 2);
+        let r = check_hopper::<bf16>(
+            device,
+            &mut rng,
+            &Case::dense(1, sq, sk, hq, 1, d, AttentionMask::Causal),
+        );
+        for row in 0..(sq - sk) * hq {
+            assert_eq!(r.lse[row], f64::NEG_INFINITY, "row {row}");
+            assert!(r.out[row * d..(row + 1) * d].iter().all(|&x| x == 0.0), "row {row}");
+        }
+    }
+}
+
+/// Long sequences: many key tiles through the ring (each stage reused many times, so every
+/// mbarrier phase flips), lengths one past a tile.
+fn hopper_forward_long(device: &Device) {
+    let mut rng = common::rng();
+    if !is_hopper(device) {
+        return hopper_elsewhere(device, &mut rng);
+    }
+    for (n, &(sq, sk)) in [(1025, 1025), (4097, 4097), (1025, 4097), (4097, 1025)]
+        .iter()
+        .enumerate()
+    {
+        for mask in [AttentionMask::None, AttentionMask::Causal] {
+            let d = if n % 2 == 0 { 128 } else { 64 };
+            // The f64 reference is single-threaded: one head beyond a million pairs.
+            let heads_q = if sq * sk > 1 << 20 { 1 } else { 2 };
+            let case = Case::dense(1, sq, sk, heads_q, 1, d, mask);
+            if mask == AttentionMask::None {
+                check_hopper::<bf16>(device, &mut rng, &case);
+            } else {
+                check_hopper::<f16>(device, &mut rng, &case);
+            }
+        }
+    }
+}
+
+/// Forcing the Hopper kernel on a call it does not serve is an `Unsupported` error on a GPU
+/// (it never silently runs another kernel); the CPU ignores the choice and computes.
+fn hopper_refuses_other_calls(device: &Device) {
+    let mut rng = common::rng();
+    let rope = AttentionRope {
+        config: rope_config(64, vec![10_000.0], RopeConvention::RotateHalf),
+        distance_ceiling: None,
+    };
+    let cases = [
+        Case::dense(1, 40, 40, 2, 1, 64, AttentionMask::Window { left: 7, right: 0 }),
+        Case::dense(1, 40, 40, 2, 1, 64, AttentionMask::Lambda { global: 2, window: 9 }),
+        Case::dense(1, 40, 40, 2, 1, 72, AttentionMask::Causal),
+        Case {
+            seqs: vec![(10, 12), (30, 28)],
+            packed: true,
+            ..Case::dense(1, 1, 1, 2, 1, 64, AttentionMask::Causal)
+        },
+        Case {
+            rope: Some(rope),
+            ..Case::dense(1, 40, 40, 2, 1, 64, AttentionMask::Causal)
+        },
+    ];
+    for case in &cases {
+        let (q, k, v, _) = random_inputs::<bf16>(&mut rng, case);
+        let tensor = |data: &[bf16], shape: Vec<usize>| Tensor::from_slice(data, &shape, device).unwrap();
+        let (qt, kt, vt) = (
+            tensor(&q, case.q_shape()),
+            tensor(&k, case.k_shape()),
+            tensor(&v, case.k_shape()),
+        );
+        let result = with_attention_kernel(AttentionKernel::Hopper, || {
+            attention_forward(&qt, &kt, &vt, &case.options())
+        });
+        match (device.is_cuda(), result) {
+            (false, Ok(_)) => {}
+            (true, Err(tessera::Error::Unsupported { reason, .. })) => assert!(reason.contains("Hopper"), "{reason}"),
+            (_, other) => panic!("{case:?}: unexpected {other:?}"),
+        }
+    }
 }

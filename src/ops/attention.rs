@@ -98,6 +98,76 @@ pub struct AttentionOptions {
     pub rope: Option<AttentionRope>,
 }
 
+/// Which CUDA kernel computes the forward. Both give the same `out` and `lse` up to rounding; the
+/// backward always runs the mma.sync kernels, and the CPU ignores the choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AttentionKernel {
+    /// tessera's choice, which is the mma.sync kernels for now. It becomes the Hopper kernel on
+    /// devices that load the sm_90a image, for the calls that kernel serves, once a GPU run has
+    /// shown that kernel correct and faster there (benches/NOTES.md).
+    #[default]
+    Auto,
+    /// The sm_80+ mma.sync kernels (kernels/attention.cu), for every call.
+    MmaSync,
+    /// The sm_90a kernel (kernels/attention_hopper.cu: TMA, mbarriers, wgmma), which serves bf16
+    /// and f16, head dims 64 and 128, masks none and causal, batches of equal lengths, no RoPE
+    /// inside, on a device that loads the sm_90a image. Any other CUDA call is an
+    /// [`Error::Unsupported`] that says why.
+    Hopper,
+}
+
+impl AttentionKernel {
+    fn code(self) -> u8 {
+        match self {
+            AttentionKernel::Auto => 0,
+            AttentionKernel::MmaSync => 1,
+            AttentionKernel::Hopper => 2,
+        }
+    }
+
+    fn from_code(code: u8) -> AttentionKernel {
+        match code {
+            1 => AttentionKernel::MmaSync,
+            2 => AttentionKernel::Hopper,
+            _ => AttentionKernel::Auto,
+        }
+    }
+}
+
+static PROCESS_KERNEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+thread_local! {
+    static THREAD_KERNEL: std::cell::Cell<Option<AttentionKernel>> = const { std::cell::Cell::new(None) };
+}
+
+/// Sets the forward kernel for the whole process (threads inside [`with_attention_kernel`] keep
+/// theirs): the benchmark measures both kernels with it.
+pub fn set_attention_kernel(kernel: AttentionKernel) {
+    PROCESS_KERNEL.store(kernel.code(), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The forward kernel in force on this thread: the innermost [`with_attention_kernel`], else the
+/// process-wide [`set_attention_kernel`] (by default [`AttentionKernel::Auto`]).
+pub fn attention_kernel() -> AttentionKernel {
+    THREAD_KERNEL
+        .get()
+        .unwrap_or_else(|| AttentionKernel::from_code(PROCESS_KERNEL.load(std::sync::atomic::Ordering::Relaxed)))
+}
+
+/// Runs `f` with `kernel` as this thread's forward kernel, and restores the previous choice after
+/// it (also when `f` unwinds). Other threads are not affected, so that tests running in parallel
+/// can force different kernels.
+pub fn with_attention_kernel<R>(kernel: AttentionKernel, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<AttentionKernel>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            THREAD_KERNEL.set(self.0);
+        }
+    }
+    let _restore = Restore(THREAD_KERNEL.replace(Some(kernel)));
+    f()
+}
+
 /// The validated geometry of one call.
 #[derive(Clone, Debug)]
 pub(crate) struct Problem {
@@ -385,12 +455,43 @@ pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, options: &Attention
     let problem = check_inputs(OP, q, k, v, options)?;
     let mut out = new_tensor(q.shape(), q.dtype(), &q.device())?;
     let mut lse = new_tensor(&lse_shape(q), DType::F32, &q.device())?;
-    match q.device() {
-        Device::Cpu => cpu::forward(&problem, q, k, v, &mut out, &mut lse)?,
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::forward(&problem, q, k, v, &mut out, &mut lse)?,
-    }
+    forward_checked(&problem, q, k, v, &mut out, &mut lse)?;
     Ok((out, lse))
+}
+
+/// [`attention_forward`] into existing tensors: `out` shaped and typed as `q`, `lse` f32 shaped as
+/// `q` without its last dimension, both on `q`'s device. Every element of both is written.
+pub fn attention_forward_into(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    options: &AttentionOptions,
+    out: &mut Tensor,
+    lse: &mut Tensor,
+) -> Result<()> {
+    let problem = check_inputs(OP, q, k, v, options)?;
+    out.expect_dtype(OP, "out", &[q.dtype()])?;
+    out.expect_shape(OP, "out", q.shape())?;
+    q.device().expect_same(&out.device(), OP, "out")?;
+    lse.expect_dtype(OP, "lse", &[DType::F32])?;
+    lse.expect_shape(OP, "lse", &lse_shape(q))?;
+    q.device().expect_same(&lse.device(), OP, "lse")?;
+    forward_checked(&problem, q, k, v, out, lse)
+}
+
+fn forward_checked(
+    problem: &Problem,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &mut Tensor,
+    lse: &mut Tensor,
+) -> Result<()> {
+    match q.device() {
+        Device::Cpu => cpu::forward(problem, q, k, v, out, lse),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::forward(problem, q, k, v, out, lse),
+    }
 }
 
 /// The gradients `(d_q, d_k, d_v)` of [`attention_forward`] given `d_out`, from the same inputs
@@ -1095,6 +1196,9 @@ mod cuda {
         out: &mut Tensor,
         lse: &mut Tensor,
     ) -> Result<()> {
+        if attention_kernel() == AttentionKernel::Hopper {
+            return hopper::forward(problem, q, k, v, out, lse);
+        }
         match &problem.rope {
             None => forward_kernels(problem, q, k, v, out, lse),
             Some(rope) => {
@@ -1198,6 +1302,198 @@ mod cuda {
                 *d_k = rope_backward(d_k, &kp, &rope.config)?;
                 Ok(())
             }
+        }
+    }
+
+    /// The sm_90a forward of kernels/attention_hopper.cu.
+    mod hopper {
+        use super::*;
+        use cudarc::driver::sys;
+
+        /// Must match kernels/attention_hopper.cu: threads per CTA, query rows per CTA, keys per
+        /// tile, the columns of one 128-byte swizzled block, and the pipeline depth per head dim.
+        const THREADS: u32 = 384;
+        const ROWS: usize = 128;
+        const KEYS: usize = 128;
+        const BLOCK_COLUMNS: u32 = 64;
+
+        fn stages(head_dim: usize) -> usize {
+            if head_dim == 64 {
+                4
+            } else {
+                2
+            }
+        }
+
+        /// Layout shared with `HopperParams` in kernels/attention_hopper.cu.
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct HopperParams {
+            out: u64,
+            lse: u64,
+            seq_q: i32,
+            seq_k: i32,
+            heads_q: i32,
+            heads_kv: i32,
+            scale_log2: f32,
+            causal: i32,
+        }
+
+        // SAFETY: a plain #[repr(C)] struct of scalars, laid out as the kernel declares it.
+        unsafe impl cudarc::driver::DeviceRepr for HopperParams {}
+
+        /// A TMA descriptor, passed by value as a `__grid_constant__` kernel parameter.
+        #[repr(transparent)]
+        #[derive(Clone, Copy)]
+        struct TensorMap(sys::CUtensorMap);
+
+        // SAFETY: the 128 opaque bytes of a CUtensorMap, which the kernel declares as such.
+        unsafe impl cudarc::driver::DeviceRepr for TensorMap {}
+
+        /// Why the kernel cannot serve this call, or `None` when it can.
+        fn obstacle(problem: &Problem, q: &Tensor, backend: &CudaBackend) -> Result<Option<String>> {
+            let image = backend.kernel_image()?;
+            if image != crate::cuda::kernels::ImageKind::Sm90a {
+                return Ok(Some(format!(
+                    "{} loads the {}, not the sm_90a image",
+                    backend.name(),
+                    image.name()
+                )));
+            }
+            if !matches!(q.dtype(), DType::BF16 | DType::F16) {
+                return Ok(Some(format!("dtype {} (bf16 and f16 only)", q.dtype().name())));
+            }
+            if !matches!(problem.head_dim, 64 | 128) {
+                return Ok(Some(format!("head dim {} (64 and 128 only)", problem.head_dim)));
+            }
+            if !matches!(problem.mask, AttentionMask::None | AttentionMask::Causal) {
+                return Ok(Some(format!("mask {:?} (none and causal only)", problem.mask)));
+            }
+            if problem.rope.is_some() {
+                return Ok(Some("RoPE inside attention".into()));
+            }
+            let batch = problem.batch();
+            if (0..batch).any(|b| problem.seq_q(b) != problem.seq_q(0) || problem.seq_k(b) != problem.seq_k(0)) {
+                return Ok(Some("sequences of different lengths".into()));
+            }
+            // The kernel indexes keys and query rows in i32, a tile past the last one included.
+            let limit = MAX_EXTENT - KEYS.max(ROWS);
+            if problem.seq_q(0) > limit || problem.seq_k(0) > limit {
+                return Ok(Some(format!("sequences longer than {limit}")));
+            }
+            if batch > MAX_GRID_YZ || problem.heads_q > MAX_GRID_YZ {
+                return Ok(Some(format!("more than {MAX_GRID_YZ} sequences or heads")));
+            }
+            Ok(None)
+        }
+
+        /// The 4-d map (head_dim, heads, seq, batch) of a (batch, seq, heads, head_dim) tensor,
+        /// read in boxes of (64, 1, rows, 1) with the 128-byte swizzle; out-of-bounds rows read
+        /// as zeros.
+        fn tensor_map(
+            t: &Tensor,
+            arg: &'static str,
+            batch: usize,
+            seq: usize,
+            heads: usize,
+            rows: usize,
+        ) -> Result<TensorMap> {
+            let head_dim = t.shape()[t.shape().len() - 1];
+            let data_type = match t.dtype() {
+                DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+            };
+            let address = address(t)?;
+            let element = 2u64;
+            let dims = [head_dim as u64, heads as u64, seq as u64, batch as u64];
+            let strides = [
+                head_dim as u64 * element,
+                (heads * head_dim) as u64 * element,
+                (seq * heads * head_dim) as u64 * element,
+            ];
+            let boxes = [BLOCK_COLUMNS, 1, rows as u32, 1];
+            let element_strides = [1u32; 4];
+            // TMA reads from 16-byte aligned addresses; device allocations are 256-byte aligned.
+            if address % 16 != 0 {
+                return Err(Error::invalid(
+                    OP,
+                    arg,
+                    "a 16-byte aligned device tensor",
+                    format!("address {address:#x}"),
+                ));
+            }
+            let mut map = TensorMap(sys::CUtensorMap { opaque: [0; 16] });
+            // SAFETY: every array has the length the rank (4) asks for, the address is a live
+            // device allocation of batch · seq · heads · head_dim elements with these strides,
+            // and `map` is a writable CUtensorMap.
+            unsafe {
+                sys::cuTensorMapEncodeTiled(
+                    &mut map.0,
+                    data_type,
+                    4,
+                    address as *mut std::ffi::c_void,
+                    dims.as_ptr(),
+                    strides.as_ptr(),
+                    boxes.as_ptr(),
+                    element_strides.as_ptr(),
+                    sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                    sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                    sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                    sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+                )
+            }
+            .result()
+            .context("cuTensorMapEncodeTiled")?;
+            Ok(map)
+        }
+
+        pub(super) fn forward(
+            problem: &Problem,
+            q: &Tensor,
+            k: &Tensor,
+            v: &Tensor,
+            out: &mut Tensor,
+            lse: &mut Tensor,
+        ) -> Result<()> {
+            let backend = q.device_buffer()?.backend().clone();
+            if let Some(reason) = obstacle(problem, q, &backend)? {
+                return Err(Error::Unsupported {
+                    op: OP,
+                    reason: format!("the Hopper attention kernel was asked for, and it does not serve {reason}"),
+                });
+            }
+            let (batch, seq_q, seq_k, d) = (problem.batch(), problem.seq_q(0), problem.seq_k(0), problem.head_dim);
+            let map_q = tensor_map(q, "q", batch, seq_q, problem.heads_q, ROWS)?;
+            let map_k = tensor_map(k, "k", batch, seq_k, problem.heads_kv, KEYS)?;
+            let map_v = tensor_map(v, "v", batch, seq_k, problem.heads_kv, KEYS)?;
+            let params = HopperParams {
+                out: address(out)?,
+                lse: address(lse)?,
+                seq_q: seq_q as i32,
+                seq_k: seq_k as i32,
+                heads_q: problem.heads_q as i32,
+                heads_kv: problem.heads_kv as i32,
+                scale_log2: problem.scale * std::f32::consts::LOG2_E,
+                causal: i32::from(problem.mask == AttentionMask::Causal),
+            };
+            let name = format!("attention_fwd_sm90_{}_d{d}", q.dtype().name());
+            let function = backend.function("attention_hopper", &name)?;
+            // Q, the ring of K and V stages, and room to align the tiles to 1024 bytes.
+            let shared = ROWS * d * 2 + stages(d) * 2 * KEYS * d * 2 + 1024;
+            backend.allow_shared_memory(&function, shared)?;
+            let mut builder = backend.launch_builder(&function);
+            builder.arg(&map_q).arg(&map_k).arg(&map_v).arg(&params);
+            let launch = LaunchConfig {
+                grid_dim: (seq_q.div_ceil(ROWS) as u32, problem.heads_q as u32, batch as u32),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: shared as u32,
+            };
+            // SAFETY: the tensor maps describe the validated q, k and v exactly (dense batches of
+            // equal lengths, head_dim 64 or 128); `out` and `lse` hold batch · seq_q · heads_q
+            // rows; every CTA's query tile starts inside the sequence and the kernel stores only
+            // rows below seq_q.
+            unsafe { builder.launch(launch) }.context(&format!("launching {name}"))?;
+            Ok(())
         }
     }
 }

@@ -37,6 +37,9 @@ pub mod wavelet;
 
 pub use adamw::{adamw_step, AdamWConfig, AdamWTensor};
 pub use attention::{attention_backward, attention_forward, AttentionMask, AttentionOptions, AttentionRope, Varlen};
+pub use attention::{
+    attention_forward_into, attention_kernel, set_attention_kernel, with_attention_kernel, AttentionKernel,
+};
 pub use binary::{
     binary_init, binary_linear_backward, binary_linear_forward, binary_pack, binary_packed_forward,
     binary_packed_forward_into, binary_unpack, distill_loss, distill_loss_into, BinaryLinear, BinaryLinearGrads,

@@ -4,12 +4,19 @@
 //! 4096, 4 global tokens) beside dense causal. torch_compare.py runs SDPA's flash and cuDNN
 //! backends on the dense cases and compiled flex_attention on the masked ones.
 //!
+//! On a Hopper GPU (sm_90a image) the dense forward cases run a second time with the sm_90a
+//! kernel forced (rows named `... sm90`, field `kernel`), beside the default mma.sync rows and the
+//! same SDPA anchors.
+//!
 //! FLOP convention of the papers: forward 4·B·H·S²·D, halved when causal (the window and Λ cases
 //! are counted as causal, so their TFLOP/s shows what skipping tiles buys), forward+backward 3.5x.
 
 use super::{random_tensor, Context, Result};
 use serde_json::{json, Value};
-use tessera::ops::{attention_backward, attention_forward, AttentionMask, AttentionOptions};
+use tessera::cuda::kernels::ImageKind;
+use tessera::ops::{
+    attention_backward, attention_forward, with_attention_kernel, AttentionKernel, AttentionMask, AttentionOptions,
+};
 use tessera::DType;
 
 /// Compute-bound cases of tens of milliseconds: few runs keep the family within its time budget.
@@ -58,10 +65,14 @@ pub fn run(context: &mut Context) -> Result<Vec<Value>> {
             mask,
         });
     }
+    let hopper = context.gpu.kernel_image().map_err(|e| e.to_string())? == ImageKind::Sm90a;
     let mut results = Vec::new();
     for case in cases {
         for backward in [false, true] {
-            results.push(bench_attention(context, case, backward)?);
+            results.push(bench_attention(context, case, backward, AttentionKernel::MmaSync)?);
+        }
+        if hopper && matches!(case.mask, AttentionMask::None | AttentionMask::Causal) {
+            results.push(bench_attention(context, case, false, AttentionKernel::Hopper)?);
         }
     }
     Ok(results)
@@ -76,7 +87,7 @@ fn mask_fields(mask: AttentionMask) -> (&'static str, usize, usize) {
     }
 }
 
-fn bench_attention(context: &Context, case: Case, backward: bool) -> Result<Value> {
+fn bench_attention(context: &Context, case: Case, backward: bool, kernel: AttentionKernel) -> Result<Value> {
     let device = &context.device;
     let Case {
         batch,
@@ -96,11 +107,13 @@ fn bench_attention(context: &Context, case: Case, backward: bool) -> Result<Valu
     let samples = context
         .gpu
         .time_ms(WARMUP, ITERATIONS, |_| {
-            let (out, lse) = attention_forward(&q, &k, &v, &options)?;
-            if backward {
-                attention_backward(&d_out, &q, &k, &v, &out, &lse, &options)?;
-            }
-            Ok(())
+            with_attention_kernel(kernel, || {
+                let (out, lse) = attention_forward(&q, &k, &v, &options)?;
+                if backward {
+                    attention_backward(&d_out, &q, &k, &v, &out, &lse, &options)?;
+                }
+                Ok(())
+            })
         })
         .map_err(err)?;
     let ms = super::median(samples);
@@ -113,9 +126,14 @@ fn bench_attention(context: &Context, case: Case, backward: bool) -> Result<Valu
         flop *= 3.5;
     }
     let direction = if backward { "fwd+bwd" } else { "fwd" };
+    let (kernel_name, suffix) = match kernel {
+        AttentionKernel::Hopper => ("sm90", " sm90"),
+        _ => ("mma.sync", ""),
+    };
     Ok(json!({
-        "name": format!("attention {direction} {mask_name} {batch}x{seq}x{heads}x{head_dim}"),
+        "name": format!("attention {direction} {mask_name} {batch}x{seq}x{heads}x{head_dim}{suffix}"),
         "kind": "attention",
+        "kernel": kernel_name,
         "direction": direction,
         "dtype": "bf16",
         "batch": batch, "seq": seq, "heads": heads, "head_dim": head_dim,

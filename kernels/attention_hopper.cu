@@ -1,0 +1,431 @@
+// Flash attention forward for Hopper (sm_90a): TMA loads into a shared-memory ring that mbarriers
+// hand between a producer warp and two consumer warpgroups, S = Q·Kᵀ and O += P·V on wgmma, the
+// online softmax in registers. bf16 and f16, head dims 64 and 128, masks none and causal, dense
+// batches, GQA via the head mapping; src/ops/attention.rs runs every other call (and, until a GPU
+// run has measured this kernel, every call by default) on the mma.sync kernels of attention.cu.
+//
+// CTA: 3 warpgroups (384 threads). Warpgroup 0 is the producer: one thread issues every TMA copy
+// (Q once, then K and V per key tile) and the group gives its registers to the consumers
+// (setmaxnreg). Warpgroups 1 and 2 each own 64 of the CTA's 128 query rows and run the same loop
+// over the key tiles: wait for the stage's copies, S (64 x 128) = Q·Kᵀ with both operands in
+// shared memory, mask, online softmax, P rounded to the input dtype in registers, O += P·V with P
+// from registers (the RS form of wgmma), then release the stage to the producer.
+//
+// Shared memory: every tile is stored as head_dim / 64 column blocks of rows × 128 bytes with the
+// 128-byte swizzle that TMA writes and wgmma reads (each block 1024-byte aligned): Q 128 rows,
+// then STAGES × (K 128 rows, V 128 rows). The producer runs up to STAGES key tiles ahead.
+//
+// Memory traffic: Q is read once per CTA, each visible K/V tile once per CTA; causal CTAs stop at
+// their last visible key tile and run the heaviest query tiles first. Rows past the sequence read
+// TMA's zero fill and are never stored; keys past it are masked.
+//
+// Tensor maps (built by src/ops/attention.rs): 4-d (head_dim, heads, seq, batch), box (64, 1,
+// 128, 1), 128-byte swizzle, zero fill out of bounds.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+// Threads per CTA: the producer warpgroup and two consumer warpgroups.
+constexpr int SM90_THREADS = 384;
+
+// The layout of CUtensorMap: 128 opaque bytes, passed by value as a __grid_constant__ parameter.
+struct alignas(64) TensorMap {
+    unsigned long long opaque[16];
+};
+
+// Layout shared with src/ops/attention.rs (#[repr(C)] HopperParams).
+struct HopperParams {
+    void* out;
+    float* lse;
+    int seq_q;
+    int seq_k;
+    int heads_q;
+    int heads_kv;
+    float scale_log2;  // softmax scale · log2(e): the softmax runs in base 2
+    int causal;
+};
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+namespace {
+
+constexpr int BM = 128;  // query rows per CTA (64 per consumer warpgroup)
+constexpr int BN = 128;  // keys per tile
+constexpr float LN2 = 0.6931471805599453f;
+
+// ---- mbarrier and TMA ---------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem(const void* pointer) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+}
+
+__device__ __forceinline__ void barrier_init(uint64_t* bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem(bar)), "r"(count) : "memory");
+}
+
+// One arrival that also announces `bytes` of copies that will complete on this phase.
+__device__ __forceinline__ void barrier_arrive_expect(uint64_t* bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem(bar)), "r"(bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void barrier_arrive(uint64_t* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem(bar)) : "memory");
+}
+
+// Waits until the phase of parity `parity` has completed.
+__device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity) {
+    uint32_t done = 0;
+    while (!done) {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(smem(bar)), "r"(parity)
+            : "memory");
+    }
+}
+
+// Copies the box at (c0, c1, c2, c3) of `map` into shared memory; completes on `bar`.
+__device__ __forceinline__ void tma_load(void* dst, const TensorMap* map, uint64_t* bar, int c0, int c1, int c2,
+                                         int c3) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+        "[%6];\n" ::"r"(smem(dst)),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem(bar))
+        : "memory");
+}
+
+// ---- wgmma ----------------------------------------------------------------------------------
+
+// Shared-memory matrix descriptor (PTX ISA, wgmma "matrix descriptor"): start address >> 4 in
+// bits 0-13, leading byte offset >> 4 in 16-29, stride byte offset >> 4 in 32-45, base offset 0
+// (every swizzle atom is 1024-byte aligned), 128-byte swizzle (1) in bits 62-63.
+__device__ __forceinline__ uint64_t descriptor(uint32_t address, uint32_t leading, uint32_t stride) {
+    return (uint64_t)((address & 0x3FFFF) >> 4) | ((uint64_t)(leading >> 4) << 16) |
+           ((uint64_t)(stride >> 4) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+
+// Keeps the compiler from moving reads or writes of accumulator registers across the
+// asynchronous wgmma that owns them.
+template <int N>
+__device__ __forceinline__ void fence_registers(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// wgmma.mma_async with f32 accumulators in the fragment layout of the PTX ISA: warp w of the
+// warpgroup holds rows 16w..16w+15; register 4i + e holds row 16w + g + 8·(e / 2), column
+// 8i + 2c + e % 2 (g = lane / 4, c = lane % 4). A from registers has the layout of mma.sync's
+// m16n8k16 A fragment per warp.
+template <typename T>
+struct Wgmma;
+
+#define TESSERA_WGMMA_OPS(T, TY)\
+    template <>\
+    struct Wgmma<T> {\
+    static __device__ __forceinline__ void ss_n128(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {\
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"\
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32" TY TY " {"\
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"\
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"\
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"\
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"\
+        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"\
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),\
+              "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),\
+              "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),\
+              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),\
+              "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),\
+              "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),\
+              "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),\
+              "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])\
+            : "l"(a), "l"(b), "r"(accumulate));\
+    }\
+    static __device__ __forceinline__ void rs_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {\
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"\
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32" TY TY " {"\
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"\
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"\
+        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"\
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),\
+              "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),\
+              "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),\
+              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])\
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));\
+    }\
+    static __device__ __forceinline__ void rs_n128(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {\
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"\
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32" TY TY " {"\
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"\
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"\
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"\
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"\
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"\
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),\
+              "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),\
+              "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),\
+              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),\
+              "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),\
+              "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),\
+              "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),\
+              "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])\
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));\
+    }\
+    };
+
+TESSERA_WGMMA_OPS(__nv_bfloat16, ".bf16")
+TESSERA_WGMMA_OPS(__half, ".f16")
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack(float lo, float hi);
+
+template <>
+__device__ __forceinline__ uint32_t pack<__nv_bfloat16>(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+template <>
+__device__ __forceinline__ uint32_t pack<__half>(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+}  // namespace
+
+// ---- the kernel ---------------------------------------------------------------------------------
+
+namespace {
+
+template <typename T, int D, int STAGES>
+__device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const TensorMap* map_k,
+                                                   const TensorMap* map_v, const HopperParams& p) {
+    constexpr int BLOCKS = D / 64;  // 128-byte column blocks per row
+    constexpr uint32_t Q_BYTES = BM * D * 2;
+    constexpr uint32_t KV_BYTES = BN * D * 2;  // one K or V tile
+    static_assert(D == 64 || D == 128, "head dims 64 and 128");
+
+    __shared__ uint64_t full[STAGES];   // K and V of the stage have landed
+    __shared__ uint64_t empty[STAGES];  // both consumer warpgroups are done with the stage
+    __shared__ uint64_t q_full;
+    extern __shared__ unsigned char dynamic_shared[];
+    // The 128-byte swizzle repeats every 1024 bytes; TMA and the descriptors assume that alignment.
+    unsigned char* const sQ = reinterpret_cast<unsigned char*>(
+        (reinterpret_cast<uintptr_t>(dynamic_shared) + 1023) & ~static_cast<uintptr_t>(1023));
+    unsigned char* const sKV = sQ + Q_BYTES;  // stage s: K at s · 2 · KV_BYTES, V after it
+
+    // Causal CTAs run the longest (last) query tiles first.
+    const int m_block = p.causal ? (int)gridDim.x - 1 - (int)blockIdx.x : (int)blockIdx.x;
+    const int m0 = m_block * BM;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int kv = h / (p.heads_q / p.heads_kv);
+    const long long shift = (long long)p.seq_k - p.seq_q;  // position of query i is i + shift
+    const int last_row = min(m0 + BM, p.seq_q) - 1;
+    const long long key_end = p.causal ? min((long long)p.seq_k, last_row + shift + 1) : (long long)p.seq_k;
+    const int n_tiles = key_end > 0 ? (int)((key_end + BN - 1) / BN) : 0;
+
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            barrier_init(&full[s], 1);
+            barrier_init(&empty[s], 2 * 128);
+        }
+        barrier_init(&q_full, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    const int warpgroup = threadIdx.x / 128;
+    if (warpgroup == 0) {
+        // Producer: one thread issues the copies; the group keeps few registers.
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        if (threadIdx.x == 0) {
+            barrier_arrive_expect(&q_full, Q_BYTES);
+#pragma unroll
+            for (int cb = 0; cb < BLOCKS; ++cb) tma_load(sQ + cb * BM * 128, map_q, &q_full, cb * 64, h, m0, b);
+            for (int n = 0; n < n_tiles; ++n) {
+                const int s = n % STAGES;
+                // The (n / STAGES)-th reuse of stage s waits for the consumers' release of the
+                // previous one, phase n / STAGES - 1.
+                if (n >= STAGES) barrier_wait(&empty[s], (uint32_t)(n / STAGES - 1) & 1);
+                barrier_arrive_expect(&full[s], 2 * KV_BYTES);
+                unsigned char* const k_tile = sKV + s * 2 * KV_BYTES;
+                unsigned char* const v_tile = k_tile + KV_BYTES;
+#pragma unroll
+                for (int cb = 0; cb < BLOCKS; ++cb) {
+                    tma_load(k_tile + cb * BN * 128, map_k, &full[s], cb * 64, kv, n * BN, b);
+                    tma_load(v_tile + cb * BN * 128, map_v, &full[s], cb * 64, kv, n * BN, b);
+                }
+            }
+        }
+        return;
+    }
+
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+    const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32, g = lane / 4, c = lane % 4;
+    const int row0 = m0 + (warpgroup - 1) * 64;  // this warpgroup's first query row
+    const int my_row[2] = {row0 + warp * 16 + g, row0 + warp * 16 + g + 8};
+    // The last key each of this thread's rows sees (-1: none), and the last key that every row
+    // of the warpgroup sees: tiles up to it need no mask.
+    int my_last[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const long long last = p.causal ? min((long long)p.seq_k - 1, my_row[r] + shift) : (long long)p.seq_k - 1;
+        my_last[r] = (int)max(-1ll, last);
+    }
+    const int tile_last_whole =
+        (int)max(-1ll, p.causal ? min((long long)p.seq_k - 1, row0 + shift) : (long long)p.seq_k - 1);
+    const uint32_t q_address = smem(sQ) + (warpgroup - 1) * 64 * 128;
+
+    float o[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+
+    barrier_wait(&q_full, 0);
+    for (int n = 0; n < n_tiles; ++n) {
+        const int s = n % STAGES;
+        barrier_wait(&full[s], (uint32_t)(n / STAGES) & 1);
+        const uint32_t k_address = smem(sKV) + s * 2 * KV_BYTES;
+        const uint32_t v_address = k_address + KV_BYTES;
+
+        // S = Q·Kᵀ: D / 16 steps of k16; step kk is 32 bytes into column block kk / 4.
+        float sc[BN / 2];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const uint32_t q_at = q_address + (kk / 4) * (BM * 128) + (kk % 4) * 32;
+            const uint32_t k_at = k_address + (kk / 4) * (BN * 128) + (kk % 4) * 32;
+            Wgmma<T>::ss_n128(sc, descriptor(q_at, 16, 1024), descriptor(k_at, 16, 1024), kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+        fence_registers(sc);
+
+        // Scale, and on a tile that some row cannot see whole, hide the keys past each row's
+        // last visible one.
+        const int j0 = n * BN;
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) sc[i] *= p.scale_log2;
+        if (j0 + BN - 1 > tile_last_whole) {
+#pragma unroll
+            for (int i = 0; i < BN / 8; ++i) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    if (j0 + i * 8 + 2 * c + (e & 1) > my_last[e / 2]) sc[4 * i + e] = -INFINITY;
+                }
+            }
+        }
+        float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i) {
+            tile_max[0] = fmaxf(tile_max[0], fmaxf(sc[4 * i], sc[4 * i + 1]));
+            tile_max[1] = fmaxf(tile_max[1], fmaxf(sc[4 * i + 2], sc[4 * i + 3]));
+        }
+        float reference[2], rescale[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float new_max = fmaxf(row_max[r], quad_max(tile_max[r]));
+            // A row that has seen nothing yet keeps -inf; subtracting 0 then keeps its terms at 0.
+            reference[r] = new_max == -INFINITY ? 0.0f : new_max;
+            rescale[r] = exp2f(row_max[r] - reference[r]);
+            row_max[r] = new_max;
+            row_sum[r] *= rescale[r];
+        }
+        uint32_t pa[BN / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            float w[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                w[e] = exp2f(sc[8 * kk + e] - reference[(e / 2) % 2]);
+                row_sum[(e / 2) % 2] += w[e];
+            }
+            // Score columns 16kk..16kk+15 are the k16 step kk of P·V, in mma.sync's A layout.
+            pa[kk][0] = pack<T>(w[0], w[1]);
+            pa[kk][1] = pack<T>(w[2], w[3]);
+            pa[kk][2] = pack<T>(w[4], w[5]);
+            pa[kk][3] = pack<T>(w[6], w[7]);
+        }
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+            o[4 * i + 0] *= rescale[0];
+            o[4 * i + 1] *= rescale[0];
+            o[4 * i + 2] *= rescale[1];
+            o[4 * i + 3] *= rescale[1];
+        }
+
+        // O += P·V: BN / 16 steps of k16 over 16 keys (2048 bytes) each; V is N-major, its
+        // 64-column blocks BN · 128 bytes apart (leading byte offset), 8-key groups 1024 apart.
+        fence_registers(o);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            const uint64_t v_desc = descriptor(v_address + kk * 16 * 128, BN * 128, 1024);
+            if constexpr (D == 64) {
+                Wgmma<T>::rs_n64(o, pa[kk], v_desc);
+            } else {
+                Wgmma<T>::rs_n128(o, pa[kk], v_desc);
+            }
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+        fence_registers(o);
+        barrier_arrive(&empty[s]);
+    }
+
+    T* const out = static_cast<T*>(p.out);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const float sum = quad_sum(row_sum[r]);
+        if (my_row[r] >= p.seq_q) continue;
+        const float inverse = sum > 0.0f ? 1.0f / sum : 0.0f;
+        const size_t slot = ((size_t)b * p.seq_q + my_row[r]) * p.heads_q + h;
+        T* const dst = out + slot * D;
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+            *reinterpret_cast<uint32_t*>(dst + i * 8 + 2 * c) =
+                pack<T>(o[4 * i + 2 * r] * inverse, o[4 * i + 2 * r + 1] * inverse);
+        }
+        if (c == 0) p.lse[slot] = sum > 0.0f ? (row_max[r] + log2f(sum)) * LN2 : -INFINITY;
+    }
+}
+
+}  // namespace
+
+#define ATTENTION_SM90_BODY(T, D, STAGES) attention_fwd_sm90<T, D, STAGES>(&map_q, &map_k, &map_v, p);
+
+#else
+
+// The sm_80 and compute_80 images export the same entry points without a body: the host
+// launches them only on a device that loads the sm_90a image.
+#define ATTENTION_SM90_BODY(T, D, STAGES)
+
+#endif
+
+// Pipeline depth per head dim: 2 stages of 64 KiB (K and V) at d128, 4 of 32 KiB at d64.
+#define ATTENTION_SM90_KERNEL(NAME, T, D, STAGES)                                                              \
+    extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1)                                                       \
+        attention_fwd_sm90_##NAME(const __grid_constant__ TensorMap map_q, const __grid_constant__ TensorMap map_k, \
+                                  const __grid_constant__ TensorMap map_v, const HopperParams p) {            \
+        ATTENTION_SM90_BODY(T, D, STAGES)                                                                      \
+    }
+
+ATTENTION_SM90_KERNEL(bf16_d64, __nv_bfloat16, 64, 4)
+ATTENTION_SM90_KERNEL(bf16_d128, __nv_bfloat16, 128, 2)
+ATTENTION_SM90_KERNEL(f16_d64, __half, 64, 4)
+ATTENTION_SM90_KERNEL(f16_d128, __half, 128, 2)
