@@ -222,11 +222,20 @@ pub unsafe extern "C" fn tessera_binary_linear_backward(
                 "a tensor",
             ));
         }
-        let mut inputs: Vec<(&str, &SharedTensor)> =
-            vec![("d_y", &d_y), ("x", &x), ("weight", &weight), ("alpha", &alpha), ("beta", &beta)];
+        let mut inputs: Vec<(&str, &SharedTensor)> = vec![
+            ("d_y", &d_y),
+            ("x", &x),
+            ("weight", &weight),
+            ("alpha", &alpha),
+            ("beta", &beta),
+        ];
         inputs.extend(bias.as_ref().map(|b| ("bias", b)));
-        let mut outputs: Vec<(&str, &SharedTensor)> =
-            vec![("d_x", &d_x), ("d_weight", &d_weight), ("d_alpha", &d_alpha), ("d_beta", &d_beta)];
+        let mut outputs: Vec<(&str, &SharedTensor)> = vec![
+            ("d_x", &d_x),
+            ("d_weight", &d_weight),
+            ("d_alpha", &d_alpha),
+            ("d_beta", &d_beta),
+        ];
         outputs.extend(d_bias.as_ref().map(|b| ("d_bias", b)));
         handle::expect_distinct_outputs(OP, &outputs, &inputs)?;
         let d_y = handle::read(OP, "d_y", &d_y)?;
@@ -241,9 +250,20 @@ pub unsafe extern "C" fn tessera_binary_linear_backward(
         let mut d_beta = handle::write(OP, "d_beta", &d_beta)?;
         let mut d_bias = d_bias.as_ref().map(|b| handle::write(OP, "d_bias", b)).transpose()?;
         {
-            let mut inputs = vec![("d_y", &*d_y), ("x", &*x), ("weight", &*weight), ("alpha", &*alpha), ("beta", &*beta)];
+            let mut inputs = vec![
+                ("d_y", &*d_y),
+                ("x", &*x),
+                ("weight", &*weight),
+                ("alpha", &*alpha),
+                ("beta", &*beta),
+            ];
             inputs.extend(bias.as_deref().map(|b| ("bias", b)));
-            let mut outputs = vec![("d_x", &*d_x), ("d_weight", &*d_weight), ("d_alpha", &*d_alpha), ("d_beta", &*d_beta)];
+            let mut outputs = vec![
+                ("d_x", &*d_x),
+                ("d_weight", &*d_weight),
+                ("d_alpha", &*d_alpha),
+                ("d_beta", &*d_beta),
+            ];
             outputs.extend(d_bias.as_deref().map(|b| ("d_bias", b)));
             handle::expect_disjoint_outputs(OP, &outputs, &inputs)?;
         }

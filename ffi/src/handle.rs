@@ -256,11 +256,7 @@ pub fn trainer(op: &str, arg: &str, handle: *const TesseraTrainer) -> FfiResult<
 }
 
 /// The LoRA adapters behind a handle, not yet locked.
-pub fn lora_adapters(
-    op: &str,
-    arg: &str,
-    handle: *const TesseraLoraAdapters,
-) -> FfiResult<Arc<RwLock<LoraAdapters>>> {
+pub fn lora_adapters(op: &str, arg: &str, handle: *const TesseraLoraAdapters) -> FfiResult<Arc<RwLock<LoraAdapters>>> {
     match lookup(op, arg, handle as usize, "a LoRA adapters handle")? {
         Object::LoraAdapters(adapters) => Ok(adapters),
         other => Err(FfiError::handle(op, arg, "a LoRA adapters handle", other.kind())),
@@ -330,7 +326,12 @@ pub fn read_shared<'a, T>(op: &str, arg: &str, what: &str, object: &'a RwLock<T>
 }
 
 /// Sole access for writing an object that calls may read at the same time.
-pub fn write_shared<'a, T>(op: &str, arg: &str, what: &str, object: &'a RwLock<T>) -> FfiResult<RwLockWriteGuard<'a, T>> {
+pub fn write_shared<'a, T>(
+    op: &str,
+    arg: &str,
+    what: &str,
+    object: &'a RwLock<T>,
+) -> FfiResult<RwLockWriteGuard<'a, T>> {
     match object.try_write() {
         Ok(guard) => Ok(guard),
         Err(TryLockError::Poisoned(poisoned)) => Ok(poisoned.into_inner()),

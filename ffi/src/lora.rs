@@ -59,17 +59,11 @@ fn lock_base<'a>(op: &str, object: &'a LoraBaseObject) -> FfiResult<LockedBase<'
     }
 }
 
-fn read_adapters<'a>(
-    op: &str,
-    adapters: &'a RwLock<LoraAdapters>,
-) -> FfiResult<RwLockReadGuard<'a, LoraAdapters>> {
+fn read_adapters<'a>(op: &str, adapters: &'a RwLock<LoraAdapters>) -> FfiResult<RwLockReadGuard<'a, LoraAdapters>> {
     handle::read_shared(op, "adapters", "adapter set", adapters)
 }
 
-fn write_adapters<'a>(
-    op: &str,
-    adapters: &'a RwLock<LoraAdapters>,
-) -> FfiResult<RwLockWriteGuard<'a, LoraAdapters>> {
+fn write_adapters<'a>(op: &str, adapters: &'a RwLock<LoraAdapters>) -> FfiResult<RwLockWriteGuard<'a, LoraAdapters>> {
     handle::write_shared(op, "adapters", "adapter set", adapters)
 }
 
@@ -141,7 +135,9 @@ fn rename(op: &str, error: tessera_core::Error) -> FfiError {
 #[no_mangle]
 pub unsafe extern "C" fn tessera_lora_adapters_free(adapters: *mut TesseraLoraAdapters) -> TesseraStatus {
     const OP: &str = "tessera_lora_adapters_free";
-    guard(OP, || handle::release(OP, "adapters", adapters, "a LoRA adapters handle"))
+    guard(OP, || {
+        handle::release(OP, "adapters", adapters, "a LoRA adapters handle")
+    })
 }
 
 /// The adapter count, padded rank, `d_in`, `d_out` and `TesseraDtype` code of an adapter set;

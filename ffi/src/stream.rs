@@ -17,7 +17,10 @@ use tessera_core::Device;
 /// Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (NULL `out`), `..._INVALID_HANDLE`. On failure
 /// `*out` is NULL.
 #[no_mangle]
-pub unsafe extern "C" fn tessera_stream_new(device: *const TesseraDevice, out: *mut *mut TesseraStream) -> TesseraStatus {
+pub unsafe extern "C" fn tessera_stream_new(
+    device: *const TesseraDevice,
+    out: *mut *mut TesseraStream,
+) -> TesseraStatus {
     const OP: &str = "tessera_stream_new";
     clear_out(out);
     guard(OP, || {

@@ -302,8 +302,8 @@ impl CudaBackend {
             )
         };
         // SAFETY: each query writes one value of the attribute's documented type into a local.
-        let memory_type: u32 = unsafe { pointer_attribute(Attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE, address) }
-            .map_err(unknown)?;
+        let memory_type: u32 =
+            unsafe { pointer_attribute(Attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE, address) }.map_err(unknown)?;
         let device_types = [
             sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32,
             sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED as u32,
@@ -317,8 +317,8 @@ impl CudaBackend {
             ));
         }
         // SAFETY: as above.
-        let ordinal: i32 = unsafe { pointer_attribute(Attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, address) }
-            .map_err(unknown)?;
+        let ordinal: i32 =
+            unsafe { pointer_attribute(Attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, address) }.map_err(unknown)?;
         if usize::try_from(ordinal).ok() != Some(self.ordinal) {
             return Err(Error::invalid(
                 op,
@@ -328,11 +328,11 @@ impl CudaBackend {
             ));
         }
         // SAFETY: as above.
-        let start: u64 = unsafe { pointer_attribute(Attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, address) }
-            .map_err(unknown)?;
+        let start: u64 =
+            unsafe { pointer_attribute(Attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, address) }.map_err(unknown)?;
         // SAFETY: as above.
-        let size: usize = unsafe { pointer_attribute(Attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE, address) }
-            .map_err(unknown)?;
+        let size: usize =
+            unsafe { pointer_attribute(Attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE, address) }.map_err(unknown)?;
         let end = start.checked_add(size as u64);
         let wanted_end = address.checked_add(bytes as u64);
         match (end, wanted_end) {
