@@ -248,8 +248,12 @@ pub unsafe extern "C" fn tessera_tensor_wrap_device(
         check_strides(OP, &shape, strides)?;
         // SAFETY: the caller's promise above (allocated, untouched while queued work uses it,
         // until freed and synchronised) is what from_device_ptr requires; it checks the rest.
-        let tensor =
-            unsafe { Tensor::from_device_ptr(&device, data as u64, bytes, &shape, dtype) }.map_err(rename(OP))?;
+        let tensor = unsafe { Tensor::from_device_ptr(&device, data as u64, bytes, &shape, dtype) }
+            .map_err(rename(OP))
+            .map_err(|mut e| {
+                e.message = e.message.replace("Tensor::from_host_ptr", "tessera_tensor_wrap_host");
+                e
+            })?;
         write_out(OP, "out", out, register(tensor))
     })
 }
