@@ -4,8 +4,9 @@
  * Conventions, for every function below:
  * - Most functions return a TesseraStatus: TESSERA_STATUS_OK (0) or an error code, with a
  *   readable message from tessera_last_error() on the same thread.
- * - Handles (TesseraDevice*, TesseraTensor*, TesseraWaveletConfig*, TesseraSparse24*,
- *   TesseraModel*, TesseraTrainer*) are opaque tokens, never addresses: do not dereference
+ * - Handles (TesseraDevice*, TesseraStream*, TesseraTensor*, TesseraWaveletConfig*,
+ *   TesseraSparse24*, TesseraLoraAdapters*, TesseraLoraRouting*, TesseraLoraBase*, TesseraModel*,
+ *   TesseraTrainer*) are opaque tokens, never addresses: do not dereference
  *   them. Each constructor (*_new_*, *_load, *_resume, *_compress, ...) returns one that its
  *   *_free releases;
  *   *_free accepts NULL. A freed handle is detected and refused (TESSERA_STATUS_INVALID_HANDLE).
@@ -191,8 +192,7 @@ enum TesseraStatus
    */
   TESSERA_STATUS_CUDA = 4,
   /**
-   * The operation exists but not for this combination (device, dtype, strides, device memory
-   * wrapping).
+   * The operation exists but not for this combination (device, dtype, strides).
    */
   TESSERA_STATUS_UNSUPPORTED = 5,
   /**

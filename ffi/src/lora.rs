@@ -297,7 +297,7 @@ pub unsafe extern "C" fn tessera_lora_routing_new_per_sequence(
     guard(OP, || {
         require(OP, "out", out)?;
         let device = handle::device(OP, "device", device)?;
-        let rows = sequences.checked_mul(seq_len).unwrap_or(usize::MAX);
+        let rows = sequences.saturating_mul(seq_len);
         expect_rows(OP, "sequences", rows)?;
         let ids = read_array(OP, "ids", ids, sequences)?;
         let routing = LoraRouting::per_sequence(&ids, seq_len, &device).map_err(|e| rename(OP, e))?;
