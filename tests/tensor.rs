@@ -618,14 +618,15 @@ fn device_pointer_checks() {
 /// Host memory, a range past the allocation and memory never allocated are refused. On the CPU,
 /// wrapping device memory is refused.
 fn small_wrapped_device_memory(device: &Device) {
-    if !device.is_cuda() {
-        // SAFETY: refused before any memory could be touched.
-        let result = unsafe { Tensor::from_device_ptr(device, 0x7f00_0000_0000, 4, &[1], DType::F32) };
-        assert_invalid(result, "Tensor::from_device_ptr", "device", &["CUDA device"]);
-        return;
+    match device {
+        Device::Cpu => {
+            // SAFETY: refused before any memory could be touched.
+            let result = unsafe { Tensor::from_device_ptr(device, 0x7f00_0000_0000, 4, &[1], DType::F32) };
+            assert_invalid(result, "Tensor::from_device_ptr", "device", &["CUDA device"]);
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => wrapped_device_memory_on_gpu(device),
     }
-    #[cfg(feature = "cuda")]
-    wrapped_device_memory_on_gpu(device);
 }
 
 #[cfg(feature = "cuda")]
