@@ -1016,7 +1016,7 @@ TesseraStatus tessera_lora_backward(const TesseraTensor *d_y,
  * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (shapes, dtypes, devices, `adapter` not below the
  * count, NULL), `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error the weight is unchanged.
  */
-TesseraStatus tessera_lora_merge(const TesseraLoraBase *base,
+TesseraStatus tessera_lora_merge(TesseraLoraBase *base,
                                  const TesseraLoraAdapters *adapters,
                                  size_t adapter);
 
@@ -1025,7 +1025,7 @@ TesseraStatus tessera_lora_merge(const TesseraLoraBase *base,
  *
  * Ownership, thread-safety and errors: as `tessera_lora_merge`.
  */
-TesseraStatus tessera_lora_unmerge(const TesseraLoraBase *base,
+TesseraStatus tessera_lora_unmerge(TesseraLoraBase *base,
                                    const TesseraLoraAdapters *adapters,
                                    size_t adapter);
 

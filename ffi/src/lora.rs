@@ -540,7 +540,7 @@ fn merge(
 /// count, NULL), `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error the weight is unchanged.
 #[no_mangle]
 pub unsafe extern "C" fn tessera_lora_merge(
-    base: *const TesseraLoraBase,
+    base: *mut TesseraLoraBase,
     adapters: *const TesseraLoraAdapters,
     adapter: usize,
 ) -> TesseraStatus {
@@ -552,7 +552,7 @@ pub unsafe extern "C" fn tessera_lora_merge(
 /// Ownership, thread-safety and errors: as `tessera_lora_merge`.
 #[no_mangle]
 pub unsafe extern "C" fn tessera_lora_unmerge(
-    base: *const TesseraLoraBase,
+    base: *mut TesseraLoraBase,
     adapters: *const TesseraLoraAdapters,
     adapter: usize,
 ) -> TesseraStatus {
