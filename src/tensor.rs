@@ -11,6 +11,10 @@ use half::{bf16, f16};
 use std::fmt;
 use std::ptr::NonNull;
 
+/// The alignment, in bytes, that [`Tensor::from_device_ptr`] requires of caller device memory:
+/// what `cudaMalloc` guarantees, and more than any kernel's vector access needs.
+pub const DEVICE_ALIGNMENT: usize = 256;
+
 /// Host memory, typed so that every view of it is correctly aligned for its dtype.
 pub(crate) enum HostBuffer {
     F32(Vec<f32>),
@@ -225,6 +229,67 @@ impl Tensor {
             dtype,
             storage: Storage::Host(buffer),
         })
+    }
+
+    /// A tensor over caller-owned CUDA device memory, without a copy: ops on `device` read and
+    /// write the `bytes` bytes at device address `data` in place, and dropping the tensor never
+    /// frees them.
+    ///
+    /// `bytes` must equal the byte size of `shape` in `dtype`; `data` must be non-zero and aligned
+    /// to [`DEVICE_ALIGNMENT`] bytes (as `cudaMalloc` returns), since kernels read and write
+    /// tensors with vector accesses that assume an allocation's alignment; `device` must be a
+    /// CUDA device, and the CUDA driver must report the whole range as device (or managed)
+    /// memory of that GPU, in one allocation. An empty shape needs no memory (`data` may be 0).
+    /// Checked in that order; an `Err` names what is wrong.
+    ///
+    /// # Safety
+    ///
+    /// For as long as the tensor (or anything moved out of it) lives, the range must stay
+    /// allocated, and must not be read or written other than through this tensor while work
+    /// queued on the device's stream uses it: synchronise the device before the host or another
+    /// stream touches it, and before freeing it.
+    pub unsafe fn from_device_ptr(
+        device: &Device,
+        data: u64,
+        bytes: usize,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Tensor> {
+        const OP: &str = "Tensor::from_device_ptr";
+        let (numel, expected) = checked_size(OP, shape, dtype)?;
+        if bytes != expected {
+            return Err(Error::invalid(
+                OP,
+                "bytes",
+                format!("{expected} bytes for shape {shape:?} of {dtype}"),
+                format!("{bytes} bytes"),
+            ));
+        }
+        if numel > 0 && (data == 0 || !data.is_multiple_of(DEVICE_ALIGNMENT as u64)) {
+            return Err(Error::invalid(
+                OP,
+                "data",
+                format!("a non-null device address aligned to {DEVICE_ALIGNMENT} bytes"),
+                format!("{data:#x}"),
+            ));
+        }
+        match device {
+            Device::Cpu => Err(Error::invalid(
+                OP,
+                "device",
+                "a CUDA device (host memory is wrapped by Tensor::from_host_ptr)",
+                device,
+            )),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) if numel == 0 => Tensor::zeros(shape, dtype, device),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(backend) => Ok(Tensor {
+                shape: shape.to_vec(),
+                dtype,
+                // SAFETY: the caller's promise above is what `wrap` requires.
+                storage: Storage::Cuda(unsafe { backend.wrap(OP, data, bytes) }?),
+            }),
+        }
     }
 
     /// Whether the data of the two tensors overlap in memory: two views of one caller buffer

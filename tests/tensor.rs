@@ -27,6 +27,7 @@ on_each_device!(
     zeros_too_large_for_memory_is_an_error,
     round_trip_property,
     wrapped_host_memory_copies_to_and_from_the_device,
+    small_wrapped_device_memory,
 );
 
 /// Data of every dtype whose bit patterns are all distinct and mostly non-zero, NaN included.
@@ -558,4 +559,150 @@ fn shares_memory_with_sees_overlapping_wraps_only() {
     let owned = Tensor::zeros(&[16], DType::F32, &Device::Cpu).unwrap();
     assert!(!owned.shares_memory_with(&whole));
     assert!(owned.shares_memory_with(&owned));
+}
+
+/// `from_device_ptr` checks size, address and alignment before it looks at the device, so that
+/// every check runs without a GPU; a CPU device is refused last.
+#[test]
+fn device_pointer_checks() {
+    const OP: &str = "Tensor::from_device_ptr";
+    let cpu = Device::Cpu;
+    let aligned = 0x7f00_0000_0000u64;
+    // SAFETY: every call fails its checks before any memory could be touched.
+    unsafe {
+        assert_invalid(
+            Tensor::from_device_ptr(&cpu, aligned, 20, &[2, 3], DType::F32),
+            OP,
+            "bytes",
+            &["24 bytes"],
+        );
+        assert_invalid(
+            Tensor::from_device_ptr(&cpu, 0, 24, &[2, 3], DType::F32),
+            OP,
+            "data",
+            &["0x0"],
+        );
+        for offset in [2u64, 4, 16, 128] {
+            let message = assert_invalid(
+                Tensor::from_device_ptr(&cpu, aligned + offset, 24, &[2, 3], DType::F32),
+                OP,
+                "data",
+                &["aligned to 256 bytes"],
+            );
+            assert!(message.contains(&format!("{:#x}", aligned + offset)), "{message}");
+        }
+        assert_invalid(
+            Tensor::from_device_ptr(&cpu, aligned, usize::MAX, &[usize::MAX / 2, 4], DType::F32),
+            OP,
+            "shape",
+            &[],
+        );
+        assert_invalid(
+            Tensor::from_device_ptr(&cpu, aligned, 24, &[2, 3], DType::F32),
+            OP,
+            "device",
+            &["CUDA device"],
+        );
+        assert_invalid(
+            Tensor::from_device_ptr(&cpu, 0, 0, &[0, 3], DType::BF16),
+            OP,
+            "device",
+            &["CUDA device"],
+        );
+    }
+}
+
+/// On a GPU, memory allocated outside tessera (with the driver's cuMemAlloc, as a C program's
+/// cudaMalloc) is read and written in place through wrapped tensors and is never freed by them:
+/// cuMemFree of each buffer succeeds afterwards, which it would not after a free by tessera.
+/// Host memory, a range past the allocation and memory never allocated are refused. On the CPU,
+/// wrapping device memory is refused.
+fn small_wrapped_device_memory(device: &Device) {
+    match device {
+        Device::Cpu => {
+            // SAFETY: refused before any memory could be touched.
+            let result = unsafe { Tensor::from_device_ptr(device, 0x7f00_0000_0000, 4, &[1], DType::F32) };
+            assert_invalid(result, "Tensor::from_device_ptr", "device", &["CUDA device"]);
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => wrapped_device_memory_on_gpu(device),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn wrapped_device_memory_on_gpu(device: &Device) {
+    use cudarc::driver::{result as driver, CudaContext};
+    const OP: &str = "Tensor::from_device_ptr";
+    let (m, k, n) = (7usize, 33usize, 17usize);
+    let mut rng = common::rng();
+    let x_host = common::uniform::<f32>(&mut rng, m * k);
+    let w_host = common::uniform::<f32>(&mut rng, n * k);
+    // The primary context, which tessera uses too.
+    let context = CudaContext::new(0).unwrap();
+    context.bind_to_thread().unwrap();
+    // SAFETY: plain driver allocations and synchronous copies of exactly their sizes; the
+    // output's first 64 floats are a guard before the wrapped range, and everything starts NaN.
+    let (x_address, out_base) = unsafe {
+        let x_address = driver::malloc_sync(m * k * 4).unwrap();
+        driver::memcpy_htod_sync(x_address, &x_host).unwrap();
+        let out_base = driver::malloc_sync((64 + m * n) * 4).unwrap();
+        driver::memcpy_htod_sync(out_base, &vec![f32::NAN; 64 + m * n]).unwrap();
+        (x_address, out_base)
+    };
+    let w = Tensor::from_vec(w_host.clone(), &[n, k], device).unwrap();
+    {
+        // SAFETY: the allocations outlive the tensors; the synchronous copies above finished
+        // before tessera uses them, and device.synchronize() runs before they are read again.
+        let (x, mut out) = unsafe {
+            (
+                Tensor::from_device_ptr(device, x_address, m * k * 4, &[m, k], DType::F32).unwrap(),
+                Tensor::from_device_ptr(device, out_base + 256, m * n * 4, &[m, n], DType::F32).unwrap(),
+            )
+        };
+        assert_eq!(x.device(), *device);
+        assert!(!x.shares_memory_with(&out) && x.shares_memory_with(&x));
+        assert_eq!(x.to_vec::<f32>().unwrap(), x_host);
+        tessera::ops::matmul_into(&x, &w, None, &mut out, tessera::ops::MatmulOptions::linear()).unwrap();
+        device.synchronize().unwrap();
+    }
+    let mut out = vec![0f32; 64 + m * n];
+    let mut x_back = vec![0f32; m * k];
+    // SAFETY: synchronous copies of exactly the allocations' sizes.
+    unsafe {
+        driver::memcpy_dtoh_sync(&mut out, out_base).unwrap();
+        driver::memcpy_dtoh_sync(&mut x_back, x_address).unwrap();
+    }
+    assert!(
+        out[..64].iter().all(|v| v.is_nan()),
+        "the guard before the wrapped range was written"
+    );
+    let reference: Vec<f64> = (0..m * n)
+        .map(|i| {
+            (0..k)
+                .map(|j| x_host[i / n * k + j] as f64 * w_host[i % n * k + j] as f64)
+                .sum()
+        })
+        .collect();
+    let got: Vec<f64> = out[64..].iter().map(|&v| v as f64).collect();
+    common::assert_close("matmul into wrapped device memory", &got, &reference, 1e-5);
+    assert_eq!(x_back, x_host, "the input was changed");
+
+    let mut host = vec![0u8; 1024];
+    let host_address = (host.as_mut_ptr() as u64).next_multiple_of(256);
+    // SAFETY: each call is refused on the driver's answer before any memory is touched.
+    unsafe {
+        let refused = |address: u64, elements: usize| {
+            Tensor::from_device_ptr(device, address, elements * 4, &[elements], DType::F32)
+        };
+        assert_invalid(refused(host_address, 16), OP, "data", &["device memory"]);
+        assert_invalid(refused(256, 1), OP, "data", &["device memory"]);
+        assert_invalid(refused(x_address, m * k + (1 << 18)), OP, "bytes", &["allocation"]);
+        assert_invalid(refused(out_base + 256, 64 + m * n), OP, "bytes", &["allocation"]);
+    }
+    // The owner frees each buffer, once; cuMemFree fails on memory that was freed already.
+    // SAFETY: the tensors that wrapped them are gone and their work has finished.
+    unsafe {
+        driver::free_sync(x_address).unwrap();
+        driver::free_sync(out_base).unwrap();
+    }
 }

@@ -4,8 +4,9 @@
  * Conventions, for every function below:
  * - Most functions return a TesseraStatus: TESSERA_STATUS_OK (0) or an error code, with a
  *   readable message from tessera_last_error() on the same thread.
- * - Handles (TesseraDevice*, TesseraTensor*, TesseraWaveletConfig*, TesseraSparse24*,
- *   TesseraModel*, TesseraTrainer*) are opaque tokens, never addresses: do not dereference
+ * - Handles (TesseraDevice*, TesseraStream*, TesseraTensor*, TesseraWaveletConfig*,
+ *   TesseraSparse24*, TesseraLoraAdapters*, TesseraLoraRouting*, TesseraLoraBase*, TesseraModel*,
+ *   TesseraTrainer*) are opaque tokens, never addresses: do not dereference
  *   them. Each constructor (*_new_*, *_load, *_resume, *_compress, ...) returns one that its
  *   *_free releases;
  *   *_free accepts NULL. A freed handle is detected and refused (TESSERA_STATUS_INVALID_HANDLE).
@@ -36,6 +37,12 @@
  * The largest rank a tensor created through the C API may have.
  */
 #define TESSERA_MAX_RANK 8
+
+/**
+ * The alignment, in bytes, that `tessera_tensor_wrap_device` requires of caller device memory
+ * (what `cudaMalloc` returns).
+ */
+#define TESSERA_DEVICE_ALIGNMENT 256
 
 /**
  * Which activation (`int32_t activation` arguments).
@@ -185,8 +192,7 @@ enum TesseraStatus
    */
   TESSERA_STATUS_CUDA = 4,
   /**
-   * The operation exists but not for this combination (device, dtype, strides, device memory
-   * wrapping).
+   * The operation exists but not for this combination (device, dtype, strides).
    */
   TESSERA_STATUS_UNSUPPORTED = 5,
   /**
@@ -241,6 +247,24 @@ typedef int32_t TesseraWaveletDivisor;
 typedef struct TesseraDevice TesseraDevice;
 
 /**
+ * A set of LoRA adapters (padded `A` and `B`, each adapter's rank and scale), owned by tessera.
+ * Opaque: created by `tessera_lora_adapters_new`, released by `tessera_lora_adapters_free`.
+ */
+typedef struct TesseraLoraAdapters TesseraLoraAdapters;
+
+/**
+ * The weight LoRA adapters sit beside (dense today). Opaque: created by
+ * `tessera_lora_base_new_*`, released by `tessera_lora_base_free`.
+ */
+typedef struct TesseraLoraBase TesseraLoraBase;
+
+/**
+ * Which LoRA adapter each token row uses, grouped for the kernels. Opaque: created by
+ * `tessera_lora_routing_new_*`, released by `tessera_lora_routing_free`; never changed once made.
+ */
+typedef struct TesseraLoraRouting TesseraLoraRouting;
+
+/**
  * A language model loaded from a checkpoint, with its activations. Opaque: created by
  * `tessera_model_load`, released by `tessera_model_free`.
  */
@@ -252,6 +276,12 @@ typedef struct TesseraModel TesseraModel;
  * `tessera_sparse24_free`; never changed once made.
  */
 typedef struct TesseraSparse24 TesseraSparse24;
+
+/**
+ * A device's stream as C sees it. Opaque: created by `tessera_stream_new`, released by
+ * `tessera_stream_free`.
+ */
+typedef struct TesseraStream TesseraStream;
 
 /**
  * A tensor: owned by tessera or wrapping caller memory. Opaque: created by `tessera_tensor_*`
@@ -607,6 +637,122 @@ TesseraStatus tessera_rope(const TesseraTensor *x,
                            TesseraTensor *out);
 
 /**
+ * Packs the signs of a latent weight `weight` (F32, (d_out, d_in)) into `bits` (U32,
+ * (d_out, ceil(d_in / 32)), on the weight's device): bit `j % 32` of word `j / 32` of row `i` is
+ * 1 when `weight[i][j] < 0` (0, -0 and NaN pack as +1); padding bits past `d_in` are 0.
+ *
+ * Ownership: nothing is taken; `bits` must not be or overlap `weight`. Thread-safety: any
+ * thread; `bits` may not be used by another call meanwhile (`TESSERA_STATUS_BUSY`).
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (shapes, dtypes, devices, aliasing, NULL),
+ * `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error `bits` is unchanged.
+ */
+TesseraStatus tessera_binary_pack(const TesseraTensor *weight, TesseraTensor *bits);
+
+/**
+ * The packed inference form `y[n,i] = Σ_j s_ij·alpha_j·x[n,j] + Σ_j beta_j·x[n,j] + bias_i`
+ * with `s_ij = ±1` from `bits` (U32, (d_out, ceil(d_in / 32)), as `tessera_binary_pack` writes
+ * them), written into `y`. `x` is (tokens, d_in) of F32, BF16 or F16 on the CPU, BF16 or F16 on
+ * a GPU; `alpha` and `beta` are F32 (d_in); `bias` is F32 (d_out) or NULL; `y` is (tokens,
+ * d_out) of x's dtype; all on one device. `d_in` (1 to 2^30) is needed because the bits round it
+ * up to 32. f32 accumulation; on a GPU up to 16 tokens take a streaming GEMV, more a tensor-core
+ * GEMM, queued on the device's stream.
+ *
+ * Ownership: nothing is taken; `y` must not be or overlap an input. Thread-safety: any thread;
+ * inputs may be read by other calls meanwhile; `y` may not be used by another call
+ * (`TESSERA_STATUS_BUSY`).
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (shapes, dtypes, devices, `d_in` not matching the
+ * bits, aliasing, NULL), `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error `y` is unchanged.
+ */
+TesseraStatus tessera_binary_packed_forward(const TesseraTensor *x,
+                                            const TesseraTensor *bits,
+                                            const TesseraTensor *alpha,
+                                            const TesseraTensor *beta,
+                                            const TesseraTensor *bias,
+                                            size_t d_in,
+                                            TesseraTensor *y);
+
+/**
+ * The spec's xnor initialisation of a latent weight `weight` (F32, (d_out, d_in)): per input
+ * column `beta_j = mean_i W_ij` into `beta` and `alpha_j = mean_i |W_ij - beta_j|` into `alpha`,
+ * both F32 (d_in) on the weight's device (a GPU weight is read back to the host once).
+ *
+ * Ownership: nothing is taken; `alpha` and `beta` must be distinct and not overlap `weight`.
+ * Thread-safety: any thread; `alpha` and `beta` may not be used by another call meanwhile.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (shapes, dtypes, devices, aliasing, NULL),
+ * `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error neither output is changed.
+ */
+TesseraStatus tessera_binary_init(const TesseraTensor *weight,
+                                  TesseraTensor *alpha,
+                                  TesseraTensor *beta);
+
+/**
+ * The training form's forward `y = x·W~ᵀ + bias` with `W~ = alpha·sign(weight) + beta`
+ * (sign(0) = 0), computed without forming `W~`: `weight` F32 (d_out, d_in), `alpha` and `beta`
+ * F32 (d_in), `bias` F32 (d_out) or NULL, `x` (tokens, d_in), `y` (tokens, d_out) of x's dtype.
+ * Runs where the Rust op does (the CPU with F32 `x` today; a GPU call is
+ * `TESSERA_STATUS_UNSUPPORTED` until the library's training form supports it). The result is
+ * computed in tessera's memory and then copied into `y`.
+ *
+ * Ownership: nothing is taken; `y` must not be or overlap an input. Thread-safety: as
+ * `tessera_binary_packed_forward`.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (shapes, dtypes, devices, aliasing, NULL),
+ * `..._INVALID_HANDLE`, `..._BUSY`, `..._UNSUPPORTED`, `..._CUDA`. On error `y` is unchanged.
+ */
+TesseraStatus tessera_binary_linear_forward(const TesseraTensor *x,
+                                            const TesseraTensor *weight,
+                                            const TesseraTensor *alpha,
+                                            const TesseraTensor *beta,
+                                            const TesseraTensor *bias,
+                                            TesseraTensor *y);
+
+/**
+ * The training form's backward with the straight-through estimator: given `d_y` (tokens,
+ * d_out) and the forward's `x`, `weight`, `alpha`, `beta`, writes `d_x` (tokens, d_in; x's
+ * dtype) and the F32 `d_weight` (d_out, d_in), `d_alpha` and `d_beta` (d_in), and `d_bias`
+ * (d_out; NULL skips it, and it needs the forward's `bias`, which is otherwise only checked).
+ * Runs where the Rust op does, as `tessera_binary_linear_forward`. Computed in tessera's memory,
+ * then copied into the outputs.
+ *
+ * Ownership: nothing is taken; the outputs must be distinct and not overlap the inputs.
+ * Thread-safety: as `tessera_binary_packed_forward`.
+ * Errors: as `tessera_binary_linear_forward`, and `TESSERA_STATUS_INVALID_ARGUMENT` when
+ * `d_bias` is given without `bias`. On error no output is changed.
+ */
+TesseraStatus tessera_binary_linear_backward(const TesseraTensor *d_y,
+                                             const TesseraTensor *x,
+                                             const TesseraTensor *weight,
+                                             const TesseraTensor *alpha,
+                                             const TesseraTensor *beta,
+                                             const TesseraTensor *bias,
+                                             TesseraTensor *d_x,
+                                             TesseraTensor *d_weight,
+                                             TesseraTensor *d_alpha,
+                                             TesseraTensor *d_beta,
+                                             TesseraTensor *d_bias);
+
+/**
+ * The autoregressive distillation loss `L = (1 - w)·L_AD + w·CE` with `w = ce_weight` in
+ * [0, 1], `L_AD` the mean over rows of the cross-entropy of the student's softmax against the
+ * teacher's, and `CE` the mean next-token cross-entropy of the student against `labels`.
+ * `student` and `teacher` are logits (rows, vocab) of one dtype (F32, BF16 or F16); `labels` is
+ * U32 (rows), every label below vocab, and may be NULL only when `ce_weight` is 0. Writes the
+ * loss into `loss` (F32, shape (1)) and its gradient with respect to the student logits into
+ * `grad` (like `student`). All on one device; deterministic.
+ *
+ * Ownership: nothing is taken; `loss` and `grad` must be distinct and not overlap the inputs.
+ * Thread-safety: any thread; `loss` and `grad` may not be used by another call meanwhile.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (shapes, dtypes, devices, `ce_weight` outside
+ * [0, 1] or NaN, a label out of range, missing labels, aliasing, NULL), `..._INVALID_HANDLE`,
+ * `..._BUSY`, `..._CUDA`. On error neither output is changed.
+ */
+TesseraStatus tessera_distill_loss(const TesseraTensor *student,
+                                   const TesseraTensor *teacher,
+                                   const TesseraTensor *labels,
+                                   float ce_weight,
+                                   TesseraTensor *loss,
+                                   TesseraTensor *grad);
+
+/**
  * Creates a handle for the host CPU.
  *
  * Ownership: `*out` receives a new handle, released with `tessera_device_free`.
@@ -672,6 +818,216 @@ TesseraStatus tessera_device_synchronize(const TesseraDevice *device);
  * Ownership: none. Thread-safety: any thread; the count is a snapshot. Errors: none.
  */
 size_t tessera_live_handle_count(void);
+
+/**
+ * Creates a set of `count` adapters from copies of `a` (count, max_rank, d_in) and `b`
+ * (count, d_out, max_rank), of one dtype (F32, BF16 or F16) on one device, `max_rank` at most
+ * 64. Adapter `i` uses the first `ranks[i]` (1 to max_rank) rows of `a[i]` and columns of `b[i]`
+ * with the finite scale `scales[i]`; the padding is ignored whatever it holds.
+ *
+ * Ownership: `a`, `b`, `ranks` and `scales` are read during the call only (the set keeps its
+ * own copies of `a` and `b`: change them with `tessera_lora_adapters_set_weights`); `*out`
+ * receives a new handle, released with `tessera_lora_adapters_free`. Thread-safety: any thread.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (shapes, dtypes, devices, `count` not the first
+ * dimension of `a`, a rank or scale out of range, NULL), `..._INVALID_HANDLE`, `..._BUSY`,
+ * `..._CUDA`. On failure `*out` is NULL.
+ */
+TesseraStatus tessera_lora_adapters_new(const TesseraTensor *a,
+                                        const TesseraTensor *b,
+                                        const size_t *ranks,
+                                        const float *scales,
+                                        size_t count,
+                                        TesseraLoraAdapters **out);
+
+/**
+ * Releases an adapter set. NULL is accepted and does nothing.
+ *
+ * Ownership: the handle is invalid afterwards. Thread-safety: any thread; calls using the set on
+ * other threads finish normally.
+ * Errors: `TESSERA_STATUS_INVALID_HANDLE` for a handle that is not a live adapter set.
+ */
+TesseraStatus tessera_lora_adapters_free(TesseraLoraAdapters *adapters);
+
+/**
+ * The adapter count, padded rank, `d_in`, `d_out` and `TesseraDtype` code of an adapter set;
+ * any pointer may be NULL to skip it.
+ *
+ * Ownership: none. Thread-safety: any thread.
+ * Errors: `TESSERA_STATUS_INVALID_HANDLE`, `..._BUSY` (the set being written by another call).
+ */
+TesseraStatus tessera_lora_adapters_info(const TesseraLoraAdapters *adapters,
+                                         size_t *count,
+                                         size_t *max_rank,
+                                         size_t *d_in,
+                                         size_t *d_out,
+                                         int32_t *dtype);
+
+/**
+ * Overwrites the set's `A` and `B` with the values of `a` and `b`, which must have exactly their
+ * shapes, dtype and device (see `tessera_lora_adapters_info`): how a training loop hands the
+ * set the weights an optimizer step (`tessera_adamw_step`) has updated. Ranks and scales stay.
+ *
+ * Ownership: `a` and `b` are read during the call only. Thread-safety: any thread; the set may
+ * not be used by another call meanwhile (`TESSERA_STATUS_BUSY`).
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (shapes, dtypes, devices, NULL),
+ * `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error the set is unchanged.
+ */
+TesseraStatus tessera_lora_adapters_set_weights(TesseraLoraAdapters *adapters,
+                                                const TesseraTensor *a,
+                                                const TesseraTensor *b);
+
+/**
+ * Copies the set's `A` and `B` into `a` and `b`, which must have exactly their shapes, dtype
+ * and device (see `tessera_lora_adapters_info`).
+ *
+ * Ownership: nothing is taken; `a` and `b` must be distinct. Thread-safety: any thread; `a` and
+ * `b` may not be used by another call meanwhile.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (shapes, dtypes, devices, NULL, `a` and `b` the
+ * same), `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error neither output is changed.
+ */
+TesseraStatus tessera_lora_adapters_get_weights(const TesseraLoraAdapters *adapters,
+                                                TesseraTensor *a,
+                                                TesseraTensor *b);
+
+/**
+ * A routing in which token row `i` (of `rows`, 1 to 2^31 - 1) uses adapter `ids[i]`, for ops on
+ * `device`. Ids are checked against an adapter set when the routing is used with it. Build it
+ * once per batch and use it for every LoRA layer.
+ *
+ * Ownership: `ids` is read during the call only; `*out` receives a new handle, released with
+ * `tessera_lora_routing_free`. Thread-safety: any thread; a routing may be used by several calls
+ * at once.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (`rows` out of range, an id of 2^31 - 1 or more,
+ * NULL), `..._INVALID_HANDLE`, `..._CUDA`. On failure `*out` is NULL.
+ */
+TesseraStatus tessera_lora_routing_new_per_row(const TesseraDevice *device,
+                                               const uint32_t *ids,
+                                               size_t rows,
+                                               TesseraLoraRouting **out);
+
+/**
+ * A routing for `sequences` sequences of `seq_len` rows each (rows `i·seq_len ..` use adapter
+ * `ids[i]`), for ops on `device`; `sequences · seq_len` is 1 to 2^31 - 1.
+ *
+ * Ownership: `ids` (`sequences` of them) is read during the call only; `*out` receives a new
+ * handle, released with `tessera_lora_routing_free`. Thread-safety: any thread.
+ * Errors: as `tessera_lora_routing_new_per_row`. On failure `*out` is NULL.
+ */
+TesseraStatus tessera_lora_routing_new_per_sequence(const TesseraDevice *device,
+                                                    const uint32_t *ids,
+                                                    size_t sequences,
+                                                    size_t seq_len,
+                                                    TesseraLoraRouting **out);
+
+/**
+ * A routing in which every one of `rows` rows (1 to 2^31 - 1) uses adapter `adapter`, for ops
+ * on `device`.
+ *
+ * Ownership: `*out` receives a new handle, released with `tessera_lora_routing_free`.
+ * Thread-safety: any thread. Errors: as `tessera_lora_routing_new_per_row`. On failure `*out`
+ * is NULL.
+ */
+TesseraStatus tessera_lora_routing_new_single(const TesseraDevice *device,
+                                              size_t rows,
+                                              uint32_t adapter,
+                                              TesseraLoraRouting **out);
+
+/**
+ * Releases a routing. NULL is accepted and does nothing.
+ *
+ * Ownership: the handle is invalid afterwards. Thread-safety: any thread; calls using the
+ * routing on other threads finish normally.
+ * Errors: `TESSERA_STATUS_INVALID_HANDLE` for a handle that is not a live routing.
+ */
+TesseraStatus tessera_lora_routing_free(TesseraLoraRouting *routing);
+
+/**
+ * A dense base: the weight tensor `w` (d_out, d_in), the PyTorch layout, of the dtype of the
+ * inputs it will be used with. The base refers to the tensor, not to a copy: every call sees its
+ * current values, and `tessera_lora_merge` writes it.
+ *
+ * Ownership: `*out` receives a new handle, released with `tessera_lora_base_free`; the tensor
+ * lives while the base does, even after `tessera_tensor_free(w)` (for a wrapped tensor the
+ * caller's memory must stay valid until both handles are freed). Thread-safety: any thread.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (`w` not 2-d with both dimensions at least 1, NULL),
+ * `..._INVALID_HANDLE`, `..._BUSY` (`w` being written). On failure `*out` is NULL.
+ */
+TesseraStatus tessera_lora_base_new_dense(const TesseraTensor *w, TesseraLoraBase **out);
+
+/**
+ * Releases a base handle (and, when it held the last reference, its tensor). NULL is accepted
+ * and does nothing.
+ *
+ * Ownership: the handle is invalid afterwards. Thread-safety: any thread; calls using the base
+ * on other threads finish normally.
+ * Errors: `TESSERA_STATUS_INVALID_HANDLE` for a handle that is not a live base.
+ */
+TesseraStatus tessera_lora_base_free(TesseraLoraBase *base);
+
+/**
+ * The fused LoRA linear `out = x·Wᵀ + s_a·(x·A_aᵀ)·B_aᵀ (+ bias)`, row `i` using adapter
+ * `a = ids[i]` of `routing`: `x` (m, d_in), `base` (d_out, d_in), `bias` (d_out) or NULL, `out`
+ * (m, d_out), all of the adapters' dtype (F32, BF16 or F16) and on their device; the routing
+ * has m rows, each id below the adapter count. f32 arithmetic; on a GPU queued on the device's
+ * stream (the base product in cuBLASLt, the adapter products in cuBLASLt or tessera's kernels).
+ *
+ * Ownership: nothing is taken; `out` must not be or overlap an input or the base.
+ * Thread-safety: any thread; inputs may be read by other calls meanwhile; `out` may not be used
+ * by another call (`TESSERA_STATUS_BUSY`).
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (shapes, dtypes, devices, routing rows or ids,
+ * aliasing, NULL), `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error `out` is unchanged.
+ */
+TesseraStatus tessera_lora_forward(const TesseraTensor *x,
+                                   const TesseraLoraBase *base,
+                                   const TesseraTensor *bias,
+                                   const TesseraLoraAdapters *adapters,
+                                   const TesseraLoraRouting *routing,
+                                   TesseraTensor *out);
+
+/**
+ * The backward of `tessera_lora_forward` given `d_y` (m, d_out) and the forward's `x`, `base`,
+ * `adapters` and `routing` (`x·Aᵀ` is recomputed): `d_x` (m, d_in) = `d_y·W + s·(d_y·B)·A` per
+ * row's adapter; `d_a` and `d_b`, shaped like the set's `A` and `B`, the adapters' gradients
+ * (zero for padded ranks and for adapters no row uses); and, when `d_w` is not NULL, the base's
+ * gradient `d_yᵀ·x` (d_out, d_in) for a trainable base. All of the adapters' dtype and device.
+ * Computed in tessera's memory, then copied into the outputs.
+ *
+ * Ownership: nothing is taken; the outputs must be distinct and not overlap the inputs or the
+ * base. Thread-safety: as `tessera_lora_forward`.
+ * Errors: as `tessera_lora_forward`. On error no output is changed.
+ */
+TesseraStatus tessera_lora_backward(const TesseraTensor *d_y,
+                                    const TesseraTensor *x,
+                                    const TesseraLoraBase *base,
+                                    const TesseraLoraAdapters *adapters,
+                                    const TesseraLoraRouting *routing,
+                                    TesseraTensor *d_x,
+                                    TesseraTensor *d_a,
+                                    TesseraTensor *d_b,
+                                    TesseraTensor *d_w);
+
+/**
+ * `W += s_a·B_a·A_a` for adapter `adapter` of the set, into the base's weight in place (computed
+ * in f32 and rounded once): afterwards the base alone gives what base and adapter gave. The
+ * weight must be (d_out, d_in) of the adapters' dtype and on their device.
+ *
+ * Ownership: nothing is taken. Thread-safety: any thread; the base's tensor may not be used by
+ * another call meanwhile (`TESSERA_STATUS_BUSY`).
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (shapes, dtypes, devices, `adapter` not below the
+ * count, NULL), `..._INVALID_HANDLE`, `..._BUSY`, `..._CUDA`. On error the weight is unchanged.
+ */
+TesseraStatus tessera_lora_merge(TesseraLoraBase *base,
+                                 const TesseraLoraAdapters *adapters,
+                                 size_t adapter);
+
+/**
+ * `W -= s_a·B_a·A_a`: undoes `tessera_lora_merge` up to the dtype's rounding of each step.
+ *
+ * Ownership, thread-safety and errors: as `tessera_lora_merge`.
+ */
+TesseraStatus tessera_lora_unmerge(TesseraLoraBase *base,
+                                   const TesseraLoraAdapters *adapters,
+                                   size_t adapter);
 
 /**
  * The default options: no transposes, alpha 1, beta 0 (`out = a·b`).
@@ -929,6 +1285,49 @@ const char *tessera_last_error(void);
 const char *tessera_status_name(int32_t status);
 
 /**
+ * Creates a handle for the stream that ops on `device` run on: the GPU's one stream, or, for the
+ * CPU, a stream on which every op has finished when its call returns.
+ *
+ * Ownership: `*out` receives a new handle, released with `tessera_stream_free`; it keeps the
+ * device alive. Thread-safety: any thread; a stream handle may be used from several threads.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (NULL `out`), `..._INVALID_HANDLE`. On failure
+ * `*out` is NULL.
+ */
+TesseraStatus tessera_stream_new(const TesseraDevice *device, TesseraStream **out);
+
+/**
+ * Waits until all work queued on the stream (by any thread) has finished, and reports an error
+ * that work raised; returns at once for the CPU. Wait here before the host reads, or frees,
+ * memory that a GPU tensor wraps.
+ *
+ * Ownership: none. Thread-safety: any thread.
+ * Errors: `TESSERA_STATUS_INVALID_HANDLE`, `TESSERA_STATUS_INVALID_ARGUMENT` (NULL),
+ * `TESSERA_STATUS_CUDA` when queued work failed.
+ */
+TesseraStatus tessera_stream_synchronize(const TesseraStream *stream);
+
+/**
+ * The driver's handle of the stream (a `CUstream`, valid as long as the library is loaded) into
+ * `*out`, or NULL for the CPU: C code may queue its own work on it, or record an event on it to
+ * wait for tessera's work without blocking the host. It must not be destroyed, nor captured
+ * into a CUDA graph.
+ *
+ * Ownership: the CUDA stream stays tessera's. Thread-safety: any thread.
+ * Errors: `TESSERA_STATUS_INVALID_HANDLE`, `TESSERA_STATUS_INVALID_ARGUMENT` (NULL). `*out` is
+ * NULL on failure.
+ */
+TesseraStatus tessera_stream_native(const TesseraStream *stream, void **out);
+
+/**
+ * Releases a stream handle (the stream itself stays, as the device's). NULL is accepted and
+ * does nothing.
+ *
+ * Ownership: the handle is invalid afterwards. Thread-safety: any thread.
+ * Errors: `TESSERA_STATUS_INVALID_HANDLE` for a handle that is not a live stream.
+ */
+TesseraStatus tessera_stream_free(TesseraStream *stream);
+
+/**
  * Creates a tensor of zeros of the given dtype and shape on a device.
  *
  * `shape` points to `rank` dimensions (NULL when `rank` is 0: a scalar); `rank` is at most
@@ -989,15 +1388,28 @@ TesseraStatus tessera_tensor_wrap_host(void *data,
                                        TesseraTensor **out);
 
 /**
- * Would create a tensor over caller-owned CUDA device memory without copying it. Not supported
- * yet: tessera's device tensors own their memory. The arguments are checked as for
- * `tessera_tensor_wrap_host` (plus: `device` must be a CUDA device), then
- * `TESSERA_STATUS_UNSUPPORTED` is returned; until this is supported, create the tensor with
- * `tessera_tensor_new_zeros` on the device and fill it with `tessera_tensor_copy_from_host`.
+ * Creates a tensor over caller-owned CUDA device memory, without copying it: ops on `device`
+ * read and write the `bytes` bytes at device address `data` in place.
  *
- * Ownership: none taken. Thread-safety: any thread.
- * Errors: `TESSERA_STATUS_INVALID_ARGUMENT`, `TESSERA_STATUS_INVALID_HANDLE`, and otherwise
- * `TESSERA_STATUS_UNSUPPORTED`. `*out` is NULL on return.
+ * `bytes` must equal the shape's byte size; `data` must be aligned to `TESSERA_DEVICE_ALIGNMENT`
+ * (256) bytes, as `cudaMalloc` returns, because kernels access tensors with vector loads;
+ * `strides` (in elements, `rank` of them) may be NULL for row-major contiguous, and otherwise
+ * must describe that layout (a dimension of size 1 may have any stride). `device` must be a CUDA
+ * device, and the driver must report `data .. data + bytes` as device (or managed) memory of that
+ * GPU in one allocation (`cuPointerGetAttribute`); memory of another GPU, host memory (pinned or
+ * not) and addresses CUDA does not know are refused. An empty shape needs no memory.
+ * Ops queue their work on the device's stream (see `tessera_stream_new`), which does not wait
+ * for other streams: finish writing the memory (synchronise your stream) before a tessera call
+ * reads it, and call `tessera_stream_synchronize` before the host or another stream reads it,
+ * or frees it, after one.
+ * Ownership: the caller keeps ownership of the memory and must keep it allocated, and not touch
+ * it while tessera's queued work uses it, until `tessera_tensor_free` has returned and the
+ * stream has been synchronised. Freeing the handle never frees the memory. Thread-safety: any
+ * thread.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (NULL `data` for a non-empty shape, misalignment,
+ * `bytes` mismatch, a range that is not device memory of `device` or leaves its allocation, a CPU
+ * device, bad dtype code or rank), `..._INVALID_HANDLE`, `..._CUDA`; `..._UNSUPPORTED` for
+ * strides that are not row-major contiguous. On failure `*out` is NULL.
  */
 TesseraStatus tessera_tensor_wrap_device(const TesseraDevice *device,
                                          void *data,

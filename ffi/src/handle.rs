@@ -11,7 +11,7 @@ use crate::status::{FfiError, FfiResult};
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 use tessera_core::model::Gpt;
-use tessera_core::ops::{Sparse24, WaveletConfig};
+use tessera_core::ops::{LoraAdapters, LoraRouting, Sparse24, WaveletConfig};
 use tessera_core::train::trainer::Trainer;
 use tessera_core::{Device, Tensor};
 
@@ -53,6 +53,30 @@ pub struct TesseraSparse24 {
     _opaque: [u8; 0],
 }
 
+/// A set of LoRA adapters (padded `A` and `B`, each adapter's rank and scale), owned by tessera.
+/// Opaque: created by `tessera_lora_adapters_new`, released by `tessera_lora_adapters_free`.
+pub struct TesseraLoraAdapters {
+    _opaque: [u8; 0],
+}
+
+/// Which LoRA adapter each token row uses, grouped for the kernels. Opaque: created by
+/// `tessera_lora_routing_new_*`, released by `tessera_lora_routing_free`; never changed once made.
+pub struct TesseraLoraRouting {
+    _opaque: [u8; 0],
+}
+
+/// The weight LoRA adapters sit beside (dense today). Opaque: created by
+/// `tessera_lora_base_new_*`, released by `tessera_lora_base_free`.
+pub struct TesseraLoraBase {
+    _opaque: [u8; 0],
+}
+
+/// A device's stream as C sees it. Opaque: created by `tessera_stream_new`, released by
+/// `tessera_stream_free`.
+pub struct TesseraStream {
+    _opaque: [u8; 0],
+}
+
 /// A model or trainer shared between its handle and the call using it. Every call on one
 /// changes its activations, so one call at a time has it; another call meanwhile fails with
 /// `TESSERA_STATUS_BUSY` instead of waiting.
@@ -71,6 +95,19 @@ pub enum Object {
     Sparse24(Arc<Sparse24>),
     Model(Exclusive<Gpt>),
     Trainer(Exclusive<Trainer>),
+    LoraAdapters(Arc<RwLock<LoraAdapters>>),
+    LoraRouting(Arc<LoraRouting>),
+    LoraBase(Arc<LoraBaseObject>),
+    Stream(Device),
+}
+
+/// What a LoRA base handle refers to. A new kind of base (a 2:4 sparse weight) is a new variant
+/// and a new `tessera_lora_base_new_*` constructor; the ops take the handle, so their signatures
+/// stay as they are.
+pub enum LoraBaseObject {
+    /// A dense weight tensor, shared with its tensor handle: the base sees the tensor's current
+    /// values at every call.
+    Dense(SharedTensor),
 }
 
 impl Object {
@@ -82,6 +119,10 @@ impl Object {
             Object::Sparse24(_) => "a sparse 2:4 matrix handle",
             Object::Model(_) => "a model handle",
             Object::Trainer(_) => "a trainer handle",
+            Object::LoraAdapters(_) => "a LoRA adapters handle",
+            Object::LoraRouting(_) => "a LoRA routing handle",
+            Object::LoraBase(_) => "a LoRA base handle",
+            Object::Stream(_) => "a stream handle",
         }
     }
 }
@@ -214,6 +255,38 @@ pub fn trainer(op: &str, arg: &str, handle: *const TesseraTrainer) -> FfiResult<
     }
 }
 
+/// The LoRA adapters behind a handle, not yet locked.
+pub fn lora_adapters(op: &str, arg: &str, handle: *const TesseraLoraAdapters) -> FfiResult<Arc<RwLock<LoraAdapters>>> {
+    match lookup(op, arg, handle as usize, "a LoRA adapters handle")? {
+        Object::LoraAdapters(adapters) => Ok(adapters),
+        other => Err(FfiError::handle(op, arg, "a LoRA adapters handle", other.kind())),
+    }
+}
+
+/// The LoRA routing behind a handle.
+pub fn lora_routing(op: &str, arg: &str, handle: *const TesseraLoraRouting) -> FfiResult<Arc<LoraRouting>> {
+    match lookup(op, arg, handle as usize, "a LoRA routing handle")? {
+        Object::LoraRouting(routing) => Ok(routing),
+        other => Err(FfiError::handle(op, arg, "a LoRA routing handle", other.kind())),
+    }
+}
+
+/// The LoRA base behind a handle.
+pub fn lora_base(op: &str, arg: &str, handle: *const TesseraLoraBase) -> FfiResult<Arc<LoraBaseObject>> {
+    match lookup(op, arg, handle as usize, "a LoRA base handle")? {
+        Object::LoraBase(base) => Ok(base),
+        other => Err(FfiError::handle(op, arg, "a LoRA base handle", other.kind())),
+    }
+}
+
+/// The device whose stream a stream handle names.
+pub fn stream(op: &str, arg: &str, handle: *const TesseraStream) -> FfiResult<Device> {
+    match lookup(op, arg, handle as usize, "a stream handle")? {
+        Object::Stream(device) => Ok(device),
+        other => Err(FfiError::handle(op, arg, "a stream handle", other.kind())),
+    }
+}
+
 /// Sole access to a model or trainer, or `TESSERA_STATUS_BUSY` when another call has it.
 pub fn exclusive<'a, T>(op: &str, arg: &str, object: &'a Exclusive<T>) -> FfiResult<MutexGuard<'a, T>> {
     match object.try_lock() {
@@ -226,28 +299,43 @@ pub fn exclusive<'a, T>(op: &str, arg: &str, object: &'a Exclusive<T>) -> FfiRes
     }
 }
 
-fn busy(op: &str, arg: &str, doing: &str) -> FfiError {
+fn busy(op: &str, arg: &str, what: &str, doing: &str) -> FfiError {
     FfiError::with_status(
         crate::status::TesseraStatus::Busy,
-        format!("{op}: argument `{arg}`: the tensor is {doing} by another call; nothing was done"),
+        format!("{op}: argument `{arg}`: the {what} is {doing} by another call; nothing was done"),
     )
 }
 
 /// Shared access for reading.
 pub fn read<'a>(op: &str, arg: &str, tensor: &'a SharedTensor) -> FfiResult<RwLockReadGuard<'a, Tensor>> {
-    match tensor.try_read() {
-        Ok(guard) => Ok(guard),
-        Err(TryLockError::Poisoned(poisoned)) => Ok(poisoned.into_inner()),
-        Err(TryLockError::WouldBlock) => Err(busy(op, arg, "being written")),
-    }
+    read_shared(op, arg, "tensor", tensor)
 }
 
 /// Sole access for writing.
 pub fn write<'a>(op: &str, arg: &str, tensor: &'a SharedTensor) -> FfiResult<RwLockWriteGuard<'a, Tensor>> {
-    match tensor.try_write() {
+    write_shared(op, arg, "tensor", tensor)
+}
+
+/// Shared access for reading an object that calls may change (`what` names it in the message).
+pub fn read_shared<'a, T>(op: &str, arg: &str, what: &str, object: &'a RwLock<T>) -> FfiResult<RwLockReadGuard<'a, T>> {
+    match object.try_read() {
         Ok(guard) => Ok(guard),
         Err(TryLockError::Poisoned(poisoned)) => Ok(poisoned.into_inner()),
-        Err(TryLockError::WouldBlock) => Err(busy(op, arg, "in use")),
+        Err(TryLockError::WouldBlock) => Err(busy(op, arg, what, "being written")),
+    }
+}
+
+/// Sole access for writing an object that calls may read at the same time.
+pub fn write_shared<'a, T>(
+    op: &str,
+    arg: &str,
+    what: &str,
+    object: &'a RwLock<T>,
+) -> FfiResult<RwLockWriteGuard<'a, T>> {
+    match object.try_write() {
+        Ok(guard) => Ok(guard),
+        Err(TryLockError::Poisoned(poisoned)) => Ok(poisoned.into_inner()),
+        Err(TryLockError::WouldBlock) => Err(busy(op, arg, what, "in use")),
     }
 }
 
@@ -281,6 +369,33 @@ pub fn expect_no_overlap(op: &str, arg: &str, written: &Tensor, others: &[(&str,
         )),
         None => Ok(()),
     }
+}
+
+/// Fails when an output handle is also an input, or another output, of the same call.
+pub fn expect_distinct_outputs(
+    op: &str,
+    outputs: &[(&str, &SharedTensor)],
+    inputs: &[(&str, &SharedTensor)],
+) -> FfiResult<()> {
+    for (i, (arg, written)) in outputs.iter().enumerate() {
+        let others: Vec<(&str, &SharedTensor)> = inputs.iter().chain(&outputs[i + 1..]).copied().collect();
+        expect_other_handles(op, arg, written, &others)?;
+    }
+    Ok(())
+}
+
+/// Fails when the memory of an output overlaps an input's or another output's.
+pub fn expect_disjoint_outputs(op: &str, outputs: &[(&str, &Tensor)], inputs: &[(&str, &Tensor)]) -> FfiResult<()> {
+    for (i, (arg, written)) in outputs.iter().enumerate() {
+        let others: Vec<(&str, &Tensor)> = inputs.iter().chain(&outputs[i + 1..]).copied().collect();
+        expect_no_overlap(op, arg, written, &others)?;
+    }
+    Ok(())
+}
+
+/// The tensor behind a handle that may be NULL (an optional argument).
+pub fn optional_tensor(op: &str, arg: &str, handle: *const TesseraTensor) -> FfiResult<Option<SharedTensor>> {
+    (!handle.is_null()).then(|| tensor(op, arg, handle)).transpose()
 }
 
 /// The number of live handles of every kind in the process: what has been created and not yet

@@ -14,12 +14,15 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod binary;
 pub mod device;
 pub mod handle;
+pub mod lora;
 pub mod matmul;
 pub mod model;
 pub mod sparse;
 pub mod status;
+pub mod stream;
 pub mod tensor;
 pub mod trainer;
 pub mod transformer;
@@ -34,6 +37,13 @@ pub const TESSERA_ABI_VERSION: u32 = 1;
 
 /// The largest rank a tensor created through the C API may have.
 pub const TESSERA_MAX_RANK: usize = 8;
+
+/// The alignment, in bytes, that `tessera_tensor_wrap_device` requires of caller device memory
+/// (what `cudaMalloc` returns).
+pub const TESSERA_DEVICE_ALIGNMENT: usize = 256;
+
+// A literal above, so that cbindgen writes it into the header; the library's value it must equal.
+const _: () = assert!(TESSERA_DEVICE_ALIGNMENT == tessera_core::tensor::DEVICE_ALIGNMENT);
 
 /// The library's version, "MAJOR.MINOR.PATCH", as a NUL-terminated static string.
 ///

@@ -24,8 +24,7 @@ pub enum TesseraStatus {
     NoCuda = 3,
     /// A CUDA driver, cuBLASLt or kernel-loading call failed.
     Cuda = 4,
-    /// The operation exists but not for this combination (device, dtype, strides, device memory
-    /// wrapping).
+    /// The operation exists but not for this combination (device, dtype, strides).
     Unsupported = 5,
     /// A tensor is being written by a call on another thread, or read by one while this call
     /// would write it. Nothing was done; retry once that call has returned.

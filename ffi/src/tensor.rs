@@ -205,15 +205,28 @@ pub unsafe extern "C" fn tessera_tensor_wrap_host(
     })
 }
 
-/// Would create a tensor over caller-owned CUDA device memory without copying it. Not supported
-/// yet: tessera's device tensors own their memory. The arguments are checked as for
-/// `tessera_tensor_wrap_host` (plus: `device` must be a CUDA device), then
-/// `TESSERA_STATUS_UNSUPPORTED` is returned; until this is supported, create the tensor with
-/// `tessera_tensor_new_zeros` on the device and fill it with `tessera_tensor_copy_from_host`.
+/// Creates a tensor over caller-owned CUDA device memory, without copying it: ops on `device`
+/// read and write the `bytes` bytes at device address `data` in place.
 ///
-/// Ownership: none taken. Thread-safety: any thread.
-/// Errors: `TESSERA_STATUS_INVALID_ARGUMENT`, `TESSERA_STATUS_INVALID_HANDLE`, and otherwise
-/// `TESSERA_STATUS_UNSUPPORTED`. `*out` is NULL on return.
+/// `bytes` must equal the shape's byte size; `data` must be aligned to `TESSERA_DEVICE_ALIGNMENT`
+/// (256) bytes, as `cudaMalloc` returns, because kernels access tensors with vector loads;
+/// `strides` (in elements, `rank` of them) may be NULL for row-major contiguous, and otherwise
+/// must describe that layout (a dimension of size 1 may have any stride). `device` must be a CUDA
+/// device, and the driver must report `data .. data + bytes` as device (or managed) memory of that
+/// GPU in one allocation (`cuPointerGetAttribute`); memory of another GPU, host memory (pinned or
+/// not) and addresses CUDA does not know are refused. An empty shape needs no memory.
+/// Ops queue their work on the device's stream (see `tessera_stream_new`), which does not wait
+/// for other streams: finish writing the memory (synchronise your stream) before a tessera call
+/// reads it, and call `tessera_stream_synchronize` before the host or another stream reads it,
+/// or frees it, after one.
+/// Ownership: the caller keeps ownership of the memory and must keep it allocated, and not touch
+/// it while tessera's queued work uses it, until `tessera_tensor_free` has returned and the
+/// stream has been synchronised. Freeing the handle never frees the memory. Thread-safety: any
+/// thread.
+/// Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (NULL `data` for a non-empty shape, misalignment,
+/// `bytes` mismatch, a range that is not device memory of `device` or leaves its allocation, a CPU
+/// device, bad dtype code or rank), `..._INVALID_HANDLE`, `..._CUDA`; `..._UNSUPPORTED` for
+/// strides that are not row-major contiguous. On failure `*out` is NULL.
 #[no_mangle]
 pub unsafe extern "C" fn tessera_tensor_wrap_device(
     device: *const TesseraDevice,
@@ -230,43 +243,18 @@ pub unsafe extern "C" fn tessera_tensor_wrap_device(
     guard(OP, || {
         require(OP, "out", out)?;
         let device = handle::device(OP, "device", device)?;
-        if !device.is_cuda() {
-            return Err(FfiError::invalid(
-                OP,
-                "device",
-                "a CUDA device (host memory is wrapped with tessera_tensor_wrap_host)",
-                device,
-            ));
-        }
         let dtype = dtype_from_code(OP, "dtype", dtype)?;
         let shape = read_shape(OP, shape, rank)?;
         check_strides(OP, &shape, strides)?;
-        let expected = shape
-            .iter()
-            .try_fold(dtype.size_in_bytes(), |acc, &d| acc.checked_mul(d));
-        if expected != Some(bytes) {
-            return Err(FfiError::invalid(
-                OP,
-                "bytes",
-                format!("the byte size of shape {shape:?} of {dtype}"),
-                format!("{bytes} bytes"),
-            ));
-        }
-        if bytes > 0 && (data.is_null() || !(data as usize).is_multiple_of(dtype.size_in_bytes())) {
-            return Err(FfiError::invalid(
-                OP,
-                "data",
-                format!("a non-NULL device address aligned to {} bytes", dtype.size_in_bytes()),
-                format!("{data:p}"),
-            ));
-        }
-        Err(FfiError::with_status(
-            TesseraStatus::Unsupported,
-            format!(
-                "{OP}: wrapping caller-owned device memory is not supported yet (tessera device tensors own \
-                 their memory); create the tensor with tessera_tensor_new_zeros on {device} and copy into it"
-            ),
-        ))
+        // SAFETY: the caller's promise above (allocated, untouched while queued work uses it,
+        // until freed and synchronised) is what from_device_ptr requires; it checks the rest.
+        let tensor = unsafe { Tensor::from_device_ptr(&device, data as u64, bytes, &shape, dtype) }
+            .map_err(rename(OP))
+            .map_err(|mut e| {
+                e.message = e.message.replace("Tensor::from_host_ptr", "tessera_tensor_wrap_host");
+                e
+            })?;
+        write_out(OP, "out", out, register(tensor))
     })
 }
 

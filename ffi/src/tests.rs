@@ -177,3 +177,74 @@ fn a_trainer_in_use_elsewhere_is_busy_and_unchanged() {
         assert_eq!(tessera_device_free(device), TesseraStatus::Ok);
     }
 }
+
+#[test]
+fn an_adapter_set_in_use_elsewhere_is_busy_and_the_output_untouched() {
+    use crate::lora::*;
+    let device = cpu();
+    // One adapter of rank 1 over a 2x2 base: y = x·wᵀ + 0.5·(x·aᵀ)·bᵀ.
+    let a = tensor(device, &[1.0, 2.0], &[1, 1, 2]);
+    let b = tensor(device, &[3.0, -1.0], &[1, 2, 1]);
+    let w = tensor(device, &[1.0, 0.0, 0.0, 1.0], &[2, 2]);
+    let x = tensor(device, &[1.0, 1.0], &[1, 2]);
+    let out = tensor(device, &[9.0; 2], &[1, 2]);
+    let (mut adapters, mut routing, mut base) = (std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: live handles and valid pointers for what the lengths say.
+    unsafe {
+        assert_eq!(
+            tessera_lora_adapters_new(a, b, [1].as_ptr(), [0.5].as_ptr(), 1, &mut adapters),
+            TesseraStatus::Ok
+        );
+        assert_eq!(
+            tessera_lora_routing_new_single(device, 1, 0, &mut routing),
+            TesseraStatus::Ok
+        );
+        assert_eq!(tessera_lora_base_new_dense(w, &mut base), TesseraStatus::Ok);
+    }
+    let shared = handle::lora_adapters("test", "adapters", adapters).unwrap();
+
+    // Another call changing the set: the forward is refused and writes nothing.
+    let writing = shared.write().unwrap();
+    // SAFETY: live handles.
+    let status = unsafe { tessera_lora_forward(x, base, std::ptr::null(), adapters, routing, out) };
+    assert_eq!(status, TesseraStatus::Busy);
+    assert!(
+        last_error().contains("argument `adapters`: the adapter set"),
+        "{}",
+        last_error()
+    );
+    let mut back = [0f32; 2];
+    // SAFETY: `back` holds 8 bytes.
+    unsafe { tessera_tensor_copy_to_host(out, back.as_mut_ptr().cast(), 8) };
+    assert_eq!(back, [9.0; 2]);
+    drop(writing);
+
+    // Another call writing the base's tensor: refused too.
+    let base_tensor = handle::tensor("test", "w", w).unwrap();
+    let writing = base_tensor.write().unwrap();
+    // SAFETY: live handles.
+    let status = unsafe { tessera_lora_forward(x, base, std::ptr::null(), adapters, routing, out) };
+    assert_eq!(status, TesseraStatus::Busy);
+    assert!(last_error().contains("argument `base`"), "{}", last_error());
+    drop(writing);
+
+    // x·aᵀ = 3; y = (1, 1) + 0.5·3·(3, -1) = (5.5, -0.5), exact in f32.
+    // SAFETY: live handles; `back` holds 8 bytes; each handle is freed once.
+    unsafe {
+        assert_eq!(
+            tessera_lora_forward(x, base, std::ptr::null(), adapters, routing, out),
+            TesseraStatus::Ok,
+            "{}",
+            last_error()
+        );
+        tessera_tensor_copy_to_host(out, back.as_mut_ptr().cast(), 8);
+        assert_eq!(back, [5.5, -0.5]);
+        assert_eq!(tessera_lora_base_free(base), TesseraStatus::Ok);
+        assert_eq!(tessera_lora_routing_free(routing), TesseraStatus::Ok);
+        assert_eq!(tessera_lora_adapters_free(adapters), TesseraStatus::Ok);
+        for t in [a, b, w, x, out] {
+            assert_eq!(tessera_tensor_free(t), TesseraStatus::Ok);
+        }
+        assert_eq!(tessera_device_free(device), TesseraStatus::Ok);
+    }
+}

@@ -147,10 +147,35 @@ static void tensors(TesseraDevice *cpu) {
     CHECK(w == NULL);
     EXPECT_OK(tessera_tensor_wrap_host(data, 24, TESSERA_DTYPE_F32, shape, 2, good_strides, &w));
 
-    /* wrap_device: refused on the CPU; on a CUDA device, unsupported (see the header). */
+    /* wrap_device: every check that needs no GPU runs before the device is looked at, so each
+     * is reached with the CPU device; an address that passes them all is refused for the CPU. */
+    void *device_address = (void *)(uintptr_t)0x7f0000000000;
+    void *misaligned = (void *)(uintptr_t)(0x7f0000000000 + 128);
+    EXPECT(INVALID, tessera_tensor_wrap_device(cpu, device_address, 24, TESSERA_DTYPE_F32, shape, 2, NULL, &t));
+    CHECK(strstr(tessera_last_error(), "argument `device`") != NULL);
+    EXPECT(INVALID, tessera_tensor_wrap_device(cpu, NULL, 24, TESSERA_DTYPE_F32, shape, 2, NULL, &t));
+    CHECK(strstr(tessera_last_error(), "argument `data`") != NULL);
+    EXPECT(INVALID, tessera_tensor_wrap_device(cpu, misaligned, 24, TESSERA_DTYPE_F32, shape, 2, NULL, &t));
+    CHECK(strstr(tessera_last_error(), "aligned to 256 bytes") != NULL);
     EXPECT(INVALID, tessera_tensor_wrap_device(cpu, data, 24, TESSERA_DTYPE_F32, shape, 2, NULL, &t));
-    EXPECT(INVALID, tessera_tensor_wrap_device(NULL, data, 24, TESSERA_DTYPE_F32, shape, 2, NULL, &t));
-    EXPECT(INVALID, tessera_tensor_wrap_device(cpu, data, 24, TESSERA_DTYPE_F32, shape, 2, NULL, NULL));
+    EXPECT(INVALID, tessera_tensor_wrap_device(cpu, device_address, 20, TESSERA_DTYPE_F32, shape, 2, NULL, &t));
+    CHECK(strstr(tessera_last_error(), "argument `bytes`") != NULL);
+    EXPECT(INVALID, tessera_tensor_wrap_device(cpu, device_address, 24, 6, shape, 2, NULL, &t));
+    EXPECT(INVALID, tessera_tensor_wrap_device(cpu, device_address, 24, -1, shape, 2, NULL, &t));
+    EXPECT(INVALID, tessera_tensor_wrap_device(cpu, device_address, 24, TESSERA_DTYPE_F32, NULL, 2, NULL, &t));
+    EXPECT(INVALID, tessera_tensor_wrap_device(cpu, device_address, 24, TESSERA_DTYPE_F32, nine, 9, NULL, &t));
+    EXPECT(INVALID, tessera_tensor_wrap_device(cpu, device_address, SIZE_MAX, TESSERA_DTYPE_F32, too_big, 2, NULL, &t));
+    EXPECT(TESSERA_STATUS_UNSUPPORTED,
+           tessera_tensor_wrap_device(cpu, device_address, 24, TESSERA_DTYPE_F32, shape, 2, column_major, &t));
+    EXPECT(INVALID, tessera_tensor_wrap_device(cpu, device_address, 24, TESSERA_DTYPE_F32, shape, 2, good_strides, &t));
+    CHECK(strstr(tessera_last_error(), "argument `device`") != NULL);
+    EXPECT(INVALID, tessera_tensor_wrap_device(cpu, NULL, 0, TESSERA_DTYPE_F32, (const size_t[2]){0, 3}, 2, NULL, &t));
+    EXPECT(INVALID, tessera_tensor_wrap_device(NULL, device_address, 24, TESSERA_DTYPE_F32, shape, 2, NULL, &t));
+    EXPECT(HANDLE, tessera_tensor_wrap_device(FORGED(TesseraDevice), device_address, 24, TESSERA_DTYPE_F32, shape, 2,
+                                              NULL, &t));
+    EXPECT(HANDLE, tessera_tensor_wrap_device((TesseraDevice *)w, device_address, 24, TESSERA_DTYPE_F32, shape, 2,
+                                              NULL, &t));
+    EXPECT(INVALID, tessera_tensor_wrap_device(cpu, device_address, 24, TESSERA_DTYPE_F32, shape, 2, NULL, NULL));
     CHECK(t == NULL);
 
     /* copies in and out */
@@ -1455,8 +1480,528 @@ static void trainer_and_model(TesseraDevice *cpu) {
 }
 
 
-/* Only where a GPU can be used: device memory wrapping is refused as unsupported, and tensors on
- * two devices do not mix. */
+static int all_close(const float *got, const double *want, size_t count, double tolerance) {
+    for (size_t i = 0; i < count; i++) {
+        if (!(fabs(got[i] - want[i]) <= tolerance * (1 + fabs(want[i])))) {
+            fprintf(stderr, "element %zu: got %.9g, expected %.9g\n", i, got[i], want[i]);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static void fill_nan(float *values, size_t count) {
+    for (size_t i = 0; i < count; i++) values[i] = NAN;
+}
+
+/* Binarized linears (37 inputs: two u32 words per packed row, the second padded), the xnor
+ * initialisation, the training form's backward and the distillation loss, against plain loops. */
+enum { BO = 5, BI = 37, BW = 2, BT = 3, DR = 4, DV = 6 };
+
+static void binary(TesseraDevice *cpu) {
+    float w[BO * BI], x[BT * BI], bias[BO], dy[BT * BO], alpha[BI], beta[BI], y[BT * BO], y_train[BT * BO];
+    float d_x[BT * BI], d_w[BO * BI], d_alpha[BI], d_beta[BI], d_bias[BO];
+    uint32_t bits[BO * BW];
+    for (size_t i = 0; i < BO * BI; i++) w[i] = (float)sin(1.3 * (double)i + 0.2);
+    for (size_t i = 0; i < BT * BI; i++) x[i] = (float)cos(0.7 * (double)i);
+    for (size_t i = 0; i < BO; i++) bias[i] = 0.1f * (float)i - 0.2f;
+    for (size_t i = 0; i < BT * BO; i++) dy[i] = (float)sin(0.45 * (double)i + 1.1);
+    fill_nan(alpha, BI);
+    fill_nan(beta, BI);
+    fill_nan(y, BT * BO);
+    fill_nan(y_train, BT * BO);
+    memset(bits, 0xff, sizeof bits);
+    const size_t w_shape[2] = {BO, BI}, x_shape[2] = {BT, BI}, b_shape[1] = {BO}, v_shape[1] = {BI};
+    const size_t y_shape[2] = {BT, BO}, bits_shape[2] = {BO, BW}, wide_bits[2] = {BO, 3};
+    TesseraTensor *tw = NULL, *tx = NULL, *tb = NULL, *tdy = NULL, *ta = NULL, *tbeta = NULL, *tbits = NULL;
+    TesseraTensor *ty = NULL, *tyt = NULL, *tdx = NULL, *tdw = NULL, *tda = NULL, *tdb = NULL, *tdbias = NULL;
+    TesseraTensor *bf_x = NULL, *f32_bits = NULL, *bits3 = NULL;
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, w_shape, 2, w, sizeof w, &tw));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, x_shape, 2, x, sizeof x, &tx));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, b_shape, 1, bias, sizeof bias, &tb));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, y_shape, 2, dy, sizeof dy, &tdy));
+    EXPECT_OK(tessera_tensor_wrap_host(alpha, sizeof alpha, TESSERA_DTYPE_F32, v_shape, 1, NULL, &ta));
+    EXPECT_OK(tessera_tensor_wrap_host(beta, sizeof beta, TESSERA_DTYPE_F32, v_shape, 1, NULL, &tbeta));
+    EXPECT_OK(tessera_tensor_wrap_host(bits, sizeof bits, TESSERA_DTYPE_U32, bits_shape, 2, NULL, &tbits));
+    EXPECT_OK(tessera_tensor_wrap_host(y, sizeof y, TESSERA_DTYPE_F32, y_shape, 2, NULL, &ty));
+    EXPECT_OK(tessera_tensor_wrap_host(y_train, sizeof y_train, TESSERA_DTYPE_F32, y_shape, 2, NULL, &tyt));
+    EXPECT_OK(tessera_tensor_wrap_host(d_x, sizeof d_x, TESSERA_DTYPE_F32, x_shape, 2, NULL, &tdx));
+    EXPECT_OK(tessera_tensor_wrap_host(d_w, sizeof d_w, TESSERA_DTYPE_F32, w_shape, 2, NULL, &tdw));
+    EXPECT_OK(tessera_tensor_wrap_host(d_alpha, sizeof d_alpha, TESSERA_DTYPE_F32, v_shape, 1, NULL, &tda));
+    EXPECT_OK(tessera_tensor_wrap_host(d_beta, sizeof d_beta, TESSERA_DTYPE_F32, v_shape, 1, NULL, &tdb));
+    EXPECT_OK(tessera_tensor_wrap_host(d_bias, sizeof d_bias, TESSERA_DTYPE_F32, b_shape, 1, NULL, &tdbias));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_BF16, x_shape, 2, &bf_x));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, bits_shape, 2, &f32_bits));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_U32, wide_bits, 2, &bits3));
+
+    /* xnor init: beta the column mean, alpha the column's mean absolute deviation from it. */
+    EXPECT_OK(tessera_binary_init(tw, ta, tbeta));
+    double want_alpha[BI], want_beta[BI];
+    for (size_t j = 0; j < BI; j++) {
+        double mean = 0, spread = 0;
+        for (size_t i = 0; i < BO; i++) mean += w[i * BI + j];
+        mean /= BO;
+        for (size_t i = 0; i < BO; i++) spread += fabs(w[i * BI + j] - mean);
+        want_beta[j] = mean;
+        want_alpha[j] = spread / BO;
+    }
+    CHECK(all_close(alpha, want_alpha, BI, 1e-6) && all_close(beta, want_beta, BI, 1e-6));
+
+    /* Packing: bit j % 32 of word j / 32 set for a negative weight, padding bits 0. */
+    EXPECT_OK(tessera_binary_pack(tw, tbits));
+    int packed_right = 1;
+    for (size_t i = 0; i < BO; i++) {
+        for (size_t word = 0; word < BW; word++) {
+            uint32_t want = 0;
+            for (size_t b = 0; b < 32 && word * 32 + b < BI; b++) want |= (uint32_t)(w[i * BI + word * 32 + b] < 0) << b;
+            packed_right &= bits[i * BW + word] == want;
+        }
+    }
+    CHECK(packed_right);
+
+    /* Both forms against y = x·(alpha·sign(W) + beta)ᵀ + bias (no weight is exactly 0). */
+    EXPECT_OK(tessera_binary_packed_forward(tx, tbits, ta, tbeta, tb, BI, ty));
+    EXPECT_OK(tessera_binary_linear_forward(tx, tw, ta, tbeta, tb, tyt));
+    double want_y[BT * BO];
+    for (size_t n = 0; n < BT; n++) {
+        for (size_t i = 0; i < BO; i++) {
+            double sum = bias[i];
+            for (size_t j = 0; j < BI; j++) {
+                double sign = w[i * BI + j] < 0 ? -1.0 : 1.0;
+                sum += (alpha[j] * sign + beta[j]) * x[n * BI + j];
+            }
+            want_y[n * BO + i] = sum;
+        }
+    }
+    CHECK(all_close(y, want_y, BT * BO, 1e-5));
+    CHECK(all_close(y_train, want_y, BT * BO, 1e-5));
+    EXPECT_OK(tessera_binary_packed_forward(tx, tbits, ta, tbeta, NULL, BI, ty));
+    CHECK(fabs(y[1] - (want_y[1] - bias[1])) <= 1e-5 * (1 + fabs(want_y[1])));
+
+    /* The straight-through backward. */
+    fill_nan(d_x, BT * BI);
+    fill_nan(d_w, BO * BI);
+    fill_nan(d_alpha, BI);
+    fill_nan(d_beta, BI);
+    fill_nan(d_bias, BO);
+    EXPECT_OK(tessera_binary_linear_backward(tdy, tx, tw, ta, tbeta, tb, tdx, tdw, tda, tdb, tdbias));
+    double want_dx[BT * BI], want_dw[BO * BI], want_da[BI] = {0}, want_db[BI] = {0}, want_dbias[BO] = {0};
+    for (size_t n = 0; n < BT; n++) {
+        for (size_t j = 0; j < BI; j++) {
+            double sum = 0;
+            for (size_t i = 0; i < BO; i++) {
+                double sign = w[i * BI + j] < 0 ? -1.0 : 1.0;
+                sum += dy[n * BO + i] * (alpha[j] * sign + beta[j]);
+            }
+            want_dx[n * BI + j] = sum;
+        }
+    }
+    for (size_t i = 0; i < BO; i++) {
+        for (size_t j = 0; j < BI; j++) {
+            double g = 0, sign = w[i * BI + j] < 0 ? -1.0 : 1.0;
+            for (size_t n = 0; n < BT; n++) g += dy[n * BO + i] * x[n * BI + j];
+            want_dw[i * BI + j] = alpha[j] * g;
+            want_da[j] += g * sign;
+            want_db[j] += g;
+        }
+        for (size_t n = 0; n < BT; n++) want_dbias[i] += dy[n * BO + i];
+    }
+    CHECK(all_close(d_x, want_dx, BT * BI, 1e-5) && all_close(d_w, want_dw, BO * BI, 1e-5));
+    CHECK(all_close(d_alpha, want_da, BI, 1e-5) && all_close(d_beta, want_db, BI, 1e-5));
+    CHECK(all_close(d_bias, want_dbias, BO, 1e-5));
+    EXPECT_OK(tessera_binary_linear_backward(tdy, tx, tw, ta, tbeta, NULL, tdx, tdw, tda, tdb, NULL));
+
+    /* Bad input: outputs keep their values. */
+    float kept_y = y[2], kept_dx = d_x[3], kept_alpha = alpha[0];
+    uint32_t kept_bits = bits[1];
+    EXPECT(INVALID, tessera_binary_pack(tw, f32_bits));
+    EXPECT(INVALID, tessera_binary_pack(tw, bits3));
+    EXPECT(INVALID, tessera_binary_pack(tw, tw));
+    EXPECT(INVALID, tessera_binary_pack(tbits, tbits));
+    EXPECT(INVALID, tessera_binary_pack(tx, tbits));
+    EXPECT(INVALID, tessera_binary_pack(NULL, tbits));
+    EXPECT(INVALID, tessera_binary_pack(tw, NULL));
+    EXPECT(HANDLE, tessera_binary_pack(FORGED(TesseraTensor), tbits));
+    EXPECT(HANDLE, tessera_binary_pack(tw, (TesseraTensor *)cpu));
+    EXPECT(INVALID, tessera_binary_packed_forward(tx, tbits, ta, tbeta, tb, 0, ty));
+    EXPECT(INVALID, tessera_binary_packed_forward(tx, tbits, ta, tbeta, tb, 70, ty));
+    EXPECT(INVALID, tessera_binary_packed_forward(tx, tbits, ta, tbeta, tb, 36, ty));
+    EXPECT(INVALID, tessera_binary_packed_forward(tx, f32_bits, ta, tbeta, tb, BI, ty));
+    EXPECT(INVALID, tessera_binary_packed_forward(tx, tbits, tb, tbeta, tb, BI, ty));
+    EXPECT(INVALID, tessera_binary_packed_forward(tx, tbits, ta, tbeta, ta, BI, ty));
+    EXPECT(INVALID, tessera_binary_packed_forward(bf_x, tbits, ta, tbeta, tb, BI, ty));
+    EXPECT(INVALID, tessera_binary_packed_forward(tx, tbits, ta, tbeta, tb, BI, tx));
+    EXPECT(INVALID, tessera_binary_packed_forward(tx, tbits, ta, tbeta, tb, BI, tdx));
+    EXPECT(INVALID, tessera_binary_packed_forward(tx, tbits, ta, tbeta, tb, BI, NULL));
+    EXPECT(INVALID, tessera_binary_packed_forward(tx, tbits, NULL, tbeta, tb, BI, ty));
+    EXPECT(HANDLE, tessera_binary_packed_forward(tx, FORGED(TesseraTensor), ta, tbeta, tb, BI, ty));
+    EXPECT(INVALID, tessera_binary_linear_forward(tx, tw, ta, tbeta, tb, tx));
+    EXPECT(INVALID, tessera_binary_linear_forward(tx, tw, ta, tbeta, tb, tdx));
+    EXPECT(INVALID, tessera_binary_linear_forward(bf_x, tw, ta, tbeta, tb, ty));
+    EXPECT(INVALID, tessera_binary_linear_forward(tx, tbits, ta, tbeta, tb, ty));
+    EXPECT(INVALID, tessera_binary_linear_forward(tx, tw, ta, NULL, tb, ty));
+    EXPECT(HANDLE, tessera_binary_linear_forward(tx, tw, FORGED(TesseraTensor), tbeta, tb, ty));
+    EXPECT(INVALID, tessera_binary_linear_backward(tdy, tx, tw, ta, tbeta, NULL, tdx, tdw, tda, tdb, tdbias));
+    EXPECT(INVALID, tessera_binary_linear_backward(tdy, tx, tw, ta, tbeta, tb, tdx, tdx, tda, tdb, tdbias));
+    EXPECT(INVALID, tessera_binary_linear_backward(tdy, tx, tw, ta, tbeta, tb, tdx, tdw, ta, tdb, tdbias));
+    EXPECT(INVALID, tessera_binary_linear_backward(tdy, tx, tw, ta, tbeta, tb, tdw, tdx, tda, tdb, tdbias));
+    EXPECT(INVALID, tessera_binary_linear_backward(tx, tx, tw, ta, tbeta, tb, tdx, tdw, tda, tdb, tdbias));
+    EXPECT(INVALID, tessera_binary_linear_backward(tdy, tx, tw, ta, tbeta, tb, NULL, tdw, tda, tdb, tdbias));
+    EXPECT(HANDLE, tessera_binary_linear_backward(tdy, tx, tw, ta, tbeta, tb, tdx, tdw, tda, FORGED(TesseraTensor),
+                                                  tdbias));
+    EXPECT(INVALID, tessera_binary_init(tw, ta, ta));
+    EXPECT(INVALID, tessera_binary_init(tw, tw, tbeta));
+    EXPECT(INVALID, tessera_binary_init(tw, tb, tbeta));
+    EXPECT(INVALID, tessera_binary_init(tbits, ta, tbeta));
+    EXPECT(INVALID, tessera_binary_init(tw, NULL, tbeta));
+    EXPECT(HANDLE, tessera_binary_init(tw, ta, FORGED(TesseraTensor)));
+    CHECK(y[2] == kept_y && d_x[3] == kept_dx && alpha[0] == kept_alpha && bits[1] == kept_bits);
+
+    /* The distillation loss with half next-token cross-entropy. */
+    float student[DR * DV], teacher[DR * DV], grad[DR * DV], loss = NAN;
+    uint32_t labels[DR] = {0, 5, 2, 3};
+    for (size_t i = 0; i < DR * DV; i++) {
+        student[i] = (float)sin(0.83 * (double)i) * 3.0f;
+        teacher[i] = (float)cos(0.57 * (double)i + 0.4) * 2.0f;
+    }
+    fill_nan(grad, DR * DV);
+    const size_t logits_shape[2] = {DR, DV}, label_shape[1] = {DR}, loss_shape[1] = {1};
+    TesseraTensor *ts = NULL, *tt = NULL, *tl = NULL, *tloss = NULL, *tgrad = NULL;
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, logits_shape, 2, student, sizeof student, &ts));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, logits_shape, 2, teacher, sizeof teacher, &tt));
+    EXPECT_OK(tessera_tensor_wrap_host(labels, sizeof labels, TESSERA_DTYPE_U32, label_shape, 1, NULL, &tl));
+    EXPECT_OK(tessera_tensor_wrap_host(&loss, sizeof loss, TESSERA_DTYPE_F32, loss_shape, 1, NULL, &tloss));
+    EXPECT_OK(tessera_tensor_wrap_host(grad, sizeof grad, TESSERA_DTYPE_F32, logits_shape, 2, NULL, &tgrad));
+    EXPECT_OK(tessera_distill_loss(ts, tt, tl, 0.5f, tloss, tgrad));
+    double want_loss = 0, want_grad[DR * DV];
+    for (size_t r = 0; r < DR; r++) {
+        double ms = -INFINITY, mt = -INFINITY, ss = 0, st = 0;
+        for (size_t c = 0; c < DV; c++) {
+            ms = fmax(ms, student[r * DV + c]);
+            mt = fmax(mt, teacher[r * DV + c]);
+        }
+        for (size_t c = 0; c < DV; c++) {
+            ss += exp(student[r * DV + c] - ms);
+            st += exp(teacher[r * DV + c] - mt);
+        }
+        for (size_t c = 0; c < DV; c++) {
+            double log_ps = student[r * DV + c] - ms - log(ss), pt = exp(teacher[r * DV + c] - mt) / st;
+            double ps = exp(log_ps), onehot = c == labels[r];
+            want_loss -= 0.5 * pt * log_ps / DR + (c == labels[r] ? 0.5 * log_ps / DR : 0);
+            want_grad[r * DV + c] = (0.5 * (ps - pt) + 0.5 * (ps - onehot)) / DR;
+        }
+    }
+    CHECK(fabs(loss - want_loss) <= 1e-5 * (1 + fabs(want_loss)));
+    CHECK(all_close(grad, want_grad, DR * DV, 1e-5));
+    EXPECT_OK(tessera_distill_loss(ts, tt, NULL, 0.0f, tloss, tgrad));
+    float kept_loss = loss, kept_grad = grad[4];
+    EXPECT(INVALID, tessera_distill_loss(ts, tt, NULL, 0.5f, tloss, tgrad));
+    EXPECT(INVALID, tessera_distill_loss(ts, tt, tl, 1.5f, tloss, tgrad));
+    EXPECT(INVALID, tessera_distill_loss(ts, tt, tl, NAN, tloss, tgrad));
+    EXPECT(INVALID, tessera_distill_loss(ts, tt, tl, -0.1f, tloss, tgrad));
+    EXPECT(INVALID, tessera_distill_loss(ts, tt, tl, 0.5f, tgrad, tloss));
+    EXPECT(INVALID, tessera_distill_loss(ts, tt, tl, 0.5f, tloss, tloss));
+    EXPECT(INVALID, tessera_distill_loss(ts, tt, tl, 0.5f, tloss, ts));
+    EXPECT(INVALID, tessera_distill_loss(ts, tx, tl, 0.5f, tloss, tgrad));
+    EXPECT(INVALID, tessera_distill_loss(ts, tt, tb, 0.5f, tloss, tgrad));
+    EXPECT(INVALID, tessera_distill_loss(NULL, tt, tl, 0.5f, tloss, tgrad));
+    EXPECT(INVALID, tessera_distill_loss(ts, tt, tl, 0.5f, NULL, tgrad));
+    EXPECT(HANDLE, tessera_distill_loss(ts, FORGED(TesseraTensor), tl, 0.5f, tloss, tgrad));
+    labels[2] = DV;
+    EXPECT(INVALID, tessera_distill_loss(ts, tt, tl, 0.5f, tloss, tgrad));
+    labels[2] = 2;
+    CHECK(loss == kept_loss && grad[4] == kept_grad);
+
+    TesseraTensor *all[] = {tw, tx, tb, tdy, ta, tbeta, tbits, ty, tyt, tdx, tdw, tda, tdb, tdbias,
+                            bf_x, f32_bits, bits3, ts, tt, tl, tloss, tgrad};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) EXPECT_OK(tessera_tensor_free(all[i]));
+    EXPECT(HANDLE, tessera_binary_pack(tw, tbits));
+    EXPECT(HANDLE, tessera_distill_loss(ts, tt, tl, 0.5f, tloss, tgrad));
+}
+
+/* LoRA with two adapters of ranks 2 and 3 (padded to 3) over a 5x6 dense base and 4 rows, against
+ * plain loops; routing, merging and the weights' round trip. */
+enum { LI = 6, LO = 5, LR = 3, LC = 2, LM = 4 };
+
+static const size_t lora_ranks[LC] = {2, 3};
+static const float lora_scales[LC] = {0.5f, 2.0f};
+
+/* x·Aᵀ of row `r` for adapter `a`, rank index `q`. */
+static double lora_t(const float *x, const float *a, size_t r, size_t adapter, size_t q) {
+    double t = 0;
+    for (size_t k = 0; k < LI; k++) t += (double)x[r * LI + k] * a[(adapter * LR + q) * LI + k];
+    return t;
+}
+
+static void lora(TesseraDevice *cpu) {
+    float w[LO * LI], a[LC * LR * LI], b[LC * LO * LR], x[LM * LI], bias[LO], dy[LM * LO];
+    float out[LM * LO], d_x[LM * LI], d_a[LC * LR * LI], d_b[LC * LO * LR], d_w[LO * LI];
+    for (size_t i = 0; i < LO * LI; i++) w[i] = (float)sin(0.77 * (double)i + 0.3);
+    for (size_t i = 0; i < LC * LR * LI; i++) a[i] = (float)cos(1.31 * (double)i);
+    for (size_t i = 0; i < LC * LO * LR; i++) b[i] = (float)sin(0.53 * (double)i + 2.0);
+    for (size_t i = 0; i < LM * LI; i++) x[i] = (float)cos(0.91 * (double)i + 0.5);
+    for (size_t i = 0; i < LO; i++) bias[i] = 0.05f * (float)i;
+    for (size_t i = 0; i < LM * LO; i++) dy[i] = (float)sin(0.37 * (double)i - 0.4);
+    const uint32_t ids[LM] = {1, 0, 1, 1};
+    const size_t a_shape[3] = {LC, LR, LI}, b_shape[3] = {LC, LO, LR}, w_shape[2] = {LO, LI};
+    const size_t x_shape[2] = {LM, LI}, o_shape[2] = {LM, LO}, bias_shape[1] = {LO};
+    TesseraTensor *ta = NULL, *tb = NULL, *tw = NULL, *tx = NULL, *tbias = NULL, *tdy = NULL, *tout = NULL;
+    TesseraTensor *tdx = NULL, *tda = NULL, *tdb = NULL, *tdw = NULL, *bf_x = NULL, *a_bf = NULL;
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, a_shape, 3, a, sizeof a, &ta));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, b_shape, 3, b, sizeof b, &tb));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, w_shape, 2, w, sizeof w, &tw));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, x_shape, 2, x, sizeof x, &tx));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, bias_shape, 1, bias, sizeof bias, &tbias));
+    EXPECT_OK(tessera_tensor_new_from_host(cpu, TESSERA_DTYPE_F32, o_shape, 2, dy, sizeof dy, &tdy));
+    EXPECT_OK(tessera_tensor_wrap_host(out, sizeof out, TESSERA_DTYPE_F32, o_shape, 2, NULL, &tout));
+    EXPECT_OK(tessera_tensor_wrap_host(d_x, sizeof d_x, TESSERA_DTYPE_F32, x_shape, 2, NULL, &tdx));
+    EXPECT_OK(tessera_tensor_wrap_host(d_a, sizeof d_a, TESSERA_DTYPE_F32, a_shape, 3, NULL, &tda));
+    EXPECT_OK(tessera_tensor_wrap_host(d_b, sizeof d_b, TESSERA_DTYPE_F32, b_shape, 3, NULL, &tdb));
+    EXPECT_OK(tessera_tensor_wrap_host(d_w, sizeof d_w, TESSERA_DTYPE_F32, w_shape, 2, NULL, &tdw));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_BF16, x_shape, 2, &bf_x));
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_BF16, a_shape, 3, &a_bf));
+
+    /* Adapters: copies of a and b; bad ranks, scales, counts and shapes refused. */
+    TesseraLoraAdapters *adapters = FORGED(TesseraLoraAdapters);
+    const size_t bad_ranks[LC] = {0, 3}, big_ranks[LC] = {2, 4};
+    const float bad_scales[LC] = {1.0f, INFINITY};
+    EXPECT(INVALID, tessera_lora_adapters_new(ta, tb, lora_ranks, lora_scales, LC, NULL));
+    EXPECT(INVALID, tessera_lora_adapters_new(ta, tb, NULL, lora_scales, LC, &adapters));
+    CHECK(adapters == NULL);
+    EXPECT(INVALID, tessera_lora_adapters_new(ta, tb, lora_ranks, NULL, LC, &adapters));
+    EXPECT(INVALID, tessera_lora_adapters_new(ta, tb, lora_ranks, lora_scales, 1, &adapters));
+    EXPECT(INVALID, tessera_lora_adapters_new(ta, tb, lora_ranks, lora_scales, 0, &adapters));
+    EXPECT(INVALID, tessera_lora_adapters_new(ta, tb, bad_ranks, lora_scales, LC, &adapters));
+    EXPECT(INVALID, tessera_lora_adapters_new(ta, tb, big_ranks, lora_scales, LC, &adapters));
+    EXPECT(INVALID, tessera_lora_adapters_new(ta, tb, lora_ranks, bad_scales, LC, &adapters));
+    EXPECT(INVALID, tessera_lora_adapters_new(tb, ta, lora_ranks, lora_scales, LC, &adapters));
+    EXPECT(INVALID, tessera_lora_adapters_new(a_bf, tb, lora_ranks, lora_scales, LC, &adapters));
+    EXPECT(INVALID, tessera_lora_adapters_new(tw, tb, lora_ranks, lora_scales, LC, &adapters));
+    EXPECT(INVALID, tessera_lora_adapters_new(NULL, tb, lora_ranks, lora_scales, LC, &adapters));
+    EXPECT(HANDLE, tessera_lora_adapters_new(ta, FORGED(TesseraTensor), lora_ranks, lora_scales, LC, &adapters));
+    CHECK(adapters == NULL);
+    EXPECT_OK(tessera_lora_adapters_new(ta, tb, lora_ranks, lora_scales, LC, &adapters));
+    size_t count = 0, max_rank = 0, d_in = 0, d_out = 0;
+    int32_t dtype = -1;
+    EXPECT_OK(tessera_lora_adapters_info(adapters, &count, &max_rank, &d_in, &d_out, &dtype));
+    CHECK(count == LC && max_rank == LR && d_in == LI && d_out == LO && dtype == TESSERA_DTYPE_F32);
+    EXPECT_OK(tessera_lora_adapters_info(adapters, NULL, NULL, NULL, NULL, NULL));
+    EXPECT(HANDLE, tessera_lora_adapters_info(FORGED(TesseraLoraAdapters), &count, NULL, NULL, NULL, NULL));
+    EXPECT(INVALID, tessera_lora_adapters_info(NULL, &count, NULL, NULL, NULL, NULL));
+
+    /* Routings. */
+    TesseraLoraRouting *routing = FORGED(TesseraLoraRouting), *by_sequence = NULL, *single = NULL, *short_routing = NULL;
+    TesseraLoraRouting *far = NULL;
+    const uint32_t sequence_ids[2] = {0, 1}, huge_id[1] = {0x7fffffffu};
+    EXPECT(INVALID, tessera_lora_routing_new_per_row(cpu, ids, 0, &routing));
+    CHECK(routing == NULL);
+    EXPECT(INVALID, tessera_lora_routing_new_per_row(cpu, NULL, LM, &routing));
+    EXPECT(INVALID, tessera_lora_routing_new_per_row(cpu, ids, (size_t)1 << 31, &routing));
+    EXPECT(INVALID, tessera_lora_routing_new_per_row(cpu, huge_id, 1, &routing));
+    EXPECT(INVALID, tessera_lora_routing_new_per_row(cpu, ids, LM, NULL));
+    EXPECT(INVALID, tessera_lora_routing_new_per_row(NULL, ids, LM, &routing));
+    EXPECT(HANDLE, tessera_lora_routing_new_per_row(FORGED(TesseraDevice), ids, LM, &routing));
+    EXPECT(HANDLE, tessera_lora_routing_new_per_row((TesseraDevice *)tx, ids, LM, &routing));
+    EXPECT(INVALID, tessera_lora_routing_new_per_sequence(cpu, sequence_ids, SIZE_MAX, 2, &by_sequence));
+    EXPECT(INVALID, tessera_lora_routing_new_per_sequence(cpu, sequence_ids, 2, 0, &by_sequence));
+    EXPECT(INVALID, tessera_lora_routing_new_per_sequence(cpu, NULL, 2, 2, &by_sequence));
+    EXPECT(INVALID, tessera_lora_routing_new_per_sequence(cpu, sequence_ids, 2, 2, NULL));
+    EXPECT(HANDLE, tessera_lora_routing_new_per_sequence(FORGED(TesseraDevice), sequence_ids, 2, 2, &by_sequence));
+    EXPECT(INVALID, tessera_lora_routing_new_single(cpu, 0, 0, &single));
+    EXPECT(INVALID, tessera_lora_routing_new_single(cpu, SIZE_MAX, 0, &single));
+    EXPECT(INVALID, tessera_lora_routing_new_single(cpu, LM, 0, NULL));
+    EXPECT(HANDLE, tessera_lora_routing_new_single(FORGED(TesseraDevice), LM, 0, &single));
+    CHECK(routing == NULL && by_sequence == NULL && single == NULL);
+    EXPECT_OK(tessera_lora_routing_new_per_row(cpu, ids, LM, &routing));
+    EXPECT_OK(tessera_lora_routing_new_per_sequence(cpu, sequence_ids, 2, 2, &by_sequence));
+    EXPECT_OK(tessera_lora_routing_new_single(cpu, LM, 1, &single));
+    EXPECT_OK(tessera_lora_routing_new_single(cpu, LM - 1, 0, &short_routing));
+    EXPECT_OK(tessera_lora_routing_new_single(cpu, LM, LC, &far));
+
+    /* The base. */
+    TesseraLoraBase *base = FORGED(TesseraLoraBase), *flat = NULL;
+    TesseraTensor *vector = NULL;
+    EXPECT_OK(tessera_tensor_new_zeros(cpu, TESSERA_DTYPE_F32, bias_shape, 1, &vector));
+    EXPECT(INVALID, tessera_lora_base_new_dense(vector, &flat));
+    EXPECT(INVALID, tessera_lora_base_new_dense(tw, NULL));
+    EXPECT(INVALID, tessera_lora_base_new_dense(NULL, &base));
+    CHECK(base == NULL);
+    EXPECT(HANDLE, tessera_lora_base_new_dense(FORGED(TesseraTensor), &base));
+    EXPECT(HANDLE, tessera_lora_base_new_dense((TesseraTensor *)adapters, &base));
+    CHECK(base == NULL && flat == NULL);
+    EXPECT_OK(tessera_lora_base_new_dense(tw, &base));
+
+    /* Forward and backward against the loops, each row through its own adapter. */
+    fill_nan(out, LM * LO);
+    EXPECT_OK(tessera_lora_forward(tx, base, tbias, adapters, routing, tout));
+    double want_out[LM * LO];
+    for (size_t r = 0; r < LM; r++) {
+        size_t ad = ids[r];
+        for (size_t o = 0; o < LO; o++) {
+            double sum = bias[o];
+            for (size_t k = 0; k < LI; k++) sum += (double)x[r * LI + k] * w[o * LI + k];
+            for (size_t q = 0; q < lora_ranks[ad]; q++) sum += lora_scales[ad] * lora_t(x, a, r, ad, q) * b[(ad * LO + o) * LR + q];
+            want_out[r * LO + o] = sum;
+        }
+    }
+    CHECK(all_close(out, want_out, LM * LO, 1e-5));
+    fill_nan(d_x, LM * LI);
+    fill_nan(d_a, LC * LR * LI);
+    fill_nan(d_b, LC * LO * LR);
+    fill_nan(d_w, LO * LI);
+    EXPECT_OK(tessera_lora_backward(tdy, tx, base, adapters, routing, tdx, tda, tdb, tdw));
+    double want_dx[LM * LI] = {0}, want_da[LC * LR * LI] = {0}, want_db[LC * LO * LR] = {0}, want_dw[LO * LI] = {0};
+    for (size_t r = 0; r < LM; r++) {
+        size_t ad = ids[r];
+        double s = lora_scales[ad];
+        for (size_t k = 0; k < LI; k++) {
+            for (size_t o = 0; o < LO; o++) {
+                want_dx[r * LI + k] += (double)dy[r * LO + o] * w[o * LI + k];
+                want_dw[o * LI + k] += (double)dy[r * LO + o] * x[r * LI + k];
+            }
+        }
+        for (size_t q = 0; q < lora_ranks[ad]; q++) {
+            double u = 0, t = lora_t(x, a, r, ad, q);
+            for (size_t o = 0; o < LO; o++) u += (double)dy[r * LO + o] * b[(ad * LO + o) * LR + q];
+            for (size_t k = 0; k < LI; k++) {
+                want_dx[r * LI + k] += s * u * a[(ad * LR + q) * LI + k];
+                want_da[(ad * LR + q) * LI + k] += s * u * x[r * LI + k];
+            }
+            for (size_t o = 0; o < LO; o++) want_db[(ad * LO + o) * LR + q] += s * dy[r * LO + o] * t;
+        }
+    }
+    CHECK(all_close(d_x, want_dx, LM * LI, 1e-5) && all_close(d_w, want_dw, LO * LI, 1e-5));
+    CHECK(all_close(d_a, want_da, LC * LR * LI, 1e-5) && all_close(d_b, want_db, LC * LO * LR, 1e-5));
+    EXPECT_OK(tessera_lora_backward(tdy, tx, base, adapters, by_sequence, tdx, tda, tdb, NULL));
+    EXPECT_OK(tessera_lora_forward(tx, base, NULL, adapters, single, tout));
+
+    /* Merging adapter 1 makes the base alone give what base and adapter gave; unmerging undoes it. */
+    float merged[LO * LI], restored[LO * LI];
+    EXPECT_OK(tessera_lora_merge(base, adapters, 1));
+    EXPECT_OK(tessera_tensor_copy_to_host(tw, merged, sizeof merged));
+    double want_merged[LO * LI], want_w[LO * LI];
+    for (size_t o = 0; o < LO; o++) {
+        for (size_t k = 0; k < LI; k++) {
+            double sum = w[o * LI + k];
+            for (size_t q = 0; q < lora_ranks[1]; q++) sum += lora_scales[1] * b[(LO + o) * LR + q] * a[(LR + q) * LI + k];
+            want_merged[o * LI + k] = sum;
+            want_w[o * LI + k] = w[o * LI + k];
+        }
+    }
+    CHECK(all_close(merged, want_merged, LO * LI, 1e-6));
+    EXPECT_OK(tessera_lora_unmerge(base, adapters, 1));
+    EXPECT_OK(tessera_tensor_copy_to_host(tw, restored, sizeof restored));
+    CHECK(all_close(restored, want_w, LO * LI, 1e-5));
+
+    /* The weights' round trip: what is set is what is read back. */
+    float a_back[LC * LR * LI], b_back[LC * LO * LR];
+    TesseraTensor *ta_back = NULL, *tb_back = NULL;
+    EXPECT_OK(tessera_tensor_wrap_host(a_back, sizeof a_back, TESSERA_DTYPE_F32, a_shape, 3, NULL, &ta_back));
+    EXPECT_OK(tessera_tensor_wrap_host(b_back, sizeof b_back, TESSERA_DTYPE_F32, b_shape, 3, NULL, &tb_back));
+    EXPECT_OK(tessera_lora_adapters_set_weights(adapters, tda, tdb));
+    EXPECT_OK(tessera_lora_adapters_get_weights(adapters, ta_back, tb_back));
+    CHECK(memcmp(a_back, d_a, sizeof a_back) == 0 && memcmp(b_back, d_b, sizeof b_back) == 0);
+    EXPECT_OK(tessera_lora_adapters_set_weights(adapters, ta, tb));
+
+    /* Bad input: the outputs keep their values. */
+    float kept_out = out[3], kept_dx = d_x[2], kept_a = a_back[5];
+    EXPECT(INVALID, tessera_lora_forward(tx, base, tbias, adapters, routing, tx));
+    EXPECT(INVALID, tessera_lora_forward(tx, base, tbias, adapters, routing, tw));
+    EXPECT(INVALID, tessera_lora_forward(tx, base, tbias, adapters, routing, tdx));
+    EXPECT(INVALID, tessera_lora_forward(tx, base, tbias, adapters, short_routing, tout));
+    EXPECT(INVALID, tessera_lora_forward(tx, base, tbias, adapters, far, tout));
+    EXPECT(INVALID, tessera_lora_forward(bf_x, base, tbias, adapters, routing, tout));
+    EXPECT(INVALID, tessera_lora_forward(tx, base, tx, adapters, routing, tout));
+    EXPECT(INVALID, tessera_lora_forward(NULL, base, tbias, adapters, routing, tout));
+    EXPECT(INVALID, tessera_lora_forward(tx, NULL, tbias, adapters, routing, tout));
+    EXPECT(INVALID, tessera_lora_forward(tx, base, tbias, NULL, routing, tout));
+    EXPECT(INVALID, tessera_lora_forward(tx, base, tbias, adapters, NULL, tout));
+    EXPECT(INVALID, tessera_lora_forward(tx, base, tbias, adapters, routing, NULL));
+    EXPECT(HANDLE, tessera_lora_forward(tx, FORGED(TesseraLoraBase), tbias, adapters, routing, tout));
+    EXPECT(HANDLE, tessera_lora_forward(tx, base, tbias, (TesseraLoraAdapters *)routing, routing, tout));
+    EXPECT(HANDLE, tessera_lora_forward(tx, base, tbias, adapters, (TesseraLoraRouting *)adapters, tout));
+    EXPECT(INVALID, tessera_lora_backward(tdy, tx, base, adapters, routing, tdx, tdx, tdb, NULL));
+    EXPECT(INVALID, tessera_lora_backward(tdy, tx, base, adapters, routing, tdx, tdb, tda, NULL));
+    EXPECT(INVALID, tessera_lora_backward(tdy, tx, base, adapters, routing, tdx, tda, tdb, tw));
+    EXPECT(INVALID, tessera_lora_backward(tdy, tx, base, adapters, routing, tdx, tda, tdb, tdx));
+    EXPECT(INVALID, tessera_lora_backward(tx, tx, base, adapters, routing, tdx, tda, tdb, NULL));
+    EXPECT(INVALID, tessera_lora_backward(tdy, tx, base, adapters, far, tdx, tda, tdb, NULL));
+    EXPECT(INVALID, tessera_lora_backward(tdy, tx, base, adapters, routing, NULL, tda, tdb, NULL));
+    EXPECT(HANDLE, tessera_lora_backward(tdy, tx, base, FORGED(TesseraLoraAdapters), routing, tdx, tda, tdb, NULL));
+    EXPECT(INVALID, tessera_lora_merge(base, adapters, LC));
+    EXPECT(INVALID, tessera_lora_unmerge(base, adapters, SIZE_MAX));
+    EXPECT(INVALID, tessera_lora_merge(NULL, adapters, 0));
+    EXPECT(HANDLE, tessera_lora_merge(base, FORGED(TesseraLoraAdapters), 0));
+    EXPECT(HANDLE, tessera_lora_unmerge(FORGED(TesseraLoraBase), adapters, 0));
+    EXPECT(INVALID, tessera_lora_adapters_set_weights(adapters, tb, ta));
+    EXPECT(INVALID, tessera_lora_adapters_set_weights(adapters, a_bf, tb));
+    EXPECT(INVALID, tessera_lora_adapters_set_weights(adapters, NULL, tb));
+    EXPECT(HANDLE, tessera_lora_adapters_set_weights(FORGED(TesseraLoraAdapters), ta, tb));
+    EXPECT(INVALID, tessera_lora_adapters_get_weights(adapters, ta_back, ta_back));
+    EXPECT(INVALID, tessera_lora_adapters_get_weights(adapters, tb_back, ta_back));
+    EXPECT(INVALID, tessera_lora_adapters_get_weights(adapters, ta_back, NULL));
+    EXPECT(HANDLE, tessera_lora_adapters_get_weights((TesseraLoraAdapters *)base, ta_back, tb_back));
+    CHECK(out[3] == kept_out && d_x[2] == kept_dx && a_back[5] == kept_a);
+    EXPECT_OK(tessera_tensor_copy_to_host(tw, restored, sizeof restored));
+    CHECK(all_close(restored, want_w, LO * LI, 1e-5));
+
+    /* The base keeps its tensor after the tensor's handle is freed. */
+    EXPECT_OK(tessera_tensor_free(tw));
+    EXPECT_OK(tessera_lora_forward(tx, base, tbias, adapters, routing, tout));
+    CHECK(all_close(out, want_out, LM * LO, 1e-5));
+
+    /* Freed handles are refused; NULL frees are no-ops; a handle of another kind is not freed. */
+    EXPECT(HANDLE, tessera_lora_base_free((TesseraLoraBase *)adapters));
+    EXPECT(HANDLE, tessera_lora_adapters_free((TesseraLoraAdapters *)routing));
+    EXPECT(HANDLE, tessera_lora_routing_free((TesseraLoraRouting *)base));
+    EXPECT_OK(tessera_lora_base_free(base));
+    EXPECT_OK(tessera_lora_adapters_free(adapters));
+    TesseraLoraRouting *routings[] = {routing, by_sequence, single, short_routing, far};
+    for (size_t i = 0; i < 5; i++) EXPECT_OK(tessera_lora_routing_free(routings[i]));
+    EXPECT(HANDLE, tessera_lora_forward(tx, base, tbias, adapters, routing, tout));
+    EXPECT(HANDLE, tessera_lora_merge(base, adapters, 0));
+    EXPECT(HANDLE, tessera_lora_adapters_info(adapters, &count, NULL, NULL, NULL, NULL));
+    EXPECT(HANDLE, tessera_lora_base_free(base));
+    EXPECT(HANDLE, tessera_lora_adapters_free(adapters));
+    EXPECT(HANDLE, tessera_lora_routing_free(routing));
+    EXPECT_OK(tessera_lora_base_free(NULL));
+    EXPECT_OK(tessera_lora_adapters_free(NULL));
+    EXPECT_OK(tessera_lora_routing_free(NULL));
+    TesseraTensor *all[] = {ta, tb, tx, tbias, tdy, tout, tdx, tda, tdb, tdw, bf_x, a_bf, vector, ta_back, tb_back};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) EXPECT_OK(tessera_tensor_free(all[i]));
+}
+
+/* Streams: on the CPU a stream with no native handle that synchronises at once. */
+static void streams(TesseraDevice *cpu) {
+    TesseraStream *stream = FORGED(TesseraStream);
+    void *native = (void *)&stream;
+    EXPECT(INVALID, tessera_stream_new(cpu, NULL));
+    EXPECT(INVALID, tessera_stream_new(NULL, &stream));
+    CHECK(stream == NULL);
+    EXPECT(HANDLE, tessera_stream_new(FORGED(TesseraDevice), &stream));
+    EXPECT_OK(tessera_stream_new(cpu, &stream));
+    TesseraStream *other = FORGED(TesseraStream);
+    EXPECT(HANDLE, tessera_stream_new((TesseraDevice *)stream, &other));
+    CHECK(other == NULL);
+    EXPECT_OK(tessera_stream_native(stream, &native));
+    CHECK(native == NULL);
+    EXPECT(INVALID, tessera_stream_native(stream, NULL));
+    EXPECT(INVALID, tessera_stream_native(NULL, &native));
+    EXPECT(HANDLE, tessera_stream_native((TesseraStream *)cpu, &native));
+    EXPECT_OK(tessera_stream_synchronize(stream));
+    EXPECT(INVALID, tessera_stream_synchronize(NULL));
+    EXPECT(HANDLE, tessera_stream_synchronize(FORGED(TesseraStream)));
+    EXPECT(HANDLE, tessera_device_free((TesseraDevice *)stream));
+    EXPECT(HANDLE, tessera_stream_free((TesseraStream *)cpu));
+    EXPECT_OK(tessera_stream_free(stream));
+    EXPECT(HANDLE, tessera_stream_synchronize(stream));
+    EXPECT(HANDLE, tessera_stream_free(stream));
+    EXPECT_OK(tessera_stream_free(NULL));
+}
+
+/* Only where a GPU can be used: addresses that are not device memory are refused (ffi/tests/
+ * device_memory.c wraps real device memory), the stream has a native handle, and tensors on two
+ * devices do not mix. */
 static void gpu(void) {
     if (tessera_device_cuda_count() == 0) return;
     TesseraDevice *cuda = NULL;
@@ -1467,9 +2012,19 @@ static void gpu(void) {
     bool is_cuda = false;
     EXPECT_OK(tessera_device_is_cuda(cuda, &is_cuda));
     CHECK(is_cuda);
-    EXPECT(TESSERA_STATUS_UNSUPPORTED,
+    EXPECT(INVALID,
            tessera_tensor_wrap_device(cuda, (void *)(uintptr_t)0x1000, 16, TESSERA_DTYPE_F32, shape, 2, NULL, &t));
     CHECK(t == NULL);
+    CHECK(strstr(tessera_last_error(), "device memory") != NULL);
+    _Alignas(256) float host_floats[64] = {0};
+    EXPECT(INVALID, tessera_tensor_wrap_device(cuda, host_floats, 16, TESSERA_DTYPE_F32, shape, 2, NULL, &t));
+    TesseraStream *stream = NULL;
+    void *native = NULL;
+    EXPECT_OK(tessera_stream_new(cuda, &stream));
+    EXPECT_OK(tessera_stream_native(stream, &native));
+    CHECK(native != NULL);
+    EXPECT_OK(tessera_stream_synchronize(stream));
+    EXPECT_OK(tessera_stream_free(stream));
     EXPECT(INVALID, tessera_tensor_wrap_device(cuda, NULL, 16, TESSERA_DTYPE_F32, shape, 2, NULL, &t));
     EXPECT(INVALID, tessera_tensor_wrap_device(cuda, (void *)(uintptr_t)0x1002, 16, TESSERA_DTYPE_F32, shape, 2,
                                                NULL, &t));
@@ -1504,6 +2059,9 @@ int main(void) {
     transformer_ops(cpu);
     embedding_and_norm(cpu);
     trainer_and_model(cpu);
+    binary(cpu);
+    lora(cpu);
+    streams(cpu);
     gpu();
     EXPECT_OK(tessera_device_free(cpu));
     CHECK(tessera_live_handle_count() == 0);

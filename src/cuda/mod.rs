@@ -12,6 +12,7 @@ use cudarc::driver::{
     result as driver, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchArgs,
 };
 use std::collections::HashMap;
+use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -265,9 +266,90 @@ impl CudaBackend {
         let slice =
             unsafe { self.stream.alloc::<u8>(bytes) }.context(&format!("allocating {bytes} bytes on {}", self.name))?;
         Ok(DeviceBuffer {
-            slice,
+            slice: ManuallyDrop::new(slice),
             backend: self.clone(),
+            owned: true,
         })
+    }
+
+    /// A buffer over `bytes` of device memory at `address` that tessera does not own: dropping
+    /// the buffer never frees it. The driver is asked first (`cuPointerGetAttribute`) that the
+    /// whole range lies in one allocation of device (or managed) memory of this GPU; `op` names
+    /// the caller in the error.
+    ///
+    /// # Safety
+    ///
+    /// For the buffer's life, the range must stay allocated, and must not be written other than
+    /// through the buffer while work queued on this device's stream uses it.
+    pub(crate) unsafe fn wrap(self: &Arc<Self>, op: &'static str, address: u64, bytes: usize) -> Result<DeviceBuffer> {
+        self.check_device_range(op, address, bytes)?;
+        // SAFETY: the range is device memory of this GPU (checked above) that stays valid for
+        // the buffer's life (the caller's promise); the buffer leaks rather than frees it.
+        let slice = unsafe { self.stream.upgrade_device_ptr::<u8>(address, bytes) };
+        Ok(DeviceBuffer {
+            slice: ManuallyDrop::new(slice),
+            backend: self.clone(),
+            owned: false,
+        })
+    }
+
+    /// Checks with the driver that `address..address + bytes` lies in one allocation of device
+    /// or managed memory on this GPU.
+    fn check_device_range(&self, op: &'static str, address: u64, bytes: usize) -> Result<()> {
+        use sys::CUpointer_attribute as Attribute;
+        self.context.bind_to_thread().context("binding the CUDA context")?;
+        let expected = format!("device memory of cuda:{} allocated with CUDA", self.ordinal);
+        let unknown = |e: String| {
+            Error::invalid(
+                op,
+                "data",
+                expected.clone(),
+                format!("{address:#x}, which the CUDA driver does not know as device memory ({e})"),
+            )
+        };
+        // SAFETY: each query writes one value of the attribute's documented type into a local.
+        let memory_type: u32 =
+            unsafe { pointer_attribute(Attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE, address) }.map_err(unknown)?;
+        let device_types = [
+            sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32,
+            sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED as u32,
+        ];
+        if !device_types.contains(&memory_type) {
+            return Err(Error::invalid(
+                op,
+                "data",
+                expected,
+                format!("{address:#x}, memory of CUDA memory type {memory_type} (1 is host memory)"),
+            ));
+        }
+        // SAFETY: as above.
+        let ordinal: i32 =
+            unsafe { pointer_attribute(Attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, address) }.map_err(unknown)?;
+        if usize::try_from(ordinal).ok() != Some(self.ordinal) {
+            return Err(Error::invalid(
+                op,
+                "data",
+                expected,
+                format!("{address:#x}, memory of cuda:{ordinal}"),
+            ));
+        }
+        // SAFETY: as above.
+        let start: u64 =
+            unsafe { pointer_attribute(Attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, address) }.map_err(unknown)?;
+        // SAFETY: as above.
+        let size: usize =
+            unsafe { pointer_attribute(Attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE, address) }.map_err(unknown)?;
+        let end = start.checked_add(size as u64);
+        let wanted_end = address.checked_add(bytes as u64);
+        match (end, wanted_end) {
+            (Some(end), Some(wanted_end)) if start <= address && wanted_end <= end => Ok(()),
+            _ => Err(Error::invalid(
+                op,
+                "bytes",
+                format!("{bytes} bytes from {address:#x} inside its allocation"),
+                format!("an allocation of {size} bytes at {start:#x}"),
+            )),
+        }
     }
 
     /// `bytes` of zeroed device memory.
@@ -281,16 +363,49 @@ impl CudaBackend {
     pub(crate) fn upload(self: &Arc<Self>, bytes: &[u8]) -> Result<DeviceBuffer> {
         let mut buffer = self.alloc(bytes.len())?;
         self.stream
-            .memcpy_htod(bytes, &mut buffer.slice)
+            .memcpy_htod(bytes, &mut *buffer.slice)
             .context("copying host to device")?;
         Ok(buffer)
     }
 }
 
-/// Device memory owned by a tensor, freed on its device's stream when dropped.
+/// One value of a pointer attribute.
+///
+/// # Safety
+///
+/// `T` must be the type the driver writes for `attribute` (unsigned int for the memory type, int
+/// for the ordinal, CUdeviceptr for the range start, size_t for the range size).
+unsafe fn pointer_attribute<T: Default>(
+    attribute: sys::CUpointer_attribute,
+    address: u64,
+) -> std::result::Result<T, String> {
+    let mut value = T::default();
+    // SAFETY: `value` is a live local of the type the caller promised for this attribute.
+    unsafe { sys::cuPointerGetAttribute((&mut value as *mut T).cast(), attribute, address) }
+        .result()
+        .map_err(|e| e.to_string())?;
+    Ok(value)
+}
+
+/// Device memory of a tensor: owned (freed on its device's stream when dropped) or a caller's
+/// allocation wrapped by [`CudaBackend::wrap`] (left alone when dropped).
 pub(crate) struct DeviceBuffer {
-    slice: CudaSlice<u8>,
+    slice: ManuallyDrop<CudaSlice<u8>>,
     backend: Arc<CudaBackend>,
+    owned: bool,
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        // SAFETY: the slice is taken once, here, and the buffer is never used again.
+        let slice = unsafe { ManuallyDrop::take(&mut self.slice) };
+        if self.owned {
+            drop(slice);
+        } else {
+            // Forgets the address without freeing it: the memory is the caller's.
+            let _ = slice.leak();
+        }
+    }
 }
 
 impl DeviceBuffer {
@@ -361,7 +476,7 @@ impl DeviceBuffer {
     pub(crate) fn copy_from_host(&mut self, bytes: &[u8]) -> Result<()> {
         self.backend
             .stream
-            .memcpy_htod(bytes, &mut self.slice)
+            .memcpy_htod(bytes, &mut *self.slice)
             .context("copying host to device")
     }
 
@@ -378,7 +493,7 @@ impl DeviceBuffer {
         })?;
         backend
             .stream
-            .memcpy_dtod(&source, &mut copy.slice)
+            .memcpy_dtod(&source, &mut *copy.slice)
             .context("copying device to device")?;
         Ok(copy)
     }
