@@ -538,7 +538,9 @@ fn norm_backward(
     )
 }
 
-/// `out = x·W (+ b)` in the weight's layout.
+/// `out = x·W (+ b)` in the weight's layout: the one place a block projection runs, whatever its
+/// variant. A masked layer (`nm`, `unstructured`) multiplies by its masked dense weight (its
+/// pruned entries are exactly 0), on both devices.
 fn linear_forward(params: &GptParams, linear: &Linear, x: &Tensor, out: &mut Tensor) -> Result<()> {
     let options = match linear.layout {
         Layout::OutputMajor => MatmulOptions::linear(),
@@ -549,7 +551,8 @@ fn linear_forward(params: &GptParams, linear: &Linear, x: &Tensor, out: &mut Ten
 }
 
 /// A linear layer's backward: `dx` (added to what it holds with `accumulate`) and the weight's
-/// and bias's gradients, added to theirs.
+/// and bias's gradients, added to theirs. An `nm` layer's `dx` goes through its double-pruned
+/// weight (SLoPe), and a masked layer's weight gradient is masked.
 fn linear_backward(
     params: &mut GptParams,
     linear: &Linear,
@@ -565,9 +568,10 @@ fn linear_backward(
             beta: if accumulate { 1.0 } else { 0.0 },
             ..MatmulOptions::default()
         };
-        ops::matmul_into(dy, params.weight(linear.weight), None, dx, options)?;
+        ops::matmul_into(dy, params.input_grad_weight(linear.weight), None, dx, options)?;
     }
     weight_grad(params, linear.weight, linear.layout, x, dy)?;
+    params.mask_grad(linear.weight)?;
     if let Some(bias) = linear.bias {
         // db = 1ᵀ·dY, as a (1, n) product into the (n) gradient.
         let grad = &mut params.params[bias].grad;

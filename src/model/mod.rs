@@ -6,8 +6,10 @@ pub mod generate;
 pub mod gpt;
 pub mod params;
 pub mod safetensors;
+pub mod variants;
 
 pub use config::{Activation, Attention, Family, GptConfig, Norm, Positions};
 pub use gpt::Gpt;
 pub use params::{GptParams, ModelLayout, Parameter};
 pub use safetensors::SafeTensors;
+pub use variants::{LinearKind, LinearSpec, LinearVariants, LoraSpec, Variant};

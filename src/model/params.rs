@@ -13,10 +13,11 @@
 
 use super::config::{Activation, Family, GptConfig, Norm, Positions};
 use super::safetensors::{self, SafeTensors};
+use super::variants::{LinearKind, LinearSite, LinearSpec, LinearVariants, Variant};
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::ops::{self, AdamWConfig, AdamWTensor};
+use crate::ops::{self, AdamWConfig, AdamWTensor, NmPattern, StaticMask};
 use crate::tensor::Tensor;
 use crate::train::data::splitmix64;
 use std::collections::BTreeMap;
@@ -57,14 +58,15 @@ pub struct ParamSpec {
 /// scaled by 1/√(2·layers) so that the stream's variance does not grow with depth.
 const STD: f32 = 0.02;
 
-/// A linear layer: indices of its weight and bias in [`ModelLayout::specs`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A linear layer: indices of its weight and bias in [`ModelLayout::specs`], and its variant.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Linear {
     pub weight: usize,
     pub bias: Option<usize>,
     pub layout: Layout,
     pub input: usize,
     pub output: usize,
+    pub spec: LinearSpec,
 }
 
 /// A normalisation's gain and (LayerNorm) bias.
@@ -75,14 +77,14 @@ pub struct NormIndex {
 }
 
 /// The query, key and value projections: GPT-2's one fused `c_attn`, or Llama's three.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Qkv {
     Fused(Linear),
     Separate { q: Linear, k: Linear, v: Linear },
 }
 
 /// One transformer block's parameters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Block {
     pub norm1: NormIndex,
     pub qkv: Qkv,
@@ -107,13 +109,41 @@ pub struct ModelLayout {
 }
 
 impl ModelLayout {
-    /// The layout of `config`'s model, in the order the forward pass uses the parameters.
+    /// The layout of `config`'s model with every linear layer dense, in the order the forward
+    /// pass uses the parameters.
     pub fn new(config: &GptConfig) -> ModelLayout {
+        ModelLayout::with_variants(config, &LinearVariants::dense())
+    }
+
+    /// The layout of `config`'s model with `variants`' linear layers (not validated here: see
+    /// [`LinearVariants::validate`]).
+    pub fn with_variants(config: &GptConfig, variants: &LinearVariants) -> ModelLayout {
+        ModelLayout::build(config, variants).0
+    }
+
+    /// Every block linear layer, in forward order.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut list = Vec::new();
+        for block in &self.blocks {
+            match &block.qkv {
+                Qkv::Fused(qkv) => list.push(qkv),
+                Qkv::Separate { q, k, v } => list.extend([q, k, v]),
+            }
+            list.push(&block.out);
+            list.extend(block.gate.iter());
+            list.extend([&block.up, &block.down]);
+        }
+        list
+    }
+
+    fn build(config: &GptConfig, variants: &LinearVariants) -> (ModelLayout, Vec<LinearSite>) {
         let mut builder = Builder {
             specs: Vec::new(),
             gpt2: config.family == Family::Gpt2,
             width: config.width,
             layer_norm: config.norm == Norm::LayerNorm,
+            variants,
+            sites: Vec::new(),
         };
         let (c, f, v) = (config.width, config.ffn_width, config.vocab);
         let kv = config.kv_heads * config.head_dim();
@@ -156,26 +186,32 @@ impl ModelLayout {
                 if builder.gpt2 {
                     Block {
                         norm1: builder.norm(format!("{p}.ln_1")),
-                        qkv: Qkv::Fused(builder.linear(format!("{p}.attn.c_attn"), c, c + 2 * kv, STD)),
-                        out: builder.linear(format!("{p}.attn.c_proj"), c, c, residual_std),
+                        qkv: Qkv::Fused(builder.linear(
+                            LinearKind::Qkv,
+                            format!("{p}.attn.c_attn"),
+                            c,
+                            c + 2 * kv,
+                            STD,
+                        )),
+                        out: builder.linear(LinearKind::Out, format!("{p}.attn.c_proj"), c, c, residual_std),
                         norm2: builder.norm(format!("{p}.ln_2")),
-                        up: builder.linear(format!("{p}.mlp.c_fc"), c, f, STD),
-                        gate: swiglu.then(|| builder.linear(format!("{p}.mlp.c_gate"), c, f, STD)),
-                        down: builder.linear(format!("{p}.mlp.c_proj"), f, c, residual_std),
+                        up: builder.linear(LinearKind::Up, format!("{p}.mlp.c_fc"), c, f, STD),
+                        gate: swiglu.then(|| builder.linear(LinearKind::Gate, format!("{p}.mlp.c_gate"), c, f, STD)),
+                        down: builder.linear(LinearKind::Down, format!("{p}.mlp.c_proj"), f, c, residual_std),
                     }
                 } else {
                     Block {
                         norm1: builder.norm(format!("{p}.input_layernorm")),
                         qkv: Qkv::Separate {
-                            q: builder.linear(format!("{p}.self_attn.q_proj"), c, c, STD),
-                            k: builder.linear(format!("{p}.self_attn.k_proj"), c, kv, STD),
-                            v: builder.linear(format!("{p}.self_attn.v_proj"), c, kv, STD),
+                            q: builder.linear(LinearKind::Q, format!("{p}.self_attn.q_proj"), c, c, STD),
+                            k: builder.linear(LinearKind::K, format!("{p}.self_attn.k_proj"), c, kv, STD),
+                            v: builder.linear(LinearKind::V, format!("{p}.self_attn.v_proj"), c, kv, STD),
                         },
-                        out: builder.linear(format!("{p}.self_attn.o_proj"), c, c, residual_std),
+                        out: builder.linear(LinearKind::Out, format!("{p}.self_attn.o_proj"), c, c, residual_std),
                         norm2: builder.norm(format!("{p}.post_attention_layernorm")),
-                        gate: swiglu.then(|| builder.linear(format!("{p}.mlp.gate_proj"), c, f, STD)),
-                        up: builder.linear(format!("{p}.mlp.up_proj"), c, f, STD),
-                        down: builder.linear(format!("{p}.mlp.down_proj"), f, c, residual_std),
+                        gate: swiglu.then(|| builder.linear(LinearKind::Gate, format!("{p}.mlp.gate_proj"), c, f, STD)),
+                        up: builder.linear(LinearKind::Up, format!("{p}.mlp.up_proj"), c, f, STD),
+                        down: builder.linear(LinearKind::Down, format!("{p}.mlp.down_proj"), f, c, residual_std),
                     }
                 }
             })
@@ -190,25 +226,28 @@ impl ModelLayout {
                 true,
             )
         });
-        ModelLayout {
+        let layout = ModelLayout {
             specs: builder.specs,
             token_embedding,
             positions,
             blocks,
             final_norm,
             head,
-        }
+        };
+        (layout, builder.sites)
     }
 }
 
-struct Builder {
+struct Builder<'a> {
     specs: Vec<ParamSpec>,
     gpt2: bool,
     width: usize,
     layer_norm: bool,
+    variants: &'a LinearVariants,
+    sites: Vec<LinearSite>,
 }
 
-impl Builder {
+impl Builder<'_> {
     fn push(&mut self, name: String, shape: Vec<usize>, layout: Layout, init: Init, weight_decay: bool) -> usize {
         self.specs.push(ParamSpec {
             name,
@@ -222,7 +261,15 @@ impl Builder {
 
     /// A linear layer from `input` to `output` features: GPT-2's Conv1D with a bias, or Llama's
     /// nn.Linear without one.
-    fn linear(&mut self, prefix: String, input: usize, output: usize, std: f32) -> Linear {
+    fn linear(&mut self, kind: LinearKind, prefix: String, input: usize, output: usize, std: f32) -> Linear {
+        let site = LinearSite {
+            kind,
+            name: prefix.clone(),
+            input,
+            output,
+        };
+        let spec = self.variants.spec_for(&site);
+        self.sites.push(site);
         let (shape, layout) = if self.gpt2 {
             (vec![input, output], Layout::InputMajor)
         } else {
@@ -244,6 +291,7 @@ impl Builder {
             layout,
             input,
             output,
+            spec,
         }
     }
 
@@ -260,6 +308,11 @@ impl Builder {
 /// Every parameter of the model, in the order the forward pass uses them.
 pub fn parameters(config: &GptConfig) -> Vec<ParamSpec> {
     ModelLayout::new(config).specs
+}
+
+/// Every block linear layer of `config`'s model, as the variant selectors see them.
+pub fn linear_sites(config: &GptConfig) -> Vec<LinearSite> {
+    ModelLayout::build(config, &LinearVariants::dense()).1
 }
 
 /// The metadata key under which a checkpoint records the configuration it was saved with.
@@ -280,9 +333,30 @@ pub struct Parameter {
     pub exp_avg_sq: Tensor,
 }
 
+/// The fixed mask of a masked linear layer (`nm`, `unstructured`): the master weight stays a
+/// dense f32 tensor whose pruned entries, like their gradients and AdamW moments, are kept at
+/// exactly 0, so that AdamW (weight decay included) never revives them.
+pub struct LinearMask {
+    /// 1 = kept, in the weight's stored (rows, cols) layout.
+    pub mask: StaticMask,
+    /// `nm`'s pattern, for the double-pruned input gradient; `None` for `unstructured`.
+    pub pattern: Option<NmPattern>,
+    /// `nm`: SLoPe's double-pruned weight `W_dp` (the masked weight pruned again N:M along the
+    /// output dimension) in the compute dtype and the weight's layout, through which the input
+    /// gradient goes; recomputed from the master weight after every update (the spec's reference
+    /// semantics).
+    pub double_pruned: Option<Tensor>,
+    layout: Layout,
+}
+
 /// The model's parameters, in the order of [`ModelLayout::specs`].
 pub struct GptParams {
     pub config: GptConfig,
+    /// The block linear layers' variants ([`ModelLayout`]'s `Linear`s carry each one's spec).
+    pub variants: LinearVariants,
+    /// The masks of the masked linear layers, by weight index. An `nm` layer pruned at a later
+    /// step has none until then, and [`GptParams::densify`] drops them all.
+    pub masks: BTreeMap<usize, LinearMask>,
     pub layout: ModelLayout,
     pub device: Device,
     /// The dtype of activations and of the weights the matmuls read: f32 on the CPU, bf16 on a GPU.
@@ -293,8 +367,20 @@ pub struct GptParams {
 impl GptParams {
     /// Freshly initialised parameters (GPT-2's scheme), the same for a given seed on every device.
     pub fn init(config: &GptConfig, device: &Device, seed: u64) -> Result<GptParams> {
+        GptParams::init_with_variants(config, &LinearVariants::dense(), device, seed)
+    }
+
+    /// Freshly initialised parameters with `variants`' linear layers: masked layers get their
+    /// mask now (`unstructured`, and `nm` pruned at step 0) and their weights masked.
+    pub fn init_with_variants(
+        config: &GptConfig,
+        variants: &LinearVariants,
+        device: &Device,
+        seed: u64,
+    ) -> Result<GptParams> {
         config.validate()?;
-        let layout = ModelLayout::new(config);
+        variants.validate(config)?;
+        let layout = ModelLayout::with_variants(config, variants);
         let values = layout
             .specs
             .iter()
@@ -308,12 +394,42 @@ impl GptParams {
                 Tensor::from_vec(values, &spec.shape, device)
             })
             .collect::<Result<Vec<_>>>()?;
-        GptParams::from_values(config.clone(), layout, values, device)
+        let mut params = GptParams::from_values(config.clone(), variants.clone(), layout, values, device)?;
+        let linears: Vec<Linear> = params.layout.linears().into_iter().copied().collect();
+        for linear in &linears {
+            match linear.spec.variant {
+                Variant::Unstructured {
+                    density,
+                    seed: mask_seed,
+                } => {
+                    let (rows, cols) = stored_dims(&params.layout.specs[linear.weight]);
+                    let name = &params.layout.specs[linear.weight].name;
+                    let mask = StaticMask::random(
+                        rows,
+                        cols,
+                        1.0 - density,
+                        mask_seed ^ splitmix64(name_hash(name)),
+                        device,
+                    )?;
+                    params.adopt_mask(linear, mask)?;
+                }
+                Variant::Nm { prune_step: 0, .. } => params.prune_nm(linear)?,
+                _ => {}
+            }
+        }
+        Ok(params)
     }
 
     /// Wraps master values (f32, on `device`, in layout order) with their compute copies,
     /// gradients and zeroed moments.
-    fn from_values(config: GptConfig, layout: ModelLayout, values: Vec<Tensor>, device: &Device) -> Result<GptParams> {
+    fn from_values(
+        config: GptConfig,
+        variants: LinearVariants,
+        layout: ModelLayout,
+        values: Vec<Tensor>,
+        device: &Device,
+    ) -> Result<GptParams> {
+        check_variants_supported(&layout)?;
         let dtype = if device.is_cuda() { DType::BF16 } else { DType::F32 };
         let params = values
             .into_iter()
@@ -338,6 +454,8 @@ impl GptParams {
             .collect::<Result<_>>()?;
         Ok(GptParams {
             config,
+            variants,
+            masks: BTreeMap::new(),
             layout,
             device: device.clone(),
             dtype,
@@ -349,6 +467,142 @@ impl GptParams {
     pub fn weight(&self, index: usize) -> &Tensor {
         let p = &self.params[index];
         p.compute.as_ref().unwrap_or(&p.value)
+    }
+
+    /// The weight through which a linear layer's input gradient goes: `nm`'s double-pruned
+    /// weight, else [`GptParams::weight`].
+    pub fn input_grad_weight(&self, index: usize) -> &Tensor {
+        match self.masks.get(&index).and_then(|m| m.double_pruned.as_ref()) {
+            Some(w) => w,
+            None => self.weight(index),
+        }
+    }
+
+    /// Makes `mask` linear layer `linear`'s: zeroes the pruned entries of its weight (and compute
+    /// copy), gradient and moments, and (`nm`) computes its double-pruned weight.
+    fn adopt_mask(&mut self, linear: &Linear, mask: StaticMask) -> Result<()> {
+        let p = &mut self.params[linear.weight];
+        for t in [&mut p.value, &mut p.grad, &mut p.exp_avg, &mut p.exp_avg_sq] {
+            ops::spdf_apply_mask(t, &mask)?;
+        }
+        if let Some(compute) = &mut p.compute {
+            ops::spdf_apply_mask(compute, &mask)?;
+        }
+        let pattern = match linear.spec.variant {
+            Variant::Nm { n, m, .. } => Some(NmPattern::new(n, m)?),
+            _ => None,
+        };
+        let double_pruned = match pattern {
+            Some(_) => Some(Tensor::zeros(&p.spec.shape, self.dtype, &self.device)?),
+            None => None,
+        };
+        self.masks.insert(
+            linear.weight,
+            LinearMask {
+                mask,
+                pattern,
+                double_pruned,
+                layout: linear.layout,
+            },
+        );
+        self.refresh_double_pruned(linear.weight)
+    }
+
+    /// Prunes `nm` layer `linear` by the magnitudes of its weight now and fixes the mask.
+    fn prune_nm(&mut self, linear: &Linear) -> Result<()> {
+        let Variant::Nm { n, m, .. } = linear.spec.variant else {
+            return Err(Error::invalid(
+                "GptParams::prune",
+                "linear",
+                "an nm layer",
+                linear.spec.variant,
+            ));
+        };
+        let p = &self.params[linear.weight];
+        let (rows, cols) = stored_dims(&p.spec);
+        let values = p.value.to_vec::<f32>()?;
+        // N:M groups run along the input dimension: the rows of an (out, in) weight.
+        let kept = nm_kept(
+            &values,
+            rows,
+            cols,
+            NmPattern::new(n, m)?,
+            linear.layout == Layout::OutputMajor,
+        )?;
+        let kept = Tensor::from_vec(kept, &[rows, cols], &Device::Cpu)?;
+        let mask = StaticMask::from_kept(&kept, &self.device)?;
+        self.adopt_mask(linear, mask)
+    }
+
+    /// Prunes the `nm` layers whose `prune_step` is `step` (after that step's update) and fixes
+    /// their masks; returns how many were pruned.
+    pub fn prune_due(&mut self, step: u64) -> Result<usize> {
+        let due: Vec<Linear> = self
+            .layout
+            .linears()
+            .into_iter()
+            .filter(|l| {
+                matches!(l.spec.variant, Variant::Nm { prune_step, .. } if prune_step == step)
+                    && !self.masks.contains_key(&l.weight)
+            })
+            .copied()
+            .collect();
+        for linear in &due {
+            self.prune_nm(linear)?;
+        }
+        Ok(due.len())
+    }
+
+    /// SPDF's dense fine-tuning: drops every mask, so that the pruned weights (at exactly 0) learn
+    /// from their dense gradients from now on.
+    pub fn densify(&mut self) {
+        self.masks.clear();
+    }
+
+    /// Recomputes `nm` layer `index`'s double-pruned weight from its master weight.
+    fn refresh_double_pruned(&mut self, index: usize) -> Result<()> {
+        let Some(mask) = self.masks.get_mut(&index) else {
+            return Ok(());
+        };
+        let (Some(pattern), Some(target)) = (mask.pattern, mask.double_pruned.as_mut()) else {
+            return Ok(());
+        };
+        let p = &self.params[index];
+        let (rows, cols) = stored_dims(&p.spec);
+        let mut values = p.value.to_vec::<f32>()?;
+        // The second pruning runs along the output dimension: the rows of an (in, out) weight.
+        let kept = nm_kept(&values, rows, cols, pattern, mask.layout == Layout::InputMajor)?;
+        for (v, k) in values.iter_mut().zip(&kept) {
+            if *k == 0 {
+                *v = 0.0;
+            }
+        }
+        let host = Tensor::from_vec(values, &[rows, cols], &Device::Cpu)?;
+        target.copy_from(&cast(&host, self.dtype)?)
+    }
+
+    /// Recomputes what derives from the master weights beyond their compute copies (the
+    /// double-pruned weights), after an update.
+    fn refresh_derived(&mut self) -> Result<()> {
+        let indices: Vec<usize> = self.masks.keys().copied().collect();
+        for index in indices {
+            self.refresh_double_pruned(index)?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes the pruned entries of masked layers' gradients (`dW = M ⊙ dYᵀX`).
+    pub(crate) fn mask_grad(&mut self, index: usize) -> Result<()> {
+        match self.masks.get(&index) {
+            Some(mask) => ops::spdf_apply_mask(&mut self.params[index].grad, &mask.mask),
+            None => Ok(()),
+        }
+    }
+
+    /// The configuration JSON that checkpoints record: [`GptConfig::to_json`] with the
+    /// variants' `linears` field when a layer is not dense.
+    pub fn config_json(&self) -> String {
+        config_json(&self.config, &self.variants)
     }
 
     /// The parameter called `name`.
@@ -386,7 +640,8 @@ impl GptParams {
                 weight_decay: p.spec.weight_decay,
             })
             .collect();
-        ops::adamw_step(&mut tensors, config, step, grad_scale)
+        ops::adamw_step(&mut tensors, config, step, grad_scale)?;
+        self.refresh_derived()
     }
 
     /// AdamW as [`GptParams::adamw_step`] over every parameter but `apart`, and a second update
@@ -431,7 +686,8 @@ impl GptParams {
         let mut rest: Vec<AdamWTensor<'_>> = rest.drain(..).map(|(_, t)| t).collect();
         let mut alone: Vec<AdamWTensor<'_>> = alone.drain(..).map(|(_, t)| t).collect();
         ops::adamw_step(&mut alone, apart_config, apart_step, grad_scale)?;
-        ops::adamw_step(&mut rest, config, step, grad_scale)
+        ops::adamw_step(&mut rest, config, step, grad_scale)?;
+        self.refresh_derived()
     }
 
     /// Re-draws parameter `index` from its initialisation (as [`GptParams::init`] would with
@@ -450,7 +706,8 @@ impl GptParams {
         p.exp_avg_sq.fill_bytes(0)
     }
 
-    /// Replaces parameter `index`'s master value (and its compute copy) by `values`.
+    /// Replaces parameter `index`'s master value (and its compute copy) by `values`, with a
+    /// masked layer's mask applied.
     pub fn set_value(&mut self, index: usize, values: Vec<f32>) -> Result<()> {
         let spec = self.check_index("GptParams::set_value", index)?;
         let numel: usize = spec.shape.iter().product();
@@ -462,7 +719,10 @@ impl GptParams {
                 values.len(),
             ));
         }
-        let value = Tensor::from_vec(values, &spec.shape, &self.device)?;
+        let mut value = Tensor::from_vec(values, &spec.shape, &self.device)?;
+        if let Some(mask) = self.masks.get(&index) {
+            ops::spdf_apply_mask(&mut value, &mask.mask)?;
+        }
         let compute = match self.params[index].compute {
             Some(_) => Some(cast(&value, self.dtype)?),
             None => None,
@@ -470,7 +730,7 @@ impl GptParams {
         let p = &mut self.params[index];
         p.value = value;
         p.compute = compute;
-        Ok(())
+        self.refresh_double_pruned(index)
     }
 
     fn check_index(&self, op: &'static str, index: usize) -> Result<&ParamSpec> {
@@ -487,10 +747,20 @@ impl GptParams {
     /// Writes the parameters to `path` (safetensors, Hugging Face names, the configuration in the
     /// metadata), atomically.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        let list: Vec<(&str, &Tensor)> = self.params.iter().map(|p| (p.spec.name.as_str(), &p.value)).collect();
+        let mask_names: Vec<(String, &Tensor)> = self
+            .masks
+            .iter()
+            .map(|(&index, mask)| (mask_name(&self.params[index].spec.name), mask.mask.bits()))
+            .collect();
+        let list: Vec<(&str, &Tensor)> = self
+            .params
+            .iter()
+            .map(|p| (p.spec.name.as_str(), &p.value))
+            .chain(mask_names.iter().map(|(name, bits)| (name.as_str(), *bits)))
+            .collect();
         let metadata = BTreeMap::from([
             ("format".to_string(), "pt".to_string()),
-            (CONFIG_KEY.to_string(), self.config.to_json()),
+            (CONFIG_KEY.to_string(), self.config_json()),
         ]);
         safetensors::save(path, &list, &metadata)
     }
@@ -501,10 +771,10 @@ impl GptParams {
     pub fn load(path: impl AsRef<Path>, config: Option<&GptConfig>, device: &Device) -> Result<GptParams> {
         let path = path.as_ref();
         let mut file = SafeTensors::load(path)?;
-        let config = match (file.metadata().get(CONFIG_KEY), config) {
-            (Some(text), _) => GptConfig::from_json(text)
+        let (config, variants) = match (file.metadata().get(CONFIG_KEY), config) {
+            (Some(text), _) => parse_config_json(text)
                 .map_err(|e| Error::file(path.display(), format!("metadata `{CONFIG_KEY}`: {e}")))?,
-            (None, Some(config)) => config.clone(),
+            (None, Some(config)) => (config.clone(), LinearVariants::dense()),
             (None, None) => {
                 return Err(Error::file(
                     path.display(),
@@ -513,14 +783,148 @@ impl GptParams {
             }
         };
         config.validate()?;
-        let layout = ModelLayout::new(&config);
+        variants.validate(&config)?;
+        let layout = ModelLayout::with_variants(&config, &variants);
         let values = layout
             .specs
             .iter()
             .map(|spec| file.take(&spec.name, DType::F32, &spec.shape)?.to_device(device))
             .collect::<Result<Vec<_>>>()?;
-        GptParams::from_values(config, layout, values, device)
+        let mut params = GptParams::from_values(config, variants, layout, values, device)?;
+        // A masked layer without a mask in the file is dense: not pruned yet, or densified.
+        let linears: Vec<Linear> = params.layout.linears().into_iter().copied().collect();
+        for linear in linears.iter().filter(|l| l.spec.variant.is_masked()) {
+            let spec = &params.layout.specs[linear.weight];
+            let name = mask_name(&spec.name);
+            if file.names().any(|n| n == name) {
+                let (rows, cols) = stored_dims(spec);
+                let bits = file.take(&name, DType::U32, &[rows, cols.div_ceil(32)])?;
+                let mask = StaticMask::from_bits(bits.to_device(device)?, rows, cols)
+                    .map_err(|e| Error::file(path.display(), e))?;
+                params.adopt_mask(linear, mask)?;
+            }
+        }
+        Ok(params)
     }
+}
+
+/// One block linear layer as `tessera info` describes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinearSummary {
+    /// The Hugging Face name without `.weight`.
+    pub name: String,
+    pub spec: LinearSpec,
+    /// Trainable values: the weight's (and bias's).
+    pub parameters: usize,
+    /// The weight's entries that are not fixed at 0 (all but a mask's pruned ones).
+    pub kept: usize,
+    /// Bytes in a checkpoint: the f32 weight and bias, and the mask's bits.
+    pub bytes: usize,
+}
+
+/// Every block linear layer of `config`'s model with `variants` (validated).
+pub fn linear_summary(config: &GptConfig, variants: &LinearVariants) -> Result<Vec<LinearSummary>> {
+    config.validate()?;
+    variants.validate(config)?;
+    let layout = ModelLayout::with_variants(config, variants);
+    Ok(layout
+        .linears()
+        .into_iter()
+        .map(|linear| {
+            let spec = &layout.specs[linear.weight];
+            let numel = linear.input * linear.output;
+            let bias = linear.bias.map_or(0, |_| linear.output);
+            let (rows, cols) = stored_dims(spec);
+            let (kept, mask_bytes) = match linear.spec.variant {
+                Variant::Nm { n, m, .. } => (numel / m * n, 4 * rows * cols.div_ceil(32)),
+                Variant::Unstructured { density, .. } => (
+                    numel - ((1.0 - density) * numel as f64).round() as usize,
+                    4 * rows * cols.div_ceil(32),
+                ),
+                _ => (numel, 0),
+            };
+            LinearSummary {
+                name: spec.name.strip_suffix(".weight").unwrap_or(&spec.name).to_string(),
+                spec: linear.spec,
+                parameters: numel + bias,
+                kept,
+                bytes: 4 * (numel + bias) + mask_bytes,
+            }
+        })
+        .collect())
+}
+
+/// The checkpoint name of the mask of weight `weight_name` (`tessera.<layer>.mask`).
+pub fn mask_name(weight_name: &str) -> String {
+    format!(
+        "tessera.{}.mask",
+        weight_name.strip_suffix(".weight").unwrap_or(weight_name)
+    )
+}
+
+/// [`GptConfig::to_json`] with `variants`' `linears` field when a layer is not dense.
+pub fn config_json(config: &GptConfig, variants: &LinearVariants) -> String {
+    let text = config.to_json();
+    match (variants.to_json(), serde_json::from_str::<serde_json::Value>(&text)) {
+        (Some(linears), Ok(mut object)) => {
+            object["linears"] = linears;
+            object.to_string()
+        }
+        _ => text,
+    }
+}
+
+/// Parses [`config_json`]'s output: the configuration and its variants (all dense without a
+/// `linears` field).
+pub fn parse_config_json(text: &str) -> Result<(GptConfig, LinearVariants)> {
+    let config = GptConfig::from_json(text)?;
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| Error::invalid("GptConfig", "json", "a JSON object", e))?;
+    let variants = match value.get("linears") {
+        None => LinearVariants::dense(),
+        Some(linears) => LinearVariants::from_json(linears)?,
+    };
+    variants.validate(&config)?;
+    Ok((config, variants))
+}
+
+/// The (rows, cols) of a 2-D weight as stored.
+fn stored_dims(spec: &ParamSpec) -> (usize, usize) {
+    (spec.shape[0], spec.shape.get(1).copied().unwrap_or(1))
+}
+
+/// The kept flags (1 = kept) of `values` (rows, cols) pruned N:M by magnitude, with groups of
+/// consecutive entries along each row (`along_rows`) or along each column.
+fn nm_kept(values: &[f32], rows: usize, cols: usize, pattern: NmPattern, along_rows: bool) -> Result<Vec<u8>> {
+    if along_rows {
+        let w = Tensor::from_slice(values, &[rows, cols], &Device::Cpu)?;
+        return ops::nm_mask(&w, pattern)?.to_vec::<u8>();
+    }
+    let transposed: Vec<f32> = (0..cols * rows).map(|i| values[(i % rows) * cols + i / rows]).collect();
+    let w = Tensor::from_vec(transposed, &[cols, rows], &Device::Cpu)?;
+    let kept_t = ops::nm_mask(&w, pattern)?.to_vec::<u8>()?;
+    Ok((0..rows * cols).map(|i| kept_t[(i % cols) * rows + i / cols]).collect())
+}
+
+/// The variants the model runs today; the others are an error naming the layer.
+fn check_variants_supported(layout: &ModelLayout) -> Result<()> {
+    for linear in layout.linears() {
+        let unsupported = match linear.spec.variant {
+            Variant::SparseLowRank { .. } | Variant::Binary => Some(linear.spec.variant.name()),
+            _ => None,
+        };
+        let unsupported = unsupported.or(linear.spec.lora.map(|_| "lora"));
+        if let Some(what) = unsupported {
+            return Err(Error::Unsupported {
+                op: "GptParams",
+                reason: format!(
+                    "the model does not run `{what}` linear layers yet ({})",
+                    layout.specs[linear.weight].name
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// `tensor` (f32) converted to `dtype`, rounding to nearest even, on the same device.

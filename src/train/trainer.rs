@@ -16,8 +16,8 @@ use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::safetensors::{self, SafeTensors};
-use crate::model::GptConfig;
 use crate::model::{Gpt, GptParams};
+use crate::model::{GptConfig, LinearVariants};
 use crate::ops::AdamWConfig;
 use crate::optim::WarmupCosine;
 use crate::tensor::Tensor;
@@ -334,8 +334,18 @@ pub struct Trainer {
 impl Trainer {
     /// A freshly initialised model.
     pub fn new(config: &GptConfig, options: TrainOptions, device: &Device) -> Result<Trainer> {
+        Trainer::with_variants(config, &LinearVariants::dense(), options, device)
+    }
+
+    /// A freshly initialised model whose block linear layers follow `variants`.
+    pub fn with_variants(
+        config: &GptConfig,
+        variants: &LinearVariants,
+        options: TrainOptions,
+        device: &Device,
+    ) -> Result<Trainer> {
         let schedule = options.validate(config)?;
-        let params = GptParams::init(config, device, options.seed)?;
+        let params = GptParams::init_with_variants(config, variants, device, options.seed)?;
         let (batch, seq) = options.batch_shape(1);
         let model = Gpt::new(params, batch, seq)?;
         Ok(Trainer {
@@ -405,6 +415,8 @@ impl Trainer {
             }
         }
         self.step = step;
+        // SLoPe's masks chosen from the magnitudes the training has reached.
+        self.model.params.prune_due(step)?;
         if self.options.forget_every > 0 && step.is_multiple_of(self.options.forget_every) {
             self.forget()?;
         }
