@@ -466,12 +466,12 @@ fn check_spec(spec: &LinearSpec, site: &LinearSite) -> Result<()> {
             NmPattern::new(n, m)?;
             // Groups run along the input dimension (the forward's reduction) and, for the
             // double-pruned input gradient, along the output dimension too.
-            for (arg, size) in [("nm.m", site.input), ("nm.m", site.output)] {
+            for size in [site.input, site.output] {
                 if !size.is_multiple_of(m) {
                     return Err(Error::invalid(
                         OP,
-                        arg,
-                        at(format!("a group size dividing both the input and output widths")),
+                        "nm.m",
+                        at("a group size dividing both the input and output widths".into()),
                         m,
                     ));
                 }
