@@ -344,7 +344,9 @@ pub struct LinearMask {
     /// `nm`: SLoPe's double-pruned weight `W_dp` (the masked weight pruned again N:M along the
     /// output dimension) in the compute dtype and the weight's layout, through which the input
     /// gradient goes; recomputed from the master weight after every update (the spec's reference
-    /// semantics).
+    /// semantics). The recomputation runs on the host: per layer and update it reads the weight
+    /// back, prunes it and uploads the result (allocating host buffers), the one part of a
+    /// masked layer's training step that allocates.
     pub double_pruned: Option<Tensor>,
     layout: Layout,
 }

@@ -85,7 +85,7 @@ impl StaticMask {
         let mut bits = vec![0u32; rows * words_per_row];
         let mut pruned = 0;
         for (i, &flag) in flags.iter().enumerate() {
-            let (row, col) = (i / cols.max(1), i % cols.max(1));
+            let (row, col) = (i / cols, i % cols);
             if flag != 0 {
                 bits[row * words_per_row + col / 32] |= 1 << (col % 32);
             } else {
