@@ -15,7 +15,7 @@
 //! a GPU); sums, norms' statistics and the loss are f32.
 
 use super::config::{Activation, Attention, GptConfig, Norm, Positions};
-use super::params::{cast, Block, GptParams, Layout, Linear, NormIndex, Qkv};
+use super::params::{cast, Block, GptParams, Layout, Linear, LoraIndex, NormIndex, Qkv};
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -538,37 +538,77 @@ fn norm_backward(
     )
 }
 
-/// `out = x·W (+ b)` in the weight's layout: the one place a block projection runs, whatever its
-/// variant. A masked layer (`nm`, `unstructured`) multiplies by its masked dense weight (its
-/// pruned entries are exactly 0), on both devices.
+/// `out = x·W (+ b)` in the weight's layout, plus the LoRA adapter's `s·(x·Aᵀ)·Bᵀ` when it is on:
+/// the one place a block projection runs, whatever its variant. A masked layer (`nm`,
+/// `unstructured`) multiplies by its masked dense weight (its pruned entries are exactly 0), on
+/// both devices.
 fn linear_forward(params: &GptParams, linear: &Linear, x: &Tensor, out: &mut Tensor) -> Result<()> {
     let options = match linear.layout {
         Layout::OutputMajor => MatmulOptions::linear(),
         _ => MatmulOptions::default(),
     };
     let bias = linear.bias.map(|b| params.weight(b));
-    ops::matmul_into(x, params.weight(linear.weight), bias, out, options)
+    ops::matmul_into(x, params.weight(linear.weight), bias, out, options)?;
+    match adapter(params, linear) {
+        Some((index, scale)) => {
+            let t = adapter_input(params, index, x)?;
+            let options = MatmulOptions {
+                trans_b: true,
+                alpha: scale,
+                beta: 1.0,
+                ..MatmulOptions::default()
+            };
+            ops::matmul_into(&t, params.weight(index.b), None, out, options)
+        }
+        None => Ok(()),
+    }
+}
+
+/// The layer's adapter and its scale, when it has one and adapters are on.
+fn adapter(params: &GptParams, linear: &Linear) -> Option<(LoraIndex, f32)> {
+    match (linear.lora, linear.spec.lora) {
+        (Some(index), Some(spec)) if params.adapters_on() => Some((index, spec.scale())),
+        _ => None,
+    }
+}
+
+/// `T = x·Aᵀ` (tokens, rank), in a tensor of its own: the adapter's products allocate their
+/// (tokens × rank) intermediates, so that `linear_forward` keeps the signature every caller
+/// (training, prefill, decoding) shares.
+fn adapter_input(params: &GptParams, index: LoraIndex, x: &Tensor) -> Result<Tensor> {
+    let a = params.weight(index.a);
+    let mut t = Tensor::zeros(&[x.shape()[0], a.shape()[0]], x.dtype(), &x.device())?;
+    ops::matmul_into(x, a, None, &mut t, MatmulOptions::linear())?;
+    Ok(t)
 }
 
 /// A linear layer's backward: `dx` (added to what it holds with `accumulate`) and the weight's
 /// and bias's gradients, added to theirs. An `nm` layer's `dx` goes through its double-pruned
-/// weight (SLoPe), and a masked layer's weight gradient is masked.
+/// weight (SLoPe), a masked layer's weight gradient is masked, and a frozen base (an adapter on
+/// with `frozen_base`) gets none. With its adapter on, with `T = x·Aᵀ` and `dT = dY·B`:
+/// `dA += s·dTᵀ·x`, `dB += s·dYᵀ·T`, `dx += s·dT·A`.
 fn linear_backward(
     params: &mut GptParams,
     linear: &Linear,
     x: &Tensor,
     dy: &Tensor,
-    dx: Option<&mut Tensor>,
+    mut dx: Option<&mut Tensor>,
     accumulate: bool,
     ones: &Tensor,
 ) -> Result<()> {
-    if let Some(dx) = dx {
+    if let Some(dx) = dx.as_deref_mut() {
         let options = MatmulOptions {
             trans_b: linear.layout == Layout::InputMajor,
             beta: if accumulate { 1.0 } else { 0.0 },
             ..MatmulOptions::default()
         };
         ops::matmul_into(dy, params.input_grad_weight(linear.weight), None, dx, options)?;
+    }
+    if let Some((index, scale)) = adapter(params, linear) {
+        adapter_backward(params, index, scale, x, dy, dx)?;
+        if linear.spec.lora.is_some_and(|l| l.frozen_base) {
+            return Ok(());
+        }
     }
     weight_grad(params, linear.weight, linear.layout, x, dy)?;
     params.mask_grad(linear.weight)?;
@@ -585,6 +625,38 @@ fn linear_backward(
         let result = ops::matmul_into(ones, dy, None, grad, options);
         grad.reshape_in_place(&[n])?;
         result?;
+    }
+    Ok(())
+}
+
+/// The adapter's part of [`linear_backward`], after the base's `dx`.
+fn adapter_backward(
+    params: &mut GptParams,
+    index: LoraIndex,
+    scale: f32,
+    x: &Tensor,
+    dy: &Tensor,
+    dx: Option<&mut Tensor>,
+) -> Result<()> {
+    let t = adapter_input(params, index, x)?;
+    let b = params.weight(index.b);
+    let mut d_t = Tensor::zeros(t.shape(), t.dtype(), &t.device())?;
+    ops::matmul_into(dy, b, None, &mut d_t, MatmulOptions::default())?;
+    let accumulate_product = MatmulOptions {
+        trans_a: true,
+        alpha: scale,
+        beta: 1.0,
+        ..MatmulOptions::default()
+    };
+    ops::matmul_into(dy, &t, None, &mut params.params[index.b].grad, accumulate_product)?;
+    ops::matmul_into(&d_t, x, None, &mut params.params[index.a].grad, accumulate_product)?;
+    if let Some(dx) = dx {
+        let options = MatmulOptions {
+            alpha: scale,
+            beta: 1.0,
+            ..MatmulOptions::default()
+        };
+        ops::matmul_into(&d_t, params.weight(index.a), None, dx, options)?;
     }
     Ok(())
 }

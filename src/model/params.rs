@@ -67,6 +67,16 @@ pub struct Linear {
     pub input: usize,
     pub output: usize,
     pub spec: LinearSpec,
+    /// The LoRA adapter's parameters, when the spec has one.
+    pub lora: Option<LoraIndex>,
+}
+
+/// A LoRA adapter's parameters: `a` (rank, in) and `b` (out, rank), named
+/// `tessera.<layer>.lora_a` and `tessera.<layer>.lora_b`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoraIndex {
+    pub a: usize,
+    pub b: usize,
 }
 
 /// A normalisation's gain and (LayerNorm) bias.
@@ -285,6 +295,25 @@ impl Builder<'_> {
                 false,
             )
         });
+        // A as PEFT's Kaiming-uniform draws it (the standard deviation of U(±1/√in)), B zero, so
+        // that the adapter starts as nothing. No weight decay: an adapter that is not switched on
+        // yet (no gradient, zero moments) then stays exactly as it is.
+        let lora = spec.lora.map(|lora| LoraIndex {
+            a: self.push(
+                format!("tessera.{prefix}.lora_a"),
+                vec![lora.rank, input],
+                Layout::Plain,
+                Init::Normal(1.0 / (3.0 * input as f32).sqrt()),
+                false,
+            ),
+            b: self.push(
+                format!("tessera.{prefix}.lora_b"),
+                vec![output, lora.rank],
+                Layout::Plain,
+                Init::Zeros,
+                false,
+            ),
+        });
         Linear {
             weight,
             bias,
@@ -292,6 +321,7 @@ impl Builder<'_> {
             input,
             output,
             spec,
+            lora,
         }
     }
 
@@ -317,6 +347,9 @@ pub fn linear_sites(config: &GptConfig) -> Vec<LinearSite> {
 
 /// The metadata key under which a checkpoint records the configuration it was saved with.
 pub const CONFIG_KEY: &str = "tessera.config";
+
+/// The metadata key under which a checkpoint with LoRA adapters records whether they are on.
+pub const ADAPTERS_KEY: &str = "tessera.adapters";
 
 /// One parameter: its f32 master value, the copy the model computes with when that is not f32,
 /// its gradient and AdamW's two moments.
@@ -364,6 +397,9 @@ pub struct GptParams {
     /// The dtype of activations and of the weights the matmuls read: f32 on the CPU, bf16 on a GPU.
     pub dtype: DType,
     pub params: Vec<Parameter>,
+    /// Whether the LoRA adapters take part (forward, backward, updates); see
+    /// [`GptParams::start_adapters`].
+    adapters_on: bool,
 }
 
 impl GptParams {
@@ -462,6 +498,7 @@ impl GptParams {
             device: device.clone(),
             dtype,
             params,
+            adapters_on: true,
         })
     }
 
@@ -555,6 +592,65 @@ impl GptParams {
         Ok(due.len())
     }
 
+    /// True when a layer has a LoRA adapter.
+    pub fn has_adapters(&self) -> bool {
+        self.layout.linears().iter().any(|l| l.lora.is_some())
+    }
+
+    /// Whether the adapters take part in the forward, the backward and the updates. While they
+    /// are off the model is its base alone, the adapters keep their values and a frozen base
+    /// trains.
+    pub fn adapters_on(&self) -> bool {
+        self.adapters_on
+    }
+
+    /// Turns the adapters on or off as they are.
+    pub fn set_adapters_on(&mut self, on: bool) {
+        self.adapters_on = on;
+    }
+
+    /// SLoPe's lazy adapters (ALGORITHMS.md §2.5): re-draws every adapter as
+    /// [`ops::LoraAdapters::lazy_init`] does (A from N(0, 1), seeded by `seed` and the layer, B
+    /// zero), zeroes their moments and turns them on. With B = 0 the model's outputs are what
+    /// they were.
+    pub fn start_adapters(&mut self, seed: u64) -> Result<()> {
+        let linears: Vec<Linear> = self.layout.linears().into_iter().copied().collect();
+        for linear in &linears {
+            let (Some(index), Some(spec)) = (linear.lora, linear.spec.lora) else {
+                continue;
+            };
+            let stream = seed ^ splitmix64(name_hash(&self.params[index.a].spec.name));
+            let drawn =
+                ops::LoraAdapters::lazy_init(1, spec.rank, linear.input, linear.output, DType::F32, &Device::Cpu, stream)?;
+            self.set_value(index.a, drawn.a().to_vec::<f32>()?)?;
+            self.set_value(index.b, vec![0.0; linear.output * spec.rank])?;
+            for i in [index.a, index.b] {
+                let p = &mut self.params[i];
+                p.exp_avg.fill_bytes(0)?;
+                p.exp_avg_sq.fill_bytes(0)?;
+            }
+        }
+        self.adapters_on = true;
+        Ok(())
+    }
+
+    /// Which parameters AdamW leaves alone: the weights and biases of the layers whose adapter
+    /// is on and freezes its base.
+    pub fn frozen(&self) -> Vec<bool> {
+        let mut frozen = vec![false; self.params.len()];
+        if self.adapters_on {
+            for linear in self.layout.linears() {
+                if linear.spec.lora.is_some_and(|l| l.frozen_base) {
+                    frozen[linear.weight] = true;
+                    if let Some(bias) = linear.bias {
+                        frozen[bias] = true;
+                    }
+                }
+            }
+        }
+        frozen
+    }
+
     /// SPDF's dense fine-tuning: drops every mask, so that the pruned weights (at exactly 0) learn
     /// from their dense gradients from now on.
     pub fn densify(&mut self) {
@@ -628,12 +724,16 @@ impl GptParams {
         Ok(())
     }
 
-    /// One AdamW step over every parameter in one launch, with weight decay on the matrices only.
+    /// One AdamW step over every parameter in one launch, with weight decay on the matrices only
+    /// (frozen parameters, see [`GptParams::frozen`], are left alone).
     pub fn adamw_step(&mut self, config: &AdamWConfig, step: u64, grad_scale: f32) -> Result<()> {
+        let frozen = self.frozen();
         let mut tensors: Vec<AdamWTensor<'_>> = self
             .params
             .iter_mut()
-            .map(|p| AdamWTensor {
+            .zip(frozen)
+            .filter(|(_, frozen)| !frozen)
+            .map(|(p, _)| AdamWTensor {
                 param: &mut p.value,
                 grad: &p.grad,
                 exp_avg: &mut p.exp_avg,
@@ -667,10 +767,12 @@ impl GptParams {
                 apart,
             ));
         }
+        let frozen = self.frozen();
         let (mut rest, mut alone): (Vec<_>, Vec<_>) = self
             .params
             .iter_mut()
             .enumerate()
+            .filter(|(i, _)| !frozen[*i])
             .map(|(i, p)| {
                 (
                     i,
@@ -760,10 +862,14 @@ impl GptParams {
             .map(|p| (p.spec.name.as_str(), &p.value))
             .chain(mask_names.iter().map(|(name, bits)| (name.as_str(), *bits)))
             .collect();
-        let metadata = BTreeMap::from([
+        let mut metadata = BTreeMap::from([
             ("format".to_string(), "pt".to_string()),
             (CONFIG_KEY.to_string(), self.config_json()),
         ]);
+        if self.has_adapters() {
+            let on = if self.adapters_on { "on" } else { "off" };
+            metadata.insert(ADAPTERS_KEY.to_string(), on.to_string());
+        }
         safetensors::save(path, &list, &metadata)
     }
 
@@ -793,6 +899,16 @@ impl GptParams {
             .map(|spec| file.take(&spec.name, DType::F32, &spec.shape)?.to_device(device))
             .collect::<Result<Vec<_>>>()?;
         let mut params = GptParams::from_values(config, variants, layout, values, device)?;
+        params.adapters_on = match file.metadata().get(ADAPTERS_KEY).map(String::as_str) {
+            None | Some("on") => true,
+            Some("off") => false,
+            Some(other) => {
+                return Err(Error::file(
+                    path.display(),
+                    format!("metadata `{ADAPTERS_KEY}`: expected \"on\" or \"off\", got {other:?}"),
+                ))
+            }
+        };
         // A masked layer without a mask in the file is dense: not pruned yet, or densified.
         let linears: Vec<Linear> = params.layout.linears().into_iter().copied().collect();
         for linear in linears.iter().filter(|l| l.spec.variant.is_masked()) {
@@ -816,11 +932,11 @@ pub struct LinearSummary {
     /// The Hugging Face name without `.weight`.
     pub name: String,
     pub spec: LinearSpec,
-    /// Trainable values: the weight's (and bias's).
+    /// Trainable values: the weight's (and bias's, and the adapter's).
     pub parameters: usize,
     /// The weight's entries that are not fixed at 0 (all but a mask's pruned ones).
     pub kept: usize,
-    /// Bytes in a checkpoint: the f32 weight and bias, and the mask's bits.
+    /// Bytes in a checkpoint: the f32 weight, bias and adapter, and the mask's bits.
     pub bytes: usize,
 }
 
@@ -836,6 +952,7 @@ pub fn linear_summary(config: &GptConfig, variants: &LinearVariants) -> Result<V
             let spec = &layout.specs[linear.weight];
             let numel = linear.input * linear.output;
             let bias = linear.bias.map_or(0, |_| linear.output);
+            let adapter = linear.spec.lora.map_or(0, |l| l.rank * (linear.input + linear.output));
             let (rows, cols) = stored_dims(spec);
             let (kept, mask_bytes) = match linear.spec.variant {
                 Variant::Nm { n, m, .. } => (numel / m * n, 4 * rows * cols.div_ceil(32)),
@@ -848,9 +965,9 @@ pub fn linear_summary(config: &GptConfig, variants: &LinearVariants) -> Result<V
             LinearSummary {
                 name: spec.name.strip_suffix(".weight").unwrap_or(&spec.name).to_string(),
                 spec: linear.spec,
-                parameters: numel + bias,
+                parameters: numel + bias + adapter,
                 kept,
-                bytes: 4 * (numel + bias) + mask_bytes,
+                bytes: 4 * (numel + bias + adapter) + mask_bytes,
             }
         })
         .collect())
@@ -915,7 +1032,6 @@ fn check_variants_supported(layout: &ModelLayout) -> Result<()> {
             Variant::SparseLowRank { .. } | Variant::Binary => Some(linear.spec.variant.name()),
             _ => None,
         };
-        let unsupported = unsupported.or(linear.spec.lora.map(|_| "lora"));
         if let Some(what) = unsupported {
             return Err(Error::Unsupported {
                 op: "GptParams",

@@ -67,6 +67,10 @@ pub struct TrainOptions {
     pub gap_lr: f32,
     /// GAP's text sample length in tokens (capped at the model's context).
     pub gap_tokens: usize,
+    /// The step from which the model's LoRA adapters train (0: from the start). Before it they
+    /// are off; at its start they are drawn as SLoPe's lazy adapters (ALGORITHMS.md §2.5: A from
+    /// N(0, 1), B zero, so the outputs do not change) and switched on.
+    pub adapters_from: u64,
 }
 
 impl TrainOptions {
@@ -93,6 +97,7 @@ impl TrainOptions {
             gap_steps: 15,
             gap_lr: 5e-5,
             gap_tokens: 512,
+            adapters_from: 0,
         }
     }
 
@@ -226,6 +231,7 @@ impl TrainOptions {
             "checkpoint_every": self.checkpoint_every, "seed": self.seed,
             "grow_from": self.grow_from, "forget_every": self.forget_every,
             "gap_steps": self.gap_steps, "gap_lr": self.gap_lr, "gap_tokens": self.gap_tokens,
+            "adapters_from": self.adapters_from,
         })
     }
 
@@ -267,6 +273,7 @@ impl TrainOptions {
                 Some(v) => v.as_f64()? as f32,
             },
             gap_tokens: optional_size("gap_tokens", defaults.gap_tokens as u64)? as usize,
+            adapters_from: optional_size("adapters_from", defaults.adapters_from)?,
         })
     }
 }
@@ -345,7 +352,8 @@ impl Trainer {
         device: &Device,
     ) -> Result<Trainer> {
         let schedule = options.validate(config)?;
-        let params = GptParams::init_with_variants(config, variants, device, options.seed)?;
+        let mut params = GptParams::init_with_variants(config, variants, device, options.seed)?;
+        params.set_adapters_on(options.adapters_from == 0);
         let (batch, seq) = options.batch_shape(1);
         let model = Gpt::new(params, batch, seq)?;
         Ok(Trainer {
@@ -372,6 +380,9 @@ impl Trainer {
         let step = self.step + 1;
         let (batch, seq) = self.options.batch_shape(step);
         let micro = self.options.accumulation;
+        if step == self.options.adapters_from && self.model.params.has_adapters() {
+            self.model.params.start_adapters(self.options.seed ^ splitmix64(step))?;
+        }
         self.model.params.zero_grads()?;
         let mut loss = 0.0f64;
         for _ in 0..micro {
