@@ -5,6 +5,8 @@
 
 #[macro_use]
 mod common;
+#[path = "common/gpt_reference.rs"]
+mod reference;
 
 use rand::Rng;
 use std::path::PathBuf;
@@ -320,11 +322,13 @@ fn randomise(params: &mut GptParams, rng: &mut impl Rng) {
     }
 }
 
-/// Dense parameters with `params`' values.
+/// Dense parameters with `params`' values (adapters left out).
 fn dense_twin(params: &GptParams) -> GptParams {
     let mut dense = GptParams::init(&params.config, &params.device, 1).unwrap();
-    for (index, p) in params.params.iter().enumerate() {
-        dense.set_value(index, p.value.to_vec::<f32>().unwrap()).unwrap();
+    for index in 0..dense.params.len() {
+        let name = dense.params[index].spec.name.clone();
+        let value = params.get(&name).unwrap().value.to_vec::<f32>().unwrap();
+        dense.set_value(index, value).unwrap();
     }
     dense
 }
@@ -794,7 +798,285 @@ fn gpu_masked_model_follows_the_cpu() {
     }
 }
 
+fn lora(rank: usize, frozen_base: bool) -> Option<LoraSpec> {
+    Some(LoraSpec {
+        rank,
+        alpha: 2.0 * rank as f32,
+        frozen_base,
+    })
+}
+
+/// Dense layers with adapters, and unstructured MLP layers with adapters: a trainable base.
+fn with_adapters(frozen_base: bool) -> LinearVariants {
+    LinearVariants {
+        default: LinearSpec {
+            variant: Variant::Dense,
+            lora: lora(3, frozen_base),
+        },
+        overrides: vec![(
+            "mlp".into(),
+            LinearSpec {
+                variant: Variant::Unstructured { density: 0.6, seed: 2 },
+                lora: lora(2, frozen_base),
+            },
+        )],
+    }
+}
+
+/// The f64 reference's weights: every layer with its adapter merged, `W + s·B·A` in the
+/// weight's layout, and `delta` added to entry `i` of parameter `index` first.
+fn merged_weights(params: &GptParams, delta: Option<(usize, usize, f64)>) -> reference::Weights {
+    let mut values: Vec<Vec<f64>> = params
+        .params
+        .iter()
+        .map(|p| p.value.to_vec::<f32>().unwrap().iter().map(|&v| v as f64).collect())
+        .collect();
+    if let Some((index, i, h)) = delta {
+        values[index][i] += h;
+    }
+    for linear in params.layout.linears() {
+        let (Some(index), Some(spec)) = (linear.lora, linear.spec.lora) else {
+            continue;
+        };
+        let (r, n_in, n_out) = (spec.rank, linear.input, linear.output);
+        let scale = spec.scale() as f64;
+        let (a, b) = (values[index.a].clone(), values[index.b].clone());
+        let w = &mut values[linear.weight];
+        for o in 0..n_out {
+            for i in 0..n_in {
+                let delta: f64 = (0..r).map(|k| b[o * r + k] * a[k * n_in + i]).sum();
+                let at = if linear.layout == Layout::InputMajor {
+                    i * n_out + o
+                } else {
+                    o * n_in + i
+                };
+                w[at] += scale * delta;
+            }
+        }
+    }
+    params
+        .params
+        .iter()
+        .zip(values)
+        .filter(|(p, _)| !p.spec.name.starts_with("tessera."))
+        .map(|(p, v)| (p.spec.name.clone(), v))
+        .collect()
+}
+
+/// The adapters' (and a trainable base's kept weights') gradients against central differences
+/// of the f64 reference with each adapter merged into its weight.
+#[test]
+fn adapter_gradients_match_finite_differences() {
+    let mut rng = common::rng();
+    for family in [Family::Gpt2, Family::Llama] {
+        let config = small(family);
+        let mut params = GptParams::init_with_variants(&config, &with_adapters(false), &Device::Cpu, 3).unwrap();
+        randomise(&mut params, &mut rng);
+        let (batch, seq) = (2, 7);
+        let (inputs, targets) = self::batch(&config, &mut rng, batch * seq);
+        let expected = reference::loss(&config, &merged_weights(&params, None), &inputs, &targets, batch, seq);
+        let (loss, grads, params) = loss_and_grads(params, &inputs, &targets);
+        assert!(
+            ((loss as f64 - expected) / expected).abs() < 1e-5,
+            "{family:?}: loss {loss} vs the f64 reference {expected}"
+        );
+        let h = 1e-5;
+        let (mut diff, mut norm, mut checked_adapters) = (0.0f64, 0.0f64, 0);
+        for linear in params.layout.linears() {
+            let index = linear.lora.unwrap();
+            let masked = params.masks.get(&linear.weight).map(|_| kept(&params, linear.weight));
+            for (which, tensor) in [(index.a, "A"), (index.b, "B"), (linear.weight, "W")] {
+                let grad = &grads[which];
+                for _ in 0..4 {
+                    let i = rng.random_range(0..grad.len());
+                    if tensor == "W" && masked.as_ref().is_some_and(|k| k[i] == 0) {
+                        assert_eq!(grad[i], 0.0, "a pruned weight's gradient");
+                        continue;
+                    }
+                    let at = |d: f64| {
+                        reference::loss(
+                            &config,
+                            &merged_weights(&params, Some((which, i, d))),
+                            &inputs,
+                            &targets,
+                            batch,
+                            seq,
+                        )
+                    };
+                    let fd = (at(h) - at(-h)) / (2.0 * h);
+                    let g = grad[i] as f64;
+                    let name = &params.params[which].spec.name;
+                    assert!(
+                        (g - fd).abs() <= 2e-2 * fd.abs().max(1e-2),
+                        "{name}[{i}]: gradient {g} vs finite difference {fd}"
+                    );
+                    diff += (g - fd).powi(2);
+                    norm += fd * fd;
+                    checked_adapters += usize::from(tensor != "W");
+                }
+            }
+        }
+        assert!(checked_adapters > 0);
+        let relative = (diff / norm).sqrt();
+        assert!(relative < 2e-3, "{family:?}: relative gradient error {relative}");
+    }
+}
+
+fn logits_of(params: GptParams, inputs: &[u32]) -> (Vec<f32>, GptParams) {
+    let (b, s) = (2, inputs.len() / 2);
+    let mut model = Gpt::new(params, b, s).unwrap();
+    let logits = model.logits(inputs, b, s).unwrap();
+    let values = match logits.dtype() {
+        DType::F32 => logits.to_vec::<f32>().unwrap(),
+        _ => logits
+            .to_vec::<half::bf16>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f32())
+            .collect(),
+    };
+    (values, model.params)
+}
+
+/// B = 0 (as initialised, and as SLoPe's lazy adapters start) gives the base's outputs.
+fn zero_b_gives_the_base_output(device: &Device) {
+    let mut rng = common::rng();
+    for family in [Family::Gpt2, Family::Llama] {
+        let config = small(family);
+        let mut params = GptParams::init_with_variants(&config, &with_adapters(true), device, 3).unwrap();
+        randomise(&mut params, &mut rng);
+        let (inputs, _) = batch(&config, &mut rng, 14);
+        let (base, _) = logits_of(dense_twin(&params), &inputs);
+        let (random_b, mut params) = logits_of(params, &inputs);
+        assert_ne!(random_b, base, "{family:?}: a random B changes the outputs");
+        params.start_adapters(9).unwrap();
+        for linear in params.layout.linears() {
+            let b = &params.params[linear.lora.unwrap().b];
+            assert!(b.value.to_vec::<f32>().unwrap().iter().all(|&v| v == 0.0));
+        }
+        let (started, mut params) = logits_of(params, &inputs);
+        assert_eq!(started, base, "{family:?}: adapters started with B = 0");
+        let fresh = GptParams::init_with_variants(&config, &with_adapters(true), device, 3).unwrap();
+        for linear in fresh.layout.linears() {
+            let index = linear.lora.unwrap();
+            let a = fresh.params[index.a].value.to_vec::<f32>().unwrap();
+            assert!(a.iter().all(|v| v.is_finite()) && a.iter().any(|&v| v != 0.0));
+            assert!(fresh.params[index.b]
+                .value
+                .to_vec::<f32>()
+                .unwrap()
+                .iter()
+                .all(|&v| v == 0.0));
+        }
+        params.set_adapters_on(false);
+        randomise_adapters(&mut params, &mut rng);
+        let (off, _) = logits_of(params, &inputs);
+        assert_eq!(off, base, "{family:?}: adapters off");
+    }
+}
+
+fn randomise_adapters(params: &mut GptParams, rng: &mut impl Rng) {
+    let linears: Vec<_> = params.layout.linears().into_iter().copied().collect();
+    for linear in linears {
+        let index = linear.lora.unwrap();
+        for i in [index.a, index.b] {
+            let n = params.params[i].value.numel();
+            params
+                .set_value(i, (0..n).map(|_| rng.random_range(-0.4f32..0.4)).collect())
+                .unwrap();
+        }
+    }
+}
+
+fn values_of(params: &GptParams) -> Vec<Vec<f32>> {
+    params.params.iter().map(|p| p.value.to_vec::<f32>().unwrap()).collect()
+}
+
+/// Adapters off until `adapters_from`, then drawn and on; a frozen base trains before and stands
+/// still after, while the adapters, norms and embeddings train.
+fn adapters_start_at_their_step_and_freeze_the_base(device: &Device) {
+    let corpus = corpus();
+    let options = TrainOptions {
+        adapters_from: 3,
+        ..options(6)
+    };
+    let mut trainer = Trainer::with_variants(&byte_config(), &with_adapters(true), options, device).unwrap();
+    assert!(!trainer.model.params.adapters_on());
+    let linears: Vec<_> = trainer.model.params.layout.linears().into_iter().copied().collect();
+    let bases: Vec<usize> = linears
+        .iter()
+        .flat_map(|l| std::iter::once(l.weight).chain(l.bias))
+        .collect();
+    let adapters: Vec<usize> = linears
+        .iter()
+        .flat_map(|l| [l.lora.unwrap().a, l.lora.unwrap().b])
+        .collect();
+    let start = values_of(&trainer.model.params);
+    trainer.train_step(&corpus).unwrap();
+    trainer.train_step(&corpus).unwrap();
+    let before = values_of(&trainer.model.params);
+    for &i in &adapters {
+        assert_eq!(before[i], start[i], "adapters off do not move");
+    }
+    for &i in &bases {
+        assert_ne!(before[i], start[i], "the base trains before the adapters");
+    }
+    let mut last = before;
+    for _ in 3..=6 {
+        trainer.train_step(&corpus).unwrap();
+        assert!(trainer.model.params.adapters_on());
+        let now = values_of(&trainer.model.params);
+        for &i in &bases {
+            assert_eq!(
+                now[i], last[i],
+                "{}: a frozen base moved",
+                trainer.model.params.params[i].spec.name
+            );
+        }
+        for &i in &adapters {
+            assert_ne!(
+                now[i], last[i],
+                "{}: an adapter did not train",
+                trainer.model.params.params[i].spec.name
+            );
+        }
+        let embedding = trainer.model.params.layout.token_embedding;
+        assert_ne!(now[embedding], last[embedding]);
+        last = now;
+    }
+}
+
+fn adapters_resume_exactly(device: &Device) {
+    let corpus = corpus();
+    let options = TrainOptions {
+        adapters_from: 4,
+        ..options(7)
+    };
+    let variants = with_adapters(false);
+    let run = |steps: u64| {
+        let mut t = Trainer::with_variants(&byte_config(), &variants, options.clone(), device).unwrap();
+        let losses: Vec<f32> = (0..steps).map(|_| t.train_step(&corpus).unwrap().loss).collect();
+        (t, losses)
+    };
+    let (straight, expected) = run(7);
+    for saved_at in [2, 5] {
+        let dir = scratch(&format!("adapters-{saved_at}"), device);
+        let (first, mut got) = run(saved_at);
+        first.save(&dir).unwrap();
+        drop(first);
+        let mut resumed = Trainer::resume(&dir, device).unwrap();
+        assert_eq!(resumed.model.params.adapters_on(), saved_at >= 4);
+        got.extend((saved_at..7).map(|_| resumed.train_step(&corpus).unwrap().loss));
+        assert_eq!(got, expected, "saved at step {saved_at}");
+        assert_eq!(values_of(&resumed.model.params), values_of(&straight.model.params));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
 on_each_device!(
+    zero_b_gives_the_base_output,
+    adapters_start_at_their_step_and_freeze_the_base,
+    adapters_resume_exactly,
     unstructured_equals_dense_on_masked_weights,
     nm_with_a_two_way_pattern_equals_dense,
     nm_input_gradient_goes_through_the_double_pruned_weight,

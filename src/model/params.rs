@@ -620,8 +620,15 @@ impl GptParams {
                 continue;
             };
             let stream = seed ^ splitmix64(name_hash(&self.params[index.a].spec.name));
-            let drawn =
-                ops::LoraAdapters::lazy_init(1, spec.rank, linear.input, linear.output, DType::F32, &Device::Cpu, stream)?;
+            let drawn = ops::LoraAdapters::lazy_init(
+                1,
+                spec.rank,
+                linear.input,
+                linear.output,
+                DType::F32,
+                &Device::Cpu,
+                stream,
+            )?;
             self.set_value(index.a, drawn.a().to_vec::<f32>()?)?;
             self.set_value(index.b, vec![0.0; linear.output * spec.rank])?;
             for i in [index.a, index.b] {
