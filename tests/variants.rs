@@ -221,20 +221,14 @@ fn bad_variants_are_errors_naming_the_field() {
     .unwrap_err();
     assert!(error.to_string().contains("NmPattern::new"), "{error}");
     // Variants the model does not run yet are refused by name, not ignored.
-    for spec in [
-        LinearSpec {
-            variant: Variant::Binary,
-            lora: None,
+    for spec in [LinearSpec {
+        variant: Variant::SparseLowRank {
+            rank: 4,
+            density: 0.1,
+            alpha: 8.0,
         },
-        LinearSpec {
-            variant: Variant::SparseLowRank {
-                rank: 4,
-                density: 0.1,
-                alpha: 8.0,
-            },
-            lora: None,
-        },
-    ] {
+        lora: None,
+    }] {
         match GptParams::init_with_variants(&config, &LinearVariants::all(spec), &Device::Cpu, 1) {
             Err(Error::Unsupported { reason, .. }) => assert!(reason.contains(spec.variant.name()), "{reason}"),
             other => panic!("expected Unsupported, got {:?}", other.map(|_| ())),
@@ -1070,6 +1064,184 @@ fn adapters_resume_exactly(device: &Device) {
         assert_eq!(got, expected, "saved at step {saved_at}");
         assert_eq!(values_of(&resumed.model.params), values_of(&straight.model.params));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+fn binary_with_adapters() -> (LinearVariants, LinearVariants) {
+    let binary = LinearVariants {
+        default: LinearSpec {
+            variant: Variant::Binary,
+            lora: None,
+        },
+        overrides: vec![(
+            "mlp".into(),
+            LinearSpec {
+                variant: Variant::Binary,
+                lora: lora(2, false),
+            },
+        )],
+    };
+    let dense = LinearVariants {
+        default: LinearSpec::DENSE,
+        overrides: vec![(
+            "mlp".into(),
+            LinearSpec {
+                variant: Variant::Dense,
+                lora: lora(2, false),
+            },
+        )],
+    };
+    (binary, dense)
+}
+
+/// A binary model is the dense model whose weights are `α·sign(W) + β`: the same loss and
+/// upstream gradients, and the straight-through gradients of W, α and β from that model's
+/// weight gradient `G` (out, in): `dW = α_j·G`, `dα_j = Σ_i G_ij·sign(W_ij)`, `dβ_j = Σ_i G_ij`.
+#[test]
+fn binary_equals_dense_on_its_effective_weights() {
+    let mut rng = common::rng();
+    for family in [Family::Gpt2, Family::Llama] {
+        let config = small(family);
+        let (binary, dense_variants) = binary_with_adapters();
+        let mut params = GptParams::init_with_variants(&config, &binary, &Device::Cpu, 3).unwrap();
+        // binary_init: β the column mean, α the mean absolute deviation of the initial W.
+        let first = params.layout.linears()[0].clone();
+        let index = first.binary.unwrap();
+        let w = params.params[first.weight].value.to_vec::<f32>().unwrap();
+        let beta = params.params[index.beta].value.to_vec::<f32>().unwrap();
+        let column = |j: usize| -> Vec<f32> {
+            (0..first.output)
+                .map(|o| match first.layout {
+                    Layout::InputMajor => w[j * first.output + o],
+                    _ => w[o * first.input + j],
+                })
+                .collect()
+        };
+        let mean = column(3).iter().sum::<f32>() / first.output as f32;
+        assert!((beta[3] - mean).abs() < 1e-6, "{beta:?} vs {mean}");
+        randomise(&mut params, &mut rng);
+        let mut twin = GptParams::init_with_variants(&config, &dense_variants, &Device::Cpu, 3).unwrap();
+        for index in 0..twin.params.len() {
+            let name = twin.params[index].spec.name.clone();
+            let value = params.get(&name).unwrap().value.to_vec::<f32>().unwrap();
+            twin.set_value(index, value).unwrap();
+        }
+        let linears: Vec<_> = params.layout.linears().into_iter().copied().collect();
+        for linear in &linears {
+            let index = linear.binary.unwrap();
+            let w = params.params[linear.weight].value.to_vec::<f32>().unwrap();
+            let alpha = params.params[index.alpha].value.to_vec::<f32>().unwrap();
+            let beta = params.params[index.beta].value.to_vec::<f32>().unwrap();
+            let input_of = |k: usize| match linear.layout {
+                Layout::InputMajor => k / linear.output,
+                _ => k % linear.input,
+            };
+            let effective = w
+                .iter()
+                .enumerate()
+                .map(|(k, &v)| {
+                    let sign = if v > 0.0 {
+                        1.0
+                    } else if v < 0.0 {
+                        -1.0
+                    } else {
+                        0.0
+                    };
+                    alpha[input_of(k)] * sign + beta[input_of(k)]
+                })
+                .collect();
+            let twin_index = twin
+                .params
+                .iter()
+                .position(|p| p.spec.name == params.params[linear.weight].spec.name);
+            twin.set_value(twin_index.unwrap(), effective).unwrap();
+        }
+        let (inputs, targets) = batch(&config, &mut rng, 14);
+        let (loss, grads, params) = loss_and_grads(params, &inputs, &targets);
+        let (twin_loss, twin_grads, twin) = loss_and_grads(twin, &inputs, &targets);
+        assert!(
+            ((loss - twin_loss) / twin_loss).abs() < 1e-5,
+            "{family:?}: loss {loss} vs the dense model's {twin_loss}"
+        );
+        let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        for (twin_index, p) in twin.params.iter().enumerate() {
+            let index = params.params.iter().position(|q| q.spec.name == p.spec.name).unwrap();
+            if linears.iter().any(|l| l.weight == index) {
+                continue;
+            }
+            common::assert_close(&p.spec.name, &f64s(&grads[index]), &f64s(&twin_grads[twin_index]), 1e-4);
+        }
+        for linear in &linears {
+            let name = &params.params[linear.weight].spec.name;
+            let twin_index = twin.params.iter().position(|p| &p.spec.name == name).unwrap();
+            let g = &twin_grads[twin_index];
+            let index = linear.binary.unwrap();
+            let w = params.params[linear.weight].value.to_vec::<f32>().unwrap();
+            let alpha = params.params[index.alpha].value.to_vec::<f32>().unwrap();
+            let (mut d_w, mut d_alpha, mut d_beta) = (
+                vec![0.0f64; w.len()],
+                vec![0.0f64; linear.input],
+                vec![0.0f64; linear.input],
+            );
+            // dα and dβ sum terms of both signs: measured against the sizes of those terms.
+            let mut terms = vec![0.0f64; linear.input];
+            for (k, (&gk, &wk)) in g.iter().zip(&w).enumerate() {
+                let j = match linear.layout {
+                    Layout::InputMajor => k / linear.output,
+                    _ => k % linear.input,
+                };
+                let sign = if wk > 0.0 {
+                    1.0
+                } else if wk < 0.0 {
+                    -1.0
+                } else {
+                    0.0
+                };
+                d_w[k] = alpha[j] as f64 * gk as f64;
+                d_alpha[j] += gk as f64 * sign;
+                d_beta[j] += gk as f64;
+                terms[j] += (gk as f64).abs();
+            }
+            let scale = common::norm(terms);
+            common::assert_close(&format!("d{name}"), &f64s(&grads[linear.weight]), &d_w, 1e-4);
+            common::assert_close_at_scale(&format!("{name} dα"), &f64s(&grads[index.alpha]), &d_alpha, 1e-4, scale);
+            common::assert_close_at_scale(&format!("{name} dβ"), &f64s(&grads[index.beta]), &d_beta, 1e-4, scale);
+        }
+    }
+}
+
+/// transformers' config.json only where transformers computes the same model.
+#[test]
+fn hugging_face_config_only_for_exportable_variants() {
+    let config = small(Family::Llama);
+    let with = |variants: &LinearVariants| GptParams::init_with_variants(&config, variants, &Device::Cpu, 1).unwrap();
+    assert!(
+        with(&mixed(0)).hugging_face_json().is_some(),
+        "masked weights are weights"
+    );
+    assert!(with(&binary_with_adapters().0).hugging_face_json().is_none());
+    let mut adapted = with(&with_adapters(false));
+    assert!(adapted.hugging_face_json().is_none());
+    adapted.set_adapters_on(false);
+    assert!(adapted.hugging_face_json().is_some());
+    let layers = linear_summary(&config, &binary_with_adapters().0).unwrap();
+    let q = &layers[0];
+    assert_eq!((q.parameters, q.bytes), (32 * 32 + 2 * 32, 4 * (32 * 32 + 2 * 32)));
+    let up = layers.iter().find(|l| l.name.ends_with("up_proj")).unwrap();
+    assert_eq!(up.parameters, 32 * 40 + 2 * 32 + 2 * (32 + 40));
+}
+
+#[test]
+fn binary_trains_on_the_cpu_and_is_refused_on_a_gpu() {
+    let corpus = corpus();
+    let (binary, _) = binary_with_adapters();
+    let mut trainer = Trainer::with_variants(&byte_config(), &binary, options(8), &Device::Cpu).unwrap();
+    let losses: Vec<f32> = (0..8).map(|_| trainer.train_step(&corpus).unwrap().loss).collect();
+    assert!(losses[7] < losses[0], "{losses:?}");
+    let Some(gpu) = common::gpu() else { return };
+    match GptParams::init_with_variants(&byte_config(), &binary, &gpu, 1) {
+        Err(Error::Unsupported { reason, .. }) => assert!(reason.contains("CPU only"), "{reason}"),
+        other => panic!("expected Unsupported, got {:?}", other.map(|_| ())),
     }
 }
 

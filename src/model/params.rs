@@ -69,6 +69,16 @@ pub struct Linear {
     pub spec: LinearSpec,
     /// The LoRA adapter's parameters, when the spec has one.
     pub lora: Option<LoraIndex>,
+    /// A `binary` layer's scale and shift.
+    pub binary: Option<BinaryIndex>,
+}
+
+/// A `binary` layer's per-input-column scale α and shift β (FBI-LLM, `W~ = α·sign(W) + β`),
+/// f32 (in), named `tessera.<layer>.binary_alpha` and `tessera.<layer>.binary_beta`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BinaryIndex {
+    pub alpha: usize,
+    pub beta: usize,
 }
 
 /// A LoRA adapter's parameters: `a` (rank, in) and `b` (out, rank), named
@@ -295,6 +305,23 @@ impl Builder<'_> {
                 false,
             )
         });
+        // α and β are set from the initial latent weight by `binary_init` (§1.5).
+        let binary = (spec.variant == Variant::Binary).then(|| BinaryIndex {
+            alpha: self.push(
+                format!("tessera.{prefix}.binary_alpha"),
+                vec![input],
+                Layout::Plain,
+                Init::Ones,
+                false,
+            ),
+            beta: self.push(
+                format!("tessera.{prefix}.binary_beta"),
+                vec![input],
+                Layout::Plain,
+                Init::Zeros,
+                false,
+            ),
+        });
         // A as PEFT's Kaiming-uniform draws it (the standard deviation of U(±1/√in)), B zero, so
         // that the adapter starts as nothing. No weight decay: an adapter that is not switched on
         // yet (no gradient, zero moments) then stays exactly as it is.
@@ -322,6 +349,7 @@ impl Builder<'_> {
             output,
             spec,
             lora,
+            binary,
         }
     }
 
@@ -452,6 +480,7 @@ impl GptParams {
                     params.adopt_mask(linear, mask)?;
                 }
                 Variant::Nm { prune_step: 0, .. } => params.prune_nm(linear)?,
+                Variant::Binary => params.binary_init(linear)?,
                 _ => {}
             }
         }
@@ -467,7 +496,7 @@ impl GptParams {
         values: Vec<Tensor>,
         device: &Device,
     ) -> Result<GptParams> {
-        check_variants_supported(&layout)?;
+        check_variants_supported(&layout, device)?;
         let dtype = if device.is_cuda() { DType::BF16 } else { DType::F32 };
         let params = values
             .into_iter()
@@ -545,6 +574,23 @@ impl GptParams {
             },
         );
         self.refresh_double_pruned(linear.weight)
+    }
+
+    /// Sets a `binary` layer's α and β from its latent weight (FBI-LLM §1.5: per input column,
+    /// β the mean and α the mean absolute deviation).
+    fn binary_init(&mut self, linear: &Linear) -> Result<()> {
+        let Some(index) = linear.binary else {
+            return Err(Error::invalid(
+                "GptParams::binary_init",
+                "linear",
+                "a binary layer",
+                linear.spec.variant,
+            ));
+        };
+        let weight = output_major(&self.params[linear.weight].value, linear)?;
+        let (alpha, beta) = ops::binary_init(&weight)?;
+        self.set_value(index.alpha, alpha.to_vec::<f32>()?)?;
+        self.set_value(index.beta, beta.to_vec::<f32>()?)
     }
 
     /// Prunes `nm` layer `linear` by the magnitudes of its weight now and fixes the mask.
@@ -641,16 +687,19 @@ impl GptParams {
         Ok(())
     }
 
-    /// Which parameters AdamW leaves alone: the weights and biases of the layers whose adapter
-    /// is on and freezes its base.
+    /// Which parameters AdamW leaves alone: the weights, biases (and binary α, β) of the layers
+    /// whose adapter is on and freezes its base.
     pub fn frozen(&self) -> Vec<bool> {
         let mut frozen = vec![false; self.params.len()];
         if self.adapters_on {
             for linear in self.layout.linears() {
                 if linear.spec.lora.is_some_and(|l| l.frozen_base) {
-                    frozen[linear.weight] = true;
-                    if let Some(bias) = linear.bias {
-                        frozen[bias] = true;
+                    let binary = linear.binary.map(|b| [b.alpha, b.beta]);
+                    for index in std::iter::once(linear.weight)
+                        .chain(linear.bias)
+                        .chain(binary.into_iter().flatten())
+                    {
+                        frozen[index] = true;
                     }
                 }
             }
@@ -702,6 +751,19 @@ impl GptParams {
             Some(mask) => ops::spdf_apply_mask(&mut self.params[index].grad, &mask.mask),
             None => Ok(()),
         }
+    }
+
+    /// transformers' `config.json` for this model (see [`GptConfig::hugging_face_json`]), when
+    /// transformers computes what it does from the saved weights: masked layers are ordinary
+    /// weights with zeros, but a binary layer's saved weight is its latent one, and LoRA adapters
+    /// on are not merged into the weights they sit beside, so neither is exported.
+    pub fn hugging_face_json(&self) -> Option<String> {
+        let exportable = self
+            .layout
+            .linears()
+            .iter()
+            .all(|l| l.binary.is_none() && (l.lora.is_none() || !self.adapters_on));
+        exportable.then(|| self.config.hugging_face_json()).flatten()
     }
 
     /// The configuration JSON that checkpoints record: [`GptConfig::to_json`] with the
@@ -939,11 +1001,11 @@ pub struct LinearSummary {
     /// The Hugging Face name without `.weight`.
     pub name: String,
     pub spec: LinearSpec,
-    /// Trainable values: the weight's (and bias's, and the adapter's).
+    /// Trainable values: the weight's (and bias's, a binary layer's α and β, the adapter's).
     pub parameters: usize,
     /// The weight's entries that are not fixed at 0 (all but a mask's pruned ones).
     pub kept: usize,
-    /// Bytes in a checkpoint: the f32 weight, bias and adapter, and the mask's bits.
+    /// Bytes in a checkpoint: the f32 trainable values, and the mask's bits.
     pub bytes: usize,
 }
 
@@ -959,7 +1021,8 @@ pub fn linear_summary(config: &GptConfig, variants: &LinearVariants) -> Result<V
             let spec = &layout.specs[linear.weight];
             let numel = linear.input * linear.output;
             let bias = linear.bias.map_or(0, |_| linear.output);
-            let adapter = linear.spec.lora.map_or(0, |l| l.rank * (linear.input + linear.output));
+            let adapter = linear.spec.lora.map_or(0, |l| l.rank * (linear.input + linear.output))
+                + linear.binary.map_or(0, |_| 2 * linear.input);
             let (rows, cols) = stored_dims(spec);
             let (kept, mask_bytes) = match linear.spec.variant {
                 Variant::Nm { n, m, .. } => (numel / m * n, 4 * rows * cols.div_ceil(32)),
@@ -1033,23 +1096,41 @@ fn nm_kept(values: &[f32], rows: usize, cols: usize, pattern: NmPattern, along_r
 }
 
 /// The variants the model runs today; the others are an error naming the layer.
-fn check_variants_supported(layout: &ModelLayout) -> Result<()> {
+fn check_variants_supported(layout: &ModelLayout, device: &Device) -> Result<()> {
     for linear in layout.linears() {
-        let unsupported = match linear.spec.variant {
-            Variant::SparseLowRank { .. } | Variant::Binary => Some(linear.spec.variant.name()),
-            _ => None,
-        };
-        if let Some(what) = unsupported {
-            return Err(Error::Unsupported {
-                op: "GptParams",
-                reason: format!(
-                    "the model does not run `{what}` linear layers yet ({})",
-                    layout.specs[linear.weight].name
-                ),
-            });
+        let name = &layout.specs[linear.weight].name;
+        match linear.spec.variant {
+            Variant::SparseLowRank { .. } => {
+                return Err(Error::Unsupported {
+                    op: "GptParams",
+                    reason: format!("the model does not run `sparse_low_rank` linear layers yet ({name})"),
+                })
+            }
+            // The binary op's training form is f32 on the CPU.
+            Variant::Binary if device.is_cuda() => {
+                return Err(Error::Unsupported {
+                    op: "GptParams",
+                    reason: format!("`binary` linear layers ({name}) train on the CPU only (the training form is f32)"),
+                })
+            }
+            _ => {}
         }
     }
     Ok(())
+}
+
+/// A layer's weight `value` (f32, in its stored layout) as (out, in): itself for an (out, in)
+/// weight, a transposed host copy for an (in, out) one.
+pub(crate) fn output_major(value: &Tensor, linear: &Linear) -> Result<Tensor> {
+    let (input, output) = (linear.input, linear.output);
+    let values = value.to_vec::<f32>()?;
+    let values = match linear.layout {
+        Layout::InputMajor => (0..output * input)
+            .map(|k| values[(k % input) * output + k / input])
+            .collect(),
+        _ => values,
+    };
+    Tensor::from_vec(values, &[output, input], &value.device())
 }
 
 /// `tensor` (f32) converted to `dtype`, rounding to nearest even, on the same device.

@@ -544,7 +544,7 @@ impl Trainer {
     pub fn save_model(&self, dir: &Path) -> Result<()> {
         fs::create_dir_all(dir).map_err(|e| Error::file(dir.display(), format!("cannot create the directory: {e}")))?;
         self.model.params.save(dir.join("model.safetensors"))?;
-        if let Some(config) = self.model.params.config.hugging_face_json() {
+        if let Some(config) = self.model.params.hugging_face_json() {
             fs::write(dir.join("config.json"), config)
                 .map_err(|e| Error::file(dir.display(), format!("cannot write config.json: {e}")))?;
         }
@@ -597,7 +597,7 @@ impl Trainer {
         fs::create_dir_all(&temporary).map_err(|e| fail("create a temporary directory", e))?;
         self.model.params.save(temporary.join("model.safetensors"))?;
         // With transformers' config.json beside it, `from_pretrained(dir)` loads the checkpoint.
-        if let Some(config) = self.model.params.config.hugging_face_json() {
+        if let Some(config) = self.model.params.hugging_face_json() {
             fs::write(temporary.join("config.json"), config).map_err(|e| fail("write config.json", e))?;
         }
         let params = &self.model.params.params;

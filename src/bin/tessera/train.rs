@@ -33,8 +33,8 @@ options:
                      [train] gap_steps, gap_lr, gap_tokens: --config overrides them, --seed
                      picks another sample)
 
-The [model] table's `linears` give the block linear layers variants (nm, unstructured)
-and LoRA adapters ([train] adapters_from = S switches them on at step S): see README.md,
+The [model] table's `linears` give the block linear layers variants (nm, unstructured,
+binary on the CPU) and LoRA adapters ([train] adapters_from = S switches them on at step S): see README.md,
 \"Linear variants\".
 
 The [train] table also turns on the recipes: grow_from = L0 (GrowLength: sequence lengths
