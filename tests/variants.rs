@@ -204,6 +204,18 @@ fn bad_variants_are_errors_naming_the_field() {
         "lora.rank",
         &["between 1"],
     );
+    check(
+        LinearVariants::all(LinearSpec {
+            variant: Variant::Dense,
+            lora: Some(LoraSpec {
+                rank: 65,
+                alpha: 1.0,
+                frozen_base: false,
+            }),
+        }),
+        "lora.rank",
+        &["64", "65"],
+    );
     let error = GptParams::init_with_variants(
         &config,
         &LinearVariants::all(LinearSpec {
@@ -1105,7 +1117,7 @@ fn binary_equals_dense_on_its_effective_weights() {
         let (binary, dense_variants) = binary_with_adapters();
         let mut params = GptParams::init_with_variants(&config, &binary, &Device::Cpu, 3).unwrap();
         // binary_init: β the column mean, α the mean absolute deviation of the initial W.
-        let first = params.layout.linears()[0].clone();
+        let first = *params.layout.linears()[0];
         let index = first.binary.unwrap();
         let w = params.params[first.weight].value.to_vec::<f32>().unwrap();
         let beta = params.params[index.beta].value.to_vec::<f32>().unwrap();

@@ -97,6 +97,8 @@ pub struct NormIndex {
 }
 
 /// The query, key and value projections: GPT-2's one fused `c_attn`, or Llama's three.
+// One per block, built once: three layers' indices and specs side by side cost nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Qkv {
     Fused(Linear),
@@ -406,8 +408,9 @@ pub struct LinearMask {
     /// output dimension) in the compute dtype and the weight's layout, through which the input
     /// gradient goes; recomputed from the master weight after every update (the spec's reference
     /// semantics). The recomputation runs on the host: per layer and update it reads the weight
-    /// back, prunes it and uploads the result (allocating host buffers), the one part of a
-    /// masked layer's training step that allocates.
+    /// back, prunes it and uploads the result, allocating host buffers (on a GPU the one part of
+    /// a masked layer's training step that allocates; on the CPU `spdf_apply_mask` also copies
+    /// the mask's bits on every call).
     pub double_pruned: Option<Tensor>,
     layout: Layout,
 }

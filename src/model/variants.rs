@@ -499,11 +499,16 @@ fn check_spec(spec: &LinearSpec, site: &LinearSite) -> Result<()> {
         }
     }
     if let Some(lora) = &spec.lora {
-        if lora.rank == 0 || lora.rank > site.input.min(site.output) {
+        // The lora op's kernels (and its lazy initialisation) take ranks up to MAX_RANK.
+        let most = site.input.min(site.output).min(crate::ops::lora::MAX_RANK);
+        if lora.rank == 0 || lora.rank > most {
             return Err(Error::invalid(
                 OP,
                 "lora.rank",
-                at("a rank between 1 and min(input, output)".into()),
+                at(format!(
+                    "a rank between 1 and min(input, output, {})",
+                    crate::ops::lora::MAX_RANK
+                )),
                 lora.rank,
             ));
         }

@@ -97,7 +97,7 @@ fn info(rest: &[String]) -> Result<(), Failure> {
 fn model_info(config: &tessera::model::GptConfig, variants: &tessera::model::LinearVariants) -> Result<(), Failure> {
     let layers = tessera::model::params::linear_summary(config, variants)?;
     println!(
-        "model: {} parameters, {} layers, width {}; block linear layers:",
+        "model: {} parameters when dense, {} layers, width {}; block linear layers:",
         config.parameter_count(),
         config.layers,
         config.width
