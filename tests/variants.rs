@@ -1268,3 +1268,105 @@ on_each_device!(
     nm_prunes_at_its_step_then_keeps_the_mask,
     checkpoints_keep_masks_and_resume_exactly,
 );
+
+/// `tessera info` and `tessera train --config` with every runnable variant, on the CPU: the
+/// checkpoint holds the masks, adapters and binary scales, and `eval` reads it back.
+#[test]
+fn command_line_trains_every_variant() {
+    let dir = std::env::temp_dir().join(format!("tessera-variants-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("variants.toml");
+    std::fs::write(
+        &config,
+        r#"
+[model]
+layers = 2
+heads = 2
+kv_heads = 2
+width = 32
+ffn_width = 64
+context = 16
+
+[model.linears.default]
+variant = "unstructured"
+density = 0.5
+
+[[model.linears.overrides]]
+select = "attn.c_proj"
+variant = "nm"
+n = 2
+m = 4
+lora = { rank = 2, alpha = 2.0, frozen_base = true }
+
+[[model.linears.overrides]]
+select = "h.1.mlp.c_fc"
+variant = "binary"
+
+[train]
+batch = 2
+seq = 16
+steps = 3
+warmup = 1
+eval_windows = 2
+adapters_from = 2
+"#,
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(output.status.success(), "tessera {args:?}: {text}");
+        text
+    };
+    let config = config.to_str().unwrap();
+    let info = run(&["info", "--config", config]);
+    for needle in [
+        "transformer.h.0.attn.c_attn",
+        "unstructured density 0.5 seed 0",
+        "nm 2:4 (pruned at step 0) + lora rank 2 alpha 2 (frozen base)",
+        "transformer.h.1.mlp.c_fc",
+        "binary",
+    ] {
+        assert!(info.contains(needle), "`{needle}` not in\n{info}");
+    }
+    let out = dir.join("run");
+    let out = out.to_str().unwrap();
+    run(&["train", "--device", "cpu", "--config", config, "--out", out]);
+    let checkpoint = dir.join("run").join("step-00000003");
+    let file = SafeTensors::load(checkpoint.join("model.safetensors")).unwrap();
+    let names: Vec<&str> = file.names().collect();
+    for needle in [
+        "tessera.transformer.h.0.attn.c_attn.mask",
+        "tessera.transformer.h.1.attn.c_proj.mask",
+        "tessera.transformer.h.1.attn.c_proj.lora_b",
+        "tessera.transformer.h.1.mlp.c_fc.binary_alpha",
+    ] {
+        assert!(names.contains(&needle), "{needle} not in {names:?}");
+    }
+    assert_eq!(file.metadata().get("tessera.adapters").map(String::as_str), Some("on"));
+    assert!(
+        !checkpoint.join("config.json").exists(),
+        "no transformers config for binary layers"
+    );
+    let text = dir.join("text.txt");
+    std::fs::write(&text, "the quick brown fox jumps over the lazy dog. ".repeat(8)).unwrap();
+    let eval = run(&[
+        "eval",
+        "--device",
+        "cpu",
+        "--checkpoint",
+        out,
+        "--data",
+        text.to_str().unwrap(),
+    ]);
+    assert!(eval.contains("perplexity"), "{eval}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
