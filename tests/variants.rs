@@ -91,6 +91,7 @@ fn variants_round_trip_through_json_and_dense_stays_unchanged() {
                         rank: 8,
                         density: 0.03,
                         alpha: 32.0,
+                        seed: 5,
                     },
                     lora: None,
                 },
@@ -232,20 +233,19 @@ fn bad_variants_are_errors_naming_the_field() {
     .map(|_| ())
     .unwrap_err();
     assert!(error.to_string().contains("NmPattern::new"), "{error}");
-    // Variants the model does not run yet are refused by name, not ignored.
-    for spec in [LinearSpec {
-        variant: Variant::SparseLowRank {
-            rank: 4,
-            density: 0.1,
-            alpha: 8.0,
-        },
-        lora: None,
-    }] {
-        match GptParams::init_with_variants(&config, &LinearVariants::all(spec), &Device::Cpu, 1) {
-            Err(Error::Unsupported { reason, .. }) => assert!(reason.contains(spec.variant.name()), "{reason}"),
-            other => panic!("expected Unsupported, got {:?}", other.map(|_| ())),
-        }
-    }
+    check(
+        LinearVariants::all(LinearSpec {
+            variant: Variant::SparseLowRank {
+                rank: 33,
+                density: 0.1,
+                alpha: 8.0,
+                seed: 0,
+            },
+            lora: None,
+        }),
+        "sparse_low_rank.rank",
+        &["33"],
+    );
     let json = config.to_json().replace(
         "\"wavelet\"",
         "\"linears\": {\"default\": {\"variant\": \"nm\", \"n\": 2}}, \"wavelet\"",
@@ -318,6 +318,9 @@ variant = "dense"
 /// `params`' every value random in ±0.4 (gains around 1), through `set_value`, which masks.
 fn randomise(params: &mut GptParams, rng: &mut impl Rng) {
     for index in 0..params.params.len() {
+        if params.sltrain.contains_key(&index) {
+            continue;
+        }
         let spec = &params.params[index].spec;
         let gain = spec.name.ends_with("norm.weight") || spec.name.contains("ln_") && spec.name.ends_with(".weight");
         let n: usize = spec.shape.iter().product();
@@ -1241,6 +1244,15 @@ fn hugging_face_config_only_for_exportable_variants() {
     assert_eq!((q.parameters, q.bytes), (32 * 32 + 2 * 32, 4 * (32 * 32 + 2 * 32)));
     let up = layers.iter().find(|l| l.name.ends_with("up_proj")).unwrap();
     assert_eq!(up.parameters, 32 * 40 + 2 * 32 + 2 * (32 + 40));
+    let layers = linear_summary(&config, &sltrain(4, None)).unwrap();
+    let up = layers.iter().find(|l| l.name.ends_with("up_proj")).unwrap();
+    let nnz = (0.1 * (32 * 40) as f64) as usize;
+    assert_eq!(up.parameters, 4 * (32 + 40) + nnz);
+    assert_eq!(up.bytes, 4 * up.parameters + 4 * nnz + 4 * 32 * 40);
+    assert!(
+        with(&sltrain(4, None)).hugging_face_json().is_some(),
+        "the weight is materialised"
+    );
 }
 
 #[test]
@@ -1257,7 +1269,190 @@ fn binary_trains_on_the_cpu_and_is_refused_on_a_gpu() {
     }
 }
 
+fn sltrain(rank: usize, lora: Option<LoraSpec>) -> LinearVariants {
+    LinearVariants::all(LinearSpec {
+        variant: Variant::SparseLowRank {
+            rank,
+            density: 0.1,
+            alpha: 8.0,
+            seed: 3,
+        },
+        lora,
+    })
+}
+
+/// An SLTrain model is the dense model whose weights are `c·B·A + S`: the same loss and
+/// upstream gradients, and `dB = c·G·Aᵀ`, `dA = c·Bᵀ·G`, `dS = G[support]` from that model's
+/// weight gradient `G` (out, in).
+fn sltrain_equals_dense_on_its_materialised_weights(device: &Device) {
+    let mut rng = common::rng();
+    for family in [Family::Gpt2, Family::Llama] {
+        let config = small(family);
+        let mut params = GptParams::init_with_variants(&config, &sltrain(4, None), device, 3).unwrap();
+        let linears: Vec<_> = params.layout.linears().into_iter().copied().collect();
+        let first = linears[0];
+        let index = first.sltrain.unwrap();
+        assert_eq!(
+            params.params[index.s].value.numel(),
+            (0.1 * (first.input * first.output) as f64) as usize
+        );
+        assert!(params.params[index.b]
+            .value
+            .to_vec::<f32>()
+            .unwrap()
+            .iter()
+            .all(|&v| v == 0.0));
+        common::assert_invalid(
+            params.set_value(first.weight, vec![0.0; first.input * first.output]),
+            "GptParams::set_value",
+            "index",
+            &["derived"],
+        );
+        randomise(&mut params, &mut rng);
+        let twin = dense_twin(&params);
+        let (inputs, targets) = batch(&config, &mut rng, 14);
+        // The materialised weight, in f64 from the master values.
+        for linear in &linears {
+            let index = linear.sltrain.unwrap();
+            let (a, b, s) = (
+                params.params[index.a].value.to_vec::<f32>().unwrap(),
+                params.params[index.b].value.to_vec::<f32>().unwrap(),
+                params.params[index.s].value.to_vec::<f32>().unwrap(),
+            );
+            let support = params.sltrain[&linear.weight].support().to_vec::<u32>().unwrap();
+            assert!(support.windows(2).all(|w| w[0] < w[1]));
+            let (r, n_in, n_out) = (4, linear.input, linear.output);
+            let mut w = vec![0.0f64; n_out * n_in];
+            for o in 0..n_out {
+                for i in 0..n_in {
+                    w[o * n_in + i] = 2.0
+                        * (0..r)
+                            .map(|k| b[o * r + k] as f64 * a[k * n_in + i] as f64)
+                            .sum::<f64>();
+                }
+            }
+            for (&flat, &v) in support.iter().zip(&s) {
+                w[flat as usize] += v as f64;
+            }
+            let got: Vec<f64> = output_major(&params.params[linear.weight].value.to_vec::<f32>().unwrap(), linear);
+            let tolerance = if device.is_cuda() { 1e-2 } else { 1e-6 };
+            common::assert_close("materialised W", &got, &w, tolerance);
+        }
+        let (loss, grads, params) = loss_and_grads(params, &inputs, &targets);
+        let (twin_loss, twin_grads, twin) = loss_and_grads(twin, &inputs, &targets);
+        assert_eq!(loss.to_bits(), twin_loss.to_bits(), "{family:?}: loss");
+        for (twin_index, p) in twin.params.iter().enumerate() {
+            let index = params.params.iter().position(|q| q.spec.name == p.spec.name).unwrap();
+            if linears.iter().any(|l| l.weight == index) {
+                assert!(
+                    grads[index].iter().all(|&g| g == 0.0),
+                    "the materialised weight gets no gradient"
+                );
+                continue;
+            }
+            assert_eq!(grads[index], twin_grads[twin_index], "{family:?}: {}", p.spec.name);
+        }
+        let tolerance = if device.is_cuda() { 2e-2 } else { 1e-5 };
+        for linear in &linears {
+            let name = &params.params[linear.weight].spec.name;
+            let twin_index = twin.params.iter().position(|p| &p.spec.name == name).unwrap();
+            let g = output_major(&twin_grads[twin_index], linear);
+            let index = linear.sltrain.unwrap();
+            let a = params.params[index.a].value.to_vec::<f32>().unwrap();
+            let b = params.params[index.b].value.to_vec::<f32>().unwrap();
+            let support = params.sltrain[&linear.weight].support().to_vec::<u32>().unwrap();
+            let (r, n_in, n_out, c) = (4, linear.input, linear.output, 2.0);
+            let mut d_b = vec![0.0f64; n_out * r];
+            let mut d_a = vec![0.0f64; r * n_in];
+            for o in 0..n_out {
+                for i in 0..n_in {
+                    for k in 0..r {
+                        d_b[o * r + k] += c * g[o * n_in + i] * a[k * n_in + i] as f64;
+                        d_a[k * n_in + i] += c * b[o * r + k] as f64 * g[o * n_in + i];
+                    }
+                }
+            }
+            let d_s: Vec<f64> = support.iter().map(|&flat| g[flat as usize]).collect();
+            let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+            common::assert_close(&format!("{name} dB"), &f64s(&grads[index.b]), &d_b, tolerance);
+            common::assert_close(&format!("{name} dA"), &f64s(&grads[index.a]), &d_a, tolerance);
+            common::assert_close(&format!("{name} dS"), &f64s(&grads[index.s]), &d_s, tolerance);
+        }
+    }
+}
+
+/// `values` of `linear`'s weight in its stored layout, as (out, in), in f64.
+fn output_major(values: &[f32], linear: &tessera::model::params::Linear) -> Vec<f64> {
+    let (n_in, n_out) = (linear.input, linear.output);
+    (0..n_out * n_in)
+        .map(|k| {
+            let (o, i) = (k / n_in, k % n_in);
+            (match linear.layout {
+                Layout::InputMajor => values[i * n_out + o],
+                _ => values[k],
+            }) as f64
+        })
+        .collect()
+}
+
+/// SLTrain with adapters trains; the support stays, the weight stays its factors' product; a
+/// checkpoint resumes exactly and refuses a support its seed does not draw.
+fn sltrain_trains_and_resumes(device: &Device) {
+    let corpus = corpus();
+    let variants = sltrain(4, lora(2, false));
+    let run = |steps: u64| {
+        let mut t = Trainer::with_variants(&byte_config(), &variants, options(6), device).unwrap();
+        let losses: Vec<f32> = (0..steps).map(|_| t.train_step(&corpus).unwrap().loss).collect();
+        (t, losses)
+    };
+    let (straight, expected) = run(6);
+    assert!(expected[5] < expected[0], "{expected:?}");
+    let first = straight.model.params.layout.linears()[0].sltrain.unwrap();
+    assert!(straight.model.params.params[first.b]
+        .value
+        .to_vec::<f32>()
+        .unwrap()
+        .iter()
+        .any(|&v| v != 0.0));
+    let dir = scratch("sltrain", device);
+    let (saved, mut got) = run(2);
+    let checkpoint = saved.save(&dir).unwrap();
+    drop(saved);
+    let mut resumed = Trainer::resume(&dir, device).unwrap();
+    got.extend((2..6).map(|_| resumed.train_step(&corpus).unwrap().loss));
+    assert_eq!(got, expected);
+    assert_eq!(values_of(&resumed.model.params), values_of(&straight.model.params));
+    // A support that is not the seed's is refused.
+    let path = checkpoint.join("model.safetensors");
+    let mut file = SafeTensors::load(&path).unwrap();
+    let metadata = file.metadata().clone();
+    let names: Vec<String> = file.names().map(String::from).collect();
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for name in &names {
+        let t = file.get(name).unwrap();
+        let (dtype, shape) = (t.dtype(), t.shape().to_vec());
+        let mut t = file.take(name, dtype, &shape).unwrap();
+        if name.ends_with(".sltrain_support") && tensors.iter().all(|(n, _)| !n.ends_with(".sltrain_support")) {
+            let mut support = t.to_vec::<u32>().unwrap();
+            let last = support.len() - 1;
+            support[last] ^= 1;
+            t = Tensor::from_vec(support, &shape, &Device::Cpu).unwrap();
+        }
+        tensors.push((name.clone(), t));
+    }
+    let list: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    tessera::model::safetensors::save(&path, &list, &metadata).unwrap();
+    let error = GptParams::load(&path, None, device)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("sltrain_support") && error.contains("seed"), "{error}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 on_each_device!(
+    sltrain_equals_dense_on_its_materialised_weights,
+    sltrain_trains_and_resumes,
     zero_b_gives_the_base_output,
     adapters_start_at_their_step_and_freeze_the_base,
     adapters_resume_exactly,

@@ -541,7 +541,8 @@ fn norm_backward(
 /// `out = x·W (+ b)` in the weight's layout, plus the LoRA adapter's `s·(x·Aᵀ)·Bᵀ` when it is on:
 /// the one place a block projection runs, whatever its variant. A masked layer (`nm`,
 /// `unstructured`) multiplies by its masked dense weight (its pruned entries are exactly 0), on
-/// both devices; a `binary` one runs the binary op's training form (f32, CPU).
+/// both devices; a `binary` one runs the binary op's training form (f32, CPU); a
+/// `sparse_low_rank` one multiplies by its materialised `W = c·B·A + S`.
 fn linear_forward(params: &GptParams, linear: &Linear, x: &Tensor, out: &mut Tensor) -> Result<()> {
     let options = match linear.layout {
         Layout::OutputMajor => MatmulOptions::linear(),
@@ -588,7 +589,8 @@ fn adapter_input(params: &GptParams, index: LoraIndex, x: &Tensor) -> Result<Ten
 /// A linear layer's backward: `dx` (added to what it holds with `accumulate`) and the weight's
 /// and bias's gradients, added to theirs. An `nm` layer's `dx` goes through its double-pruned
 /// weight (SLoPe), a masked layer's weight gradient is masked, and a frozen base (an adapter on
-/// with `frozen_base`) gets none. With its adapter on, with `T = x·Aᵀ` and `dT = dY·B`:
+/// with `frozen_base`) gets none; a `sparse_low_rank` layer's goes to its factors and sparse
+/// values (SLTrain's backward, whose `dX = dY·W` is the plain product). With its adapter on, with `T = x·Aᵀ` and `dT = dY·B`:
 /// `dA += s·dTᵀ·x`, `dB += s·dYᵀ·T`, `dx += s·dT·A`.
 fn linear_backward(
     params: &mut GptParams,
@@ -616,8 +618,13 @@ fn linear_backward(
             return Ok(());
         }
     }
-    weight_grad(params, linear.weight, linear.layout, x, dy)?;
-    params.mask_grad(linear.weight)?;
+    match linear.sltrain {
+        Some(_) => params.sltrain_grads(linear, x, dy)?,
+        None => {
+            weight_grad(params, linear.weight, linear.layout, x, dy)?;
+            params.mask_grad(linear.weight)?;
+        }
+    }
     if let Some(bias) = linear.bias {
         // db = 1ᵀ·dY, as a (1, n) product into the (n) gradient.
         let grad = &mut params.params[bias].grad;

@@ -71,6 +71,19 @@ pub struct Linear {
     pub lora: Option<LoraIndex>,
     /// A `binary` layer's scale and shift.
     pub binary: Option<BinaryIndex>,
+    /// A `sparse_low_rank` layer's factors and sparse values.
+    pub sltrain: Option<SlTrainIndex>,
+}
+
+/// A `sparse_low_rank` layer's trainable parameters (SLTrain, `W = (α/r)·B·A + S`): `a` (rank,
+/// in), `b` (out, rank) and `s`, S's values on the fixed support (nnz), named
+/// `tessera.<layer>.sltrain_a`, `_b`, `_s`. The layer's weight (its Hugging Face name) holds the
+/// materialised `W`, recomputed after every update and never trained itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlTrainIndex {
+    pub a: usize,
+    pub b: usize,
+    pub s: usize,
 }
 
 /// A `binary` layer's per-input-column scale α and shift β (FBI-LLM, `W~ = α·sign(W) + β`),
@@ -324,6 +337,33 @@ impl Builder<'_> {
                 false,
             ),
         });
+        // Values drawn by `SlTrainLayer::new` at initialisation (§5.2: A and S uniform, B zero).
+        let sltrain = match spec.variant {
+            Variant::SparseLowRank { rank, density, .. } => Some(SlTrainIndex {
+                a: self.push(
+                    format!("tessera.{prefix}.sltrain_a"),
+                    vec![rank, input],
+                    Layout::Plain,
+                    Init::Zeros,
+                    false,
+                ),
+                b: self.push(
+                    format!("tessera.{prefix}.sltrain_b"),
+                    vec![output, rank],
+                    Layout::Plain,
+                    Init::Zeros,
+                    false,
+                ),
+                s: self.push(
+                    format!("tessera.{prefix}.sltrain_s"),
+                    vec![(density * (input * output) as f64).floor() as usize],
+                    Layout::Plain,
+                    Init::Zeros,
+                    false,
+                ),
+            }),
+            _ => None,
+        };
         // A as PEFT's Kaiming-uniform draws it (the standard deviation of U(±1/√in)), B zero, so
         // that the adapter starts as nothing. No weight decay: an adapter that is not switched on
         // yet (no gradient, zero moments) then stays exactly as it is.
@@ -352,6 +392,7 @@ impl Builder<'_> {
             spec,
             lora,
             binary,
+            sltrain,
         }
     }
 
@@ -431,6 +472,9 @@ pub struct GptParams {
     /// Whether the LoRA adapters take part (forward, backward, updates); see
     /// [`GptParams::start_adapters`].
     adapters_on: bool,
+    /// The `sparse_low_rank` layers as the SLTrain op holds them (compute-dtype copies of A, B
+    /// and S's values beside the fixed support), by weight index.
+    pub sltrain: BTreeMap<usize, ops::SlTrainLayer>,
 }
 
 impl GptParams {
@@ -464,6 +508,7 @@ impl GptParams {
             })
             .collect::<Result<Vec<_>>>()?;
         let mut params = GptParams::from_values(config.clone(), variants.clone(), layout, values, device)?;
+        params.attach_sltrain()?;
         let linears: Vec<Linear> = params.layout.linears().into_iter().copied().collect();
         for linear in &linears {
             match linear.spec.variant {
@@ -484,6 +529,18 @@ impl GptParams {
                 }
                 Variant::Nm { prune_step: 0, .. } => params.prune_nm(linear)?,
                 Variant::Binary => params.binary_init(linear)?,
+                Variant::SparseLowRank { .. } => {
+                    // §5.2's initial values, drawn in f32 from the layer's own seed.
+                    let drawn = sltrain_layer(&params.layout, linear, DType::F32, &Device::Cpu)?;
+                    let index = linear
+                        .sltrain
+                        .ok_or_else(|| Error::invalid(OP_PARAMS, "layout", "SLTrain parameters", "none"))?;
+                    params.set_value(index.a, drawn.a.to_vec::<f32>()?)?;
+                    params.set_value(index.s, drawn.s.to_vec::<f32>()?)?;
+                    if let (Some(bias), Some(values)) = (linear.bias, &drawn.bias) {
+                        params.set_value(bias, values.to_vec::<f32>()?)?;
+                    }
+                }
                 _ => {}
             }
         }
@@ -531,6 +588,7 @@ impl GptParams {
             dtype,
             params,
             adapters_on: true,
+            sltrain: BTreeMap::new(),
         })
     }
 
@@ -577,6 +635,65 @@ impl GptParams {
             },
         );
         self.refresh_double_pruned(linear.weight)
+    }
+
+    /// Creates the SLTrain op's layers (their supports drawn from each layer's seed) and
+    /// materialises their weights.
+    fn attach_sltrain(&mut self) -> Result<()> {
+        let linears: Vec<Linear> = self.layout.linears().into_iter().copied().collect();
+        for linear in linears.iter().filter(|l| l.sltrain.is_some()) {
+            let mut layer = sltrain_layer(&self.layout, linear, self.dtype, &self.device)?;
+            // The bias is the model's own parameter, outside the op.
+            layer.bias = None;
+            self.sltrain.insert(linear.weight, layer);
+            self.refresh_sltrain(linear)?;
+        }
+        Ok(())
+    }
+
+    /// Copies a `sparse_low_rank` layer's A, B and S values into its op layer and writes
+    /// `W = c·B·A + S` (the op's `sltrain_weight`) into the layer's weight, in its layout: read
+    /// back to the host to lay it out (allocating, once per layer and update).
+    fn refresh_sltrain(&mut self, linear: &Linear) -> Result<()> {
+        let (Some(index), Some(layer)) = (linear.sltrain, self.sltrain.get_mut(&linear.weight)) else {
+            return Ok(());
+        };
+        fn weight(p: &Parameter) -> &Tensor {
+            p.compute.as_ref().unwrap_or(&p.value)
+        }
+        layer.a.copy_from(weight(&self.params[index.a]))?;
+        layer.b.copy_from(weight(&self.params[index.b]))?;
+        layer.s.copy_from(weight(&self.params[index.s]))?;
+        let w = host_f32(&ops::sltrain_weight(layer)?)?;
+        let (n_in, n_out) = (linear.input, linear.output);
+        let values: Vec<f32> = match linear.layout {
+            Layout::InputMajor => (0..n_in * n_out).map(|k| w[(k % n_out) * n_in + k / n_out]).collect(),
+            _ => w,
+        };
+        let p = &mut self.params[linear.weight];
+        let host = Tensor::from_vec(values, &p.spec.shape, &Device::Cpu)?;
+        if let Some(compute) = &mut p.compute {
+            compute.copy_from(&cast(&host, self.dtype)?)?;
+        }
+        p.value.copy_from(&host)
+    }
+
+    /// Adds a `sparse_low_rank` layer's gradients (the op's `sltrain_backward`: `dB = c·G·Aᵀ`,
+    /// `dA = c·Bᵀ·G`, `dS = G[support]` with `G = dYᵀ·x`) to A's, B's and S's; the op allocates
+    /// them, and they are added on the host.
+    pub(crate) fn sltrain_grads(&mut self, linear: &Linear, x: &Tensor, dy: &Tensor) -> Result<()> {
+        let (Some(index), Some(layer)) = (linear.sltrain, self.sltrain.get(&linear.weight)) else {
+            return Ok(());
+        };
+        let grads = ops::sltrain_backward(dy, x, layer)?;
+        for (target, grad) in [(index.a, &grads.d_a), (index.b, &grads.d_b), (index.s, &grads.d_s)] {
+            let add = host_f32(grad)?;
+            let p = &mut self.params[target].grad;
+            let mut sum = p.to_vec::<f32>()?;
+            sum.iter_mut().zip(&add).for_each(|(s, a)| *s += a);
+            p.copy_from(&Tensor::from_vec(sum, &p.shape().to_vec(), &Device::Cpu)?)?;
+        }
+        Ok(())
     }
 
     /// Sets a `binary` layer's α and β from its latent weight (FBI-LLM §1.5: per input column,
@@ -690,17 +807,25 @@ impl GptParams {
         Ok(())
     }
 
-    /// Which parameters AdamW leaves alone: the weights, biases (and binary α, β) of the layers
+    /// Which parameters AdamW leaves alone: the materialised weights of `sparse_low_rank` layers,
+    /// and the base parameters (weight, bias, binary α and β, SLTrain's factors) of the layers
     /// whose adapter is on and freezes its base.
     pub fn frozen(&self) -> Vec<bool> {
         let mut frozen = vec![false; self.params.len()];
+        for linear in self.layout.linears() {
+            if linear.sltrain.is_some() {
+                frozen[linear.weight] = true;
+            }
+        }
         if self.adapters_on {
             for linear in self.layout.linears() {
                 if linear.spec.lora.is_some_and(|l| l.frozen_base) {
-                    let binary = linear.binary.map(|b| [b.alpha, b.beta]);
+                    let binary = linear.binary.map(|b| vec![b.alpha, b.beta]);
+                    let sltrain = linear.sltrain.map(|s| vec![s.a, s.b, s.s]);
                     for index in std::iter::once(linear.weight)
                         .chain(linear.bias)
                         .chain(binary.into_iter().flatten())
+                        .chain(sltrain.into_iter().flatten())
                     {
                         frozen[index] = true;
                     }
@@ -744,6 +869,10 @@ impl GptParams {
         let indices: Vec<usize> = self.masks.keys().copied().collect();
         for index in indices {
             self.refresh_double_pruned(index)?;
+        }
+        let linears: Vec<Linear> = self.layout.linears().into_iter().copied().collect();
+        for linear in linears.iter().filter(|l| l.sltrain.is_some()) {
+            self.refresh_sltrain(linear)?;
         }
         Ok(())
     }
@@ -883,9 +1012,18 @@ impl GptParams {
     }
 
     /// Replaces parameter `index`'s master value (and its compute copy) by `values`, with a
-    /// masked layer's mask applied.
+    /// masked layer's mask applied (and a `sparse_low_rank` layer's weight recomputed when one of
+    /// its factors changes).
     pub fn set_value(&mut self, index: usize, values: Vec<f32>) -> Result<()> {
         let spec = self.check_index("GptParams::set_value", index)?;
+        if self.sltrain.contains_key(&index) {
+            return Err(Error::invalid(
+                "GptParams::set_value",
+                "index",
+                "a parameter (a sparse_low_rank layer's weight is derived from its factors)",
+                &spec.name,
+            ));
+        }
         let numel: usize = spec.shape.iter().product();
         if values.len() != numel {
             return Err(Error::invalid(
@@ -906,7 +1044,17 @@ impl GptParams {
         let p = &mut self.params[index];
         p.value = value;
         p.compute = compute;
-        self.refresh_double_pruned(index)
+        self.refresh_double_pruned(index)?;
+        let owner = self
+            .layout
+            .linears()
+            .into_iter()
+            .find(|l| l.sltrain.is_some_and(|s| [s.a, s.b, s.s].contains(&index)))
+            .copied();
+        match owner {
+            Some(linear) => self.refresh_sltrain(&linear),
+            None => Ok(()),
+        }
     }
 
     fn check_index(&self, op: &'static str, index: usize) -> Result<&ParamSpec> {
@@ -928,11 +1076,17 @@ impl GptParams {
             .iter()
             .map(|(&index, mask)| (mask_name(&self.params[index].spec.name), mask.mask.bits()))
             .collect();
+        let supports: Vec<(String, &Tensor)> = self
+            .sltrain
+            .iter()
+            .map(|(&index, layer)| (support_name(&self.params[index].spec.name), layer.support()))
+            .collect();
         let list: Vec<(&str, &Tensor)> = self
             .params
             .iter()
             .map(|p| (p.spec.name.as_str(), &p.value))
             .chain(mask_names.iter().map(|(name, bits)| (name.as_str(), *bits)))
+            .chain(supports.iter().map(|(name, support)| (name.as_str(), *support)))
             .collect();
         let mut metadata = BTreeMap::from([
             ("format".to_string(), "pt".to_string()),
@@ -971,6 +1125,18 @@ impl GptParams {
             .map(|spec| file.take(&spec.name, DType::F32, &spec.shape)?.to_device(device))
             .collect::<Result<Vec<_>>>()?;
         let mut params = GptParams::from_values(config, variants, layout, values, device)?;
+        params.attach_sltrain()?;
+        // The support is fixed by the layer's seed; the stored one must be that one.
+        for (&index, layer) in &params.sltrain {
+            let name = support_name(&params.params[index].spec.name);
+            let stored = file.take(&name, DType::U32, &[layer.nnz()])?.to_vec::<u32>()?;
+            if stored != layer.support().to_vec::<u32>()? {
+                return Err(Error::file(
+                    path.display(),
+                    format!("`{name}` is not the support that the layer's seed draws"),
+                ));
+            }
+        }
         params.adapters_on = match file.metadata().get(ADAPTERS_KEY).map(String::as_str) {
             None | Some("on") => true,
             Some("off") => false,
@@ -1004,11 +1170,13 @@ pub struct LinearSummary {
     /// The Hugging Face name without `.weight`.
     pub name: String,
     pub spec: LinearSpec,
-    /// Trainable values: the weight's (and bias's, a binary layer's α and β, the adapter's).
+    /// Trainable values: the weight's (or SLTrain's factors and sparse values), the bias's, a
+    /// binary layer's α and β, the adapter's.
     pub parameters: usize,
     /// The weight's entries that are not fixed at 0 (all but a mask's pruned ones).
     pub kept: usize,
-    /// Bytes in a checkpoint: the f32 trainable values, and the mask's bits.
+    /// Bytes in a checkpoint: the f32 trainable values, a mask's bits, an SLTrain layer's support
+    /// and materialised weight.
     pub bytes: usize,
 }
 
@@ -1026,6 +1194,17 @@ pub fn linear_summary(config: &GptConfig, variants: &LinearVariants) -> Result<V
             let bias = linear.bias.map_or(0, |_| linear.output);
             let adapter = linear.spec.lora.map_or(0, |l| l.rank * (linear.input + linear.output))
                 + linear.binary.map_or(0, |_| 2 * linear.input);
+            // SLTrain trains its factors and S's values, and stores the support and the
+            // materialised weight beside them.
+            let (trained, extra_bytes) = match linear.sltrain {
+                Some(index) => {
+                    let factors = layout.specs[index.a].shape.iter().product::<usize>()
+                        + layout.specs[index.b].shape.iter().product::<usize>();
+                    let nnz = layout.specs[index.s].shape[0];
+                    (factors + nnz, 4 * nnz + 4 * numel)
+                }
+                None => (numel, 0),
+            };
             let (rows, cols) = stored_dims(spec);
             let (kept, mask_bytes) = match linear.spec.variant {
                 Variant::Nm { n, m, .. } => (numel / m * n, 4 * rows * cols.div_ceil(32)),
@@ -1038,13 +1217,63 @@ pub fn linear_summary(config: &GptConfig, variants: &LinearVariants) -> Result<V
             LinearSummary {
                 name: spec.name.strip_suffix(".weight").unwrap_or(&spec.name).to_string(),
                 spec: linear.spec,
-                parameters: numel + bias + adapter,
+                parameters: trained + bias + adapter,
                 kept,
-                bytes: 4 * (numel + bias + adapter) + mask_bytes,
+                bytes: 4 * (trained + bias + adapter) + mask_bytes + extra_bytes,
             }
         })
         .collect())
 }
+
+/// The checkpoint name of the SLTrain support of weight `weight_name`
+/// (`tessera.<layer>.sltrain_support`).
+pub fn support_name(weight_name: &str) -> String {
+    format!(
+        "tessera.{}.sltrain_support",
+        weight_name.strip_suffix(".weight").unwrap_or(weight_name)
+    )
+}
+
+/// The SLTrain op's layer of `linear` (a `sparse_low_rank` one) in `dtype` on `device`: its
+/// support and initial values drawn from the variant's seed mixed with the layer's name.
+fn sltrain_layer(layout: &ModelLayout, linear: &Linear, dtype: DType, device: &Device) -> Result<ops::SlTrainLayer> {
+    let Variant::SparseLowRank {
+        rank,
+        density,
+        alpha,
+        seed,
+    } = linear.spec.variant
+    else {
+        return Err(Error::invalid(
+            OP_PARAMS,
+            "linear",
+            "a sparse_low_rank layer",
+            linear.spec.variant,
+        ));
+    };
+    let config = ops::SlTrainConfig {
+        d_out: linear.output,
+        d_in: linear.input,
+        rank,
+        density,
+        alpha,
+        bias: linear.bias.is_some(),
+    };
+    let name = &layout.specs[linear.weight].name;
+    ops::SlTrainLayer::new(config, dtype, seed ^ splitmix64(name_hash(name)), device)
+}
+
+/// A float tensor's values as f32 on the host.
+fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
+    match t.dtype() {
+        DType::F32 => t.to_vec::<f32>(),
+        DType::BF16 => Ok(t.to_vec::<half::bf16>()?.iter().map(|v| v.to_f32()).collect()),
+        DType::F16 => Ok(t.to_vec::<half::f16>()?.iter().map(|v| v.to_f32()).collect()),
+        other => Err(Error::invalid(OP_PARAMS, "tensor", "a float tensor", other)),
+    }
+}
+
+const OP_PARAMS: &str = "GptParams";
 
 /// The checkpoint name of the mask of weight `weight_name` (`tessera.<layer>.mask`).
 pub fn mask_name(weight_name: &str) -> String {
@@ -1103,12 +1332,6 @@ fn check_variants_supported(layout: &ModelLayout, device: &Device) -> Result<()>
     for linear in layout.linears() {
         let name = &layout.specs[linear.weight].name;
         match linear.spec.variant {
-            Variant::SparseLowRank { .. } => {
-                return Err(Error::Unsupported {
-                    op: "GptParams",
-                    reason: format!("the model does not run `sparse_low_rank` linear layers yet ({name})"),
-                })
-            }
             // The binary op's training form is f32 on the CPU.
             Variant::Binary if device.is_cuda() => {
                 return Err(Error::Unsupported {

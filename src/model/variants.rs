@@ -79,8 +79,13 @@ pub enum Variant {
     /// drawn from `seed` (mixed with the layer's name, so layers differ).
     Unstructured { density: f64, seed: u64 },
     /// SLTrain (ALGORITHMS.md §5): `W = (alpha/rank)·B·A + S`, S on a fixed random support of
-    /// `density` of the entries.
-    SparseLowRank { rank: usize, density: f64, alpha: f32 },
+    /// `density` of the entries, drawn from `seed` (mixed with the layer's name).
+    SparseLowRank {
+        rank: usize,
+        density: f64,
+        alpha: f32,
+        seed: u64,
+    },
     /// FBI-LLM (ALGORITHMS.md §1): `W~ = α·sign(W) + β`, straight-through backward.
     Binary,
 }
@@ -109,9 +114,15 @@ impl std::fmt::Display for Variant {
             Variant::Dense | Variant::Binary => write!(f, "{}", self.name()),
             Variant::Nm { n, m, prune_step } => write!(f, "nm {n}:{m} (pruned at step {prune_step})"),
             Variant::Unstructured { density, seed } => write!(f, "unstructured density {density} seed {seed}"),
-            Variant::SparseLowRank { rank, density, alpha } => {
-                write!(f, "sparse_low_rank rank {rank} density {density} alpha {alpha}")
-            }
+            Variant::SparseLowRank {
+                rank,
+                density,
+                alpha,
+                seed,
+            } => write!(
+                f,
+                "sparse_low_rank rank {rank} density {density} alpha {alpha} seed {seed}"
+            ),
         }
     }
 }
@@ -308,10 +319,16 @@ fn spec_json(spec: &LinearSpec) -> Map<String, Value> {
             object.insert("density".into(), json!(density));
             object.insert("seed".into(), json!(seed));
         }
-        Variant::SparseLowRank { rank, density, alpha } => {
+        Variant::SparseLowRank {
+            rank,
+            density,
+            alpha,
+            seed,
+        } => {
             object.insert("rank".into(), json!(rank));
             object.insert("density".into(), json!(density));
             object.insert("alpha".into(), json!(alpha));
+            object.insert("seed".into(), json!(seed));
         }
     }
     if let Some(lora) = &spec.lora {
@@ -374,8 +391,9 @@ fn parse_spec(value: &Value, selected: bool) -> Result<(Option<String>, LinearSp
                 rank: size("rank")?,
                 density: number("density")?,
                 alpha: number("alpha")? as f32,
+                seed: optional_u64("seed")?,
             },
-            &["rank", "density", "alpha"],
+            &["rank", "density", "alpha", "seed"],
         ),
         Some("binary") => (Variant::Binary, &[]),
         _ => {
@@ -478,7 +496,9 @@ fn check_spec(spec: &LinearSpec, site: &LinearSite) -> Result<()> {
             }
         }
         Variant::Unstructured { density, .. } => fraction("unstructured.density", density)?,
-        Variant::SparseLowRank { rank, density, alpha } => {
+        Variant::SparseLowRank {
+            rank, density, alpha, ..
+        } => {
             fraction("sparse_low_rank.density", density)?;
             if rank == 0 || rank > site.input.min(site.output) {
                 return Err(Error::invalid(

@@ -34,8 +34,8 @@ options:
                      picks another sample)
 
 The [model] table's `linears` give the block linear layers variants (nm, unstructured,
-binary on the CPU) and LoRA adapters ([train] adapters_from = S switches them on at step S): see README.md,
-\"Linear variants\".
+sparse_low_rank, binary on the CPU) and LoRA adapters ([train] adapters_from = S switches
+them on at step S): see README.md, \"Linear variants\".
 
 The [train] table also turns on the recipes: grow_from = L0 (GrowLength: sequence lengths
 L0, 2·L0, ... up to seq, tokens per step constant) and forget_every = K (active forgetting:
