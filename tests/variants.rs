@@ -1498,6 +1498,13 @@ lora = { rank = 2, alpha = 2.0, frozen_base = true }
 select = "h.1.mlp.c_fc"
 variant = "binary"
 
+[[model.linears.overrides]]
+select = "h.0.mlp.c_proj"
+variant = "sparse_low_rank"
+rank = 4
+density = 0.05
+alpha = 8.0
+
 [train]
 batch = 2
 seq = 16
@@ -1529,6 +1536,7 @@ adapters_from = 2
         "nm 2:4 (pruned at step 0) + lora rank 2 alpha 2 (frozen base)",
         "transformer.h.1.mlp.c_fc",
         "binary",
+        "sparse_low_rank rank 4 density 0.05 alpha 8 seed 0",
     ] {
         assert!(info.contains(needle), "`{needle}` not in\n{info}");
     }
@@ -1543,6 +1551,8 @@ adapters_from = 2
         "tessera.transformer.h.1.attn.c_proj.mask",
         "tessera.transformer.h.1.attn.c_proj.lora_b",
         "tessera.transformer.h.1.mlp.c_fc.binary_alpha",
+        "tessera.transformer.h.0.mlp.c_proj.sltrain_support",
+        "tessera.transformer.h.0.mlp.c_proj.sltrain_b",
     ] {
         assert!(names.contains(&needle), "{needle} not in {names:?}");
     }
