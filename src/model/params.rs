@@ -691,7 +691,7 @@ impl GptParams {
             let p = &mut self.params[target].grad;
             let mut sum = p.to_vec::<f32>()?;
             sum.iter_mut().zip(&add).for_each(|(s, a)| *s += a);
-            p.copy_from(&Tensor::from_vec(sum, &p.shape().to_vec(), &Device::Cpu)?)?;
+            p.copy_from(&Tensor::from_vec(sum, p.shape(), &Device::Cpu)?)?;
         }
         Ok(())
     }
