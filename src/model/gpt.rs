@@ -13,6 +13,14 @@
 //! then `logits = norm_f(x_L)·Eᵀ` and the fused softmax cross-entropy, which writes the logits'
 //! gradient over them. Activations and weights are in the compute dtype (f32 on the CPU, bf16 on
 //! a GPU); sums, norms' statistics and the loss are f32.
+//!
+//! Every block projection goes through `linear_forward` / `linear_backward`, which apply the
+//! layer's variant ([`super::variants`]): masked weights (`nm` with its double-pruned input
+//! gradient, `unstructured`), `binary` (the binary op's training form), `sparse_low_rank` (the
+//! materialised weight, SLTrain's backward) and a LoRA adapter on top. Where a variant allocates
+//! inside a step: the adapter's (tokens × rank) products, the binary op's outputs (and a
+//! transposed copy of a GPT-2 weight), SLTrain's gradients (added on the host), and after every
+//! update the host-side recomputation of double-pruned and SLTrain weights.
 
 use super::config::{Activation, Attention, GptConfig, Norm, Positions};
 use super::params::{cast, output_major, BinaryIndex, Block, GptParams, Layout, Linear, LoraIndex, NormIndex, Qkv};
