@@ -13,9 +13,17 @@
 //! then `logits = norm_f(x_L)·Eᵀ` and the fused softmax cross-entropy, which writes the logits'
 //! gradient over them. Activations and weights are in the compute dtype (f32 on the CPU, bf16 on
 //! a GPU); sums, norms' statistics and the loss are f32.
+//!
+//! Every block projection goes through `linear_forward` / `linear_backward`, which apply the
+//! layer's variant ([`super::variants`]): masked weights (`nm` with its double-pruned input
+//! gradient, `unstructured`), `binary` (the binary op's training form), `sparse_low_rank` (the
+//! materialised weight, SLTrain's backward) and a LoRA adapter on top. Where a variant allocates
+//! inside a step: the adapter's (tokens × rank) products, the binary op's outputs (and a
+//! transposed copy of a GPT-2 weight), SLTrain's gradients (added on the host), and after every
+//! update the host-side recomputation of double-pruned and SLTrain weights.
 
 use super::config::{Activation, Attention, GptConfig, Norm, Positions};
-use super::params::{cast, Block, GptParams, Layout, Linear, NormIndex, Qkv};
+use super::params::{cast, output_major, BinaryIndex, Block, GptParams, Layout, Linear, LoraIndex, NormIndex, Qkv};
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -605,36 +613,93 @@ fn norm_backward(
     )
 }
 
-/// `out = x·W (+ b)` in the weight's layout.
+/// `out = x·W (+ b)` in the weight's layout, plus the LoRA adapter's `s·(x·Aᵀ)·Bᵀ` when it is on:
+/// the one place a block projection runs, whatever its variant. A masked layer (`nm`,
+/// `unstructured`) multiplies by its masked dense weight (its pruned entries are exactly 0), on
+/// both devices; a `binary` one runs the binary op's training form (f32, CPU); a
+/// `sparse_low_rank` one multiplies by its materialised `W = c·B·A + S`.
 pub(super) fn linear_forward(params: &GptParams, linear: &Linear, x: &Tensor, out: &mut Tensor) -> Result<()> {
     let options = match linear.layout {
         Layout::OutputMajor => MatmulOptions::linear(),
         _ => MatmulOptions::default(),
     };
     let bias = linear.bias.map(|b| params.weight(b));
-    ops::matmul_into(x, params.weight(linear.weight), bias, out, options)
+    match linear.binary {
+        Some(index) => binary_forward(params, linear, index, x, out)?,
+        None => ops::matmul_into(x, params.weight(linear.weight), bias, out, options)?,
+    }
+    match adapter(params, linear) {
+        Some((index, scale)) => {
+            let t = adapter_input(params, index, x)?;
+            let options = MatmulOptions {
+                trans_b: true,
+                alpha: scale,
+                beta: 1.0,
+                ..MatmulOptions::default()
+            };
+            ops::matmul_into(&t, params.weight(index.b), None, out, options)
+        }
+        None => Ok(()),
+    }
+}
+
+/// The layer's adapter and its scale, when it has one and adapters are on.
+fn adapter(params: &GptParams, linear: &Linear) -> Option<(LoraIndex, f32)> {
+    match (linear.lora, linear.spec.lora) {
+        (Some(index), Some(spec)) if params.adapters_on() => Some((index, spec.scale())),
+        _ => None,
+    }
+}
+
+/// `T = x·Aᵀ` (tokens, rank), in a tensor of its own: the adapter's products allocate their
+/// (tokens × rank) intermediates, so that `linear_forward` keeps the signature every caller
+/// (training, prefill, decoding) shares.
+fn adapter_input(params: &GptParams, index: LoraIndex, x: &Tensor) -> Result<Tensor> {
+    let a = params.weight(index.a);
+    let mut t = Tensor::zeros(&[x.shape()[0], a.shape()[0]], x.dtype(), &x.device())?;
+    ops::matmul_into(x, a, None, &mut t, MatmulOptions::linear())?;
+    Ok(t)
 }
 
 /// A linear layer's backward: `dx` (added to what it holds with `accumulate`) and the weight's
-/// and bias's gradients, added to theirs.
+/// and bias's gradients, added to theirs. An `nm` layer's `dx` goes through its double-pruned
+/// weight (SLoPe), a masked layer's weight gradient is masked, and a frozen base (an adapter on
+/// with `frozen_base`) gets none; a `sparse_low_rank` layer's goes to its factors and sparse
+/// values (SLTrain's backward, whose `dX = dY·W` is the plain product). With its adapter on, with `T = x·Aᵀ` and `dT = dY·B`:
+/// `dA += s·dTᵀ·x`, `dB += s·dYᵀ·T`, `dx += s·dT·A`.
 fn linear_backward(
     params: &mut GptParams,
     linear: &Linear,
     x: &Tensor,
     dy: &Tensor,
-    dx: Option<&mut Tensor>,
+    mut dx: Option<&mut Tensor>,
     accumulate: bool,
     ones: &Tensor,
 ) -> Result<()> {
-    if let Some(dx) = dx {
+    if let Some(index) = linear.binary {
+        return binary_backward(params, linear, index, x, dy, dx, accumulate);
+    }
+    if let Some(dx) = dx.as_deref_mut() {
         let options = MatmulOptions {
             trans_b: linear.layout == Layout::InputMajor,
             beta: if accumulate { 1.0 } else { 0.0 },
             ..MatmulOptions::default()
         };
-        ops::matmul_into(dy, params.weight(linear.weight), None, dx, options)?;
+        ops::matmul_into(dy, params.input_grad_weight(linear.weight), None, dx, options)?;
     }
-    weight_grad(params, linear.weight, linear.layout, x, dy)?;
+    if let Some((index, scale)) = adapter(params, linear) {
+        adapter_backward(params, index, scale, x, dy, dx)?;
+        if linear.spec.lora.is_some_and(|l| l.frozen_base) {
+            return Ok(());
+        }
+    }
+    match linear.sltrain {
+        Some(_) => params.sltrain_grads(linear, x, dy)?,
+        None => {
+            weight_grad(params, linear.weight, linear.layout, x, dy)?;
+            params.mask_grad(linear.weight)?;
+        }
+    }
     if let Some(bias) = linear.bias {
         // db = 1ᵀ·dY, as a (1, n) product into the (n) gradient.
         let grad = &mut params.params[bias].grad;
@@ -648,6 +713,134 @@ fn linear_backward(
         let result = ops::matmul_into(ones, dy, None, grad, options);
         grad.reshape_in_place(&[n])?;
         result?;
+    }
+    Ok(())
+}
+
+/// The binary op's training-form forward and backward: the one place the model calls them, so
+/// that a GPU form with the same API (and `_into` forms) replaces them here alone.
+fn binary_train_forward(x: &Tensor, layer: ops::BinaryLinear<'_>) -> Result<Tensor> {
+    ops::binary_linear_forward(x, layer)
+}
+
+fn binary_train_backward(dy: &Tensor, x: &Tensor, layer: ops::BinaryLinear<'_>) -> Result<ops::BinaryLinearGrads> {
+    ops::binary_linear_backward(dy, x, layer)
+}
+
+/// A `binary` layer's weight as the op takes it, (out, in): the weight itself, or for GPT-2's
+/// (in, out) weights a transposed copy (the training form allocates its outputs anyway).
+fn binary_weight(params: &GptParams, linear: &Linear) -> Result<Option<Tensor>> {
+    match linear.layout {
+        Layout::InputMajor => Ok(Some(output_major(params.weight(linear.weight), linear)?)),
+        _ => Ok(None),
+    }
+}
+
+fn binary_forward(params: &GptParams, linear: &Linear, index: BinaryIndex, x: &Tensor, out: &mut Tensor) -> Result<()> {
+    let transposed = binary_weight(params, linear)?;
+    let layer = ops::BinaryLinear {
+        weight: transposed.as_ref().unwrap_or(params.weight(linear.weight)),
+        alpha: params.weight(index.alpha),
+        beta: params.weight(index.beta),
+        bias: linear.bias.map(|b| params.weight(b)),
+    };
+    out.copy_from(&binary_train_forward(x, layer)?)
+}
+
+/// A `binary` layer's backward (the straight-through estimator of ALGORITHMS.md §1.4), then its
+/// adapter's.
+fn binary_backward(
+    params: &mut GptParams,
+    linear: &Linear,
+    index: BinaryIndex,
+    x: &Tensor,
+    dy: &Tensor,
+    mut dx: Option<&mut Tensor>,
+    accumulate: bool,
+) -> Result<()> {
+    let transposed = binary_weight(params, linear)?;
+    let layer = ops::BinaryLinear {
+        weight: transposed.as_ref().unwrap_or(params.weight(linear.weight)),
+        alpha: params.weight(index.alpha),
+        beta: params.weight(index.beta),
+        bias: linear.bias.map(|b| params.weight(b)),
+    };
+    let grads = binary_train_backward(dy, x, layer)?;
+    if let Some(dx) = dx.as_deref_mut() {
+        match accumulate {
+            true => add_host(dx, &grads.d_x, None)?,
+            false => dx.copy_from(&grads.d_x)?,
+        }
+    }
+    if let Some((adapter, scale)) = adapter(params, linear) {
+        adapter_backward(params, adapter, scale, x, dy, dx)?;
+        if linear.spec.lora.is_some_and(|l| l.frozen_base) {
+            return Ok(());
+        }
+    }
+    let transpose = (linear.layout == Layout::InputMajor).then_some((linear.output, linear.input));
+    add_host(&mut params.params[linear.weight].grad, &grads.d_weight, transpose)?;
+    add_host(&mut params.params[index.alpha].grad, &grads.d_alpha, None)?;
+    add_host(&mut params.params[index.beta].grad, &grads.d_beta, None)?;
+    if let (Some(bias), Some(d_bias)) = (linear.bias, &grads.d_bias) {
+        add_host(&mut params.params[bias].grad, d_bias, None)?;
+    }
+    Ok(())
+}
+
+/// `dst += src` for f32 host tensors of as many elements, with `src` (rows, cols) transposed
+/// first when asked.
+fn add_host(dst: &mut Tensor, src: &Tensor, transpose: Option<(usize, usize)>) -> Result<()> {
+    let from = src.host_slice::<f32>()?;
+    let to = dst.host_slice_mut::<f32>()?;
+    if from.len() != to.len() {
+        return Err(Error::invalid(
+            OP,
+            "gradient",
+            format!("{} values", to.len()),
+            from.len(),
+        ));
+    }
+    match transpose {
+        None => to.iter_mut().zip(from).for_each(|(d, s)| *d += s),
+        Some((rows, cols)) => {
+            for (k, d) in to.iter_mut().enumerate() {
+                // dst is (cols, rows): its (c, r) is src's (r, c).
+                *d += from[(k % rows) * cols + k / rows];
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The adapter's part of [`linear_backward`], after the base's `dx`.
+fn adapter_backward(
+    params: &mut GptParams,
+    index: LoraIndex,
+    scale: f32,
+    x: &Tensor,
+    dy: &Tensor,
+    dx: Option<&mut Tensor>,
+) -> Result<()> {
+    let t = adapter_input(params, index, x)?;
+    let b = params.weight(index.b);
+    let mut d_t = Tensor::zeros(t.shape(), t.dtype(), &t.device())?;
+    ops::matmul_into(dy, b, None, &mut d_t, MatmulOptions::default())?;
+    let accumulate_product = MatmulOptions {
+        trans_a: true,
+        alpha: scale,
+        beta: 1.0,
+        ..MatmulOptions::default()
+    };
+    ops::matmul_into(dy, &t, None, &mut params.params[index.b].grad, accumulate_product)?;
+    ops::matmul_into(&d_t, x, None, &mut params.params[index.a].grad, accumulate_product)?;
+    if let Some(dx) = dx {
+        let options = MatmulOptions {
+            alpha: scale,
+            beta: 1.0,
+            ..MatmulOptions::default()
+        };
+        ops::matmul_into(&d_t, params.weight(index.a), None, dx, options)?;
     }
     Ok(())
 }

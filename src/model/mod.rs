@@ -7,9 +7,11 @@ pub mod gpt;
 pub mod kv_cache;
 pub mod params;
 pub mod safetensors;
+pub mod variants;
 
 pub use config::{Activation, Attention, Family, GptConfig, Norm, Positions};
 pub use gpt::Gpt;
 pub use kv_cache::KvCache;
 pub use params::{GptParams, ModelLayout, Parameter};
 pub use safetensors::SafeTensors;
+pub use variants::{LinearKind, LinearSpec, LinearVariants, LoraSpec, Variant};

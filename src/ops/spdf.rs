@@ -73,6 +73,63 @@ impl StaticMask {
         })
     }
 
+    /// The mask of `kept` (u8 (rows, cols) on any device, non-zero = kept), on `device`: how a
+    /// mask chosen otherwise (N:M by magnitude) takes this form.
+    pub fn from_kept(kept: &Tensor, device: &Device) -> Result<StaticMask> {
+        const OP: &str = "StaticMask::from_kept";
+        kept.expect_dtype(OP, "kept", &[DType::U8])?;
+        kept.expect_rank(OP, "kept", 2)?;
+        let (rows, cols) = (kept.shape()[0], kept.shape()[1]);
+        let flags = kept.to_vec::<u8>()?;
+        let words_per_row = cols.div_ceil(32);
+        let mut bits = vec![0u32; rows * words_per_row];
+        let mut pruned = 0;
+        for (i, &flag) in flags.iter().enumerate() {
+            let (row, col) = (i / cols, i % cols);
+            if flag != 0 {
+                bits[row * words_per_row + col / 32] |= 1 << (col % 32);
+            } else {
+                pruned += 1;
+            }
+        }
+        Ok(StaticMask {
+            bits: Tensor::from_vec(bits, &[rows, words_per_row], device)?,
+            rows,
+            cols,
+            pruned,
+        })
+    }
+
+    /// Reassembles a mask from [`StaticMask::bits`] (as read from a checkpoint) of a (rows, cols)
+    /// weight, on the bits' device; padding bits past `cols` must be 0.
+    pub fn from_bits(bits: Tensor, rows: usize, cols: usize) -> Result<StaticMask> {
+        const OP: &str = "StaticMask::from_bits";
+        let words_per_row = cols.div_ceil(32);
+        bits.expect_dtype(OP, "bits", &[DType::U32])?;
+        bits.expect_shape(OP, "bits", &[rows, words_per_row])?;
+        let words = bits.to_vec::<u32>()?;
+        let mut kept = 0;
+        for (i, &word) in words.iter().enumerate() {
+            let valid = (cols - (i % words_per_row) * 32).min(32);
+            let padding = if valid == 32 { 0 } else { !0u32 << valid };
+            if word & padding != 0 {
+                return Err(Error::invalid(
+                    OP,
+                    "bits",
+                    format!("no bits set past column {cols}"),
+                    format!("word {word:#010x} of row {}", i / words_per_row),
+                ));
+            }
+            kept += word.count_ones() as usize;
+        }
+        Ok(StaticMask {
+            bits,
+            rows,
+            cols,
+            pruned: rows * cols - kept,
+        })
+    }
+
     /// The bitmask, u32 (rows, ceil(cols/32)), 1 = kept.
     pub fn bits(&self) -> &Tensor {
         &self.bits

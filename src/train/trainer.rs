@@ -16,8 +16,8 @@ use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::safetensors::{self, SafeTensors};
-use crate::model::GptConfig;
 use crate::model::{Gpt, GptParams};
+use crate::model::{GptConfig, LinearVariants};
 use crate::ops::AdamWConfig;
 use crate::optim::WarmupCosine;
 use crate::tensor::Tensor;
@@ -74,6 +74,10 @@ pub struct TrainOptions {
     /// With a teacher: the weight `w` of the ordinary next-token loss in
     /// `(1 − w)·distillation + w·next-token` (0: pure distillation, the paper's default).
     pub distill_ce_weight: f32,
+    /// The step from which the model's LoRA adapters train (0: from the start). Before it they
+    /// are off; at its start they are drawn as SLoPe's lazy adapters (ALGORITHMS.md §2.5: A from
+    /// N(0, 1), B zero, so the outputs do not change) and switched on.
+    pub adapters_from: u64,
 }
 
 impl TrainOptions {
@@ -102,6 +106,7 @@ impl TrainOptions {
             gap_tokens: 512,
             distill_from: None,
             distill_ce_weight: 0.0,
+            adapters_from: 0,
         }
     }
 
@@ -244,6 +249,7 @@ impl TrainOptions {
             "grow_from": self.grow_from, "forget_every": self.forget_every,
             "gap_steps": self.gap_steps, "gap_lr": self.gap_lr, "gap_tokens": self.gap_tokens,
             "distill_from": self.distill_from, "distill_ce_weight": self.distill_ce_weight,
+            "adapters_from": self.adapters_from,
         })
     }
 
@@ -293,6 +299,7 @@ impl TrainOptions {
                 None => defaults.distill_ce_weight,
                 Some(v) => v.as_f64()? as f32,
             },
+            adapters_from: optional_size("adapters_from", defaults.adapters_from)?,
         })
     }
 }
@@ -362,8 +369,19 @@ pub struct Trainer {
 impl Trainer {
     /// A freshly initialised model.
     pub fn new(config: &GptConfig, options: TrainOptions, device: &Device) -> Result<Trainer> {
+        Trainer::with_variants(config, &LinearVariants::dense(), options, device)
+    }
+
+    /// A freshly initialised model whose block linear layers follow `variants`.
+    pub fn with_variants(
+        config: &GptConfig,
+        variants: &LinearVariants,
+        options: TrainOptions,
+        device: &Device,
+    ) -> Result<Trainer> {
         let schedule = options.validate(config)?;
-        let params = GptParams::init(config, device, options.seed)?;
+        let mut params = GptParams::init_with_variants(config, variants, device, options.seed)?;
+        params.set_adapters_on(options.adapters_from == 0);
         let (batch, seq) = options.batch_shape(1);
         let model = Gpt::new(params, batch, seq)?;
         let teacher = load_teacher(&options, config, device)?;
@@ -392,6 +410,9 @@ impl Trainer {
         let step = self.step + 1;
         let (batch, seq) = self.options.batch_shape(step);
         let micro = self.options.accumulation;
+        if step == self.options.adapters_from && self.model.params.has_adapters() {
+            self.model.params.start_adapters(self.options.seed ^ splitmix64(step))?;
+        }
         self.model.params.zero_grads()?;
         let mut loss = 0.0f64;
         for _ in 0..micro {
@@ -449,6 +470,8 @@ impl Trainer {
             }
         }
         self.step = step;
+        // SLoPe's masks chosen from the magnitudes the training has reached.
+        self.model.params.prune_due(step)?;
         if self.options.forget_every > 0 && step.is_multiple_of(self.options.forget_every) {
             self.forget()?;
         }
@@ -565,7 +588,7 @@ impl Trainer {
     pub fn save_model(&self, dir: &Path) -> Result<()> {
         fs::create_dir_all(dir).map_err(|e| Error::file(dir.display(), format!("cannot create the directory: {e}")))?;
         self.model.params.save(dir.join("model.safetensors"))?;
-        if let Some(config) = self.model.params.config.hugging_face_json() {
+        if let Some(config) = self.model.params.hugging_face_json() {
             fs::write(dir.join("config.json"), config)
                 .map_err(|e| Error::file(dir.display(), format!("cannot write config.json: {e}")))?;
         }
@@ -618,7 +641,7 @@ impl Trainer {
         fs::create_dir_all(&temporary).map_err(|e| fail("create a temporary directory", e))?;
         self.model.params.save(temporary.join("model.safetensors"))?;
         // With transformers' config.json beside it, `from_pretrained(dir)` loads the checkpoint.
-        if let Some(config) = self.model.params.config.hugging_face_json() {
+        if let Some(config) = self.model.params.hugging_face_json() {
             fs::write(temporary.join("config.json"), config).map_err(|e| fail("write config.json", e))?;
         }
         let params = &self.model.params.params;

@@ -22,7 +22,10 @@ commands:
   train                      train a GPT (default: a tiny model on the embedded corpus)
   generate                   sample text from a checkpoint
   eval                       loss and perplexity of a checkpoint on a text file
-  info                       devices, compute capability, memory, embedded kernel images
+  info [--preset NAME] [--config FILE]
+                             devices, compute capability, memory, embedded kernel images; with
+                             a preset or a train config, the model's linear layers: each one's
+                             variant, parameters, kept weights and checkpoint bytes
   bench [--json FILE] [--quick] [--only KIND,...]
                              time the GPU ops (CUDA events, medians) beside the copy-bandwidth
                              and bf16-GEMM ceilings measured in the same run
@@ -41,7 +44,7 @@ fn main() -> ExitCode {
         Some("train") => train::run(rest),
         Some("generate") => generate::run(rest),
         Some("eval") => eval::run(rest),
-        Some("info") => info().map_err(Failure::Other),
+        Some("info") => info(rest),
         Some("bench") if rest.first().is_some_and(|a| a == "recipes") => match wants_help {
             true => help(recipes::USAGE),
             false => recipes::run(&rest[1..]),
@@ -83,7 +86,44 @@ fn device_option(args: &mut args::Args) -> Result<Device, Failure> {
     }
 }
 
-fn info() -> Result<(), String> {
+fn info(rest: &[String]) -> Result<(), Failure> {
+    let mut args = args::Args::new(rest);
+    let preset = args.value("--preset").map_err(Failure::Usage)?;
+    let config_file = args.value("--config").map_err(Failure::Usage)?;
+    args.finish().map_err(Failure::Usage)?;
+    machine_info().map_err(Failure::Other)?;
+    if preset.is_some() || config_file.is_some() {
+        let preset = preset.unwrap_or_else(|| "tiny".into());
+        let (config, variants, _) = train::configuration(&preset, config_file.as_deref())?;
+        model_info(&config, &variants)?;
+    }
+    Ok(())
+}
+
+/// The model's block linear layers: variant, trainable parameters, kept weights, checkpoint bytes.
+fn model_info(config: &tessera::model::GptConfig, variants: &tessera::model::LinearVariants) -> Result<(), Failure> {
+    let layers = tessera::model::params::linear_summary(config, variants)?;
+    println!(
+        "model: {} parameters when dense, {} layers, width {}; block linear layers:",
+        config.parameter_count(),
+        config.layers,
+        config.width
+    );
+    let (mut parameters, mut kept, mut bytes) = (0, 0, 0);
+    for layer in &layers {
+        println!(
+            "  {:<36} {:>10} params {:>10} kept {:>11} B  {}",
+            layer.name, layer.parameters, layer.kept, layer.bytes, layer.spec
+        );
+        parameters += layer.parameters;
+        kept += layer.kept;
+        bytes += layer.bytes;
+    }
+    println!("  total: {parameters} params, {kept} kept weights, {bytes} B in a checkpoint");
+    Ok(())
+}
+
+fn machine_info() -> Result<(), String> {
     let features: &[&str] = if cfg!(feature = "cuda") { &["cuda"] } else { &[] };
     println!(
         "tessera {} (features: {})",

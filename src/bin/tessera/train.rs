@@ -6,7 +6,7 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tessera::model::generate::{generate, Sampling};
-use tessera::model::GptConfig;
+use tessera::model::{GptConfig, LinearVariants};
 use tessera::train::trainer::{TrainOptions, Trainer};
 use tessera::train::{Corpus, Tokenizer};
 use tessera::Error;
@@ -37,6 +37,10 @@ options:
                      best step's parameters written to --out (default: CHECKPOINT-gap; see
                      [train] gap_steps, gap_lr, gap_tokens: --config overrides them, --seed
                      picks another sample)
+
+The [model] table's `linears` give the block linear layers variants (nm, unstructured,
+sparse_low_rank, binary on the CPU) and LoRA adapters ([train] adapters_from = S switches
+them on at step S): see README.md, \"Linear variants\".
 
 The [train] table also turns on the recipes: grow_from = L0 (GrowLength: sequence lengths
 L0, 2·L0, ... up to seq, tokens per step constant) and forget_every = K (active forgetting:
@@ -140,7 +144,7 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
         eprintln!("resuming at step {} from {}", trainer.step(), out.display());
         trainer
     } else {
-        let (mut config, mut options) = configuration(&preset, config_file.as_deref())?;
+        let (mut config, variants, mut options) = configuration(&preset, config_file.as_deref())?;
         if tokenizer_file.is_some() {
             config.vocab = tokenizer.vocab_size();
         }
@@ -160,7 +164,7 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
                 tokenizer.vocab_size()
             )));
         }
-        let trainer = Trainer::new(&config, options, &device)?;
+        let trainer = Trainer::with_variants(&config, &variants, options, &device)?;
         if let Some(path) = &tokenizer_file {
             std::fs::create_dir_all(&out).map_err(|e| Failure::Other(format!("{}: {e}", out.display())))?;
             std::fs::copy(path, &kept_tokenizer)
@@ -230,11 +234,11 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
 }
 
 /// The preset, with a TOML file's [model] and [train] tables laid over it.
-fn configuration(preset: &str, file: Option<&str>) -> Result<(GptConfig, TrainOptions), Failure> {
+pub fn configuration(preset: &str, file: Option<&str>) -> Result<(GptConfig, LinearVariants, TrainOptions), Failure> {
     let text = file
         .map(|path| std::fs::read_to_string(path).map_err(|e| Failure::Usage(format!("{path}: {e}"))))
         .transpose()?;
-    tessera::train::config::configuration(preset, text.as_deref()).map_err(|e| match file {
+    tessera::train::config::run_configuration(preset, text.as_deref()).map_err(|e| match file {
         Some(path) => Failure::Usage(format!("{path}: {e}")),
         None => Failure::from(e),
     })
