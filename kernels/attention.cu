@@ -54,8 +54,6 @@ struct AttentionParams {
     void* d_v;
     const int* cu_q;  // null: dense batch, sequence b at b * seq_q
     const int* cu_k;
-    const void* q_lim;  // R(D)·q, rounded to the input dtype (forward with a ceiling)
-    const void* k_raw;  // the un-rotated keys (forward with a ceiling)
     int batch;
     int seq_q;
     int seq_k;
@@ -69,9 +67,12 @@ struct AttentionParams {
     int right;
     int global;
     int window;
-    int ceiling;  // D, when the kernel is a ceiling instantiation
-    int branch;   // the backward pass's Branch, when the kernel is a ceiling instantiation
-    int padding[2];
+    int padding;
+    // The ceiling instantiations' fields, last so that the others' layout is unchanged.
+    int ceiling;        // D
+    int branch;         // the backward pass's Branch
+    const void* q_lim;  // R(D)·q, rounded to the input dtype (forward)
+    const void* k_raw;  // the un-rotated keys (forward)
 };
 
 namespace {

@@ -36,6 +36,13 @@
 //! each gradient in a fixed order (deterministic). Inputs are f32, bf16 or f16 on the CPU, bf16 or
 //! f16 on CUDA.
 //!
+//! On CUDA, RoPE is applied by the standalone op before the kernels (and its transpose after the
+//! backward). With a ceiling that some pair exceeds, the forward runs the ceiling instantiation,
+//! which visits the key tiles holding pairs beyond the ceiling (`R(D)·q` against the raw keys) and
+//! those holding pairs within it (`R(p)·q` against `R(j)·k`) under one online softmax, each pair
+//! in exactly one branch; the backward runs the dQ and dK/dV passes once per branch into f32
+//! partial gradients, rotates them back (`R(p)ᵀ`, `R(D)ᵀ`, `R(j)ᵀ`) and rounds each sum once.
+//!
 //! [`rope_forward`]: crate::ops::rope_forward
 
 use crate::device::Device;
@@ -902,8 +909,6 @@ mod cuda {
         d_v: u64,
         cu_q: u64,
         cu_k: u64,
-        q_lim: u64,
-        k_raw: u64,
         batch: i32,
         seq_q: i32,
         seq_k: i32,
@@ -917,9 +922,11 @@ mod cuda {
         right: i32,
         global: i32,
         window: i32,
+        padding: i32,
         ceiling: i32,
         branch: i32,
-        padding: [i32; 2],
+        q_lim: u64,
+        k_raw: u64,
     }
 
     // SAFETY: a plain #[repr(C)] struct of scalars, laid out as the kernel declares it.
