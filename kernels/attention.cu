@@ -580,9 +580,9 @@ __device__ __forceinline__ void attention_bwd_dkv(const AttentionParams& p) {
                (p.mask_kind == MASK_WINDOW && p.ceiling >= p.left);
     }
     const long long row_lo = max(0ll, pos_lo - shift), row_hi = min((long long)s.sq - 1, pos_hi - shift);
-    const bool any = !none && row_hi >= row_lo;
-    const int first_tile = any ? (int)(row_lo / BM) : 0;
-    const int tiles_per_head = any ? (int)(row_hi / BM) - first_tile + 1 : 0;
+    // Both bounds stay below 2^33 (positions and D are below 2^31): the tile numbers fit an int.
+    const int first_tile = (int)(row_lo / BM);
+    const int tiles_per_head = !none && row_hi >= row_lo ? (int)(row_hi / BM) - first_tile + 1 : 0;
     const int count = tiles_per_head * group;
 
     load_tile<ROWS, DP>(sK, static_cast<const T*>(p.k) + kv_offset, keys_here, kv_stride, p.head_dim);
