@@ -1,4 +1,5 @@
-//! Criterion benchmarks of attention (causal, bf16) forward and forward+backward, and of RoPE:
+//! Criterion benchmarks of attention (causal, bf16) forward and forward+backward, the Λ mask with
+//! RoPE inside and LM-Infinite's distance ceiling, and RoPE:
 //! (1, 512, 4, 64) on the CPU, (4, 2048, 16, 128) on the GPU when one is present (the
 //! CUDA-event benchmark beside PyTorch is `tessera bench --only attention`).
 
@@ -6,7 +7,9 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use half::bf16;
 use std::time::Duration;
 use tessera::ops::rope::{RopeConfig, RopeConvention};
-use tessera::ops::{attention_backward, attention_forward, rope_forward, AttentionMask, AttentionOptions};
+use tessera::ops::{
+    attention_backward, attention_forward, rope_forward, AttentionMask, AttentionOptions, AttentionRope,
+};
 use tessera::{Device, Tensor};
 
 fn tensor(shape: &[usize], salt: u32, device: &Device) -> Tensor {
@@ -49,6 +52,25 @@ fn bench_attention(c: &mut Criterion, group_name: &str, device: &Device, shape: 
         })
     });
     let config = RopeConfig::single(head_dim, 10000.0, RopeConvention::RotateHalf).expect("rope");
+    // LM-Infinite's shape at this length: a window of seq/4 with its ceiling, 4 global tokens.
+    let ceiling = AttentionOptions {
+        mask: AttentionMask::Lambda {
+            global: 4,
+            window: seq / 4,
+        },
+        rope: Some(AttentionRope {
+            config: config.clone(),
+            distance_ceiling: Some(seq / 4),
+        }),
+        ..Default::default()
+    };
+    group.bench_function(format!("lambda_ceiling_forward_backward_{name}"), |bencher| {
+        bencher.iter(|| {
+            let (out, lse) = attention_forward(&q, &k, &v, &ceiling).expect("forward");
+            attention_backward(&d_out, &q, &k, &v, &out, &lse, &ceiling).expect("backward");
+            device.synchronize().expect("synchronize");
+        })
+    });
     let positions: Vec<u32> = (0..batch * seq).map(|t| (t % seq) as u32).collect();
     let positions = Tensor::from_vec(positions, &[batch, seq], device).expect("positions");
     group.bench_function(format!("rope_{name}"), |bencher| {

@@ -1,7 +1,8 @@
 //! Criterion benchmarks of 2:4 sparsity on the CPU (and on the GPU when one is present; the
 //! CUDA-event benchmark beside cuBLAS and cuSPARSELt is `tessera bench --only sparse`): pruning
 //! and compressing a bf16 weight, the sparse linear forward and SLoPe's backward, with the dense
-//! matmul of the same shape beside them.
+//! matmul of the same shape beside them; and an SLTrain layer's forward+backward with a 2:4
+//! support (the sparse product) beside the same layer with an unstructured support.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::bf16;
@@ -63,10 +64,46 @@ fn bench_sparse(c: &mut Criterion, group_name: &str, device: &Device, m: usize, 
     group.finish();
 }
 
+fn bench_sltrain(c: &mut Criterion, group_name: &str, device: &Device, m: usize, d: usize, rank: usize) {
+    let x = Tensor::from_vec(values(m * d, 4), &[m, d], device).expect("input");
+    let dy = Tensor::from_vec(values(m * d, 5), &[m, d], device).expect("gradient");
+    let mut group = c.benchmark_group(group_name);
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    group.throughput(Throughput::Elements((6 * m * d * d) as u64));
+    for (name, support) in [
+        ("two_four", ops::SlTrainSupport::TwoFour),
+        ("unstructured", ops::SlTrainSupport::Random),
+    ] {
+        let config = ops::SlTrainConfig {
+            d_out: d,
+            d_in: d,
+            rank,
+            density: 0.5,
+            alpha: 16.0,
+            bias: true,
+            support,
+        };
+        let layer = ops::SlTrainLayer::new(config, tessera::DType::BF16, 7, device).expect("layer");
+        group.bench_function(format!("sltrain_{name}_m{m}_d{d}_r{rank}"), |bencher| {
+            bencher.iter(|| {
+                ops::sltrain_forward(&x, &layer).expect("forward");
+                ops::sltrain_backward(&dy, &x, &layer).expect("backward");
+                device.synchronize().expect("synchronize");
+            })
+        });
+    }
+    group.finish();
+}
+
 fn benches(c: &mut Criterion) {
     bench_sparse(c, "sparse_cpu", &Device::Cpu, 64, 1024);
+    bench_sltrain(c, "sltrain_cpu", &Device::Cpu, 64, 1024, 64);
     if let Ok(gpu) = Device::cuda(0) {
         bench_sparse(c, "sparse_gpu", &gpu, 4096, 4096);
+        bench_sltrain(c, "sltrain_gpu", &gpu, 4096, 4096, 256);
     }
 }
 

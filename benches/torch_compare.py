@@ -672,6 +672,85 @@ RUNNERS["binary_train"] = torch_binary_train
 RUNNERS["distill"] = torch_distill
 
 
+def torch_attention_ceiling(case, warmup, iterations, generator):
+    """LM-Infinite's distance ceiling D with the Λ mask: RoPE (rotate-half, base 1e4) in eager
+    PyTorch, then two compiled flex_attention passes, one over the pairs within D (R(i)q against
+    R(j)k) and one over those beyond it (R(D)q against the raw keys), merged by their
+    log-sum-exp."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "compiled" not in _FLEX:
+        _FLEX["compiled"] = torch.compile(flex_attention)
+    compiled = _FLEX["compiled"]
+    b, s, h, d = case["batch"], case["seq"], case["heads"], case["head_dim"]
+    window, global_, ceiling = case["window"], case["global"], case["ceiling"]
+    warmup, iterations = case.get("warmup", warmup), case.get("iterations", iterations)
+    backward = case["direction"] == "fwd+bwd"
+    q, k, v = (uniform((b, h, s, d), torch.bfloat16, -1, 1, generator).requires_grad_(backward) for _ in range(3))
+    d_out = uniform((b, h, s, d), torch.bfloat16, -1, 1, generator)
+    theta = 1e4 ** (-torch.arange(0, d, 2, device="cuda", dtype=torch.float64) / d)
+
+    def rotate(x, positions):
+        angles = positions[:, None].double() * theta[None, :]
+        cos, sin = angles.cos().float(), angles.sin().float()
+        x1, x2 = x[..., : d // 2].float(), x[..., d // 2 :].float()
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).to(x.dtype)
+
+    def within(b_, h_, i, j):
+        return (i >= j) & ((i - j < window) | (j < global_)) & (i - j <= ceiling)
+
+    def beyond(b_, h_, i, j):
+        return (i >= j) & ((i - j < window) | (j < global_)) & (i - j > ceiling)
+
+    masks = [create_block_mask(mod, None, None, s, s, device="cuda") for mod in (within, beyond)]
+    positions = torch.arange(s, device="cuda")
+    at_ceiling = torch.full((s,), ceiling, device="cuda")
+
+    def attend():
+        q_rot, k_rot, q_lim = rotate(q, positions), rotate(k, positions), rotate(q, at_ceiling)
+        out_a, lse_a = compiled(q_rot, k_rot, v, block_mask=masks[0], return_lse=True)
+        out_b, lse_b = compiled(q_lim, k, v, block_mask=masks[1], return_lse=True)
+        top = torch.maximum(lse_a, lse_b)
+        w_a, w_b = (lse_a - top).exp()[..., None], (lse_b - top).exp()[..., None]
+        return ((out_a.float() * w_a + out_b.float() * w_b) / (w_a + w_b)).to(q.dtype)
+
+    def work(i):
+        out = attend()
+        if backward:
+            torch.autograd.grad(out, (q, k, v), d_out)
+
+    ms = time_ms(work, warmup, iterations)
+    flop = case["tflops"] * case["ms"] * 1e9
+    return {"ms": ms, "tflops": flop / (ms * 1e9), "what": "eager RoPE + 2 compiled flex_attention passes, merged"}
+
+
+def torch_sltrain(case, warmup, iterations, generator):
+    """The reference SLTrain layer in eager PyTorch: W = c·B@A with s scattered onto a random
+    support of the case's density, F.linear, and autograd for x, A, B, s and the bias."""
+    dtype = DTYPES[case["dtype"]]
+    m, d, r = case["m"], case["d"], case["rank"]
+    nnz = int(case["density"] * d * d)
+    scale = case["alpha"] / r
+    idx = torch.randperm(d * d, device="cuda", generator=generator)[:nnz].sort().values
+    a = uniform((r, d), dtype, -0.02, 0.02, generator).requires_grad_()
+    b = uniform((d, r), dtype, -0.05, 0.05, generator).requires_grad_()
+    s = uniform((nnz,), dtype, -0.02, 0.02, generator).requires_grad_()
+    bias = uniform((d,), dtype, -0.02, 0.02, generator).requires_grad_()
+    x = uniform((m, d), dtype, -1, 1, generator).requires_grad_()
+    dy = uniform((m, d), dtype, -1, 1, generator)
+
+    def work(i):
+        w = (scale * (b @ a)).flatten().scatter_add(0, idx, s).view(d, d)
+        y = torch.nn.functional.linear(x, w, bias)
+        torch.autograd.grad(y, (x, a, b, s, bias), dy)
+
+    ms = time_ms(work, warmup, iterations)
+    return {"ms": ms, "tflops": 6 * m * d * d / (ms * 1e9), "what": "eager c*B@A + scatter_add(s), F.linear, autograd"}
+
+
+RUNNERS.update({"attention_ceiling": torch_attention_ceiling, "sltrain": torch_sltrain})
+
+
 def compare(report, generator):
     """Runs PyTorch on every case of a tessera report; returns the cases with "torch" filled in.
     A case without a PyTorch counterpart, or whose PyTorch run fails, keeps its tessera numbers

@@ -19,6 +19,8 @@
 //
 // Positions are aligned bottom-right: query i of a sequence with sq queries and sk keys sits at
 // position i + sk - sq. Rows that see no key produce zeros and a log-sum-exp of -inf.
+#include <type_traits>
+
 #include "common/mma.cuh"
 
 namespace {
@@ -30,6 +32,11 @@ constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
 enum MaskKind : int { MASK_NONE = 0, MASK_CAUSAL = 1, MASK_WINDOW = 2, MASK_LAMBDA = 3 };
+
+// Which pairs a pass sees under LM-Infinite's distance ceiling D: all of them (no ceiling), those
+// within it (p − j ≤ D: rotated query and key), or those beyond it (p − j > D: the query rotated
+// to D, the key un-rotated).
+enum Branch : int { BRANCH_ALL = 0, BRANCH_ROT = 1, BRANCH_LIM = 2 };
 
 }  // namespace
 
@@ -61,6 +68,11 @@ struct AttentionParams {
     int global;
     int window;
     int padding;
+    // The ceiling instantiations' fields, last so that the others' layout is unchanged.
+    int ceiling;        // D
+    int branch;         // the backward pass's Branch
+    const void* q_lim;  // R(D)·q, rounded to the input dtype (forward)
+    const void* k_raw;  // the un-rotated keys (forward)
 };
 
 namespace {
@@ -115,7 +127,7 @@ struct KeyTiles {
 };
 
 __device__ __forceinline__ KeyTiles key_tiles(const AttentionParams& p, long long p_lo, long long p_hi, int sk,
-                                              int tile) {
+                                              int tile, int branch = BRANCH_ALL) {
     long long lo0 = 0, hi0 = sk, lo1 = 0, hi1 = 0;
     switch (p.mask_kind) {
         case MASK_CAUSAL: hi0 = p_hi + 1; break;
@@ -130,6 +142,19 @@ __device__ __forceinline__ KeyTiles key_tiles(const AttentionParams& p, long lon
             break;
         default: break;
     }
+    if (branch == BRANCH_ROT) {
+        // Within the ceiling: j ≥ p − D.
+        lo0 = max(lo0, p_lo - p.ceiling);
+        lo1 = max(lo1, p_lo - p.ceiling);
+    } else if (branch == BRANCH_LIM) {
+        // Beyond it: j < p − D, among the keys the mask can show that far away. The Λ mask's local
+        // keys (p − j < window) never are when D ≥ window − 1, nor the window mask's (p − j ≤ left)
+        // when D ≥ left.
+        hi0 = min(hi0, p_hi - p.ceiling);
+        hi1 = min(hi1, p_hi - p.ceiling);
+        if (p.mask_kind == MASK_LAMBDA && p.ceiling >= p.window - 1) hi1 = lo1;
+        if (p.mask_kind == MASK_WINDOW && p.ceiling >= p.left) hi0 = lo0;
+    }
     lo0 = max(0ll, min(lo0, (long long)sk));
     hi0 = max(lo0, min(hi0, (long long)sk));
     lo1 = max(0ll, min(lo1, (long long)sk));
@@ -141,6 +166,17 @@ __device__ __forceinline__ KeyTiles key_tiles(const AttentionParams& p, long lon
     t.first1 = max((int)(lo1 / tile), end0);
     t.count1 = hi1 > lo1 ? max(0, (int)((hi1 + tile - 1) / tile) - t.first1) : 0;
     return t;
+}
+
+// Whether the pair (position pos, key j) belongs to `branch`.
+__device__ __forceinline__ bool in_branch(const AttentionParams& p, int branch, long long pos, long long j) {
+    return branch == BRANCH_LIM ? pos - j > p.ceiling : pos - j <= p.ceiling;
+}
+
+// Whether every pair of positions p_lo..=p_hi and keys j_lo..=j_hi belongs to `branch`.
+__device__ __forceinline__ bool branch_full(const AttentionParams& p, int branch, long long p_lo, long long p_hi,
+                                            long long j_lo, long long j_hi) {
+    return branch == BRANCH_LIM ? p_lo - j_hi > p.ceiling : p_hi - j_lo <= p.ceiling;
 }
 
 // Copies `TILE_ROWS` rows (of which the first `valid_rows` exist) of DP columns (of which the first
@@ -214,10 +250,20 @@ __device__ __forceinline__ float quad_sum(float x) {
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// Two adjacent output elements: rounded to T, or kept in f32 (the ceiling's partial gradients).
+template <typename T>
+__device__ __forceinline__ void store_pair(T* dst, float lo, float hi) {
+    *reinterpret_cast<uint32_t*>(dst) = tessera::MmaOp<T>::pack(lo, hi);
+}
+
+__device__ __forceinline__ void store_pair(float* dst, float lo, float hi) {
+    *reinterpret_cast<float2*>(dst) = make_float2(lo, hi);
+}
+
 // Stores the warp's 16 x DP accumulator times `scale` (row 0 is global row `row0`, of which
 // `valid_rows` exist) into rows of `stride` elements, columns below head_dim.
-template <typename T, int DP>
-__device__ __forceinline__ void store_rows(T* dst, const float (&acc)[DP / 8][4], const float (&row_scale)[2],
+template <typename Out, int DP>
+__device__ __forceinline__ void store_rows(Out* dst, const float (&acc)[DP / 8][4], const float (&row_scale)[2],
                                            int valid_rows, size_t stride, int head_dim, int lane) {
     const int g = lane / 4, c = lane % 4;
 #pragma unroll
@@ -228,9 +274,8 @@ __device__ __forceinline__ void store_rows(T* dst, const float (&acc)[DP / 8][4]
         for (int nt = 0; nt < DP / 8; ++nt) {
             const int col = nt * 8 + 2 * c;
             if (col < head_dim) {
-                const uint32_t packed = tessera::MmaOp<T>::pack(acc[nt][2 * half] * row_scale[half],
-                                                                acc[nt][2 * half + 1] * row_scale[half]);
-                *reinterpret_cast<uint32_t*>(dst + (size_t)r * stride + col) = packed;
+                store_pair(dst + (size_t)r * stride + col, acc[nt][2 * half] * row_scale[half],
+                           acc[nt][2 * half + 1] * row_scale[half]);
             }
         }
     }
@@ -238,13 +283,18 @@ __device__ __forceinline__ void store_rows(T* dst, const float (&acc)[DP / 8][4]
 
 // ---- forward ---------------------------------------------------------------------------------
 
-template <typename T, int DP, int BN>
+// With CEILING, the key tiles are visited in two runs that share one online softmax: first those
+// holding pairs beyond the ceiling (scored with q_lim against the un-rotated keys), then those
+// holding pairs within it (q_rot against k_rot); a tile straddling the boundary is visited once in
+// each run, every pair counted in exactly one of them.
+template <typename T, int DP, int BN, bool CEILING>
 __device__ __forceinline__ void attention_fwd(const AttentionParams& p) {
     constexpr int S = DP + 8;
     extern __shared__ __align__(16) unsigned char shared[];
     T* sQ = reinterpret_cast<T*>(shared);
     T* sK = sQ + ROWS * S;
     T* sV = sK + 2 * BN * S;
+    T* sQlim = sV + 2 * BN * S;  // only with CEILING
 
     const Sequence s = sequence(p, blockIdx.z);
     const int h = blockIdx.y, i0 = blockIdx.x * ROWS;
@@ -254,42 +304,54 @@ __device__ __forceinline__ void attention_fwd(const AttentionParams& p) {
     const int rows_here = min(ROWS, s.sq - i0);
     const long long shift = (long long)s.sk - s.sq;
     const long long p_lo = i0 + shift, p_hi = i0 + rows_here - 1 + shift;
-    const KeyTiles tiles = key_tiles(p, p_lo, p_hi, s.sk, BN);
+    const KeyTiles tiles = key_tiles(p, p_lo, p_hi, s.sk, BN, CEILING ? BRANCH_ROT : BRANCH_ALL);
+    const KeyTiles beyond = key_tiles(p, p_lo, p_hi, s.sk, BN, BRANCH_LIM);
+    // Steps: n < n_beyond visit beyond.at(n) in the ceiling branch, the rest tiles.at(n - n_beyond).
+    const int n_beyond = CEILING ? beyond.count() : 0;
+    const int steps = n_beyond + tiles.count();
+    auto tile_of = [&](int n) { return CEILING && n < n_beyond ? beyond.at(n) : tiles.at(n - n_beyond); };
     const size_t q_stride = (size_t)p.heads_q * p.head_dim, kv_stride = (size_t)p.heads_kv * p.head_dim;
-    const T* q = static_cast<const T*>(p.q) + ((size_t)(s.q_start + i0) * p.heads_q + h) * p.head_dim;
-    const T* k = static_cast<const T*>(p.k) + ((size_t)s.k_start * p.heads_kv + kv) * p.head_dim;
-    const T* v = static_cast<const T*>(p.v) + ((size_t)s.k_start * p.heads_kv + kv) * p.head_dim;
+    const size_t q_offset = ((size_t)(s.q_start + i0) * p.heads_q + h) * p.head_dim;
+    const size_t kv_offset = ((size_t)s.k_start * p.heads_kv + kv) * p.head_dim;
+    const T* k = static_cast<const T*>(p.k) + kv_offset;
+    const T* v = static_cast<const T*>(p.v) + kv_offset;
 
-    load_tile<ROWS, DP>(sQ, q, rows_here, q_stride, p.head_dim);
+    load_tile<ROWS, DP>(sQ, static_cast<const T*>(p.q) + q_offset, rows_here, q_stride, p.head_dim);
+    if constexpr (CEILING) {
+        load_tile<ROWS, DP>(sQlim, static_cast<const T*>(p.q_lim) + q_offset, rows_here, q_stride, p.head_dim);
+    }
     tessera::cp_async_commit();
     auto load_kv = [&](int n, int buffer) {
-        const int j0 = tiles.at(n) * BN;
-        load_tile<BN, DP>(sK + buffer * BN * S, k + (size_t)j0 * kv_stride, s.sk - j0, kv_stride, p.head_dim);
+        const int j0 = tile_of(n) * BN;
+        const T* keys = CEILING && n < n_beyond ? static_cast<const T*>(p.k_raw) + kv_offset : k;
+        load_tile<BN, DP>(sK + buffer * BN * S, keys + (size_t)j0 * kv_stride, s.sk - j0, kv_stride, p.head_dim);
         load_tile<BN, DP>(sV + buffer * BN * S, v + (size_t)j0 * kv_stride, s.sk - j0, kv_stride, p.head_dim);
         tessera::cp_async_commit();
     };
-    if (tiles.count() > 0) load_kv(0, 0);
+    if (steps > 0) load_kv(0, 0);
 
     float acc_o[DP / 8][4];
     zero(acc_o);
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
     const long long my_pos[2] = {i0 + warp * 16 + g + shift, i0 + warp * 16 + g + 8 + shift};
 
-    for (int n = 0; n < tiles.count(); ++n) {
+    for (int n = 0; n < steps; ++n) {
         const int buffer = n & 1;
-        if (n + 1 < tiles.count()) {
+        if (n + 1 < steps) {
             load_kv(n + 1, buffer ^ 1);
             tessera::cp_async_wait<1>();
         } else {
             tessera::cp_async_wait<0>();
         }
         __syncthreads();
+        const int branch = !CEILING ? BRANCH_ALL : n < n_beyond ? BRANCH_LIM : BRANCH_ROT;
         float acc_s[BN / 8][4];
         zero(acc_s);
-        gemm_abt<T, DP, BN>(acc_s, sQ + warp * 16 * S, sK + buffer * BN * S, lane);
+        gemm_abt<T, DP, BN>(acc_s, (branch == BRANCH_LIM ? sQlim : sQ) + warp * 16 * S, sK + buffer * BN * S, lane);
 
-        const int j0 = tiles.at(n) * BN;
-        const bool full = fully_visible(p, p_lo, p_hi, j0, j0 + BN - 1, s.sk);
+        const int j0 = tile_of(n) * BN;
+        bool full = fully_visible(p, p_lo, p_hi, j0, j0 + BN - 1, s.sk);
+        if constexpr (CEILING) full = full && branch_full(p, branch, p_lo, p_hi, j0, j0 + BN - 1);
         float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int nt = 0; nt < BN / 8; ++nt) {
@@ -297,7 +359,10 @@ __device__ __forceinline__ void attention_fwd(const AttentionParams& p) {
             for (int e = 0; e < 4; ++e) {
                 const int j = j0 + nt * 8 + 2 * c + (e & 1);
                 float x = acc_s[nt][e] * p.scale_log2;
-                if (!full && (j >= s.sk || !visible(p, my_pos[e / 2], j))) x = -INFINITY;
+                if (!full && (j >= s.sk || !visible(p, my_pos[e / 2], j) ||
+                              (CEILING && !in_branch(p, branch, my_pos[e / 2], j)))) {
+                    x = -INFINITY;
+                }
                 acc_s[nt][e] = x;
                 tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
             }
@@ -371,8 +436,10 @@ __device__ __forceinline__ void attention_bwd_delta(const AttentionParams& p, lo
 }
 
 // ---- backward: dQ, one CTA per query tile, over its visible key tiles -------------------------------
+// With CEILING the pass sees only the pairs of p.branch (q and k are that branch's operands) and
+// writes its partial gradient in f32, to be rotated back and summed with the other branch's.
 
-template <typename T, int DP, int BN>
+template <typename T, int DP, int BN, bool CEILING>
 __device__ __forceinline__ void attention_bwd_dq(const AttentionParams& p) {
     constexpr int S = DP + 8;
     extern __shared__ __align__(16) unsigned char shared[];
@@ -389,7 +456,8 @@ __device__ __forceinline__ void attention_bwd_dq(const AttentionParams& p) {
     const int rows_here = min(ROWS, s.sq - i0);
     const long long shift = (long long)s.sk - s.sq;
     const long long p_lo = i0 + shift, p_hi = i0 + rows_here - 1 + shift;
-    const KeyTiles tiles = key_tiles(p, p_lo, p_hi, s.sk, BN);
+    const int branch = CEILING ? p.branch : BRANCH_ALL;
+    const KeyTiles tiles = key_tiles(p, p_lo, p_hi, s.sk, BN, branch);
     const size_t q_stride = (size_t)p.heads_q * p.head_dim, kv_stride = (size_t)p.heads_kv * p.head_dim;
     const size_t q_offset = ((size_t)(s.q_start + i0) * p.heads_q + h) * p.head_dim;
     const T* k = static_cast<const T*>(p.k) + ((size_t)s.k_start * p.heads_kv + kv) * p.head_dim;
@@ -436,13 +504,15 @@ __device__ __forceinline__ void attention_bwd_dq(const AttentionParams& p) {
         gemm_abt<T, DP, BN>(acc_s, sQ + warp * 16 * S, sK + buffer * BN * S, lane);
         gemm_abt<T, DP, BN>(acc_dp, sdO + warp * 16 * S, sV + buffer * BN * S, lane);
         const int j0 = tiles.at(n) * BN;
-        const bool full = fully_visible(p, p_lo, p_hi, j0, j0 + BN - 1, s.sk);
+        bool full = fully_visible(p, p_lo, p_hi, j0, j0 + BN - 1, s.sk);
+        if constexpr (CEILING) full = full && branch_full(p, branch, p_lo, p_hi, j0, j0 + BN - 1);
 #pragma unroll
         for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int j = j0 + nt * 8 + 2 * c + (e & 1);
-                const bool seen = full || (j < s.sk && visible(p, my_pos[e / 2], j));
+                const bool seen = full || (j < s.sk && visible(p, my_pos[e / 2], j) &&
+                                           (!CEILING || in_branch(p, branch, my_pos[e / 2], j)));
                 const float prob = seen ? exp2f(acc_s[nt][e] * p.scale_log2 - lse2[e / 2]) : 0.0f;
                 acc_s[nt][e] = prob * (acc_dp[nt][e] - delta[e / 2]);
             }
@@ -454,14 +524,15 @@ __device__ __forceinline__ void attention_bwd_dq(const AttentionParams& p) {
 
     const int warp_row = i0 + warp * 16;
     const float scale[2] = {p.scale, p.scale};
-    T* d_q = static_cast<T*>(p.d_q) + ((size_t)(s.q_start + warp_row) * p.heads_q + h) * p.head_dim;
-    store_rows<T, DP>(d_q, acc_dq, scale, s.sq - warp_row, q_stride, p.head_dim, lane);
+    using Out = std::conditional_t<CEILING, float, T>;
+    Out* d_q = static_cast<Out*>(p.d_q) + ((size_t)(s.q_start + warp_row) * p.heads_q + h) * p.head_dim;
+    store_rows<Out, DP>(d_q, acc_dq, scale, s.sq - warp_row, q_stride, p.head_dim, lane);
 }
 
 // ---- backward: dK and dV, one CTA per key tile of one key/value head, over the query tiles of
-// every query head of its group that can see it ---------------------------------------------------
+// every query head of its group that can see it; with CEILING, of p.branch only, as the dQ pass ----
 
-template <typename T, int DP, int BM, bool DO_DV, bool DO_DK>
+template <typename T, int DP, int BM, bool DO_DV, bool DO_DK, bool CEILING>
 __device__ __forceinline__ void attention_bwd_dkv(const AttentionParams& p) {
     constexpr int S = DP + 8;
     extern __shared__ __align__(16) unsigned char shared[];
@@ -497,9 +568,21 @@ __device__ __forceinline__ void attention_bwd_dkv(const AttentionParams& p) {
             break;
         default: break;
     }
+    const int branch = CEILING ? p.branch : BRANCH_ALL;
+    bool none = false;
+    if (branch == BRANCH_ROT) {
+        // Within the ceiling: p ≤ j + D.
+        pos_hi = min(pos_hi, j_hi + p.ceiling);
+    } else if (branch == BRANCH_LIM) {
+        // Beyond it: p > j + D, where the mask shows such pairs at all (see key_tiles).
+        pos_lo = max(pos_lo, j_lo + p.ceiling + 1);
+        none = (p.mask_kind == MASK_LAMBDA && p.ceiling >= p.window - 1 && j_lo >= p.global) ||
+               (p.mask_kind == MASK_WINDOW && p.ceiling >= p.left);
+    }
     const long long row_lo = max(0ll, pos_lo - shift), row_hi = min((long long)s.sq - 1, pos_hi - shift);
+    // Both bounds stay below 2^33 (positions and D are below 2^31): the tile numbers fit an int.
     const int first_tile = (int)(row_lo / BM);
-    const int tiles_per_head = row_hi >= row_lo ? (int)(row_hi / BM) - first_tile + 1 : 0;
+    const int tiles_per_head = !none && row_hi >= row_lo ? (int)(row_hi / BM) - first_tile + 1 : 0;
     const int count = tiles_per_head * group;
 
     load_tile<ROWS, DP>(sK, static_cast<const T*>(p.k) + kv_offset, keys_here, kv_stride, p.head_dim);
@@ -550,13 +633,15 @@ __device__ __forceinline__ void attention_bwd_dkv(const AttentionParams& p) {
             gemm_abt<T, DP, BM>(acc_dp, sV + warp * 16 * S, do_tile, lane);
         }
         const long long q_lo = i0 + shift, q_hi = i0 + BM - 1 + shift;
-        const bool full = fully_visible(p, q_lo, q_hi, j_lo, j_hi, s.sk);
+        bool full = fully_visible(p, q_lo, q_hi, j_lo, j_hi, s.sk);
+        if constexpr (CEILING) full = full && branch_full(p, branch, q_lo, q_hi, j_lo, j_hi);
 #pragma unroll
         for (int nt = 0; nt < BM / 8; ++nt) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int col = nt * 8 + 2 * c + (e & 1);
-                const bool seen = full || visible(p, i0 + col + shift, my_key[e / 2]);
+                const bool seen = full || (visible(p, i0 + col + shift, my_key[e / 2]) &&
+                                           (!CEILING || in_branch(p, branch, i0 + col + shift, my_key[e / 2])));
                 const float prob = seen ? exp2f(acc_s[nt][e] * p.scale_log2 - lse2[col]) : 0.0f;
                 acc_s[nt][e] = prob;
                 if constexpr (DO_DK) acc_dp[nt][e] = prob * (acc_dp[nt][e] - delta[col]);
@@ -570,14 +655,37 @@ __device__ __forceinline__ void attention_bwd_dkv(const AttentionParams& p) {
 
     const int warp_key = j0 + warp * 16;
     const size_t offset = ((size_t)(s.k_start + warp_key) * p.heads_kv + kv) * p.head_dim;
+    using Out = std::conditional_t<CEILING, float, T>;
     if constexpr (DO_DK) {
         const float scale[2] = {p.scale, p.scale};
-        store_rows<T, DP>(static_cast<T*>(p.d_k) + offset, acc_dk, scale, s.sk - warp_key, kv_stride, p.head_dim,
-                          lane);
+        store_rows<Out, DP>(static_cast<Out*>(p.d_k) + offset, acc_dk, scale, s.sk - warp_key, kv_stride, p.head_dim,
+                            lane);
     }
     if constexpr (DO_DV) {
         const float one[2] = {1.0f, 1.0f};
-        store_rows<T, DP>(static_cast<T*>(p.d_v) + offset, acc_dv, one, s.sk - warp_key, kv_stride, p.head_dim, lane);
+        store_rows<Out, DP>(static_cast<Out*>(p.d_v) + offset, acc_dv, one, s.sk - warp_key, kv_stride, p.head_dim,
+                            lane);
+    }
+}
+
+// ---- the ceiling's backward: out = round(a + b), the two branches' f32 partial gradients --------
+
+__device__ __forceinline__ __nv_bfloat16 round_to(float x, __nv_bfloat16) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ __half round_to(float x, __half) { return __float2half_rn(x); }
+
+// `quads` groups of 4 elements (every tensor here holds rows of a multiple of 8 elements, and the
+// allocations are 16-byte aligned), grid-stride.
+template <typename T>
+__device__ __forceinline__ void attention_ceiling_sum(const float* a, const float* b, T* out, long long quads) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long n = (long long)blockIdx.x * blockDim.x + threadIdx.x; n < quads; n += stride) {
+        const float4 x = reinterpret_cast<const float4*>(a)[n];
+        const float4 y = reinterpret_cast<const float4*>(b)[n];
+        T* o = out + 4 * n;
+        o[0] = round_to(x.x + y.x, T());
+        o[1] = round_to(x.y + y.y, T());
+        o[2] = round_to(x.z + y.z, T());
+        o[3] = round_to(x.w + y.w, T());
     }
 }
 
@@ -585,18 +693,28 @@ __device__ __forceinline__ void attention_bwd_dkv(const AttentionParams& p) {
 
 // Key tiles: 64 keys up to head dimension 128, 32 beyond (registers). The dK/dV pass streams
 // query tiles of 32; at DP = 256 it runs twice (dV, then dK) because both accumulators would not
-// fit in registers together.
+// fit in registers together. The `ceiling` kernels serve LM-Infinite's distance ceiling; the others
+// are compiled without any of its code.
 #define ATTENTION_KERNELS(SUFFIX, T, DP, BN)                                                                    \
     extern "C" __global__ void __launch_bounds__(THREADS) attention_fwd_##SUFFIX(AttentionParams p) {           \
-        attention_fwd<T, DP, BN>(p);                                                                             \
+        attention_fwd<T, DP, BN, false>(p);                                                                      \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(THREADS) attention_bwd_dq_##SUFFIX(AttentionParams p) {        \
-        attention_bwd_dq<T, DP, BN>(p);                                                                          \
+        attention_bwd_dq<T, DP, BN, false>(p);                                                                   \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS) attention_fwd_ceiling_##SUFFIX(AttentionParams p) {   \
+        attention_fwd<T, DP, BN, true>(p);                                                                       \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS) attention_bwd_dq_ceiling_##SUFFIX(AttentionParams p) { \
+        attention_bwd_dq<T, DP, BN, true>(p);                                                                    \
     }
 
 #define ATTENTION_DKV_KERNEL(SUFFIX, T, DP, DO_DV, DO_DK)                                                       \
     extern "C" __global__ void __launch_bounds__(THREADS) attention_bwd_dkv_##SUFFIX(AttentionParams p) {       \
-        attention_bwd_dkv<T, DP, 32, DO_DV, DO_DK>(p);                                                           \
+        attention_bwd_dkv<T, DP, 32, DO_DV, DO_DK, false>(p);                                                    \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS) attention_bwd_dkv_ceiling_##SUFFIX(AttentionParams p) { \
+        attention_bwd_dkv<T, DP, 32, DO_DV, DO_DK, true>(p);                                                     \
     }
 
 #define ATTENTION_DTYPE(NAME, T)                                                                                 \
@@ -609,6 +727,10 @@ __device__ __forceinline__ void attention_bwd_dkv(const AttentionParams& p) {
     ATTENTION_DKV_KERNEL(dk_##NAME##_d256, T, 256, false, true)                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS) attention_bwd_delta_##NAME(AttentionParams p, long long rows) { \
         attention_bwd_delta<T>(p, rows);                                                                         \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                        \
+        attention_ceiling_sum_##NAME(const float* a, const float* b, T* out, long long quads) {                  \
+        attention_ceiling_sum<T>(a, b, out, quads);                                                              \
     }
 
 ATTENTION_DTYPE(bf16, __nv_bfloat16)

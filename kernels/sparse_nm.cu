@@ -333,6 +333,14 @@ __device__ void gather_flat(const T* __restrict__ g, T* __restrict__ ds, const u
     }
 }
 
+// out[i] = values[i] rounded to T (SLTrain's 2:4 ds, from the f32 gradient on the support).
+template <typename T>
+__device__ void round_flat(const float* __restrict__ values, T* __restrict__ out, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        out[i] = from_float<T>(values[i]);
+    }
+}
+
 // ---- the sparse tensor-core GEMM --------------------------------------------------------------
 
 // d += A·B for one 16x8x32 tile: A 2:4-sparse (16x32, two kept of every 4), B 32x8; metadata
@@ -676,6 +684,10 @@ __device__ void gemm_big(const uint8_t* __restrict__ values, const uint32_t* __r
     extern "C" __global__ void __launch_bounds__(ELEMENT_THREADS)                                                  \
         sltrain_gather_##NAME(const T* g, T* ds, const uint32_t* idx, int64_t nnz) {                               \
         gather_flat<T>(g, ds, idx, nnz);                                                                           \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(ELEMENT_THREADS)                                                  \
+        sltrain_round_##NAME(const float* values, T* out, int64_t n) {                                             \
+        round_flat<T>(values, out, n);                                                                             \
     }
 
 #define SPARSE_KERNELS(T, NAME)                                                                                    \

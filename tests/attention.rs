@@ -23,6 +23,7 @@ use tessera::{DType, Device, Tensor};
 
 on_each_device!(
     small_attention,
+    small_attention_ceiling,
     issue_shapes_bf16,
     issue_shapes_f16,
     masks_and_heads,
@@ -30,6 +31,7 @@ on_each_device!(
     varlen_packed,
     rope_inside,
     lambda_distance_ceiling,
+    distance_ceiling_shapes,
     fully_masked_rows,
     causality_by_perturbation,
     lambda_mask_fixture,
@@ -438,7 +440,14 @@ fn check_forward<T: Float>(
         case.d,
         case.mask,
         if case.packed { " packed" } else { "" },
-        if case.rope.is_some() { " rope" } else { "" }
+        match &case.rope {
+            Some(AttentionRope {
+                distance_ceiling: Some(c),
+                ..
+            }) => format!(" rope, ceiling {c}"),
+            Some(_) => " rope".to_string(),
+            None => String::new(),
+        }
     );
     let unit = unit_roundoff::<T>();
     let ours = Results {
@@ -680,37 +689,43 @@ fn rope_inside(device: &Device) {
     }
 }
 
+/// A RoPE configuration with one base per key/value head (HARPE) and LM-Infinite's ceiling.
+fn with_ceiling(mut case: Case, ceiling: usize, convention: RopeConvention) -> Case {
+    let bases = RopeConfig::uniform_bases(case.heads_kv, 1e4, 1e6);
+    case.rope = Some(AttentionRope {
+        config: rope_config(case.d, bases, convention),
+        distance_ceiling: Some(ceiling),
+    });
+    case
+}
+
+/// Every dtype the device runs: f32 and bf16 on the CPU (its f16 path differs only in rounding),
+/// bf16 and f16 on CUDA.
+fn check_dtypes(device: &Device, rng: &mut StdRng, case: &Case, backward: bool) {
+    if device.is_cuda() {
+        check::<bf16>(device, rng, case, backward);
+        check::<f16>(device, rng, case, backward);
+    } else {
+        check::<f32>(device, rng, case, backward);
+        check::<bf16>(device, rng, case, backward);
+    }
+}
+
 fn lambda_distance_ceiling(device: &Device) {
     let mut rng = common::rng();
     let lambda = AttentionMask::Lambda { global: 5, window: 40 };
-    let mut cases = Vec::new();
     for (mask, ceiling) in [
         (lambda, 40),
         (lambda, 25),
         (AttentionMask::Causal, 30),
         (AttentionMask::None, 50),
     ] {
-        let mut case = Case::dense(1, 150, 170, 2, 2, 64, mask);
-        case.rope = Some(AttentionRope {
-            config: rope_config(64, vec![10000.0, 1e6], RopeConvention::RotateHalf),
-            distance_ceiling: Some(ceiling),
-        });
-        cases.push(case);
-    }
-    for case in cases {
-        if device.is_cuda() {
-            let q = Tensor::zeros(&case.q_shape(), DType::BF16, device).unwrap();
-            let k = Tensor::zeros(&case.k_shape(), DType::BF16, device).unwrap();
-            assert!(matches!(
-                attention_forward(&q, &k, &k, &case.options()),
-                Err(tessera::Error::Unsupported { .. })
-            ));
-            continue;
-        }
-        check::<f32>(device, &mut rng, &case, true);
-        check::<bf16>(device, &mut rng, &case, true);
+        let case = Case::dense(1, 150, 170, 2, 2, 64, mask);
+        let case = with_ceiling(case, ceiling, RopeConvention::RotateHalf);
+        check_dtypes(device, &mut rng, &case, true);
     }
     if device.is_cuda() {
+        // The identities below compare f32 results exactly; CUDA runs bf16 and f16 only.
         return;
     }
     // With the sequence inside the window, the Λ mask with its ceiling is causal RoPE attention.
@@ -761,6 +776,83 @@ fn lambda_distance_ceiling(device: &Device) {
         logits.push(out.to_vec::<f32>().unwrap()[0]);
     }
     assert!((logits[0] - logits[1]).abs() < 1e-6, "{logits:?}");
+}
+
+/// The ceiling against the f64 reference over the kernels' tile boundaries: the Λ mask at its
+/// default ceiling (D = window) and below it, causal and sliding windows with D below the window,
+/// D = 0, a ceiling beyond every distance (nothing changes), GQA/MQA, packed sequences with empty
+/// and single-token ones, seq_q ≠ seq_k, lengths 1, 17, 113 and 1025, every head-dim family.
+fn distance_ceiling_shapes(device: &Device) {
+    let mut rng = common::rng();
+    let lambda = AttentionMask::Lambda { global: 4, window: 96 };
+    let cases = [
+        (
+            Case::dense(2, 113, 203, 4, 2, 128, AttentionMask::Window { left: 100, right: 17 }),
+            37,
+        ),
+        (
+            Case::dense(1, 17, 17, 3, 1, 72, AttentionMask::Window { left: 63, right: 0 }),
+            0,
+        ),
+        (Case::dense(2, 1, 239, 2, 2, 256, AttentionMask::Causal), 100),
+        (Case::dense(1, 1025, 1025, 2, 1, 64, lambda), 96),
+        (Case::dense(1, 1025, 1025, 2, 2, 64, lambda), 70),
+        (Case::dense(1, 100, 150, 2, 1, 64, AttentionMask::Causal), 149),
+        (
+            Case::dense(2, 128, 217, 2, 2, 64, AttentionMask::Lambda { global: 70, window: 33 }),
+            64,
+        ),
+    ];
+    for (n, (case, ceiling)) in cases.into_iter().enumerate() {
+        let convention = [RopeConvention::RotateHalf, RopeConvention::Interleaved][n % 2];
+        let case = with_ceiling(shrink(device, case), ceiling, convention);
+        let (sq, sk) = case.seqs[0];
+        // On the CPU, whose tests run unoptimised, the largest pairs run forward only.
+        check_dtypes(device, &mut rng, &case, device.is_cuda() || sq * sk <= 300_000);
+    }
+    let packed = Case {
+        seqs: vec![(1, 1), (17, 40), (0, 9), (113, 113), (5, 200)],
+        packed: true,
+        heads_q: 4,
+        heads_kv: 2,
+        d: 64,
+        mask: AttentionMask::Lambda { global: 3, window: 20 },
+        scale: None,
+        rope: None,
+    };
+    for ceiling in [20, 11] {
+        let case = with_ceiling(packed.clone(), ceiling, RopeConvention::RotateHalf);
+        check_dtypes(device, &mut rng, &case, true);
+    }
+}
+
+/// A small grid of every ceiling kernel (forward, dQ, dK/dV, the split dK/dV of the general head
+/// dimension, the partial sums) for compute-sanitizer.
+fn small_attention_ceiling(device: &Device) {
+    let mut rng = common::rng();
+    let case = Case::dense(1, 37, 70, 2, 1, 64, AttentionMask::Lambda { global: 3, window: 20 });
+    check::<bf16>(
+        device,
+        &mut rng,
+        &with_ceiling(case, 10, RopeConvention::RotateHalf),
+        true,
+    );
+    let case = Case {
+        seqs: vec![(5, 9), (20, 37), (0, 3)],
+        packed: true,
+        heads_q: 2,
+        heads_kv: 2,
+        d: 200,
+        mask: AttentionMask::Window { left: 30, right: 2 },
+        scale: None,
+        rope: None,
+    };
+    check::<f16>(
+        device,
+        &mut rng,
+        &with_ceiling(case, 7, RopeConvention::Interleaved),
+        true,
+    );
 }
 
 fn fully_masked_rows(device: &Device) {

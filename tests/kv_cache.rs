@@ -12,7 +12,7 @@ use rand::Rng;
 use tessera::model::generate::{generate_with, Sampling};
 use tessera::model::kv_cache::PREFILL_CHUNK;
 use tessera::model::{Activation, Attention, Family, Gpt, GptConfig, GptParams, Norm, Positions};
-use tessera::{DType, Device, Error, Tensor};
+use tessera::{DType, Device, Tensor};
 
 fn config(family: Family, attention: Attention, wavelet: bool, context: usize) -> GptConfig {
     let gpt2 = family == Family::Gpt2;
@@ -96,14 +96,6 @@ fn tolerance(device: &Device) -> f64 {
     }
 }
 
-/// Λ with RoPE needs the distance ceiling, which attention runs on the CPU only for now: the
-/// cached path must refuse it as the full forward does.
-fn unsupported_here(config: &GptConfig, device: &Device) -> bool {
-    device.is_cuda()
-        && matches!(config.attention, Attention::Lambda { .. })
-        && matches!(config.positions, Positions::Rope { .. })
-}
-
 fn random_tokens(rng: &mut StdRng, n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|_| rng.random_range(0..vocab as u32)).collect()
 }
@@ -121,19 +113,6 @@ fn check_against_full_forward(device: &Device, config: &GptConfig, batch: usize,
         "{:?} {:?} wavelet {} batch {batch} prompt {prompt} +{steps}",
         config.family, config.attention, config.wavelet
     );
-    if unsupported_here(config, device) {
-        assert!(matches!(
-            full.logits(&tokens, batch, total),
-            Err(Error::Unsupported { .. })
-        ));
-        let mut cache = full.kv_cache(batch).unwrap();
-        let prompts: Vec<u32> = (0..batch)
-            .flat_map(|b| tokens[b * total..b * total + prompt].to_vec())
-            .collect();
-        let result = full.prefill(&mut cache, &prompts).map(|_| ());
-        assert!(matches!(result, Err(Error::Unsupported { .. })), "{name}: {result:?}");
-        return;
-    }
     let reference = to_f64(full.logits(&tokens, batch, total).unwrap());
     let row = |b: usize, position: usize| {
         let at = (b * total + position) * vocab;
@@ -173,9 +152,6 @@ fn cached_logits_equal_the_full_forward(device: &Device) {
     let context = 10;
     for config in every_config(context) {
         check_against_full_forward(device, &config, 2, 4, context - 4);
-        if unsupported_here(&config, device) {
-            continue;
-        }
         let mut rng = common::rng();
         let model = Gpt::new(random_params(&config, device, &mut rng), 1, 1).unwrap();
         let mut cache = model.kv_cache(2).unwrap();

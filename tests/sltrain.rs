@@ -1,7 +1,9 @@
 //! SLTrain (src/ops/sltrain.rs, ALGORITHMS.md §5) against f64 references on every device: the
 //! support (unique, sorted, of size floor(δ·numel), reproducible), the spec's initialisation,
 //! forward and backward on random parameters, the first step's dA = 0, finite differences, and
-//! the argument errors.
+//! the argument errors; the 2:4 support (its structure in both dimensions, and the sparse
+//! tensor-core path against the same references as the unstructured form, by finite differences
+//! too).
 
 #[macro_use]
 mod common;
@@ -9,7 +11,7 @@ mod common;
 use common::{assert_close, assert_invalid, uniform, values, Float};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
-use tessera::ops::{sltrain_backward, sltrain_forward, sltrain_weight, SlTrainConfig, SlTrainLayer};
+use tessera::ops::{sltrain_backward, sltrain_forward, sltrain_weight, SlTrainConfig, SlTrainLayer, SlTrainSupport};
 use tessera::{DType, Device, Tensor};
 
 on_each_device!(
@@ -21,7 +23,19 @@ on_each_device!(
     first_step_leaves_a_still,
     gradient_check,
     errors_name_the_argument,
+    small_sltrain_two_four,
+    two_four_support,
+    two_four_forward_backward,
+    two_four_gradient_check,
+    two_four_errors,
 );
+
+fn two_four(d_out: usize, d_in: usize, rank: usize, bias: bool) -> SlTrainConfig {
+    SlTrainConfig {
+        support: SlTrainSupport::TwoFour,
+        ..config(d_out, d_in, rank, 0.5, bias)
+    }
+}
 
 fn config(d_out: usize, d_in: usize, rank: usize, density: f64, bias: bool) -> SlTrainConfig {
     SlTrainConfig {
@@ -31,6 +45,7 @@ fn config(d_out: usize, d_in: usize, rank: usize, density: f64, bias: bool) -> S
         density,
         alpha: 32.0,
         bias,
+        support: SlTrainSupport::Random,
     }
 }
 
@@ -223,12 +238,17 @@ fn first_step_leaves_a_still(device: &Device) {
 /// Central finite differences in f64 of `L = Σ R ⊙ Y` for every parameter and input, against the
 /// op's f32 gradients.
 fn gradient_check(device: &Device) {
+    finite_differences::<f32>(device, 3, config(4, 8, 2, 0.25, true), 1e-5);
+}
+
+/// [`gradient_check`] for any layer: the op's gradients in `T` against central differences in
+/// f64 of the exact loss at the layer's (exactly widened) values.
+fn finite_differences<T: Float>(device: &Device, m: usize, c: SlTrainConfig, tolerance: f64) {
     let mut rng = common::rng();
-    let (m, d_out, d_in, r) = (3, 4, 8, 2);
-    let c = config(d_out, d_in, r, 0.25, true);
-    let layer = random_layer::<f32>(&mut rng, c, device);
-    let x: Vec<f32> = uniform(&mut rng, m * d_in);
-    let rw: Vec<f32> = uniform(&mut rng, m * d_out);
+    let (d_out, d_in, r) = (c.d_out, c.d_in, c.rank);
+    let layer = random_layer::<T>(&mut rng, c, device);
+    let x: Vec<T> = uniform(&mut rng, m * d_in);
+    let rw: Vec<T> = uniform(&mut rng, m * d_out);
     let xt = Tensor::from_vec(x.clone(), &[m, d_in], device).unwrap();
     let rt = Tensor::from_vec(rw.clone(), &[m, d_out], device).unwrap();
     let grads = sltrain_backward(&rt, &xt, &layer).unwrap();
@@ -244,10 +264,10 @@ fn gradient_check(device: &Device) {
     // Parameters as one vector: x, A, B, s, bias.
     let parts = [
         common::to_f64(&x),
-        values::<f32>(&layer.a),
-        values::<f32>(&layer.b),
-        values::<f32>(&layer.s),
-        values::<f32>(layer.bias.as_ref().unwrap()),
+        values::<T>(&layer.a),
+        values::<T>(&layer.b),
+        values::<T>(&layer.s),
+        values::<T>(layer.bias.as_ref().unwrap()),
     ];
     let loss = |p: &[Vec<f64>]| -> f64 {
         let (x, a, b, s, bias) = (&p[0], &p[1], &p[2], &p[3], &p[4]);
@@ -265,10 +285,10 @@ fn gradient_check(device: &Device) {
     };
     let step = 1e-6;
     let got = [
-        values::<f32>(&grads.d_x),
-        values::<f32>(&grads.d_a),
-        values::<f32>(&grads.d_b),
-        values::<f32>(&grads.d_s),
+        values::<T>(&grads.d_x),
+        values::<T>(&grads.d_a),
+        values::<T>(&grads.d_b),
+        values::<T>(&grads.d_s),
         values::<f32>(grads.d_bias.as_ref().unwrap()),
     ];
     for (part, (name, got)) in ["d_x", "d_a", "d_b", "d_s", "d_bias"].iter().zip(&got).enumerate() {
@@ -280,7 +300,7 @@ fn gradient_check(device: &Device) {
                 (loss(&plus) - loss(&minus)) / (2.0 * step)
             })
             .collect();
-        assert_close(&format!("{name} by finite differences"), got, &fd, 1e-5);
+        assert_close(&format!("{name} by finite differences"), got, &fd, tolerance);
     }
 }
 
@@ -335,5 +355,148 @@ fn errors_name_the_argument(device: &Device) {
         "sltrain_forward",
         "layer.b",
         &["[8, 2]", "[8, 3]"],
+    );
+}
+
+fn small_sltrain_two_four(device: &Device) {
+    check::<bf16>(device, 5, two_four(64, 128, 4, true));
+}
+
+/// The 2:4 support: two positions in every group of 4 along each row and along each column,
+/// every position once, reproducible from the seed, different for another seed; W = S at first.
+fn two_four_support(device: &Device) {
+    let dtype = if device.is_cuda() { DType::BF16 } else { DType::F32 };
+    for (d_out, d_in) in [(64, 64), (128, 192), (320, 64)] {
+        let c = two_four(d_out, d_in, 2, false);
+        let layer = SlTrainLayer::new(c, dtype, 9, device).unwrap();
+        let support = layer.support().to_vec::<u32>().unwrap();
+        assert_eq!(support.len(), d_out * d_in / 2);
+        assert_eq!(layer.nnz(), support.len());
+        let mut kept = vec![0u8; d_out * d_in];
+        for &at in &support {
+            kept[at as usize] += 1;
+        }
+        assert!(kept.iter().all(|&k| k <= 1), "every position at most once");
+        for row in 0..d_out {
+            for group in 0..d_in / 4 {
+                let n: u8 = (0..4).map(|j| kept[row * d_in + 4 * group + j]).sum();
+                assert_eq!(n, 2, "row {row}, columns {}..+4", 4 * group);
+            }
+        }
+        for col in 0..d_in {
+            for group in 0..d_out / 4 {
+                let n: u8 = (0..4).map(|i| kept[(4 * group + i) * d_in + col]).sum();
+                assert_eq!(n, 2, "column {col}, rows {}..+4", 4 * group);
+            }
+        }
+        let again = SlTrainLayer::new(c, dtype, 9, device).unwrap();
+        assert_eq!(again.support().to_vec::<u32>().unwrap(), support, "reproducible");
+        let other = SlTrainLayer::new(c, dtype, 10, device).unwrap();
+        assert_ne!(other.support().to_vec::<u32>().unwrap(), support);
+        assert_eq!(layer.support_kind(), SlTrainSupport::TwoFour);
+        // B = 0 at first: the forward is X·Sᵀ alone, through the sparse product.
+        let read = |t: &Tensor| {
+            if device.is_cuda() {
+                values::<bf16>(t)
+            } else {
+                values::<f32>(t)
+            }
+        };
+        let w = read(&sltrain_weight(&layer).unwrap());
+        let s = read(&layer.s);
+        let mut expected = vec![0.0f64; d_out * d_in];
+        for (&at, &v) in support.iter().zip(&s) {
+            expected[at as usize] = v;
+        }
+        assert_eq!(w, expected);
+    }
+}
+
+/// The 2:4 form against the same f64 references as the unstructured form (its support and
+/// values), odd token counts, and against the unstructured computation (W materialised) on the
+/// same layer.
+fn two_four_forward_backward(device: &Device) {
+    for m in [1, 7, 113, 1025] {
+        let c = two_four(64, 128, 8, m != 7);
+        if device.is_cuda() {
+            check::<bf16>(device, m, c);
+            check::<f16>(device, m, c);
+        } else {
+            check::<f32>(device, m, c);
+            check::<bf16>(device, m, c);
+        }
+    }
+    let mut rng = common::rng();
+    let c = two_four(128, 64, 16, true);
+    let layer = random_layer::<bf16>(&mut rng, c, device);
+    let m = 17;
+    let x = Tensor::from_vec(uniform::<bf16>(&mut rng, m * c.d_in), &[m, c.d_in], device).unwrap();
+    let dense = tessera::ops::matmul(
+        &x,
+        &sltrain_weight(&layer).unwrap(),
+        layer.bias.as_ref(),
+        tessera::ops::MatmulOptions::linear(),
+    )
+    .unwrap();
+    assert_close(
+        "2:4 forward against the materialised weight",
+        &values::<bf16>(&sltrain_forward(&x, &layer).unwrap()),
+        &values::<bf16>(&dense),
+        3.0 * bf16::MATMUL_TOLERANCE,
+    );
+}
+
+fn two_four_gradient_check(device: &Device) {
+    let c = two_four(64, 64, 2, true);
+    if device.is_cuda() {
+        finite_differences::<bf16>(device, 3, c, 2.0 * bf16::MATMUL_TOLERANCE);
+    } else {
+        finite_differences::<f32>(device, 3, c, 1e-5);
+    }
+}
+
+fn two_four_errors(device: &Device) {
+    let op = "SlTrainLayer::new";
+    let dtype = if device.is_cuda() { DType::BF16 } else { DType::F32 };
+    assert_invalid(
+        SlTrainLayer::new(two_four(64, 96, 2, false), dtype, 0, device),
+        op,
+        "config.d_in",
+        &["multiple of 64", "96"],
+    );
+    assert_invalid(
+        SlTrainLayer::new(two_four(48, 64, 2, false), dtype, 0, device),
+        op,
+        "config.d_out",
+        &["multiple of 64", "48"],
+    );
+    let sparser = SlTrainConfig {
+        density: 0.03,
+        ..two_four(64, 64, 2, false)
+    };
+    assert_invalid(
+        SlTrainLayer::new(sparser, dtype, 0, device),
+        op,
+        "config.density",
+        &["0.5", "0.03"],
+    );
+    if device.is_cuda() {
+        assert_invalid(
+            SlTrainLayer::new(two_four(64, 64, 2, false), DType::F32, 0, device),
+            op,
+            "dtype",
+            &["bf16 or f16", "f32"],
+        );
+    }
+    let layer = SlTrainLayer::new(two_four(64, 64, 2, true), dtype, 0, device).unwrap();
+    let x = Tensor::zeros(&[3, 60], dtype, device).unwrap();
+    assert_invalid(sltrain_forward(&x, &layer), "sltrain_forward", "x", &["64", "[3, 60]"]);
+    let x = Tensor::zeros(&[3, 64], dtype, device).unwrap();
+    let dy = Tensor::zeros(&[4, 64], dtype, device).unwrap();
+    assert_invalid(
+        sltrain_backward(&dy, &x, &layer),
+        "sltrain_backward",
+        "x",
+        &["4 tokens"],
     );
 }

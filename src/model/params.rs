@@ -1258,6 +1258,7 @@ fn sltrain_layer(layout: &ModelLayout, linear: &Linear, dtype: DType, device: &D
         density,
         alpha,
         bias: linear.bias.is_some(),
+        support: ops::SlTrainSupport::Random,
     };
     let name = &layout.specs[linear.weight].name;
     ops::SlTrainLayer::new(config, dtype, seed ^ splitmix64(name_hash(name)), device)

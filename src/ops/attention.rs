@@ -36,6 +36,13 @@
 //! each gradient in a fixed order (deterministic). Inputs are f32, bf16 or f16 on the CPU, bf16 or
 //! f16 on CUDA.
 //!
+//! On CUDA, RoPE is applied by the standalone op before the kernels (and its transpose after the
+//! backward). With a ceiling that some pair exceeds, the forward runs the ceiling instantiation,
+//! which visits the key tiles holding pairs beyond the ceiling (`R(D)·q` against the raw keys) and
+//! those holding pairs within it (`R(p)·q` against `R(j)·k`) under one online softmax, each pair
+//! in exactly one branch; the backward runs the dQ and dK/dV passes once per branch into f32
+//! partial gradients, rotates them back (`R(p)ᵀ`, `R(D)ᵀ`, `R(j)ᵀ`) and rounds each sum once.
+//!
 //! [`rope_forward`]: crate::ops::rope_forward
 
 use crate::device::Device;
@@ -398,12 +405,6 @@ fn check_inputs(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor, options: &
                 "no more queries than keys in any sequence when RoPE is applied (query positions start at seq_k − seq_q)",
                 format!("sequence {b} with {} queries and {} keys", cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b]),
             ));
-        }
-        if on_cuda && rope.distance_ceiling.is_some() {
-            return Err(Error::Unsupported {
-                op,
-                reason: "the LM-Infinite distance ceiling runs on the CPU only for now".into(),
-            });
         }
     }
     Ok(Problem {
@@ -988,6 +989,10 @@ mod cuda {
     const DKV_QUERY_TILE: usize = 32;
     /// CUDA's grid y and z limit.
     const MAX_GRID_YZ: usize = 65535;
+    /// The pairs a backward pass of the ceiling kernels sees (`Branch` in kernels/attention.cu):
+    /// within the distance ceiling, or beyond it.
+    const BRANCH_ROT: i32 = 1;
+    const BRANCH_LIM: i32 = 2;
 
     /// Layout shared with `AttentionParams` in kernels/attention.cu.
     #[repr(C)]
@@ -1019,6 +1024,10 @@ mod cuda {
         global: i32,
         window: i32,
         padding: i32,
+        ceiling: i32,
+        branch: i32,
+        q_lim: u64,
+        k_raw: u64,
     }
 
     // SAFETY: a plain #[repr(C)] struct of scalars, laid out as the kernel declares it.
@@ -1160,18 +1169,65 @@ mod cuda {
             qp.extend((0..problem.seq_q(b)).map(|i| query_position(problem, b, i) as u32));
             kp.extend((0..problem.seq_k(b)).map(|j| j as u32));
         }
-        let shape = |t: &Tensor| t.shape()[..t.shape().len() - 2].to_vec();
         Ok((
-            Tensor::from_vec(qp, &shape(q), &device)?,
-            Tensor::from_vec(kp, &shape(k), &device)?,
+            Tensor::from_vec(qp, &token_shape(q), &device)?,
+            Tensor::from_vec(kp, &token_shape(k), &device)?,
         ))
     }
 
+    /// The shape of `t` without its heads and head dimension: one entry per token.
+    fn token_shape(t: &Tensor) -> Vec<usize> {
+        t.shape()[..t.shape().len() - 2].to_vec()
+    }
+
+    /// The distance ceiling when some pair lies beyond it (`p − j` reaches `seq_k − 1` at most);
+    /// otherwise it changes nothing and the plain kernels run.
+    fn active_ceiling(problem: &Problem) -> Option<usize> {
+        let max_k = (0..problem.batch()).map(|b| problem.seq_k(b)).max().unwrap_or(0);
+        problem.ceiling().filter(|&d| d + 1 < max_k)
+    }
+
+    /// The operands of RoPE inside: the positions, `R(p)·q` and `R(j)·k`, and with a ceiling `D`,
+    /// the ceiling's positions (every query at `D`) and `R(D)·q`, all rounded to the input dtype.
+    struct Rotated {
+        q_positions: Tensor,
+        k_positions: Tensor,
+        q_rot: Tensor,
+        k_rot: Tensor,
+        limited: Option<(usize, Tensor, Tensor)>,
+    }
+
+    fn rotated(problem: &Problem, rope: &AttentionRope, q: &Tensor, k: &Tensor) -> Result<Rotated> {
+        let (q_positions, k_positions) = positions(problem, q, k)?;
+        let q_rot = rope_forward(q, &q_positions, &rope.config)?;
+        let k_rot = rope_forward(k, &k_positions, &rope.config)?;
+        let limited = match active_ceiling(problem) {
+            Some(ceiling) => {
+                // Validation bounds the ceiling by MAX_EXTENT = i32::MAX: it fits a u32 position.
+                let at_ceiling = vec![ceiling as u32; problem.total_q()];
+                let positions = Tensor::from_vec(at_ceiling, &token_shape(q), &q.device())?;
+                let q_lim = rope_forward(q, &positions, &rope.config)?;
+                Some((ceiling, positions, q_lim))
+            }
+            None => None,
+        };
+        Ok(Rotated {
+            q_positions,
+            k_positions,
+            q_rot,
+            k_rot,
+            limited,
+        })
+    }
+
+    /// The forward kernel on `q` and `k` as given (rotated when RoPE is inside); with `limited`
+    /// `(D, q_lim, k_raw)`, the ceiling's kernel.
     fn forward_kernels(
         problem: &Problem,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
+        limited: Option<(usize, &Tensor, &Tensor)>,
         out: &Tensor,
         lse: &Tensor,
     ) -> Result<()> {
@@ -1179,9 +1235,19 @@ mod cuda {
         launch.params.out = address(out)?;
         launch.params.lse = address(lse)?;
         let (row_bytes, bn) = launch.tile_bytes(problem.head_dim);
-        let shared = (ROWS + 4 * bn) * row_bytes;
+        let (kind, q_rows) = match limited {
+            None => ("", ROWS),
+            Some((ceiling, q_lim, k_raw)) => {
+                launch.params.q_lim = address(q_lim)?;
+                launch.params.k_raw = address(k_raw)?;
+                launch.params.ceiling = ceiling as i32;
+                // The query tile is held twice: rotated to its positions and to the ceiling.
+                ("ceiling_", 2 * ROWS)
+            }
+        };
+        let shared = (q_rows + 4 * bn) * row_bytes;
         launch.run(
-            &format!("attention_fwd_{}", launch.suffix),
+            &format!("attention_fwd_{kind}{}", launch.suffix),
             launch.max_q,
             problem.heads_q,
             shared,
@@ -1200,14 +1266,74 @@ mod cuda {
             return hopper::forward(problem, q, k, v, out, lse);
         }
         match &problem.rope {
-            None => forward_kernels(problem, q, k, v, out, lse),
+            None => forward_kernels(problem, q, k, v, None, out, lse),
             Some(rope) => {
-                let (qp, kp) = positions(problem, q, k)?;
-                let q_rot = rope_forward(q, &qp, &rope.config)?;
-                let k_rot = rope_forward(k, &kp, &rope.config)?;
-                forward_kernels(problem, &q_rot, &k_rot, v, out, lse)
+                let r = rotated(problem, rope, q, k)?;
+                let limited = r.limited.as_ref().map(|(ceiling, _, q_lim)| (*ceiling, q_lim, k));
+                forward_kernels(problem, &r.q_rot, &r.k_rot, v, limited, out, lse)
             }
         }
+    }
+
+    /// Δ = rowsum(dO ∘ O) for every (token, head) row, f32, with the backward's shared parameters
+    /// set in `launch`.
+    fn delta_kernel(
+        launch: &mut Launch,
+        problem: &Problem,
+        d_out: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+    ) -> Result<Tensor> {
+        let rows = problem.total_q() * problem.heads_q;
+        let delta = Tensor::uninit_cuda(&[rows.max(1)], DType::F32, &launch.backend)?;
+        launch.params.out = address(out)?;
+        launch.params.d_out = address(d_out)?;
+        launch.params.lse = address(lse)?;
+        launch.params.delta = address(&delta)?;
+
+        // One warp per (token, head) row.
+        let name = format!("attention_bwd_delta_{}", out.dtype().name());
+        let function = launch.backend.function("attention", &name)?;
+        let mut builder = launch.backend.launch_builder(&function);
+        let rows_arg = rows as i64;
+        builder.arg(&launch.params).arg(&rows_arg);
+        let blocks = (rows * 32).div_ceil(THREADS as usize);
+        if blocks > 0 {
+            let config = LaunchConfig {
+                grid_dim: (blocks as u32, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: `out` and `d_out` hold `rows` rows of head_dim elements and `delta` holds
+            // `rows` floats; warps past the last row exit.
+            unsafe { builder.launch(config) }.context(&format!("launching {name}"))?;
+        }
+        Ok(delta)
+    }
+
+    /// The dQ pass and the dK/dV pass into the gradients `launch.params` points at; `kind` names
+    /// the plain kernels ("") or the ceiling's ("ceiling_", one branch per call).
+    fn gradient_kernels(launch: &Launch, problem: &Problem, kind: &str) -> Result<()> {
+        let (row_bytes, bn) = launch.tile_bytes(problem.head_dim);
+        let dq_shared = (2 * ROWS + 4 * bn) * row_bytes;
+        launch.run(
+            &format!("attention_bwd_dq_{kind}{}", launch.suffix),
+            launch.max_q,
+            problem.heads_q,
+            dq_shared,
+        )?;
+        let dkv_shared = (2 * ROWS + 4 * DKV_QUERY_TILE) * row_bytes + 4 * 4 * DKV_QUERY_TILE;
+        let (dp, _) = padded(problem.head_dim);
+        if dp == 256 {
+            for part in ["dv", "dk"] {
+                let name = format!("attention_bwd_dkv_{kind}{part}_{}", launch.suffix);
+                launch.run(&name, launch.max_k, problem.heads_kv, dkv_shared)?;
+            }
+        } else {
+            let name = format!("attention_bwd_dkv_{kind}{}", launch.suffix);
+            launch.run(&name, launch.max_k, problem.heads_kv, dkv_shared)?;
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1224,54 +1350,84 @@ mod cuda {
         d_v: &Tensor,
     ) -> Result<()> {
         let mut launch = setup(problem, q, k, v)?;
-        let rows = problem.total_q() * problem.heads_q;
-        let delta = Tensor::uninit_cuda(&[rows.max(1)], DType::F32, &launch.backend)?;
-        launch.params.out = address(out)?;
-        launch.params.d_out = address(d_out)?;
-        launch.params.lse = address(lse)?;
-        launch.params.delta = address(&delta)?;
+        let delta = delta_kernel(&mut launch, problem, d_out, out, lse)?;
         launch.params.d_q = address(d_q)?;
         launch.params.d_k = address(d_k)?;
         launch.params.d_v = address(d_v)?;
-
-        // Δ: one warp per (token, head) row.
-        let name = format!("attention_bwd_delta_{}", q.dtype().name());
-        let function = launch.backend.function("attention", &name)?;
-        let mut builder = launch.backend.launch_builder(&function);
-        let rows_arg = rows as i64;
-        builder.arg(&launch.params).arg(&rows_arg);
-        let blocks = (rows * 32).div_ceil(THREADS as usize);
-        if blocks > 0 {
-            let config = LaunchConfig {
-                grid_dim: (blocks as u32, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: `out` and `d_out` hold `rows` rows of head_dim elements and `delta` holds
-            // `rows` floats; warps past the last row exit.
-            unsafe { builder.launch(config) }.context(&format!("launching {name}"))?;
-        }
-
-        let (row_bytes, bn) = launch.tile_bytes(problem.head_dim);
-        let dq_shared = (2 * ROWS + 4 * bn) * row_bytes;
-        launch.run(
-            &format!("attention_bwd_dq_{}", launch.suffix),
-            launch.max_q,
-            problem.heads_q,
-            dq_shared,
-        )?;
-        let dkv_shared = (2 * ROWS + 4 * DKV_QUERY_TILE) * row_bytes + 4 * 4 * DKV_QUERY_TILE;
-        let (dp, _) = padded(problem.head_dim);
-        if dp == 256 {
-            for part in ["dv", "dk"] {
-                let name = format!("attention_bwd_dkv_{part}_{}", launch.suffix);
-                launch.run(&name, launch.max_k, problem.heads_kv, dkv_shared)?;
-            }
-        } else {
-            let name = format!("attention_bwd_dkv_{}", launch.suffix);
-            launch.run(&name, launch.max_k, problem.heads_kv, dkv_shared)?;
-        }
+        gradient_kernels(&launch, problem, "")?;
         // `delta` is freed in stream order, after the kernels that read it.
+        drop(delta);
+        Ok(())
+    }
+
+    /// `out = a + b` (f32 partial gradients) rounded once to `out`'s dtype.
+    fn sum_into(backend: &Arc<CudaBackend>, a: &Tensor, b: &Tensor, out: &Tensor) -> Result<()> {
+        // Every gradient holds rows of head_dim elements, a multiple of 8.
+        let quads = out.numel() / 4;
+        if quads == 0 {
+            return Ok(());
+        }
+        let name = format!("attention_ceiling_sum_{}", out.dtype().name());
+        let function = backend.function("attention", &name)?;
+        let mut builder = backend.launch_builder(&function);
+        let (pa, pb, po, n) = (address(a)?, address(b)?, address(out)?, quads as i64);
+        builder.arg(&pa).arg(&pb).arg(&po).arg(&n);
+        let config = LaunchConfig {
+            grid_dim: (quads.div_ceil(THREADS as usize).min(8192) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: `a` and `b` are f32 tensors of `out`'s element count, 4·quads, and the kernel's
+        // grid-stride loop stays below `quads`.
+        unsafe { builder.launch(config) }.context(&format!("launching {name}"))?;
+        Ok(())
+    }
+
+    /// The backward with the distance ceiling (§4.4, two-branch form): one pass of the gradient
+    /// kernels over the pairs within the ceiling (on `R(p)·q`, `R(j)·k`) and one over those beyond
+    /// it (on `R(D)·q` and the raw keys), each into f32 partials; the query partials rotate back by
+    /// `R(p)ᵀ` and `R(D)ᵀ`, the rotated keys' by `R(j)ᵀ`, and each gradient is their sum rounded
+    /// once.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_ceiling(
+        problem: &Problem,
+        rope: &AttentionRope,
+        r: &Rotated,
+        (ceiling, at_ceiling, q_lim): (usize, &Tensor, &Tensor),
+        d_out: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        grads: (&Tensor, &Tensor, &Tensor),
+    ) -> Result<()> {
+        let mut launch = setup(problem, &r.q_rot, &r.k_rot, v)?;
+        let delta = delta_kernel(&mut launch, problem, d_out, out, lse)?;
+        launch.params.ceiling = ceiling as i32;
+        let partial = |t: &Tensor| Tensor::uninit_cuda(t.shape(), DType::F32, &launch.backend);
+        let (dq_rot, dq_lim) = (partial(&r.q_rot)?, partial(&r.q_rot)?);
+        let (dk_rot, dk_raw) = (partial(k)?, partial(k)?);
+        let (dv_rot, dv_lim) = (partial(v)?, partial(v)?);
+        for (branch, q, k, d_q, d_k, d_v) in [
+            (BRANCH_ROT, &r.q_rot, &r.k_rot, &dq_rot, &dk_rot, &dv_rot),
+            (BRANCH_LIM, q_lim, k, &dq_lim, &dk_raw, &dv_lim),
+        ] {
+            launch.params.branch = branch;
+            launch.params.q = address(q)?;
+            launch.params.k = address(k)?;
+            launch.params.d_q = address(d_q)?;
+            launch.params.d_k = address(d_k)?;
+            launch.params.d_v = address(d_v)?;
+            gradient_kernels(&launch, problem, "ceiling_")?;
+        }
+        let dq_rot = rope_backward(&dq_rot, &r.q_positions, &rope.config)?;
+        let dq_lim = rope_backward(&dq_lim, at_ceiling, &rope.config)?;
+        let dk_rot = rope_backward(&dk_rot, &r.k_positions, &rope.config)?;
+        let (d_q, d_k, d_v) = grads;
+        sum_into(&launch.backend, &dq_rot, &dq_lim, d_q)?;
+        sum_into(&launch.backend, &dk_rot, &dk_raw, d_k)?;
+        sum_into(&launch.backend, &dv_rot, &dv_lim, d_v)?;
+        // The partials and `delta` are freed in stream order, after the kernels that read them.
         drop(delta);
         Ok(())
     }
@@ -1292,14 +1448,16 @@ mod cuda {
         match &problem.rope {
             None => backward_kernels(problem, d_out, q, k, v, out, lse, d_q, d_k, d_v),
             Some(rope) => {
+                let r = rotated(problem, rope, q, k)?;
+                if let Some((ceiling, at_ceiling, q_lim)) = &r.limited {
+                    let limited = (*ceiling, at_ceiling, q_lim);
+                    return backward_ceiling(problem, rope, &r, limited, d_out, k, v, out, lse, (d_q, d_k, d_v));
+                }
                 // The kernels see the rotated inputs; their query and key gradients are with
                 // respect to those, and rotate back by the transpose.
-                let (qp, kp) = positions(problem, q, k)?;
-                let q_rot = rope_forward(q, &qp, &rope.config)?;
-                let k_rot = rope_forward(k, &kp, &rope.config)?;
-                backward_kernels(problem, d_out, &q_rot, &k_rot, v, out, lse, d_q, d_k, d_v)?;
-                *d_q = rope_backward(d_q, &qp, &rope.config)?;
-                *d_k = rope_backward(d_k, &kp, &rope.config)?;
+                backward_kernels(problem, d_out, &r.q_rot, &r.k_rot, v, out, lse, d_q, d_k, d_v)?;
+                *d_q = rope_backward(d_q, &r.q_positions, &rope.config)?;
+                *d_k = rope_backward(d_k, &r.k_positions, &rope.config)?;
                 Ok(())
             }
         }

@@ -54,6 +54,7 @@ pub use lora::{
 };
 pub use matmul::{matmul, matmul_into, MatmulOptions};
 pub use rope::{rope_backward, rope_forward, RopeConfig, RopeConvention};
+pub use sltrain::SlTrainSupport;
 pub use sltrain::{sltrain_backward, sltrain_forward, sltrain_weight, SlTrainConfig, SlTrainGrads, SlTrainLayer};
 pub use sparse::{
     nm_check, nm_mask, nm_prune, sparse24_compress, sparse24_decompress, sparse24_double_prune,

@@ -8,6 +8,10 @@
 //! kernel forced (rows named `... sm90`, field `kernel`), beside the default mma.sync rows and the
 //! same SDPA anchors.
 //!
+//! The Λ mask also runs with RoPE inside and LM-Infinite's distance ceiling at the window (the
+//! global keys beyond it scored from the query rotated to the ceiling and the un-rotated keys),
+//! beside two compiled flex_attention passes (one per branch) merged by their log-sum-exp.
+//!
 //! FLOP convention of the papers: forward 4·B·H·S²·D, halved when causal (the window and Λ cases
 //! are counted as causal, so their TFLOP/s shows what skipping tiles buys), forward+backward 3.5x.
 
@@ -16,6 +20,7 @@ use serde_json::{json, Value};
 use tessera::cuda::kernels::ImageKind;
 use tessera::ops::{
     attention_backward, attention_forward, with_attention_kernel, AttentionKernel, AttentionMask, AttentionOptions,
+    AttentionRope, RopeConfig, RopeConvention,
 };
 use tessera::DType;
 
@@ -30,6 +35,8 @@ struct Case {
     heads: usize,
     head_dim: usize,
     mask: AttentionMask,
+    /// RoPE inside (base 10⁴, rotate-half) with this distance ceiling.
+    ceiling: Option<usize>,
 }
 
 pub fn run(context: &mut Context) -> Result<Vec<Value>> {
@@ -44,18 +51,21 @@ pub fn run(context: &mut Context) -> Result<Vec<Value>> {
                     heads: 2048 / head_dim,
                     head_dim,
                     mask,
+                    ceiling: None,
                 });
             }
         }
     }
     let long = if context.quick { 2048 } else { 16384 };
     // Dense causal at this shape is among the cases above.
-    for mask in [
-        AttentionMask::Window { left: 4095, right: 0 },
-        AttentionMask::Lambda {
-            global: 4,
-            window: 4096,
-        },
+    let lambda = AttentionMask::Lambda {
+        global: 4,
+        window: 4096,
+    };
+    for (mask, ceiling) in [
+        (AttentionMask::Window { left: 4095, right: 0 }, None),
+        (lambda, None),
+        (lambda, Some(4096)),
     ] {
         cases.push(Case {
             batch: 1,
@@ -63,6 +73,7 @@ pub fn run(context: &mut Context) -> Result<Vec<Value>> {
             heads: 16,
             head_dim: 128,
             mask,
+            ceiling,
         });
     }
     let hopper = context.gpu.kernel_image().map_err(|e| e.to_string())? == ImageKind::Sm90a;
@@ -95,12 +106,21 @@ fn bench_attention(context: &Context, case: Case, backward: bool, kernel: Attent
         heads,
         head_dim,
         mask,
+        ceiling,
     } = case;
     let shape = [batch, seq, heads, head_dim];
     let tensor = |seed| random_tensor(&shape, DType::BF16, seed, -1.0, 1.0, device);
     let (q, k, v, d_out) = (tensor(700)?, tensor(701)?, tensor(702)?, tensor(703)?);
+    let rope = match ceiling {
+        Some(_) => Some(AttentionRope {
+            config: RopeConfig::single(head_dim, 1e4, RopeConvention::RotateHalf).map_err(|e| e.to_string())?,
+            distance_ceiling: ceiling,
+        }),
+        None => None,
+    };
     let options = AttentionOptions {
         mask,
+        rope,
         ..Default::default()
     };
     let err = |e: tessera::Error| e.to_string();
@@ -126,14 +146,20 @@ fn bench_attention(context: &Context, case: Case, backward: bool, kernel: Attent
         flop *= 3.5;
     }
     let direction = if backward { "fwd+bwd" } else { "fwd" };
-    let (kernel_name, suffix) = match kernel {
-        AttentionKernel::Hopper => ("sm90", " sm90"),
-        _ => ("mma.sync", ""),
+    let suffix = match kernel {
+        AttentionKernel::Hopper => " sm90",
+        _ => "",
+    };
+    // The ceiling's cases have their own PyTorch anchor (RoPE and two flex_attention passes).
+    let (kind, label) = match ceiling {
+        Some(d) => ("attention_ceiling", format!("{mask_name}+rope+ceiling{d}")),
+        None => ("attention", mask_name.to_string()),
     };
     Ok(json!({
-        "name": format!("attention {direction} {mask_name} {batch}x{seq}x{heads}x{head_dim}{suffix}"),
-        "kind": "attention",
-        "kernel": kernel_name,
+        "name": format!("attention {direction} {label} {batch}x{seq}x{heads}x{head_dim}{suffix}"),
+        "kind": kind,
+        "kernel": if suffix.is_empty() { "mma.sync" } else { "sm90" },
+        "ceiling": ceiling,
         "direction": direction,
         "dtype": "bf16",
         "batch": batch, "seq": seq, "heads": heads, "head_dim": head_dim,

@@ -1,7 +1,9 @@
 //! 2:4 sparse linear forward (mma.sp) beside tessera's dense cuBLASLt GEMM on the same inputs,
 //! for the shapes, and one sparse linear layer's training step (forward, SLoPe's input
 //! gradient through the double-pruned weight, the masked weight gradient, the bias gradient)
-//! beside its dense twin. torch_compare.py adds cuSPARSELt (`to_sparse_semi_structured`) and
+//! beside its dense twin; and one SLTrain layer's step (forward and backward, rank 256) with a 2:4
+//! support on the sparse GEMM beside the same layer with an unstructured support of the same
+//! density (W materialised, dense GEMMs). torch_compare.py adds cuSPARSELt (`to_sparse_semi_structured`) and
 //! dense `torch.matmul` for the same cases.
 
 use super::{input_sets, random_tensor, Context, Result};
@@ -29,6 +31,8 @@ pub fn run(context: &mut Context) -> Result<Vec<Value>> {
     }
     let (m, d) = if context.quick { (512, 1024) } else { (4096, 4096) };
     results.push(bench_step(context, m, d)?);
+    let rank = if context.quick { 64 } else { 256 };
+    results.push(bench_sltrain(context, m, d, rank)?);
     Ok(results)
 }
 
@@ -146,5 +150,51 @@ fn bench_step(context: &Context, m: usize, d: usize) -> Result<Value> {
         "dense_ms": dense_ms,
         "dense_tflops": flops / (dense_ms * 1e9),
         "speedup_vs_dense": dense_ms / sparse_ms,
+    }))
+}
+
+/// One SLTrain layer's forward and backward at m tokens, d -> d, bf16, with bias: the 2:4 support
+/// (sparse GEMM, W never materialised) beside an unstructured support of density 1/2.
+fn bench_sltrain(context: &Context, m: usize, d: usize, rank: usize) -> Result<Value> {
+    let device = &context.device;
+    let config = |support| ops::SlTrainConfig {
+        d_out: d,
+        d_in: d,
+        rank,
+        density: 0.5,
+        alpha: 16.0,
+        bias: true,
+        support,
+    };
+    let layer = |support, seed| {
+        let mut layer = ops::SlTrainLayer::new(config(support), DType::BF16, seed, device).map_err(err)?;
+        // B = 0 at initialisation; random values keep the low-rank product honest.
+        layer.b = random_tensor(&[d, rank], DType::BF16, seed + 1, -0.05, 0.05, device)?;
+        Ok::<_, String>(layer)
+    };
+    let two_four = layer(ops::SlTrainSupport::TwoFour, 1200)?;
+    let random = layer(ops::SlTrainSupport::Random, 1210)?;
+    let x = random_tensor(&[m, d], DType::BF16, 1220, -1.0, 1.0, device)?;
+    let dy = random_tensor(&[m, d], DType::BF16, 1221, -1.0, 1.0, device)?;
+    let step = |layer: &ops::SlTrainLayer| {
+        context.median_ms(|_| {
+            ops::sltrain_forward(&x, layer)?;
+            ops::sltrain_backward(&dy, &x, layer).map(drop)
+        })
+    };
+    let ms = step(&two_four)?;
+    let unstructured_ms = step(&random)?;
+    // The dense twin's products (forward, dX, dW); the low-rank terms are extra work on top.
+    let flops = 3.0 * 2.0 * (m * d * d) as f64;
+    Ok(json!({
+        "name": format!("sltrain step 2:4 bf16 m={m} d={d} r={rank}"),
+        "kind": "sltrain",
+        "dtype": "bf16",
+        "m": m, "d": d, "rank": rank, "density": 0.5, "alpha": 16.0,
+        "input_sets": 1,
+        "ms": ms,
+        "tflops": flops / (ms * 1e9),
+        "unstructured_ms": unstructured_ms,
+        "speedup_vs_unstructured": unstructured_ms / ms,
     }))
 }
