@@ -9,7 +9,8 @@ use crate::args::Args;
 use crate::train::Failure;
 use serde_json::{json, Value};
 use std::time::Instant;
-use tessera::model::GptConfig;
+use tessera::model::params::linear_sites;
+use tessera::model::{GptConfig, LinearSpec, LinearVariants, LoraSpec, Variant};
 use tessera::train::trainer::{TrainOptions, Trainer};
 use tessera::train::Corpus;
 use tessera::{Device, Error};
@@ -32,8 +33,17 @@ struct Recipe {
     /// What the row changes, for the table's last column.
     what: &'static str,
     options: fn(&mut TrainOptions),
+    /// The block linear layers' variants.
+    variants: fn() -> LinearVariants,
+    /// Distils from the dense baseline's final model instead of the next tokens (FBI-LLM).
+    teacher: bool,
     /// A post-training phase run on the trained model (GAP).
     post: Option<Post>,
+}
+
+/// Every block linear layer `variant`, without an adapter.
+fn every(variant: Variant) -> LinearVariants {
+    LinearVariants::all(LinearSpec { variant, lora: None })
 }
 
 #[derive(Clone, Copy)]
@@ -47,12 +57,16 @@ fn recipes() -> Vec<Recipe> {
             name: "dense",
             what: "the baseline: AdamW, warmup and cosine decay",
             options: |_| {},
+            variants: LinearVariants::dense,
+            teacher: false,
             post: None,
         },
         Recipe {
             name: "growlength",
             what: "GrowLength: seq 32, 64, 128 in equal token stages, tokens per step constant",
             options: |o| o.grow_from = 32,
+            variants: LinearVariants::dense,
+            teacher: false,
             post: None,
         },
         Recipe {
@@ -60,13 +74,72 @@ fn recipes() -> Vec<Recipe> {
             what: "active forgetting: token embedding re-drawn at 40% and 80% of the steps",
             // Not a divisor of the run: a reset on the last step would leave nothing relearned.
             options: |o| o.forget_every = (o.steps * 2 / 5).max(1),
+            variants: LinearVariants::dense,
+            teacher: false,
             post: None,
         },
         Recipe {
             name: "gap",
             what: "dense, then GAP: 15 ascent steps on one sample, best validation kept",
             options: |_| {},
+            variants: LinearVariants::dense,
+            teacher: false,
             post: Some(Post::Gap),
+        },
+        Recipe {
+            name: "slope",
+            what: "SLoPe: every block linear 2:4 by magnitude at init, double-pruned backward, \
+                   masked AdamW; rank-8 lazy adapters for the last 1% of steps",
+            options: |o| o.adapters_from = o.steps - o.steps / 100,
+            variants: || {
+                LinearVariants::all(LinearSpec {
+                    variant: Variant::Nm {
+                        n: 2,
+                        m: 4,
+                        prune_step: 0,
+                    },
+                    lora: Some(LoraSpec {
+                        rank: 8,
+                        alpha: 16.0,
+                        frozen_base: false,
+                    }),
+                })
+            },
+            teacher: false,
+            post: None,
+        },
+        Recipe {
+            name: "spdf",
+            what: "SPDF's sparse phase: every block linear at a fixed random 50% mask \
+                   (the dense fine-tuning phase is not part of this run)",
+            options: |_| {},
+            variants: || every(Variant::Unstructured { density: 0.5, seed: 11 }),
+            teacher: false,
+            post: None,
+        },
+        Recipe {
+            name: "sltrain",
+            what: "SLTrain: every block linear (alpha/r)·B·A + S, rank 32, 3% random support, alpha 32",
+            options: |_| {},
+            variants: || {
+                every(Variant::SparseLowRank {
+                    rank: 32,
+                    density: 0.03,
+                    alpha: 32.0,
+                    seed: 11,
+                })
+            },
+            teacher: false,
+            post: None,
+        },
+        Recipe {
+            name: "fbi-llm",
+            what: "FBI-LLM: every block linear binarized (α·sign(W)+β), trained from scratch by \
+                   pure distillation from the dense row's model",
+            options: |_| {},
+            variants: || every(Variant::Binary),
+            teacher: true,
+            post: None,
         },
     ]
 }
@@ -118,8 +191,25 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
         config.parameter_count(),
         device_name(&device)
     );
+    let teacher_dir = std::env::temp_dir().join(format!("tessera-recipes-teacher-{}", std::process::id()));
+    let result = run_all(&selected, &config, steps, &corpus, &device, &teacher_dir);
+    let _ = std::fs::remove_dir_all(&teacher_dir);
+    let rows = result?;
+    report(&rows, &config, steps, &device, json_path)
+}
+
+type Row<'a> = (&'a Recipe, TrainOptions, Measured);
+
+fn run_all<'a>(
+    selected: &[&'a Recipe],
+    config: &GptConfig,
+    steps: u64,
+    corpus: &Corpus,
+    device: &Device,
+    teacher_dir: &std::path::Path,
+) -> Result<Vec<Row<'a>>, Failure> {
     let mut rows = Vec::new();
-    for recipe in selected {
+    for &recipe in selected {
         let mut options = TrainOptions {
             steps,
             warmup: (steps / 20).max(1),
@@ -127,17 +217,38 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
             ..TrainOptions::tiny()
         };
         (recipe.options)(&mut options);
+        if recipe.teacher {
+            options.distill_from = Some(teacher_dir.display().to_string());
+        }
         eprintln!("recipes: {} ...", recipe.name);
-        let measured = train(&config, &options, recipe.post, &corpus, &device)?;
+        let saved = (recipe.name == "dense").then_some(teacher_dir);
+        let measured = train(
+            config,
+            &(recipe.variants)(),
+            &options,
+            recipe.post,
+            corpus,
+            device,
+            saved,
+        )?;
         rows.push((recipe, options, measured));
     }
+    Ok(rows)
+}
 
+fn report(
+    rows: &[Row<'_>],
+    config: &GptConfig,
+    steps: u64,
+    device: &Device,
+    json_path: Option<String>,
+) -> Result<(), Failure> {
     let baseline = rows.first().map(|(_, _, m)| m.validation).unwrap_or(f32::NAN);
     println!(
         "| recipe | val loss | vs dense | tokens/s | step ms | peak memory | inference weights | what it changes |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    for (recipe, _, m) in &rows {
+    for (recipe, _, m) in rows {
         println!(
             "| {} | {:.4} | {:+.4} | {:.0} | {:.1} | {} | {} | {} |",
             recipe.name,
@@ -154,7 +265,7 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
         let report = json!({
             "tool": "tessera bench recipes",
             "version": env!("CARGO_PKG_VERSION"),
-            "device": device_name(&device),
+            "device": device_name(device),
             "preset": "tiny",
             "config": serde_json::from_str::<Value>(&config.to_json()).map_err(|e| Failure::Other(e.to_string()))?,
             "steps": steps,
@@ -179,15 +290,18 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Trains one recipe; `save` keeps the trained model there (the dense row's, a teacher).
 fn train(
     config: &GptConfig,
+    variants: &LinearVariants,
     options: &TrainOptions,
     post: Option<Post>,
     corpus: &Corpus,
     device: &Device,
+    save: Option<&std::path::Path>,
 ) -> Result<Measured, Error> {
     let memory = PeakMemory::start(device);
-    let mut trainer = Trainer::new(config, options.clone(), device)?;
+    let mut trainer = Trainer::with_variants(config, variants, options.clone(), device)?;
     let mut tokens = 0;
     let started = Instant::now();
     for _ in 0..options.steps {
@@ -196,6 +310,9 @@ fn train(
     }
     let seconds = started.elapsed().as_secs_f64();
     let mut validation = trainer.validate(corpus)?;
+    if let Some(dir) = save {
+        trainer.save(dir)?;
+    }
     let post = match post {
         None => None,
         Some(Post::Gap) => {
@@ -213,12 +330,36 @@ fn train(
         tokens_per_s: tokens as f64 / seconds,
         step_ms: 1e3 * seconds / options.steps as f64,
         peak_bytes: memory.peak(),
-        // Every weight at bf16, the compute dtype on a GPU.
-        inference_bytes: 2 * config.parameter_count(),
+        inference_bytes: inference_bytes(config, variants),
         steps: options.steps,
         tokens,
         post,
     })
+}
+
+/// The bytes of the weights in the form inference would read them, at bf16 (the compute dtype on
+/// a GPU): dense weights 2 bytes each; an N:M layer its kept values plus 2 bits of index each (the
+/// 2:4 format, 9/16 of dense); an unstructured one its kept values plus a bitmap; SLTrain its
+/// factors plus S's values with an i32 index each; a binary one a bit per weight plus α and β in
+/// f32; LoRA adapters their factors (not merged, since merging would break a sparse pattern).
+fn inference_bytes(config: &GptConfig, variants: &LinearVariants) -> usize {
+    let mut bytes = 2 * config.parameter_count();
+    for site in linear_sites(config) {
+        let numel = site.input * site.output;
+        let spec = variants.spec_for(&site);
+        let form = match spec.variant {
+            Variant::Dense => 2 * numel,
+            Variant::Nm { n, m, .. } => (numel / m * n) * 9 / 4,
+            Variant::Unstructured { density, .. } => 2 * (density * numel as f64).round() as usize + numel.div_ceil(8),
+            Variant::SparseLowRank { rank, density, .. } => {
+                2 * rank * (site.input + site.output) + 6 * (density * numel as f64).floor() as usize
+            }
+            Variant::Binary => numel.div_ceil(8) + 8 * site.input,
+        };
+        let adapter = spec.lora.map_or(0, |l| 2 * l.rank * (site.input + site.output));
+        bytes = bytes - 2 * numel + form + adapter;
+    }
+    bytes
 }
 
 fn device_name(device: &Device) -> String {
