@@ -1450,7 +1450,71 @@ fn sltrain_trains_and_resumes(device: &Device) {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// SPDF from the trainer: `densify_from = 4` keeps the masks through step 3, drops them at the
+/// start of step 4 so that the pruned weights learn, and a run resumed on either side of it
+/// repeats the uninterrupted one.
+fn densify_from_starts_dense_fine_tuning_and_resumes(device: &Device) {
+    let corpus = corpus();
+    let variants = LinearVariants::all(unstructured(0.5));
+    let spdf = TrainOptions {
+        densify_from: 4,
+        ..options(7)
+    };
+    let new = || Trainer::with_variants(&byte_config(), &variants, spdf.clone(), device).unwrap();
+    let mut straight = new();
+    let start = masked_state(&straight.model.params);
+    let mut expected = Vec::new();
+    for step in 1..=7u64 {
+        expected.push(straight.train_step(&corpus).unwrap().loss);
+        assert_eq!(straight.model.params.masks.is_empty(), step >= 4, "step {step}");
+        if step < 4 {
+            let now = masked_state(&straight.model.params);
+            for ((kept, zero), (kept0, _)) in now.iter().zip(&start) {
+                assert!(
+                    kept == kept0 && *zero,
+                    "step {step}: a mask changed or a pruned weight moved"
+                );
+            }
+        }
+    }
+    let revived: usize = straight
+        .model
+        .params
+        .layout
+        .linears()
+        .iter()
+        .zip(&start)
+        .map(|(linear, (kept, _))| {
+            let value = straight.model.params.params[linear.weight]
+                .value
+                .to_vec::<f32>()
+                .unwrap();
+            value.iter().zip(kept).filter(|(&v, &k)| k == 0 && v != 0.0).count()
+        })
+        .sum();
+    assert!(revived > 0, "no pruned weight learned after densifying");
+    for saved_at in [2u64, 5] {
+        let dir = scratch(&format!("densify-{saved_at}"), device);
+        let mut first = new();
+        let mut got: Vec<f32> = (0..saved_at).map(|_| first.train_step(&corpus).unwrap().loss).collect();
+        first.save(&dir).unwrap();
+        drop(first);
+        let mut resumed = Trainer::resume(&dir, device).unwrap();
+        assert_eq!(resumed.options, spdf);
+        got.extend((saved_at..7).map(|_| resumed.train_step(&corpus).unwrap().loss));
+        assert_eq!(got, expected, "saved at step {saved_at}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    let late = TrainOptions {
+        densify_from: 8,
+        ..options(7)
+    };
+    let refused = Trainer::with_variants(&byte_config(), &variants, late, device).err();
+    assert!(refused.is_some_and(|e| e.to_string().contains("densify_from")));
+}
+
 on_each_device!(
+    densify_from_starts_dense_fine_tuning_and_resumes,
     sltrain_equals_dense_on_its_materialised_weights,
     sltrain_trains_and_resumes,
     zero_b_gives_the_base_output,

@@ -78,6 +78,10 @@ pub struct TrainOptions {
     /// are off; at its start they are drawn as SLoPe's lazy adapters (ALGORITHMS.md §2.5: A from
     /// N(0, 1), B zero, so the outputs do not change) and switched on.
     pub adapters_from: u64,
+    /// SPDF's dense fine-tuning (ALGORITHMS.md §11): from this step on the masked layers
+    /// (`nm`, `unstructured`) drop their masks, so their pruned weights (at exactly 0) learn from
+    /// their dense gradients (0: never).
+    pub densify_from: u64,
 }
 
 impl TrainOptions {
@@ -107,6 +111,7 @@ impl TrainOptions {
             distill_from: None,
             distill_ce_weight: 0.0,
             adapters_from: 0,
+            densify_from: 0,
         }
     }
 
@@ -159,6 +164,14 @@ impl TrainOptions {
                     self.grow_from,
                 ));
             }
+        }
+        if self.densify_from > self.steps {
+            return Err(Error::invalid(
+                OP,
+                "densify_from",
+                format!("0, or at most steps ({})", self.steps),
+                self.densify_from,
+            ));
         }
         if self.forget_every > self.steps {
             return Err(Error::invalid(
@@ -249,7 +262,7 @@ impl TrainOptions {
             "grow_from": self.grow_from, "forget_every": self.forget_every,
             "gap_steps": self.gap_steps, "gap_lr": self.gap_lr, "gap_tokens": self.gap_tokens,
             "distill_from": self.distill_from, "distill_ce_weight": self.distill_ce_weight,
-            "adapters_from": self.adapters_from,
+            "adapters_from": self.adapters_from, "densify_from": self.densify_from,
         })
     }
 
@@ -300,6 +313,7 @@ impl TrainOptions {
                 Some(v) => v.as_f64()? as f32,
             },
             adapters_from: optional_size("adapters_from", defaults.adapters_from)?,
+            densify_from: optional_size("densify_from", defaults.densify_from)?,
         })
     }
 }
@@ -412,6 +426,10 @@ impl Trainer {
         let micro = self.options.accumulation;
         if step == self.options.adapters_from && self.model.params.has_adapters() {
             self.model.params.start_adapters(self.options.seed ^ splitmix64(step))?;
+        }
+        // A checkpoint saved after this step has no masks, so a resumed run is dense already.
+        if step == self.options.densify_from {
+            self.model.params.densify();
         }
         self.model.params.zero_grads()?;
         let mut loss = 0.0f64;

@@ -40,7 +40,8 @@ options:
 
 The [model] table's `linears` give the block linear layers variants (nm, unstructured,
 sparse_low_rank, binary on the CPU) and LoRA adapters ([train] adapters_from = S switches
-them on at step S): see README.md, \"Linear variants\".
+them on at step S; densify_from = S drops the masks at step S, SPDF's dense fine-tuning): see
+README.md, \"Linear variants\".
 
 The [train] table also turns on the recipes: grow_from = L0 (GrowLength: sequence lengths
 L0, 2·L0, ... up to seq, tokens per step constant) and forget_every = K (active forgetting:
