@@ -914,6 +914,22 @@ fn errors_name_the_argument(device: &Device) {
         &["dtype f32"],
     );
     assert_invalid(LoraRouting::per_row(&[], device), "LoraRouting::per_row", "ids", &["0"]);
+    // A stray id is refused before anything is sized by it.
+    let stray = [0, u32::MAX - 1, 1];
+    assert_invalid(
+        LoraRouting::per_row(&stray, device),
+        "LoraRouting::per_row",
+        "ids",
+        &["4294967294"],
+    );
+    let limit = tessera::ops::MAX_ADAPTERS as u32;
+    assert_invalid(
+        LoraRouting::per_row(&[limit], device),
+        "LoraRouting::per_row",
+        "ids",
+        &[&limit.to_string()],
+    );
+    assert!(LoraRouting::per_row(&[limit - 1, 0], device).is_ok());
     assert_invalid(
         LoraRouting::per_sequence(&[1, 2], 0, device),
         "LoraRouting::per_sequence",

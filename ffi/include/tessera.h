@@ -821,9 +821,10 @@ size_t tessera_live_handle_count(void);
 
 /**
  * Creates a set of `count` adapters from copies of `a` (count, max_rank, d_in) and `b`
- * (count, d_out, max_rank), of one dtype (F32, BF16 or F16) on one device, `max_rank` at most
- * 64. Adapter `i` uses the first `ranks[i]` (1 to max_rank) rows of `a[i]` and columns of `b[i]`
- * with the finite scale `scales[i]`; the padding is ignored whatever it holds.
+ * (count, d_out, max_rank), of one dtype (F32, BF16 or F16) on one device, `count` at most 2^20,
+ * `max_rank` at most 64. Adapter `i` uses the first `ranks[i]` (1 to max_rank) rows of `a[i]`
+ * and columns of `b[i]` with the finite scale `scales[i]`; the padding is ignored whatever it
+ * holds.
  *
  * Ownership: `a`, `b`, `ranks` and `scales` are read during the call only (the set keeps its
  * own copies of `a` and `b`: change them with `tessera_lora_adapters_set_weights`); `*out`
@@ -897,8 +898,8 @@ TesseraStatus tessera_lora_adapters_get_weights(const TesseraLoraAdapters *adapt
  * Ownership: `ids` is read during the call only; `*out` receives a new handle, released with
  * `tessera_lora_routing_free`. Thread-safety: any thread; a routing may be used by several calls
  * at once.
- * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (`rows` out of range, an id of 2^31 - 1 or more,
- * NULL), `..._INVALID_HANDLE`, `..._CUDA`. On failure `*out` is NULL.
+ * Errors: `TESSERA_STATUS_INVALID_ARGUMENT` (`rows` out of range, an id of 2^20 or more: the
+ * most adapters a set holds, NULL), `..._INVALID_HANDLE`, `..._CUDA`. On failure `*out` is NULL.
  */
 TesseraStatus tessera_lora_routing_new_per_row(const TesseraDevice *device,
                                                const uint32_t *ids,

@@ -47,6 +47,10 @@ const OP: &str = "lora";
 /// The largest adapter rank (padded rank of an adapter set) the kernels accept.
 pub const MAX_RANK: usize = 64;
 
+/// The most adapters in one set, and so the bound on a routing's ids: a routing keeps a row
+/// count per id up to the largest, which a stray id near 2^32 must not turn into gigabytes.
+pub const MAX_ADAPTERS: usize = 1 << 20;
+
 /// From this many rows on (by default), a GPU batch whose rows all use one adapter of full padded
 /// rank runs its adapter products in cuBLASLt (tensor cores, three plain GEMMs); smaller batches
 /// and mixed batches run the hand-written kernels beside the base GEMM.
@@ -175,11 +179,11 @@ impl LoraAdapters {
         b.expect_dtype(OP, "b", &[a.dtype()])?;
         a.device().expect_same(&b.device(), OP, "b")?;
         let (count, max_rank, d_in) = (a.shape()[0], a.shape()[1], a.shape()[2]);
-        if count == 0 || max_rank == 0 || d_in == 0 {
+        if count == 0 || max_rank == 0 || d_in == 0 || count > MAX_ADAPTERS {
             return Err(Error::invalid(
                 OP,
                 "a",
-                "(count, max_rank, d_in) all at least 1",
+                format!("(count, max_rank, d_in) all at least 1, count at most {MAX_ADAPTERS}"),
                 format!("shape {:?}", a.shape()),
             ));
         }
@@ -394,8 +398,13 @@ impl LoraRouting {
             return Err(Error::invalid(OP, "ids", "between 1 and 2^31 - 1 rows", ids.len()));
         }
         let max_id = ids.iter().copied().max().unwrap_or(0) as usize;
-        if max_id >= i32::MAX as usize {
-            return Err(Error::invalid(OP, "ids", "ids below 2^31 - 1", max_id));
+        if max_id >= MAX_ADAPTERS {
+            return Err(Error::invalid(
+                OP,
+                "ids",
+                format!("adapter ids below {MAX_ADAPTERS} (MAX_ADAPTERS)"),
+                max_id,
+            ));
         }
         let mut counts = vec![0u32; max_id + 1];
         for &id in ids {

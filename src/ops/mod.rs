@@ -48,6 +48,7 @@ pub use binary::{
 pub use binary::{binary_linear_backward_into, binary_linear_forward_into};
 pub use columns::copy_columns;
 pub use lora::lora_merged_weight;
+pub use lora::MAX_ADAPTERS;
 pub use lora::{
     lora_backward, lora_forward, lora_forward_into, lora_merge, lora_unmerge, LoraAdapters, LoraBase, LoraGrads,
     LoraRouting, Velora,
