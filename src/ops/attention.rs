@@ -49,6 +49,7 @@ use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::rope::RopeConfig;
+use crate::ops::support::new_output;
 use crate::tensor::Tensor;
 
 const OP: &str = "attention";
@@ -442,20 +443,12 @@ fn lse_shape(q: &Tensor) -> Vec<usize> {
     q.shape()[..q.shape().len() - 1].to_vec()
 }
 
-fn new_tensor(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-    match device {
-        Device::Cpu => Tensor::zeros(shape, dtype, &Device::Cpu),
-        #[cfg(feature = "cuda")]
-        Device::Cuda(backend) => Tensor::uninit_cuda(shape, dtype, backend),
-    }
-}
-
 /// Returns `(out, lse)`: `out` shaped and typed as `q`, `lse` f32 shaped as `q` without its last
 /// dimension.
 pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions) -> Result<(Tensor, Tensor)> {
     let problem = check_inputs(OP, q, k, v, options)?;
-    let mut out = new_tensor(q.shape(), q.dtype(), &q.device())?;
-    let mut lse = new_tensor(&lse_shape(q), DType::F32, &q.device())?;
+    let mut out = new_output(q.shape(), q.dtype(), &q.device())?;
+    let mut lse = new_output(&lse_shape(q), DType::F32, &q.device())?;
     forward_checked(&problem, q, k, v, &mut out, &mut lse)?;
     Ok((out, lse))
 }
@@ -515,9 +508,9 @@ pub fn attention_backward(
     lse.expect_dtype(OP_BWD, "lse", &[DType::F32])?;
     lse.expect_shape(OP_BWD, "lse", &lse_shape(q))?;
     q.device().expect_same(&lse.device(), OP_BWD, "lse")?;
-    let mut d_q = new_tensor(q.shape(), q.dtype(), &q.device())?;
-    let mut d_k = new_tensor(k.shape(), k.dtype(), &k.device())?;
-    let mut d_v = new_tensor(v.shape(), v.dtype(), &v.device())?;
+    let mut d_q = new_output(q.shape(), q.dtype(), &q.device())?;
+    let mut d_k = new_output(k.shape(), k.dtype(), &k.device())?;
+    let mut d_v = new_output(v.shape(), v.dtype(), &v.device())?;
     match q.device() {
         Device::Cpu => cpu::backward(&problem, d_out, q, k, v, out, lse, &mut d_q, &mut d_k, &mut d_v)?,
         #[cfg(feature = "cuda")]

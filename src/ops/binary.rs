@@ -20,6 +20,7 @@
 use crate::device::Device;
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
+use crate::ops::support::new_output;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 
@@ -198,15 +199,6 @@ fn check_output(
     device.expect_same(&t.device(), op, arg)
 }
 
-/// A new tensor for an op to write in full: zeros on the CPU, uninitialised on a GPU.
-fn output(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-    match device {
-        Device::Cpu => Tensor::zeros(shape, dtype, &Device::Cpu),
-        #[cfg(feature = "cuda")]
-        Device::Cuda(backend) => Tensor::uninit_cuda(shape, dtype, backend),
-    }
-}
-
 /// The training-form forward: `y = x·W~ᵀ + b` with `W~ = α·sign(W) + β` (sign(0) = 0), computed
 /// in the fused form. `x` is `[tokens, d_in]`: f32, bf16 or f16 on the CPU (computed in f32),
 /// bf16 or f16 on a GPU; returns `[tokens, d_out]` of x's dtype.
@@ -218,7 +210,7 @@ fn output(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
 /// the f32 value in bf16, ~2^-22 in f16), so the output is rounded once.
 pub fn binary_linear_forward(x: &Tensor, layer: BinaryLinear<'_>) -> Result<Tensor> {
     let (tokens, d_out, _) = check_forward(x, &layer)?;
-    let mut y = output(&[tokens, d_out], x.dtype(), &x.device())?;
+    let mut y = new_output(&[tokens, d_out], x.dtype(), &x.device())?;
     binary_linear_forward_into(x, layer, &mut y)?;
     Ok(y)
 }
@@ -268,11 +260,14 @@ pub fn binary_linear_backward(d_y: &Tensor, x: &Tensor, layer: BinaryLinear<'_>)
     let (tokens, d_out, d_in) = check_backward(d_y, x, &layer)?;
     let device = x.device();
     let mut grads = BinaryLinearGrads {
-        d_x: output(&[tokens, d_in], x.dtype(), &device)?,
-        d_weight: output(&[d_out, d_in], DType::F32, &device)?,
-        d_alpha: output(&[d_in], DType::F32, &device)?,
-        d_beta: output(&[d_in], DType::F32, &device)?,
-        d_bias: layer.bias.map(|_| output(&[d_out], DType::F32, &device)).transpose()?,
+        d_x: new_output(&[tokens, d_in], x.dtype(), &device)?,
+        d_weight: new_output(&[d_out, d_in], DType::F32, &device)?,
+        d_alpha: new_output(&[d_in], DType::F32, &device)?,
+        d_beta: new_output(&[d_in], DType::F32, &device)?,
+        d_bias: layer
+            .bias
+            .map(|_| new_output(&[d_out], DType::F32, &device))
+            .transpose()?,
     };
     binary_linear_backward_into(d_y, x, layer, &mut grads)?;
     Ok(grads)
@@ -429,11 +424,7 @@ fn check_packed(x: &Tensor, layer: &PackedBinaryLinear<'_>) -> Result<(usize, us
 /// a GEMV; more use a tensor-core GEMM.
 pub fn binary_packed_forward(x: &Tensor, layer: PackedBinaryLinear<'_>) -> Result<Tensor> {
     let (tokens, d_out) = check_packed(x, &layer)?;
-    let mut y = match x.device() {
-        Device::Cpu => Tensor::zeros(&[tokens, d_out], x.dtype(), &Device::Cpu)?,
-        #[cfg(feature = "cuda")]
-        Device::Cuda(backend) => Tensor::uninit_cuda(&[tokens, d_out], x.dtype(), &backend)?,
-    };
+    let mut y = new_output(&[tokens, d_out], x.dtype(), &x.device())?;
     binary_packed_forward_into(x, layer, &mut y)?;
     Ok(y)
 }
@@ -523,11 +514,7 @@ pub fn distill_loss(
 ) -> Result<(Tensor, Tensor)> {
     check_distill(student, teacher, labels, ce_weight)?;
     let device = student.device();
-    let mut grad = match &device {
-        Device::Cpu => Tensor::zeros(student.shape(), student.dtype(), &Device::Cpu)?,
-        #[cfg(feature = "cuda")]
-        Device::Cuda(backend) => Tensor::uninit_cuda(student.shape(), student.dtype(), backend)?,
-    };
+    let mut grad = new_output(student.shape(), student.dtype(), &device)?;
     let mut loss = Tensor::zeros(&[1], DType::F32, &device)?;
     distill_loss_into(student, teacher, labels, ce_weight, &mut loss, &mut grad)?;
     Ok((loss, grad))

@@ -40,6 +40,7 @@ use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
 use crate::ops::matmul::{matmul, MatmulOptions};
 use crate::ops::sparse::{self, sparse24_decompress, sparse24_double_prune, Sparse24};
+use crate::ops::support::new_output;
 use crate::tensor::Tensor;
 
 const OP: &str = "lora";
@@ -544,14 +545,6 @@ fn check_forward(
     adapters.check(op, x, d_in, d_out)?;
     routing.check(op, x, m, adapters)?;
     Ok((m, d_in, d_out))
-}
-
-fn new_output(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-    match device {
-        Device::Cpu => Tensor::zeros(shape, dtype, &Device::Cpu),
-        #[cfg(feature = "cuda")]
-        Device::Cuda(backend) => Tensor::uninit_cuda(shape, dtype, backend),
-    }
 }
 
 /// `Y = X·Wᵀ + s_a·(X·A_aᵀ)·B_aᵀ (+ bias)`, row `i` using adapter `a = routing.ids()[i]`.
