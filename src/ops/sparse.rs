@@ -606,7 +606,6 @@ pub fn sparse_linear_forward_into(x: &Tensor, w: &Sparse24, bias: Option<&Tensor
 /// `y = x·W_sᵀ (+ bias) + y` on a GPU: [`sparse_linear_forward_into`] adding its result onto what
 /// `y` holds (read in the GEMM's epilogue, one rounding of the sum), for ops that write another
 /// term into `y` first (the LoRA linear's adapter). Host tensors are an error.
-#[cfg(feature = "cuda")]
 pub fn sparse_linear_accumulate_into(
     x: &Tensor,
     w: &Sparse24,
@@ -614,11 +613,12 @@ pub fn sparse_linear_accumulate_into(
     y: &mut Tensor,
 ) -> Result<()> {
     const OP: &str = "sparse_linear_accumulate";
-    let m = check_forward_into(OP, x, w, bias, y)?;
-    if !x.device().is_cuda() {
-        return Err(Error::invalid(OP, "x", "tensors on a GPU", "host tensors"));
+    check_forward_into(OP, x, w, bias, y)?;
+    match x.device() {
+        Device::Cpu => Err(Error::invalid(OP, "x", "tensors on a GPU", "host tensors")),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::forward(x, w, bias, y, x.shape()[0], true),
     }
-    cuda::forward(x, w, bias, y, m, true)
 }
 
 /// Checks the arguments of the forward into `y`; returns the token count.
