@@ -819,7 +819,13 @@ fn layout_is_what_wgmma_sp_reads(device: &Device) {
     let w: Vec<f16> = uniform(&mut rng, rows * cols);
     let dense = reference_prune(&w, cols, 2, 4);
     let s = sparse24_prune_compress(&tensor(w, &[rows, cols], device), NmPattern::TWO_FOUR).unwrap();
-    let stored: Vec<u16> = s.values().to_vec::<f16>().unwrap().iter().map(|v| v.to_bits()).collect();
+    let stored: Vec<u16> = s
+        .values()
+        .to_vec::<f16>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
     let meta = s.meta().to_vec::<u32>().unwrap();
     let blocks = cols / COL_BLOCK;
     // The kept (position, bits) pairs of the group of `row` starting at column `col`.
@@ -827,7 +833,10 @@ fn layout_is_what_wgmma_sp_reads(device: &Device) {
         let group = &dense[row * cols + col..row * cols + col + 4];
         let kept: Vec<usize> = (0..4).filter(|&i| group[i].to_f64() != 0.0).collect();
         assert_eq!(kept.len(), 2, "random inputs have no zeros");
-        [(kept[0] as u32, group[kept[0]].to_bits()), (kept[1] as u32, group[kept[1]].to_bits())]
+        [
+            (kept[0] as u32, group[kept[0]].to_bits()),
+            (kept[1] as u32, group[kept[1]].to_bits()),
+        ]
     };
     let mut checked_registers = 0;
     for cta in 0..rows.div_ceil(256) {

@@ -606,12 +606,7 @@ pub fn sparse_linear_forward_into(x: &Tensor, w: &Sparse24, bias: Option<&Tensor
 /// `y = x·W_sᵀ (+ bias) + y` on a GPU: [`sparse_linear_forward_into`] adding its result onto what
 /// `y` holds (read in the GEMM's epilogue, one rounding of the sum), for ops that write another
 /// term into `y` first (the LoRA linear's adapter). Host tensors are an error.
-pub fn sparse_linear_accumulate_into(
-    x: &Tensor,
-    w: &Sparse24,
-    bias: Option<&Tensor>,
-    y: &mut Tensor,
-) -> Result<()> {
+pub fn sparse_linear_accumulate_into(x: &Tensor, w: &Sparse24, bias: Option<&Tensor>, y: &mut Tensor) -> Result<()> {
     const OP: &str = "sparse_linear_accumulate";
     check_forward_into(OP, x, w, bias, y)?;
     match x.device() {
