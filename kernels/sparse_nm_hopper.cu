@@ -20,7 +20,8 @@
 // metadata 16 tiles x 128 bytes, x 128 tokens x 128 bytes with the 128-byte swizzle) into a ring
 // of STAGES stages; the group gives its registers to the consumers (setmaxnreg). Warpgroups 1 and
 // 2 own 128 rows each (two 64-row slices) and all 128 tokens: per k-block each issues 4
-// wgmma.mma_async.sp m64n128k32 (2 slices x 2 k-steps), waits for them and releases the stage.
+// wgmma.mma_async.sp m64n128k32 (2 slices x 2 k-steps) as one group, keeps it in flight while it
+// issues the next k-block's, then releases its stage.
 //
 // Out of range: rows past n read TMA's zero fill as values, and their metadata (zero fill, which
 // the ISA calls invalid) is replaced by a valid code in registers; tokens past m read zeros. Neither
@@ -133,6 +134,8 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t address) {
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Waits until at most one commit group of this warpgroup is still in flight.
+__device__ __forceinline__ void wgmma_wait_one() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
 
 // Keeps the compiler from moving reads or writes of accumulator registers across the
 // asynchronous wgmma that owns them.
@@ -266,15 +269,15 @@ __device__ __forceinline__ void sparse_gemm_sm90(const SparseTensorMap* map_valu
         for (int i = 0; i < 64; ++i) acc[sl][i] = 0.0f;
     }
 
-    for (int b = 0; b < blocks; ++b) {
+    // Issues the 4 wgmmas of k-block b (one commit group) with its A registers and metadata in
+    // `a` and `e`, which must stay untouched until that group has completed.
+    auto issue = [&](int b, uint32_t (&a)[2][2][4], uint32_t (&e)[2]) {
         const int s = b % STAGES;
         barrier_wait(&full[s], (uint32_t)(b / STAGES) & 1);
         const unsigned char* const stage = ring + s * STAGE_BYTES;
         const uint32_t x_address = smem(stage);
         // Values: row r of the tile at r · 64 bytes, lane c's 16 bytes at c · 16 (the format's
         // order: words 0, 1 are a0a1 and a4a5 of k-step 0, words 2, 3 those of k-step 1).
-        uint32_t a[2][2][4];
-        uint32_t e[2];
 #pragma unroll
         for (int sl = 0; sl < 2; ++sl) {
             const int r = slice_row[sl] + g;
@@ -301,11 +304,26 @@ __device__ __forceinline__ void sparse_gemm_sm90(const SparseTensorMap* map_valu
         SparseWgmma<T, 1>::rs_n128(acc[0], a[0][1], descriptor(x_address + 64), e[0]);
         SparseWgmma<T, 1>::rs_n128(acc[1], a[1][1], descriptor(x_address + 64), e[1]);
         wgmma_commit();
-        wgmma_wait_all();
-        fence_registers(acc[0]);
-        fence_registers(acc[1]);
-        barrier_arrive(&empty[s]);
+    };
+    // One k-block's group stays in flight while the next one's registers are loaded and issued:
+    // two register sets, alternating (unrolled by two, so that each set is a fixed set of
+    // registers), and a stage is released once the group that read it has completed.
+    uint32_t a_even[2][2][4], a_odd[2][2][4], e_even[2], e_odd[2];
+    issue(0, a_even, e_even);
+    for (int b = 1; b < blocks; b += 2) {
+        issue(b, a_odd, e_odd);
+        wgmma_wait_one();
+        barrier_arrive(&empty[(b - 1) % STAGES]);
+        if (b + 1 < blocks) {
+            issue(b + 1, a_even, e_even);
+            wgmma_wait_one();
+            barrier_arrive(&empty[b % STAGES]);
+        }
     }
+    wgmma_wait_all();
+    fence_registers(acc[0]);
+    fence_registers(acc[1]);
+    barrier_arrive(&empty[(blocks - 1) % STAGES]);
 
     // Every copy has landed and been read: the ring is free for the epilogue once both consumer
     // warpgroups are past their last k-block.
