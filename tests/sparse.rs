@@ -797,9 +797,11 @@ fn errors_name_the_argument(device: &Device) {
 
 // ---- the Hopper (sm_90a) GEMM ------------------------------------------------------------------
 
-/// The warpgroup form of the sparse tensor cores, written from the PTX ISA's text for
-/// `wgmma.mma_async.sp.m64nNk32` with .f16/.bf16 (sparse wgmma fragments and metadata), checked
-/// against the bytes the Hopper kernel takes from its TMA tiles. The ISA: warp `w` of the
+/// The warpgroup form of the sparse tensor cores, written from the PTX ISA's section on
+/// `wgmma.mma_async.sp.m64nNk32` with .f16/.bf16 (its text, and its fragment figures as CUTLASS's
+/// `ALayout_64x32` and `ELayout_64x32` spell them out; the metadata figure is the one of
+/// `mma.sp.m16n8k32`), checked against the bytes the Hopper kernel takes from its TMA tiles.
+/// The ISA: warp `w` of the
 /// warpgroup supplies the metadata (and, from registers, the A fragment) of rows `16w..16w+16`
 /// of the 64-row A; register `i` of lane `4g + c` holds the two kept values of row
 /// `16w + g + 8·(i % 2)`, columns `4c + 16·(i / 2)..+4` of the k32 step, lower column in the
