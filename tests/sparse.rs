@@ -3,7 +3,8 @@
 //! N:M on the CPU, mask validation naming the first bad group, the compressed format read back
 //! the way the PTX ISA says `mma.sp.m16n8k32` reads it, the sparse linear forward on odd token
 //! counts, SLoPe's double-pruned backward, its density, finite differences, and the argument
-//! errors.
+//! errors; the same format read the way the PTX ISA says `wgmma.mma_async.sp.m64nNk32` reads it
+//! through the Hopper kernel's tiles, and that kernel forced on every class of shape it serves.
 
 #[macro_use]
 mod common;
@@ -18,6 +19,7 @@ use tessera::ops::{
     sparse24_prune_compress, sparse_linear_backward, sparse_linear_forward, sparse_linear_forward_into, NmPattern,
     Sparse24,
 };
+use tessera::ops::{set_sparse_kernel, sparse_kernel, with_sparse_kernel, SparseKernel};
 use tessera::{DType, Device, Tensor};
 
 on_each_device!(
@@ -43,6 +45,12 @@ on_each_device!(
     backward_f32,
     gradient_check,
     errors_name_the_argument,
+    layout_is_what_wgmma_sp_reads,
+    small_sparse_hopper,
+    hopper_forward,
+    hopper_accumulate,
+    hopper_backward,
+    sparse_kernel_choice_is_scoped,
 );
 
 // ---- references ---------------------------------------------------------------------------
@@ -785,4 +793,269 @@ fn errors_name_the_argument(device: &Device) {
         "meta",
         &["idx0 < idx1"],
     );
+}
+
+// ---- the Hopper (sm_90a) GEMM ------------------------------------------------------------------
+
+/// The warpgroup form of the sparse tensor cores, written from the PTX ISA's section on
+/// `wgmma.mma_async.sp.m64nNk32` with .f16/.bf16 (its text, and its fragment figures as CUTLASS's
+/// `ALayout_64x32` and `ELayout_64x32` spell them out; the metadata figure is the one of
+/// `mma.sp.m16n8k32`), checked against the bytes the Hopper kernel takes from its TMA tiles.
+/// The ISA: warp `w` of the
+/// warpgroup supplies the metadata (and, from registers, the A fragment) of rows `16w..16w+16`
+/// of the 64-row A; register `i` of lane `4g + c` holds the two kept values of row
+/// `16w + g + 8·(i % 2)`, columns `4c + 16·(i / 2)..+4` of the k32 step, lower column in the
+/// low half; with sparsity selector `sel`, lanes `4g + 2·sel + h` supply the metadata, bits
+/// `4j..4j+4` the 2-bit positions (first kept in the low pair) of row `16w + g`, columns
+/// `16h + 4j..+4`, bits `16 + 4j..` those of row `16w + g + 8`. The kernel: a CTA of 256 rows,
+/// k-blocks of 64 columns with k-step `s` on selector `s`; TMA's values box (32 stored values x
+/// 256 rows) puts row `r` at `r · 64` bytes, its metadata box (32 words x 16 row tiles) tile `i`
+/// at `32 · i` words; the lane of warp `w` in slice `sl` of consumer `cw` loads 16 bytes at row
+/// `128·cw + 64·sl + 16·w + g` (+ 8), byte `16c`, words `2s` and `2s + 1` of each being registers
+/// `0, 2` (row g) and `1, 3` (row g + 8) of step `s`, and the metadata word `32 · (8·cw + 4·sl + w)
+/// + lane`.
+fn layout_is_what_wgmma_sp_reads(device: &Device) {
+    let mut rng = common::rng();
+    // Two CTAs of rows (the second partial) and two k-blocks.
+    let (rows, cols) = (272, 128);
+    let w: Vec<f16> = uniform(&mut rng, rows * cols);
+    let dense = reference_prune(&w, cols, 2, 4);
+    let s = sparse24_prune_compress(&tensor(w, &[rows, cols], device), NmPattern::TWO_FOUR).unwrap();
+    let stored: Vec<u16> = s
+        .values()
+        .to_vec::<f16>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    let meta = s.meta().to_vec::<u32>().unwrap();
+    let blocks = cols / COL_BLOCK;
+    // The kept (position, bits) pairs of the group of `row` starting at column `col`.
+    let pair = |row: usize, col: usize| -> [(u32, u16); 2] {
+        let group = &dense[row * cols + col..row * cols + col + 4];
+        let kept: Vec<usize> = (0..4).filter(|&i| group[i].to_f64() != 0.0).collect();
+        assert_eq!(kept.len(), 2, "random inputs have no zeros");
+        [
+            (kept[0] as u32, group[kept[0]].to_bits()),
+            (kept[1] as u32, group[kept[1]].to_bits()),
+        ]
+    };
+    let mut checked_registers = 0;
+    for cta in 0..rows.div_ceil(256) {
+        let row0 = 256 * cta;
+        for block in 0..blocks {
+            // TMA's tiles of this k-block: rows past `rows` are zero fill.
+            let value_tile = |r: usize, unit: usize| -> u32 {
+                let row = row0 + r;
+                if row >= rows {
+                    return 0;
+                }
+                let at = row * cols / 2 + block * 32 + 2 * unit;
+                stored[at] as u32 | (stored[at + 1] as u32) << 16
+            };
+            let meta_tile = |word: usize| -> Option<u32> {
+                let tile = row0 / 16 + word / 32;
+                (tile < rows / 16).then(|| meta[(tile * blocks + block) * 32 + word % 32])
+            };
+            for cw in 0..2 {
+                for sl in 0..2 {
+                    for warp in 0..4 {
+                        let slice_row = 128 * cw + 64 * sl + 16 * warp;
+                        if row0 + slice_row >= rows {
+                            continue;
+                        }
+                        for lane in 0..32 {
+                            let (g, c) = (lane / 4, lane % 4);
+                            for step in 0..2 {
+                                // The kernel's registers: 4-byte units of the 16-byte loads.
+                                let lo = |word: usize| value_tile(slice_row + g, 4 * c + word);
+                                let hi = |word: usize| value_tile(slice_row + g + 8, 4 * c + word);
+                                let registers = [lo(2 * step), hi(2 * step), lo(2 * step + 1), hi(2 * step + 1)];
+                                for (i, register) in registers.into_iter().enumerate() {
+                                    let row = row0 + slice_row + g + 8 * (i % 2);
+                                    let col = block * COL_BLOCK + 32 * step + 4 * c + 16 * (i / 2);
+                                    let [first, second] = pair(row, col);
+                                    assert_eq!(
+                                        register,
+                                        first.1 as u32 | (second.1 as u32) << 16,
+                                        "a register {i} of warp {warp} lane {lane}, step {step}, row {row}, column {col}"
+                                    );
+                                    checked_registers += 1;
+                                }
+                            }
+                            let word = meta_tile(slice_row / 16 * 32 + lane).expect("a live row tile");
+                            // Lane 4g + 2·sel + h supplies selector sel = step.
+                            let (step, h) = (c / 2, c % 2);
+                            for (shift, r) in [(0, g), (16, g + 8)] {
+                                let row = row0 + slice_row + r;
+                                for j in 0..4 {
+                                    let [first, second] = pair(row, block * COL_BLOCK + 32 * step + 16 * h + 4 * j);
+                                    let nibble = (word >> (shift + 4 * j)) & 0xF;
+                                    assert_eq!(
+                                        nibble,
+                                        first.0 | second.0 << 2,
+                                        "metadata of warp {warp} lane {lane}, row {row}, chunk {j}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Every live warp (one per 16 rows), its 32 lanes, 2 k-steps of each block, 4 registers.
+    assert_eq!(checked_registers, rows / 16 * 32 * blocks * 2 * 4);
+}
+
+/// Whether `device` loads the sm_90a image, the only one the Hopper kernel runs from.
+#[cfg(feature = "cuda")]
+fn is_hopper(device: &Device) -> bool {
+    match device {
+        Device::Cuda(backend) => backend
+            .kernel_image()
+            .is_ok_and(|image| image == tessera::cuda::kernels::ImageKind::Sm90a),
+        Device::Cpu => false,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn is_hopper(_device: &Device) -> bool {
+    false
+}
+
+/// The forward with the Hopper kernel forced: `check_forward` into a NaN-poisoned `y`, element by
+/// element against the f64 reference on the pruned weight.
+fn check_hopper<T: Float + MagnitudeKey>(device: &Device, m: usize, n: usize, k: usize, with_bias: bool) {
+    with_sparse_kernel(SparseKernel::Hopper, || {
+        assert_eq!(sparse_kernel(), SparseKernel::Hopper);
+        check_forward::<T>(device, m, n, k, with_bias);
+    });
+}
+
+/// Where the Hopper kernel does not run: on the CPU the choice changes nothing (the CPU path,
+/// checked against the reference); on another GPU it serves the few-token calls as before and
+/// refuses the others with an `Unsupported` error that names the image.
+fn hopper_elsewhere(device: &Device) {
+    check_hopper::<bf16>(device, 7, 32, 128, true);
+    if device.is_cuda() {
+        let mut rng = common::rng();
+        let (s, _) = random_sparse::<bf16>(&mut rng, 32, 64, device);
+        let x = tensor(uniform::<bf16>(&mut rng, 65 * 64), &[65, 64], device);
+        match with_sparse_kernel(SparseKernel::Hopper, || sparse_linear_forward(&x, &s, None)) {
+            Err(tessera::Error::Unsupported { reason, .. }) => assert!(reason.contains("sm_90a"), "{reason}"),
+            other => panic!("forcing the Hopper kernel off Hopper: expected Unsupported, got {other:?}"),
+        }
+    } else {
+        check_hopper::<f16>(device, 113, 272, 320, false);
+        // The accumulating form is for GPU tensors only.
+        let mut rng = common::rng();
+        let (s, _) = random_sparse::<bf16>(&mut rng, 16, 64, device);
+        let x = tensor(uniform::<bf16>(&mut rng, 3 * 64), &[3, 64], device);
+        let mut y = tensor(uniform::<bf16>(&mut rng, 3 * 16), &[3, 16], device);
+        assert_invalid(
+            tessera::ops::sparse::sparse_linear_accumulate_into(&x, &s, None, &mut y),
+            "sparse_linear_accumulate",
+            "x",
+            &["GPU", "host"],
+        );
+    }
+}
+
+/// A small grid for compute-sanitizer: the fewest tokens the kernel serves (65) and a partial
+/// token tile, a partial row CTA with row tiles past n in both slices, one k-block and several,
+/// both dtypes, bias and none, and the accumulating epilogue.
+fn small_sparse_hopper(device: &Device) {
+    if !is_hopper(device) {
+        return hopper_elsewhere(device);
+    }
+    check_hopper::<bf16>(device, 65, 272, 128, true);
+    check_hopper::<f16>(device, 130, 16, 64, false);
+    check_accumulate::<bf16>(device, 65, 48, 192);
+}
+
+/// Token counts from one past the few-token threshold to several full token tiles (and those at
+/// or below it, which stay on the few-token kernel), weights whose rows and columns are not
+/// multiples of the CTA's 256 rows or of the pipeline's 4 stages of 64 columns.
+fn hopper_forward(device: &Device) {
+    if !is_hopper(device) {
+        return hopper_elsewhere(device);
+    }
+    let shapes = [(272, 320), (256, 64), (16, 576), (528, 1088)];
+    for m in [1, 7, 113, 1025, 4096] {
+        for (i, &(n, k)) in shapes.iter().enumerate() {
+            if m == 4096 && n * k > 272 * 320 {
+                continue;
+            }
+            check_hopper::<bf16>(device, m, n, k, i % 2 == 0);
+            check_hopper::<f16>(device, m, n, k, i % 2 == 1);
+        }
+    }
+}
+
+/// `y += x·W_sᵀ + bias` with the Hopper kernel forced: y holds random values first, and the
+/// result is their sum with the product, checked element by element.
+fn check_accumulate<T: Float + MagnitudeKey>(device: &Device, m: usize, n: usize, k: usize) {
+    let mut rng = common::rng();
+    let (s, w) = random_sparse::<T>(&mut rng, n, k, device);
+    let x: Vec<T> = uniform(&mut rng, m * k);
+    let b: Vec<T> = uniform(&mut rng, n);
+    let y0: Vec<T> = uniform(&mut rng, m * n);
+    let (xt, bt) = (tensor(x.clone(), &[m, k], device), tensor(b.clone(), &[n], device));
+    let mut y = tensor(y0.clone(), &[m, n], device);
+    with_sparse_kernel(SparseKernel::Hopper, || {
+        tessera::ops::sparse::sparse_linear_accumulate_into(&xt, &s, Some(&bt), &mut y)
+    })
+    .unwrap();
+    let mut expected = matmul_nt(&common::to_f64(&x), &w, m, n, k);
+    for (i, v) in expected.iter_mut().enumerate() {
+        *v += b[i % n].to_f64() + y0[i].to_f64();
+    }
+    let what = format!("accumulate {} m={m} n={n} k={k}", T::DTYPE);
+    assert_close(&what, &values::<T>(&y), &expected, T::MATMUL_TOLERANCE);
+}
+
+fn hopper_accumulate(device: &Device) {
+    if !is_hopper(device) {
+        return hopper_elsewhere(device);
+    }
+    for (m, n, k) in [(113, 272, 320), (1025, 64, 128), (300, 528, 64)] {
+        check_accumulate::<bf16>(device, m, n, k);
+        check_accumulate::<f16>(device, m, n, k);
+    }
+}
+
+/// SLoPe's backward with the Hopper kernel forced: dX = dY·W_dp runs on it (m > 64).
+fn hopper_backward(device: &Device) {
+    if !is_hopper(device) {
+        return hopper_elsewhere(device);
+    }
+    with_sparse_kernel(SparseKernel::Hopper, || {
+        check_backward::<bf16>(device, 1025, 64, 128);
+        check_backward::<f16>(device, 300, 272, 192);
+    });
+}
+
+/// The choice is per thread inside `with_sparse_kernel`, restored after it (also after a panic),
+/// and process-wide outside it.
+fn sparse_kernel_choice_is_scoped(_device: &Device) {
+    let before = sparse_kernel();
+    let inner = with_sparse_kernel(SparseKernel::MmaSp, || {
+        let nested = with_sparse_kernel(SparseKernel::Hopper, sparse_kernel);
+        (nested, sparse_kernel())
+    });
+    assert_eq!(inner, (SparseKernel::Hopper, SparseKernel::MmaSp));
+    assert_eq!(sparse_kernel(), before);
+    let unwound = std::panic::catch_unwind(|| with_sparse_kernel(SparseKernel::Hopper, || panic!("inside")));
+    assert!(unwound.is_err());
+    assert_eq!(sparse_kernel(), before);
+    // Another thread sees the process-wide choice, not this thread's scoped one.
+    with_sparse_kernel(SparseKernel::Hopper, || {
+        let other = std::thread::spawn(sparse_kernel).join().unwrap();
+        assert_eq!(other, before);
+    });
+    // The default is Auto; setting it process-wide keeps the scoped choice in force inside.
+    assert_eq!(SparseKernel::default(), SparseKernel::Auto);
+    set_sparse_kernel(SparseKernel::Auto);
+    with_sparse_kernel(SparseKernel::MmaSp, || assert_eq!(sparse_kernel(), SparseKernel::MmaSp));
 }

@@ -62,6 +62,7 @@ pub use sparse::{
     sparse24_prune_compress, sparse_linear_backward, sparse_linear_forward, sparse_linear_forward_into, NmPattern,
     Sparse24, SparseLinearGrads,
 };
+pub use sparse::{set_sparse_kernel, sparse_kernel, with_sparse_kernel, SparseKernel};
 pub use spdf::{spdf_apply_mask, StaticMask};
 pub use wavelet::{set_wavelet_kernel, wavelet_kernel, WaveletKernel};
 pub use wavelet::{

@@ -34,6 +34,15 @@
 //! does it: `dX = dY·W_dp` through the double-pruned weight, stored as `W_dpᵀ` (the transpose of
 //! `W_s` pruned 2:4 along its rows, [`sparse24_double_prune`]); `dW = M_f ⊙ (dYᵀ·X)` only at the
 //! kept positions, in the layout of `values` (f32); `db = Σ_n dY[n,:]` (f32).
+//!
+//! # The GPU kernels
+//! Up to 64 tokens the product runs on a memory-bound `mma.sp` kernel that reads the compressed
+//! weight once. Above that, [`SparseKernel`] chooses between the `mma.sp` GEMM (sm_80+) and the
+//! sm_90a GEMM on `wgmma.mma_async.sp` (kernels/sparse_nm_hopper.cu). Both read this format as it
+//! is: per warp, `wgmma.mma_async.sp.m64nNk32` takes its A registers and its metadata register
+//! exactly as `mma.sp.m16n8k32` does (the PTX ISA's sparse wgmma fragments: warp `w` of the
+//! warpgroup supplies rows `16w..16w+16`), so one 16-byte load per row gives a lane both k-steps
+//! of a 64-column block there too.
 
 use crate::device::Device;
 use crate::dtype::{DType, Float};
@@ -513,6 +522,76 @@ pub fn sparse_linear_forward(x: &Tensor, w: &Sparse24, bias: Option<&Tensor>) ->
     Ok(y)
 }
 
+/// Which CUDA kernel computes the sparse GEMMs of more than 64 tokens (the forward, and the input
+/// gradient through `W_dp`). All give the same products up to the order of the f32 sums; calls of
+/// at most 64 tokens always run the few-token `mma.sp` kernel, and the CPU ignores the choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SparseKernel {
+    /// tessera's choice, which is the `mma.sp` GEMM for now. It becomes the Hopper kernel on
+    /// devices that load the sm_90a image once a GPU run has shown that kernel correct and faster
+    /// there (benches/NOTES.md).
+    #[default]
+    Auto,
+    /// The sm_80+ `mma.sp` GEMM (kernels/sparse_nm.cu), for every call.
+    MmaSp,
+    /// The sm_90a GEMM (kernels/sparse_nm_hopper.cu: TMA, mbarriers, `wgmma.mma_async.sp`), on a
+    /// device that loads the sm_90a image; elsewhere a call of more than 64 tokens is an
+    /// [`Error::Unsupported`] that says why.
+    Hopper,
+}
+
+impl SparseKernel {
+    fn code(self) -> u8 {
+        match self {
+            SparseKernel::Auto => 0,
+            SparseKernel::MmaSp => 1,
+            SparseKernel::Hopper => 2,
+        }
+    }
+
+    fn from_code(code: u8) -> SparseKernel {
+        match code {
+            1 => SparseKernel::MmaSp,
+            2 => SparseKernel::Hopper,
+            _ => SparseKernel::Auto,
+        }
+    }
+}
+
+static PROCESS_KERNEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+thread_local! {
+    static THREAD_KERNEL: std::cell::Cell<Option<SparseKernel>> = const { std::cell::Cell::new(None) };
+}
+
+/// Sets the many-token sparse GEMM for the whole process (threads inside [`with_sparse_kernel`]
+/// keep theirs): the benchmark measures both kernels with it.
+pub fn set_sparse_kernel(kernel: SparseKernel) {
+    PROCESS_KERNEL.store(kernel.code(), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The many-token sparse GEMM in force on this thread: the innermost [`with_sparse_kernel`], else
+/// the process-wide [`set_sparse_kernel`] (by default [`SparseKernel::Auto`]).
+pub fn sparse_kernel() -> SparseKernel {
+    THREAD_KERNEL
+        .get()
+        .unwrap_or_else(|| SparseKernel::from_code(PROCESS_KERNEL.load(std::sync::atomic::Ordering::Relaxed)))
+}
+
+/// Runs `f` with `kernel` as this thread's many-token sparse GEMM, and restores the previous
+/// choice after it (also when `f` unwinds). Other threads are not affected, so that tests running
+/// in parallel can force different kernels.
+pub fn with_sparse_kernel<R>(kernel: SparseKernel, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<SparseKernel>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            THREAD_KERNEL.set(self.0);
+        }
+    }
+    let _restore = Restore(THREAD_KERNEL.replace(Some(kernel)));
+    f()
+}
+
 /// [`sparse_linear_forward`] into an existing `y`.
 pub fn sparse_linear_forward_into(x: &Tensor, w: &Sparse24, bias: Option<&Tensor>, y: &mut Tensor) -> Result<()> {
     const OP: &str = "sparse_linear_forward";
@@ -526,20 +605,15 @@ pub fn sparse_linear_forward_into(x: &Tensor, w: &Sparse24, bias: Option<&Tensor
 
 /// `y = x·W_sᵀ (+ bias) + y` on a GPU: [`sparse_linear_forward_into`] adding its result onto what
 /// `y` holds (read in the GEMM's epilogue, one rounding of the sum), for ops that write another
-/// term into `y` first (the LoRA linear's adapter).
-#[cfg(feature = "cuda")]
-pub(crate) fn sparse_linear_accumulate_into(
-    x: &Tensor,
-    w: &Sparse24,
-    bias: Option<&Tensor>,
-    y: &mut Tensor,
-) -> Result<()> {
+/// term into `y` first (the LoRA linear's adapter). Host tensors are an error.
+pub fn sparse_linear_accumulate_into(x: &Tensor, w: &Sparse24, bias: Option<&Tensor>, y: &mut Tensor) -> Result<()> {
     const OP: &str = "sparse_linear_accumulate";
-    let m = check_forward_into(OP, x, w, bias, y)?;
-    if !x.device().is_cuda() {
-        return Err(Error::invalid(OP, "x", "tensors on a GPU", "host tensors"));
+    check_forward_into(OP, x, w, bias, y)?;
+    match x.device() {
+        Device::Cpu => Err(Error::invalid(OP, "x", "tensors on a GPU", "host tensors")),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::forward(x, w, bias, y, x.shape()[0], true),
     }
-    cuda::forward(x, w, bias, y, m, true)
 }
 
 /// Checks the arguments of the forward into `y`; returns the token count.
@@ -1101,6 +1175,9 @@ pub(crate) mod cuda {
         m: usize,
         accumulate: bool,
     ) -> Result<()> {
+        if m > SMALL_MAX_TOKENS && sparse_kernel() == SparseKernel::Hopper {
+            return hopper::forward(x, w, bias, y, m, accumulate);
+        }
         let backend = backend_of(x)?;
         let (n, k) = (w.rows, w.cols);
         let addresses = (
@@ -1163,6 +1240,194 @@ pub(crate) mod cuda {
         // of 16, and the many-token kernel clamps the tiles past n.
         unsafe { builder.launch(launch) }.context(&format!("launching {name}"))?;
         Ok(())
+    }
+
+    /// The sm_90a many-token GEMM of kernels/sparse_nm_hopper.cu.
+    mod hopper {
+        use super::*;
+        use cudarc::driver::sys;
+
+        /// Must match kernels/sparse_nm_hopper.cu: threads per CTA, rows of W_s and tokens per
+        /// CTA, pipeline stages, and the bytes of one stage (x, values, metadata of a 64-column
+        /// k-block).
+        const THREADS: u32 = 384;
+        const ROWS: usize = 256;
+        const TOKENS: usize = 128;
+        const STAGES: usize = 4;
+        const STAGE_BYTES: usize = TOKENS * 128 + ROWS * 64 + ROWS / 16 * 128;
+        /// The ring and room to align it to 1024 bytes (the 128-byte swizzle's period).
+        const SHARED_BYTES: usize = STAGES * STAGE_BYTES + 1024;
+
+        /// Layout shared with `SparseHopperParams` in kernels/sparse_nm_hopper.cu.
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct HopperParams {
+            bias: u64,
+            y: u64,
+            m: i32,
+            n: i32,
+            k: i32,
+            accumulate: i32,
+        }
+
+        // SAFETY: a plain #[repr(C)] struct of scalars, laid out as the kernel declares it.
+        unsafe impl cudarc::driver::DeviceRepr for HopperParams {}
+
+        /// A TMA descriptor, passed by value as a `__grid_constant__` kernel parameter.
+        #[repr(transparent)]
+        #[derive(Clone, Copy)]
+        struct TensorMap(sys::CUtensorMap);
+
+        // SAFETY: the 128 opaque bytes of a CUtensorMap, which the kernel declares as such.
+        unsafe impl cudarc::driver::DeviceRepr for TensorMap {}
+
+        /// A 2-d map of a row-major matrix at `address`: `dims` (columns, rows) elements, rows
+        /// `row_bytes` apart, read in boxes of `boxes` (columns, rows); out-of-bounds reads are
+        /// zeros.
+        fn tensor_map(
+            address: u64,
+            data_type: sys::CUtensorMapDataType,
+            dims: [u64; 2],
+            row_bytes: u64,
+            boxes: [u32; 2],
+            swizzle: sys::CUtensorMapSwizzle,
+        ) -> Result<TensorMap> {
+            let strides = [row_bytes];
+            let element_strides = [1u32; 2];
+            let mut map = TensorMap(sys::CUtensorMap { opaque: [0; 16] });
+            // SAFETY: every array has the length the rank (2) asks for, the address is a live,
+            // 16-byte aligned device allocation of dims[1] rows of row_bytes (checked by the
+            // caller), and `map` is a writable CUtensorMap.
+            unsafe {
+                sys::cuTensorMapEncodeTiled(
+                    &mut map.0,
+                    data_type,
+                    2,
+                    address as *mut std::ffi::c_void,
+                    dims.as_ptr(),
+                    strides.as_ptr(),
+                    boxes.as_ptr(),
+                    element_strides.as_ptr(),
+                    sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                    swizzle,
+                    sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                    sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+                )
+            }
+            .result()
+            .context("cuTensorMapEncodeTiled")?;
+            Ok(map)
+        }
+
+        pub(super) fn forward(
+            x: &Tensor,
+            w: &Sparse24,
+            bias: Option<&Tensor>,
+            y: &mut Tensor,
+            m: usize,
+            accumulate: bool,
+        ) -> Result<()> {
+            const OP: &str = "sparse_linear_forward";
+            let backend = backend_of(x)?;
+            let image = backend.kernel_image()?;
+            if image != crate::cuda::kernels::ImageKind::Sm90a {
+                return Err(Error::Unsupported {
+                    op: OP,
+                    reason: format!(
+                        "the Hopper sparse kernel was asked for, and {} loads the {}, not the sm_90a image",
+                        backend.name(),
+                        image.name()
+                    ),
+                });
+            }
+            let token_blocks = m.div_ceil(TOKENS);
+            if token_blocks > MAX_GRID_Y {
+                return Err(Error::invalid(
+                    OP,
+                    "x",
+                    format!("at most {} tokens", MAX_GRID_Y * TOKENS),
+                    format!("{m} tokens"),
+                ));
+            }
+            let (n, k) = (w.rows, w.cols);
+            let addresses = [
+                ("w", w.values.device_buffer()?.address()),
+                ("w", w.meta.device_buffer()?.address()),
+                ("x", x.device_buffer()?.address()),
+                ("y", y.device_buffer()?.address()),
+            ];
+            // TMA reads from 16-byte aligned addresses and the epilogue writes 16-byte chunks of y
+            // (n is a multiple of 16); device allocations are 256-byte aligned.
+            if let Some((arg, address)) = addresses.iter().find(|(_, address)| address % 16 != 0) {
+                return Err(Error::invalid(
+                    OP,
+                    arg,
+                    "a 16-byte aligned device tensor",
+                    format!("address {address:#x}"),
+                ));
+            }
+            let [(_, values_address), (_, meta_address), (_, x_address), (_, y_address)] = addresses;
+            let data_type = match x.dtype() {
+                DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+            };
+            let none = sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE;
+            // values (n, k/2): a row's 32 kept values of a k-block are 64 bytes.
+            let map_values = tensor_map(
+                values_address,
+                data_type,
+                [(k / 2) as u64, n as u64],
+                k as u64,
+                [32, ROWS as u32],
+                none,
+            )?;
+            // metadata: one row of 32 words per k-block for each 16-row tile.
+            let blocks = k / COL_BLOCK;
+            let map_meta = tensor_map(
+                meta_address,
+                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT32,
+                [(blocks * META_WORDS_PER_TILE) as u64, (n / ROW_BLOCK) as u64],
+                (blocks * META_WORDS_PER_TILE * 4) as u64,
+                [META_WORDS_PER_TILE as u32, (ROWS / ROW_BLOCK) as u32],
+                none,
+            )?;
+            let map_x = tensor_map(
+                x_address,
+                data_type,
+                [k as u64, m as u64],
+                (2 * k) as u64,
+                [COL_BLOCK as u32, TOKENS as u32],
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            )?;
+            let params = HopperParams {
+                bias: match bias {
+                    Some(b) => b.device_buffer()?.address(),
+                    None => 0,
+                },
+                y: y_address,
+                m: m as i32,
+                n: n as i32,
+                k: k as i32,
+                accumulate: i32::from(accumulate),
+            };
+            let name = format!("sparse24_gemm_sm90_{}", x.dtype().name());
+            let function = backend.function("sparse_nm_hopper", &name)?;
+            backend.allow_shared_memory(&function, SHARED_BYTES)?;
+            let mut builder = backend.launch_builder(&function);
+            builder.arg(&map_values).arg(&map_meta).arg(&map_x).arg(&params);
+            let launch = LaunchConfig {
+                grid_dim: (n.div_ceil(ROWS) as u32, token_blocks as u32, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: SHARED_BYTES as u32,
+            };
+            // SAFETY: the tensor maps describe w's values (n, k/2) and metadata and x (m, k)
+            // exactly, all validated (n % 16 == 0, k % 64 == 0, one 16-bit dtype, this device);
+            // bias holds n elements or is null, y is (m, n). The kernel reads only through the
+            // maps (zero fill past the edges) and reads (when accumulating) and writes y only
+            // below m tokens and n features.
+            unsafe { builder.launch(launch) }.context(&format!("launching {name}"))?;
+            Ok(())
+        }
     }
 
     pub(super) fn weight_grad(

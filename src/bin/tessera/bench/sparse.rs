@@ -5,11 +5,19 @@
 //! support on the sparse GEMM beside the same layer with an unstructured support of the same
 //! density (W materialised, dense GEMMs). torch_compare.py adds cuSPARSELt (`to_sparse_semi_structured`) and
 //! dense `torch.matmul` for the same cases.
+//!
+//! On a Hopper GPU (sm_90a image) the cases above 64 tokens and the training step run a second
+//! time with the sm_90a `wgmma.mma_async.sp` GEMM forced (rows named `... sm90`, field `kernel`);
+//! at 64 tokens or fewer both choices run the same few-token kernel, so those have one row.
 
 use super::{input_sets, random_tensor, Context, Result};
 use serde_json::{json, Value};
-use tessera::ops::{self, MatmulOptions, NmPattern, Sparse24};
+use tessera::cuda::kernels::ImageKind;
+use tessera::ops::{self, MatmulOptions, NmPattern, Sparse24, SparseKernel};
 use tessera::{DType, Tensor};
+
+/// Threshold of the few-token kernel: larger calls run the kernel that `SparseKernel` picks.
+const FEW_TOKENS: usize = 64;
 
 pub fn run(context: &mut Context) -> Result<Vec<Value>> {
     let (tokens, shapes): (&[usize], &[(usize, usize)]) = if context.quick {
@@ -20,17 +28,24 @@ pub fn run(context: &mut Context) -> Result<Vec<Value>> {
             &[(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192)],
         )
     };
+    let hopper = context.gpu.kernel_image().map_err(err)? == ImageKind::Sm90a;
     let mut results = Vec::new();
     for &(n, k) in shapes {
         // The weights are shared by every token count: the sets are sized for the smallest, where
         // the compressed weight is all the traffic.
         let weights = Weights::new(context, n, k)?;
         for &m in tokens {
-            results.push(bench_forward(context, &weights, m)?);
+            results.push(bench_forward(context, &weights, m, SparseKernel::MmaSp)?);
+            if hopper && m > FEW_TOKENS {
+                results.push(bench_forward(context, &weights, m, SparseKernel::Hopper)?);
+            }
         }
     }
     let (m, d) = if context.quick { (512, 1024) } else { (4096, 4096) };
-    results.push(bench_step(context, m, d)?);
+    results.push(bench_step(context, m, d, SparseKernel::MmaSp)?);
+    if hopper {
+        results.push(bench_step(context, m, d, SparseKernel::Hopper)?);
+    }
     let rank = if context.quick { 64 } else { 256 };
     results.push(bench_sltrain(context, m, d, rank)?);
     Ok(results)
@@ -38,6 +53,14 @@ pub fn run(context: &mut Context) -> Result<Vec<Value>> {
 
 fn err(e: tessera::Error) -> String {
     e.to_string()
+}
+
+/// The row name's suffix and the `kernel` field of a sparse GEMM choice.
+fn kernel_label(kernel: SparseKernel) -> (&'static str, &'static str) {
+    match kernel {
+        SparseKernel::Hopper => (" sm90", "sm90"),
+        _ => ("", "mma.sp"),
+    }
 }
 
 /// Rotating sets of one (n, k) bf16 weight: dense, and pruned 2:4 and compressed.
@@ -65,7 +88,7 @@ impl Weights {
     }
 }
 
-fn bench_forward(context: &Context, weights: &Weights, m: usize) -> Result<Value> {
+fn bench_forward(context: &Context, weights: &Weights, m: usize, kernel: SparseKernel) -> Result<Value> {
     let (n, k) = (weights.n, weights.k);
     let sets = weights.sparse.len();
     let device = &context.device;
@@ -73,8 +96,9 @@ fn bench_forward(context: &Context, weights: &Weights, m: usize) -> Result<Value
         .map(|s| random_tensor(&[m, k], DType::BF16, 900 + s, -1.0, 1.0, device))
         .collect::<Result<_>>()?;
     let mut y = Tensor::zeros(&[m, n], DType::BF16, device).map_err(err)?;
-    let sparse_ms = context
-        .median_ms(|i| ops::sparse_linear_forward_into(&xs[i % sets], &weights.sparse[i % sets], None, &mut y))?;
+    let sparse_ms = ops::with_sparse_kernel(kernel, || {
+        context.median_ms(|i| ops::sparse_linear_forward_into(&xs[i % sets], &weights.sparse[i % sets], None, &mut y))
+    })?;
     let dense_ms = context.median_ms(|i| {
         ops::matmul_into(
             &xs[i % sets],
@@ -87,9 +111,11 @@ fn bench_forward(context: &Context, weights: &Weights, m: usize) -> Result<Value
     let flops = 2.0 * (m * n * k) as f64;
     let sparse_bytes = weights.sparse[0].size_in_bytes() + 2 * (m * k + m * n);
     let dense_bytes = 2 * (n * k + m * k + m * n);
+    let (suffix, label) = kernel_label(kernel);
     Ok(json!({
-        "name": format!("sparse 2:4 bf16 m={m} {n}x{k}"),
+        "name": format!("sparse 2:4 bf16 m={m} {n}x{k}{suffix}"),
         "kind": "sparse",
+        "kernel": label,
         "dtype": "bf16",
         "m": m, "n": n, "k": k,
         "input_sets": sets,
@@ -108,7 +134,7 @@ fn bench_forward(context: &Context, weights: &Weights, m: usize) -> Result<Value
 /// One linear layer's training step at m tokens, d -> d, bf16, with bias: sparse (forward
 /// through W_s, dX through W_dp, dW masked to W_s's support, db) and its dense twin (three
 /// cuBLASLt GEMMs and the same bias gradient by a fourth, ones·dY).
-fn bench_step(context: &Context, m: usize, d: usize) -> Result<Value> {
+fn bench_step(context: &Context, m: usize, d: usize, kernel: SparseKernel) -> Result<Value> {
     let device = &context.device;
     let w = random_tensor(&[d, d], DType::BF16, 1100, -1.0, 1.0, device)?;
     let sparse = ops::sparse24_prune_compress(&w, NmPattern::TWO_FOUR).map_err(err)?;
@@ -122,9 +148,11 @@ fn bench_step(context: &Context, m: usize, d: usize) -> Result<Value> {
     let mut dx = Tensor::zeros(&[m, d], DType::BF16, device).map_err(err)?;
     let mut dw = Tensor::zeros(&[d, d], DType::BF16, device).map_err(err)?;
     let mut db = Tensor::zeros(&[1, d], DType::BF16, device).map_err(err)?;
-    let sparse_ms = context.median_ms(|_| {
-        ops::sparse_linear_forward_into(&x, &sparse, Some(&bias), &mut y)?;
-        ops::sparse_linear_backward(&dy, &x, &sparse, &w_dp_t, true).map(drop)
+    let sparse_ms = ops::with_sparse_kernel(kernel, || {
+        context.median_ms(|_| {
+            ops::sparse_linear_forward_into(&x, &sparse, Some(&bias), &mut y)?;
+            ops::sparse_linear_backward(&dy, &x, &sparse, &w_dp_t, true).map(drop)
+        })
     })?;
     let double_prune_ms = context.median_ms(|_| ops::sparse24_double_prune(&sparse).map(drop))?;
     let dense_ms = context.median_ms(|_| {
@@ -138,9 +166,11 @@ fn bench_step(context: &Context, m: usize, d: usize) -> Result<Value> {
         ops::matmul_into(&ones, &dy, None, &mut db, MatmulOptions::default())
     })?;
     let flops = 3.0 * 2.0 * (m * d * d) as f64;
+    let (suffix, label) = kernel_label(kernel);
     Ok(json!({
-        "name": format!("sparse step bf16 m={m} d={d}"),
+        "name": format!("sparse step bf16 m={m} d={d}{suffix}"),
         "kind": "sparse_step",
+        "kernel": label,
         "dtype": "bf16",
         "m": m, "d": d,
         "input_sets": 1,
