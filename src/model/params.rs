@@ -556,7 +556,6 @@ impl GptParams {
         values: Vec<Tensor>,
         device: &Device,
     ) -> Result<GptParams> {
-        check_variants_supported(&layout, device)?;
         let dtype = if device.is_cuda() { DType::BF16 } else { DType::F32 };
         let params = values
             .into_iter()
@@ -1326,24 +1325,6 @@ fn nm_kept(values: &[f32], rows: usize, cols: usize, pattern: NmPattern, along_r
     let w = Tensor::from_vec(transposed, &[cols, rows], &Device::Cpu)?;
     let kept_t = ops::nm_mask(&w, pattern)?.to_vec::<u8>()?;
     Ok((0..rows * cols).map(|i| kept_t[(i % cols) * rows + i / cols]).collect())
-}
-
-/// The variants the model runs today; the others are an error naming the layer.
-fn check_variants_supported(layout: &ModelLayout, device: &Device) -> Result<()> {
-    for linear in layout.linears() {
-        let name = &layout.specs[linear.weight].name;
-        match linear.spec.variant {
-            // The binary op's training form is f32 on the CPU.
-            Variant::Binary if device.is_cuda() => {
-                return Err(Error::Unsupported {
-                    op: "GptParams",
-                    reason: format!("`binary` linear layers ({name}) train on the CPU only (the training form is f32)"),
-                })
-            }
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 /// A layer's weight `value` (f32, in its stored layout) as (out, in): itself for an (out, in)
