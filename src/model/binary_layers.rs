@@ -15,10 +15,17 @@
 //! weight transposed (one strided pass per call, where no transposed copy has to be kept in step
 //! with every update), and dW comes transposed from its GEMM (`Xᵀ·dY`) before α scales it into
 //! the gradient.
+//!
+//! # The packed inference form
+//! [`GptParams::pack_binary`] replaces each binary layer's latent weight by its sign bits (the
+//! op's `binary_pack`, `0 → +1`: see the op's notes on sign(0)); the forward then runs
+//! `binary_packed_forward_into` (a GEMV streaming the bits at few tokens: decoding), and the
+//! model runs inference only.
 
-use super::params::{BinaryIndex, GptParams, Layout, Linear};
+use super::params::{output_major, BinaryIndex, GptParams, Layout, Linear};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::ops::{self, BinaryGradTargets, BinaryLinear, BinaryWeightLayout};
+use crate::ops::{self, BinaryGradTargets, BinaryLinear, BinaryWeightLayout, PackedBinaryLinear};
 use crate::tensor::Tensor;
 
 const OP: &str = "Gpt";
@@ -30,7 +37,7 @@ fn layout(linear: &Linear) -> BinaryWeightLayout {
     }
 }
 
-/// `out = x·W~ᵀ + b` of a `binary` layer (the training form).
+/// `out = x·W~ᵀ + b` of a `binary` layer: the training form, or the packed one.
 pub(super) fn forward(
     params: &GptParams,
     linear: &Linear,
@@ -39,6 +46,16 @@ pub(super) fn forward(
     out: &mut Tensor,
 ) -> Result<()> {
     let value = |i: usize| &params.params[i].value;
+    if let Some(bits) = params.packed.get(&linear.weight) {
+        let layer = PackedBinaryLinear {
+            bits,
+            alpha: value(index.alpha),
+            beta: value(index.beta),
+            bias: linear.bias.map(value),
+            d_in: linear.input,
+        };
+        return ops::binary_packed_forward_into(x, layer, out);
+    }
     let layer = BinaryLinear {
         weight: value(linear.weight),
         alpha: value(index.alpha),
@@ -62,6 +79,15 @@ pub(super) fn backward(
     accumulate: bool,
     train_base: bool,
 ) -> Result<()> {
+    if params.packed.contains_key(&linear.weight) {
+        return Err(Error::Unsupported {
+            op: OP,
+            reason: format!(
+                "`{}` is packed (1 bit per weight, no latent weight): a packed model runs inference only",
+                params.params[linear.weight].spec.name
+            ),
+        });
+    }
     let (mut weight, mut alpha, mut beta, mut bias) = (None, None, None, None);
     for (i, p) in params.params.iter_mut().enumerate() {
         let slot = if i == linear.weight {
@@ -100,4 +126,37 @@ pub(super) fn backward(
         d_bias: bias.filter(|_| train_base).map(|b| b.1),
     };
     ops::binary_linear_backward_add(dy, x, layer, layout(linear), targets)
+}
+
+impl GptParams {
+    /// Packs every `binary` layer for inference: its sign bits replace its latent weight (and
+    /// that weight's gradient, moments and compute copy, which become one zero each). The
+    /// training form's outputs are kept exactly wherever no latent weight is exactly 0 (a packed
+    /// 0 is +1). Already packed layers stay as they are.
+    pub fn pack_binary(&mut self) -> Result<()> {
+        let linears: Vec<Linear> = self.layout.linears().into_iter().copied().collect();
+        for linear in linears.iter().filter(|l| l.binary.is_some()) {
+            if self.packed.contains_key(&linear.weight) {
+                continue;
+            }
+            let weight = output_major(&self.params[linear.weight].value, linear)?;
+            let bits = ops::binary_pack(&weight)?;
+            let placeholder = || Tensor::zeros(&[1], DType::F32, &self.device);
+            let p = &mut self.params[linear.weight];
+            p.value = placeholder()?;
+            p.grad = placeholder()?;
+            p.exp_avg = placeholder()?;
+            p.exp_avg_sq = placeholder()?;
+            if p.compute.is_some() {
+                p.compute = Some(Tensor::zeros(&[1], self.dtype, &self.device)?);
+            }
+            self.packed.insert(linear.weight, bits);
+        }
+        Ok(())
+    }
+
+    /// Whether any binary layer is packed (the model then runs inference only).
+    pub fn is_packed(&self) -> bool {
+        !self.packed.is_empty()
+    }
 }
