@@ -4,7 +4,9 @@
 //! central finite differences), the straight-through `dW = α·G` without clipping, the β term, the
 //! xnor init, sign(0) on both forms, pack/unpack, the packed forward on every path (GEMV token
 //! tiles of 8 and 16, GEMM, vector and scalar loads, several k phases), the distillation loss
-//! with and without the next-token mix, large logits, and the argument errors.
+//! with and without the next-token mix, large logits, and the argument errors; and the model's
+//! entry points (`binary_linear_forward_layout_into`, `binary_linear_backward_add`): GPT-2's
+//! (in, out) weights and gradients added to what they hold.
 
 #[macro_use]
 mod common;
