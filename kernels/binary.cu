@@ -611,9 +611,12 @@ __device__ __forceinline__ uint16_t sign_bits(float w) {
 }
 
 // Thread (column pair q) of grid row y writes columns 2q, 2q+1 of rows y, y + gridDim.y, ...
+// An input-major w is stored [cols, rows] (GPT-2's Conv1D): its reads stride by rows, once per
+// call, while the writes stay coalesced.
 template <typename T>
 __device__ __forceinline__ void binary_train_signs(const float* __restrict__ w, const float* __restrict__ bias,
-                                                   T* __restrict__ out, int rows, int cols, int pitch) {
+                                                   T* __restrict__ out, int rows, int cols, int pitch,
+                                                   int input_major) {
     const int c0 = 2 * (blockIdx.x * THREADS + threadIdx.x);
     if (c0 >= pitch) return;
     const uint16_t one = Half<T>::bits(1.0f);
@@ -623,7 +626,7 @@ __device__ __forceinline__ void binary_train_signs(const float* __restrict__ w, 
         for (int q = 0; q < 2; ++q) {
             const int c = c0 + q;
             if (c < cols) {
-                h[q] = sign_bits<T>(w[(uint64_t)row * cols + c]);
+                h[q] = sign_bits<T>(w[input_major ? (uint64_t)c * rows + row : (uint64_t)row * cols + c]);
             } else if (c < cols + 2) {
                 h[q] = one;
             } else if (c < cols + 4 && bias != nullptr) {
@@ -668,13 +671,15 @@ __device__ __forceinline__ void binary_train_scale(const T* __restrict__ x, cons
     }
 }
 
-// Thread = column j, grid row = chunk of TRAIN_CHUNK_ROWS tokens: dX = α_j·P + β_j·rowsum,
+// Thread = column j, grid row = chunk of TRAIN_CHUNK_ROWS tokens: dX = α_j·P + β_j·rowsum
+// (added to dX's value in f32 and rounded once with `accumulate`; not written when dx is null),
 // and the chunk's partial dα_j = Σ x·P, dβ_j = Σ x·rowsum, summed in token order.
 template <typename T>
 __device__ __forceinline__ void binary_train_dx(const float* __restrict__ products, const T* __restrict__ x,
                                                 const float* __restrict__ alpha, const float* __restrict__ beta,
                                                 T* __restrict__ dx, float* __restrict__ partial_alpha,
-                                                float* __restrict__ partial_beta, int m, int cols, int pitch) {
+                                                float* __restrict__ partial_beta, int m, int cols, int pitch,
+                                                int accumulate) {
     const int j = blockIdx.x * THREADS + threadIdx.x;
     if (j >= cols) return;
     const int n0 = blockIdx.y * TRAIN_CHUNK_ROWS;
@@ -685,7 +690,11 @@ __device__ __forceinline__ void binary_train_dx(const float* __restrict__ produc
         const float* p_row = products + (uint64_t)n * pitch;
         const float p = p_row[j], sum = p_row[cols];
         const float v = Half<T>::to_float(x[(uint64_t)n * cols + j]);
-        dx[(uint64_t)n * cols + j] = Half<T>::from_float(fmaf(a, p, b * sum));
+        if (dx != nullptr) {
+            T* out = dx + (uint64_t)n * cols + j;
+            const float value = fmaf(a, p, b * sum);
+            *out = Half<T>::from_float(accumulate ? Half<T>::to_float(*out) + value : value);
+        }
         da = fmaf(v, p, da);
         db = fmaf(v, sum, db);
     }
@@ -711,8 +720,8 @@ __device__ __forceinline__ void binary_column_sums(const T* __restrict__ y, floa
 #define BINARY_TRAIN(T, NAME)                                                                                      \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                          \
         binary_train_signs_##NAME(const float* __restrict__ w, const float* __restrict__ bias, T* __restrict__ out, \
-                                  int rows, int cols, int pitch) {                                                 \
-        binary_train_signs<T>(w, bias, out, rows, cols, pitch);                                                    \
+                                  int rows, int cols, int pitch, int input_major) {                                \
+        binary_train_signs<T>(w, bias, out, rows, cols, pitch, input_major);                                       \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                          \
         binary_train_scale_##NAME(const T* __restrict__ x, const float* __restrict__ alpha,                        \
@@ -722,8 +731,8 @@ __device__ __forceinline__ void binary_column_sums(const T* __restrict__ y, floa
     extern "C" __global__ void __launch_bounds__(THREADS) binary_train_dx_##NAME(                                  \
         const float* __restrict__ products, const T* __restrict__ x, const float* __restrict__ alpha,              \
         const float* __restrict__ beta, T* __restrict__ dx, float* __restrict__ partial_alpha,                     \
-        float* __restrict__ partial_beta, int m, int cols, int pitch) {                                            \
-        binary_train_dx<T>(products, x, alpha, beta, dx, partial_alpha, partial_beta, m, cols, pitch);             \
+        float* __restrict__ partial_beta, int m, int cols, int pitch, int accumulate) {                            \
+        binary_train_dx<T>(products, x, alpha, beta, dx, partial_alpha, partial_beta, m, cols, pitch, accumulate); \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                          \
         binary_column_sums_##NAME(const T* __restrict__ y, float* __restrict__ partial, int m, int cols) {         \
@@ -733,23 +742,30 @@ __device__ __forceinline__ void binary_column_sums(const T* __restrict__ y, floa
 BINARY_TRAIN(__nv_bfloat16, bf16)
 BINARY_TRAIN(__half, f16)
 
-// out[j] = Σ_c partial[c][j] over the chunks in order.
-extern "C" __global__ void __launch_bounds__(THREADS)
-    binary_column_finish(const float* __restrict__ partial, float* __restrict__ out, int chunks, int cols) {
+// out[j] = Σ_c partial[c][j] over the chunks in order (added to out[j] with `accumulate`).
+extern "C" __global__ void __launch_bounds__(THREADS) binary_column_finish(const float* __restrict__ partial,
+                                                                          float* __restrict__ out, int chunks,
+                                                                          int cols, int accumulate) {
     const int j = blockIdx.x * THREADS + threadIdx.x;
     if (j >= cols) return;
     float sum = 0.0f;
     for (int c = 0; c < chunks; ++c) sum += partial[(uint64_t)c * cols + j];
-    out[j] = sum;
+    out[j] = accumulate ? out[j] + sum : sum;
 }
 
-// w[i][j] *= alpha[j]: thread = column j of the rows its grid row strides over.
+// dw[r][c] = g[r][c]·α (added to dw with `accumulate`), α = alpha[c], or alpha[r] for an
+// input-major [d_in, d_out] gradient. g may be dw itself (the in-place scale). Thread = column
+// c of the rows its grid row strides over.
 extern "C" __global__ void __launch_bounds__(THREADS)
-    binary_scale_columns(float* __restrict__ w, const float* __restrict__ alpha, int rows, int cols) {
-    const int j = blockIdx.x * THREADS + threadIdx.x;
-    if (j >= cols) return;
-    const float a = alpha[j];
-    for (int row = blockIdx.y; row < rows; row += gridDim.y) w[(uint64_t)row * cols + j] *= a;
+    binary_weight_grad(float* dw, const float* g, const float* __restrict__ alpha, int rows, int cols,
+                       int alpha_per_row, int accumulate) {
+    const int c = blockIdx.x * THREADS + threadIdx.x;
+    if (c >= cols) return;
+    for (int row = blockIdx.y; row < rows; row += gridDim.y) {
+        const uint64_t at = (uint64_t)row * cols + c;
+        const float value = g[at] * alpha[alpha_per_row ? row : c];
+        dw[at] = accumulate ? dw[at] + value : value;
+    }
 }
 
 // ---- autoregressive distillation loss -------------------------------------------------------

@@ -4,7 +4,9 @@
 //! central finite differences), the straight-through `dW = α·G` without clipping, the β term, the
 //! xnor init, sign(0) on both forms, pack/unpack, the packed forward on every path (GEMV token
 //! tiles of 8 and 16, GEMM, vector and scalar loads, several k phases), the distillation loss
-//! with and without the next-token mix, large logits, and the argument errors.
+//! with and without the next-token mix, large logits, and the argument errors; and the model's
+//! entry points (`binary_linear_forward_layout_into`, `binary_linear_backward_add`): GPT-2's
+//! (in, out) weights and gradients added to what they hold.
 
 #[macro_use]
 mod common;
@@ -18,6 +20,9 @@ use tessera::ops::{
     binary_init, binary_linear_backward, binary_linear_backward_into, binary_linear_forward,
     binary_linear_forward_into, binary_pack, binary_packed_forward, binary_packed_forward_into, binary_unpack,
     distill_loss, distill_loss_into, BinaryLinear, BinaryLinearGrads, PackedBinaryLinear,
+};
+use tessera::ops::{
+    binary_linear_backward_add, binary_linear_forward_layout_into, BinaryGradTargets, BinaryWeightLayout,
 };
 use tessera::{DType, Device, Tensor};
 
@@ -53,6 +58,9 @@ on_each_device!(
     training_errors,
     errors_name_the_argument,
     errors_leave_outputs_unchanged,
+    small_training_layout_accumulate,
+    training_layout_accumulate,
+    training_layout_errors,
 );
 
 fn tensor<T: tessera::Element>(data: Vec<T>, shape: &[usize], device: &Device) -> Tensor {
@@ -1436,4 +1444,239 @@ fn errors_leave_outputs_unchanged(device: &Device) {
     assert!(distill_loss_into(&s, &s, Some(&labels), 0.5, &mut loss, &mut grad).is_err());
     assert_eq!(bytes(&loss), loss_before);
     assert_eq!(bytes(&grad), grad_before);
+}
+
+// ---- the model's entry points: weight layout and accumulation --------------------------------
+
+/// `[rows, cols]` row-major values transposed.
+fn transpose<V: Copy>(v: &[V], rows: usize, cols: usize) -> Vec<V> {
+    (0..rows * cols).map(|k| v[(k % rows) * cols + k / rows]).collect()
+}
+
+/// The forward with the weight in `layout`, and the backward adding to prior gradients (random,
+/// so that a dropped or doubled prior shows): each against the f64 references. dX is added to
+/// with `accumulate_d_x`, else overwritten (poisoned first); then a frozen layer's call (dX
+/// alone) and a call asking for the parameters' gradients alone.
+#[allow(clippy::too_many_arguments)]
+fn check_layout_accumulate<T: Float>(
+    device: &Device,
+    rng: &mut StdRng,
+    tokens: usize,
+    d_out: usize,
+    d_in: usize,
+    with_bias: bool,
+    layout: BinaryWeightLayout,
+    accumulate_d_x: bool,
+) {
+    let p = Params::random(rng, d_out, d_in, with_bias, 1.0);
+    let (_, alpha, beta, bias) = p.tensors(device);
+    let input_major = layout == BinaryWeightLayout::InputMajor;
+    let w = match input_major {
+        true => tensor(transpose(&p.w, d_out, d_in), &[d_in, d_out], device),
+        false => tensor(p.w.clone(), &[d_out, d_in], device),
+    };
+    let layer = BinaryLinear {
+        weight: &w,
+        alpha: &alpha,
+        beta: &beta,
+        bias: bias.as_ref(),
+    };
+    let x_values: Vec<T> = uniform(rng, tokens * d_in);
+    let dy_values: Vec<T> = uniform(rng, tokens * d_out);
+    let x = tensor(x_values.clone(), &[tokens, d_in], device);
+    let dy = tensor(dy_values.clone(), &[tokens, d_out], device);
+    let (w64, a64, b64, bias64) = p.f64s();
+    let (x64, dy64) = (common::to_f64(&x_values), common::to_f64(&dy_values));
+    let what = format!(
+        "{} tokens={tokens} d_out={d_out} d_in={d_in} bias={with_bias} {layout:?} accumulate_d_x={accumulate_d_x} on {device}",
+        T::DTYPE
+    );
+
+    let mut y = poisoned(&[tokens, d_out], T::DTYPE, device);
+    binary_linear_forward_layout_into(&x, layer, layout, &mut y).unwrap();
+    let reference = dense_forward(&x64, &w64, &a64, &b64, bias64.as_deref(), tokens, d_out, d_in, sign);
+    assert_each_close(
+        &format!("forward {what}"),
+        &values::<T>(&y),
+        &reference,
+        T::MATMUL_TOLERANCE,
+    );
+
+    let (d_x, d_alpha, d_beta, d_w, d_b) = backward_reference(&dy64, &x64, &w64, &a64, &b64, tokens, d_out, d_in);
+    let d_w = if input_major { transpose(&d_w, d_out, d_in) } else { d_w };
+    let w_shape = w.shape().to_vec();
+    let prior_x: Vec<T> = uniform(rng, tokens * d_in);
+    let prior_w: Vec<f32> = uniform(rng, d_out * d_in);
+    let prior_a: Vec<f32> = uniform(rng, d_in);
+    let prior_b: Vec<f32> = uniform(rng, d_in);
+    let prior_bias: Vec<f32> = uniform(rng, d_out);
+    let mut t_x = match accumulate_d_x {
+        true => tensor(prior_x.clone(), &[tokens, d_in], device),
+        false => poisoned(&[tokens, d_in], T::DTYPE, device),
+    };
+    let mut t_w = tensor(prior_w.clone(), &w_shape, device);
+    let mut t_a = tensor(prior_a.clone(), &[d_in], device);
+    let mut t_b = tensor(prior_b.clone(), &[d_in], device);
+    let mut t_bias = with_bias.then(|| tensor(prior_bias.clone(), &[d_out], device));
+    let targets = BinaryGradTargets {
+        d_x: Some(&mut t_x),
+        accumulate_d_x,
+        d_weight: Some(&mut t_w),
+        d_alpha: Some(&mut t_a),
+        d_beta: Some(&mut t_b),
+        d_bias: t_bias.as_mut(),
+    };
+    binary_linear_backward_add(&dy, &x, layer, layout, targets).unwrap();
+    let plus = |prior: Vec<f64>, add: &[f64]| prior.iter().zip(add).map(|(p, a)| p + a).collect::<Vec<_>>();
+    let want_x = match accumulate_d_x {
+        true => plus(common::to_f64(&prior_x), &d_x),
+        false => d_x.clone(),
+    };
+    assert_each_close(&format!("dX {what}"), &values::<T>(&t_x), &want_x, T::MATMUL_TOLERANCE);
+    let grad_tolerance = HALF_GRAD_TOLERANCE.max(T::MATMUL_TOLERANCE.min(1e-4));
+    let f32_grads = [
+        ("dW", &t_w, plus(common::to_f64(&prior_w), &d_w)),
+        ("dα", &t_a, plus(common::to_f64(&prior_a), &d_alpha)),
+        ("dβ", &t_b, plus(common::to_f64(&prior_b), &d_beta)),
+    ];
+    for (name, got, want) in f32_grads {
+        assert_each_close(&format!("{name} {what}"), &values::<f32>(got), &want, grad_tolerance);
+    }
+    if let Some(t_bias) = &t_bias {
+        let want = plus(common::to_f64(&prior_bias), &d_b);
+        assert_each_close(&format!("db {what}"), &values::<f32>(t_bias), &want, grad_tolerance);
+    }
+
+    // A frozen layer: dX alone (overwritten).
+    let mut only_x = poisoned(&[tokens, d_in], T::DTYPE, device);
+    let targets = BinaryGradTargets {
+        d_x: Some(&mut only_x),
+        accumulate_d_x: false,
+        d_weight: None,
+        d_alpha: None,
+        d_beta: None,
+        d_bias: None,
+    };
+    binary_linear_backward_add(&dy, &x, layer, layout, targets).unwrap();
+    assert_each_close(
+        &format!("frozen dX {what}"),
+        &values::<T>(&only_x),
+        &d_x,
+        T::MATMUL_TOLERANCE,
+    );
+
+    // The parameters' gradients alone, from zero.
+    let mut t_w = tensor(vec![0.0f32; d_out * d_in], &w_shape, device);
+    let mut t_a = tensor(vec![0.0f32; d_in], &[d_in], device);
+    let targets = BinaryGradTargets {
+        d_x: None,
+        accumulate_d_x: false,
+        d_weight: Some(&mut t_w),
+        d_alpha: Some(&mut t_a),
+        d_beta: None,
+        d_bias: None,
+    };
+    binary_linear_backward_add(&dy, &x, layer, layout, targets).unwrap();
+    assert_each_close(&format!("dW alone {what}"), &values::<f32>(&t_w), &d_w, grad_tolerance);
+    assert_each_close(
+        &format!("dα alone {what}"),
+        &values::<f32>(&t_a),
+        &d_alpha,
+        grad_tolerance,
+    );
+}
+
+fn small_training_layout_accumulate(device: &Device) {
+    let mut rng = common::rng();
+    check_layout_accumulate::<bf16>(device, &mut rng, 70, 9, 37, true, BinaryWeightLayout::InputMajor, true);
+}
+
+/// Both layouts, dX added to or overwritten, with and without a bias, odd sizes (one token, one
+/// input, one output; 1025 inputs past a block's threads; more tokens than a chunk of the
+/// column sums), bf16 and f16 activations (and f32 on the CPU).
+fn training_layout_accumulate(device: &Device) {
+    let mut rng = common::rng();
+    let cases = [
+        (1, 1, 1, false),
+        (7, 17, 113, true),
+        (70, 9, 37, true),
+        (TRAIN_CHUNK_ROWS + 3, 113, 7, false),
+        (17, 5, 1025, true),
+    ];
+    for layout in [BinaryWeightLayout::OutputMajor, BinaryWeightLayout::InputMajor] {
+        for accumulate in [false, true] {
+            for &(tokens, d_out, d_in, bias) in &cases {
+                check_layout_accumulate::<bf16>(device, &mut rng, tokens, d_out, d_in, bias, layout, accumulate);
+                check_layout_accumulate::<f16>(device, &mut rng, tokens, d_out, d_in, bias, layout, accumulate);
+                if !device.is_cuda() {
+                    check_layout_accumulate::<f32>(device, &mut rng, tokens, d_out, d_in, bias, layout, accumulate);
+                }
+            }
+        }
+    }
+}
+
+/// The layout's shapes are checked (an (out, in) gradient for an (in, out) weight, a bias's
+/// gradient without a bias), naming the argument, and nothing is written on an error.
+fn training_layout_errors(device: &Device) {
+    let mut rng = common::rng();
+    let (tokens, d_out, d_in) = (3, 5, 20);
+    let p = Params::random(&mut rng, d_out, d_in, false, 1.0);
+    let (_, alpha, beta, _) = p.tensors(device);
+    let w = tensor(transpose(&p.w, d_out, d_in), &[d_in, d_out], device);
+    let layer = BinaryLinear {
+        weight: &w,
+        alpha: &alpha,
+        beta: &beta,
+        bias: None,
+    };
+    let x = tensor(uniform::<bf16>(&mut rng, tokens * d_in), &[tokens, d_in], device);
+    let dy = tensor(uniform::<bf16>(&mut rng, tokens * d_out), &[tokens, d_out], device);
+    let mut y = tensor(uniform::<bf16>(&mut rng, tokens * d_out), &[tokens, d_out], device);
+    let before = bytes(&y);
+    // The (in, out) weight read as (out, in): x has d_out columns where d_in are expected.
+    assert_invalid(
+        binary_linear_forward_layout_into(&x, layer, BinaryWeightLayout::OutputMajor, &mut y),
+        "binary_linear_forward",
+        "alpha",
+        &[],
+    );
+    assert_eq!(bytes(&y), before);
+
+    let mut d_x = tensor(uniform::<bf16>(&mut rng, tokens * d_in), &[tokens, d_in], device);
+    let mut wrong_w = tensor(uniform::<f32>(&mut rng, d_out * d_in), &[d_out, d_in], device);
+    let mut d_a = tensor(uniform::<f32>(&mut rng, d_in), &[d_in], device);
+    let (x_before, w_before, a_before) = (bytes(&d_x), bytes(&wrong_w), bytes(&d_a));
+    let targets = BinaryGradTargets {
+        d_x: Some(&mut d_x),
+        accumulate_d_x: true,
+        d_weight: Some(&mut wrong_w),
+        d_alpha: Some(&mut d_a),
+        d_beta: None,
+        d_bias: None,
+    };
+    assert_invalid(
+        binary_linear_backward_add(&dy, &x, layer, BinaryWeightLayout::InputMajor, targets),
+        "binary_linear_backward",
+        "targets.d_weight",
+        &[],
+    );
+    let mut d_bias = tensor(uniform::<f32>(&mut rng, d_out), &[d_out], device);
+    let targets = BinaryGradTargets {
+        d_x: Some(&mut d_x),
+        accumulate_d_x: true,
+        d_weight: None,
+        d_alpha: Some(&mut d_a),
+        d_beta: None,
+        d_bias: Some(&mut d_bias),
+    };
+    assert_invalid(
+        binary_linear_backward_add(&dy, &x, layer, BinaryWeightLayout::InputMajor, targets),
+        "binary_linear_backward",
+        "targets.d_bias",
+        &[],
+    );
+    assert_eq!(bytes(&d_x), x_before);
+    assert_eq!(bytes(&wrong_w), w_before);
+    assert_eq!(bytes(&d_a), a_before);
 }

@@ -18,7 +18,7 @@ use tessera::model::{
 use tessera::train::config::{configuration, run_configuration};
 use tessera::train::trainer::{TrainOptions, Trainer};
 use tessera::train::Corpus;
-use tessera::{DType, Device, Error, Tensor};
+use tessera::{DType, Device, Tensor};
 
 fn small(family: Family) -> GptConfig {
     let gpt2 = family == Family::Gpt2;
@@ -1255,17 +1255,130 @@ fn hugging_face_config_only_for_exportable_variants() {
     );
 }
 
-#[test]
-fn binary_trains_on_the_cpu_and_is_refused_on_a_gpu() {
+/// A binary model trains on each device, next-token and distilled from a dense teacher
+/// (`distill_from`, pure distillation): its loss falls within 8 steps.
+fn binary_trains_and_distils(device: &Device) {
     let corpus = corpus();
     let (binary, _) = binary_with_adapters();
-    let mut trainer = Trainer::with_variants(&byte_config(), &binary, options(8), &Device::Cpu).unwrap();
+    let mut trainer = Trainer::with_variants(&byte_config(), &binary, options(8), device).unwrap();
     let losses: Vec<f32> = (0..8).map(|_| trainer.train_step(&corpus).unwrap().loss).collect();
-    assert!(losses[7] < losses[0], "{losses:?}");
+    assert!(
+        losses.iter().all(|l| l.is_finite()) && losses[7] < losses[0],
+        "{losses:?}"
+    );
+
+    let dir = scratch("binary-teacher", device);
+    let mut teacher = Trainer::new(&byte_config(), options(6), device).unwrap();
+    for _ in 0..6 {
+        teacher.train_step(&corpus).unwrap();
+    }
+    teacher.save(&dir).unwrap();
+    let distilled = TrainOptions {
+        distill_from: Some(dir.display().to_string()),
+        ..options(8)
+    };
+    let mut student = Trainer::with_variants(&byte_config(), &binary, distilled, device).unwrap();
+    let losses: Vec<f32> = (0..8).map(|_| student.train_step(&corpus).unwrap().loss).collect();
+    assert!(
+        losses.iter().all(|l| l.is_finite()) && losses[7] < losses[0],
+        "{losses:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `values` as a tensor of the model's compute dtype on `device` (bf16 on a GPU).
+fn compute_tensor(values: &[f32], shape: &[usize], device: &Device) -> Tensor {
+    match device.is_cuda() {
+        true => Tensor::from_vec(
+            values.iter().map(|&v| half::bf16::from_f32(v)).collect::<Vec<_>>(),
+            shape,
+            device,
+        )
+        .unwrap(),
+        false => Tensor::from_slice(values, shape, device).unwrap(),
+    }
+}
+
+/// The GPU's (bf16 activations, f32 masters into the binary op) binary model follows the CPU's
+/// (f32) for both weight layouts (GPT-2's (in, out), Llama's (out, in)) with adapters on the
+/// MLP: the loss and every gradient of a next-token step and of a distillation step, then the
+/// losses of a few training steps.
+#[test]
+fn gpu_binary_model_follows_the_cpu() {
     let Some(gpu) = common::gpu() else { return };
-    match GptParams::init_with_variants(&byte_config(), &binary, &gpu, 1) {
-        Err(Error::Unsupported { reason, .. }) => assert!(reason.contains("CPU only"), "{reason}"),
-        other => panic!("expected Unsupported, got {:?}", other.map(|_| ())),
+    let mut rng = common::rng();
+    let (binary, _) = binary_with_adapters();
+    let flat = |g: &[Vec<f32>]| g.iter().flatten().map(|&v| v as f64).collect::<Vec<_>>();
+    for family in [Family::Gpt2, Family::Llama] {
+        let config = small(family);
+        let mut cpu = GptParams::init_with_variants(&config, &binary, &Device::Cpu, 5).unwrap();
+        randomise(&mut cpu, &mut rng);
+        let mut on_gpu = GptParams::init_with_variants(&config, &binary, &gpu, 5).unwrap();
+        for (index, p) in cpu.params.iter().enumerate() {
+            on_gpu.set_value(index, p.value.to_vec::<f32>().unwrap()).unwrap();
+        }
+        let (inputs, targets) = batch(&config, &mut rng, 14);
+        let (a, grads_a, cpu) = loss_and_grads(cpu, &inputs, &targets);
+        let (b, grads_b, on_gpu) = loss_and_grads(on_gpu, &inputs, &targets);
+        assert!(
+            a.is_finite() && (a - b).abs() <= 2e-2 * a.abs(),
+            "{family:?}: CPU loss {a}, GPU loss {b}"
+        );
+        common::assert_close("gradients", &flat(&grads_b), &flat(&grads_a), 6e-2);
+        for linear in cpu.layout.linears() {
+            let index = linear.binary.unwrap();
+            for i in [linear.weight, index.alpha, index.beta] {
+                let name = &cpu.params[i].spec.name;
+                let (got, want) = (&grads_b[i], &grads_a[i]);
+                assert!(want.iter().any(|&g| g != 0.0), "{name}: a gradient to compare");
+                common::assert_close(
+                    name,
+                    &flat(std::slice::from_ref(got)),
+                    &flat(std::slice::from_ref(want)),
+                    6e-2,
+                );
+            }
+        }
+
+        // Distillation from a random teacher's logits (the same values on both devices).
+        let (batch_size, seq) = (2, 7);
+        let teacher: Vec<f32> = (0..14 * config.vocab).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+        let distill = |params: GptParams| {
+            let device = params.device.clone();
+            let teacher = compute_tensor(&teacher, &[14, config.vocab], &device);
+            let mut model = Gpt::new(params, batch_size, seq).unwrap();
+            model.params.zero_grads().unwrap();
+            let loss = model
+                .forward_backward_distill(&inputs, &targets, &teacher, 0.0, batch_size, seq, 1.0)
+                .unwrap();
+            let grads: Vec<Vec<f32>> = model
+                .params
+                .params
+                .iter()
+                .map(|p| p.grad.to_vec::<f32>().unwrap())
+                .collect();
+            (loss, grads)
+        };
+        let (a, grads_a) = distill(cpu);
+        let (b, grads_b) = distill(on_gpu);
+        assert!(
+            a.is_finite() && (a - b).abs() <= 2e-2 * a.abs(),
+            "{family:?}: CPU distillation loss {a}, GPU {b}"
+        );
+        common::assert_close("distillation gradients", &flat(&grads_b), &flat(&grads_a), 6e-2);
+    }
+
+    // Training: the same initialisation and batches on both devices.
+    let corpus = corpus();
+    let mut on_cpu = Trainer::with_variants(&byte_config(), &binary, options(4), &Device::Cpu).unwrap();
+    let mut on_gpu = Trainer::with_variants(&byte_config(), &binary, options(4), &gpu).unwrap();
+    for step in 0..4 {
+        let a = on_cpu.train_step(&corpus).unwrap().loss;
+        let b = on_gpu.train_step(&corpus).unwrap().loss;
+        assert!(
+            a.is_finite() && (a - b).abs() <= 2e-2 * a.abs(),
+            "step {step}: CPU loss {a}, GPU loss {b}"
+        );
     }
 }
 
@@ -1514,6 +1627,7 @@ fn densify_from_starts_dense_fine_tuning_and_resumes(device: &Device) {
 }
 
 on_each_device!(
+    binary_trains_and_distils,
     densify_from_starts_dense_fine_tuning_and_resumes,
     sltrain_equals_dense_on_its_materialised_weights,
     sltrain_trains_and_resumes,

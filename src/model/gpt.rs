@@ -18,12 +18,13 @@
 //! layer's variant ([`super::variants`]): masked weights (`nm` with its double-pruned input
 //! gradient, `unstructured`), `binary` (the binary op's training form), `sparse_low_rank` (the
 //! materialised weight, SLTrain's backward) and a LoRA adapter on top. Where a variant allocates
-//! inside a step: the adapter's (tokens × rank) products, the binary op's outputs (and a
-//! transposed copy of a GPT-2 weight), SLTrain's gradients (added on the host), and after every
+//! inside a step: the adapter's (tokens × rank) products, the binary op's scratch (its ±1 GEMM
+//! operands and partial sums), SLTrain's gradients (added on the host), and after every
 //! update the host-side recomputation of double-pruned and SLTrain weights.
 
+use super::binary_layers;
 use super::config::{Activation, Attention, GptConfig, Norm, Positions};
-use super::params::{cast, output_major, BinaryIndex, Block, GptParams, Layout, Linear, LoraIndex, NormIndex, Qkv};
+use super::params::{cast, Block, GptParams, Layout, Linear, LoraIndex, NormIndex, Qkv};
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -616,7 +617,7 @@ fn norm_backward(
 /// `out = x·W (+ b)` in the weight's layout, plus the LoRA adapter's `s·(x·Aᵀ)·Bᵀ` when it is on:
 /// the one place a block projection runs, whatever its variant. A masked layer (`nm`,
 /// `unstructured`) multiplies by its masked dense weight (its pruned entries are exactly 0), on
-/// both devices; a `binary` one runs the binary op's training form (f32, CPU); a
+/// both devices; a `binary` one runs the binary op's training form ([`super::binary_layers`]); a
 /// `sparse_low_rank` one multiplies by its materialised `W = c·B·A + S`.
 pub(super) fn linear_forward(params: &GptParams, linear: &Linear, x: &Tensor, out: &mut Tensor) -> Result<()> {
     let options = match linear.layout {
@@ -625,7 +626,7 @@ pub(super) fn linear_forward(params: &GptParams, linear: &Linear, x: &Tensor, ou
     };
     let bias = linear.bias.map(|b| params.weight(b));
     match linear.binary {
-        Some(index) => binary_forward(params, linear, index, x, out)?,
+        Some(index) => binary_layers::forward(params, linear, index, x, out)?,
         None => ops::matmul_into(x, params.weight(linear.weight), bias, out, options)?,
     }
     match adapter(params, linear) {
@@ -677,7 +678,13 @@ fn linear_backward(
     ones: &Tensor,
 ) -> Result<()> {
     if let Some(index) = linear.binary {
-        return binary_backward(params, linear, index, x, dy, dx, accumulate);
+        let lora = adapter(params, linear);
+        let train_base = !(lora.is_some() && linear.spec.lora.is_some_and(|l| l.frozen_base));
+        binary_layers::backward(params, linear, index, x, dy, dx.as_deref_mut(), accumulate, train_base)?;
+        if let Some((index, scale)) = lora {
+            adapter_backward(params, index, scale, x, dy, dx)?;
+        }
+        return Ok(());
     }
     if let Some(dx) = dx.as_deref_mut() {
         let options = MatmulOptions {
@@ -713,102 +720,6 @@ fn linear_backward(
         let result = ops::matmul_into(ones, dy, None, grad, options);
         grad.reshape_in_place(&[n])?;
         result?;
-    }
-    Ok(())
-}
-
-/// The binary op's training-form forward and backward: the one place the model calls them, so
-/// that a GPU form with the same API (and `_into` forms) replaces them here alone.
-fn binary_train_forward(x: &Tensor, layer: ops::BinaryLinear<'_>) -> Result<Tensor> {
-    ops::binary_linear_forward(x, layer)
-}
-
-fn binary_train_backward(dy: &Tensor, x: &Tensor, layer: ops::BinaryLinear<'_>) -> Result<ops::BinaryLinearGrads> {
-    ops::binary_linear_backward(dy, x, layer)
-}
-
-/// A `binary` layer's weight as the op takes it, (out, in): the weight itself, or for GPT-2's
-/// (in, out) weights a transposed copy (the training form allocates its outputs anyway).
-fn binary_weight(params: &GptParams, linear: &Linear) -> Result<Option<Tensor>> {
-    match linear.layout {
-        Layout::InputMajor => Ok(Some(output_major(params.weight(linear.weight), linear)?)),
-        _ => Ok(None),
-    }
-}
-
-fn binary_forward(params: &GptParams, linear: &Linear, index: BinaryIndex, x: &Tensor, out: &mut Tensor) -> Result<()> {
-    let transposed = binary_weight(params, linear)?;
-    let layer = ops::BinaryLinear {
-        weight: transposed.as_ref().unwrap_or(params.weight(linear.weight)),
-        alpha: params.weight(index.alpha),
-        beta: params.weight(index.beta),
-        bias: linear.bias.map(|b| params.weight(b)),
-    };
-    out.copy_from(&binary_train_forward(x, layer)?)
-}
-
-/// A `binary` layer's backward (the straight-through estimator of ALGORITHMS.md §1.4), then its
-/// adapter's.
-fn binary_backward(
-    params: &mut GptParams,
-    linear: &Linear,
-    index: BinaryIndex,
-    x: &Tensor,
-    dy: &Tensor,
-    mut dx: Option<&mut Tensor>,
-    accumulate: bool,
-) -> Result<()> {
-    let transposed = binary_weight(params, linear)?;
-    let layer = ops::BinaryLinear {
-        weight: transposed.as_ref().unwrap_or(params.weight(linear.weight)),
-        alpha: params.weight(index.alpha),
-        beta: params.weight(index.beta),
-        bias: linear.bias.map(|b| params.weight(b)),
-    };
-    let grads = binary_train_backward(dy, x, layer)?;
-    if let Some(dx) = dx.as_deref_mut() {
-        match accumulate {
-            true => add_host(dx, &grads.d_x, None)?,
-            false => dx.copy_from(&grads.d_x)?,
-        }
-    }
-    if let Some((adapter, scale)) = adapter(params, linear) {
-        adapter_backward(params, adapter, scale, x, dy, dx)?;
-        if linear.spec.lora.is_some_and(|l| l.frozen_base) {
-            return Ok(());
-        }
-    }
-    let transpose = (linear.layout == Layout::InputMajor).then_some((linear.output, linear.input));
-    add_host(&mut params.params[linear.weight].grad, &grads.d_weight, transpose)?;
-    add_host(&mut params.params[index.alpha].grad, &grads.d_alpha, None)?;
-    add_host(&mut params.params[index.beta].grad, &grads.d_beta, None)?;
-    if let (Some(bias), Some(d_bias)) = (linear.bias, &grads.d_bias) {
-        add_host(&mut params.params[bias].grad, d_bias, None)?;
-    }
-    Ok(())
-}
-
-/// `dst += src` for f32 host tensors of as many elements, with `src` (rows, cols) transposed
-/// first when asked.
-fn add_host(dst: &mut Tensor, src: &Tensor, transpose: Option<(usize, usize)>) -> Result<()> {
-    let from = src.host_slice::<f32>()?;
-    let to = dst.host_slice_mut::<f32>()?;
-    if from.len() != to.len() {
-        return Err(Error::invalid(
-            OP,
-            "gradient",
-            format!("{} values", to.len()),
-            from.len(),
-        ));
-    }
-    match transpose {
-        None => to.iter_mut().zip(from).for_each(|(d, s)| *d += s),
-        Some((rows, cols)) => {
-            for (k, d) in to.iter_mut().enumerate() {
-                // dst is (cols, rows): its (c, r) is src's (r, c).
-                *d += from[(k % rows) * cols + k / rows];
-            }
-        }
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The GPT model: its configuration, its parameters and checkpoints, its forward and backward,
 //! and generation.
 
+mod binary_layers;
 pub mod config;
 pub mod generate;
 pub mod gpt;

@@ -6,7 +6,9 @@
 //! (`model.layers.0.self_attn.q_proj.weight`, nn.Linear weights stored (out, in)). Tensors that
 //! neither library has (a SwiGLU gate in a GPT-2-family model, learned positions in a Llama-family
 //! one) follow the same scheme under the names listed here, and tessera-only state (masks, packed
-//! bits, adapters) goes under the `tessera.` prefix.
+//! bits, adapters) goes under the `tessera.` prefix. A packed checkpoint (`tessera export
+//! --packed`, metadata `tessera.packed = binary`) stores each binary layer's sign bits,
+//! `tessera.<layer>.binary_bits` (u32 `[out, ceil(in/32)]`), in place of its latent weight.
 //!
 //! [`GptParams`] holds the values on one device with their gradients and AdamW's moments:
 //! initialisation, the AdamW update and checkpoints.
@@ -475,6 +477,10 @@ pub struct GptParams {
     /// The `sparse_low_rank` layers as the SLTrain op holds them (compute-dtype copies of A, B
     /// and S's values beside the fixed support), by weight index.
     pub sltrain: BTreeMap<usize, ops::SlTrainLayer>,
+    /// A packed model's `binary` layers: their sign bits (u32 `[out, ceil(in/32)]`, the binary
+    /// op's layout), by weight index. Such a layer's latent weight is gone: its [`Parameter`]
+    /// holds one zero, and the model runs inference only (see `GptParams::pack_binary`).
+    pub packed: BTreeMap<usize, Tensor>,
 }
 
 impl GptParams {
@@ -556,14 +562,14 @@ impl GptParams {
         values: Vec<Tensor>,
         device: &Device,
     ) -> Result<GptParams> {
-        check_variants_supported(&layout, device)?;
         let dtype = if device.is_cuda() { DType::BF16 } else { DType::F32 };
         let params = values
             .into_iter()
             .enumerate()
             .map(|(index, value)| {
                 let spec = layout.specs[index].clone();
-                let zeros = |dtype| Tensor::zeros(&spec.shape, dtype, device);
+                // Shaped like the value: a packed layer's placeholder weight has one element.
+                let zeros = |dtype| Tensor::zeros(value.shape(), dtype, device);
                 let compute = if dtype == DType::F32 {
                     None
                 } else {
@@ -589,6 +595,7 @@ impl GptParams {
             params,
             adapters_on: true,
             sltrain: BTreeMap::new(),
+            packed: BTreeMap::new(),
         })
     }
 
@@ -1081,17 +1088,28 @@ impl GptParams {
             .iter()
             .map(|(&index, layer)| (support_name(&self.params[index].spec.name), layer.support()))
             .collect();
+        let packed: Vec<(String, &Tensor)> = self
+            .packed
+            .iter()
+            .map(|(&index, bits)| (packed_name(&self.params[index].spec.name), bits))
+            .collect();
         let list: Vec<(&str, &Tensor)> = self
             .params
             .iter()
-            .map(|p| (p.spec.name.as_str(), &p.value))
+            .enumerate()
+            .filter(|(index, _)| !self.packed.contains_key(index))
+            .map(|(_, p)| (p.spec.name.as_str(), &p.value))
             .chain(mask_names.iter().map(|(name, bits)| (name.as_str(), *bits)))
             .chain(supports.iter().map(|(name, support)| (name.as_str(), *support)))
+            .chain(packed.iter().map(|(name, bits)| (name.as_str(), *bits)))
             .collect();
         let mut metadata = BTreeMap::from([
             ("format".to_string(), "pt".to_string()),
             (CONFIG_KEY.to_string(), self.config_json()),
         ]);
+        if !self.packed.is_empty() {
+            metadata.insert(PACKED_KEY.to_string(), PACKED_BINARY.to_string());
+        }
         if self.has_adapters() {
             let on = if self.adapters_on { "on" } else { "off" };
             metadata.insert(ADAPTERS_KEY.to_string(), on.to_string());
@@ -1101,10 +1119,39 @@ impl GptParams {
 
     /// Reads parameters saved by [`GptParams::save`] or by Hugging Face's libraries. The
     /// configuration is the checkpoint's own when it has one, else `config` (a Hugging Face
-    /// checkpoint has none), and every tensor's name and shape is checked against it.
+    /// checkpoint has none), and every tensor's name and shape is checked against it. A packed
+    /// checkpoint (`tessera export --packed`) is an error: it has no latent weights to train;
+    /// [`GptParams::load_inference`] reads it.
     pub fn load(path: impl AsRef<Path>, config: Option<&GptConfig>, device: &Device) -> Result<GptParams> {
-        let path = path.as_ref();
+        GptParams::load_checkpoint(path.as_ref(), config, device, false)
+    }
+
+    /// [`GptParams::load`] for inference: a packed checkpoint too, whose binary layers then run
+    /// the packed forward.
+    pub fn load_inference(path: impl AsRef<Path>, config: Option<&GptConfig>, device: &Device) -> Result<GptParams> {
+        GptParams::load_checkpoint(path.as_ref(), config, device, true)
+    }
+
+    fn load_checkpoint(path: &Path, config: Option<&GptConfig>, device: &Device, inference: bool) -> Result<GptParams> {
         let mut file = SafeTensors::load(path)?;
+        let packed = match file.metadata().get(PACKED_KEY).map(String::as_str) {
+            None => false,
+            Some(PACKED_BINARY) if inference => true,
+            Some(PACKED_BINARY) => {
+                return Err(Error::file(
+                    path.display(),
+                    "a packed checkpoint (tessera export --packed) keeps 1 bit of each binary weight, not the \
+                     latent f32 weights that training updates: it runs inference only (generate, eval); train \
+                     from the checkpoint it was exported from",
+                ))
+            }
+            Some(other) => {
+                return Err(Error::file(
+                    path.display(),
+                    format!("metadata `{PACKED_KEY}`: expected \"{PACKED_BINARY}\", got {other:?}"),
+                ))
+            }
+        };
         let (config, variants) = match (file.metadata().get(CONFIG_KEY), config) {
             (Some(text), _) => parse_config_json(text)
                 .map_err(|e| Error::file(path.display(), format!("metadata `{CONFIG_KEY}`: {e}")))?,
@@ -1119,12 +1166,31 @@ impl GptParams {
         config.validate()?;
         variants.validate(&config)?;
         let layout = ModelLayout::with_variants(&config, &variants);
+        let binary: Vec<Linear> = match packed {
+            true => layout
+                .linears()
+                .into_iter()
+                .filter(|l| l.binary.is_some())
+                .copied()
+                .collect(),
+            false => Vec::new(),
+        };
         let values = layout
             .specs
             .iter()
-            .map(|spec| file.take(&spec.name, DType::F32, &spec.shape)?.to_device(device))
+            .enumerate()
+            .map(|(index, spec)| match binary.iter().any(|l| l.weight == index) {
+                true => Tensor::zeros(&[1], DType::F32, device),
+                false => file.take(&spec.name, DType::F32, &spec.shape)?.to_device(device),
+            })
             .collect::<Result<Vec<_>>>()?;
         let mut params = GptParams::from_values(config, variants, layout, values, device)?;
+        for linear in &binary {
+            let name = packed_name(&params.params[linear.weight].spec.name);
+            let shape = [linear.output, ops::binary::packed_words(linear.input)];
+            let bits = file.take(&name, DType::U32, &shape)?.to_device(device)?;
+            params.packed.insert(linear.weight, bits);
+        }
         params.attach_sltrain()?;
         // The support is fixed by the layer's seed; the stored one must be that one.
         for (&index, layer) in &params.sltrain {
@@ -1178,6 +1244,10 @@ pub struct LinearSummary {
     /// Bytes in a checkpoint: the f32 trainable values, a mask's bits, an SLTrain layer's support
     /// and materialised weight.
     pub bytes: usize,
+    /// Bytes that inference reads per forward: a binary layer's packed sign bits with its f32 α,
+    /// β and bias (`tessera export --packed`); any other layer's weight and bias in bf16 (a
+    /// GPU's compute dtype), its adapter included.
+    pub inference_bytes: usize,
 }
 
 /// Every block linear layer of `config`'s model with `variants` (validated).
@@ -1214,12 +1284,17 @@ pub fn linear_summary(config: &GptConfig, variants: &LinearVariants) -> Result<V
                 ),
                 _ => (numel, 0),
             };
+            let inference_bytes = match linear.binary {
+                Some(_) => 4 * linear.output * ops::binary::packed_words(linear.input) + 4 * (adapter + bias),
+                None => 2 * (numel + bias + adapter),
+            };
             LinearSummary {
                 name: spec.name.strip_suffix(".weight").unwrap_or(&spec.name).to_string(),
                 spec: linear.spec,
                 parameters: trained + bias + adapter,
                 kept,
                 bytes: 4 * (trained + bias + adapter) + mask_bytes + extra_bytes,
+                inference_bytes,
             }
         })
         .collect())
@@ -1276,6 +1351,19 @@ fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
 
 const OP_PARAMS: &str = "GptParams";
 
+/// The metadata key that marks a packed checkpoint, and its one value: binary layers packed.
+pub const PACKED_KEY: &str = "tessera.packed";
+pub const PACKED_BINARY: &str = "binary";
+
+/// The checkpoint name of the packed sign bits of binary weight `weight_name`
+/// (`tessera.<layer>.binary_bits`).
+pub fn packed_name(weight_name: &str) -> String {
+    format!(
+        "tessera.{}.binary_bits",
+        weight_name.strip_suffix(".weight").unwrap_or(weight_name)
+    )
+}
+
 /// The checkpoint name of the mask of weight `weight_name` (`tessera.<layer>.mask`).
 pub fn mask_name(weight_name: &str) -> String {
     format!(
@@ -1326,24 +1414,6 @@ fn nm_kept(values: &[f32], rows: usize, cols: usize, pattern: NmPattern, along_r
     let w = Tensor::from_vec(transposed, &[cols, rows], &Device::Cpu)?;
     let kept_t = ops::nm_mask(&w, pattern)?.to_vec::<u8>()?;
     Ok((0..rows * cols).map(|i| kept_t[(i % cols) * rows + i / cols]).collect())
-}
-
-/// The variants the model runs today; the others are an error naming the layer.
-fn check_variants_supported(layout: &ModelLayout, device: &Device) -> Result<()> {
-    for linear in layout.linears() {
-        let name = &layout.specs[linear.weight].name;
-        match linear.spec.variant {
-            // The binary op's training form is f32 on the CPU.
-            Variant::Binary if device.is_cuda() => {
-                return Err(Error::Unsupported {
-                    op: "GptParams",
-                    reason: format!("`binary` linear layers ({name}) train on the CPU only (the training form is f32)"),
-                })
-            }
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 /// A layer's weight `value` (f32, in its stored layout) as (out, in): itself for an (out, in)

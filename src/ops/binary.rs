@@ -109,9 +109,17 @@ fn check_vector(op: &'static str, arg: &'static str, t: &Tensor, len: usize, dev
 
 /// Checks the latent weight; returns (d_out, d_in).
 fn check_weight(op: &'static str, w: &Tensor) -> Result<(usize, usize)> {
+    check_weight_layout(op, w, BinaryWeightLayout::OutputMajor)
+}
+
+/// Checks a latent weight stored in `layout`; returns (d_out, d_in).
+fn check_weight_layout(op: &'static str, w: &Tensor, layout: BinaryWeightLayout) -> Result<(usize, usize)> {
     w.expect_rank(op, "weight", 2)?;
     w.expect_dtype(op, "weight", &[DType::F32])?;
-    let (d_out, d_in) = (w.shape()[0], w.shape()[1]);
+    let (d_out, d_in) = match layout {
+        BinaryWeightLayout::OutputMajor => (w.shape()[0], w.shape()[1]),
+        BinaryWeightLayout::InputMajor => (w.shape()[1], w.shape()[0]),
+    };
     check_dim(op, "weight", "d_out", d_out)?;
     check_dim(op, "weight", "d_in", d_in)?;
     Ok((d_out, d_in))
@@ -119,7 +127,16 @@ fn check_weight(op: &'static str, w: &Tensor) -> Result<(usize, usize)> {
 
 /// Checks the training-form layer; returns (d_out, d_in).
 fn check_layer(op: &'static str, layer: &BinaryLinear<'_>) -> Result<(usize, usize)> {
-    let (d_out, d_in) = check_weight(op, layer.weight)?;
+    check_layer_layout(op, layer, BinaryWeightLayout::OutputMajor)
+}
+
+/// Checks the training-form layer with its weight in `layout`; returns (d_out, d_in).
+fn check_layer_layout(
+    op: &'static str,
+    layer: &BinaryLinear<'_>,
+    layout: BinaryWeightLayout,
+) -> Result<(usize, usize)> {
+    let (d_out, d_in) = check_weight_layout(op, layer.weight, layout)?;
     let device = layer.weight.device();
     check_vector(op, "alpha", layer.alpha, d_in, &device)?;
     check_vector(op, "beta", layer.beta, d_in, &device)?;
@@ -165,7 +182,16 @@ fn training_dtypes(device: &Device) -> &'static [DType] {
 
 /// Validates a training-form forward; returns (tokens, d_out, d_in).
 fn check_forward(x: &Tensor, layer: &BinaryLinear<'_>) -> Result<(usize, usize, usize)> {
-    let (d_out, d_in) = check_layer(OP_FORWARD, layer)?;
+    check_forward_layout(x, layer, BinaryWeightLayout::OutputMajor)
+}
+
+/// [`check_forward`] with the weight in `layout`.
+fn check_forward_layout(
+    x: &Tensor,
+    layer: &BinaryLinear<'_>,
+    layout: BinaryWeightLayout,
+) -> Result<(usize, usize, usize)> {
+    let (d_out, d_in) = check_layer_layout(OP_FORWARD, layer, layout)?;
     let device = layer.weight.device();
     let tokens = check_tokens(OP_FORWARD, "x", x, d_in, training_dtypes(&device), &device)?;
     check_gpu_tokens(OP_FORWARD, x, &device)?;
@@ -224,7 +250,52 @@ pub fn binary_linear_forward_into(x: &Tensor, layer: BinaryLinear<'_>, y: &mut T
             with_float_type!(x.dtype(), OP_FORWARD, "x", T => cpu::forward::<T>(x, &layer, tokens, d_out, d_in, y))
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::train_forward(x, &layer, tokens, d_out, d_in, y),
+        Device::Cuda(_) => cuda::train_forward(x, &layer, tokens, d_out, d_in, false, y),
+    }
+}
+
+/// How a latent weight, and its gradient, is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinaryWeightLayout {
+    /// `[d_out, d_in]`, nn.Linear's and the op's own.
+    OutputMajor,
+    /// `[d_in, d_out]`, GPT-2's Conv1D.
+    InputMajor,
+}
+
+/// [`binary_linear_forward_into`] with the latent weight stored in `layout`: an input-major
+/// weight is read transposed where its signs are taken (on a GPU, by the kernel that writes
+/// them; on the CPU, from a transposed host copy), and nothing else changes.
+pub fn binary_linear_forward_layout_into(
+    x: &Tensor,
+    layer: BinaryLinear<'_>,
+    layout: BinaryWeightLayout,
+    y: &mut Tensor,
+) -> Result<()> {
+    let (tokens, d_out, d_in) = check_forward_layout(x, &layer, layout)?;
+    check_output(OP_FORWARD, "y", y, x.dtype(), &[tokens, d_out], &x.device())?;
+    match (x.device(), layout) {
+        (Device::Cpu, BinaryWeightLayout::OutputMajor) => {
+            with_float_type!(x.dtype(), OP_FORWARD, "x", T => cpu::forward::<T>(x, &layer, tokens, d_out, d_in, y))
+        }
+        (Device::Cpu, BinaryWeightLayout::InputMajor) => {
+            let weight = cpu::transposed(layer.weight, d_in, d_out)?;
+            let layer = BinaryLinear {
+                weight: &weight,
+                ..layer
+            };
+            with_float_type!(x.dtype(), OP_FORWARD, "x", T => cpu::forward::<T>(x, &layer, tokens, d_out, d_in, y))
+        }
+        #[cfg(feature = "cuda")]
+        (Device::Cuda(_), layout) => cuda::train_forward(
+            x,
+            &layer,
+            tokens,
+            d_out,
+            d_in,
+            layout == BinaryWeightLayout::InputMajor,
+            y,
+        ),
     }
 }
 
@@ -316,7 +387,139 @@ pub fn binary_linear_backward_into(
         Device::Cpu => with_float_type!(x.dtype(), op, "x", T =>
             cpu::backward::<T>(d_y, x, &layer, tokens, d_out, d_in, grads)),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::train_backward(d_y, x, &layer, tokens, d_out, d_in, grads),
+        Device::Cuda(_) => {
+            let targets = BinaryGradTargets {
+                d_x: Some(&mut grads.d_x),
+                accumulate_d_x: false,
+                d_weight: Some(&mut grads.d_weight),
+                d_alpha: Some(&mut grads.d_alpha),
+                d_beta: Some(&mut grads.d_beta),
+                d_bias: grads.d_bias.as_mut(),
+            };
+            let shape = cuda::BackwardShape {
+                tokens,
+                d_out,
+                d_in,
+                input_major: false,
+                accumulate: false,
+            };
+            cuda::train_backward(d_y, x, &layer, shape, targets)
+        }
+    }
+}
+
+/// The gradients [`binary_linear_backward_add`] adds to, borrowed from their owners (a model's
+/// parameters). Each is optional: a layer whose parameters are frozen asks for `d_x` alone.
+#[derive(Debug)]
+pub struct BinaryGradTargets<'a> {
+    /// `dX`, x's dtype `[tokens, d_in]`: added to with `accumulate_d_x` (in f32, rounded once),
+    /// else overwritten.
+    pub d_x: Option<&'a mut Tensor>,
+    pub accumulate_d_x: bool,
+    /// f32 and shaped like the weight (in its layout); added to.
+    pub d_weight: Option<&'a mut Tensor>,
+    /// f32 `[d_in]`; added to.
+    pub d_alpha: Option<&'a mut Tensor>,
+    pub d_beta: Option<&'a mut Tensor>,
+    /// f32 `[d_out]`, only for a layer with a bias; added to.
+    pub d_bias: Option<&'a mut Tensor>,
+}
+
+/// [`binary_linear_backward_into`] for a model: the latent weight stored in `layout`, and the
+/// gradients added to those `targets` asks for (dX overwritten or added to), on the device.
+/// On a GPU, dX's accumulation is fused into the kernel that writes it, dα, dβ and db into
+/// their final column sums, and dW's into the kernel that scales `G` by α (an input-major
+/// layer's `G` comes transposed straight from its GEMM, `Xᵀ·dY`). On the CPU the op's own
+/// backward runs on a transposed host copy of the weight and the results are added.
+pub fn binary_linear_backward_add(
+    d_y: &Tensor,
+    x: &Tensor,
+    layer: BinaryLinear<'_>,
+    layout: BinaryWeightLayout,
+    targets: BinaryGradTargets<'_>,
+) -> Result<()> {
+    let op = OP_BACKWARD;
+    let (d_out, d_in) = check_layer_layout(op, &layer, layout)?;
+    let device = layer.weight.device();
+    let tokens = check_tokens(op, "x", x, d_in, training_dtypes(&device), &device)?;
+    check_gpu_tokens(op, x, &device)?;
+    check_tokens(op, "d_y", d_y, d_out, &[x.dtype()], &device)?;
+    if d_y.shape()[0] != tokens {
+        return Err(Error::invalid(
+            op,
+            "d_y",
+            format!("shape [{tokens}, {d_out}] (the tokens of x)"),
+            format!("shape {:?}", d_y.shape()),
+        ));
+    }
+    if let Some(d_x) = targets.d_x.as_deref() {
+        check_output(op, "targets.d_x", d_x, x.dtype(), &[tokens, d_in], &device)?;
+    }
+    if let Some(d_weight) = targets.d_weight.as_deref() {
+        check_output(
+            op,
+            "targets.d_weight",
+            d_weight,
+            DType::F32,
+            layer.weight.shape(),
+            &device,
+        )?;
+    }
+    if let Some(d_alpha) = targets.d_alpha.as_deref() {
+        check_output(op, "targets.d_alpha", d_alpha, DType::F32, &[d_in], &device)?;
+    }
+    if let Some(d_beta) = targets.d_beta.as_deref() {
+        check_output(op, "targets.d_beta", d_beta, DType::F32, &[d_in], &device)?;
+    }
+    if let Some(d_bias) = targets.d_bias.as_deref() {
+        if layer.bias.is_none() {
+            return Err(Error::invalid(
+                op,
+                "targets.d_bias",
+                "none, since the layer has no bias",
+                "a tensor",
+            ));
+        }
+        check_output(op, "targets.d_bias", d_bias, DType::F32, &[d_out], &device)?;
+    }
+    match device {
+        Device::Cpu => {
+            let transposed = match layout {
+                BinaryWeightLayout::OutputMajor => None,
+                BinaryWeightLayout::InputMajor => Some(cpu::transposed(layer.weight, d_in, d_out)?),
+            };
+            let layer = BinaryLinear {
+                weight: transposed.as_ref().unwrap_or(layer.weight),
+                ..layer
+            };
+            // In f32, so that dX is rounded once to x's dtype, after its sum with the prior.
+            let x = with_float_type!(x.dtype(), op, "x", T => cpu::widened::<T>(x))?;
+            let d_y = with_float_type!(d_y.dtype(), op, "d_y", T => cpu::widened::<T>(d_y))?;
+            let mut grads = BinaryLinearGrads {
+                d_x: Tensor::zeros(&[tokens, d_in], DType::F32, &device)?,
+                d_weight: Tensor::zeros(&[d_out, d_in], DType::F32, &device)?,
+                d_alpha: Tensor::zeros(&[d_in], DType::F32, &device)?,
+                d_beta: Tensor::zeros(&[d_in], DType::F32, &device)?,
+                d_bias: layer
+                    .bias
+                    .map(|_| Tensor::zeros(&[d_out], DType::F32, &device))
+                    .transpose()?,
+            };
+            cpu::backward::<f32>(&d_y, &x, &layer, tokens, d_out, d_in, &mut grads)?;
+            let dtype = targets.d_x.as_deref().map_or(DType::F32, Tensor::dtype);
+            with_float_type!(dtype, op, "targets.d_x", T => cpu::add_grads::<T>(&grads, layout, targets))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {
+            let shape = cuda::BackwardShape {
+                tokens,
+                d_out,
+                d_in,
+                input_major: layout == BinaryWeightLayout::InputMajor,
+                accumulate: true,
+            };
+            cuda::train_backward(d_y, x, &layer, shape, targets)
+        }
     }
 }
 
@@ -739,6 +942,61 @@ mod cpu {
         Ok(())
     }
 
+    /// An f32 `[rows, cols]` host tensor transposed, `[cols, rows]`.
+    pub(super) fn transposed(t: &Tensor, rows: usize, cols: usize) -> Result<Tensor> {
+        let values = t.host_slice::<f32>()?;
+        let out: Vec<f32> = (0..rows * cols).map(|k| values[(k % rows) * cols + k / rows]).collect();
+        Tensor::from_vec(out, &[cols, rows], &Device::Cpu)
+    }
+
+    /// A float host tensor's values as f32.
+    pub(super) fn widened<T: Float>(t: &Tensor) -> Result<Tensor> {
+        let values: Vec<f32> = t.host_slice::<T>()?.iter().map(|v| v.to_f32()).collect();
+        Tensor::from_vec(values, t.shape(), &Device::Cpu)
+    }
+
+    /// Adds the op's gradients (all f32, the weight's `[d_out, d_in]`) to `targets`, the
+    /// weight's in `layout`; dX is added in f32 and rounded once to T, or overwritten.
+    pub(super) fn add_grads<T: Float>(
+        grads: &BinaryLinearGrads,
+        layout: BinaryWeightLayout,
+        targets: BinaryGradTargets<'_>,
+    ) -> Result<()> {
+        fn add(dst: &mut Tensor, src: &Tensor) -> Result<()> {
+            let src = src.host_slice::<f32>()?;
+            dst.host_slice_mut::<f32>()?
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, s)| *d += s);
+            Ok(())
+        }
+        if let Some(d_x) = targets.d_x {
+            let src = grads.d_x.host_slice::<f32>()?;
+            let accumulate = targets.accumulate_d_x;
+            d_x.host_slice_mut::<T>()?.iter_mut().zip(src).for_each(|(d, &s)| {
+                *d = T::from_f32(if accumulate { d.to_f32() + s } else { s });
+            });
+        }
+        if let Some(d_weight) = targets.d_weight {
+            match layout {
+                BinaryWeightLayout::OutputMajor => add(d_weight, &grads.d_weight)?,
+                BinaryWeightLayout::InputMajor => {
+                    let (d_out, d_in) = (grads.d_weight.shape()[0], grads.d_weight.shape()[1]);
+                    add(d_weight, &transposed(&grads.d_weight, d_out, d_in)?)?
+                }
+            }
+        }
+        for (target, grad) in [(targets.d_alpha, &grads.d_alpha), (targets.d_beta, &grads.d_beta)] {
+            if let Some(target) = target {
+                add(target, grad)?;
+            }
+        }
+        if let (Some(target), Some(grad)) = (targets.d_bias, &grads.d_bias) {
+            add(target, grad)?;
+        }
+        Ok(())
+    }
+
     /// Column means in f64, rounded once to f32.
     pub(super) fn xnor_init(w: &[f32], d_out: usize, d_in: usize) -> (Vec<f32>, Vec<f32>) {
         let mut mean = vec![0.0f64; d_in];
@@ -1100,6 +1358,7 @@ mod cuda {
         d_in: usize,
         dtype: DType,
         with_bias: bool,
+        input_major: bool,
     ) -> Result<Tensor> {
         let w_buffer = layer.weight.device_buffer()?;
         let backend = w_buffer.backend().clone();
@@ -1112,31 +1371,42 @@ mod cuda {
         };
         let out = signs.device_buffer()?.address();
         let (rows, cols, p) = (d_out as i32, d_in as i32, pitch as i32);
+        let input_major = input_major as i32;
         let name = format!("binary_train_signs_{}", suffix(dtype));
         let function = backend.function("binary", &name)?;
         let mut builder = backend.launch_builder(&function);
-        builder.arg(&w).arg(&bias).arg(&out).arg(&rows).arg(&cols).arg(&p);
+        builder
+            .arg(&w)
+            .arg(&bias)
+            .arg(&out)
+            .arg(&rows)
+            .arg(&cols)
+            .arg(&p)
+            .arg(&input_major);
         let columns = grid(OP_FORWARD, "weight", (pitch / 2).div_ceil(THREADS as usize))?;
-        // SAFETY: w is f32 [rows, cols], bias f32 [rows] or null, out [rows, pitch] of dtype with
-        // pitch even; each thread writes one aligned pair of columns of the rows it strides over.
+        // SAFETY: w is f32 [rows, cols] (input-major: [cols, rows]), bias f32 [rows] or null, out
+        // [rows, pitch] of dtype with pitch even; each thread writes one aligned pair of columns
+        // of the rows it strides over.
         unsafe { builder.launch(config((columns, grid_rows(d_out)), THREADS)) }
             .context(&format!("launching {name}"))?;
         Ok(signs)
     }
 
-    /// `[rows, cols]` partial sums (one row per chunk of tokens) summed in chunk order into `out`.
+    /// `[rows, cols]` partial sums (one row per chunk of tokens) summed in chunk order into `out`
+    /// (added to it with `accumulate`).
     fn finish_columns(
         backend: &Arc<CudaBackend>,
         partial: &Tensor,
         out: &mut Tensor,
         chunks: usize,
         cols: usize,
+        accumulate: bool,
     ) -> Result<()> {
         let (p, o) = (partial.device_buffer()?.address(), out.device_buffer()?.address());
-        let (c, n) = (chunks as i32, cols as i32);
+        let (c, n, a) = (chunks as i32, cols as i32, accumulate as i32);
         let function = backend.function("binary", "binary_column_finish")?;
         let mut builder = backend.launch_builder(&function);
-        builder.arg(&p).arg(&o).arg(&c).arg(&n);
+        builder.arg(&p).arg(&o).arg(&c).arg(&n).arg(&a);
         let blocks = grid(OP_BACKWARD, "x", cols.div_ceil(THREADS as usize))?;
         // SAFETY: partial is f32 [chunks, cols] written by the launch before, out f32 [cols].
         unsafe { builder.launch(config((blocks, 1), THREADS)) }.context("launching binary_column_finish")?;
@@ -1149,13 +1419,14 @@ mod cuda {
         tokens: usize,
         d_out: usize,
         d_in: usize,
+        input_major: bool,
         y: &mut Tensor,
     ) -> Result<()> {
         let x_buffer = x.device_buffer()?;
         let backend = x_buffer.backend().clone();
         let dtype = x.dtype();
         let pitch = train_pitch(d_in);
-        let signs = train_signs(layer, d_out, d_in, dtype, true)?;
+        let signs = train_signs(layer, d_out, d_in, dtype, true, input_major)?;
 
         let scaled = Tensor::uninit_cuda(&[tokens, pitch], dtype, &backend)?;
         let (x_address, out) = (x_buffer.address(), scaled.device_buffer()?.address());
@@ -1181,15 +1452,31 @@ mod cuda {
         crate::ops::matmul_into(&scaled, &signs, None, y, MatmulOptions::linear())
     }
 
+    /// The sizes of a training backward and how its weight and gradients are held.
+    pub(super) struct BackwardShape {
+        pub(super) tokens: usize,
+        pub(super) d_out: usize,
+        pub(super) d_in: usize,
+        /// The weight and dW are `[d_in, d_out]`.
+        pub(super) input_major: bool,
+        /// dW, dα, dβ and db are added to (dX follows its own flag).
+        pub(super) accumulate: bool,
+    }
+
     pub(super) fn train_backward(
         d_y: &Tensor,
         x: &Tensor,
         layer: &BinaryLinear<'_>,
-        tokens: usize,
-        d_out: usize,
-        d_in: usize,
-        grads: &mut BinaryLinearGrads,
+        shape: BackwardShape,
+        targets: BinaryGradTargets<'_>,
     ) -> Result<()> {
+        let BackwardShape {
+            tokens,
+            d_out,
+            d_in,
+            input_major,
+            accumulate,
+        } = shape;
         let x_buffer = x.device_buffer()?;
         let backend = x_buffer.backend().clone();
         let dtype = x.dtype();
@@ -1198,7 +1485,7 @@ mod cuda {
         let chunk_grid = grid(OP_BACKWARD, "x", chunks)?;
 
         // P' = dY·[S | 1 1 | 0…]: dY·S in columns 0..d_in, the row sums of dY in column d_in.
-        let signs = train_signs(layer, d_out, d_in, dtype, false)?;
+        let signs = train_signs(layer, d_out, d_in, dtype, false, input_major)?;
         let mut products = Tensor::uninit_cuda(&[tokens, pitch], DType::F32, &backend)?;
         crate::ops::matmul_into(d_y, &signs, None, &mut products, MatmulOptions::default())?;
         drop(signs);
@@ -1209,12 +1496,16 @@ mod cuda {
         let x_address = x_buffer.address();
         let alpha = layer.alpha.device_buffer()?.address();
         let beta = layer.beta.device_buffer()?.address();
-        let d_x = grads.d_x.device_buffer()?.address();
+        let d_x = match targets.d_x.as_deref() {
+            Some(d_x) => d_x.device_buffer()?.address(),
+            None => 0,
+        };
         let (pa, pb) = (
             partial_alpha.device_buffer()?.address(),
             partial_beta.device_buffer()?.address(),
         );
         let (m, cols, pt) = (tokens as i32, d_in as i32, pitch as i32);
+        let accumulate_d_x = targets.accumulate_d_x as i32;
         let name = format!("binary_train_dx_{}", suffix(dtype));
         let function = backend.function("binary", &name)?;
         let mut builder = backend.launch_builder(&function);
@@ -1228,33 +1519,67 @@ mod cuda {
             .arg(&pb)
             .arg(&m)
             .arg(&cols)
-            .arg(&pt);
+            .arg(&pt)
+            .arg(&accumulate_d_x);
         let columns = grid(OP_BACKWARD, "x", d_in.div_ceil(THREADS as usize))?;
         // SAFETY: products f32 [m, pitch] (written by the GEMM before, pitch > cols), x and d_x
-        // [m, cols] of one dtype, alpha/beta f32 [cols], partials f32 [chunks, cols]; grid y =
-        // chunks <= 65535 (validated token count).
+        // [m, cols] of one dtype (d_x may be null: not written), alpha/beta f32 [cols], partials
+        // f32 [chunks, cols]; grid y = chunks <= 65535 (validated token count).
         unsafe { builder.launch(config((columns, chunk_grid), THREADS)) }.context(&format!("launching {name}"))?;
-        finish_columns(&backend, &partial_alpha, &mut grads.d_alpha, chunks, d_in)?;
-        finish_columns(&backend, &partial_beta, &mut grads.d_beta, chunks, d_in)?;
+        if let Some(d_alpha) = targets.d_alpha {
+            finish_columns(&backend, &partial_alpha, d_alpha, chunks, d_in, accumulate)?;
+        }
+        if let Some(d_beta) = targets.d_beta {
+            finish_columns(&backend, &partial_beta, d_beta, chunks, d_in, accumulate)?;
+        }
         drop((products, partial_alpha, partial_beta));
 
-        // G = dYᵀX in f32 straight into d_weight, then dW = α⊙G in place.
-        let transposed = MatmulOptions {
-            trans_a: true,
-            ..Default::default()
-        };
-        crate::ops::matmul_into(d_y, x, None, &mut grads.d_weight, transposed)?;
-        let d_w = grads.d_weight.device_buffer()?.address();
-        let (rows, cols) = (d_out as i32, d_in as i32);
-        let function = backend.function("binary", "binary_scale_columns")?;
-        let mut builder = backend.launch_builder(&function);
-        builder.arg(&d_w).arg(&alpha).arg(&rows).arg(&cols);
-        // SAFETY: d_w f32 [rows, cols], alpha f32 [cols]; each thread one column of the rows it
-        // strides over.
-        unsafe { builder.launch(config((columns, grid_rows(d_out)), THREADS)) }
-            .context("launching binary_scale_columns")?;
+        if let Some(d_weight) = targets.d_weight {
+            // G = dYᵀX [d_out, d_in] (input-major: Gᵀ = XᵀdY [d_in, d_out]) in f32, then dW = α⊙G:
+            // in place in dW when it is overwritten in the op's layout, else from a scratch G.
+            let (g_rows, g_cols) = if input_major { (d_in, d_out) } else { (d_out, d_in) };
+            let transposed = MatmulOptions {
+                trans_a: true,
+                ..Default::default()
+            };
+            let (a, b) = if input_major { (x, d_y) } else { (d_y, x) };
+            let scratch = if accumulate || input_major {
+                let mut g = Tensor::uninit_cuda(&[g_rows, g_cols], DType::F32, &backend)?;
+                crate::ops::matmul_into(a, b, None, &mut g, transposed)?;
+                Some(g)
+            } else {
+                crate::ops::matmul_into(a, b, None, d_weight, transposed)?;
+                None
+            };
+            let d_w = d_weight.device_buffer()?.address();
+            let g = match &scratch {
+                Some(g) => g.device_buffer()?.address(),
+                None => d_w,
+            };
+            let (rows, cols) = (g_rows as i32, g_cols as i32);
+            let (per_row, add) = (input_major as i32, accumulate as i32);
+            let function = backend.function("binary", "binary_weight_grad")?;
+            let mut builder = backend.launch_builder(&function);
+            builder
+                .arg(&d_w)
+                .arg(&g)
+                .arg(&alpha)
+                .arg(&rows)
+                .arg(&cols)
+                .arg(&per_row)
+                .arg(&add);
+            let blocks = grid(OP_BACKWARD, "weight", g_cols.div_ceil(THREADS as usize))?;
+            // SAFETY: d_w and g f32 [rows, cols] (g may be d_w: each element is read, then
+            // written, by one thread), alpha f32 [d_in] indexed by row when input-major
+            // (rows = d_in) else by column (cols = d_in); each thread one column of the rows
+            // it strides over.
+            unsafe { builder.launch(config((blocks, grid_rows(g_rows)), THREADS)) }
+                .context("launching binary_weight_grad")?;
+            // The scratch G is freed in stream order, after the kernel has read it.
+            drop(scratch);
+        }
 
-        if let Some(d_bias) = grads.d_bias.as_mut() {
+        if let Some(d_bias) = targets.d_bias {
             let partial = Tensor::uninit_cuda(&[chunks, d_out], DType::F32, &backend)?;
             let (dy, pd) = (d_y.device_buffer()?.address(), partial.device_buffer()?.address());
             let (m, n) = (tokens as i32, d_out as i32);
@@ -1265,7 +1590,7 @@ mod cuda {
             let columns = grid(OP_BACKWARD, "d_y", d_out.div_ceil(THREADS as usize))?;
             // SAFETY: dy [m, n] of x's dtype, partial f32 [chunks, n]; grid y = chunks.
             unsafe { builder.launch(config((columns, chunk_grid), THREADS)) }.context(&format!("launching {name}"))?;
-            finish_columns(&backend, &partial, d_bias, chunks, d_out)?;
+            finish_columns(&backend, &partial, d_bias, chunks, d_out, accumulate)?;
         }
         Ok(())
     }

@@ -45,6 +45,9 @@ pub use binary::{
     binary_packed_forward_into, binary_unpack, distill_loss, distill_loss_into, BinaryLinear, BinaryLinearGrads,
     PackedBinaryLinear,
 };
+pub use binary::{
+    binary_linear_backward_add, binary_linear_forward_layout_into, BinaryGradTargets, BinaryWeightLayout,
+};
 pub use binary::{binary_linear_backward_into, binary_linear_forward_into};
 pub use columns::copy_columns;
 pub use lora::lora_merged_weight;

@@ -95,7 +95,8 @@ pub fn load_model(
 ) -> Result<Gpt, Failure> {
     let dir = checkpoint_dir(checkpoint)?;
     let config = preset.map(GptConfig::preset).transpose()?;
-    let params = GptParams::load(dir.join("model.safetensors"), config.as_ref(), device)?;
+    // A packed checkpoint (tessera export --packed) runs its binary layers packed.
+    let params = GptParams::load_inference(dir.join("model.safetensors"), config.as_ref(), device)?;
     let seq = seq.unwrap_or(params.config.context);
     Ok(Gpt::new(params, batch, seq)?)
 }

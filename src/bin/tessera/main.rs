@@ -1,4 +1,5 @@
-//! The tessera command line: `train`, `generate` and `eval` run models; `info` describes this
+//! The tessera command line: `train`, `generate` and `eval` run models; `export --packed` writes
+//! a binary model's packed inference form; `info` describes this
 //! machine's devices and the embedded kernels; `bench` times the GPU ops against the ceilings
 //! measured in the same run.
 //!
@@ -8,6 +9,7 @@ mod args;
 #[cfg(feature = "cuda")]
 mod bench;
 mod eval;
+mod export;
 mod generate;
 mod recipes;
 mod train;
@@ -22,10 +24,13 @@ commands:
   train                      train a GPT (default: a tiny model on the embedded corpus)
   generate                   sample text from a checkpoint
   eval                       loss and perplexity of a checkpoint on a text file
+  export --packed            a checkpoint's inference form with binary layers packed, 1 bit
+                             per weight (generate and eval run it; train refuses it)
   info [--preset NAME] [--config FILE]
                              devices, compute capability, memory, embedded kernel images; with
                              a preset or a train config, the model's linear layers: each one's
-                             variant, parameters, kept weights and checkpoint bytes
+                             variant, parameters, kept weights, checkpoint bytes and the
+                             bytes inference reads (binary layers packed)
   bench [--json FILE] [--quick] [--only KIND,...]
                              time the GPU ops (CUDA events, medians) beside the copy-bandwidth
                              and bf16-GEMM ceilings measured in the same run
@@ -41,9 +46,11 @@ fn main() -> ExitCode {
         Some("train") if wants_help => help(train::USAGE),
         Some("generate") if wants_help => help(generate::USAGE),
         Some("eval") if wants_help => help(eval::USAGE),
+        Some("export") if wants_help => help(export::USAGE),
         Some("train") => train::run(rest),
         Some("generate") => generate::run(rest),
         Some("eval") => eval::run(rest),
+        Some("export") => export::run(rest),
         Some("info") => info(rest),
         Some("bench") if rest.first().is_some_and(|a| a == "recipes") => match wants_help {
             true => help(recipes::USAGE),
@@ -100,7 +107,8 @@ fn info(rest: &[String]) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The model's block linear layers: variant, trainable parameters, kept weights, checkpoint bytes.
+/// The model's block linear layers: variant, trainable parameters, kept weights, checkpoint bytes,
+/// and the bytes a forward reads at inference.
 fn model_info(config: &tessera::model::GptConfig, variants: &tessera::model::LinearVariants) -> Result<(), Failure> {
     let layers = tessera::model::params::linear_summary(config, variants)?;
     println!(
@@ -109,17 +117,21 @@ fn model_info(config: &tessera::model::GptConfig, variants: &tessera::model::Lin
         config.layers,
         config.width
     );
-    let (mut parameters, mut kept, mut bytes) = (0, 0, 0);
+    let (mut parameters, mut kept, mut bytes, mut inference) = (0, 0, 0, 0);
     for layer in &layers {
         println!(
-            "  {:<36} {:>10} params {:>10} kept {:>11} B  {}",
-            layer.name, layer.parameters, layer.kept, layer.bytes, layer.spec
+            "  {:<36} {:>10} params {:>10} kept {:>11} B {:>11} B at inference  {}",
+            layer.name, layer.parameters, layer.kept, layer.bytes, layer.inference_bytes, layer.spec
         );
         parameters += layer.parameters;
         kept += layer.kept;
         bytes += layer.bytes;
+        inference += layer.inference_bytes;
     }
-    println!("  total: {parameters} params, {kept} kept weights, {bytes} B in a checkpoint");
+    println!(
+        "  total: {parameters} params, {kept} kept weights, {bytes} B in a checkpoint, {inference} B read at \
+         inference (bf16 weights; binary layers packed)"
+    );
     Ok(())
 }
 

@@ -39,7 +39,7 @@ options:
                      picks another sample)
 
 The [model] table's `linears` give the block linear layers variants (nm, unstructured,
-sparse_low_rank, binary on the CPU) and LoRA adapters ([train] adapters_from = S switches
+sparse_low_rank, binary) and LoRA adapters ([train] adapters_from = S switches
 them on at step S; densify_from = S drops the masks at step S, SPDF's dense fine-tuning): see
 README.md, \"Linear variants\".
 

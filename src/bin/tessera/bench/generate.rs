@@ -3,10 +3,16 @@
 //! to 256 so that prompt and continuation fit) and GPT-2 small, bf16, random weights. Each step
 //! reads the logits back and picks the next tokens on the host, as `tessera generate` does.
 //! Reported as generated tokens/s, with the prefill's and one decode step's times.
+//!
+//! Beside them, FBI-LLM's binary model of each preset at batch 1 (`generate_binary`): every
+//! block linear binary and packed (`GptParams::pack_binary`, the form `tessera export --packed`
+//! writes; the embedding and head stay dense bf16), with its tokens/s over the dense model's
+//! (`vs_dense`; issue 9 asks >= 3). Every row records the bytes a decode step reads.
 
 use super::{Context, Result};
 use serde_json::{json, Value};
-use tessera::model::{Gpt, GptConfig, GptParams, KvCache};
+use tessera::model::params::linear_summary;
+use tessera::model::{Gpt, GptConfig, GptParams, KvCache, LinearSpec, LinearVariants, Variant};
 use tessera::Tensor;
 
 const PROMPT: usize = 128;
@@ -26,11 +32,46 @@ pub fn run(context: &mut Context) -> Result<Vec<Value>> {
     for (preset, config) in presets {
         let params = GptParams::init(&config, &context.device, 1).map_err(|e| e.to_string())?;
         let model = Gpt::new(params, 1, 1).map_err(|e| e.to_string())?;
+        let mut dense_tokens_per_s = None;
         for batch in [1, 8] {
-            rows.push(case(context, &model, preset, batch)?);
+            let row = case(context, &model, preset, batch, false)?;
+            if batch == 1 {
+                dense_tokens_per_s = row["tokens_per_s"].as_f64();
+            }
+            rows.push(row);
         }
+        drop(model);
+        let binary = LinearVariants::all(LinearSpec {
+            variant: Variant::Binary,
+            lora: None,
+        });
+        let mut params =
+            GptParams::init_with_variants(&config, &binary, &context.device, 1).map_err(|e| e.to_string())?;
+        params.pack_binary().map_err(|e| e.to_string())?;
+        let model = Gpt::new(params, 1, 1).map_err(|e| e.to_string())?;
+        let mut row = case(context, &model, preset, 1, true)?;
+        if let (Some(dense), Some(binary)) = (dense_tokens_per_s, row["tokens_per_s"].as_f64()) {
+            row["vs_dense"] = json!(binary / dense);
+        }
+        rows.push(row);
     }
     Ok(rows)
+}
+
+/// Bytes one decode step reads: the block linears as inference holds them (bf16, or packed
+/// bits with f32 α, β and bias), the bf16 head, and the mean key/value cache of the run.
+fn bytes_per_token(model: &Gpt) -> Result<f64> {
+    let params = &model.params;
+    let config = &params.config;
+    let linears: usize = linear_summary(config, &params.variants)
+        .map_err(|e| e.to_string())?
+        .iter()
+        .map(|l| l.inference_bytes)
+        .sum();
+    let head = 2 * config.vocab * config.width;
+    let mean_keys = (PROMPT + NEW_TOKENS / 2) as f64;
+    let cache = mean_keys * (config.layers * 2 * config.kv_heads * config.head_dim() * 2) as f64;
+    Ok((linears + head) as f64 + cache)
 }
 
 /// The greedy next token of each row of (batch, vocab) logits.
@@ -51,7 +92,7 @@ fn argmax(logits: &Tensor) -> tessera::Result<Vec<u32>> {
         .collect())
 }
 
-fn case(context: &Context, model: &Gpt, preset: &str, batch: usize) -> Result<Value> {
+fn case(context: &Context, model: &Gpt, preset: &str, batch: usize, binary: bool) -> Result<Value> {
     let config = &model.params.config;
     let vocab = config.vocab as u64;
     let prompts: Vec<u32> = (0..batch * PROMPT)
@@ -84,9 +125,13 @@ fn case(context: &Context, model: &Gpt, preset: &str, batch: usize) -> Result<Va
     let mean_keys = (PROMPT + NEW_TOKENS / 2) as f64;
     let flops =
         tokens * (2.0 * config.parameter_count() as f64 + 4.0 * (config.layers * config.width) as f64 * mean_keys);
+    let (form, kind) = match binary {
+        true => ("binary packed", "generate_binary"),
+        false => ("bf16", "generate"),
+    };
     Ok(json!({
-        "name": format!("generate {preset} batch {batch}, {PROMPT}+{NEW_TOKENS} bf16"),
-        "kind": "generate",
+        "name": format!("generate {preset} batch {batch}, {PROMPT}+{NEW_TOKENS} {form}"),
+        "kind": kind,
         "preset": preset,
         "config": serde_json::from_str::<Value>(&config.to_json()).map_err(|e| e.to_string())?,
         "batch": batch,
@@ -96,6 +141,7 @@ fn case(context: &Context, model: &Gpt, preset: &str, batch: usize) -> Result<Va
         "prefill_ms": prefill,
         "decode_step_ms": (total - prefill) / (NEW_TOKENS - 1) as f64,
         "tokens_per_s": tokens / (total * 1e-3),
+        "bytes_per_token": bytes_per_token(model)?,
         "tflops": flops / (total * 1e9),
     }))
 }
