@@ -1419,8 +1419,8 @@ fn check_hopper_backward<T: Float>(device: &Device, rng: &mut StdRng, case: &Cas
         tensor(&d_o, case.q_shape()),
     );
     let options = case.options();
-    let (out, lse) = with_attention_kernel(AttentionKernel::MmaSync, || attention_forward(&qt, &kt, &vt, &options))
-        .unwrap();
+    let (out, lse) =
+        with_attention_kernel(AttentionKernel::MmaSync, || attention_forward(&qt, &kt, &vt, &options)).unwrap();
     let inputs = Inputs {
         q: common::to_f64(&q),
         k: common::to_f64(&k),
@@ -1631,8 +1631,8 @@ fn hopper_backward_refuses_other_calls(device: &Device) {
             tensor(&d_o, case.q_shape()),
         );
         let options = case.options();
-        let (out, lse) = with_attention_kernel(AttentionKernel::MmaSync, || attention_forward(&qt, &kt, &vt, &options))
-            .unwrap();
+        let (out, lse) =
+            with_attention_kernel(AttentionKernel::MmaSync, || attention_forward(&qt, &kt, &vt, &options)).unwrap();
         let result = with_attention_kernel(AttentionKernel::Hopper, || {
             attention_backward(&dot, &qt, &kt, &vt, &out, &lse, &options)
         });

@@ -106,8 +106,11 @@ pub struct AttentionOptions {
     pub rope: Option<AttentionRope>,
 }
 
-/// Which CUDA kernel computes the forward. Both give the same `out` and `lse` up to rounding; the
-/// backward always runs the mma.sync kernels, and the CPU ignores the choice.
+/// Which CUDA kernels compute the forward and the backward. Every choice gives the same results up
+/// to rounding, and the CPU ignores it. With [`AttentionKernel::Hopper`] the backward runs
+/// kernels/attention_hopper_bwd.cu, which serves bf16 and f16, head dims 64 and 128, masks none
+/// and causal, batches of equal lengths, no RoPE inside; any other backward is then an
+/// [`Error::Unsupported`] that says why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum AttentionKernel {
     /// tessera's choice, which is the mma.sync kernels for now. It becomes the Hopper kernel on
@@ -148,13 +151,13 @@ thread_local! {
     static THREAD_KERNEL: std::cell::Cell<Option<AttentionKernel>> = const { std::cell::Cell::new(None) };
 }
 
-/// Sets the forward kernel for the whole process (threads inside [`with_attention_kernel`] keep
+/// Sets the attention kernels for the whole process (threads inside [`with_attention_kernel`] keep
 /// theirs): the benchmark measures both kernels with it.
 pub fn set_attention_kernel(kernel: AttentionKernel) {
     PROCESS_KERNEL.store(kernel.code(), std::sync::atomic::Ordering::Relaxed);
 }
 
-/// The forward kernel in force on this thread: the innermost [`with_attention_kernel`], else the
+/// The attention kernels in force on this thread: the innermost [`with_attention_kernel`], else the
 /// process-wide [`set_attention_kernel`] (by default [`AttentionKernel::Auto`]).
 pub fn attention_kernel() -> AttentionKernel {
     THREAD_KERNEL
@@ -162,7 +165,7 @@ pub fn attention_kernel() -> AttentionKernel {
         .unwrap_or_else(|| AttentionKernel::from_code(PROCESS_KERNEL.load(std::sync::atomic::Ordering::Relaxed)))
 }
 
-/// Runs `f` with `kernel` as this thread's forward kernel, and restores the previous choice after
+/// Runs `f` with `kernel` as this thread's attention kernels, and restores the previous choice after
 /// it (also when `f` unwinds). Other threads are not affected, so that tests running in parallel
 /// can force different kernels.
 pub fn with_attention_kernel<R>(kernel: AttentionKernel, f: impl FnOnce() -> R) -> R {
@@ -1817,7 +1820,9 @@ mod cuda {
             if let Some(reason) = obstacle(problem, q, &backend)? {
                 return Err(Error::Unsupported {
                     op: OP_BWD,
-                    reason: format!("the Hopper attention kernel was asked for, and its backward does not serve {reason}"),
+                    reason: format!(
+                        "the Hopper attention kernel was asked for, and its backward does not serve {reason}"
+                    ),
                 });
             }
             let (batch, seq_q, seq_k, d) = (problem.batch(), problem.seq_q(0), problem.seq_k(0), problem.head_dim);
