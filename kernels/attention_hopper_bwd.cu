@@ -73,30 +73,33 @@ constexpr float LOG2E = 1.4426950408889634f;
 __device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float widen(__half x) { return __half2float(x); }
 
-// One warp per padded row; lanes stride over the head dimension, then a butterfly sum.
+// One warp per padded row (grid-stride over `rows`); lanes stride over the head dimension, then a
+// butterfly sum.
 template <typename T, int D>
 __device__ __forceinline__ void prep_rows(const HopperBwdParams& p) {
-    const long long row = ((long long)blockIdx.x * SM90_PREP_THREADS + threadIdx.x) / 32;
+    const long long rows = (long long)p.batch * p.heads_q * p.padded_q;
+    const long long warps = (long long)gridDim.x * (SM90_PREP_THREADS / 32);
     const int lane = threadIdx.x % 32;
-    if (row >= (long long)p.batch * p.heads_q * p.padded_q) return;
-    const int i = (int)(row % p.padded_q);
-    const long long bh = row / p.padded_q;
-    const int h = (int)(bh % p.heads_q), b = (int)(bh / p.heads_q);
-    float sum = 0.0f, lse2 = INFINITY;
-    if (i < p.seq_q) {
-        const size_t slot = ((size_t)b * p.seq_q + i) * p.heads_q + h;
-        const T* o = static_cast<const T*>(p.out) + slot * D;
-        const T* d_o = static_cast<const T*>(p.d_out) + slot * D;
+    for (long long row = ((long long)blockIdx.x * SM90_PREP_THREADS + threadIdx.x) / 32; row < rows; row += warps) {
+        const int i = (int)(row % p.padded_q);
+        const long long bh = row / p.padded_q;
+        const int h = (int)(bh % p.heads_q), b = (int)(bh / p.heads_q);
+        float sum = 0.0f, lse2 = INFINITY;
+        if (i < p.seq_q) {
+            const size_t slot = ((size_t)b * p.seq_q + i) * p.heads_q + h;
+            const T* o = static_cast<const T*>(p.out) + slot * D;
+            const T* d_o = static_cast<const T*>(p.d_out) + slot * D;
 #pragma unroll
-        for (int e = lane; e < D; e += 32) sum += widen(o[e]) * widen(d_o[e]);
+            for (int e = lane; e < D; e += 32) sum += widen(o[e]) * widen(d_o[e]);
 #pragma unroll
-        for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-        const float l = p.lse[slot];
-        lse2 = l == -INFINITY ? INFINITY : l * LOG2E;
-    }
-    if (lane == 0) {
-        p.lse2[row] = lse2;
-        p.delta[row] = sum;
+            for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+            const float l = p.lse[slot];
+            lse2 = l == -INFINITY ? INFINITY : l * LOG2E;
+        }
+        if (lane == 0) {
+            p.lse2[row] = lse2;
+            p.delta[row] = sum;
+        }
     }
 }
 

@@ -1667,6 +1667,8 @@ mod cuda {
         /// depth per head dim.
         const THREADS: u32 = 384;
         const PREP_THREADS: u32 = 256;
+        /// The prep kernel's grid cap: more rows than its warps are walked grid-stride.
+        const PREP_BLOCKS: usize = 1 << 20;
         const TILE: usize = 64;
         const ROW_TILE: usize = 128;
         const BLOCK_COLUMNS: u32 = 64;
@@ -1851,20 +1853,23 @@ mod cuda {
             };
             let suffix = format!("{}_d{d}", q.dtype().name());
 
-            // One warp per padded row. The rows' count is bounded by q's element count, which
-            // fits the device: the grid stays far below 2³¹ blocks.
+            // One warp per padded row, grid-stride beyond 2²⁰ blocks.
             let name = format!("attention_bwd_prep_sm90_{suffix}");
             let function = backend.function("attention_hopper_bwd", &name)?;
             let mut builder = backend.launch_builder(&function);
             builder.arg(&params);
             let config = LaunchConfig {
-                grid_dim: ((rows * 32).div_ceil(PREP_THREADS as usize) as u32, 1, 1),
+                grid_dim: (
+                    (rows * 32).div_ceil(PREP_THREADS as usize).min(PREP_BLOCKS) as u32,
+                    1,
+                    1,
+                ),
                 block_dim: (PREP_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
             // SAFETY: `out` and `d_out` hold batch · seq_q · heads_q rows of head_dim elements,
-            // `lse` one float per such row, `lse2` and `delta` `rows` floats; warps past the last
-            // padded row exit.
+            // `lse` one float per such row, `lse2` and `delta` `rows` floats; the kernel's
+            // grid-stride loop stays below `rows`.
             unsafe { builder.launch(config) }.context(&format!("launching {name}"))?;
 
             let map_q = tensor_map(q, "q", batch, seq_q, problem.heads_q)?;
