@@ -358,8 +358,11 @@ __device__ __forceinline__ void attention_bwd_dkv_sm90(const TensorMap* map_q, c
     const uint32_t sV = sK + 2 * TILE_BYTES;          // 2 tiles
     const uint32_t ring = sV + 2 * TILE_BYTES;        // stage s: Q at s · 2 · TILE_BYTES, dO after it
 
-    const int kv = blockIdx.y, b = blockIdx.z;
-    const int j0 = blockIdx.x * ROW_TILE;
+    // CTAs start in the order of (x, y): the grid's (key tile, head) pairs are dealt head-fastest,
+    // so that under a causal mask every head's heaviest (first) key tiles start in the first wave.
+    const long long pair = (long long)blockIdx.y * gridDim.x + blockIdx.x;
+    const int kv = (int)(pair % gridDim.y), b = blockIdx.z;
+    const int j0 = (int)(pair / gridDim.y) * ROW_TILE;
     const int group = p.heads_q / p.heads_kv;
     const int shift = p.seq_k - p.seq_q;  // position of query i is i + shift
     // The query rows that can see a key of this tile: causal needs i + shift ≥ j0.
@@ -500,10 +503,13 @@ __device__ __forceinline__ void attention_bwd_dq_sm90(const TensorMap* map_q, co
     const uint32_t sdO = sQ + 2 * TILE_BYTES;   // 2 tiles
     const uint32_t ring = sdO + 2 * TILE_BYTES; // stage s: K at s · 2 · TILE_BYTES, V after it
 
-    // Causal CTAs run the longest (last) query tiles first.
-    const int m_block = p.causal ? (int)gridDim.x - 1 - (int)blockIdx.x : (int)blockIdx.x;
+    // The grid's (query tile, head) pairs are dealt head-fastest, and causal CTAs take the
+    // longest (last) query tiles first, so that every head's heaviest tiles start in the first wave.
+    const long long pair = (long long)blockIdx.y * gridDim.x + blockIdx.x;
+    const int rank = (int)(pair / gridDim.y);
+    const int m_block = p.causal ? (int)gridDim.x - 1 - rank : rank;
     const int m0 = m_block * ROW_TILE;
-    const int h = blockIdx.y, b = blockIdx.z;
+    const int h = (int)(pair % gridDim.y), b = blockIdx.z;
     const int kv = h / (p.heads_q / p.heads_kv);
     const long long shift = (long long)p.seq_k - p.seq_q;
     const int last_row = min(m0 + ROW_TILE, p.seq_q) - 1;
