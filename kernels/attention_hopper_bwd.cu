@@ -26,7 +26,8 @@
 //
 // Shared memory: every tile is 64 rows × head_dim, stored as head_dim / 64 column blocks of
 // 64 rows × 128 bytes with the 128-byte swizzle that TMA writes and wgmma reads (each block 1024
-// bytes aligned). A 128-row resident operand is two such tiles, one per consumer warpgroup.
+// bytes aligned). A 128-row resident operand is two such tiles, one per consumer warpgroup; the
+// second is not loaded when it lies wholly past the sequence.
 //
 // Tensor maps (built by src/ops/attention.rs): 4-d (head_dim, heads, seq, batch), box (64, 1, 64,
 // 1), 128-byte swizzle, zero fill out of bounds: rows past a sequence read as zeros and are never
@@ -315,26 +316,17 @@ __device__ __forceinline__ void store_rows(T* dst, const float (&acc)[D / 2], co
     }
 }
 
-// Loads rows row0..row0+127 of (h, b) in `map` as the two 64-row tiles at `dst`.
+// Loads `tiles` 64-row tiles of (h, b) in `map`, from row row0 on, to consecutive tiles at `dst`.
 template <int D>
-__device__ __forceinline__ void load_rows128(uint32_t dst, const TensorMap* map, uint64_t* bar, int h, int row0,
-                                             int b) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
+__device__ __forceinline__ void load_tiles(uint32_t dst, const TensorMap* map, uint64_t* bar, int h, int row0, int b,
+                                           int tiles) {
+    for (int tile = 0; tile < tiles; ++tile) {
 #pragma unroll
         for (int cb = 0; cb < D / 64; ++cb) {
-            tma_load(dst + half * (D / 64) * BLOCK_BYTES + cb * BLOCK_BYTES, map, bar, cb * 64, h, row0 + half * TILE,
+            tma_load(dst + tile * (D / 64) * BLOCK_BYTES + cb * BLOCK_BYTES, map, bar, cb * 64, h, row0 + tile * TILE,
                      b);
         }
     }
-}
-
-// Loads rows row0..row0+63 of (h, b) in `map` as one tile at `dst`.
-template <int D>
-__device__ __forceinline__ void load_rows64(uint32_t dst, const TensorMap* map, uint64_t* bar, int h, int row0,
-                                            int b) {
-#pragma unroll
-    for (int cb = 0; cb < D / 64; ++cb) tma_load(dst + cb * BLOCK_BYTES, map, bar, cb * 64, h, row0, b);
 }
 
 // ---- dK and dV --------------------------------------------------------------------------------
@@ -388,9 +380,12 @@ __device__ __forceinline__ void attention_bwd_dkv_sm90(const TensorMap* map_q, c
         // loaded when no query sees the tile, so that no copy outlives the CTA.
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
         if (threadIdx.x == 0 && count > 0) {
-            barrier_arrive_expect(&kv_full, 4 * TILE_BYTES);
-            load_rows128<D>(sK, map_k, &kv_full, kv, j0, b);
-            load_rows128<D>(sV, map_v, &kv_full, kv, j0, b);
+            // The second 64 keys are not loaded when they lie wholly past the sequence: their
+            // warpgroup then computes on stale shared memory for keys that are never stored.
+            const int halves = j0 + TILE < p.seq_k ? 2 : 1;
+            barrier_arrive_expect(&kv_full, 2 * halves * TILE_BYTES);
+            load_tiles<D>(sK, map_k, &kv_full, kv, j0, b, halves);
+            load_tiles<D>(sV, map_v, &kv_full, kv, j0, b, halves);
             for (int n = 0; n < count; ++n) {
                 const int s = n % STAGES;
                 // The (n / STAGES)-th reuse of stage s waits for the consumers' release of the
@@ -400,8 +395,8 @@ __device__ __forceinline__ void attention_bwd_dkv_sm90(const TensorMap* map_q, c
                 const int i0 = (first_tile + n % tiles_per_head) * TILE;
                 barrier_arrive_expect(&full[s], 2 * TILE_BYTES + 2 * TILE * 4);
                 const uint32_t q_tile = ring + s * 2 * TILE_BYTES;
-                load_rows64<D>(q_tile, map_q, &full[s], h, i0, b);
-                load_rows64<D>(q_tile + TILE_BYTES, map_do, &full[s], h, i0, b);
+                load_tiles<D>(q_tile, map_q, &full[s], h, i0, b, 1);
+                load_tiles<D>(q_tile + TILE_BYTES, map_do, &full[s], h, i0, b, 1);
                 // i0 + 64 ≤ padded_q: the 64 rows lie inside the padded arrays.
                 const size_t rows = ((size_t)b * p.heads_q + h) * p.padded_q + i0;
                 bulk_load(stage_lse[s], p.lse2 + rows, TILE * 4, &full[s]);
@@ -531,16 +526,18 @@ __device__ __forceinline__ void attention_bwd_dq_sm90(const TensorMap* map_q, co
     if (warpgroup == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
         if (threadIdx.x == 0 && n_tiles > 0) {
-            barrier_arrive_expect(&q_full, 4 * TILE_BYTES);
-            load_rows128<D>(sQ, map_q, &q_full, h, m0, b);
-            load_rows128<D>(sdO, map_do, &q_full, h, m0, b);
+            // As in the dK/dV kernel, rows wholly past the sequence are not loaded.
+            const int halves = m0 + TILE < p.seq_q ? 2 : 1;
+            barrier_arrive_expect(&q_full, 2 * halves * TILE_BYTES);
+            load_tiles<D>(sQ, map_q, &q_full, h, m0, b, halves);
+            load_tiles<D>(sdO, map_do, &q_full, h, m0, b, halves);
             for (int n = 0; n < n_tiles; ++n) {
                 const int s = n % STAGES;
                 if (n >= STAGES) barrier_wait(&empty[s], (uint32_t)(n / STAGES - 1) & 1);
                 barrier_arrive_expect(&full[s], 2 * TILE_BYTES);
                 const uint32_t k_tile = ring + s * 2 * TILE_BYTES;
-                load_rows64<D>(k_tile, map_k, &full[s], kv, n * TILE, b);
-                load_rows64<D>(k_tile + TILE_BYTES, map_v, &full[s], kv, n * TILE, b);
+                load_tiles<D>(k_tile, map_k, &full[s], kv, n * TILE, b, 1);
+                load_tiles<D>(k_tile + TILE_BYTES, map_v, &full[s], kv, n * TILE, b, 1);
             }
         }
         return;
