@@ -41,6 +41,11 @@ on_each_device!(
     hopper_forward,
     hopper_forward_long,
     hopper_refuses_other_calls,
+    small_attention_hopper_backward,
+    hopper_backward,
+    hopper_backward_long,
+    hopper_backward_is_deterministic,
+    hopper_backward_refuses_other_calls,
 );
 
 // ---- cases and the f64 reference -----------------------------------------------------------
@@ -1379,6 +1384,257 @@ fn hopper_refuses_other_calls(device: &Device) {
         );
         let result = with_attention_kernel(AttentionKernel::Hopper, || {
             attention_forward(&qt, &kt, &vt, &case.options())
+        });
+        match (device.is_cuda(), result) {
+            (false, Ok(_)) => {}
+            (true, Err(tessera::Error::Unsupported { reason, .. })) => assert!(reason.contains("Hopper"), "{reason}"),
+            (_, other) => panic!("{case:?}: unexpected {other:?}"),
+        }
+    }
+}
+
+// ---- the Hopper (sm_90a) backward -----------------------------------------------------------
+
+/// Fills the device's memory pool with NaN where the backward's outputs will be allocated: it
+/// allocates NaN-filled tensors of their sizes and frees them just before the call, so that the
+/// stream-ordered allocator hands the same blocks back, and a gradient element the kernels never
+/// write reads as NaN (which no check passes) instead of a stale correct value.
+fn poison_gradients(case: &Case, dtype: DType, device: &Device) {
+    if device.is_cuda() {
+        let poison = [case.q_shape(), case.k_shape(), case.k_shape()].map(|shape| poisoned(&shape, dtype, device));
+        drop(poison);
+    }
+}
+
+/// The forward on the mma.sync kernels (checked against the references), then the backward with
+/// the Hopper kernels forced into poisoned memory, checked element by element; returns our
+/// results.
+fn check_hopper_backward<T: Float>(device: &Device, rng: &mut StdRng, case: &Case) -> Results {
+    let (q, k, v, d_o) = random_inputs::<T>(rng, case);
+    let tensor = |data: &[T], shape: Vec<usize>| Tensor::from_slice(data, &shape, device).unwrap();
+    let (qt, kt, vt, dot) = (
+        tensor(&q, case.q_shape()),
+        tensor(&k, case.k_shape()),
+        tensor(&v, case.k_shape()),
+        tensor(&d_o, case.q_shape()),
+    );
+    let options = case.options();
+    let (out, lse) =
+        with_attention_kernel(AttentionKernel::MmaSync, || attention_forward(&qt, &kt, &vt, &options)).unwrap();
+    let inputs = Inputs {
+        q: common::to_f64(&q),
+        k: common::to_f64(&k),
+        v: common::to_f64(&v),
+        d_out: common::to_f64(&d_o),
+    };
+    let (ours, exact, rounded, what) = check_forward::<T>(case, &inputs, &out, &lse);
+    poison_gradients(case, T::DTYPE, device);
+    let (dq, dk, dv) = with_attention_kernel(AttentionKernel::Hopper, || {
+        attention_backward(&dot, &qt, &kt, &vt, &out, &lse, &options)
+    })
+    .unwrap();
+    let ours = Results {
+        d_q: read::<T>(&dq),
+        d_k: read::<T>(&dk),
+        d_v: read::<T>(&dv),
+        ..ours
+    };
+    let unit = unit_roundoff::<T>();
+    let what = format!("{what} sm90");
+    check_rule(&format!("d_q {what}"), &ours.d_q, &rounded.d_q, &exact.d_q, 3.0, unit);
+    check_rule(&format!("d_k {what}"), &ours.d_k, &rounded.d_k, &exact.d_k, 3.0, unit);
+    check_rule(&format!("d_v {what}"), &ours.d_v, &rounded.d_v, &exact.d_v, 3.0, unit);
+    ours
+}
+
+/// Where the Hopper kernels do not run: on the CPU the choice changes nothing (the CPU backward,
+/// checked against the references); on another GPU forcing them on the backward is an
+/// `Unsupported` error that names the image.
+fn hopper_backward_elsewhere(device: &Device, rng: &mut StdRng) {
+    let case = Case::dense(2, 17, 33, 2, 1, 64, AttentionMask::Causal);
+    let before = attention_kernel();
+    if device.is_cuda() {
+        let q = Tensor::from_slice(&uniform::<bf16>(rng, 2 * 17 * 2 * 64), &case.q_shape(), device).unwrap();
+        let k = Tensor::from_slice(&uniform::<bf16>(rng, 2 * 33 * 64), &case.k_shape(), device).unwrap();
+        let (out, lse) = attention_forward(&q, &k, &k, &case.options()).unwrap();
+        let result = with_attention_kernel(AttentionKernel::Hopper, || {
+            attention_backward(&out, &q, &k, &k, &out, &lse, &case.options())
+        });
+        match result {
+            Err(tessera::Error::Unsupported { reason, .. }) => assert!(reason.contains("sm_90a"), "{reason}"),
+            other => panic!("forcing the Hopper backward off Hopper: expected Unsupported, got {other:?}"),
+        }
+    } else {
+        check_hopper_backward::<bf16>(device, rng, &case);
+    }
+    assert_eq!(attention_kernel(), before);
+}
+
+/// A small grid for compute-sanitizer: partial tiles, a key tile and a query tile whose second
+/// 64-row half lies wholly past the sequence, fully masked rows (causal, seq_q > seq_k), GQA and
+/// MQA, both dtypes and both head dims, several query tiles per key tile.
+fn small_attention_hopper_backward(device: &Device) {
+    let mut rng = common::rng();
+    if !is_hopper(device) {
+        return hopper_backward_elsewhere(device, &mut rng);
+    }
+    check_hopper_backward::<bf16>(
+        device,
+        &mut rng,
+        &Case::dense(2, 17, 33, 2, 1, 64, AttentionMask::Causal),
+    );
+    check_hopper_backward::<f16>(
+        device,
+        &mut rng,
+        &Case::dense(1, 70, 70, 2, 1, 128, AttentionMask::None),
+    );
+    check_hopper_backward::<bf16>(
+        device,
+        &mut rng,
+        &Case::dense(1, 150, 100, 4, 2, 128, AttentionMask::Causal),
+    );
+}
+
+/// The Hopper backward forced on every class of shape it serves: one key or query, partial
+/// tiles, several tiles, seq_q ≠ seq_k both ways, none and causal, MHA/GQA/MQA, head dims 64 and
+/// 128, bf16 and f16; and the rows that causal attention with seq_q > seq_k hides, whose query
+/// gradient must be exactly 0.
+fn hopper_backward(device: &Device) {
+    let mut rng = common::rng();
+    if !is_hopper(device) {
+        return hopper_backward_elsewhere(device, &mut rng);
+    }
+    let heads = [(2, 2), (4, 2), (3, 1)];
+    let pairs = [
+        (1, 1),
+        (17, 17),
+        (113, 113),
+        (1, 239),
+        (17, 300),
+        (113, 203),
+        (203, 113),
+        (300, 17),
+        (256, 256),
+        (129, 128),
+        (64, 193),
+    ];
+    let mut n = 0;
+    for &(sq, sk) in &pairs {
+        for mask in [AttentionMask::None, AttentionMask::Causal] {
+            for d in [64, 128] {
+                let (hq, hkv) = heads[n % heads.len()];
+                n += 1;
+                let case = Case::dense(2, sq, sk, hq, hkv, d, mask);
+                check_hopper_backward::<bf16>(device, &mut rng, &case);
+                check_hopper_backward::<f16>(device, &mut rng, &case);
+            }
+        }
+    }
+    for d in [64, 128] {
+        let (sq, sk, hq) = (200, 60, 2);
+        let r = check_hopper_backward::<bf16>(
+            device,
+            &mut rng,
+            &Case::dense(1, sq, sk, hq, 1, d, AttentionMask::Causal),
+        );
+        for row in 0..(sq - sk) * hq {
+            assert!(r.d_q[row * d..(row + 1) * d].iter().all(|&x| x == 0.0), "row {row}");
+        }
+    }
+}
+
+/// Long sequences: many query tiles per key tile and many key tiles per query tile through the
+/// rings (each stage reused many times, so that every mbarrier phase flips), lengths one past a
+/// tile, GQA groups walked in one CTA.
+fn hopper_backward_long(device: &Device) {
+    let mut rng = common::rng();
+    if !is_hopper(device) {
+        return hopper_backward_elsewhere(device, &mut rng);
+    }
+    for (n, &(sq, sk)) in [(1025, 1025), (1025, 2049), (2049, 1025)].iter().enumerate() {
+        for mask in [AttentionMask::None, AttentionMask::Causal] {
+            let d = if n % 2 == 0 { 128 } else { 64 };
+            // The f64 reference is single-threaded: one sequence of few heads.
+            let case = Case::dense(1, sq, sk, 2, 1, d, mask);
+            if mask == AttentionMask::None {
+                check_hopper_backward::<bf16>(device, &mut rng, &case);
+            } else {
+                check_hopper_backward::<f16>(device, &mut rng, &case);
+            }
+        }
+    }
+}
+
+/// Two Hopper backward runs on the same inputs give the same bits (no atomics; dK and dV sum the
+/// query heads of a group and the query tiles in one fixed order).
+fn hopper_backward_is_deterministic(device: &Device) {
+    let mut rng = common::rng();
+    if !is_hopper(device) {
+        return hopper_backward_elsewhere(device, &mut rng);
+    }
+    for (d, mask) in [(64, AttentionMask::None), (128, AttentionMask::Causal)] {
+        let (b, sq, sk, hq, hkv) = (2, 300, 420, 4, 2);
+        let tensor = |shape: &[usize], rng: &mut StdRng| {
+            let data: Vec<bf16> = uniform(rng, shape.iter().product());
+            Tensor::from_slice(&data, shape, device).unwrap()
+        };
+        let q = tensor(&[b, sq, hq, d], &mut rng);
+        let k = tensor(&[b, sk, hkv, d], &mut rng);
+        let v = tensor(&[b, sk, hkv, d], &mut rng);
+        let d_o = tensor(&[b, sq, hq, d], &mut rng);
+        let options = AttentionOptions {
+            mask,
+            ..Default::default()
+        };
+        let (out, lse) = attention_forward(&q, &k, &v, &options).unwrap();
+        let run = || {
+            with_attention_kernel(AttentionKernel::Hopper, || {
+                attention_backward(&d_o, &q, &k, &v, &out, &lse, &options)
+            })
+            .map(|(dq, dk, dv)| [dq, dk, dv].map(|t| t.to_vec::<bf16>().unwrap()))
+            .unwrap()
+        };
+        assert_eq!(run(), run(), "d{d} {mask:?}");
+    }
+}
+
+/// Forcing the Hopper kernels on a backward they do not serve is an `Unsupported` error on a GPU
+/// (never another kernel run silently); the CPU ignores the choice and computes.
+fn hopper_backward_refuses_other_calls(device: &Device) {
+    let mut rng = common::rng();
+    let rope = AttentionRope {
+        config: rope_config(64, vec![10_000.0], RopeConvention::RotateHalf),
+        distance_ceiling: None,
+    };
+    let cases = [
+        Case::dense(1, 40, 40, 2, 1, 64, AttentionMask::Window { left: 7, right: 0 }),
+        Case::dense(1, 40, 40, 2, 1, 64, AttentionMask::Lambda { global: 2, window: 9 }),
+        Case::dense(1, 40, 40, 2, 1, 72, AttentionMask::Causal),
+        Case::dense(1, 40, 40, 2, 1, 256, AttentionMask::None),
+        Case {
+            seqs: vec![(10, 12), (30, 28)],
+            packed: true,
+            ..Case::dense(1, 1, 1, 2, 1, 64, AttentionMask::Causal)
+        },
+        Case {
+            rope: Some(rope),
+            ..Case::dense(1, 40, 40, 2, 1, 64, AttentionMask::Causal)
+        },
+    ];
+    for case in &cases {
+        let (q, k, v, d_o) = random_inputs::<bf16>(&mut rng, case);
+        let tensor = |data: &[bf16], shape: Vec<usize>| Tensor::from_slice(data, &shape, device).unwrap();
+        let (qt, kt, vt, dot) = (
+            tensor(&q, case.q_shape()),
+            tensor(&k, case.k_shape()),
+            tensor(&v, case.k_shape()),
+            tensor(&d_o, case.q_shape()),
+        );
+        let options = case.options();
+        let (out, lse) =
+            with_attention_kernel(AttentionKernel::MmaSync, || attention_forward(&qt, &kt, &vt, &options)).unwrap();
+        let result = with_attention_kernel(AttentionKernel::Hopper, || {
+            attention_backward(&dot, &qt, &kt, &vt, &out, &lse, &options)
         });
         match (device.is_cuda(), result) {
             (false, Ok(_)) => {}

@@ -106,8 +106,11 @@ pub struct AttentionOptions {
     pub rope: Option<AttentionRope>,
 }
 
-/// Which CUDA kernel computes the forward. Both give the same `out` and `lse` up to rounding; the
-/// backward always runs the mma.sync kernels, and the CPU ignores the choice.
+/// Which CUDA kernels compute the forward and the backward. Every choice gives the same results up
+/// to rounding, and the CPU ignores it. With [`AttentionKernel::Hopper`] the backward runs
+/// kernels/attention_hopper_bwd.cu, which serves bf16 and f16, head dims 64 and 128, masks none
+/// and causal, batches of equal lengths, no RoPE inside; any other backward is then an
+/// [`Error::Unsupported`] that says why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum AttentionKernel {
     /// tessera's choice, which is the mma.sync kernels for now. It becomes the Hopper kernel on
@@ -148,13 +151,13 @@ thread_local! {
     static THREAD_KERNEL: std::cell::Cell<Option<AttentionKernel>> = const { std::cell::Cell::new(None) };
 }
 
-/// Sets the forward kernel for the whole process (threads inside [`with_attention_kernel`] keep
+/// Sets the attention kernels for the whole process (threads inside [`with_attention_kernel`] keep
 /// theirs): the benchmark measures both kernels with it.
 pub fn set_attention_kernel(kernel: AttentionKernel) {
     PROCESS_KERNEL.store(kernel.code(), std::sync::atomic::Ordering::Relaxed);
 }
 
-/// The forward kernel in force on this thread: the innermost [`with_attention_kernel`], else the
+/// The attention kernels in force on this thread: the innermost [`with_attention_kernel`], else the
 /// process-wide [`set_attention_kernel`] (by default [`AttentionKernel::Auto`]).
 pub fn attention_kernel() -> AttentionKernel {
     THREAD_KERNEL
@@ -162,7 +165,7 @@ pub fn attention_kernel() -> AttentionKernel {
         .unwrap_or_else(|| AttentionKernel::from_code(PROCESS_KERNEL.load(std::sync::atomic::Ordering::Relaxed)))
 }
 
-/// Runs `f` with `kernel` as this thread's forward kernel, and restores the previous choice after
+/// Runs `f` with `kernel` as this thread's attention kernels, and restores the previous choice after
 /// it (also when `f` unwinds). Other threads are not affected, so that tests running in parallel
 /// can force different kernels.
 pub fn with_attention_kernel<R>(kernel: AttentionKernel, f: impl FnOnce() -> R) -> R {
@@ -1438,6 +1441,9 @@ mod cuda {
         d_k: &mut Tensor,
         d_v: &mut Tensor,
     ) -> Result<()> {
+        if attention_kernel() == AttentionKernel::Hopper {
+            return hopper_bwd::backward(problem, d_out, q, k, v, out, lse, d_q, d_k, d_v);
+        }
         match &problem.rope {
             None => backward_kernels(problem, d_out, q, k, v, out, lse, d_q, d_k, d_v),
             Some(rope) => {
@@ -1644,6 +1650,258 @@ mod cuda {
             // rows; every CTA's query tile starts inside the sequence and the kernel stores only
             // rows below seq_q.
             unsafe { builder.launch(launch) }.context(&format!("launching {name}"))?;
+            Ok(())
+        }
+    }
+
+    /// The sm_90a backward of kernels/attention_hopper_bwd.cu: a prep kernel (the log-sum-exp in
+    /// base 2 and Δ per padded query row), the dK/dV kernel per key tile and the dQ kernel per
+    /// query tile.
+    mod hopper_bwd {
+        use super::*;
+        use cudarc::driver::sys;
+
+        /// Must match kernels/attention_hopper_bwd.cu: threads per CTA of the gradient kernels and
+        /// of the prep kernel, rows of every shared-memory tile (and of every TMA box), rows of a
+        /// CTA's resident operand, the columns of one 128-byte swizzled block, and the pipeline
+        /// depth per head dim.
+        const THREADS: u32 = 384;
+        const PREP_THREADS: u32 = 256;
+        /// The prep kernel's grid cap: more rows than its warps are walked grid-stride.
+        const PREP_BLOCKS: usize = 1 << 20;
+        const TILE: usize = 64;
+        const ROW_TILE: usize = 128;
+        const BLOCK_COLUMNS: u32 = 64;
+
+        fn stages(head_dim: usize) -> usize {
+            if head_dim == 64 {
+                4
+            } else {
+                3
+            }
+        }
+
+        /// Layout shared with `HopperBwdParams` in kernels/attention_hopper_bwd.cu.
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct HopperBwdParams {
+            out: u64,
+            d_out: u64,
+            lse: u64,
+            lse2: u64,
+            delta: u64,
+            d_q: u64,
+            d_k: u64,
+            d_v: u64,
+            batch: i32,
+            seq_q: i32,
+            seq_k: i32,
+            heads_q: i32,
+            heads_kv: i32,
+            padded_q: i32,
+            scale: f32,
+            scale_log2: f32,
+            causal: i32,
+        }
+
+        // SAFETY: a plain #[repr(C)] struct of scalars, laid out as the kernel declares it.
+        unsafe impl cudarc::driver::DeviceRepr for HopperBwdParams {}
+
+        /// A TMA descriptor, passed by value as a `__grid_constant__` kernel parameter.
+        #[repr(transparent)]
+        #[derive(Clone, Copy)]
+        struct TensorMap(sys::CUtensorMap);
+
+        // SAFETY: the 128 opaque bytes of a CUtensorMap, which the kernel declares as such.
+        unsafe impl cudarc::driver::DeviceRepr for TensorMap {}
+
+        /// Why the backward kernels cannot serve this call, or `None` when they can.
+        fn obstacle(problem: &Problem, q: &Tensor, backend: &CudaBackend) -> Result<Option<String>> {
+            let image = backend.kernel_image()?;
+            if image != crate::cuda::kernels::ImageKind::Sm90a {
+                return Ok(Some(format!(
+                    "{} loads the {}, not the sm_90a image",
+                    backend.name(),
+                    image.name()
+                )));
+            }
+            if !matches!(q.dtype(), DType::BF16 | DType::F16) {
+                return Ok(Some(format!("dtype {} (bf16 and f16 only)", q.dtype().name())));
+            }
+            if !matches!(problem.head_dim, 64 | 128) {
+                return Ok(Some(format!("head dim {} (64 and 128 only)", problem.head_dim)));
+            }
+            if !matches!(problem.mask, AttentionMask::None | AttentionMask::Causal) {
+                return Ok(Some(format!("mask {:?} (none and causal only)", problem.mask)));
+            }
+            if problem.rope.is_some() {
+                return Ok(Some("RoPE inside attention".into()));
+            }
+            let batch = problem.batch();
+            if (0..batch).any(|b| problem.seq_q(b) != problem.seq_q(0) || problem.seq_k(b) != problem.seq_k(0)) {
+                return Ok(Some("sequences of different lengths".into()));
+            }
+            // The kernels index keys and query rows in i32, a tile past the last one included.
+            let limit = MAX_EXTENT - ROW_TILE;
+            if problem.seq_q(0) > limit || problem.seq_k(0) > limit {
+                return Ok(Some(format!("sequences longer than {limit}")));
+            }
+            if batch > MAX_GRID_YZ || problem.heads_q > MAX_GRID_YZ {
+                return Ok(Some(format!("more than {MAX_GRID_YZ} sequences or heads")));
+            }
+            Ok(None)
+        }
+
+        /// The 4-d map (head_dim, heads, seq, batch) of a (batch, seq, heads, head_dim) tensor,
+        /// read in boxes of (64, 1, 64, 1) with the 128-byte swizzle; out-of-bounds rows read as
+        /// zeros.
+        fn tensor_map(t: &Tensor, arg: &'static str, batch: usize, seq: usize, heads: usize) -> Result<TensorMap> {
+            let head_dim = t.shape()[t.shape().len() - 1];
+            let data_type = match t.dtype() {
+                DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+            };
+            let address = address(t)?;
+            let element = 2u64;
+            let dims = [head_dim as u64, heads as u64, seq as u64, batch as u64];
+            let strides = [
+                head_dim as u64 * element,
+                (heads * head_dim) as u64 * element,
+                (seq * heads * head_dim) as u64 * element,
+            ];
+            let boxes = [BLOCK_COLUMNS, 1, TILE as u32, 1];
+            let element_strides = [1u32; 4];
+            // TMA reads from 16-byte aligned addresses; device allocations are 256-byte aligned.
+            if address % 16 != 0 {
+                return Err(Error::invalid(
+                    OP_BWD,
+                    arg,
+                    "a 16-byte aligned device tensor",
+                    format!("address {address:#x}"),
+                ));
+            }
+            let mut map = TensorMap(sys::CUtensorMap { opaque: [0; 16] });
+            // SAFETY: every array has the length the rank (4) asks for, the address is a live
+            // device allocation of batch · seq · heads · head_dim elements with these strides,
+            // and `map` is a writable CUtensorMap.
+            unsafe {
+                sys::cuTensorMapEncodeTiled(
+                    &mut map.0,
+                    data_type,
+                    4,
+                    address as *mut std::ffi::c_void,
+                    dims.as_ptr(),
+                    strides.as_ptr(),
+                    boxes.as_ptr(),
+                    element_strides.as_ptr(),
+                    sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                    sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                    sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                    sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+                )
+            }
+            .result()
+            .context("cuTensorMapEncodeTiled")?;
+            Ok(map)
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        pub(super) fn backward(
+            problem: &Problem,
+            d_out: &Tensor,
+            q: &Tensor,
+            k: &Tensor,
+            v: &Tensor,
+            out: &Tensor,
+            lse: &Tensor,
+            d_q: &Tensor,
+            d_k: &Tensor,
+            d_v: &Tensor,
+        ) -> Result<()> {
+            let backend = q.device_buffer()?.backend().clone();
+            if let Some(reason) = obstacle(problem, q, &backend)? {
+                return Err(Error::Unsupported {
+                    op: OP_BWD,
+                    reason: format!(
+                        "the Hopper attention kernel was asked for, and its backward does not serve {reason}"
+                    ),
+                });
+            }
+            let (batch, seq_q, seq_k, d) = (problem.batch(), problem.seq_q(0), problem.seq_k(0), problem.head_dim);
+            let padded_q = seq_q.div_ceil(TILE) * TILE;
+            let rows = batch * problem.heads_q * padded_q;
+            let lse2 = Tensor::uninit_cuda(&[rows], DType::F32, &backend)?;
+            let delta = Tensor::uninit_cuda(&[rows], DType::F32, &backend)?;
+            let params = HopperBwdParams {
+                out: address(out)?,
+                d_out: address(d_out)?,
+                lse: address(lse)?,
+                lse2: address(&lse2)?,
+                delta: address(&delta)?,
+                d_q: address(d_q)?,
+                d_k: address(d_k)?,
+                d_v: address(d_v)?,
+                batch: batch as i32,
+                seq_q: seq_q as i32,
+                seq_k: seq_k as i32,
+                heads_q: problem.heads_q as i32,
+                heads_kv: problem.heads_kv as i32,
+                padded_q: padded_q as i32,
+                scale: problem.scale,
+                scale_log2: problem.scale * std::f32::consts::LOG2_E,
+                causal: i32::from(problem.mask == AttentionMask::Causal),
+            };
+            let suffix = format!("{}_d{d}", q.dtype().name());
+
+            // One warp per padded row, grid-stride beyond 2²⁰ blocks.
+            let name = format!("attention_bwd_prep_sm90_{suffix}");
+            let function = backend.function("attention_hopper_bwd", &name)?;
+            let mut builder = backend.launch_builder(&function);
+            builder.arg(&params);
+            let config = LaunchConfig {
+                grid_dim: (
+                    (rows * 32).div_ceil(PREP_THREADS as usize).min(PREP_BLOCKS) as u32,
+                    1,
+                    1,
+                ),
+                block_dim: (PREP_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: `out` and `d_out` hold batch · seq_q · heads_q rows of head_dim elements,
+            // `lse` one float per such row, `lse2` and `delta` `rows` floats; the kernel's
+            // grid-stride loop stays below `rows`.
+            unsafe { builder.launch(config) }.context(&format!("launching {name}"))?;
+
+            let map_q = tensor_map(q, "q", batch, seq_q, problem.heads_q)?;
+            let map_k = tensor_map(k, "k", batch, seq_k, problem.heads_kv)?;
+            let map_v = tensor_map(v, "v", batch, seq_k, problem.heads_kv)?;
+            let map_do = tensor_map(d_out, "d_out", batch, seq_q, problem.heads_q)?;
+            // Two resident 128-row operands, the ring of stages of two 64-row tiles, and room to
+            // align the tiles to 1024 bytes.
+            let shared = 2 * ROW_TILE * d * 2 + stages(d) * 2 * TILE * d * 2 + 1024;
+            for (kind, tiles, heads) in [
+                ("dkv", seq_k.div_ceil(ROW_TILE), problem.heads_kv),
+                ("dq", seq_q.div_ceil(ROW_TILE), problem.heads_q),
+            ] {
+                let name = format!("attention_bwd_{kind}_sm90_{suffix}");
+                let function = backend.function("attention_hopper_bwd", &name)?;
+                backend.allow_shared_memory(&function, shared)?;
+                let mut builder = backend.launch_builder(&function);
+                builder.arg(&map_q).arg(&map_k).arg(&map_v).arg(&map_do).arg(&params);
+                let launch = LaunchConfig {
+                    grid_dim: (tiles as u32, heads as u32, batch as u32),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: shared as u32,
+                };
+                // SAFETY: the tensor maps describe the validated q, k, v and d_out exactly (dense
+                // batches of equal lengths, head_dim 64 or 128); d_q, d_k and d_v have q's, k's
+                // and v's shapes, and the kernels store only rows below seq_q and seq_k; `lse2`
+                // and `delta` hold padded_q rows per (sequence, query head), and the dK/dV kernel
+                // reads 64 of them from a multiple of 64 below seq_q.
+                unsafe { builder.launch(launch) }.context(&format!("launching {name}"))?;
+            }
+            // `lse2` and `delta` are freed in stream order, after the kernels that read them.
+            drop((lse2, delta));
             Ok(())
         }
     }
