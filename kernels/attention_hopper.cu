@@ -1,8 +1,10 @@
 // Flash attention forward for Hopper (sm_90a): TMA loads into a shared-memory ring that mbarriers
 // hand between a producer warp and two consumer warpgroups, S = Q·Kᵀ and O += P·V on wgmma, the
-// online softmax in registers. bf16 and f16, head dims 64 and 128, masks none and causal, dense
-// batches, GQA via the head mapping; src/ops/attention.rs runs every other call (and, until a GPU
-// run has measured this kernel, every call by default) on the mma.sync kernels of attention.cu.
+// online softmax in registers. bf16 and f16, head dims 64 and 128, every mask (none, causal,
+// sliding window, Λ) without RoPE inside, dense and packed (varlen) batches, GQA via the head
+// mapping; src/ops/attention.rs runs every other call (RoPE inside, the distance ceiling, other
+// head dims; and, until a GPU run has measured this kernel, every call by default) on the
+// mma.sync kernels of attention.cu.
 //
 // CTA: 3 warpgroups (384 threads). Warpgroup 0 is the producer: one thread issues every TMA copy
 // (Q once, then K and V per key tile) and the group gives its registers to the consumers
@@ -15,12 +17,28 @@
 // 128-byte swizzle that TMA writes and wgmma reads (each block 1024-byte aligned): Q 128 rows,
 // then STAGES × (K 128 rows, V 128 rows). The producer runs up to STAGES key tiles ahead.
 //
-// Memory traffic: Q is read once per CTA, each visible K/V tile once per CTA; causal CTAs stop at
-// their last visible key tile and run the heaviest query tiles first. Rows past the sequence read
-// TMA's zero fill and are never stored; keys past it are masked.
+// Masks: the producer and the consumers derive the same list of key tiles from the CTA's query
+// positions (bottom-right aligned, as in attention.cu): at most two runs of tiles, the Λ mask's
+// global run and its local run, so that the tiles between the global tokens and the window are
+// never loaded. Each thread turns its two rows' visibility into a band lo..=hi plus the keys
+// below global_end (the Λ mask's global tokens); a tile that some row of the warp cannot see
+// whole is masked element by element, the others are not tested. CTAs run the heaviest query
+// tiles first: the last ones for causal and Λ, and for a window whose left side is at least its
+// right one (the first tiles lose the keys before 0, the last ones those past the end); the first
+// ones otherwise.
+//
+// Memory traffic: Q is read once per CTA, each visible K/V tile once per CTA. Rows past the
+// sequence and keys past it are never stored or seen: dense batches are 4-d tensor maps whose
+// out-of-bounds rows TMA fills with zeros. Packed (varlen) batches are one sequence of all tokens
+// to TMA, so a box that crosses a sequence's end reads the next sequence's rows: its query rows
+// are computed and never stored, its keys are masked like keys past the end, and the consumers
+// zero the V rows past the end of such a tile (the two consumer warpgroups meet on a named
+// barrier before either multiplies by it), so that a non-finite value in a neighbouring sequence
+// cannot reach this one through 0 · ∞.
 //
 // Tensor maps (built by src/ops/attention.rs): 4-d (head_dim, heads, seq, batch), box (64, 1,
-// 128, 1), 128-byte swizzle, zero fill out of bounds.
+// 128, 1), 128-byte swizzle, zero fill out of bounds; packed batches as (head_dim, heads, total,
+// 1).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -37,13 +55,21 @@ struct alignas(64) TensorMap {
 struct HopperParams {
     void* out;
     float* lse;
+    const int* cu_q;  // null: a dense batch, every sequence seq_q queries and seq_k keys
+    const int* cu_k;
     int seq_q;
     int seq_k;
     int heads_q;
     int heads_kv;
     float scale_log2;  // softmax scale · log2(e): the softmax runs in base 2
-    int causal;
+    int mask_kind;     // MaskKind
+    int left;          // window mask
+    int right;
+    int global;  // Λ mask
+    int window;
 };
+
+enum MaskKind : int { MASK_NONE = 0, MASK_CAUSAL = 1, MASK_WINDOW = 2, MASK_LAMBDA = 3 };
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
@@ -205,6 +231,78 @@ __device__ __forceinline__ float quad_sum(float x) {
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// ---- masks ----------------------------------------------------------------------------------
+
+// The key tiles of BN keys that query positions p_lo..=p_hi may see, in at most two runs that
+// never overlap (the Λ mask's global tiles, then its local ones); n counts through both.
+struct KeyTiles {
+    int first0, count0, first1, count1;
+    __device__ __forceinline__ int count() const { return count0 + count1; }
+    __device__ __forceinline__ int at(int n) const { return n < count0 ? first0 + n : first1 + (n - count0); }
+};
+
+__device__ __forceinline__ KeyTiles key_tiles(const HopperParams& p, long long p_lo, long long p_hi, int sk) {
+    long long lo0 = 0, hi0 = sk, lo1 = 0, hi1 = 0;  // key ranges [lo, hi)
+    switch (p.mask_kind) {
+        case MASK_CAUSAL: hi0 = p_hi + 1; break;
+        case MASK_WINDOW:
+            lo0 = p_lo - p.left;
+            hi0 = p_hi + p.right + 1;
+            break;
+        case MASK_LAMBDA:
+            hi0 = min((long long)p.global, p_hi + 1);
+            lo1 = p_lo - p.window + 1;
+            hi1 = p_hi + 1;
+            break;
+        default: break;
+    }
+    lo0 = max(0ll, min(lo0, (long long)sk));
+    hi0 = max(lo0, min(hi0, (long long)sk));
+    lo1 = max(0ll, min(lo1, (long long)sk));
+    hi1 = max(lo1, min(hi1, (long long)sk));
+    KeyTiles t;
+    t.first0 = (int)(lo0 / BN);
+    const int end0 = hi0 > lo0 ? (int)((hi0 + BN - 1) / BN) : 0;
+    t.count0 = hi0 > lo0 ? end0 - t.first0 : 0;
+    // The local run starts after the global run's last tile, which it may share.
+    t.first1 = max((int)(lo1 / BN), end0);
+    t.count1 = hi1 > lo1 ? max(0, (int)((hi1 + BN - 1) / BN) - t.first1) : 0;
+    return t;
+}
+
+// The keys a query position sees: lo..=hi, and every key below global_end (the Λ mask's global
+// tokens), all within 0..sk.
+struct RowKeys {
+    int lo, hi, global_end;
+    __device__ __forceinline__ bool sees(int j) const { return (j >= lo && j <= hi) || j < global_end; }
+    // Whether it sees every key of j0..j0 + BN - 1.
+    __device__ __forceinline__ bool sees_tile(int j0) const {
+        return (lo <= j0 && hi >= j0 + BN - 1) || global_end >= j0 + BN;
+    }
+};
+
+__device__ __forceinline__ RowKeys row_keys(const HopperParams& p, long long pos, int sk) {
+    long long lo = 0, hi = (long long)sk - 1, global_end = 0;
+    switch (p.mask_kind) {
+        case MASK_CAUSAL: hi = min(hi, pos); break;
+        case MASK_WINDOW:
+            lo = pos - p.left;
+            hi = min(hi, pos + p.right);
+            break;
+        case MASK_LAMBDA:
+            lo = pos - p.window + 1;
+            hi = min(hi, pos);
+            global_end = min((long long)p.global, pos + 1);
+            break;
+        default: break;
+    }
+    RowKeys r;
+    r.lo = (int)max(0ll, min(lo, (long long)sk));
+    r.hi = (int)max(-1ll, hi);
+    r.global_end = (int)max(0ll, min(global_end, (long long)sk));
+    return r;
+}
+
 }  // namespace
 
 // ---- the kernel ---------------------------------------------------------------------------------
@@ -228,15 +326,27 @@ __device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const
         (reinterpret_cast<uintptr_t>(dynamic_shared) + 1023) & ~static_cast<uintptr_t>(1023));
     unsigned char* const sKV = sQ + Q_BYTES;  // stage s: K at s · 2 · KV_BYTES, V after it
 
-    // Causal CTAs run the longest (last) query tiles first.
-    const int m_block = p.causal ? (int)gridDim.x - 1 - (int)blockIdx.x : (int)blockIdx.x;
+    // The heaviest query tiles first (see the header).
+    const bool last_first = p.mask_kind == MASK_CAUSAL || p.mask_kind == MASK_LAMBDA ||
+                            (p.mask_kind == MASK_WINDOW && p.left >= p.right);
+    const int m_block = last_first ? (int)gridDim.x - 1 - (int)blockIdx.x : (int)blockIdx.x;
     const int m0 = m_block * BM;
     const int h = blockIdx.y, b = blockIdx.z;
+    // The sequence's first token and length; to TMA a packed batch is one sequence of all tokens
+    // (batch coordinate 0), a dense batch one sequence per batch coordinate.
+    const bool packed = p.cu_q != nullptr;
+    const int q_start = packed ? p.cu_q[b] : b * p.seq_q;
+    const int sq = packed ? p.cu_q[b + 1] - q_start : p.seq_q;
+    const int k_start = packed ? p.cu_k[b] : b * p.seq_k;
+    const int sk = packed ? p.cu_k[b + 1] - k_start : p.seq_k;
+    const int q_row = packed ? q_start + m0 : m0, k_row = packed ? k_start : 0, tma_batch = packed ? 0 : b;
+    // Uniform across the CTA: a packed batch's grid covers its longest sequence.
+    if (m0 >= sq) return;
     const int kv = h / (p.heads_q / p.heads_kv);
-    const long long shift = (long long)p.seq_k - p.seq_q;  // position of query i is i + shift
-    const int last_row = min(m0 + BM, p.seq_q) - 1;
-    const long long key_end = p.causal ? min((long long)p.seq_k, last_row + shift + 1) : (long long)p.seq_k;
-    const int n_tiles = key_end > 0 ? (int)((key_end + BN - 1) / BN) : 0;
+    const long long shift = (long long)sk - sq;  // position of query i is i + shift
+    const int last_row = min(m0 + BM, sq) - 1;
+    const KeyTiles tiles = key_tiles(p, m0 + shift, last_row + shift, sk);
+    const int n_tiles = tiles.count();
 
     if (threadIdx.x == 0) {
 #pragma unroll
@@ -256,7 +366,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const
         if (threadIdx.x == 0) {
             barrier_arrive_expect(&q_full, Q_BYTES);
 #pragma unroll
-            for (int cb = 0; cb < BLOCKS; ++cb) tma_load(sQ + cb * BM * 128, map_q, &q_full, cb * 64, h, m0, b);
+            for (int cb = 0; cb < BLOCKS; ++cb) tma_load(sQ + cb * BM * 128, map_q, &q_full, cb * 64, h, q_row, tma_batch);
             for (int n = 0; n < n_tiles; ++n) {
                 const int s = n % STAGES;
                 // The (n / STAGES)-th reuse of stage s waits for the consumers' release of the
@@ -265,10 +375,11 @@ __device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const
                 barrier_arrive_expect(&full[s], 2 * KV_BYTES);
                 unsigned char* const k_tile = sKV + s * 2 * KV_BYTES;
                 unsigned char* const v_tile = k_tile + KV_BYTES;
+                const int j_row = k_row + tiles.at(n) * BN;
 #pragma unroll
                 for (int cb = 0; cb < BLOCKS; ++cb) {
-                    tma_load(k_tile + cb * BN * 128, map_k, &full[s], cb * 64, kv, n * BN, b);
-                    tma_load(v_tile + cb * BN * 128, map_v, &full[s], cb * 64, kv, n * BN, b);
+                    tma_load(k_tile + cb * BN * 128, map_k, &full[s], cb * 64, kv, j_row, tma_batch);
+                    tma_load(v_tile + cb * BN * 128, map_v, &full[s], cb * 64, kv, j_row, tma_batch);
                 }
             }
         }
@@ -279,16 +390,9 @@ __device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const
     const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32, g = lane / 4, c = lane % 4;
     const int row0 = m0 + (warpgroup - 1) * 64;  // this warpgroup's first query row
     const int my_row[2] = {row0 + warp * 16 + g, row0 + warp * 16 + g + 8};
-    // The last key each of this thread's rows sees (-1: none), and the last key that every row
-    // of the warpgroup sees: tiles up to it need no mask.
-    int my_last[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const long long last = p.causal ? min((long long)p.seq_k - 1, my_row[r] + shift) : (long long)p.seq_k - 1;
-        my_last[r] = (int)max(-1ll, last);
-    }
-    const int tile_last_whole =
-        (int)max(-1ll, p.causal ? min((long long)p.seq_k - 1, row0 + shift) : (long long)p.seq_k - 1);
+    // The keys each of this thread's rows sees (rows past the sequence included: they are
+    // computed and never stored).
+    const RowKeys keys[2] = {row_keys(p, my_row[0] + shift, sk), row_keys(p, my_row[1] + shift, sk)};
     const uint32_t q_address = smem(sQ) + (warpgroup - 1) * 64 * 128;
 
     float o[D / 2];
@@ -302,6 +406,22 @@ __device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const
         barrier_wait(&full[s], (uint32_t)(n / STAGES) & 1);
         const uint32_t k_address = smem(sKV) + s * 2 * KV_BYTES;
         const uint32_t v_address = k_address + KV_BYTES;
+        const int j0 = tiles.at(n) * BN;
+
+        if (packed && j0 + BN > sk) {
+            // The tile's rows from sk on belong to the next sequence: zero them in V (each of
+            // the 256 consumer threads a share of the 16-byte chunks; a row of a column block
+            // is 128 contiguous bytes whatever the swizzle), make the stores visible to wgmma,
+            // and wait for the other consumer warpgroup's share.
+            constexpr int CHUNKS = BLOCKS * BN * 8;
+            unsigned char* const v_tile = sKV + s * 2 * KV_BYTES + KV_BYTES;
+            const int first = (sk - j0) * 8;  // the first chunk of row sk - j0 in each block
+            for (int u = (int)threadIdx.x - 128; u < CHUNKS; u += 256) {
+                if (u % (BN * 8) >= first) *reinterpret_cast<uint4*>(v_tile + u * 16) = make_uint4(0, 0, 0, 0);
+            }
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            asm volatile("bar.sync 1, 256;\n" ::: "memory");
+        }
 
         // S = Q·Kᵀ: D / 16 steps of k16; step kk is 32 bytes into column block kk / 4.
         float sc[BN / 2];
@@ -316,17 +436,16 @@ __device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const
         wgmma_wait_all();
         fence_registers(sc);
 
-        // Scale, and on a tile that some row cannot see whole, hide the keys past each row's
-        // last visible one.
-        const int j0 = n * BN;
+        // Scale, and on a tile that some row of the warp cannot see whole, hide each row's
+        // invisible keys (the test is warp-uniform so that the warp stays converged).
 #pragma unroll
         for (int i = 0; i < BN / 2; ++i) sc[i] *= p.scale_log2;
-        if (j0 + BN - 1 > tile_last_whole) {
+        if (__any_sync(0xffffffffu, !(keys[0].sees_tile(j0) && keys[1].sees_tile(j0)))) {
 #pragma unroll
             for (int i = 0; i < BN / 8; ++i) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    if (j0 + i * 8 + 2 * c + (e & 1) > my_last[e / 2]) sc[4 * i + e] = -INFINITY;
+                    if (!keys[e / 2].sees(j0 + i * 8 + 2 * c + (e & 1))) sc[4 * i + e] = -INFINITY;
                 }
             }
         }
@@ -392,9 +511,9 @@ __device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const float sum = quad_sum(row_sum[r]);
-        if (my_row[r] >= p.seq_q) continue;
+        if (my_row[r] >= sq) continue;
         const float inverse = sum > 0.0f ? 1.0f / sum : 0.0f;
-        const size_t slot = ((size_t)b * p.seq_q + my_row[r]) * p.heads_q + h;
+        const size_t slot = ((size_t)q_start + my_row[r]) * p.heads_q + h;
         T* const dst = out + slot * D;
 #pragma unroll
         for (int i = 0; i < D / 8; ++i) {
