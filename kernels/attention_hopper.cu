@@ -9,13 +9,18 @@
 // CTA: 3 warpgroups (384 threads). Warpgroup 0 is the producer: one thread issues every TMA copy
 // (Q once, then K and V per key tile) and the group gives its registers to the consumers
 // (setmaxnreg). Warpgroups 1 and 2 each own 64 of the CTA's 128 query rows and run the same loop
-// over the key tiles: wait for the stage's copies, S (64 x 128) = Q·Kᵀ with both operands in
-// shared memory, mask, online softmax, P rounded to the input dtype in registers, O += P·V with P
-// from registers (the RS form of wgmma), then release the stage to the producer.
+// over the key tiles: S (64 x 128) = Q·Kᵀ with both operands in shared memory, mask, online
+// softmax, P rounded to the input dtype in registers, O += P·V with P from registers (the RS form
+// of wgmma), then release the stage to the producer. Two of FlashAttention-3's schedules overlap
+// the softmax with the tensor cores: within a warpgroup, tile n's S = Q·Kᵀ is issued together
+// with tile n - 1's P·V, and tile n's softmax runs while that P·V completes (O is rescaled
+// after it); between the warpgroups, named barriers hand a turn back and forth so that each
+// issues its two GEMMs while the other runs its softmax (ping-pong).
 //
 // Shared memory: every tile is stored as head_dim / 64 column blocks of rows × 128 bytes with the
 // 128-byte swizzle that TMA writes and wgmma reads (each block 1024-byte aligned): Q 128 rows,
-// then STAGES × (K 128 rows, V 128 rows). The producer runs up to STAGES key tiles ahead.
+// then STAGES × (K 128 rows, V 128 rows). A consumer holds two stages at once (V of tile n - 1,
+// K and V of tile n); the producer fills the others ahead of it.
 //
 // Masks: the producer and the consumers derive the same list of key tiles from the CTA's query
 // positions (bottom-right aligned, as in attention.cu): at most two runs of tiles, the Λ mask's
@@ -133,7 +138,22 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t address, uint32_t leadin
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Waits until at most N of this warpgroup's committed wgmma groups are still running.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// Named barriers among the two consumer warpgroups (barrier 0 is __syncthreads'): sync waits
+// for 256 threads' arrivals, its own included; arrive counts toward them without waiting.
+template <int ID>
+__device__ __forceinline__ void named_sync() {
+    asm volatile("bar.sync %0, 256;\n" ::"n"(ID) : "memory");
+}
+template <int ID>
+__device__ __forceinline__ void named_arrive() {
+    asm volatile("bar.arrive %0, 256;\n" ::"n"(ID) : "memory");
+}
 
 // Keeps the compiler from moving reads or writes of accumulator registers across the
 // asynchronous wgmma that owns them.
@@ -141,6 +161,17 @@ template <int N>
 __device__ __forceinline__ void fence_registers(float (&r)[N]) {
 #pragma unroll
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// The same for an A operand in registers, which an asynchronous wgmma reads until it completes:
+// keeping it live up to the wait stops the compiler from reusing its registers earlier.
+template <int N>
+__device__ __forceinline__ void fence_registers(uint32_t (&r)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(r[i][e])::"memory");
+    }
 }
 
 // wgmma.mma_async with f32 accumulators in the fragment layout of the PTX ISA: warp w of the
@@ -400,32 +431,47 @@ __device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const
     for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
 
-    barrier_wait(&q_full, 0);
-    for (int n = 0; n < n_tiles; ++n) {
-        const int s = n % STAGES;
-        barrier_wait(&full[s], (uint32_t)(n / STAGES) & 1);
-        const uint32_t k_address = smem(sKV) + s * 2 * KV_BYTES;
-        const uint32_t v_address = k_address + KV_BYTES;
-        const int j0 = tiles.at(n) * BN;
+    // Turns on the tensor cores (named barriers 2 and 3, 256 threads: this warpgroup's 128 wait,
+    // the other's 128 arrive): warpgroup 1 issues its GEMMs first; each then hands the turn over
+    // as soon as its GEMMs are issued, so that its softmax runs while the other's GEMMs do.
+    // Warpgroup 2 grants the first turn, and warpgroup 1 takes one more turn after its loop, so
+    // that every arrival is waited for.
+    auto take_turn = [&]() {
+        if (warpgroup == 1) {
+            named_sync<2>();
+        } else {
+            named_sync<3>();
+        }
+    };
+    auto pass_turn = [&]() {
+        if (warpgroup == 1) {
+            named_arrive<3>();
+        } else {
+            named_arrive<2>();
+        }
+    };
 
+    // A tile whose rows from sk on belong to the next sequence of a packed batch: zero them in V
+    // (each of the 256 consumer threads a share of the 16-byte chunks; a row of a column block is
+    // 128 contiguous bytes whatever the swizzle), make the stores visible to wgmma, and wait for
+    // the other consumer warpgroup's share.
+    auto zero_tail = [&](int stage, int j0) {
         if (packed && j0 + BN > sk) {
-            // The tile's rows from sk on belong to the next sequence: zero them in V (each of
-            // the 256 consumer threads a share of the 16-byte chunks; a row of a column block
-            // is 128 contiguous bytes whatever the swizzle), make the stores visible to wgmma,
-            // and wait for the other consumer warpgroup's share.
             constexpr int CHUNKS = BLOCKS * BN * 8;
-            unsigned char* const v_tile = sKV + s * 2 * KV_BYTES + KV_BYTES;
+            unsigned char* const v_tile = sKV + stage * 2 * KV_BYTES + KV_BYTES;
             const int first = (sk - j0) * 8;  // the first chunk of row sk - j0 in each block
             for (int u = (int)threadIdx.x - 128; u < CHUNKS; u += 256) {
                 if (u % (BN * 8) >= first) *reinterpret_cast<uint4*>(v_tile + u * 16) = make_uint4(0, 0, 0, 0);
             }
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-            asm volatile("bar.sync 1, 256;\n" ::: "memory");
+            named_sync<1>();
         }
+    };
 
-        // S = Q·Kᵀ: D / 16 steps of k16; step kk is 32 bytes into column block kk / 4.
-        float sc[BN / 2];
-        wgmma_fence();
+    // S = Q·Kᵀ for the key tile of stage `stage`: D / 16 steps of k16; step kk is 32 bytes into
+    // column block kk / 4.
+    auto issue_s = [&](float (&sc)[BN / 2], int stage) {
+        const uint32_t k_address = smem(sKV) + stage * 2 * KV_BYTES;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             const uint32_t q_at = q_address + (kk / 4) * (BM * 128) + (kk % 4) * 32;
@@ -433,11 +479,28 @@ __device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const
             Wgmma<T>::ss_n128(sc, descriptor(q_at, 16, 1024), descriptor(k_at, 16, 1024), kk > 0);
         }
         wgmma_commit();
-        wgmma_wait_all();
-        fence_registers(sc);
-
-        // Scale, and on a tile that some row of the warp cannot see whole, hide each row's
-        // invisible keys (the test is warp-uniform so that the warp stays converged).
+    };
+    // O += P·V for the V tile of stage `stage`: BN / 16 steps of k16 over 16 keys (2048 bytes)
+    // each; V is N-major, its 64-column blocks BN · 128 bytes apart (leading byte offset), 8-key
+    // groups 1024 apart.
+    auto issue_pv = [&](const uint32_t (&pa)[BN / 16][4], int stage) {
+        const uint32_t v_address = smem(sKV) + stage * 2 * KV_BYTES + KV_BYTES;
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            const uint64_t v_desc = descriptor(v_address + kk * 16 * 128, BN * 128, 1024);
+            if constexpr (D == 64) {
+                Wgmma<T>::rs_n64(o, pa[kk], v_desc);
+            } else {
+                Wgmma<T>::rs_n128(o, pa[kk], v_desc);
+            }
+        }
+        wgmma_commit();
+    };
+    // The online softmax of the scores of the tile at key j0: scale, and on a tile that some row
+    // of the warp cannot see whole, hide each row's invisible keys (the test is warp-uniform so
+    // that the warp stays converged); then sc holds the unnormalised probabilities, and O must
+    // be multiplied by `rescale`.
+    auto softmax = [&](float (&sc)[BN / 2], int j0, float (&rescale)[2]) {
 #pragma unroll
         for (int i = 0; i < BN / 2; ++i) sc[i] *= p.scale_log2;
         if (__any_sync(0xffffffffu, !(keys[0].sees_tile(j0) && keys[1].sees_tile(j0)))) {
@@ -455,7 +518,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const
             tile_max[0] = fmaxf(tile_max[0], fmaxf(sc[4 * i], sc[4 * i + 1]));
             tile_max[1] = fmaxf(tile_max[1], fmaxf(sc[4 * i + 2], sc[4 * i + 3]));
         }
-        float reference[2], rescale[2];
+        float reference[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const float new_max = fmaxf(row_max[r], quad_max(tile_max[r]));
@@ -465,46 +528,89 @@ __device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const
             row_max[r] = new_max;
             row_sum[r] *= rescale[r];
         }
-        uint32_t pa[BN / 16][4];
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) {
+            sc[i] = exp2f(sc[i] - reference[(i / 2) % 2]);
+            row_sum[(i / 2) % 2] += sc[i];
+        }
+    };
+    // P rounded to the input dtype: score columns 16kk..16kk+15 are the k16 step kk of P·V, in
+    // mma.sync's A layout.
+    auto pack_p = [&](uint32_t (&pa)[BN / 16][4], const float (&sc)[BN / 2]) {
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-            float w[8];
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                w[e] = exp2f(sc[8 * kk + e] - reference[(e / 2) % 2]);
-                row_sum[(e / 2) % 2] += w[e];
-            }
-            // Score columns 16kk..16kk+15 are the k16 step kk of P·V, in mma.sync's A layout.
-            pa[kk][0] = pack<T>(w[0], w[1]);
-            pa[kk][1] = pack<T>(w[2], w[3]);
-            pa[kk][2] = pack<T>(w[4], w[5]);
-            pa[kk][3] = pack<T>(w[6], w[7]);
+            pa[kk][0] = pack<T>(sc[8 * kk + 0], sc[8 * kk + 1]);
+            pa[kk][1] = pack<T>(sc[8 * kk + 2], sc[8 * kk + 3]);
+            pa[kk][2] = pack<T>(sc[8 * kk + 4], sc[8 * kk + 5]);
+            pa[kk][3] = pack<T>(sc[8 * kk + 6], sc[8 * kk + 7]);
         }
-#pragma unroll
-        for (int i = 0; i < D / 8; ++i) {
-            o[4 * i + 0] *= rescale[0];
-            o[4 * i + 1] *= rescale[0];
-            o[4 * i + 2] *= rescale[1];
-            o[4 * i + 3] *= rescale[1];
-        }
+    };
 
-        // O += P·V: BN / 16 steps of k16 over 16 keys (2048 bytes) each; V is N-major, its
-        // 64-column blocks BN · 128 bytes apart (leading byte offset), 8-key groups 1024 apart.
+    // Tile n's S is computed while tile n - 1's P·V runs, and its softmax while that P·V
+    // finishes: P (tile n - 1, read by the tensor cores) and the scores (tile n) live in separate
+    // registers, and O is rescaled only once its P·V has completed. The consumer thus holds two
+    // stages at once (V of n - 1, K and V of n), which is why the ring has at least 3. The first
+    // tile, which has no P·V before it, is peeled off the loop, so that every wgmma in the loop
+    // is issued unconditionally.
+    barrier_wait(&q_full, 0);
+    if (n_tiles > 0) {
+        if (warpgroup == 2) named_arrive<2>();
+        uint32_t pa[BN / 16][4];
+        {
+            barrier_wait(&full[0], 0);
+            const int j0 = tiles.at(0) * BN;
+            zero_tail(0, j0);
+            float sc[BN / 2];
+            take_turn();
+            wgmma_fence();
+            issue_s(sc, 0);
+            pass_turn();
+            wgmma_wait<0>();
+            fence_registers(sc);
+            float rescale[2];
+            softmax(sc, j0, rescale);  // O is still 0: no rescale
+            pack_p(pa, sc);
+        }
+        for (int n = 1; n < n_tiles; ++n) {
+            const int s = n % STAGES;
+            barrier_wait(&full[s], (uint32_t)(n / STAGES) & 1);
+            const int j0 = tiles.at(n) * BN;
+            zero_tail(s, j0);
+            float sc[BN / 2];
+            take_turn();
+            fence_registers(o);
+            wgmma_fence();
+            issue_s(sc, s);
+            issue_pv(pa, (n - 1) % STAGES);
+            pass_turn();
+            wgmma_wait<1>();  // S; the P·V committed after it may still run
+            fence_registers(sc);
+            float rescale[2];
+            softmax(sc, j0, rescale);
+            // Tile n - 1's P·V is done: its stage goes back to the producer, and P and O are
+            // free to change.
+            wgmma_wait<0>();
+            fence_registers(o);
+            fence_registers(pa);
+            barrier_arrive(&empty[(n - 1) % STAGES]);
+#pragma unroll
+            for (int i = 0; i < D / 8; ++i) {
+                o[4 * i + 0] *= rescale[0];
+                o[4 * i + 1] *= rescale[0];
+                o[4 * i + 2] *= rescale[1];
+                o[4 * i + 3] *= rescale[1];
+            }
+            pack_p(pa, sc);
+        }
+        // The last tile's P·V, outside the turns.
         fence_registers(o);
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            const uint64_t v_desc = descriptor(v_address + kk * 16 * 128, BN * 128, 1024);
-            if constexpr (D == 64) {
-                Wgmma<T>::rs_n64(o, pa[kk], v_desc);
-            } else {
-                Wgmma<T>::rs_n128(o, pa[kk], v_desc);
-            }
-        }
-        wgmma_commit();
-        wgmma_wait_all();
+        issue_pv(pa, (n_tiles - 1) % STAGES);
+        wgmma_wait<0>();
         fence_registers(o);
-        barrier_arrive(&empty[s]);
+        fence_registers(pa);
+        barrier_arrive(&empty[(n_tiles - 1) % STAGES]);
+        if (warpgroup == 1) named_sync<2>();
     }
 
     T* const out = static_cast<T*>(p.out);
@@ -536,7 +642,8 @@ __device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const
 
 #endif
 
-// Pipeline depth per head dim: 2 stages of 64 KiB (K and V) at d128, 4 of 32 KiB at d64.
+// Pipeline depth per head dim: 3 stages of 64 KiB (K and V) at d128 (with Q's 32 KiB, 225 KiB of
+// the 227 a CTA may have), 4 of 32 KiB at d64.
 #define ATTENTION_SM90_KERNEL(NAME, T, D, STAGES)                                                              \
     extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1)                                                       \
         attention_fwd_sm90_##NAME(const __grid_constant__ TensorMap map_q, const __grid_constant__ TensorMap map_k, \
@@ -545,6 +652,6 @@ __device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const
     }
 
 ATTENTION_SM90_KERNEL(bf16_d64, __nv_bfloat16, 64, 4)
-ATTENTION_SM90_KERNEL(bf16_d128, __nv_bfloat16, 128, 2)
+ATTENTION_SM90_KERNEL(bf16_d128, __nv_bfloat16, 128, 3)
 ATTENTION_SM90_KERNEL(f16_d64, __half, 64, 4)
-ATTENTION_SM90_KERNEL(f16_d128, __half, 128, 2)
+ATTENTION_SM90_KERNEL(f16_d128, __half, 128, 3)

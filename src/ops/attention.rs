@@ -1472,7 +1472,7 @@ mod cuda {
             if head_dim == 64 {
                 4
             } else {
-                2
+                3
             }
         }
 
