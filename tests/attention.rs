@@ -40,6 +40,9 @@ on_each_device!(
     small_attention_hopper,
     hopper_forward,
     hopper_forward_long,
+    hopper_masks,
+    hopper_varlen,
+    hopper_varlen_isolated,
     hopper_refuses_other_calls,
     small_attention_hopper_backward,
     hopper_backward,
@@ -1206,15 +1209,14 @@ fn poisoned(shape: &[usize], dtype: DType, device: &Device) -> Tensor {
     t
 }
 
-/// The forward with the Hopper kernel forced, into NaN-poisoned `out` and `lse`, checked
-/// element by element against the references; returns our results.
-fn check_hopper<T: Float>(device: &Device, rng: &mut StdRng, case: &Case) -> Results {
-    let (q, k, v, d_o) = random_inputs::<T>(rng, case);
+/// The forward of `case` on these inputs with the Hopper kernel forced, into NaN-poisoned `out`
+/// and `lse`.
+fn run_hopper<T: Float>(device: &Device, case: &Case, q: &[T], k: &[T], v: &[T]) -> (Tensor, Tensor) {
     let tensor = |data: &[T], shape: Vec<usize>| Tensor::from_slice(data, &shape, device).unwrap();
     let (qt, kt, vt) = (
-        tensor(&q, case.q_shape()),
-        tensor(&k, case.k_shape()),
-        tensor(&v, case.k_shape()),
+        tensor(q, case.q_shape()),
+        tensor(k, case.k_shape()),
+        tensor(v, case.k_shape()),
     );
     let mut out = poisoned(&case.q_shape(), T::DTYPE, device);
     let lse_shape = case.q_shape()[..case.q_shape().len() - 1].to_vec();
@@ -1224,6 +1226,14 @@ fn check_hopper<T: Float>(device: &Device, rng: &mut StdRng, case: &Case) -> Res
         attention_forward_into(&qt, &kt, &vt, &case.options(), &mut out, &mut lse)
     })
     .unwrap();
+    (out, lse)
+}
+
+/// The forward with the Hopper kernel forced, into NaN-poisoned `out` and `lse`, checked
+/// element by element against the references; returns our results.
+fn check_hopper<T: Float>(device: &Device, rng: &mut StdRng, case: &Case) -> Results {
+    let (q, k, v, d_o) = random_inputs::<T>(rng, case);
+    let (out, lse) = run_hopper(device, case, &q, &k, &v);
     let inputs = Inputs {
         q: common::to_f64(&q),
         k: common::to_f64(&k),
@@ -1276,6 +1286,38 @@ fn small_attention_hopper(device: &Device) {
         device,
         &mut rng,
         &Case::dense(1, 130, 100, 2, 2, 128, AttentionMask::Causal),
+    );
+    check_hopper::<f16>(
+        device,
+        &mut rng,
+        &Case::dense(1, 200, 260, 2, 1, 64, AttentionMask::Window { left: 40, right: 9 }),
+    );
+    check_hopper::<bf16>(
+        device,
+        &mut rng,
+        &Case::dense(
+            1,
+            150,
+            300,
+            2,
+            1,
+            128,
+            AttentionMask::Lambda {
+                global: 130,
+                window: 20,
+            },
+        ),
+    );
+    // Packed: the first sequence's second key tile runs into the second sequence (whose V rows
+    // the consumers zero), the second's only tile past the last token.
+    check_hopper::<bf16>(
+        device,
+        &mut rng,
+        &Case {
+            seqs: vec![(17, 130), (70, 33)],
+            packed: true,
+            ..Case::dense(1, 1, 1, 2, 1, 64, AttentionMask::Lambda { global: 1, window: 50 })
+        },
     );
 }
 
@@ -1352,6 +1394,206 @@ fn hopper_forward_long(device: &Device) {
     }
 }
 
+/// The sliding-window and Λ masks on the Hopper kernel: lengths 1, 17, 113, 1025 and 4097,
+/// seq_q ≠ seq_k both ways, windows shorter than, as long as and longer than the sequence, a
+/// right side wider than the left (the CTAs then run first to last), 0, 1, 4 and 130 global
+/// tokens (130 crosses a key tile), MHA/GQA/MQA, head dims 64 and 128, bf16 and f16; and the rows
+/// that see no key, which must be exactly 0 with an lse of −∞.
+fn hopper_masks(device: &Device) {
+    let mut rng = common::rng();
+    if !is_hopper(device) {
+        return hopper_elsewhere(device, &mut rng);
+    }
+    let heads = [(2, 2), (4, 2), (3, 1)];
+    let pairs = [
+        (1, 1),
+        (17, 17),
+        (113, 113),
+        (1, 239),
+        (17, 300),
+        (300, 17),
+        (113, 1025),
+        (1025, 113),
+        (1025, 1025),
+    ];
+    let mut n = 0;
+    for &(sq, sk) in &pairs {
+        let masks = [
+            AttentionMask::Window { left: 63, right: 0 },
+            AttentionMask::Window { left: sk - 1, right: 0 },
+            AttentionMask::Window {
+                left: 2 * sk + 5,
+                right: 3,
+            },
+            AttentionMask::Window { left: 5, right: 140 },
+            AttentionMask::Lambda { global: 0, window: 33 },
+            AttentionMask::Lambda { global: 1, window: sk },
+            AttentionMask::Lambda {
+                global: 4,
+                window: 2 * sk + 1,
+            },
+            AttentionMask::Lambda {
+                global: 130,
+                window: 100,
+            },
+        ];
+        for mask in masks {
+            let (hq, hkv) = heads[n % heads.len()];
+            let d = if n % 2 == 0 { 128 } else { 64 };
+            n += 1;
+            // One head on the largest pair: the f64 reference is single-threaded.
+            let (hq, hkv) = if sq * sk > 1 << 20 { (hq / hkv, 1) } else { (hq, hkv) };
+            let case = Case::dense(2, sq, sk, hq, hkv, d, mask);
+            check_hopper::<bf16>(device, &mut rng, &case);
+            if sq * sk < 1 << 17 || n % 3 == 0 {
+                check_hopper::<f16>(device, &mut rng, &case);
+            }
+        }
+    }
+    // Long sequences: many tiles skipped between the global run and the window, the window's
+    // first tile masked element by element.
+    for (sq, sk, d, mask) in [
+        (4097, 4097, 128, AttentionMask::Window { left: 4095, right: 0 }),
+        (
+            4097,
+            4097,
+            64,
+            AttentionMask::Lambda {
+                global: 4,
+                window: 1000,
+            },
+        ),
+        (
+            1025,
+            4097,
+            128,
+            AttentionMask::Lambda {
+                global: 130,
+                window: 700,
+            },
+        ),
+        (4097, 1025, 64, AttentionMask::Window { left: 300, right: 20 }),
+    ] {
+        let case = Case::dense(1, sq, sk, 1, 1, d, mask);
+        if d == 128 {
+            check_hopper::<bf16>(device, &mut rng, &case);
+        } else {
+            check_hopper::<f16>(device, &mut rng, &case);
+        }
+    }
+    // seq_q > seq_k: the first 140 queries sit before key 0 and see nothing.
+    for (d, mask) in [
+        (64, AttentionMask::Window { left: 3, right: 0 }),
+        (128, AttentionMask::Lambda { global: 4, window: 8 }),
+    ] {
+        let (sq, sk, hq) = (200, 60, 2);
+        let r = check_hopper::<bf16>(device, &mut rng, &Case::dense(1, sq, sk, hq, 1, d, mask));
+        for row in 0..(sq - sk) * hq {
+            assert_eq!(r.lse[row], f64::NEG_INFINITY, "{mask:?} row {row}");
+            assert!(
+                r.out[row * d..(row + 1) * d].iter().all(|&x| x == 0.0),
+                "{mask:?} row {row}"
+            );
+        }
+    }
+}
+
+/// Packed (varlen) batches on the Hopper kernel: sequences of 1, 17, 128 and 300 tokens, seq_q ≠
+/// seq_k within a sequence, empty sequences, every mask, GQA/MQA, head dims 64 and 128, bf16 and
+/// f16, and equal lengths given as offsets (served as a dense batch).
+fn hopper_varlen(device: &Device) {
+    let mut rng = common::rng();
+    if !is_hopper(device) {
+        return hopper_elsewhere(device, &mut rng);
+    }
+    let layouts: [Vec<(usize, usize)>; 5] = [
+        vec![(1, 1), (17, 17), (128, 128), (300, 300)],
+        vec![(300, 300), (128, 128), (17, 17), (1, 1)],
+        vec![(17, 300), (300, 17), (1, 128), (128, 1)],
+        vec![(0, 5), (17, 17), (3, 0), (128, 300)],
+        vec![(128, 128), (128, 128), (128, 128)],
+    ];
+    let masks = [
+        AttentionMask::None,
+        AttentionMask::Causal,
+        AttentionMask::Window { left: 20, right: 5 },
+        AttentionMask::Lambda { global: 4, window: 64 },
+        AttentionMask::Lambda {
+            global: 130,
+            window: 17,
+        },
+    ];
+    let heads = [(2, 2), (4, 2), (3, 1)];
+    let mut n = 0;
+    for seqs in &layouts {
+        for mask in masks {
+            let (hq, hkv) = heads[n % heads.len()];
+            let d = if n % 2 == 0 { 64 } else { 128 };
+            n += 1;
+            let case = Case {
+                seqs: seqs.clone(),
+                packed: true,
+                ..Case::dense(1, 1, 1, hq, hkv, d, mask)
+            };
+            check_hopper::<bf16>(device, &mut rng, &case);
+            check_hopper::<f16>(device, &mut rng, &case);
+        }
+    }
+}
+
+/// A packed sequence's key tiles that run into the next sequence read its rows: infinities
+/// there (in q, k and v) must not reach this sequence's output, as they could through 0 · ∞ if
+/// its masked keys' values were multiplied rather than zeroed.
+fn hopper_varlen_isolated(device: &Device) {
+    let mut rng = common::rng();
+    if !is_hopper(device) {
+        return hopper_elsewhere(device, &mut rng);
+    }
+    for (d, mask) in [(64, AttentionMask::None), (128, AttentionMask::Causal)] {
+        let case = Case {
+            seqs: vec![(70, 100), (60, 90)],
+            packed: true,
+            ..Case::dense(1, 1, 1, 2, 1, d, mask)
+        };
+        let (mut q, mut k, mut v, _) = random_inputs::<bf16>(&mut rng, &case);
+        let (sq0, sk0) = case.seqs[0];
+        let infinity = bf16::from_f32(f32::INFINITY);
+        q[sq0 * 2 * d..].fill(infinity);
+        k[sk0 * d..].fill(infinity);
+        v[sk0 * d..].fill(infinity);
+        let (out, lse) = run_hopper(device, &case, &q, &k, &v);
+        // The first sequence alone, as a dense case on its own rows.
+        let first = Case::dense(1, sq0, sk0, 2, 1, d, mask);
+        let inputs = Inputs {
+            q: common::to_f64(&q[..sq0 * 2 * d]),
+            k: common::to_f64(&k[..sk0 * d]),
+            v: common::to_f64(&v[..sk0 * d]),
+            d_out: vec![0.0; sq0 * 2 * d],
+        };
+        let exact = naive(&first, &inputs, None);
+        let rounded = naive(&first, &inputs, Some(round_to::<bf16> as fn(f64) -> f64));
+        let ours_out = read::<bf16>(&out)[..sq0 * 2 * d].to_vec();
+        let ours_lse: Vec<f64> = lse.to_vec::<f32>().unwrap()[..sq0 * 2]
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
+        let unit = unit_roundoff::<bf16>();
+        check_rule(
+            &format!("isolated out d{d} {mask:?}"),
+            &ours_out,
+            &rounded.out,
+            &exact.out,
+            2.0,
+            unit,
+        );
+        let lse_error = max_error(&ours_lse, &exact.lse).unwrap_or_else(|e| panic!("isolated lse: {e}"));
+        assert!(
+            lse_error <= 1e-3 + 4.0 * unit * max_abs(&exact.lse),
+            "isolated lse: {lse_error:.3e}"
+        );
+    }
+}
+
 /// Forcing the Hopper kernel on a call it does not serve is an `Unsupported` error on a GPU
 /// (it never silently runs another kernel); the CPU ignores the choice and computes.
 fn hopper_refuses_other_calls(device: &Device) {
@@ -1360,18 +1602,19 @@ fn hopper_refuses_other_calls(device: &Device) {
         config: rope_config(64, vec![10_000.0], RopeConvention::RotateHalf),
         distance_ceiling: None,
     };
+    let ceiling = AttentionRope {
+        distance_ceiling: Some(9),
+        ..rope.clone()
+    };
     let cases = [
-        Case::dense(1, 40, 40, 2, 1, 64, AttentionMask::Window { left: 7, right: 0 }),
-        Case::dense(1, 40, 40, 2, 1, 64, AttentionMask::Lambda { global: 2, window: 9 }),
         Case::dense(1, 40, 40, 2, 1, 72, AttentionMask::Causal),
-        Case {
-            seqs: vec![(10, 12), (30, 28)],
-            packed: true,
-            ..Case::dense(1, 1, 1, 2, 1, 64, AttentionMask::Causal)
-        },
         Case {
             rope: Some(rope),
             ..Case::dense(1, 40, 40, 2, 1, 64, AttentionMask::Causal)
+        },
+        Case {
+            rope: Some(ceiling),
+            ..Case::dense(1, 40, 40, 2, 1, 64, AttentionMask::Lambda { global: 2, window: 9 })
         },
     ];
     for case in &cases {

@@ -121,9 +121,9 @@ pub enum AttentionKernel {
     /// The sm_80+ mma.sync kernels (kernels/attention.cu), for every call.
     MmaSync,
     /// The sm_90a kernel (kernels/attention_hopper.cu: TMA, mbarriers, wgmma), which serves bf16
-    /// and f16, head dims 64 and 128, masks none and causal, batches of equal lengths, no RoPE
-    /// inside, on a device that loads the sm_90a image. Any other CUDA call is an
-    /// [`Error::Unsupported`] that says why.
+    /// and f16, head dims 64 and 128, every mask, dense and packed batches, no RoPE inside (so no
+    /// distance ceiling), on a device that loads the sm_90a image; a packed batch needs at least
+    /// one key. Any other CUDA call is an [`Error::Unsupported`] that says why.
     Hopper,
 }
 
@@ -1478,7 +1478,7 @@ mod cuda {
             if head_dim == 64 {
                 4
             } else {
-                2
+                3
             }
         }
 
@@ -1488,12 +1488,18 @@ mod cuda {
         struct HopperParams {
             out: u64,
             lse: u64,
+            cu_q: u64,
+            cu_k: u64,
             seq_q: i32,
             seq_k: i32,
             heads_q: i32,
             heads_kv: i32,
             scale_log2: f32,
-            causal: i32,
+            mask_kind: i32,
+            left: i32,
+            right: i32,
+            global: i32,
+            window: i32,
         }
 
         // SAFETY: a plain #[repr(C)] struct of scalars, laid out as the kernel declares it.
@@ -1523,20 +1529,18 @@ mod cuda {
             if !matches!(problem.head_dim, 64 | 128) {
                 return Ok(Some(format!("head dim {} (64 and 128 only)", problem.head_dim)));
             }
-            if !matches!(problem.mask, AttentionMask::None | AttentionMask::Causal) {
-                return Ok(Some(format!("mask {:?} (none and causal only)", problem.mask)));
-            }
             if problem.rope.is_some() {
                 return Ok(Some("RoPE inside attention".into()));
             }
             let batch = problem.batch();
-            if (0..batch).any(|b| problem.seq_q(b) != problem.seq_q(0) || problem.seq_k(b) != problem.seq_k(0)) {
-                return Ok(Some("sequences of different lengths".into()));
-            }
-            // The kernel indexes keys and query rows in i32, a tile past the last one included.
+            // The kernel indexes tokens in i32, a tile past the last one included; TMA cannot
+            // describe a tensor without rows.
             let limit = MAX_EXTENT - KEYS.max(ROWS);
-            if problem.seq_q(0) > limit || problem.seq_k(0) > limit {
-                return Ok(Some(format!("sequences longer than {limit}")));
+            if problem.total_q() > limit || problem.total_k() > limit {
+                return Ok(Some(format!("more than {limit} tokens")));
+            }
+            if problem.total_k() == 0 && problem.total_q() > 0 {
+                return Ok(Some("a packed batch without keys".into()));
             }
             if batch > MAX_GRID_YZ || problem.heads_q > MAX_GRID_YZ {
                 return Ok(Some(format!("more than {MAX_GRID_YZ} sequences or heads")));
@@ -1619,19 +1623,60 @@ mod cuda {
                     reason: format!("the Hopper attention kernel was asked for, and it does not serve {reason}"),
                 });
             }
-            let (batch, seq_q, seq_k, d) = (problem.batch(), problem.seq_q(0), problem.seq_k(0), problem.head_dim);
-            let map_q = tensor_map(q, "q", batch, seq_q, problem.heads_q, ROWS)?;
-            let map_k = tensor_map(k, "k", batch, seq_k, problem.heads_kv, KEYS)?;
-            let map_v = tensor_map(v, "v", batch, seq_k, problem.heads_kv, KEYS)?;
+            if problem.total_q() == 0 {
+                return Ok(());
+            }
+            let (batch, d) = (problem.batch(), problem.head_dim);
+            // Sequences of equal lengths are dense 4-d maps, one sequence per batch coordinate,
+            // whose out-of-bounds rows TMA zero-fills; others are one packed sequence of all
+            // tokens to TMA, and the kernel finds each sequence by its offsets.
+            let uniform =
+                (0..batch).all(|b| problem.seq_q(b) == problem.seq_q(0) && problem.seq_k(b) == problem.seq_k(0));
+            let (map_batch, map_q_rows, map_k_rows) = if uniform {
+                (batch, problem.seq_q(0), problem.seq_k(0))
+            } else {
+                (1, problem.total_q(), problem.total_k())
+            };
+            let map_q = tensor_map(q, "q", map_batch, map_q_rows, problem.heads_q, ROWS)?;
+            let map_k = tensor_map(k, "k", map_batch, map_k_rows, problem.heads_kv, KEYS)?;
+            let map_v = tensor_map(v, "v", map_batch, map_k_rows, problem.heads_kv, KEYS)?;
+            // Validation and `obstacle` bound every offset by MAX_EXTENT = i32::MAX.
+            let offsets = if uniform {
+                None
+            } else {
+                let to_i32 = |v: &[usize]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
+                Some((
+                    backend.upload(bytemuck::cast_slice(&to_i32(&problem.cu_q)))?,
+                    backend.upload(bytemuck::cast_slice(&to_i32(&problem.cu_k)))?,
+                ))
+            };
+            let (cu_q, cu_k) = match &offsets {
+                Some((q, k)) => (q.address(), k.address()),
+                None => (0, 0),
+            };
+            let (mask_kind, left, right, global, window) = match problem.mask {
+                AttentionMask::None => (0, 0, 0, 0, 0),
+                AttentionMask::Causal => (1, 0, 0, 0, 0),
+                AttentionMask::Window { left, right } => (2, left, right, 0, 0),
+                AttentionMask::Lambda { global, window } => (3, 0, 0, global, window),
+            };
+            let max_q = (0..batch).map(|b| problem.seq_q(b)).max().unwrap_or(0);
             let params = HopperParams {
                 out: address(out)?,
                 lse: address(lse)?,
-                seq_q: seq_q as i32,
-                seq_k: seq_k as i32,
+                cu_q,
+                cu_k,
+                seq_q: problem.seq_q(0) as i32,
+                seq_k: problem.seq_k(0) as i32,
                 heads_q: problem.heads_q as i32,
                 heads_kv: problem.heads_kv as i32,
                 scale_log2: problem.scale * std::f32::consts::LOG2_E,
-                causal: i32::from(problem.mask == AttentionMask::Causal),
+                // Validation bounds the window sides and the global count by MAX_EXTENT.
+                mask_kind,
+                left: left as i32,
+                right: right as i32,
+                global: global as i32,
+                window: window as i32,
             };
             let name = format!("attention_fwd_sm90_{}_d{d}", q.dtype().name());
             let function = backend.function("attention_hopper", &name)?;
@@ -1641,15 +1686,18 @@ mod cuda {
             let mut builder = backend.launch_builder(&function);
             builder.arg(&map_q).arg(&map_k).arg(&map_v).arg(&params);
             let launch = LaunchConfig {
-                grid_dim: (seq_q.div_ceil(ROWS) as u32, problem.heads_q as u32, batch as u32),
+                grid_dim: (max_q.div_ceil(ROWS) as u32, problem.heads_q as u32, batch as u32),
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: shared as u32,
             };
-            // SAFETY: the tensor maps describe the validated q, k and v exactly (dense batches of
-            // equal lengths, head_dim 64 or 128); `out` and `lse` hold batch · seq_q · heads_q
-            // rows; every CTA's query tile starts inside the sequence and the kernel stores only
-            // rows below seq_q.
+            // SAFETY: the tensor maps describe the validated q, k and v exactly (batch · seq rows
+            // of heads × head_dim elements, head_dim 64 or 128), so TMA reads only inside them;
+            // `out` and `lse` hold total_q · heads_q rows; the offsets (when given) are on this
+            // device and alive until the launch is queued; CTAs whose query tile lies past their
+            // sequence exit, and the kernel stores only the rows of each sequence.
             unsafe { builder.launch(launch) }.context(&format!("launching {name}"))?;
+            // The offsets are freed in stream order, after the kernel that reads them.
+            drop(offsets);
             Ok(())
         }
     }
