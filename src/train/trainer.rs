@@ -6,7 +6,8 @@
 //! `model.safetensors` (the parameters, Hugging Face names), `config.json` when Hugging Face
 //! transformers has the architecture (so that `from_pretrained(dir)` loads it), and
 //! `trainer.safetensors` (AdamW's
-//! moments as `exp_avg.<name>` and `exp_avg_sq.<name>`, and in its metadata the step, the
+//! moments as `exp_avg.<name>` and `exp_avg_sq.<name>`, Fast Forward's copy of the adapters as
+//! `fast_forward.prev.<name>` when a stage is due at the next step, and in its metadata the step, the
 //! sampler's position and the options). It is written under a temporary name and renamed when
 //! complete, then the file `latest` is replaced (temporary file, rename) to name it, so a crash at
 //! any point leaves `latest` naming a whole checkpoint.
@@ -548,7 +549,7 @@ impl Trainer {
 
     /// One optimizer step: `accumulation` micro-batches of forward and backward, clipping, AdamW
     /// (and the recipes the options turn on: GrowLength's batch shape, active forgetting's
-    /// embedding update and reset). A loss or gradient that is not finite stops with an error
+    /// embedding update and reset, Fast Forward's copy and stage after the update). A loss or gradient that is not finite stops with an error
     /// before the update, so the parameters stay those of the last good step.
     pub fn train_step(&mut self, corpus: &Corpus) -> Result<StepRecord> {
         let step = self.step + 1;
