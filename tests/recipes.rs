@@ -12,7 +12,7 @@ use tessera::model::{
 };
 use tessera::ops::{self, AdamWConfig, AdamWTensor};
 use tessera::optim::WarmupCosine;
-use tessera::train::trainer::{forget_seed, TrainOptions, Trainer};
+use tessera::train::trainer::{checkpoint_dir, forget_seed, TrainOptions, Trainer};
 use tessera::train::Corpus;
 use tessera::{DType, Device, Tensor};
 
@@ -867,6 +867,28 @@ fn fine_tuning_with_fast_forward_lowers_the_loss(device: &Device) {
             before
         );
     }
+
+    // A checkpoint that records no configuration (as Hugging Face writes them) takes the run's,
+    // and gives the same starting model.
+    let foreign_dir = scratch("ff-foreign", device);
+    std::fs::create_dir_all(&foreign_dir).unwrap();
+    let base_checkpoint = checkpoint_dir(&base_dir).unwrap().join("model.safetensors");
+    let saved = GptParams::load(base_checkpoint, None, &Device::Cpu).unwrap();
+    let tensors: Vec<(&str, &Tensor)> = saved.params.iter().map(|p| (p.spec.name.as_str(), &p.value)).collect();
+    let metadata = std::collections::BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    tessera::model::safetensors::save(foreign_dir.join("model.safetensors"), &tensors, &metadata).unwrap();
+    let from_foreign = TrainOptions {
+        init_from: Some(foreign_dir.to_str().unwrap().into()),
+        ..tune.clone()
+    };
+    let mut foreign = Trainer::with_variants(&config(Family::Gpt2), &lora(true), from_foreign.clone(), device).unwrap();
+    assert_eq!(foreign.validate(&corpus).unwrap(), base_loss);
+    // Read as another family's checkpoint, its tensors are not the model's.
+    let refused = Trainer::with_variants(&config(Family::Llama), &lora(true), from_foreign, device)
+        .err()
+        .expect("a GPT-2 checkpoint read as a Llama one");
+    assert!(refused.to_string().contains("no tensor named"), "{refused}");
+    std::fs::remove_dir_all(&foreign_dir).unwrap();
 
     let other = GptConfig {
         ffn_width: 48,
