@@ -1,9 +1,11 @@
 //! `tessera bench recipes`: trains the `tiny` preset on the embedded corpus once per training
 //! recipe, every run with the same token budget, seed and data order, and prints one table beside
 //! the dense baseline: final validation loss, tokens/s, step time, peak memory and the bytes of
-//! the weights at inference. It answers "what does each recipe cost and what does it buy at this
-//! scale", not "does it reproduce the paper": a tiny model trained for a minute is far from the
-//! papers' regimes, and the table says what it measured.
+//! the weights at inference. Two rows fine-tune the dense row's model instead (LoRA, and LoRA
+//! with Fast Forward) and compare with it on the same validation windows. It answers "what does
+//! each recipe cost and what does it buy at this scale", not "does it reproduce the paper": a tiny
+//! model trained for a minute is far from the papers' regimes, and the table says what it
+//! measured.
 
 use crate::args::Args;
 use crate::train::Failure;
