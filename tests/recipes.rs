@@ -806,6 +806,12 @@ fn fast_forward_refuses_what_it_cannot_do(device: &Device) {
     };
     let mut trainer = Trainer::with_variants(&config(Family::Gpt2), &lora(true), huge, device).unwrap();
     common::assert_invalid(
+        trainer.check_fast_forward_corpus(&corpus),
+        "train",
+        "fast_forward_tiny",
+        &["1000"],
+    );
+    common::assert_invalid(
         trainer.fast_forward_loss(&corpus),
         "train",
         "fast_forward_tiny",
@@ -1073,6 +1079,24 @@ fn fast_forward_runs_from_the_command_line() {
         (2, 1, 2, true)
     );
     assert_eq!(o.init_from, Some(path(&base)));
+    // A tiny set larger than the validation text is refused before the first step.
+    let (code, log) = tessera(&[
+        "train",
+        "--device",
+        "cpu",
+        "--config",
+        &path(&tune_config),
+        "--init-from",
+        &path(&base),
+        "--fast-forward-every",
+        "2",
+        "--fast-forward-tiny",
+        "100000000",
+        "--out",
+        &path(&dir.join("too-big")),
+    ]);
+    assert_eq!(code, Some(2), "{log}");
+    assert!(log.contains("fast_forward_tiny") && !log.contains("step 1/"), "{log}");
     // Without adapters Fast Forward is a usage error naming the option.
     let (code, log) = tessera(&[
         "train",

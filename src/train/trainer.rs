@@ -681,6 +681,13 @@ impl Trainer {
     /// The mean loss over Fast Forward's tiny set (the first `fast_forward_tiny` validation
     /// windows), forward only.
     pub fn fast_forward_loss(&mut self, corpus: &Corpus) -> Result<f32> {
+        self.check_fast_forward_corpus(corpus)?;
+        self.validate_windows(corpus, 0, self.options.fast_forward_tiny)
+    }
+
+    /// With Fast Forward on, an error unless `corpus`'s validation text holds the tiny set and at
+    /// least one window more (a run can check before its burn-in rather than at its first stage).
+    pub fn check_fast_forward_corpus(&self, corpus: &Corpus) -> Result<()> {
         let tiny = self.options.fast_forward_tiny;
         let available = validation_windows(&corpus.validation, self.options.seq).count();
         if tiny == 0 || tiny >= available {
@@ -694,7 +701,7 @@ impl Trainer {
                 tiny,
             ));
         }
-        self.validate_windows(corpus, 0, tiny)
+        Ok(())
     }
 
     /// A Fast Forward stage (ALGORITHMS.md §7.1) after the optimizer step that followed the copy:

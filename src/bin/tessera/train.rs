@@ -230,6 +230,9 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
         options.steps,
         options.batch * options.seq * options.accumulation,
     );
+    if options.fast_forward_every > 0 {
+        trainer.check_fast_forward_corpus(&corpus)?;
+    }
     let mut progress = Progress::new(options.steps, trainer.step());
     let mut last_validation = None;
     while trainer.step() < options.steps {
