@@ -1,15 +1,18 @@
 //! The model-agnostic training recipes as trainer options: GrowLength (§8.2), active forgetting
-//! (§10.1) and GAP (§10.2). Each changes what it should and nothing else (checked bit for bit
+//! (§10.1), GAP (§10.2) and Fast Forward (§7) with fine-tuning from a checkpoint. Each changes what it should and nothing else (checked bit for bit
 //! against AdamW applied by hand to the state before the step), resumes exactly, and trains.
 
 #[macro_use]
 mod common;
 
 use std::path::PathBuf;
-use tessera::model::{Activation, Attention, Family, Gpt, GptConfig, GptParams, Norm, Positions};
+use tessera::model::{
+    Activation, Attention, Family, Gpt, GptConfig, GptParams, LinearSpec, LinearVariants, LoraSpec, Norm, Positions,
+    Variant,
+};
 use tessera::ops::{self, AdamWConfig, AdamWTensor};
 use tessera::optim::WarmupCosine;
-use tessera::train::trainer::{forget_seed, TrainOptions, Trainer};
+use tessera::train::trainer::{checkpoint_dir, forget_seed, TrainOptions, Trainer};
 use tessera::train::Corpus;
 use tessera::{DType, Device, Tensor};
 
@@ -559,7 +562,372 @@ fn distillation_trains_and_resumes(device: &Device) {
     std::fs::remove_dir_all(&teacher_dir).unwrap();
 }
 
+/// Dense block linear layers with rank-4 LoRA adapters.
+fn lora(frozen_base: bool) -> LinearVariants {
+    LinearVariants::all(LinearSpec {
+        variant: Variant::Dense,
+        lora: Some(LoraSpec {
+            rank: 4,
+            alpha: 8.0,
+            frozen_base,
+        }),
+    })
+}
+
+/// Fast Forward every 3 steps after a 2-step burn-in: the adapters are copied after steps 4 and
+/// 7, and stages follow steps 5 and 8; a tiny set of 4 windows.
+fn fast_forward_options(steps: u64, compat: bool) -> TrainOptions {
+    TrainOptions {
+        fast_forward_every: 3,
+        fast_forward_burn_in: 2,
+        fast_forward_tiny: 4,
+        fast_forward_reference_compat: compat,
+        lr: 1e-2,
+        min_lr: 1e-3,
+        ..options(steps)
+    }
+}
+
+fn adapter_values(trainer: &Trainer) -> Vec<Vec<f32>> {
+    trainer
+        .adapter_indices()
+        .into_iter()
+        .map(|i| trainer.model.params.params[i].value.to_vec::<f32>().unwrap())
+        .collect()
+}
+
+/// `p + times·Δ`, adding `Δ` one step at a time in f32 as the trainer does.
+fn forwarded(p: &[Vec<f32>], delta: &[Vec<f32>], times: u32) -> Vec<Vec<f32>> {
+    p.iter()
+        .zip(delta)
+        .map(|(p, d)| {
+            p.iter()
+                .zip(d)
+                .map(|(&p, &d)| (0..times).fold(p, |v, _| v + d))
+                .collect()
+        })
+        .collect()
+}
+
+/// A Fast Forward stage, against a twin run without it (identical up to the stage): Δ is the
+/// twin's last AdamW update of the adapters; the stage's recorded tiny-set losses are those of
+/// the adapters at `P + j·Δ` (evaluated on the twin); it stops where the spec says (the crate's
+/// default: at the first loss above the previous one, the pre-stage loss included, undone;
+/// reference_compat: no pre-stage loss, the worse step kept, two steps at least); the adapters end
+/// at `P + kept·Δ` exactly; every other master, every compute copy but the adapters', all AdamW
+/// moments, the step counter and the schedule are those of the twin, bit for bit.
+fn fast_forward_moves_only_the_adapters(device: &Device) {
+    let corpus = corpus();
+    let mut stages_with_kept_steps = 0;
+    for family in [Family::Gpt2, Family::Llama] {
+        for compat in [false, true] {
+            let ff = fast_forward_options(8, compat);
+            let mut trainer = Trainer::with_variants(&config(family), &lora(true), ff.clone(), device).unwrap();
+            let plain = TrainOptions {
+                fast_forward_every: 0,
+                ..ff.clone()
+            };
+            let mut twin = Trainer::with_variants(&config(family), &lora(true), plain, device).unwrap();
+            let adapters = trainer.adapter_indices();
+            assert_eq!(adapters.len(), 2 * trainer.model.params.layout.linears().len());
+            for step in 1..=8u64 {
+                let previous = adapter_values(&trainer);
+                let record = trainer.train_step(&corpus).unwrap();
+                let twin_record = twin.train_step(&corpus).unwrap();
+                assert_eq!(
+                    (record.loss, record.lr),
+                    (twin_record.loss, twin_record.lr),
+                    "step {step}"
+                );
+                assert_eq!(trainer.step(), step);
+                let Some(count) = record.fast_forward else {
+                    assert!(![5, 8].contains(&step), "a stage after step {step}");
+                    assert_eq!(state(&trainer), state(&twin), "step {step}");
+                    continue;
+                };
+                assert!([5, 8].contains(&step), "no stage after step {step}");
+                let stage = trainer.fast_forward_log().last().unwrap().clone();
+                assert_eq!((stage.step, stage.count), (step, count));
+                let p = adapter_values(&twin);
+                let delta: Vec<Vec<f32>> = p
+                    .iter()
+                    .zip(&previous)
+                    .map(|(p, q)| p.iter().zip(q).map(|(p, q)| p - q).collect())
+                    .collect();
+                assert!(delta.iter().flatten().any(|&d| d != 0.0), "the step moved the adapters");
+                // The recorded losses are the tiny-set losses along the update direction.
+                let mut probe = Trainer::with_variants(&config(family), &lora(true), ff.clone(), device).unwrap();
+                for (index, p) in twin.model.params.params.iter().enumerate() {
+                    let value = p.value.to_vec::<f32>().unwrap();
+                    probe.model.params.set_value(index, value).unwrap();
+                }
+                let mut along = |j: u32| {
+                    let values = forwarded(&p, &delta, j);
+                    for (i, &index) in adapters.iter().enumerate() {
+                        probe.model.params.set_value(index, values[i].clone()).unwrap();
+                    }
+                    probe.fast_forward_loss(&corpus).unwrap()
+                };
+                assert_eq!(stage.before, (!compat).then(|| along(0)), "{family:?} compat {compat}");
+                for (j, &loss) in stage.losses.iter().enumerate() {
+                    assert_eq!(
+                        loss,
+                        along(j as u32 + 1),
+                        "{family:?} compat {compat} FF step {}",
+                        j + 1
+                    );
+                }
+                let taken = stage.losses.len() as u32;
+                assert_eq!(count.taken, taken);
+                let compared: Vec<f32> = stage.before.into_iter().chain(stage.losses.iter().copied()).collect();
+                let rises = compared.windows(2).position(|w| w[1] > w[0]);
+                let last_rise = compared.len() - 2;
+                assert!(stage.losses.iter().all(|l| l.is_finite()));
+                assert_eq!(rises, Some(last_rise), "{family:?} compat {compat}: {stage:?}");
+                if compat {
+                    assert!(taken >= 2, "{stage:?}");
+                    assert_eq!(count.kept, taken, "reference_compat keeps the worse step");
+                    assert_eq!(count.evaluations, taken);
+                } else {
+                    assert!(taken >= 1);
+                    assert_eq!(count.kept, taken - 1, "the worse step is undone");
+                    assert_eq!(count.evaluations, taken + 1);
+                }
+                stages_with_kept_steps += usize::from(count.kept > usize::from(compat) as u32);
+                let expected = forwarded(&p, &delta, count.kept);
+                assert_eq!(adapter_values(&trainer), expected, "{family:?} compat {compat}");
+                let (got, want) = (state(&trainer), state(&twin));
+                for (index, (got, want)) in got.iter().zip(&want).enumerate() {
+                    let name = &trainer.model.params.params[index].spec.name;
+                    assert_eq!(
+                        (&got.exp_avg, &got.exp_avg_sq),
+                        (&want.exp_avg, &want.exp_avg_sq),
+                        "{name}: moments"
+                    );
+                    if !adapters.contains(&index) {
+                        assert_eq!(got, want, "{name}");
+                    }
+                }
+                // The adapters' compute copies follow their masters.
+                for (i, &index) in adapters.iter().enumerate() {
+                    let p = &trainer.model.params.params[index];
+                    if let Some(compute) = &p.compute {
+                        let rounded: Vec<half::bf16> = expected[i].iter().map(|&v| half::bf16::from_f32(v)).collect();
+                        assert_eq!(compute.to_vec::<half::bf16>().unwrap(), rounded, "{}", p.spec.name);
+                    }
+                }
+                // The twin continues from the stage's parameters.
+                for (i, &index) in adapters.iter().enumerate() {
+                    twin.model.params.set_value(index, expected[i].clone()).unwrap();
+                }
+            }
+        }
+    }
+    assert!(
+        stages_with_kept_steps > 0,
+        "no stage kept an FF step beyond the minimum"
+    );
+}
+
+/// A run with Fast Forward checkpointed between the adapters' copy and the stage (and one after
+/// the stage) repeats the uninterrupted run: losses, parameters, moments and the stages.
+fn fast_forward_resumes_exactly(device: &Device) {
+    let corpus = corpus();
+    for stop in [4u64, 5] {
+        let ff = fast_forward_options(9, false);
+        let variants = lora(false);
+        let mut straight = Trainer::with_variants(&config(Family::Llama), &variants, ff.clone(), device).unwrap();
+        let expected: Vec<f32> = (0..9).map(|_| straight.train_step(&corpus).unwrap().loss).collect();
+        let dir = scratch(&format!("ff-resume-{stop}"), device);
+        let mut first = Trainer::with_variants(&config(Family::Llama), &variants, ff.clone(), device).unwrap();
+        let mut got: Vec<f32> = (0..stop).map(|_| first.train_step(&corpus).unwrap().loss).collect();
+        first.save(&dir).unwrap();
+        let stages_before: Vec<_> = first.fast_forward_log().to_vec();
+        drop(first);
+        let mut resumed = Trainer::resume(&dir, device).unwrap();
+        assert_eq!(resumed.options, ff);
+        got.extend((stop..9).map(|_| resumed.train_step(&corpus).unwrap().loss));
+        assert_eq!(got, expected, "stopped after step {stop}");
+        assert_eq!(state(&resumed), state(&straight));
+        let stages: Vec<_> = stages_before
+            .into_iter()
+            .chain(resumed.fast_forward_log().to_vec())
+            .collect();
+        assert_eq!(stages, straight.fast_forward_log(), "stopped after step {stop}");
+        assert_eq!(stages.iter().map(|s| s.step).collect::<Vec<_>>(), [5, 8]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// Fast Forward needs adapters on from the start and an interval of 2 or more.
+fn fast_forward_refuses_what_it_cannot_do(device: &Device) {
+    let ff = fast_forward_options(8, false);
+    common::assert_invalid(
+        Trainer::new(&config(Family::Gpt2), ff.clone(), device).map(|_| ()),
+        "train",
+        "fast_forward_every",
+        &["adapters"],
+    );
+    let every_step = TrainOptions {
+        fast_forward_every: 1,
+        ..ff.clone()
+    };
+    common::assert_invalid(
+        Trainer::with_variants(&config(Family::Gpt2), &lora(true), every_step, device).map(|_| ()),
+        "train",
+        "fast_forward_every",
+        &["at least 2"],
+    );
+    let lazy = TrainOptions {
+        adapters_from: 3,
+        ..ff.clone()
+    };
+    common::assert_invalid(
+        Trainer::with_variants(&config(Family::Gpt2), &lora(true), lazy, device).map(|_| ()),
+        "train",
+        "fast_forward_every",
+        &["adapters_from"],
+    );
+    let no_tiny = TrainOptions {
+        fast_forward_tiny: 0,
+        ..ff.clone()
+    };
+    common::assert_invalid(
+        Trainer::with_variants(&config(Family::Gpt2), &lora(true), no_tiny, device).map(|_| ()),
+        "train",
+        "fast_forward_tiny",
+        &["positive"],
+    );
+    // A tiny set that leaves no validation text is refused at the first stage.
+    let corpus = corpus();
+    let huge = TrainOptions {
+        fast_forward_tiny: 1000,
+        ..ff
+    };
+    let mut trainer = Trainer::with_variants(&config(Family::Gpt2), &lora(true), huge, device).unwrap();
+    common::assert_invalid(
+        trainer.check_fast_forward_corpus(&corpus),
+        "train",
+        "fast_forward_tiny",
+        &["1000"],
+    );
+    common::assert_invalid(
+        trainer.fast_forward_loss(&corpus),
+        "train",
+        "fast_forward_tiny",
+        &["1000"],
+    );
+}
+
+/// LoRA fine-tuning of a trained dense model from its checkpoint (`init_from`) with Fast Forward:
+/// the fine-tuned model starts as its base (B = 0), the base stays frozen, the stages run, the
+/// loss falls; a checkpoint of another configuration, or a model with non-dense layers, is refused.
+fn fine_tuning_with_fast_forward_lowers_the_loss(device: &Device) {
+    let corpus = corpus();
+    let base_dir = scratch("ff-base", device);
+    let fast = TrainOptions {
+        batch: 4,
+        lr: 1e-2,
+        min_lr: 1e-3,
+        ..options(20)
+    };
+    let mut base = Trainer::new(&config(Family::Gpt2), fast.clone(), device).unwrap();
+    for _ in 0..20 {
+        base.train_step(&corpus).unwrap();
+    }
+    base.save(&base_dir).unwrap();
+    let tune = TrainOptions {
+        init_from: Some(base_dir.to_str().unwrap().into()),
+        fast_forward_every: 4,
+        fast_forward_burn_in: 3,
+        fast_forward_tiny: 4,
+        steps: 30,
+        seed: 5,
+        ..fast
+    };
+    let base_loss = base.validate_windows(&corpus, 4, 4).unwrap();
+    let mut tuned = Trainer::with_variants(&config(Family::Gpt2), &lora(true), tune.clone(), device).unwrap();
+    let initial = tuned.validate(&corpus).unwrap();
+    assert_eq!(initial, base_loss, "B = 0: the fine-tuned model starts as its base");
+    let frozen: Vec<Vec<u8>> = tuned
+        .model
+        .params
+        .layout
+        .linears()
+        .iter()
+        .map(|l| tuned.model.params.params[l.weight].value.to_bytes().unwrap())
+        .collect();
+    let losses: Vec<f32> = (0..30).map(|_| tuned.train_step(&corpus).unwrap().loss).collect();
+    let (start, end) = (mean(&losses[..3]), mean(&losses[27..]));
+    assert!(end < start, "loss went from {start} to {end}");
+    let validation = tuned.validate(&corpus).unwrap();
+    assert!(validation < initial, "validation {initial} -> {validation}");
+    let stages = tuned.fast_forward_log();
+    assert_eq!(
+        stages.iter().map(|s| s.step).collect::<Vec<_>>(),
+        [7, 11, 15, 19, 23, 27]
+    );
+    for (linear, before) in tuned.model.params.layout.linears().iter().zip(&frozen) {
+        assert_eq!(
+            &tuned.model.params.params[linear.weight].value.to_bytes().unwrap(),
+            before
+        );
+    }
+
+    // A checkpoint that records no configuration (as Hugging Face writes them) takes the run's,
+    // and gives the same starting model.
+    let foreign_dir = scratch("ff-foreign", device);
+    std::fs::create_dir_all(&foreign_dir).unwrap();
+    let base_checkpoint = checkpoint_dir(&base_dir).unwrap().join("model.safetensors");
+    let saved = GptParams::load(base_checkpoint, None, &Device::Cpu).unwrap();
+    let tensors: Vec<(&str, &Tensor)> = saved.params.iter().map(|p| (p.spec.name.as_str(), &p.value)).collect();
+    let metadata = std::collections::BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    tessera::model::safetensors::save(foreign_dir.join("model.safetensors"), &tensors, &metadata).unwrap();
+    let from_foreign = TrainOptions {
+        init_from: Some(foreign_dir.to_str().unwrap().into()),
+        ..tune.clone()
+    };
+    let mut foreign = Trainer::with_variants(&config(Family::Gpt2), &lora(true), from_foreign.clone(), device).unwrap();
+    assert_eq!(foreign.validate(&corpus).unwrap(), base_loss);
+    // Read as another family's checkpoint, its tensors are not the model's.
+    let refused = Trainer::with_variants(&config(Family::Llama), &lora(true), from_foreign, device)
+        .err()
+        .expect("a GPT-2 checkpoint read as a Llama one");
+    assert!(refused.to_string().contains("no tensor named"), "{refused}");
+    std::fs::remove_dir_all(&foreign_dir).unwrap();
+
+    let other = GptConfig {
+        ffn_width: 48,
+        ..config(Family::Gpt2)
+    };
+    common::assert_invalid(
+        Trainer::with_variants(&other, &lora(true), tune.clone(), device).map(|_| ()),
+        "train",
+        "init_from",
+        &["configuration"],
+    );
+    let masked = LinearVariants::all(LinearSpec {
+        variant: Variant::Unstructured { density: 0.5, seed: 1 },
+        lora: None,
+    });
+    let plain = TrainOptions {
+        fast_forward_every: 0,
+        ..tune
+    };
+    common::assert_invalid(
+        Trainer::with_variants(&config(Family::Gpt2), &masked, plain, device).map(|_| ()),
+        "train",
+        "init_from",
+        &["unstructured"],
+    );
+    std::fs::remove_dir_all(&base_dir).unwrap();
+}
+
 on_each_device!(
+    fast_forward_moves_only_the_adapters,
+    fast_forward_resumes_exactly,
+    fast_forward_refuses_what_it_cannot_do,
+    fine_tuning_with_fast_forward_lowers_the_loss,
     distillation_at_ce_weight_one_is_next_token_training,
     self_distillation_has_no_gradient,
     distillation_trains_and_resumes,
@@ -583,6 +951,11 @@ fn recipe_options_round_trip_through_json() {
         gap_tokens: 256,
         distill_from: Some("runs/teacher".into()),
         distill_ce_weight: 0.5,
+        fast_forward_every: 6,
+        fast_forward_burn_in: 7,
+        fast_forward_tiny: 9,
+        fast_forward_reference_compat: true,
+        init_from: Some("runs/base".into()),
         ..TrainOptions::tiny()
     };
     assert_eq!(TrainOptions::from_json(&recipe.to_json()), Some(recipe));
@@ -595,6 +968,11 @@ fn recipe_options_round_trip_through_json() {
         "gap_tokens",
         "distill_from",
         "distill_ce_weight",
+        "fast_forward_every",
+        "fast_forward_burn_in",
+        "fast_forward_tiny",
+        "fast_forward_reference_compat",
+        "init_from",
     ] {
         old.as_object_mut().unwrap().remove(key);
     }
@@ -602,6 +980,138 @@ fn recipe_options_round_trip_through_json() {
     let mut wrong = TrainOptions::tiny().to_json();
     wrong["forget_every"] = serde_json::json!("often");
     assert_eq!(TrainOptions::from_json(&wrong), None);
+    let mut wrong = TrainOptions::tiny().to_json();
+    wrong["fast_forward_reference_compat"] = serde_json::json!(1);
+    assert_eq!(TrainOptions::from_json(&wrong), None);
+}
+
+/// Fast Forward's schedule (ALGORITHMS.md §7.4, test 5): with the paper's interval and burn-in,
+/// stages follow steps 56, 62, 68, ... and the adapters are copied after the step before each.
+#[test]
+fn fast_forward_stages_follow_the_burn_in() {
+    let ff = TrainOptions {
+        fast_forward_every: 6,
+        ..TrainOptions::tiny()
+    };
+    assert_eq!(ff.fast_forward_burn_in, 50);
+    assert_eq!(ff.fast_forward_tiny, 32);
+    let stages: Vec<u64> = (1..=75).filter(|&s| ff.fast_forward_stage(s)).collect();
+    let copies: Vec<u64> = (1..=75).filter(|&s| ff.fast_forward_copy(s)).collect();
+    assert_eq!(stages, [56, 62, 68, 74]);
+    assert_eq!(copies, [55, 61, 67, 73]);
+    assert_eq!(ff.validation_skip(), 32);
+    assert_eq!(TrainOptions::tiny().validation_skip(), 0);
+    assert!(
+        !(1..=1000).any(|s| TrainOptions::tiny().fast_forward_stage(s) || TrainOptions::tiny().fast_forward_copy(s))
+    );
+}
+
+/// LoRA fine-tuning with Fast Forward from the command line: a dense run, then `--init-from` it
+/// with adapters from the config and `--fast-forward-*` flags; the log reports the stages and the
+/// checkpoint records the options.
+#[test]
+fn fast_forward_runs_from_the_command_line() {
+    let tessera = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(args)
+            .output()
+            .unwrap();
+        let log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.code(), log)
+    };
+    let dir = scratch("ff-cli", &Device::Cpu);
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = "[model]\nlayers = 1\nheads = 2\nkv_heads = 2\nwidth = 32\nffn_width = 64\ncontext = 16\n";
+    let train = "[train]\nbatch = 2\nseq = 16\nsteps = 6\nwarmup = 1\neval_windows = 2\n";
+    let base_config = dir.join("base.toml");
+    std::fs::write(&base_config, format!("{model}\n{train}")).unwrap();
+    let tune_config = dir.join("tune.toml");
+    std::fs::write(
+        &tune_config,
+        format!("{model}\n[model.linears.default]\nvariant = \"dense\"\nlora = {{ rank = 4, alpha = 8.0, frozen_base = true }}\n\n{train}"),
+    )
+    .unwrap();
+    let (base, tuned) = (dir.join("base"), dir.join("tuned"));
+    let path = |p: &PathBuf| p.to_str().unwrap().to_string();
+    let (code, log) = tessera(&[
+        "train",
+        "--device",
+        "cpu",
+        "--config",
+        &path(&base_config),
+        "--out",
+        &path(&base),
+    ]);
+    assert_eq!(code, Some(0), "{log}");
+    let (code, log) = tessera(&[
+        "train",
+        "--device",
+        "cpu",
+        "--config",
+        &path(&tune_config),
+        "--init-from",
+        &path(&base),
+        "--fast-forward-every",
+        "2",
+        "--fast-forward-burn-in",
+        "1",
+        "--fast-forward-tiny",
+        "2",
+        "--fast-forward-reference-compat",
+        "--out",
+        &path(&tuned),
+    ]);
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("fast forward: 2 stages"), "{log}");
+    let resumed = Trainer::resume(&tuned, &Device::Cpu).unwrap();
+    let o = &resumed.options;
+    assert_eq!(
+        (
+            o.fast_forward_every,
+            o.fast_forward_burn_in,
+            o.fast_forward_tiny,
+            o.fast_forward_reference_compat
+        ),
+        (2, 1, 2, true)
+    );
+    assert_eq!(o.init_from, Some(path(&base)));
+    // A tiny set larger than the validation text is refused before the first step.
+    let (code, log) = tessera(&[
+        "train",
+        "--device",
+        "cpu",
+        "--config",
+        &path(&tune_config),
+        "--init-from",
+        &path(&base),
+        "--fast-forward-every",
+        "2",
+        "--fast-forward-tiny",
+        "100000000",
+        "--out",
+        &path(&dir.join("too-big")),
+    ]);
+    assert_eq!(code, Some(2), "{log}");
+    assert!(log.contains("fast_forward_tiny") && !log.contains("step 1/"), "{log}");
+    // Without adapters Fast Forward is a usage error naming the option.
+    let (code, log) = tessera(&[
+        "train",
+        "--device",
+        "cpu",
+        "--config",
+        &path(&base_config),
+        "--fast-forward-every",
+        "6",
+        "--out",
+        &path(&dir.join("refused")),
+    ]);
+    assert_eq!(code, Some(2), "{log}");
+    assert!(log.contains("fast_forward_every"), "{log}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// The recipes from the command line: GrowLength and active forgetting from the [train] table,

@@ -6,7 +6,8 @@
 //! `model.safetensors` (the parameters, Hugging Face names), `config.json` when Hugging Face
 //! transformers has the architecture (so that `from_pretrained(dir)` loads it), and
 //! `trainer.safetensors` (AdamW's
-//! moments as `exp_avg.<name>` and `exp_avg_sq.<name>`, and in its metadata the step, the
+//! moments as `exp_avg.<name>` and `exp_avg_sq.<name>`, Fast Forward's copy of the adapters as
+//! `fast_forward.prev.<name>` when a stage is due at the next step, and in its metadata the step, the
 //! sampler's position and the options). It is written under a temporary name and renamed when
 //! complete, then the file `latest` is replaced (temporary file, rename) to name it, so a crash at
 //! any point leaves `latest` naming a whole checkpoint.
@@ -17,7 +18,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::safetensors::{self, SafeTensors};
 use crate::model::{Gpt, GptParams};
-use crate::model::{GptConfig, LinearVariants};
+use crate::model::{GptConfig, LinearVariants, Variant};
 use crate::ops::AdamWConfig;
 use crate::optim::WarmupCosine;
 use crate::tensor::Tensor;
@@ -28,6 +29,8 @@ use std::path::{Path, PathBuf};
 
 const OP: &str = "train";
 const TRAINER_KEY: &str = "tessera.trainer";
+/// The prefix of Fast Forward's adapter copies in `trainer.safetensors`.
+const FAST_FORWARD_PREFIX: &str = "fast_forward.prev.";
 
 /// How to train.
 #[derive(Clone, Debug, PartialEq)]
@@ -82,6 +85,24 @@ pub struct TrainOptions {
     /// (`nm`, `unstructured`) drop their masks, so their pruned weights (at exactly 0) learn from
     /// their dense gradients (0: never).
     pub densify_from: u64,
+    /// Fast Forward (ALGORITHMS.md §7): after the burn-in, every this many optimizer steps
+    /// (`T_interval`; the paper's 6) the last step's update of the LoRA adapters is applied again
+    /// and again while the loss on the tiny set improves (0: off; else at least 2). The model must
+    /// have adapters, on from the start.
+    pub fast_forward_every: u64,
+    /// Fast Forward's burn-in: optimizer steps before its bookkeeping starts (the paper's 50).
+    pub fast_forward_burn_in: u64,
+    /// Fast Forward's tiny set: the first this many validation windows (the paper's 32), which
+    /// ordinary validation skips while Fast Forward is on.
+    pub fast_forward_tiny: usize,
+    /// `false` (the crate's behaviour): a stage compares its first step with the tiny-set loss
+    /// before the stage and undoes the step that did not improve. `true`: the authors' code, which
+    /// always takes two steps or more and keeps the step that made the loss worse.
+    pub fast_forward_reference_compat: bool,
+    /// Start from this checkpoint's weights (a tessera run or a Hugging Face directory of the same
+    /// configuration, with dense linear layers) instead of a fresh initialisation, with fresh
+    /// optimizer state; the run's adapters are added to it. `None`: a fresh model.
+    pub init_from: Option<String>,
 }
 
 impl TrainOptions {
@@ -112,6 +133,11 @@ impl TrainOptions {
             distill_ce_weight: 0.0,
             adapters_from: 0,
             densify_from: 0,
+            fast_forward_every: 0,
+            fast_forward_burn_in: 50,
+            fast_forward_tiny: 32,
+            fast_forward_reference_compat: false,
+            init_from: None,
         }
     }
 
@@ -195,7 +221,57 @@ impl TrainOptions {
                 self.distill_ce_weight,
             ));
         }
+        if self.fast_forward_every == 1 {
+            return Err(Error::invalid(
+                OP,
+                "fast_forward_every",
+                "0 (off) or at least 2 (a stage's update is the step after the copy)",
+                1,
+            ));
+        }
+        if self.fast_forward_every > 0 {
+            if self.fast_forward_tiny == 0 {
+                return Err(Error::invalid(
+                    OP,
+                    "fast_forward_tiny",
+                    "a positive number of validation windows",
+                    0,
+                ));
+            }
+            if self.adapters_from > 0 {
+                return Err(Error::invalid(
+                    OP,
+                    "fast_forward_every",
+                    "adapters on from the start (adapters_from = 0)",
+                    format!("adapters_from = {}", self.adapters_from),
+                ));
+            }
+        }
         WarmupCosine::new(self.lr, self.min_lr, self.warmup.min(self.steps), self.steps.max(1))
+    }
+
+    /// Whether Fast Forward copies the adapters after the 1-based `step` (the step before a
+    /// stage's).
+    pub fn fast_forward_copy(&self, step: u64) -> bool {
+        let every = self.fast_forward_every;
+        every > 0 && step > self.fast_forward_burn_in && (step - self.fast_forward_burn_in) % every == every - 1
+    }
+
+    /// Whether a Fast Forward stage follows the 1-based `step`: the `every`-th, `2·every`-th, ...
+    /// step after the burn-in.
+    pub fn fast_forward_stage(&self, step: u64) -> bool {
+        let every = self.fast_forward_every;
+        every > 0 && step > self.fast_forward_burn_in && (step - self.fast_forward_burn_in).is_multiple_of(every)
+    }
+
+    /// The validation windows that ordinary validation skips: Fast Forward's tiny set while it
+    /// is on.
+    pub fn validation_skip(&self) -> usize {
+        if self.fast_forward_every > 0 {
+            self.fast_forward_tiny
+        } else {
+            0
+        }
     }
 
     /// GrowLength's stage lengths, shortest first: `grow_from · 2^s` up to `seq` (just `seq`
@@ -263,6 +339,11 @@ impl TrainOptions {
             "gap_steps": self.gap_steps, "gap_lr": self.gap_lr, "gap_tokens": self.gap_tokens,
             "distill_from": self.distill_from, "distill_ce_weight": self.distill_ce_weight,
             "adapters_from": self.adapters_from, "densify_from": self.densify_from,
+            "fast_forward_every": self.fast_forward_every,
+            "fast_forward_burn_in": self.fast_forward_burn_in,
+            "fast_forward_tiny": self.fast_forward_tiny,
+            "fast_forward_reference_compat": self.fast_forward_reference_compat,
+            "init_from": self.init_from,
         })
     }
 
@@ -314,6 +395,17 @@ impl TrainOptions {
             },
             adapters_from: optional_size("adapters_from", defaults.adapters_from)?,
             densify_from: optional_size("densify_from", defaults.densify_from)?,
+            fast_forward_every: optional_size("fast_forward_every", defaults.fast_forward_every)?,
+            fast_forward_burn_in: optional_size("fast_forward_burn_in", defaults.fast_forward_burn_in)?,
+            fast_forward_tiny: optional_size("fast_forward_tiny", defaults.fast_forward_tiny as u64)? as usize,
+            fast_forward_reference_compat: match value.get("fast_forward_reference_compat") {
+                None => defaults.fast_forward_reference_compat,
+                Some(v) => v.as_bool()?,
+            },
+            init_from: match value.get("init_from") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(v.as_str()?.to_string()),
+            },
         })
     }
 }
@@ -332,6 +424,34 @@ pub struct StepRecord {
     pub batch: usize,
     /// Tokens per sequence (GrowLength changes it).
     pub seq: usize,
+    /// The Fast Forward stage that followed the step, if one did.
+    pub fast_forward: Option<FastForwardCount>,
+}
+
+/// How many Fast Forward steps a stage took and kept, and the tiny-set losses it evaluated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FastForwardCount {
+    /// `P += Δ` applied (an undone step included).
+    pub taken: u32,
+    /// Of those, the ones left in the parameters: a stage ends at `P + kept·Δ`, with `P` the
+    /// adapters after the optimizer step.
+    pub kept: u32,
+    /// Forward passes over the tiny set: `taken`, plus the loss before the stage unless in
+    /// reference_compat mode.
+    pub evaluations: u32,
+}
+
+/// One Fast Forward stage (ALGORITHMS.md §7.1).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FastForwardStage {
+    /// The optimizer step it followed.
+    pub step: u64,
+    /// The tiny-set loss before the first FF step (`None` in reference_compat mode, which
+    /// compares only FF steps with each other).
+    pub before: Option<f32>,
+    /// The tiny-set loss after each FF step taken, in order.
+    pub losses: Vec<f32>,
+    pub count: FastForwardCount,
 }
 
 /// One GAP update's record.
@@ -378,6 +498,11 @@ pub struct Trainer {
     targets: Vec<u32>,
     /// The frozen teacher of [`TrainOptions::distill_from`].
     teacher: Option<Gpt>,
+    /// Fast Forward's copy of the adapters (f32 masters, in [`Trainer::adapter_indices`] order),
+    /// held from the step before a stage until the stage.
+    fast_forward_prev: Option<Vec<Vec<f32>>>,
+    /// The Fast Forward stages since this trainer was made (or resumed).
+    fast_forward_log: Vec<FastForwardStage>,
 }
 
 impl Trainer {
@@ -395,7 +520,11 @@ impl Trainer {
     ) -> Result<Trainer> {
         let schedule = options.validate(config)?;
         let mut params = GptParams::init_with_variants(config, variants, device, options.seed)?;
+        if let Some(from) = &options.init_from {
+            load_base(&mut params, from)?;
+        }
         params.set_adapters_on(options.adapters_from == 0);
+        check_fast_forward(&options, &params)?;
         let (batch, seq) = options.batch_shape(1);
         let model = Gpt::new(params, batch, seq)?;
         let teacher = load_teacher(&options, config, device)?;
@@ -408,6 +537,8 @@ impl Trainer {
             inputs: Vec::new(),
             targets: Vec::new(),
             teacher,
+            fast_forward_prev: None,
+            fast_forward_log: Vec::new(),
         })
     }
 
@@ -418,7 +549,7 @@ impl Trainer {
 
     /// One optimizer step: `accumulation` micro-batches of forward and backward, clipping, AdamW
     /// (and the recipes the options turn on: GrowLength's batch shape, active forgetting's
-    /// embedding update and reset). A loss or gradient that is not finite stops with an error
+    /// embedding update and reset, Fast Forward's copy and stage after the update). A loss or gradient that is not finite stops with an error
     /// before the update, so the parameters stay those of the last good step.
     pub fn train_step(&mut self, corpus: &Corpus) -> Result<StepRecord> {
         let step = self.step + 1;
@@ -493,6 +624,17 @@ impl Trainer {
         if self.options.forget_every > 0 && step.is_multiple_of(self.options.forget_every) {
             self.forget()?;
         }
+        if self.options.fast_forward_copy(step) {
+            self.fast_forward_prev = Some(self.adapter_values()?);
+        }
+        let fast_forward = if self.options.fast_forward_stage(step) {
+            let stage = self.fast_forward(corpus)?;
+            let count = stage.count;
+            self.fast_forward_log.push(stage);
+            Some(count)
+        } else {
+            None
+        };
         Ok(StepRecord {
             step,
             loss,
@@ -501,6 +643,136 @@ impl Trainer {
             tokens: batch * seq * micro,
             batch,
             seq,
+            fast_forward,
+        })
+    }
+
+    /// The parameter indices Fast Forward moves: every LoRA adapter's A and B, layer by layer.
+    pub fn adapter_indices(&self) -> Vec<usize> {
+        self.model
+            .params
+            .layout
+            .linears()
+            .iter()
+            .filter_map(|l| l.lora)
+            .flat_map(|l| [l.a, l.b])
+            .collect()
+    }
+
+    fn adapter_values(&self) -> Result<Vec<Vec<f32>>> {
+        self.adapter_indices()
+            .into_iter()
+            .map(|i| self.model.params.params[i].value.to_vec::<f32>())
+            .collect()
+    }
+
+    fn set_adapter_values(&mut self, values: &[Vec<f32>]) -> Result<()> {
+        for (index, values) in self.adapter_indices().into_iter().zip(values) {
+            self.model.params.set_value(index, values.clone())?;
+        }
+        Ok(())
+    }
+
+    /// The Fast Forward stages since this trainer was made or resumed, oldest first.
+    pub fn fast_forward_log(&self) -> &[FastForwardStage] {
+        &self.fast_forward_log
+    }
+
+    /// The mean loss over Fast Forward's tiny set (the first `fast_forward_tiny` validation
+    /// windows), forward only.
+    pub fn fast_forward_loss(&mut self, corpus: &Corpus) -> Result<f32> {
+        self.check_fast_forward_corpus(corpus)?;
+        self.validate_windows(corpus, 0, self.options.fast_forward_tiny)
+    }
+
+    /// With Fast Forward on, an error unless `corpus`'s validation text holds the tiny set and at
+    /// least one window more (a run can check before its burn-in rather than at its first stage).
+    pub fn check_fast_forward_corpus(&self, corpus: &Corpus) -> Result<()> {
+        let tiny = self.options.fast_forward_tiny;
+        let available = validation_windows(&corpus.validation, self.options.seq).count();
+        if tiny == 0 || tiny >= available {
+            return Err(Error::invalid(
+                OP,
+                "fast_forward_tiny",
+                format!(
+                    "1 to {} (fewer than the validation text's windows)",
+                    available.saturating_sub(1)
+                ),
+                tiny,
+            ));
+        }
+        Ok(())
+    }
+
+    /// A Fast Forward stage (ALGORITHMS.md §7.1) after the optimizer step that followed the copy:
+    /// `Δ = P − P_prev` over the adapters' f32 masters, then `P += Δ` (compute copies refreshed)
+    /// while the tiny-set loss does not rise (strict `>`). Optimizer state, step and schedule
+    /// are untouched. A step that makes the loss not finite, or that leaves every adapter value
+    /// as it was, ends the stage (the loop would not end otherwise); a step undone is restored
+    /// from its saved values, bit for bit.
+    fn fast_forward(&mut self, corpus: &Corpus) -> Result<FastForwardStage> {
+        let step = self.step;
+        let previous = self.fast_forward_prev.take().ok_or_else(|| {
+            Error::invalid(
+                OP,
+                "fast_forward_every",
+                "the adapters copied after the step before the stage",
+                format!("no copy at step {step}"),
+            )
+        })?;
+        let mut current = self.adapter_values()?;
+        let delta: Vec<Vec<f32>> = current
+            .iter()
+            .zip(&previous)
+            .map(|(p, q)| p.iter().zip(q).map(|(p, q)| p - q).collect())
+            .collect();
+        let compat = self.options.fast_forward_reference_compat;
+        let before = if compat {
+            None
+        } else {
+            Some(self.fast_forward_loss(corpus)?)
+        };
+        let mut last = before;
+        let mut losses = Vec::new();
+        let mut kept = 0u32;
+        loop {
+            let next: Vec<Vec<f32>> = current
+                .iter()
+                .zip(&delta)
+                .map(|(p, d)| p.iter().zip(d).map(|(p, d)| p + d).collect())
+                .collect();
+            let moved = next
+                .iter()
+                .zip(&current)
+                .any(|(n, c)| n.iter().zip(c).any(|(n, c)| n.to_bits() != c.to_bits()));
+            if !moved {
+                break;
+            }
+            self.set_adapter_values(&next)?;
+            let loss = self.fast_forward_loss(corpus)?;
+            losses.push(loss);
+            let worse = last.is_some_and(|l| loss > l);
+            if !loss.is_finite() || (worse && !compat) {
+                self.set_adapter_values(&current)?;
+                break;
+            }
+            kept += 1;
+            current = next;
+            if worse {
+                break;
+            }
+            last = Some(loss);
+        }
+        let taken = losses.len() as u32;
+        Ok(FastForwardStage {
+            step,
+            before,
+            losses,
+            count: FastForwardCount {
+                taken,
+                kept,
+                evaluations: taken + u32::from(before.is_some()),
+            },
         })
     }
 
@@ -613,14 +885,24 @@ impl Trainer {
         Ok(())
     }
 
-    /// The mean loss over the validation text (or its first `eval_windows` windows).
+    /// The mean loss over the validation text (or its first `eval_windows` windows), after the
+    /// windows of Fast Forward's tiny set while it is on.
     pub fn validate(&mut self, corpus: &Corpus) -> Result<f32> {
-        let (batch, seq) = (self.options.batch, self.options.seq);
         let limit = match self.options.eval_windows {
             0 => usize::MAX,
             n => n,
         };
-        let windows: Vec<_> = validation_windows(&corpus.validation, seq).take(limit).collect();
+        self.validate_windows(corpus, self.options.validation_skip(), limit)
+    }
+
+    /// The mean loss over at most `count` validation windows of `seq` tokens after the first
+    /// `skip`, forward only.
+    pub fn validate_windows(&mut self, corpus: &Corpus, skip: usize, count: usize) -> Result<f32> {
+        let (batch, seq) = (self.options.batch, self.options.seq);
+        let windows: Vec<_> = validation_windows(&corpus.validation, seq)
+            .skip(skip)
+            .take(count)
+            .collect();
         let (mut total, mut count) = (0.0f64, 0usize);
         for chunk in windows.chunks(batch) {
             self.inputs.clear();
@@ -637,7 +919,7 @@ impl Trainer {
                 OP,
                 "seq",
                 format!(
-                    "at most {} (the validation text)",
+                    "at most {} (the validation text, after {skip} windows skipped)",
                     corpus.validation.len().saturating_sub(1)
                 ),
                 seq,
@@ -668,7 +950,26 @@ impl Trainer {
             moments.push((format!("exp_avg.{}", p.spec.name), &p.exp_avg));
             moments.push((format!("exp_avg_sq.{}", p.spec.name), &p.exp_avg_sq));
         }
-        let list: Vec<(&str, &Tensor)> = moments.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+        // The adapters' copy of a Fast Forward stage to come: a checkpoint between the copy and
+        // the stage resumes it.
+        let previous: Vec<(String, Tensor)> = match &self.fast_forward_prev {
+            None => Vec::new(),
+            Some(values) => self
+                .adapter_indices()
+                .into_iter()
+                .zip(values)
+                .map(|(i, v)| {
+                    let spec = &params[i].spec;
+                    let tensor = Tensor::from_vec(v.clone(), &spec.shape, &Device::Cpu)?;
+                    Ok((format!("{FAST_FORWARD_PREFIX}{}", spec.name), tensor))
+                })
+                .collect::<Result<_>>()?,
+        };
+        let list: Vec<(&str, &Tensor)> = moments
+            .iter()
+            .map(|(n, t)| (n.as_str(), *t))
+            .chain(previous.iter().map(|(n, t)| (n.as_str(), t)))
+            .collect();
         let state = json!({
             "step": self.step,
             "sampler_seed": self.sampler.seed,
@@ -721,6 +1022,36 @@ impl Trainer {
                 .take(&format!("exp_avg_sq.{}", p.spec.name), DType::F32, &shape)?
                 .to_device(device)?;
         }
+        check_fast_forward(&options, &params)?;
+        let adapters: Vec<usize> = params
+            .layout
+            .linears()
+            .iter()
+            .filter_map(|l| l.lora)
+            .flat_map(|l| [l.a, l.b])
+            .collect();
+        let stored: Vec<String> = adapters
+            .iter()
+            .map(|&i| format!("{FAST_FORWARD_PREFIX}{}", params.params[i].spec.name))
+            .collect();
+        let present = stored
+            .iter()
+            .filter(|name| file.names().any(|n| n == name.as_str()))
+            .count();
+        let fast_forward_prev = match present {
+            0 => None,
+            n if n == stored.len() => Some(
+                adapters
+                    .iter()
+                    .zip(&stored)
+                    .map(|(&i, name)| {
+                        file.take(name, DType::F32, &params.params[i].spec.shape)?
+                            .to_vec::<f32>()
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            n => return Err(corrupt(&format!("{n} of the {} Fast Forward copies", stored.len()))),
+        };
         let (batch, seq) = options.batch_shape(step + 1);
         let teacher = load_teacher(&options, &params.config, device)?;
         let model = Gpt::new(params, batch, seq)?;
@@ -733,8 +1064,82 @@ impl Trainer {
             inputs: Vec::new(),
             targets: Vec::new(),
             teacher,
+            fast_forward_prev,
+            fast_forward_log: Vec::new(),
         })
     }
+}
+
+/// Fast Forward needs adapters to move: an error naming the option when the model has none.
+fn check_fast_forward(options: &TrainOptions, params: &GptParams) -> Result<()> {
+    if options.fast_forward_every > 0 && !params.has_adapters() {
+        return Err(Error::invalid(
+            OP,
+            "fast_forward_every",
+            "0 (off), or a model with LoRA adapters ([model.linears] lora)",
+            format!("{} on a model without adapters", options.fast_forward_every),
+        ));
+    }
+    Ok(())
+}
+
+/// Replaces `params`' base weights by those of the checkpoint `from` (a tessera run or a Hugging
+/// Face directory; `params.config` is its configuration when it records none): the same
+/// configuration, dense linear layers, every tensor of the matching name and shape. The run's
+/// adapters keep their fresh initialisation (B = 0: the model computes what the checkpoint
+/// does), and the optimizer state is fresh.
+fn load_base(params: &mut GptParams, from: &str) -> Result<()> {
+    if let Some(linear) = params
+        .layout
+        .linears()
+        .into_iter()
+        .find(|l| !matches!(l.spec.variant, Variant::Dense))
+    {
+        return Err(Error::invalid(
+            OP,
+            "init_from",
+            "a model whose block linear layers are dense (with or without LoRA adapters)",
+            format!(
+                "a `{}` layer ({})",
+                linear.spec.variant.name(),
+                params.params[linear.weight].spec.name
+            ),
+        ));
+    }
+    let dir = checkpoint_dir(Path::new(from))?;
+    let base = GptParams::load(dir.join("model.safetensors"), Some(&params.config), &Device::Cpu)?;
+    if base.config != params.config {
+        return Err(Error::invalid(
+            OP,
+            "init_from",
+            format!("a checkpoint of the run's configuration ({})", params.config.to_json()),
+            format!("{from}: {}", base.config.to_json()),
+        ));
+    }
+    if !base.variants.is_dense() {
+        return Err(Error::invalid(
+            OP,
+            "init_from",
+            "a checkpoint with dense linear layers",
+            format!("{from}: {}", base.config_json()),
+        ));
+    }
+    for p in &base.params {
+        let index = params
+            .params
+            .iter()
+            .position(|q| q.spec.name == p.spec.name && q.spec.shape == p.spec.shape)
+            .ok_or_else(|| {
+                Error::invalid(
+                    OP,
+                    "init_from",
+                    "a checkpoint whose tensors the model has",
+                    format!("{from}: {} {:?}", p.spec.name, p.spec.shape),
+                )
+            })?;
+        params.set_value(index, p.value.to_vec::<f32>()?)?;
+    }
+    Ok(())
 }
 
 /// The teacher of `options.distill_from`, on `device`, checked against the student's `config`:

@@ -1,9 +1,11 @@
 //! `tessera bench recipes`: trains the `tiny` preset on the embedded corpus once per training
 //! recipe, every run with the same token budget, seed and data order, and prints one table beside
 //! the dense baseline: final validation loss, tokens/s, step time, peak memory and the bytes of
-//! the weights at inference. It answers "what does each recipe cost and what does it buy at this
-//! scale", not "does it reproduce the paper": a tiny model trained for a minute is far from the
-//! papers' regimes, and the table says what it measured.
+//! the weights at inference. Two rows fine-tune the dense row's model instead (LoRA, and LoRA
+//! with Fast Forward) and compare with it on the same validation windows. It answers "what does
+//! each recipe cost and what does it buy at this scale", not "does it reproduce the paper": a tiny
+//! model trained for a minute is far from the papers' regimes, and the table says what it
+//! measured.
 
 use crate::args::Args;
 use crate::train::Failure;
@@ -11,7 +13,7 @@ use serde_json::{json, Value};
 use std::time::Instant;
 use tessera::model::params::linear_sites;
 use tessera::model::{GptConfig, LinearSpec, LinearVariants, LoraSpec, Variant};
-use tessera::train::trainer::{TrainOptions, Trainer};
+use tessera::train::trainer::{FastForwardStage, TrainOptions, Trainer};
 use tessera::train::Corpus;
 use tessera::{Device, Error};
 
@@ -37,6 +39,10 @@ struct Recipe {
     variants: fn() -> LinearVariants,
     /// Distils from the dense baseline's final model instead of the next tokens (FBI-LLM).
     teacher: bool,
+    /// Fine-tunes the dense baseline's final model (its weights, fresh optimizer state) instead
+    /// of training from scratch; validated, like the dense model it starts from, on the windows
+    /// after Fast Forward's tiny set.
+    base: bool,
     /// A post-training phase run on the trained model (GAP).
     post: Option<Post>,
 }
@@ -59,6 +65,7 @@ fn recipes() -> Vec<Recipe> {
             options: |_| {},
             variants: LinearVariants::dense,
             teacher: false,
+            base: false,
             post: None,
         },
         Recipe {
@@ -67,6 +74,7 @@ fn recipes() -> Vec<Recipe> {
             options: |o| o.grow_from = 32,
             variants: LinearVariants::dense,
             teacher: false,
+            base: false,
             post: None,
         },
         Recipe {
@@ -76,6 +84,7 @@ fn recipes() -> Vec<Recipe> {
             options: |o| o.forget_every = (o.steps * 2 / 5).max(1),
             variants: LinearVariants::dense,
             teacher: false,
+            base: false,
             post: None,
         },
         Recipe {
@@ -84,6 +93,7 @@ fn recipes() -> Vec<Recipe> {
             options: |_| {},
             variants: LinearVariants::dense,
             teacher: false,
+            base: false,
             post: Some(Post::Gap),
         },
         Recipe {
@@ -106,6 +116,7 @@ fn recipes() -> Vec<Recipe> {
                 })
             },
             teacher: false,
+            base: false,
             post: None,
         },
         Recipe {
@@ -115,6 +126,7 @@ fn recipes() -> Vec<Recipe> {
             options: |_| {},
             variants: || every(Variant::Unstructured { density: 0.5, seed: 11 }),
             teacher: false,
+            base: false,
             post: None,
         },
         Recipe {
@@ -130,6 +142,7 @@ fn recipes() -> Vec<Recipe> {
                 })
             },
             teacher: false,
+            base: false,
             post: None,
         },
         Recipe {
@@ -139,9 +152,43 @@ fn recipes() -> Vec<Recipe> {
             options: |_| {},
             variants: || every(Variant::Binary),
             teacher: true,
+            base: false,
+            post: None,
+        },
+        Recipe {
+            name: "lora",
+            what: "LoRA fine-tuning of the dense row's model: rank-8 adapters (alpha 16) on every \
+                   block linear, frozen base, fresh AdamW, on the corpus the base was trained on \
+                   (all this scale allows); vs dense = against the base model on the same windows",
+            options: |_| {},
+            variants: lora_on_dense,
+            teacher: false,
+            base: true,
+            post: None,
+        },
+        Recipe {
+            name: "fastforward",
+            what: "the lora row plus Fast Forward every 6 steps after a 50-step burn-in, tiny set = \
+                   the first 32 validation windows (not validated on); the same optimizer steps",
+            options: |o| o.fast_forward_every = 6,
+            variants: lora_on_dense,
+            teacher: false,
+            base: true,
             post: None,
         },
     ]
+}
+
+/// Dense block linear layers with frozen rank-8 LoRA adapters.
+fn lora_on_dense() -> LinearVariants {
+    LinearVariants::all(LinearSpec {
+        variant: Variant::Dense,
+        lora: Some(LoraSpec {
+            rank: 8,
+            alpha: 16.0,
+            frozen_base: true,
+        }),
+    })
 }
 
 /// What one run measured.
@@ -154,6 +201,11 @@ struct Measured {
     steps: u64,
     tokens: usize,
     post: Option<Value>,
+    /// The loss `vs dense` compares with when it is not the dense row's (a fine-tuning row's
+    /// base model on its validation windows).
+    baseline: Option<f32>,
+    /// What the run measured beyond the columns, appended to the table's last column.
+    note: Option<String>,
 }
 
 pub fn run(args: &[String]) -> Result<(), Failure> {
@@ -220,6 +272,9 @@ fn run_all<'a>(
         if recipe.teacher {
             options.distill_from = Some(teacher_dir.display().to_string());
         }
+        if recipe.base {
+            options.init_from = Some(teacher_dir.display().to_string());
+        }
         eprintln!("recipes: {} ...", recipe.name);
         let saved = (recipe.name == "dense").then_some(teacher_dir);
         let measured = train(
@@ -250,15 +305,16 @@ fn report(
     println!("|---|---|---|---|---|---|---|---|");
     for (recipe, _, m) in rows {
         println!(
-            "| {} | {:.4} | {:+.4} | {:.0} | {:.1} | {} | {} | {} |",
+            "| {} | {:.4} | {:+.4} | {:.0} | {:.1} | {} | {} | {}{} |",
             recipe.name,
             m.validation,
-            m.validation - baseline,
+            m.validation - m.baseline.unwrap_or(baseline),
             m.tokens_per_s,
             m.step_ms,
             m.peak_bytes.map(mib).unwrap_or_else(|| "n/a".into()),
             mib(m.inference_bytes as u64),
-            recipe.what
+            recipe.what,
+            m.note.as_ref().map(|n| format!("; {n}")).unwrap_or_default()
         );
     }
     if let Some(path) = json_path {
@@ -274,7 +330,8 @@ fn report(
                 "what": recipe.what,
                 "options": options.to_json(),
                 "validation_loss": m.validation,
-                "validation_loss_vs_dense": m.validation - baseline,
+                "validation_loss_vs_dense": m.validation - m.baseline.unwrap_or(baseline),
+                "note": m.note,
                 "tokens_per_s": m.tokens_per_s,
                 "step_ms": m.step_ms,
                 "peak_bytes": m.peak_bytes,
@@ -302,6 +359,16 @@ fn train(
 ) -> Result<Measured, Error> {
     let memory = PeakMemory::start(device);
     let mut trainer = Trainer::with_variants(config, variants, options.clone(), device)?;
+    // A fine-tuning row and its base model are validated on the same windows: those after the
+    // tiny set of the Fast Forward row (which never validates on its tiny set).
+    let windows = options
+        .init_from
+        .is_some()
+        .then_some((options.fast_forward_tiny, options.eval_windows));
+    let base_validation = match windows {
+        Some((skip, count)) => Some(trainer.validate_windows(corpus, skip, count)?),
+        None => None,
+    };
     let mut tokens = 0;
     let started = Instant::now();
     for _ in 0..options.steps {
@@ -309,12 +376,58 @@ fn train(
         memory.sample();
     }
     let seconds = started.elapsed().as_secs_f64();
-    let mut validation = trainer.validate(corpus)?;
+    let mut validation = match windows {
+        Some((skip, count)) => trainer.validate_windows(corpus, skip, count)?,
+        None => trainer.validate(corpus)?,
+    };
+    let stages = trainer.fast_forward_log();
+    let sum = |f: fn(&FastForwardStage) -> u32| stages.iter().map(f).sum::<u32>();
+    let (taken, kept, evaluations) = (
+        sum(|s| s.count.taken),
+        sum(|s| s.count.kept),
+        sum(|s| s.count.evaluations),
+    );
+    // Each evaluation is a forward pass over the tiny set; a training step is a forward and a
+    // backward pass over its batch.
+    let tiny_tokens = evaluations as usize * options.fast_forward_tiny * options.seq;
+    let note = match (base_validation, stages.is_empty()) {
+        (None, _) => None,
+        (Some(base), true) => Some(format!("base model {base:.4} on these windows")),
+        (Some(base), false) => Some(format!(
+            "base model {base:.4} on these windows; {} stages took {taken} FF steps and kept {kept}, \
+             costing {evaluations} forward passes over the tiny set ({tiny_tokens} tokens forward only, \
+             {:.0}% of the run's {tokens} training tokens, which also run backward)",
+            stages.len(),
+            100.0 * tiny_tokens as f64 / tokens.max(1) as f64
+        )),
+    };
+    let fast_forward = (!stages.is_empty()).then(|| {
+        json!({
+            "stages": stages.iter().map(|s| json!({
+                "step": s.step,
+                "before": s.before,
+                "losses": s.losses,
+                "taken": s.count.taken,
+                "kept": s.count.kept,
+            })).collect::<Vec<_>>(),
+            "taken": taken,
+            "kept": kept,
+            "tiny_set_forward_passes": evaluations,
+            "tiny_set_forward_tokens": tiny_tokens,
+        })
+    });
     if let Some(dir) = save {
         trainer.save(dir)?;
     }
     let post = match post {
-        None => None,
+        None => match (base_validation, fast_forward) {
+            (None, None) => None,
+            (base, fast_forward) => Some(json!({
+                "base_validation": base,
+                "validation_windows": windows.map(|(skip, count)| json!({"skip": skip, "count": count})),
+                "fast_forward": fast_forward,
+            })),
+        },
         Some(Post::Gap) => {
             let report = trainer.gap(corpus)?;
             validation = report.steps[report.best].validation;
@@ -334,6 +447,8 @@ fn train(
         steps: options.steps,
         tokens,
         post,
+        baseline: base_validation,
+        note,
     })
 }
 

@@ -31,6 +31,22 @@ options:
                      teacher (a tessera run or a Hugging Face GPT-2/Llama directory with the
                      same vocabulary) instead of the next tokens; [train] distill_ce_weight = w
                      mixes in w times the next-token loss
+  --init-from CHECKPOINT
+                     start from this checkpoint's weights (a tessera run or a Hugging Face
+                     directory of the same configuration, dense layers) with fresh optimizer
+                     state; the config's LoRA adapters are added to it (fine-tuning)
+  --fast-forward-every N
+                     Fast Forward (needs LoRA adapters): after the burn-in, every N steps
+                     (the paper's 6) repeat the last update of the adapters while the loss on
+                     the tiny set improves
+  --fast-forward-burn-in N
+                     steps before Fast Forward starts (default 50)
+  --fast-forward-tiny N
+                     the tiny set: the first N validation windows (default 32), which
+                     validation then skips
+  --fast-forward-reference-compat
+                     stop Fast Forward as the authors' code does (two steps or more, the
+                     step that made the loss worse kept)
   --resume           continue from the latest checkpoint in --out
   --gap CHECKPOINT   GAP post-training of CHECKPOINT instead of training: gap_steps updates of
                      gradient ascent on one random text sample, validating after each, the
@@ -81,7 +97,14 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
     let resume = args.flag("--resume");
     let gap = args.value("--gap").map_err(usage)?;
     let distill_from = args.value("--distill-from").map_err(usage)?;
+    let init_from = args.value("--init-from").map_err(usage)?;
+    let ff_every: Option<u64> = args.parsed("--fast-forward-every").map_err(usage)?;
+    let ff_burn_in: Option<u64> = args.parsed("--fast-forward-burn-in").map_err(usage)?;
+    let ff_tiny: Option<usize> = args.parsed("--fast-forward-tiny").map_err(usage)?;
+    let ff_compat = args.flag("--fast-forward-reference-compat");
     args.finish().map_err(usage)?;
+    let starts_a_run =
+        init_from.is_some() || ff_every.is_some() || ff_burn_in.is_some() || ff_tiny.is_some() || ff_compat;
     // GAP writes a model directory of its own, never into the run it starts from.
     let out = PathBuf::from(match (&out_arg, &gap) {
         (Some(out), _) => out.clone(),
@@ -140,6 +163,11 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
             "--distill-from starts a run; a resumed run keeps the teacher its checkpoint names".into(),
         ));
     }
+    if resume && starts_a_run {
+        return Err(Failure::Usage(
+            "--init-from and --fast-forward-* start a run; a resumed run keeps its checkpoint's options".into(),
+        ));
+    }
     let mut trainer = if resume {
         let trainer = Trainer::resume(&out, &device)?;
         eprintln!("resuming at step {} from {}", trainer.step(), out.display());
@@ -157,6 +185,21 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
         }
         if distill_from.is_some() {
             options.distill_from = distill_from;
+        }
+        if init_from.is_some() {
+            options.init_from = init_from;
+        }
+        if let Some(every) = ff_every {
+            options.fast_forward_every = every;
+        }
+        if let Some(burn_in) = ff_burn_in {
+            options.fast_forward_burn_in = burn_in;
+        }
+        if let Some(tiny) = ff_tiny {
+            options.fast_forward_tiny = tiny;
+        }
+        if ff_compat {
+            options.fast_forward_reference_compat = true;
         }
         if config.vocab < tokenizer.vocab_size() {
             return Err(Failure::Usage(format!(
@@ -187,6 +230,9 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
         options.steps,
         options.batch * options.seq * options.accumulation,
     );
+    if options.fast_forward_every > 0 {
+        trainer.check_fast_forward_corpus(&corpus)?;
+    }
     let mut progress = Progress::new(options.steps, trainer.step());
     let mut last_validation = None;
     while trainer.step() < options.steps {
@@ -212,6 +258,18 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
         }
     }
     progress.finish();
+    let stages = trainer.fast_forward_log();
+    if !stages.is_empty() {
+        let sum = |f: fn(&tessera::train::trainer::FastForwardStage) -> u32| stages.iter().map(f).sum::<u32>();
+        eprintln!(
+            "fast forward: {} stages, {} FF steps taken, {} kept, {} tiny-set forward passes ({} windows each)",
+            stages.len(),
+            sum(|s| s.count.taken),
+            sum(|s| s.count.kept),
+            sum(|s| s.count.evaluations),
+            options.fast_forward_tiny
+        );
+    }
     let validation = match last_validation {
         Some(loss) => loss,
         None => trainer.validate(&corpus)?,
