@@ -13,6 +13,7 @@
 
 use super::config::{Activation, Family, GptConfig, Norm, Positions};
 use super::safetensors::{self, SafeTensors};
+use super::sparse_layers::{self, SparseCopies};
 use super::variants::{LinearKind, LinearSite, LinearSpec, LinearVariants, Variant};
 use crate::device::Device;
 use crate::dtype::DType;
@@ -453,6 +454,11 @@ pub struct LinearMask {
     /// a masked layer's training step that allocates; on the CPU `spdf_apply_mask` also copies
     /// the mask's bits on every call).
     pub double_pruned: Option<Tensor>,
+    /// `nm` layers that the sparse kernels take, while they are on
+    /// ([`GptParams::sparse_kernels`]): the compressed copies of the masked compute weight
+    /// through which the forward and the input gradient go, rebuilt wherever the compute weight
+    /// changes (then `double_pruned` is `None`: the input gradient needs no dense copy).
+    pub sparse: Option<SparseCopies>,
     layout: Layout,
 }
 
@@ -475,6 +481,9 @@ pub struct GptParams {
     /// The `sparse_low_rank` layers as the SLTrain op holds them (compute-dtype copies of A, B
     /// and S's values beside the fixed support), by weight index.
     pub sltrain: BTreeMap<usize, ops::SlTrainLayer>,
+    /// Whether `nm` layers that qualify run through the sparse kernels (see
+    /// [`super::sparse_layers`]): on a GPU by default, off on the CPU.
+    sparse_kernels: bool,
 }
 
 impl GptParams {
@@ -589,6 +598,7 @@ impl GptParams {
             params,
             adapters_on: true,
             sltrain: BTreeMap::new(),
+            sparse_kernels: device.is_cuda(),
         })
     }
 
@@ -621,16 +631,13 @@ impl GptParams {
             Variant::Nm { n, m, .. } => Some(NmPattern::new(n, m)?),
             _ => None,
         };
-        let double_pruned = match pattern {
-            Some(_) => Some(Tensor::zeros(&p.spec.shape, self.dtype, &self.device)?),
-            None => None,
-        };
         self.masks.insert(
             linear.weight,
             LinearMask {
                 mask,
                 pattern,
-                double_pruned,
+                double_pruned: None,
+                sparse: None,
                 layout: linear.layout,
             },
         );
@@ -841,16 +848,29 @@ impl GptParams {
         self.masks.clear();
     }
 
-    /// Recomputes `nm` layer `index`'s double-pruned weight from its master weight.
+    /// Recomputes what `nm` layer `index`'s input gradient goes through: its compressed copies
+    /// from its compute weight where the sparse kernels take it, else its double-pruned weight
+    /// from its master weight. Every method that changes a masked weight ends here.
     fn refresh_double_pruned(&mut self, index: usize) -> Result<()> {
         let Some(mask) = self.masks.get_mut(&index) else {
             return Ok(());
         };
-        let (Some(pattern), Some(target)) = (mask.pattern, mask.double_pruned.as_mut()) else {
+        let Some(pattern) = mask.pattern else {
             return Ok(());
         };
         let p = &self.params[index];
         let (rows, cols) = stored_dims(&p.spec);
+        if self.sparse_kernels && sparse_layers::qualifies(pattern, rows, cols) {
+            let weight = p.compute.as_ref().unwrap_or(&p.value);
+            mask.sparse = Some(sparse_layers::build(weight, mask.layout, pattern)?);
+            mask.double_pruned = None;
+            return Ok(());
+        }
+        mask.sparse = None;
+        let target = match &mut mask.double_pruned {
+            Some(target) => target,
+            slot => slot.insert(Tensor::zeros(&p.spec.shape, self.dtype, &self.device)?),
+        };
         let mut values = p.value.to_vec::<f32>()?;
         // The second pruning runs along the output dimension: the rows of an (in, out) weight.
         let kept = nm_kept(&values, rows, cols, pattern, mask.layout == Layout::InputMajor)?;
@@ -875,6 +895,29 @@ impl GptParams {
             self.refresh_sltrain(linear)?;
         }
         Ok(())
+    }
+
+    /// Whether `nm` layers that qualify run through the sparse kernels.
+    pub fn sparse_kernels(&self) -> bool {
+        self.sparse_kernels
+    }
+
+    /// Turns the sparse kernels on or off for the `nm` layers that qualify (2:4 or 1:2, both
+    /// dimensions multiples of 64; on a GPU the weights are bf16, which they take), rebuilding
+    /// what their input gradients go through. Off, such a layer is a masked dense matmul, as
+    /// every other `nm` layer is.
+    pub fn set_sparse_kernels(&mut self, on: bool) -> Result<()> {
+        self.sparse_kernels = on;
+        let indices: Vec<usize> = self.masks.keys().copied().collect();
+        for index in indices {
+            self.refresh_double_pruned(index)?;
+        }
+        Ok(())
+    }
+
+    /// The compressed copies of linear weight `index`, when it runs through the sparse kernels.
+    pub fn sparse_copies(&self, index: usize) -> Option<&SparseCopies> {
+        self.masks.get(&index).and_then(|m| m.sparse.as_ref())
     }
 
     /// Zeroes the pruned entries of masked layers' gradients (`dW = M ⊙ dYᵀX`).

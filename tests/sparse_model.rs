@@ -1,0 +1,434 @@
+//! `nm` layers of the GPT through the sparse tensor-core kernels (src/model/sparse_layers.rs):
+//! the transpose that builds their compressed copies, the copies against the masked weights
+//! through training and at every refresh point, the sparse path against the masked dense one
+//! (losses, gradients, logits, cached generation, with and without adapters), and the GPU's
+//! sparse model against the CPU's masked dense one.
+
+#[macro_use]
+mod common;
+
+use rand::Rng;
+use tessera::model::params::Layout;
+use tessera::model::sparse_layers::{qualifies, transpose};
+use tessera::model::{
+    Activation, Attention, Family, Gpt, GptConfig, GptParams, LinearSpec, LinearVariants, LoraSpec, Norm, Positions,
+    Variant,
+};
+use tessera::ops::{sparse24_decompress, AdamWConfig, NmPattern};
+use tessera::{DType, Device, Tensor};
+
+/// Dimensions that the sparse format takes (multiples of 64), except Llama's key and value
+/// projections (64 -> 32), which stay masked dense beside the sparse ones.
+fn config(family: Family) -> GptConfig {
+    let gpt2 = family == Family::Gpt2;
+    GptConfig {
+        family,
+        vocab: 61,
+        layers: 2,
+        heads: 4,
+        kv_heads: if gpt2 { 4 } else { 2 },
+        width: 64,
+        ffn_width: 128,
+        context: 16,
+        norm: if gpt2 { Norm::LayerNorm } else { Norm::RmsNorm },
+        norm_eps: 1e-5,
+        activation: if gpt2 { Activation::Gelu } else { Activation::SwiGlu },
+        positions: if gpt2 {
+            Positions::Learned
+        } else {
+            Positions::Rope { bases: vec![10000.0] }
+        },
+        tied_embeddings: gpt2,
+        attention: Attention::Causal,
+        wavelet: false,
+    }
+}
+
+fn nm_variants(n: usize, m: usize, adapters: bool) -> LinearVariants {
+    LinearVariants::all(LinearSpec {
+        variant: Variant::Nm { n, m, prune_step: 0 },
+        lora: adapters.then_some(LoraSpec {
+            rank: 4,
+            alpha: 8.0,
+            frozen_base: false,
+        }),
+    })
+}
+
+/// Host values of a float tensor as f32.
+fn floats(t: &Tensor) -> Vec<f32> {
+    match t.dtype() {
+        DType::F32 => t.to_vec::<f32>().unwrap(),
+        DType::BF16 => t.to_vec::<half::bf16>().unwrap().iter().map(|v| v.to_f32()).collect(),
+        DType::F16 => t.to_vec::<half::f16>().unwrap().iter().map(|v| v.to_f32()).collect(),
+        other => panic!("not a float tensor: {other}"),
+    }
+}
+
+fn to_f64(values: &[f32]) -> Vec<f64> {
+    values.iter().map(|&v| v as f64).collect()
+}
+
+/// Random values for every parameter (norm gains near 1), adapters' B included, so that the
+/// adapters contribute.
+fn randomise(params: &mut GptParams, rng: &mut impl Rng) {
+    for index in 0..params.params.len() {
+        let spec = &params.params[index].spec;
+        let gain = spec.name.ends_with("norm.weight") || spec.name.contains("ln_") && spec.name.ends_with(".weight");
+        let n: usize = spec.shape.iter().product();
+        let values = (0..n)
+            .map(|_| rng.random_range(-0.4f32..0.4) + if gain { 1.0 } else { 0.0 })
+            .collect();
+        params.set_value(index, values).unwrap();
+    }
+}
+
+/// Parameters with `variants` holding `source`'s values, initialised with `source`'s seed (so
+/// that they prune alike), with the sparse kernels `sparse`.
+fn twin(source: &GptParams, seed: u64, variants: &LinearVariants, device: &Device, sparse: bool) -> GptParams {
+    let mut params = GptParams::init_with_variants(&source.config, variants, device, seed).unwrap();
+    params.set_sparse_kernels(sparse).unwrap();
+    for (index, p) in source.params.iter().enumerate() {
+        params.set_value(index, p.value.to_vec::<f32>().unwrap()).unwrap();
+    }
+    for (&index, mask) in &source.masks {
+        assert_eq!(
+            mask.mask.to_u8().unwrap().to_vec::<u8>().unwrap(),
+            params.masks[&index].mask.to_u8().unwrap().to_vec::<u8>().unwrap(),
+            "twins prune alike"
+        );
+    }
+    params
+}
+
+fn tokens(config: &GptConfig, rng: &mut impl Rng, count: usize) -> Vec<u32> {
+    (0..count).map(|_| rng.random_range(0..config.vocab as u32)).collect()
+}
+
+fn loss_and_grads(params: GptParams, inputs: &[u32], targets: &[u32]) -> (f32, Vec<Vec<f32>>, GptParams) {
+    let (b, s) = (2, inputs.len() / 2);
+    let mut model = Gpt::new(params, b, s).unwrap();
+    model.params.zero_grads().unwrap();
+    let loss = model.forward_backward(inputs, targets, b, s, 1.0).unwrap();
+    let grads = model.params.params.iter().map(|p| floats(&p.grad)).collect();
+    (loss, grads, model.params)
+}
+
+/// The naive N:M pruning of a row-major (rows, cols) matrix along its rows: per group, the `n`
+/// largest magnitudes, the lower index on a tie.
+fn prune_rows(values: &[f32], rows: usize, cols: usize, n: usize, m: usize) -> Vec<f32> {
+    let mut out = vec![0.0; rows * cols];
+    for r in 0..rows {
+        for g in (0..cols).step_by(m) {
+            let mut order: Vec<usize> = (g..g + m).collect();
+            order.sort_by(|&a, &b| {
+                let (x, y) = (values[r * cols + a].abs(), values[r * cols + b].abs());
+                y.partial_cmp(&x).unwrap().then(a.cmp(&b))
+            });
+            for &c in &order[..n] {
+                out[r * cols + c] = values[r * cols + c];
+            }
+        }
+    }
+    out
+}
+
+fn transpose_naive(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    (0..rows * cols).map(|k| values[(k % rows) * cols + k / rows]).collect()
+}
+
+/// The number of `nm` layers that run through the sparse kernels, after checking each one's
+/// copies against its masked compute weight: `W_s` is that weight as (out, in), `W_dpᵀ` the
+/// (in, out) view pruned again along its rows, bit for bit.
+fn check_copies(params: &GptParams, pattern: (usize, usize)) -> usize {
+    let mut checked = 0;
+    for linear in params.layout.linears() {
+        let p = &params.params[linear.weight];
+        let expected = qualifies(
+            NmPattern::new(pattern.0, pattern.1).unwrap(),
+            linear.input,
+            linear.output,
+        );
+        let Some(copies) = params.sparse_copies(linear.weight) else {
+            assert!(!expected || !params.sparse_kernels(), "{}: no copies", p.spec.name);
+            continue;
+        };
+        assert!(expected, "{}: copies for a layer the kernels do not take", p.spec.name);
+        assert!(
+            params.masks[&linear.weight].double_pruned.is_none(),
+            "{}: no dense double-pruned copy beside the compressed one",
+            p.spec.name
+        );
+        let weight = floats(p.compute.as_ref().unwrap_or(&p.value));
+        let (input, output) = (linear.input, linear.output);
+        let (output_major, input_major) = match linear.layout {
+            Layout::InputMajor => (transpose_naive(&weight, input, output), weight.clone()),
+            _ => (weight.clone(), transpose_naive(&weight, output, input)),
+        };
+        let w_s = floats(&sparse24_decompress(&copies.w_s).unwrap());
+        assert_eq!(w_s, output_major, "{}: W_s is the masked weight", p.spec.name);
+        let w_dp_t = floats(&sparse24_decompress(&copies.w_dp_t).unwrap());
+        let want = prune_rows(&input_major, input, output, pattern.0, pattern.1);
+        assert_eq!(w_dp_t, want, "{}: W_dpᵀ is the double pruning", p.spec.name);
+        checked += 1;
+    }
+    checked
+}
+
+fn transpose_matches_naive(device: &Device) {
+    let mut rng = common::rng();
+    let dtypes: &[DType] = if device.is_cuda() {
+        &[DType::BF16, DType::F16]
+    } else {
+        &[DType::F32, DType::BF16, DType::F16]
+    };
+    for &dtype in dtypes {
+        for (rows, cols) in [(1, 1), (1, 7), (7, 1), (17, 113), (113, 17), (64, 1025), (1023, 33), (32, 32)] {
+            let values: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+            let host = Tensor::from_vec(values, &[rows, cols], &Device::Cpu).unwrap();
+            let w = match dtype {
+                DType::F32 => host,
+                DType::BF16 => {
+                    Tensor::from_vec(floats(&host).into_iter().map(half::bf16::from_f32).collect(), &[rows, cols], &Device::Cpu)
+                        .unwrap()
+                }
+                _ => Tensor::from_vec(floats(&host).into_iter().map(half::f16::from_f32).collect(), &[rows, cols], &Device::Cpu)
+                    .unwrap(),
+            };
+            let want = transpose_naive(&floats(&w), rows, cols);
+            let got = transpose(&w.to_device(device).unwrap()).unwrap();
+            assert_eq!(got.shape(), &[cols, rows]);
+            assert_eq!(got.dtype(), dtype);
+            let got = floats(&got);
+            assert!(got.iter().all(|v| v.is_finite()), "{dtype} {rows}x{cols}");
+            assert_eq!(got, want, "{dtype} {rows}x{cols}");
+        }
+    }
+    let vector = Tensor::from_vec(vec![1.0f32; 4], &[4], device).unwrap();
+    common::assert_invalid(transpose(&vector), "sparse_layers::transpose", "w", &["2-d"]);
+    if device.is_cuda() {
+        let f32_matrix = Tensor::from_vec(vec![1.0f32; 4], &[2, 2], device).unwrap();
+        common::assert_invalid(transpose(&f32_matrix), "sparse_layers::transpose", "w", &["f32"]);
+    }
+}
+
+/// A small transpose with partial tiles at both edges, for compute-sanitizer.
+fn small_transpose(device: &Device) {
+    let (rows, cols) = (37, 70);
+    // Integers below 256 are exact in bf16.
+    let value = |i: usize| (i % 251) as f32;
+    let values: Vec<half::bf16> = (0..rows * cols).map(|i| half::bf16::from_f32(value(i))).collect();
+    let w = Tensor::from_vec(values, &[rows, cols], device).unwrap();
+    let got = floats(&transpose(&w).unwrap());
+    let want: Vec<f32> = (0..rows * cols).map(|k| value((k % rows) * cols + k / rows)).collect();
+    assert_eq!(got, want);
+}
+
+/// Which layers get copies: 2:4 and 1:2 with both dimensions multiples of 64, on a GPU by
+/// default and on the CPU when asked; other patterns and shapes, and everything after densifying,
+/// stay masked dense.
+fn copies_exist_where_the_kernels_take_the_layer(device: &Device) {
+    for family in [Family::Gpt2, Family::Llama] {
+        let config = config(family);
+        for (n, m) in [(2, 4), (1, 2), (2, 8)] {
+            let mut params = GptParams::init_with_variants(&config, &nm_variants(n, m, false), device, 3).unwrap();
+            assert_eq!(params.sparse_kernels(), device.is_cuda());
+            params.set_sparse_kernels(true).unwrap();
+            let checked = check_copies(&params, (n, m));
+            let qualifying = params
+                .layout
+                .linears()
+                .iter()
+                .filter(|l| qualifies(NmPattern::new(n, m).unwrap(), l.input, l.output))
+                .count();
+            assert_eq!(checked, qualifying, "{family:?} {n}:{m}");
+            if m == 8 {
+                assert_eq!(checked, 0);
+            } else {
+                // Llama's key and value projections (64 -> 32) stay dense.
+                let expected = if family == Family::Gpt2 { 8 } else { 10 };
+                assert_eq!(checked, expected, "{family:?} {n}:{m}");
+            }
+            params.set_sparse_kernels(false).unwrap();
+            assert!(params.masks.values().all(|m| m.sparse.is_none()));
+            assert!(params.masks.values().all(|m| m.double_pruned.is_some()));
+            params.set_sparse_kernels(true).unwrap();
+            params.densify();
+            assert!(params.layout.linears().iter().all(|l| params.sparse_copies(l.weight).is_none()));
+        }
+    }
+}
+
+/// The sparse path's loss and gradients are the masked dense path's (same weights, same masks,
+/// the same double pruning), with and without adapters.
+fn sparse_path_equals_masked_dense(device: &Device) {
+    let mut rng = common::rng();
+    let tolerance: f64 = if device.is_cuda() { 2e-2 } else { 1e-5 };
+    for family in [Family::Gpt2, Family::Llama] {
+        let config = config(family);
+        for adapters in [false, true] {
+            let variants = nm_variants(2, 4, adapters);
+            let mut source = GptParams::init_with_variants(&config, &variants, device, 3).unwrap();
+            randomise(&mut source, &mut rng);
+            let sparse = twin(&source, 3, &variants, device, true);
+            assert!(check_copies(&sparse, (2, 4)) > 0);
+            let dense = twin(&source, 3, &variants, device, false);
+            assert!(dense.layout.linears().iter().all(|l| dense.sparse_copies(l.weight).is_none()));
+            let inputs = tokens(&config, &mut rng, 2 * config.context);
+            let targets = tokens(&config, &mut rng, 2 * config.context);
+            let (a, grads_a, sparse) = loss_and_grads(sparse, &inputs, &targets);
+            let (b, grads_b, _) = loss_and_grads(dense, &inputs, &targets);
+            let label = format!("{family:?}, adapters {adapters}");
+            assert!(a.is_finite() && ((a - b).abs() as f64) <= tolerance * b.abs() as f64, "{label}: loss {a} vs {b}");
+            for (index, (got, want)) in grads_a.iter().zip(&grads_b).enumerate() {
+                let name = &sparse.params[index].spec.name;
+                assert!(got.iter().all(|g| g.is_finite()), "{label}: {name}");
+                common::assert_close(&format!("{label}: gradient of {name}"), &to_f64(got), &to_f64(want), tolerance);
+                if let Some(mask) = sparse.masks.get(&index) {
+                    let kept = mask.mask.to_u8().unwrap().to_vec::<u8>().unwrap();
+                    assert!(got.iter().zip(&kept).all(|(&g, &k)| k == 1 || g == 0.0), "{label}: {name} masked");
+                }
+            }
+        }
+    }
+}
+
+/// Through AdamW steps, `set_value`, and a save and load, the copies stay the compressed masked
+/// compute weight, the masks never change and the pruned master entries stay 0.
+fn copies_follow_the_weights(device: &Device) {
+    let mut rng = common::rng();
+    for family in [Family::Gpt2, Family::Llama] {
+        let config = config(family);
+        let variants = nm_variants(2, 4, true);
+        let mut params = GptParams::init_with_variants(&config, &variants, device, 3).unwrap();
+        params.set_sparse_kernels(true).unwrap();
+        randomise(&mut params, &mut rng);
+        let masks: Vec<(usize, Vec<u8>)> = params
+            .masks
+            .iter()
+            .map(|(&i, m)| (i, m.mask.to_u8().unwrap().to_vec::<u8>().unwrap()))
+            .collect();
+        let before = check_copies(&params, (2, 4));
+        let (b, s) = (2, config.context);
+        let mut model = Gpt::new(params, b, s).unwrap();
+        let adamw = AdamWConfig {
+            lr: 1e-2,
+            weight_decay: 0.1,
+            ..AdamWConfig::default()
+        };
+        let mut losses = Vec::new();
+        let inputs = tokens(&config, &mut rng, b * s);
+        let targets = tokens(&config, &mut rng, b * s);
+        for step in 1..=5 {
+            model.params.zero_grads().unwrap();
+            losses.push(model.forward_backward(&inputs, &targets, b, s, 1.0).unwrap());
+            model.params.adamw_step(&adamw, step, 1.0).unwrap();
+            assert_eq!(check_copies(&model.params, (2, 4)), before, "{family:?}: step {step}");
+        }
+        assert!(losses.last().unwrap() < &losses[0], "{family:?}: the loss falls, {losses:?}");
+        let mut params = model.params;
+        for (index, kept) in &masks {
+            let mask = params.masks[index].mask.to_u8().unwrap().to_vec::<u8>().unwrap();
+            assert_eq!(&mask, kept, "{family:?}: the mask never changes");
+            let value = params.params[*index].value.to_vec::<f32>().unwrap();
+            assert!(value.iter().zip(kept).all(|(&v, &k)| k == 1 || v.to_bits() == 0));
+        }
+        let linear = *params.layout.linears()[0];
+        let n = linear.input * linear.output;
+        params
+            .set_value(linear.weight, (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect())
+            .unwrap();
+        assert_eq!(check_copies(&params, (2, 4)), before, "{family:?}: after set_value");
+        let dir = std::env::temp_dir().join(format!("tessera-sparse-model-{}-{family:?}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.safetensors");
+        params.save(&path).unwrap();
+        let mut loaded = GptParams::load(&path, None, device).unwrap();
+        loaded.set_sparse_kernels(true).unwrap();
+        assert_eq!(check_copies(&loaded, (2, 4)), before, "{family:?}: after loading");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// Cached generation through the sparse path (adapters on, unmerged) against the masked dense
+/// path: prefill and every decode step's logits within tolerance and the same greedy tokens.
+/// The two paths are fed the same tokens, and a step whose two best dense logits are closer than
+/// the tolerance allows is not asked to agree on its argmax (rounding may pick either).
+fn sparse_generation_equals_masked_dense(device: &Device) {
+    let mut rng = common::rng();
+    let tolerance: f64 = if device.is_cuda() { 2e-2 } else { 1e-5 };
+    let margin = if device.is_cuda() { 3e-2 } else { 1e-4 };
+    for family in [Family::Gpt2, Family::Llama] {
+        let config = config(family);
+        let variants = nm_variants(2, 4, true);
+        let mut source = GptParams::init_with_variants(&config, &variants, device, 3).unwrap();
+        randomise(&mut source, &mut rng);
+        let sparse = Gpt::new(twin(&source, 3, &variants, device, true), 1, 4).unwrap();
+        let dense = Gpt::new(twin(&source, 3, &variants, device, false), 1, 4).unwrap();
+        let prompt = tokens(&config, &mut rng, 5);
+        let (mut cache_s, mut cache_d) = (sparse.kv_cache(1).unwrap(), dense.kv_cache(1).unwrap());
+        let mut logits_s = floats(sparse.prefill(&mut cache_s, &prompt).unwrap());
+        let mut logits_d = floats(dense.prefill(&mut cache_d, &prompt).unwrap());
+        let mut agreed = 0;
+        for step in 0..config.context - prompt.len() {
+            let label = format!("{family:?}: step {step}");
+            common::assert_close(&label, &to_f64(&logits_s), &to_f64(&logits_d), tolerance);
+            let argmax = |l: &[f32]| (0..l.len()).max_by(|&a, &b| l[a].total_cmp(&l[b]).then(b.cmp(&a))).unwrap();
+            let best = argmax(&logits_d);
+            let mut sorted = logits_d.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let scale = logits_d.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+            if sorted[0] - sorted[1] > margin * scale {
+                assert_eq!(argmax(&logits_s), best, "{label}: greedy token");
+                agreed += 1;
+            }
+            let token = [best as u32];
+            logits_s = floats(sparse.decode(&mut cache_s, &token).unwrap());
+            logits_d = floats(dense.decode(&mut cache_d, &token).unwrap());
+        }
+        assert!(agreed >= 3, "{family:?}: only {agreed} steps had a clear greedy token");
+        if !device.is_cuda() {
+            let greedy = tessera::model::generate::Sampling::greedy();
+            let (mut sparse, mut dense) = (sparse, dense);
+            let a = tessera::model::generate::generate(&mut sparse, &prompt, 8, &greedy, 1).unwrap();
+            let b = tessera::model::generate::generate(&mut dense, &prompt, 8, &greedy, 1).unwrap();
+            assert_eq!(a, b, "{family:?}: greedy generation");
+        }
+    }
+}
+
+/// The GPU's model (bf16, 2:4 layers through the sparse kernels) follows the CPU's (f32,
+/// masked dense): loss, gradients, and exact zeros at the pruned positions on both.
+#[test]
+fn gpu_sparse_model_follows_the_cpu() {
+    let Some(gpu) = common::gpu() else { return };
+    let mut rng = common::rng();
+    for family in [Family::Gpt2, Family::Llama] {
+        let config = config(family);
+        let variants = nm_variants(2, 4, true);
+        let mut cpu = GptParams::init_with_variants(&config, &variants, &Device::Cpu, 5).unwrap();
+        randomise(&mut cpu, &mut rng);
+        let on_gpu = twin(&cpu, 5, &variants, &gpu, true);
+        assert!(check_copies(&on_gpu, (2, 4)) > 0);
+        let inputs = tokens(&config, &mut rng, 2 * config.context);
+        let targets = tokens(&config, &mut rng, 2 * config.context);
+        let (a, grads_a, cpu) = loss_and_grads(cpu, &inputs, &targets);
+        let (b, grads_b, _) = loss_and_grads(on_gpu, &inputs, &targets);
+        assert!((a - b).abs() <= 2e-2 * a.abs(), "{family:?}: CPU loss {a}, GPU loss {b}");
+        let flat = |g: &[Vec<f32>]| g.iter().flatten().map(|&v| v as f64).collect::<Vec<_>>();
+        common::assert_close("gradients", &flat(&grads_b), &flat(&grads_a), 6e-2);
+        for (&index, mask) in &cpu.masks {
+            let kept = mask.mask.to_u8().unwrap().to_vec::<u8>().unwrap();
+            assert!(grads_b[index].iter().zip(&kept).all(|(&g, &k)| k == 1 || g == 0.0));
+        }
+    }
+}
+
+on_each_device!(
+    transpose_matches_naive,
+    small_transpose,
+    copies_exist_where_the_kernels_take_the_layer,
+    sparse_path_equals_masked_dense,
+    copies_follow_the_weights,
+    sparse_generation_equals_masked_dense,
+);
