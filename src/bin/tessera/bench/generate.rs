@@ -2,11 +2,14 @@
 //! for 128 greedy tokens per sequence, at batch 1 and 8, for the tiny preset (its context raised
 //! to 256 so that prompt and continuation fit) and GPT-2 small, bf16, random weights. Each step
 //! reads the logits back and picks the next tokens on the host, as `tessera generate` does.
-//! Reported as generated tokens/s, with the prefill's and one decode step's times.
+//! Reported as generated tokens/s, with the prefill's and one decode step's times. Beside each
+//! preset's dense rows, its 2:4 model (SLoPe: every block linear through the sparse GEMM) at
+//! batch 1, alone and with rank-8 adapters added unmerged, with the speed-up over the dense
+//! model at batch 1.
 
 use super::{Context, Result};
 use serde_json::{json, Value};
-use tessera::model::{Gpt, GptConfig, GptParams, KvCache};
+use tessera::model::{Gpt, GptConfig, GptParams, KvCache, LinearSpec, LinearVariants, LoraSpec, Variant};
 use tessera::Tensor;
 
 const PROMPT: usize = 128;
@@ -29,6 +32,43 @@ pub fn run(context: &mut Context) -> Result<Vec<Value>> {
         for batch in [1, 8] {
             rows.push(case(context, &model, preset, batch)?);
         }
+        drop(model);
+        let dense_ms = rows[rows.len() - 2]["ms"].as_f64().unwrap_or(f64::NAN);
+        rows.extend(slope_rows(context, preset, &config, dense_ms)?);
+    }
+    Ok(rows)
+}
+
+/// The 2:4 model of `config` at batch 1, without and with rank-8 adapters (on, as initialised:
+/// their products run whatever B holds), beside the dense model's `dense_ms`.
+fn slope_rows(context: &Context, preset: &str, config: &GptConfig, dense_ms: f64) -> Result<Vec<Value>> {
+    let mut rows = Vec::new();
+    for rank in [None, Some(8)] {
+        let variants = LinearVariants::all(LinearSpec {
+            variant: Variant::Nm {
+                n: 2,
+                m: 4,
+                prune_step: 0,
+            },
+            lora: rank.map(|rank| LoraSpec {
+                rank,
+                alpha: 2.0 * rank as f32,
+                frozen_base: false,
+            }),
+        });
+        let params = GptParams::init_with_variants(config, &variants, &context.device, 1).map_err(|e| e.to_string())?;
+        let model = Gpt::new(params, 1, 1).map_err(|e| e.to_string())?;
+        let label = match rank {
+            None => format!("{preset} 2:4"),
+            Some(rank) => format!("{preset} 2:4 + rank-{rank} adapters"),
+        };
+        let mut row = case(context, &model, &label, 1)?;
+        row["preset"] = Value::from(preset);
+        row["variant"] = Value::from("nm 2:4");
+        row["adapter_rank"] = rank.map_or(Value::Null, Value::from);
+        row["dense_ms"] = Value::from(dense_ms);
+        row["speedup_vs_dense"] = Value::from(dense_ms / row["ms"].as_f64().unwrap_or(f64::NAN));
+        rows.push(row);
     }
     Ok(rows)
 }
