@@ -9,11 +9,12 @@ mod common;
 
 use rand::Rng;
 use tessera::model::params::Layout;
-use tessera::model::sparse_layers::{qualifies, transpose};
+use tessera::model::sparse_layers::{export_sparse24, qualifies, sparse24_names, transpose};
 use tessera::model::{
     Activation, Attention, Family, Gpt, GptConfig, GptParams, LinearSpec, LinearVariants, LoraSpec, Norm, Positions,
-    Variant,
+    SafeTensors, Variant,
 };
+use tessera::train::trainer::Trainer;
 use tessera::ops::{sparse24_decompress, AdamWConfig, NmPattern};
 use tessera::{DType, Device, Tensor};
 
@@ -424,7 +425,124 @@ fn gpu_sparse_model_follows_the_cpu() {
     }
 }
 
+fn logits_of(params: GptParams, inputs: &[u32]) -> (Vec<f32>, GptParams) {
+    let (b, s) = (2, inputs.len() / 2);
+    let mut model = Gpt::new(params, b, s).unwrap();
+    let logits = floats(model.logits(inputs, b, s).unwrap());
+    (logits, model.params)
+}
+
+/// The inference export: compressed layers without their dense weights, bf16 elsewhere, the
+/// bytes the recipes report counts; read back, it computes what the model with bf16-rounded
+/// weights computes (bit for bit, both paths read the same values), generates the same text,
+/// and training refuses it.
+fn export_round_trip(device: &Device) {
+    let mut rng = common::rng();
+    for family in [Family::Gpt2, Family::Llama] {
+        // Every block linear takes the format (Llama's key and value projections 64 -> 64).
+        let config = GptConfig {
+            kv_heads: 4,
+            ..config(family)
+        };
+        let variants = nm_variants(2, 4, true);
+        let mut params = GptParams::init_with_variants(&config, &variants, device, 3).unwrap();
+        randomise(&mut params, &mut rng);
+        let dir = std::env::temp_dir().join(format!("tessera-sparse-export-{}-{family:?}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.safetensors");
+        export_sparse24(&params, &path).unwrap();
+
+        let file = SafeTensors::load(&path).unwrap();
+        let mut expected_bytes = 0;
+        for (index, p) in params.params.iter().enumerate() {
+            let numel: usize = p.spec.shape.iter().product();
+            let (values, meta) = sparse24_names(&p.spec.name);
+            if params.masks.contains_key(&index) {
+                assert!(file.get(&p.spec.name).is_err(), "{}: no dense weight", p.spec.name);
+                assert_eq!(file.get(&values).unwrap().dtype(), DType::BF16);
+                assert_eq!(file.get(&meta).unwrap().dtype(), DType::U32);
+                expected_bytes += numel + numel / 8;
+            } else {
+                assert_eq!(file.get(&p.spec.name).unwrap().dtype(), DType::BF16, "{}", p.spec.name);
+                expected_bytes += 2 * numel;
+            }
+        }
+        let bytes: usize = file.names().map(|n| file.get(n).unwrap().size_in_bytes()).sum();
+        assert_eq!(bytes, expected_bytes, "{family:?}: exported bytes");
+
+        let loaded = GptParams::load(&path, None, device).unwrap();
+        assert!(loaded.is_inference_export());
+        assert_eq!(loaded.masks.len(), params.masks.len());
+        for (index, mask) in &params.masks {
+            assert_eq!(
+                loaded.masks[index].mask.to_u8().unwrap().to_vec::<u8>().unwrap(),
+                mask.mask.to_u8().unwrap().to_vec::<u8>().unwrap(),
+                "{family:?}: the metadata holds the mask"
+            );
+        }
+        let mut rounded = GptParams::init_with_variants(&config, &variants, device, 3).unwrap();
+        for (index, p) in params.params.iter().enumerate() {
+            let values = p.value.to_vec::<f32>().unwrap();
+            let values = values.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+            rounded.set_value(index, values).unwrap();
+        }
+        let inputs = tokens(&config, &mut rng, 2 * config.context);
+        let (want, rounded) = logits_of(rounded, &inputs);
+        let (got, loaded) = logits_of(loaded, &inputs);
+        assert!(got.iter().all(|v| v.is_finite()));
+        assert_eq!(got, want, "{family:?}: logits of the export");
+
+        let greedy = tessera::model::generate::Sampling::greedy();
+        let prompt = tokens(&config, &mut rng, 4);
+        let (mut a, mut b) = (Gpt::new(loaded, 1, 4).unwrap(), Gpt::new(rounded, 1, 4).unwrap());
+        let from_export = tessera::model::generate::generate(&mut a, &prompt, 8, &greedy, 1).unwrap();
+        let reference = tessera::model::generate::generate(&mut b, &prompt, 8, &greedy, 1).unwrap();
+        assert_eq!(from_export, reference, "{family:?}: greedy generation from the export");
+
+        let error = Trainer::resume(&dir, device).map(|_| ()).unwrap_err().to_string();
+        assert!(error.contains("inference export"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// Layers without a compressed form are refused by name: a pattern the format does not take,
+/// dimensions it does not take, an nm layer not pruned yet, an unstructured layer.
+#[test]
+fn export_refuses_layers_without_a_compressed_form() {
+    let gpt2 = GptConfig {
+        kv_heads: 4,
+        ..config(Family::Gpt2)
+    };
+    let path = std::env::temp_dir().join(format!("tessera-sparse-export-refused-{}.safetensors", std::process::id()));
+    let cases = [
+        (gpt2.clone(), nm_variants(2, 8, false), "2:8"),
+        (config(Family::Llama), nm_variants(2, 4, false), "k_proj"),
+        (
+            gpt2.clone(),
+            LinearVariants::all(LinearSpec {
+                variant: Variant::Nm { n: 2, m: 4, prune_step: 5 },
+                lora: None,
+            }),
+            "not pruned yet",
+        ),
+        (
+            gpt2,
+            LinearVariants::all(LinearSpec {
+                variant: Variant::Unstructured { density: 0.5, seed: 1 },
+                lora: None,
+            }),
+            "unstructured",
+        ),
+    ];
+    for (config, variants, mention) in cases {
+        let params = GptParams::init_with_variants(&config, &variants, &Device::Cpu, 3).unwrap();
+        common::assert_invalid(export_sparse24(&params, &path), "export_sparse24", "params", &[mention]);
+        assert!(!path.exists(), "nothing written");
+    }
+}
+
 on_each_device!(
+    export_round_trip,
     transpose_matches_naive,
     small_transpose,
     copies_exist_where_the_kernels_take_the_layer,

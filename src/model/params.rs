@@ -484,6 +484,9 @@ pub struct GptParams {
     /// Whether `nm` layers that qualify run through the sparse kernels (see
     /// [`super::sparse_layers`]): on a GPU by default, off on the CPU.
     sparse_kernels: bool,
+    /// Read from an inference export ([`super::sparse_layers::export_sparse24`]): no master
+    /// weights or optimizer state to train from.
+    inference_export: bool,
 }
 
 impl GptParams {
@@ -558,7 +561,7 @@ impl GptParams {
 
     /// Wraps master values (f32, on `device`, in layout order) with their compute copies,
     /// gradients and zeroed moments.
-    fn from_values(
+    pub(crate) fn from_values(
         config: GptConfig,
         variants: LinearVariants,
         layout: ModelLayout,
@@ -599,6 +602,7 @@ impl GptParams {
             adapters_on: true,
             sltrain: BTreeMap::new(),
             sparse_kernels: device.is_cuda(),
+            inference_export: false,
         })
     }
 
@@ -619,7 +623,7 @@ impl GptParams {
 
     /// Makes `mask` linear layer `linear`'s: zeroes the pruned entries of its weight (and compute
     /// copy), gradient and moments, and (`nm`) computes its double-pruned weight.
-    fn adopt_mask(&mut self, linear: &Linear, mask: StaticMask) -> Result<()> {
+    pub(crate) fn adopt_mask(&mut self, linear: &Linear, mask: StaticMask) -> Result<()> {
         let p = &mut self.params[linear.weight];
         for t in [&mut p.value, &mut p.grad, &mut p.exp_avg, &mut p.exp_avg_sq] {
             ops::spdf_apply_mask(t, &mask)?;
@@ -915,6 +919,16 @@ impl GptParams {
         Ok(())
     }
 
+    /// Whether these parameters were read from an inference export (2:4 layers stored
+    /// compressed, weights in bf16): generation and evaluation only.
+    pub fn is_inference_export(&self) -> bool {
+        self.inference_export
+    }
+
+    pub(crate) fn mark_inference_export(&mut self) {
+        self.inference_export = true;
+    }
+
     /// The compressed copies of linear weight `index`, when it runs through the sparse kernels.
     pub fn sparse_copies(&self, index: usize) -> Option<&SparseCopies> {
         self.masks.get(&index).and_then(|m| m.sparse.as_ref())
@@ -1161,6 +1175,18 @@ impl GptParams {
         };
         config.validate()?;
         variants.validate(&config)?;
+        match file.metadata().get(sparse_layers::EXPORT_KEY).map(String::as_str) {
+            None => {}
+            Some(sparse_layers::SPARSE24_FORM) => {
+                return sparse_layers::load_sparse24(&mut file, path, config, variants, device)
+            }
+            Some(other) => {
+                return Err(Error::file(
+                    path.display(),
+                    format!("metadata `{}`: an export form this build does not read: {other:?}", sparse_layers::EXPORT_KEY),
+                ))
+            }
+        }
         let layout = ModelLayout::with_variants(&config, &variants);
         let values = layout
             .specs

@@ -37,12 +37,17 @@
 //! stream-ordered on the GPU (transpose, two prune-compress passes; no host round trip) and
 //! allocates the copies anew.
 
-use super::params::Layout;
+use super::config::GptConfig;
+use super::params::{cast, GptParams, Layout, Linear, ModelLayout, ADAPTERS_KEY, CONFIG_KEY};
+use super::safetensors::{self, SafeTensors};
+use super::variants::{LinearVariants, Variant};
 use crate::device::Device;
 use crate::dtype::{DType, Float};
-use crate::error::Result;
-use crate::ops::{self, NmPattern, Sparse24};
+use crate::error::{Error, Result};
+use crate::ops::{self, NmPattern, Sparse24, StaticMask};
 use crate::tensor::Tensor;
+use std::collections::BTreeMap;
+use std::path::Path;
 
 /// The compressed copies of one `nm` layer's masked compute weight.
 pub struct SparseCopies {
@@ -107,13 +112,13 @@ pub fn transpose(w: &Tensor) -> Result<Tensor> {
             DType::F32 => transpose_host::<f32>(w, rows, cols),
             DType::BF16 => transpose_host::<half::bf16>(w, rows, cols),
             DType::F16 => transpose_host::<half::f16>(w, rows, cols),
-            other => Err(crate::error::Error::invalid(OP, "w", "a float tensor", other)),
+            other => Err(Error::invalid(OP, "w", "a float tensor", other)),
         },
         #[cfg(feature = "cuda")]
         Device::Cuda(backend) => {
             w.expect_dtype(OP, "w", &[DType::BF16, DType::F16])?;
             if rows.div_ceil(cuda::TILE) > cuda::MAX_GRID_Y {
-                return Err(crate::error::Error::invalid(
+                return Err(Error::invalid(
                     OP,
                     "w",
                     format!("at most {} rows on a GPU", cuda::MAX_GRID_Y * cuda::TILE),
@@ -127,6 +132,196 @@ pub fn transpose(w: &Tensor) -> Result<Tensor> {
             Ok(out)
         }
     }
+}
+
+/// The metadata key that marks a checkpoint exported for inference and names its form.
+pub const EXPORT_KEY: &str = "tessera.export";
+
+/// [`EXPORT_KEY`]'s value for [`export_sparse24`]'s files.
+pub const SPARSE24_FORM: &str = "sparse24";
+
+/// The checkpoint names of an exported layer's compressed `W_s`: its values
+/// (`tessera.<layer>.sparse24_values`, bf16 (out, in/2)) and metadata
+/// (`tessera.<layer>.sparse24_meta`, u32), in [`crate::ops::sparse`]'s format.
+pub fn sparse24_names(weight_name: &str) -> (String, String) {
+    let layer = weight_name.strip_suffix(".weight").unwrap_or(weight_name);
+    (
+        format!("tessera.{layer}.sparse24_values"),
+        format!("tessera.{layer}.sparse24_meta"),
+    )
+}
+
+const OP_EXPORT: &str = "export_sparse24";
+
+/// The pattern of `linear` when the export stores it compressed; an error naming the layer when
+/// the export cannot store it (only dense layers and pruned 2:4 or 1:2 layers whose dimensions
+/// the format takes have an inference form here).
+fn export_pattern(params: &GptParams, linear: &Linear) -> Result<Option<NmPattern>> {
+    let name = &params.params[linear.weight].spec.name;
+    let refuse = |why: &str| {
+        Err(Error::invalid(
+            OP_EXPORT,
+            "params",
+            "dense layers and pruned 2:4 or 1:2 nm layers with both dimensions multiples of 64",
+            format!("{name}: {} ({why})", linear.spec.variant),
+        ))
+    };
+    match linear.spec.variant {
+        Variant::Dense => Ok(None),
+        Variant::Nm { n, m, .. } => {
+            let pattern = NmPattern::new(n, m)?;
+            if !qualifies(pattern, linear.input, linear.output) {
+                refuse("the compressed format does not take it")
+            } else if !params.masks.contains_key(&linear.weight) {
+                refuse("not pruned yet")
+            } else {
+                Ok(Some(pattern))
+            }
+        }
+        _ => refuse("no compressed inference form in this export"),
+    }
+}
+
+/// Writes `params` for inference (SLoPe's deliverable): every 2:4 (or 1:2) layer as its
+/// compressed `W_s` only (values and metadata under [`sparse24_names`], no dense weight, no mask:
+/// the metadata holds the kept positions), every other tensor (LoRA adapters unmerged included)
+/// in bf16 under its usual name, and [`EXPORT_KEY`] in the metadata. The bytes are the ones the
+/// recipes report counts at inference: 2 per dense weight, 9/16 of that for a 2:4 layer. Errs,
+/// naming the layer, on layers other than dense and pruned 2:4 or 1:2 nm layers that the format
+/// takes. [`GptParams::load`] reads the file for generation and evaluation; training cannot start
+/// from it (no f32 master weights, no optimizer state).
+pub fn export_sparse24(params: &GptParams, path: impl AsRef<Path>) -> Result<()> {
+    let mut compressed = BTreeMap::new();
+    for linear in params.layout.linears() {
+        if let Some(pattern) = export_pattern(params, linear)? {
+            compressed.insert(linear.weight, (*linear, pattern));
+        }
+    }
+    let mut owned: Vec<(String, Tensor)> = Vec::new();
+    for (index, p) in params.params.iter().enumerate() {
+        let host = p.value.to_device(&Device::Cpu)?;
+        let bf16 = cast(&host, DType::BF16)?;
+        match compressed.get(&index) {
+            Some((linear, pattern)) => {
+                let output_major = match linear.layout {
+                    Layout::InputMajor => transpose(&bf16)?,
+                    _ => bf16,
+                };
+                let w_s = ops::sparse24_prune_compress(&output_major, *pattern)?;
+                let (values, meta) = sparse24_names(&p.spec.name);
+                owned.push((values, w_s.values().to_device(&Device::Cpu)?));
+                owned.push((meta, w_s.meta().to_device(&Device::Cpu)?));
+            }
+            None => owned.push((p.spec.name.clone(), bf16)),
+        }
+    }
+    let list: Vec<(&str, &Tensor)> = owned.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut metadata = BTreeMap::from([
+        ("format".to_string(), "pt".to_string()),
+        (CONFIG_KEY.to_string(), params.config_json()),
+        (EXPORT_KEY.to_string(), SPARSE24_FORM.to_string()),
+    ]);
+    if params.has_adapters() {
+        let on = if params.adapters_on() { "on" } else { "off" };
+        metadata.insert(ADAPTERS_KEY.to_string(), on.to_string());
+    }
+    safetensors::save(path, &list, &metadata)
+}
+
+/// Reads an [`export_sparse24`] file (already opened as `file`, its configuration parsed) onto
+/// `device`: compressed layers decompressed into their masked weights with the masks their
+/// metadata records, every other tensor widened from bf16. The parameters are marked as an
+/// inference export ([`GptParams::is_inference_export`]).
+pub(crate) fn load_sparse24(
+    file: &mut SafeTensors,
+    path: &Path,
+    config: GptConfig,
+    variants: LinearVariants,
+    device: &Device,
+) -> Result<GptParams> {
+    let layout = ModelLayout::with_variants(&config, &variants);
+    let mut kept_by_weight = BTreeMap::new();
+    let mut values = Vec::with_capacity(layout.specs.len());
+    let linears: Vec<Linear> = layout.linears().into_iter().copied().collect();
+    for (index, spec) in layout.specs.iter().enumerate() {
+        let linear = linears.iter().find(|l| l.weight == index);
+        let compressed = match linear.map(|l| l.spec.variant) {
+            Some(Variant::Nm { n, m, .. }) => Some(NmPattern::new(n, m)?),
+            _ => None,
+        };
+        let value = match (linear, compressed) {
+            (Some(linear), Some(pattern)) => {
+                if !qualifies(pattern, linear.input, linear.output) {
+                    return Err(Error::file(
+                        path.display(),
+                        format!("`{}` is {pattern} but its dimensions do not fit the compressed format", spec.name),
+                    ));
+                }
+                let (values_name, meta_name) = sparse24_names(&spec.name);
+                let (rows, cols) = (linear.output, linear.input);
+                let stored = file.take(&values_name, DType::BF16, &[rows, cols / 2])?;
+                let words = rows / ops::sparse::ROW_BLOCK * (cols / ops::sparse::COL_BLOCK) * 32;
+                let meta = file.take(&meta_name, DType::U32, &[words])?;
+                let w_s = Sparse24::from_parts(stored, meta, rows, cols).map_err(|e| Error::file(path.display(), e))?;
+                let dense = ops::sparse24_decompress(&w_s)?;
+                let kept = kept_positions(&w_s)?;
+                let (dense, kept) = match linear.layout {
+                    Layout::InputMajor => (transpose(&dense)?, transpose_u8(&kept, rows, cols)),
+                    _ => (dense, kept),
+                };
+                kept_by_weight.insert(index, Tensor::from_vec(kept, &spec.shape, &Device::Cpu)?);
+                widen(&dense)?
+            }
+            _ => widen(&file.take(&spec.name, DType::BF16, &spec.shape)?)?,
+        };
+        values.push(value.to_device(device)?);
+    }
+    let mut params = GptParams::from_values(config, variants, layout, values, device)?;
+    for linear in &linears {
+        if let Some(kept) = kept_by_weight.remove(&linear.weight) {
+            params.adopt_mask(linear, StaticMask::from_kept(&kept, device)?)?;
+        }
+    }
+    params.set_adapters_on(match file.metadata().get(ADAPTERS_KEY).map(String::as_str) {
+        None | Some("on") => true,
+        Some("off") => false,
+        Some(other) => {
+            return Err(Error::file(
+                path.display(),
+                format!("metadata `{ADAPTERS_KEY}`: expected \"on\" or \"off\", got {other:?}"),
+            ))
+        }
+    });
+    params.mark_inference_export();
+    Ok(params)
+}
+
+/// The kept positions (1) of a compressed matrix, row-major (rows, cols), from its metadata:
+/// the mask, kept positions whose value is 0 included.
+fn kept_positions(s: &Sparse24) -> Result<Vec<u8>> {
+    let words = s.meta().to_vec::<u32>()?;
+    let (rows, cols) = (s.rows(), s.cols());
+    let mut kept = vec![0u8; rows * cols];
+    for row in 0..rows {
+        for group in 0..cols / 4 {
+            let (word, shift) = ops::sparse::meta_location(row, group, cols);
+            let nibble = (words[word] >> shift) & 0xF;
+            for index in [nibble & 3, nibble >> 2] {
+                kept[row * cols + 4 * group + index as usize] = 1;
+            }
+        }
+    }
+    Ok(kept)
+}
+
+fn transpose_u8(values: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+    (0..rows * cols).map(|k| values[(k % rows) * cols + k / rows]).collect()
+}
+
+/// A bf16 host tensor widened to f32.
+fn widen(t: &Tensor) -> Result<Tensor> {
+    let values: Vec<f32> = t.to_vec::<half::bf16>()?.iter().map(|v| v.to_f32()).collect();
+    Tensor::from_vec(values, t.shape(), &Device::Cpu)
 }
 
 /// `dx += product`, both host tensors of `T` with as many elements (the sparse GEMM's output is

@@ -8,6 +8,7 @@ mod args;
 #[cfg(feature = "cuda")]
 mod bench;
 mod eval;
+mod export;
 mod generate;
 mod recipes;
 mod train;
@@ -22,6 +23,7 @@ commands:
   train                      train a GPT (default: a tiny model on the embedded corpus)
   generate                   sample text from a checkpoint
   eval                       loss and perplexity of a checkpoint on a text file
+  export --sparse24          a checkpoint in an inference form (2:4 layers compressed)
   info [--preset NAME] [--config FILE]
                              devices, compute capability, memory, embedded kernel images; with
                              a preset or a train config, the model's linear layers: each one's
@@ -41,9 +43,11 @@ fn main() -> ExitCode {
         Some("train") if wants_help => help(train::USAGE),
         Some("generate") if wants_help => help(generate::USAGE),
         Some("eval") if wants_help => help(eval::USAGE),
+        Some("export") if wants_help => help(export::USAGE),
         Some("train") => train::run(rest),
         Some("generate") => generate::run(rest),
         Some("eval") => eval::run(rest),
+        Some("export") => export::run(rest),
         Some("info") => info(rest),
         Some("bench") if rest.first().is_some_and(|a| a == "recipes") => match wants_help {
             true => help(recipes::USAGE),
