@@ -24,8 +24,8 @@
 //! layer that the sparse kernels take rebuilds its compressed copies on the device instead).
 
 use super::config::{Activation, Attention, GptConfig, Norm, Positions};
-use super::sparse_layers;
 use super::params::{cast, output_major, BinaryIndex, Block, GptParams, Layout, Linear, LoraIndex, NormIndex, Qkv};
+use super::sparse_layers;
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};

@@ -1183,7 +1183,10 @@ impl GptParams {
             Some(other) => {
                 return Err(Error::file(
                     path.display(),
-                    format!("metadata `{}`: an export form this build does not read: {other:?}", sparse_layers::EXPORT_KEY),
+                    format!(
+                        "metadata `{}`: an export form this build does not read: {other:?}",
+                        sparse_layers::EXPORT_KEY
+                    ),
                 ))
             }
         }

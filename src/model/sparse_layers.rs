@@ -60,7 +60,9 @@ pub struct SparseCopies {
 
 /// Whether a layer with `pattern` and these dimensions runs through the sparse kernels.
 pub fn qualifies(pattern: NmPattern, input: usize, output: usize) -> bool {
-    pattern.is_tensor_core() && input.is_multiple_of(ops::sparse::COL_BLOCK) && output.is_multiple_of(ops::sparse::COL_BLOCK)
+    pattern.is_tensor_core()
+        && input.is_multiple_of(ops::sparse::COL_BLOCK)
+        && output.is_multiple_of(ops::sparse::COL_BLOCK)
 }
 
 /// Builds the copies from `weight`, a layer's masked compute weight in its stored `layout`.
@@ -254,7 +256,10 @@ pub(crate) fn load_sparse24(
                 if !qualifies(pattern, linear.input, linear.output) {
                     return Err(Error::file(
                         path.display(),
-                        format!("`{}` is {pattern} but its dimensions do not fit the compressed format", spec.name),
+                        format!(
+                            "`{}` is {pattern} but its dimensions do not fit the compressed format",
+                            spec.name
+                        ),
                     ));
                 }
                 let (values_name, meta_name) = sparse24_names(&spec.name);

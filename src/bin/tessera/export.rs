@@ -57,6 +57,10 @@ fn sparse24_export(checkpoint: &Path, out: &Path) -> Result<(), Failure> {
         }
     }
     let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-    println!("wrote {} ({:.1} MiB)", path.display(), bytes as f64 / (1u64 << 20) as f64);
+    println!(
+        "wrote {} ({:.1} MiB)",
+        path.display(),
+        bytes as f64 / (1u64 << 20) as f64
+    );
     Ok(())
 }
