@@ -603,3 +603,109 @@ on_each_device!(
     copies_follow_the_weights,
     sparse_generation_equals_masked_dense,
 );
+
+/// `tessera export --sparse24` from a trained 2:4 run: generate and eval read the export, and
+/// training refuses to resume from it (exit code 2, naming why).
+#[test]
+fn command_line_exports_generates_and_refuses_to_train() {
+    let dir = std::env::temp_dir().join(format!("tessera-sparse-export-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("slope.toml");
+    std::fs::write(
+        &config,
+        r#"
+[model]
+layers = 2
+heads = 2
+kv_heads = 2
+width = 64
+ffn_width = 128
+context = 16
+
+[model.linears.default]
+variant = "nm"
+n = 2
+m = 4
+lora = { rank = 2, alpha = 4.0, frozen_base = false }
+
+[train]
+batch = 2
+seq = 16
+steps = 3
+warmup = 1
+eval_windows = 2
+"#,
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.code(), text)
+    };
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let (out, export) = (dir.join("run"), dir.join("export"));
+    let (code, text) = run(&[
+        "train",
+        "--device",
+        "cpu",
+        "--config",
+        &path(&config),
+        "--out",
+        &path(&out),
+    ]);
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = run(&["export", "--checkpoint", &path(&out), "--out", &path(&export)]);
+    assert_eq!(code, Some(2), "no form named: {text}");
+    let (code, text) = run(&[
+        "export",
+        "--sparse24",
+        "--checkpoint",
+        &path(&out),
+        "--out",
+        &path(&export),
+    ]);
+    assert_eq!(code, Some(0), "{text}");
+    let file = SafeTensors::load(export.join("model.safetensors")).unwrap();
+    assert!(file
+        .names()
+        .any(|n| n == "tessera.transformer.h.0.mlp.c_fc.sparse24_values"));
+    assert!(file.names().all(|n| n != "transformer.h.0.mlp.c_fc.weight"));
+    let (code, text) = run(&[
+        "generate",
+        "--device",
+        "cpu",
+        "--checkpoint",
+        &path(&export),
+        "--tokens",
+        "5",
+        "--temperature",
+        "0",
+    ]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("5 tokens in"), "{text}");
+    let data = dir.join("text.txt");
+    std::fs::write(&data, "the quick brown fox jumps over the lazy dog. ".repeat(8)).unwrap();
+    let (code, text) = run(&[
+        "eval",
+        "--device",
+        "cpu",
+        "--checkpoint",
+        &path(&export),
+        "--data",
+        &path(&data),
+    ]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("perplexity"), "{text}");
+    let (code, text) = run(&["train", "--device", "cpu", "--resume", "--out", &path(&export)]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("inference export"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
