@@ -71,14 +71,16 @@ fn to_f64(values: &[f32]) -> Vec<f64> {
 }
 
 /// Random values for every parameter (norm gains near 1), adapters' B included, so that the
-/// adapters contribute.
+/// adapters contribute. The values are exact in bf16, so that a GPU's bf16 copies order the
+/// magnitudes as the f32 master does and both paths prune the same entries: the comparisons
+/// then see the GEMMs' rounding alone.
 fn randomise(params: &mut GptParams, rng: &mut impl Rng) {
     for index in 0..params.params.len() {
         let spec = &params.params[index].spec;
         let gain = spec.name.ends_with("norm.weight") || spec.name.contains("ln_") && spec.name.ends_with(".weight");
         let n: usize = spec.shape.iter().product();
         let values = (0..n)
-            .map(|_| rng.random_range(-0.4f32..0.4) + if gain { 1.0 } else { 0.0 })
+            .map(|_| half::bf16::from_f32(rng.random_range(-0.4f32..0.4) + if gain { 1.0 } else { 0.0 }).to_f32())
             .collect();
         params.set_value(index, values).unwrap();
     }
@@ -281,10 +283,12 @@ fn copies_exist_where_the_kernels_take_the_layer(device: &Device) {
 }
 
 /// The sparse path's loss and gradients are the masked dense path's (same weights, same masks,
-/// the same double pruning), with and without adapters.
+/// the same double pruning), with and without adapters: the loss and all gradients together
+/// within `tolerance`, each gradient tensor within `per_tensor` (a bias's gradient, a sum over
+/// tokens of both signs, loses more of its relative precision in bf16).
 fn sparse_path_equals_masked_dense(device: &Device) {
     let mut rng = common::rng();
-    let tolerance: f64 = if device.is_cuda() { 2e-2 } else { 1e-5 };
+    let (tolerance, per_tensor): (f64, f64) = if device.is_cuda() { (1e-2, 5e-2) } else { (1e-5, 1e-4) };
     for family in [Family::Gpt2, Family::Llama] {
         let config = config(family);
         // 32 tokens take the few-token GEMM, 112 the many-token one (with a partial block).
@@ -316,7 +320,7 @@ fn sparse_path_equals_masked_dense(device: &Device) {
                     &format!("{label}: gradient of {name}"),
                     &to_f64(got),
                     &to_f64(want),
-                    tolerance,
+                    per_tensor,
                 );
                 if let Some(mask) = sparse.masks.get(&index) {
                     let kept = mask.mask.to_u8().unwrap().to_vec::<u8>().unwrap();
@@ -326,6 +330,13 @@ fn sparse_path_equals_masked_dense(device: &Device) {
                     );
                 }
             }
+            let flat = |g: &[Vec<f32>]| g.iter().flatten().map(|&v| v as f64).collect::<Vec<_>>();
+            common::assert_close(
+                &format!("{label}: all gradients"),
+                &flat(&grads_a),
+                &flat(&grads_b),
+                tolerance,
+            );
         }
     }
 }
