@@ -9,7 +9,7 @@ mod common;
 
 use rand::Rng;
 use tessera::model::params::Layout;
-use tessera::model::sparse_layers::{export_sparse24, qualifies, sparse24_names, transpose};
+use tessera::model::sparse_layers::{export_sparse24, qualifies, sparse24_names, transpose, transpose_into};
 use tessera::model::{
     Activation, Attention, Family, Gpt, GptConfig, GptParams, LinearSpec, LinearVariants, LoraSpec, Norm, Positions,
     SafeTensors, Variant,
@@ -215,13 +215,33 @@ fn transpose_matches_naive(device: &Device) {
                 .unwrap(),
             };
             let want = transpose_naive(&floats(&w), rows, cols);
-            let got = transpose(&w.to_device(device).unwrap()).unwrap();
+            let w = w.to_device(device).unwrap();
+            let got = transpose(&w).unwrap();
             assert_eq!(got.shape(), &[cols, rows]);
             assert_eq!(got.dtype(), dtype);
             let got = floats(&got);
             assert!(got.iter().all(|v| v.is_finite()), "{dtype} {rows}x{cols}");
             assert_eq!(got, want, "{dtype} {rows}x{cols}");
+            // Into a NaN-poisoned output: every element written.
+            let mut out = poisoned(&[cols, rows], dtype, device);
+            transpose_into(&w, &mut out).unwrap();
+            assert_eq!(floats(&out), want, "{dtype} {rows}x{cols} into");
         }
+    }
+    let w = Tensor::from_vec(vec![half::bf16::ONE; 6], &[2, 3], device).unwrap();
+    for (shape, dtype, mention) in [
+        (vec![2, 3], DType::BF16, "shape"),
+        (vec![3, 2], DType::F16, "dtype"),
+        (vec![6], DType::BF16, "shape"),
+    ] {
+        let mut out = poisoned(&shape, dtype, device);
+        common::assert_invalid(
+            transpose_into(&w, &mut out),
+            "sparse_layers::transpose",
+            "out",
+            &[mention],
+        );
+        assert!(floats(&out).iter().all(|v| v.is_nan()), "out left as it was");
     }
     let vector = Tensor::from_vec(vec![1.0f32; 4], &[4], device).unwrap();
     common::assert_invalid(transpose(&vector), "sparse_layers::transpose", "w", &["2-d"]);
@@ -231,6 +251,17 @@ fn transpose_matches_naive(device: &Device) {
     }
 }
 
+/// A tensor of NaNs.
+fn poisoned(shape: &[usize], dtype: DType, device: &Device) -> Tensor {
+    let n: usize = shape.iter().product();
+    let host = match dtype {
+        DType::F32 => Tensor::from_vec(vec![f32::NAN; n], shape, &Device::Cpu),
+        DType::BF16 => Tensor::from_vec(vec![half::bf16::NAN; n], shape, &Device::Cpu),
+        _ => Tensor::from_vec(vec![half::f16::NAN; n], shape, &Device::Cpu),
+    };
+    host.unwrap().to_device(device).unwrap()
+}
+
 /// A small transpose with partial tiles at both edges, for compute-sanitizer.
 fn small_transpose(device: &Device) {
     let (rows, cols) = (37, 70);
@@ -238,9 +269,10 @@ fn small_transpose(device: &Device) {
     let value = |i: usize| (i % 251) as f32;
     let values: Vec<half::bf16> = (0..rows * cols).map(|i| half::bf16::from_f32(value(i))).collect();
     let w = Tensor::from_vec(values, &[rows, cols], device).unwrap();
-    let got = floats(&transpose(&w).unwrap());
+    let mut out = poisoned(&[cols, rows], DType::BF16, device);
+    transpose_into(&w, &mut out).unwrap();
     let want: Vec<f32> = (0..rows * cols).map(|k| value((k % rows) * cols + k / rows)).collect();
-    assert_eq!(got, want);
+    assert_eq!(floats(&out), want);
 }
 
 /// Which layers get copies: 2:4 and 1:2 with both dimensions multiples of 64, on a GPU by

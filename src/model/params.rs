@@ -866,7 +866,10 @@ impl GptParams {
         let (rows, cols) = stored_dims(&p.spec);
         if self.sparse_kernels && sparse_layers::qualifies(pattern, rows, cols) {
             let weight = p.compute.as_ref().unwrap_or(&p.value);
-            mask.sparse = Some(sparse_layers::build(weight, mask.layout, pattern)?);
+            match &mut mask.sparse {
+                Some(copies) => copies.refresh(weight, mask.layout, pattern)?,
+                None => mask.sparse = Some(SparseCopies::build(weight, mask.layout, pattern)?),
+            }
             mask.double_pruned = None;
             return Ok(());
         }

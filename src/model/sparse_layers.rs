@@ -35,7 +35,7 @@
 //! [`super::GptParams`]' own methods only: after every AdamW step, when a parameter is set, when
 //! a layer is pruned and when a checkpoint is loaded (which adopts its masks). Each rebuild is
 //! stream-ordered on the GPU (transpose, two prune-compress passes; no host round trip) and
-//! allocates the copies anew.
+//! writes into the copies' own buffers, so that a training step allocates nothing for them.
 
 use super::config::GptConfig;
 use super::params::{cast, GptParams, Layout, Linear, ModelLayout, ADAPTERS_KEY, CONFIG_KEY};
@@ -56,6 +56,8 @@ pub struct SparseCopies {
     /// `W_dpᵀ`, (in, out), the masked weight pruned again along the output dimension: the input
     /// gradient's weight.
     pub w_dp_t: Sparse24,
+    /// The compute weight's transpose, kept between refreshes so that they allocate nothing.
+    transposed: Tensor,
 }
 
 /// Whether a layer with `pattern` and these dimensions runs through the sparse kernels.
@@ -65,17 +67,32 @@ pub fn qualifies(pattern: NmPattern, input: usize, output: usize) -> bool {
         && output.is_multiple_of(ops::sparse::COL_BLOCK)
 }
 
-/// Builds the copies from `weight`, a layer's masked compute weight in its stored `layout`.
-pub(crate) fn build(weight: &Tensor, layout: Layout, pattern: NmPattern) -> Result<SparseCopies> {
-    let transposed = transpose(weight)?;
-    let (output_major, input_major) = match layout {
-        Layout::InputMajor => (&transposed, weight),
-        _ => (weight, &transposed),
-    };
-    Ok(SparseCopies {
-        w_s: ops::sparse24_prune_compress(output_major, pattern)?,
-        w_dp_t: ops::sparse24_prune_compress(input_major, pattern)?,
-    })
+impl SparseCopies {
+    /// Builds the copies from `weight`, a layer's masked compute weight in its stored `layout`.
+    pub(crate) fn build(weight: &Tensor, layout: Layout, pattern: NmPattern) -> Result<SparseCopies> {
+        let transposed = transpose(weight)?;
+        let (output_major, input_major) = match layout {
+            Layout::InputMajor => (&transposed, weight),
+            _ => (weight, &transposed),
+        };
+        Ok(SparseCopies {
+            w_s: ops::sparse24_prune_compress(output_major, pattern)?,
+            w_dp_t: ops::sparse24_prune_compress(input_major, pattern)?,
+            transposed,
+        })
+    }
+
+    /// Rebuilds the copies in place from `weight` (as [`SparseCopies::build`] was given it, with
+    /// new values): a transpose and two prune-compress passes, nothing allocated on a GPU.
+    pub(crate) fn refresh(&mut self, weight: &Tensor, layout: Layout, pattern: NmPattern) -> Result<()> {
+        transpose_into(weight, &mut self.transposed)?;
+        let (output_major, input_major) = match layout {
+            Layout::InputMajor => (&self.transposed, weight),
+            _ => (weight, &self.transposed),
+        };
+        ops::sparse::sparse24_prune_compress_into(output_major, pattern, &mut self.w_s)?;
+        ops::sparse::sparse24_prune_compress_into(input_major, pattern, &mut self.w_dp_t)
+    }
 }
 
 /// `out = x·W_sᵀ (+ bias)`.
@@ -102,38 +119,59 @@ pub(crate) fn input_grad(copies: &SparseCopies, dy: &Tensor, dx: &mut Tensor, ac
     }
 }
 
+const OP_TRANSPOSE: &str = "sparse_layers::transpose";
+
 /// The transpose of a matrix `w` (rows, cols): (cols, rows), same dtype and device. Any float
 /// dtype on the CPU; bf16 or f16 on a GPU, where one kernel moves 32x32 tiles through shared
 /// memory.
 pub fn transpose(w: &Tensor) -> Result<Tensor> {
-    const OP: &str = "sparse_layers::transpose";
-    w.expect_rank(OP, "w", 2)?;
-    let (rows, cols) = (w.shape()[0], w.shape()[1]);
+    let (rows, cols) = check_transpose(w)?;
+    let mut out = Tensor::zeros(&[cols, rows], w.dtype(), &w.device())?;
+    transpose_into(w, &mut out)?;
+    Ok(out)
+}
+
+/// [`transpose`] into `out`, (cols, rows) of `w`'s dtype on its device; on an error `out` is
+/// left as it was.
+pub fn transpose_into(w: &Tensor, out: &mut Tensor) -> Result<()> {
+    let (rows, cols) = check_transpose(w)?;
+    out.expect_dtype(OP_TRANSPOSE, "out", &[w.dtype()])?;
+    out.expect_shape(OP_TRANSPOSE, "out", &[cols, rows])?;
+    w.device().expect_same(&out.device(), OP_TRANSPOSE, "out")?;
     match w.device() {
         Device::Cpu => match w.dtype() {
-            DType::F32 => transpose_host::<f32>(w, rows, cols),
-            DType::BF16 => transpose_host::<half::bf16>(w, rows, cols),
-            DType::F16 => transpose_host::<half::f16>(w, rows, cols),
-            other => Err(Error::invalid(OP, "w", "a float tensor", other)),
+            DType::F32 => transpose_host::<f32>(w, out, rows, cols),
+            DType::BF16 => transpose_host::<half::bf16>(w, out, rows, cols),
+            _ => transpose_host::<half::f16>(w, out, rows, cols),
         },
         #[cfg(feature = "cuda")]
-        Device::Cuda(backend) => {
-            w.expect_dtype(OP, "w", &[DType::BF16, DType::F16])?;
+        Device::Cuda(_) => match rows * cols {
+            0 => Ok(()),
+            _ => cuda::transpose(w, out, rows, cols),
+        },
+    }
+}
+
+/// Checks `w` for a transpose on its device; returns (rows, cols).
+fn check_transpose(w: &Tensor) -> Result<(usize, usize)> {
+    w.expect_rank(OP_TRANSPOSE, "w", 2)?;
+    let (rows, cols) = (w.shape()[0], w.shape()[1]);
+    match w.device() {
+        Device::Cpu => w.expect_dtype(OP_TRANSPOSE, "w", &[DType::F32, DType::BF16, DType::F16])?,
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {
+            w.expect_dtype(OP_TRANSPOSE, "w", &[DType::BF16, DType::F16])?;
             if rows.div_ceil(cuda::TILE) > cuda::MAX_GRID_Y {
                 return Err(Error::invalid(
-                    OP,
+                    OP_TRANSPOSE,
                     "w",
                     format!("at most {} rows on a GPU", cuda::MAX_GRID_Y * cuda::TILE),
                     format!("shape {:?}", w.shape()),
                 ));
             }
-            let mut out = Tensor::uninit_cuda(&[cols, rows], w.dtype(), &backend)?;
-            if rows * cols > 0 {
-                cuda::transpose(w, &mut out, rows, cols)?;
-            }
-            Ok(out)
         }
     }
+    Ok((rows, cols))
 }
 
 /// The metadata key that marks a checkpoint exported for inference and names its form.
@@ -339,10 +377,12 @@ fn add_host<T: Float>(dx: &mut Tensor, product: &Tensor) -> Result<()> {
     Ok(())
 }
 
-fn transpose_host<T: Float>(w: &Tensor, rows: usize, cols: usize) -> Result<Tensor> {
+fn transpose_host<T: Float>(w: &Tensor, out: &mut Tensor, rows: usize, cols: usize) -> Result<()> {
     let src = w.host_slice::<T>()?;
-    let values: Vec<T> = (0..rows * cols).map(|k| src[(k % rows) * cols + k / rows]).collect();
-    Tensor::from_vec(values, &[cols, rows], &Device::Cpu)
+    for (k, o) in out.host_slice_mut::<T>()?.iter_mut().enumerate() {
+        *o = src[(k % rows) * cols + k / rows];
+    }
+    Ok(())
 }
 
 #[cfg(feature = "cuda")]
