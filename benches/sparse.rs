@@ -98,7 +98,38 @@ fn bench_sltrain(c: &mut Criterion, group_name: &str, device: &Device, m: usize,
     group.finish();
 }
 
+/// The tiny preset's block linears (in, out) in f32 on the CPU, at its training batch (16 x 128
+/// tokens) and at one decoded token: the CPU sparse kernel against the masked dense GEMM, which
+/// decides the CPU path of the model's `nm` layers (src/model/sparse_layers.rs).
+fn bench_tiny_model_shapes(c: &mut Criterion) {
+    let mut group = c.benchmark_group("sparse_cpu_tiny_model");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    for (input, output) in [(128, 384), (128, 128), (128, 512), (512, 128)] {
+        let w: Vec<f32> = values(output * input, 1).iter().map(|v| v.to_f32()).collect();
+        let w = Tensor::from_vec(w, &[output, input], &Device::Cpu).expect("weight");
+        let sparse = ops::sparse24_prune_compress(&w, NmPattern::TWO_FOUR).expect("compress");
+        let masked = ops::sparse24_decompress(&sparse).expect("decompress");
+        for m in [2048, 1] {
+            let x: Vec<f32> = values(m * input, 2).iter().map(|v| v.to_f32()).collect();
+            let x = Tensor::from_vec(x, &[m, input], &Device::Cpu).expect("input");
+            let mut y = Tensor::zeros(&[m, output], x.dtype(), &Device::Cpu).expect("output");
+            group.throughput(Throughput::Elements((2 * m * input * output) as u64));
+            group.bench_function(format!("sparse_m{m}_{input}x{output}"), |bencher| {
+                bencher.iter(|| ops::sparse_linear_forward_into(&x, &sparse, None, &mut y).expect("forward"))
+            });
+            group.bench_function(format!("masked_dense_m{m}_{input}x{output}"), |bencher| {
+                bencher.iter(|| ops::matmul_into(&x, &masked, None, &mut y, MatmulOptions::linear()).expect("dense"))
+            });
+        }
+    }
+    group.finish();
+}
+
 fn benches(c: &mut Criterion) {
+    bench_tiny_model_shapes(c);
     bench_sparse(c, "sparse_cpu", &Device::Cpu, 64, 1024);
     bench_sltrain(c, "sltrain_cpu", &Device::Cpu, 64, 1024, 64);
     if let Ok(gpu) = Device::cuda(0) {

@@ -618,6 +618,41 @@ def torch_generate(case, warmup, iterations, generator):
 RUNNERS["generate"] = torch_generate
 
 
+def torch_train_sparse(case, warmup, iterations, generator):
+    """The anchor of the 2:4 (SLoPe) GPT-2 training step: PyTorch's dense eager step of the same
+    model (bf16 autocast, SDPA, fused AdamW), since PyTorch has no 2:4 training step of its own
+    (its semi-structured tensors cover the forward GEMM only)."""
+    c, batch, seq = case["config"], case["batch"], case["seq"]
+    tokens = torch.randint(0, c["vocab"], (batch, seq + 1), device="cuda", generator=generator)
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    torch.manual_seed(0)
+    model = Gpt2(c).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+
+    def work(i):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+
+    ms = time_ms(work, max(warmup, 3), min(iterations, 10))
+    del model, optimizer
+    torch.cuda.empty_cache()
+    flops = case["flops_per_token"] * batch * seq
+    return {
+        "ms": ms,
+        "tflops": flops / (ms * 1e9),
+        "tokens_per_s": batch * seq / (ms * 1e-3),
+        "what": "PyTorch eager, dense (no 2:4 training step in PyTorch)",
+    }
+
+
+RUNNERS["train_sparse"] = torch_train_sparse
+
+
 def torch_binary_train(case, warmup, iterations, generator):
     """The dense bf16 layer's GEMMs on the binary training case's shape: x @ W.T forward;
     dY @ W and dY.T @ x (f32 out) backward, through cuBLAS."""

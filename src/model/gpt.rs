@@ -20,11 +20,13 @@
 //! materialised weight, SLTrain's backward) and a LoRA adapter on top. Where a variant allocates
 //! inside a step: the adapter's (tokens × rank) products, the binary op's scratch (its ±1 GEMM
 //! operands and partial sums), SLTrain's gradients (added on the host), and after every
-//! update the host-side recomputation of double-pruned and SLTrain weights.
+//! update the host-side recomputation of double-pruned and SLTrain weights (on a GPU, an `nm`
+//! layer that the sparse kernels take rebuilds its compressed copies on the device instead).
 
 use super::binary_layers;
 use super::config::{Activation, Attention, GptConfig, Norm, Positions};
 use super::params::{cast, Block, GptParams, Layout, Linear, LoraIndex, NormIndex, Qkv};
+use super::sparse_layers;
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -616,8 +618,10 @@ fn norm_backward(
 
 /// `out = x·W (+ b)` in the weight's layout, plus the LoRA adapter's `s·(x·Aᵀ)·Bᵀ` when it is on:
 /// the one place a block projection runs, whatever its variant. A masked layer (`nm`,
-/// `unstructured`) multiplies by its masked dense weight (its pruned entries are exactly 0), on
-/// both devices; a `binary` one runs the binary op's training form ([`super::binary_layers`]); a
+/// `unstructured`) multiplies by its masked dense weight (its pruned entries are exactly 0), but
+/// an `nm` layer that the sparse kernels take runs the sparse GEMM on its compressed weight
+/// (on a GPU; see [`super::sparse_layers`]); a `binary` one runs the binary op's training form
+/// ([`super::binary_layers`]); a
 /// `sparse_low_rank` one multiplies by its materialised `W = c·B·A + S`.
 pub(super) fn linear_forward(params: &GptParams, linear: &Linear, x: &Tensor, out: &mut Tensor) -> Result<()> {
     let options = match linear.layout {
@@ -627,7 +631,10 @@ pub(super) fn linear_forward(params: &GptParams, linear: &Linear, x: &Tensor, ou
     let bias = linear.bias.map(|b| params.weight(b));
     match linear.binary {
         Some(index) => binary_layers::forward(params, linear, index, x, out)?,
-        None => ops::matmul_into(x, params.weight(linear.weight), bias, out, options)?,
+        None => match params.sparse_copies(linear.weight) {
+            Some(copies) => sparse_layers::forward(copies, x, bias, out)?,
+            None => ops::matmul_into(x, params.weight(linear.weight), bias, out, options)?,
+        },
     }
     match adapter(params, linear) {
         Some((index, scale)) => {
@@ -664,7 +671,8 @@ fn adapter_input(params: &GptParams, index: LoraIndex, x: &Tensor) -> Result<Ten
 
 /// A linear layer's backward: `dx` (added to what it holds with `accumulate`) and the weight's
 /// and bias's gradients, added to theirs. An `nm` layer's `dx` goes through its double-pruned
-/// weight (SLoPe), a masked layer's weight gradient is masked, and a frozen base (an adapter on
+/// weight (SLoPe; the sparse GEMM on its compressed `W_dpᵀ` where the sparse kernels take the
+/// layer), a masked layer's weight gradient is masked, and a frozen base (an adapter on
 /// with `frozen_base`) gets none; a `sparse_low_rank` layer's goes to its factors and sparse
 /// values (SLTrain's backward, whose `dX = dY·W` is the plain product). With its adapter on, with `T = x·Aᵀ` and `dT = dY·B`:
 /// `dA += s·dTᵀ·x`, `dB += s·dYᵀ·T`, `dx += s·dT·A`.
@@ -687,12 +695,17 @@ fn linear_backward(
         return Ok(());
     }
     if let Some(dx) = dx.as_deref_mut() {
-        let options = MatmulOptions {
-            trans_b: linear.layout == Layout::InputMajor,
-            beta: if accumulate { 1.0 } else { 0.0 },
-            ..MatmulOptions::default()
-        };
-        ops::matmul_into(dy, params.input_grad_weight(linear.weight), None, dx, options)?;
+        match params.sparse_copies(linear.weight) {
+            Some(copies) => sparse_layers::input_grad(copies, dy, dx, accumulate)?,
+            None => {
+                let options = MatmulOptions {
+                    trans_b: linear.layout == Layout::InputMajor,
+                    beta: if accumulate { 1.0 } else { 0.0 },
+                    ..MatmulOptions::default()
+                };
+                ops::matmul_into(dy, params.input_grad_weight(linear.weight), None, dx, options)?;
+            }
+        }
     }
     if let Some((index, scale)) = adapter(params, linear) {
         adapter_backward(params, index, scale, x, dy, dx)?;

@@ -8,6 +8,7 @@ pub mod gpt;
 pub mod kv_cache;
 pub mod params;
 pub mod safetensors;
+pub mod sparse_layers;
 pub mod variants;
 
 pub use config::{Activation, Attention, Family, GptConfig, Norm, Positions};

@@ -15,6 +15,7 @@
 
 use super::config::{Activation, Family, GptConfig, Norm, Positions};
 use super::safetensors::{self, SafeTensors};
+use super::sparse_layers::{self, SparseCopies};
 use super::variants::{LinearKind, LinearSite, LinearSpec, LinearVariants, Variant};
 use crate::device::Device;
 use crate::dtype::DType;
@@ -455,6 +456,11 @@ pub struct LinearMask {
     /// a masked layer's training step that allocates; on the CPU `spdf_apply_mask` also copies
     /// the mask's bits on every call).
     pub double_pruned: Option<Tensor>,
+    /// `nm` layers that the sparse kernels take, while they are on
+    /// ([`GptParams::sparse_kernels`]): the compressed copies of the masked compute weight
+    /// through which the forward and the input gradient go, rebuilt wherever the compute weight
+    /// changes (then `double_pruned` is `None`: the input gradient needs no dense copy).
+    pub sparse: Option<SparseCopies>,
     layout: Layout,
 }
 
@@ -481,6 +487,12 @@ pub struct GptParams {
     /// op's layout), by weight index. Such a layer's latent weight is gone: its [`Parameter`]
     /// holds one zero, and the model runs inference only (see `GptParams::pack_binary`).
     pub packed: BTreeMap<usize, Tensor>,
+    /// Whether `nm` layers that qualify run through the sparse kernels (see
+    /// [`super::sparse_layers`]): on a GPU by default, off on the CPU.
+    sparse_kernels: bool,
+    /// Read from an inference export ([`super::sparse_layers::export_sparse24`]): no master
+    /// weights or optimizer state to train from.
+    inference_export: bool,
 }
 
 impl GptParams {
@@ -555,7 +567,7 @@ impl GptParams {
 
     /// Wraps master values (f32, on `device`, in layout order) with their compute copies,
     /// gradients and zeroed moments.
-    fn from_values(
+    pub(crate) fn from_values(
         config: GptConfig,
         variants: LinearVariants,
         layout: ModelLayout,
@@ -596,6 +608,8 @@ impl GptParams {
             adapters_on: true,
             sltrain: BTreeMap::new(),
             packed: BTreeMap::new(),
+            sparse_kernels: device.is_cuda(),
+            inference_export: false,
         })
     }
 
@@ -616,7 +630,7 @@ impl GptParams {
 
     /// Makes `mask` linear layer `linear`'s: zeroes the pruned entries of its weight (and compute
     /// copy), gradient and moments, and (`nm`) computes its double-pruned weight.
-    fn adopt_mask(&mut self, linear: &Linear, mask: StaticMask) -> Result<()> {
+    pub(crate) fn adopt_mask(&mut self, linear: &Linear, mask: StaticMask) -> Result<()> {
         let p = &mut self.params[linear.weight];
         for t in [&mut p.value, &mut p.grad, &mut p.exp_avg, &mut p.exp_avg_sq] {
             ops::spdf_apply_mask(t, &mask)?;
@@ -628,16 +642,13 @@ impl GptParams {
             Variant::Nm { n, m, .. } => Some(NmPattern::new(n, m)?),
             _ => None,
         };
-        let double_pruned = match pattern {
-            Some(_) => Some(Tensor::zeros(&p.spec.shape, self.dtype, &self.device)?),
-            None => None,
-        };
         self.masks.insert(
             linear.weight,
             LinearMask {
                 mask,
                 pattern,
-                double_pruned,
+                double_pruned: None,
+                sparse: None,
                 layout: linear.layout,
             },
         );
@@ -848,16 +859,32 @@ impl GptParams {
         self.masks.clear();
     }
 
-    /// Recomputes `nm` layer `index`'s double-pruned weight from its master weight.
+    /// Recomputes what `nm` layer `index`'s input gradient goes through: its compressed copies
+    /// from its compute weight where the sparse kernels take it, else its double-pruned weight
+    /// from its master weight. Every method that changes a masked weight ends here.
     fn refresh_double_pruned(&mut self, index: usize) -> Result<()> {
         let Some(mask) = self.masks.get_mut(&index) else {
             return Ok(());
         };
-        let (Some(pattern), Some(target)) = (mask.pattern, mask.double_pruned.as_mut()) else {
+        let Some(pattern) = mask.pattern else {
             return Ok(());
         };
         let p = &self.params[index];
         let (rows, cols) = stored_dims(&p.spec);
+        if self.sparse_kernels && sparse_layers::qualifies(pattern, rows, cols) {
+            let weight = p.compute.as_ref().unwrap_or(&p.value);
+            match &mut mask.sparse {
+                Some(copies) => copies.refresh(weight, mask.layout, pattern)?,
+                None => mask.sparse = Some(SparseCopies::build(weight, mask.layout, pattern)?),
+            }
+            mask.double_pruned = None;
+            return Ok(());
+        }
+        mask.sparse = None;
+        let target = match &mut mask.double_pruned {
+            Some(target) => target,
+            slot => slot.insert(Tensor::zeros(&p.spec.shape, self.dtype, &self.device)?),
+        };
         let mut values = p.value.to_vec::<f32>()?;
         // The second pruning runs along the output dimension: the rows of an (in, out) weight.
         let kept = nm_kept(&values, rows, cols, pattern, mask.layout == Layout::InputMajor)?;
@@ -882,6 +909,39 @@ impl GptParams {
             self.refresh_sltrain(linear)?;
         }
         Ok(())
+    }
+
+    /// Whether `nm` layers that qualify run through the sparse kernels.
+    pub fn sparse_kernels(&self) -> bool {
+        self.sparse_kernels
+    }
+
+    /// Turns the sparse kernels on or off for the `nm` layers that qualify (2:4 or 1:2, both
+    /// dimensions multiples of 64; on a GPU the weights are bf16, which they take), rebuilding
+    /// what their input gradients go through. Off, such a layer is a masked dense matmul, as
+    /// every other `nm` layer is.
+    pub fn set_sparse_kernels(&mut self, on: bool) -> Result<()> {
+        self.sparse_kernels = on;
+        let indices: Vec<usize> = self.masks.keys().copied().collect();
+        for index in indices {
+            self.refresh_double_pruned(index)?;
+        }
+        Ok(())
+    }
+
+    /// Whether these parameters were read from an inference export (2:4 layers stored
+    /// compressed, weights in bf16): generation and evaluation only.
+    pub fn is_inference_export(&self) -> bool {
+        self.inference_export
+    }
+
+    pub(crate) fn mark_inference_export(&mut self) {
+        self.inference_export = true;
+    }
+
+    /// The compressed copies of linear weight `index`, when it runs through the sparse kernels.
+    pub fn sparse_copies(&self, index: usize) -> Option<&SparseCopies> {
+        self.masks.get(&index).and_then(|m| m.sparse.as_ref())
     }
 
     /// Zeroes the pruned entries of masked layers' gradients (`dW = M ⊙ dYᵀX`).
@@ -1165,6 +1225,21 @@ impl GptParams {
         };
         config.validate()?;
         variants.validate(&config)?;
+        match file.metadata().get(sparse_layers::EXPORT_KEY).map(String::as_str) {
+            None => {}
+            Some(sparse_layers::SPARSE24_FORM) => {
+                return sparse_layers::load_sparse24(&mut file, path, config, variants, device)
+            }
+            Some(other) => {
+                return Err(Error::file(
+                    path.display(),
+                    format!(
+                        "metadata `{}`: an export form this build does not read: {other:?}",
+                        sparse_layers::EXPORT_KEY
+                    ),
+                ))
+            }
+        }
         let layout = ModelLayout::with_variants(&config, &variants);
         let binary: Vec<Linear> = match packed {
             true => layout

@@ -450,6 +450,36 @@ pub fn sparse24_prune_compress(w: &Tensor, pattern: NmPattern) -> Result<Sparse2
     }
 }
 
+/// [`sparse24_prune_compress`] into `out`, a matrix of `w`'s shape, dtype and device, for copies
+/// refreshed after every update: on a GPU nothing is allocated.
+pub(crate) fn sparse24_prune_compress_into(w: &Tensor, pattern: NmPattern, out: &mut Sparse24) -> Result<()> {
+    const OP: &str = "sparse24_prune_compress";
+    if !pattern.is_tensor_core() {
+        return Err(Error::invalid(OP, "pattern", "2:4 or 1:2", pattern));
+    }
+    let (rows, cols) = check_matrix(OP, "w", w, 4)?;
+    check_format_dims(OP, "w", rows, cols)?;
+    check_gpu_dtype(OP, "w", w.dtype(), &w.device())?;
+    if (out.rows, out.cols) != (rows, cols) || out.dtype() != w.dtype() {
+        return Err(Error::invalid(
+            OP,
+            "out",
+            format!("a {rows}x{cols} {} matrix, as w is", w.dtype()),
+            format!("{}x{} {}", out.rows, out.cols, out.dtype()),
+        ));
+    }
+    w.device().expect_same(&out.device(), OP, "out")?;
+    match w.device() {
+        Device::Cpu => {
+            let fresh = cpu::compress(w, Some(pattern), rows, cols)?;
+            out.values.copy_from(&fresh.values)?;
+            out.meta.copy_from(&fresh.meta)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::compress_into(w, Some(pattern), rows, cols, &mut out.values, &mut out.meta),
+    }
+}
+
 /// The dense matrix of a compressed one: kept values in place, zeros elsewhere.
 pub fn sparse24_decompress(s: &Sparse24) -> Result<Tensor> {
     let mut out = new_on(&s.device(), &[s.rows, s.cols], s.dtype())?;
@@ -1079,9 +1109,28 @@ pub(crate) mod cuda {
 
     pub(super) fn compress(w: &Tensor, pattern: Option<NmPattern>, rows: usize, cols: usize) -> Result<Sparse24> {
         let backend = backend_of(w)?;
-        let values = Tensor::uninit_cuda(&[rows, cols / 2], w.dtype(), &backend)?;
+        let mut values = Tensor::uninit_cuda(&[rows, cols / 2], w.dtype(), &backend)?;
+        let mut meta = Tensor::uninit_cuda(&[meta_len(rows, cols)], DType::U32, &backend)?;
+        compress_into(w, pattern, rows, cols, &mut values, &mut meta)?;
+        Ok(Sparse24 {
+            values,
+            meta,
+            rows,
+            cols,
+        })
+    }
+
+    /// [`compress`] into `values` and `meta` of the format's sizes for (rows, cols).
+    pub(super) fn compress_into(
+        w: &Tensor,
+        pattern: Option<NmPattern>,
+        rows: usize,
+        cols: usize,
+        values: &mut Tensor,
+        meta: &mut Tensor,
+    ) -> Result<()> {
+        let backend = backend_of(w)?;
         let words = meta_len(rows, cols);
-        let meta = Tensor::uninit_cuda(&[words], DType::U32, &backend)?;
         let name = format!("sparse24_compress_{}", w.dtype().name());
         let function = backend.function(FILE, &name)?;
         let (w_address, values_address, meta_address) = (
@@ -1102,12 +1151,7 @@ pub(crate) mod cuda {
         // and meta have the format's sizes; each thread writes the values and the metadata word
         // of one word's 8 groups, and the words cover the matrix once.
         unsafe { builder.launch(element_launch(words, &backend)) }.context(&format!("launching {name}"))?;
-        Ok(Sparse24 {
-            values,
-            meta,
-            rows,
-            cols,
-        })
+        Ok(())
     }
 
     pub(super) fn decompress(s: &Sparse24, out: &mut Tensor) -> Result<()> {

@@ -992,6 +992,13 @@ impl Trainer {
     pub fn resume(out: &Path, device: &Device) -> Result<Trainer> {
         let dir = checkpoint_dir(out)?;
         let params = GptParams::load(dir.join("model.safetensors"), None, device)?;
+        if params.is_inference_export() {
+            return Err(Error::file(
+                dir.join("model.safetensors").display(),
+                "an inference export (2:4 layers compressed, weights in bf16, no optimizer state): \
+                 training cannot resume from it; resume from the checkpoint it was exported from",
+            ));
+        }
         let path = dir.join("trainer.safetensors");
         let mut file = SafeTensors::load(&path)?;
         let corrupt = |what: &str| Error::file(path.display(), format!("metadata `{TRAINER_KEY}`: {what}"));

@@ -1,5 +1,5 @@
-//! The tessera command line: `train`, `generate` and `eval` run models; `export --packed` writes
-//! a binary model's packed inference form; `info` describes this
+//! The tessera command line: `train`, `generate` and `eval` run models; `export` writes a
+//! checkpoint's inference form (binary layers packed, 2:4 layers compressed); `info` describes this
 //! machine's devices and the embedded kernels; `bench` times the GPU ops against the ceilings
 //! measured in the same run.
 //!
@@ -24,8 +24,10 @@ commands:
   train                      train a GPT (default: a tiny model on the embedded corpus)
   generate                   sample text from a checkpoint
   eval                       loss and perplexity of a checkpoint on a text file
-  export --packed            a checkpoint's inference form with binary layers packed, 1 bit
-                             per weight (generate and eval run it; train refuses it)
+  export --packed | --sparse24
+                             a checkpoint in an inference form: binary layers packed 1 bit
+                             per weight, or 2:4 layers compressed (generate and eval run it;
+                             train refuses it)
   info [--preset NAME] [--config FILE]
                              devices, compute capability, memory, embedded kernel images; with
                              a preset or a train config, the model's linear layers: each one's

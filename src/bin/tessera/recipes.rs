@@ -454,7 +454,8 @@ fn train(
 
 /// The bytes of the weights in the form inference would read them, at bf16 (the compute dtype on
 /// a GPU): dense weights 2 bytes each; an N:M layer its kept values plus 2 bits of index each (the
-/// 2:4 format, 9/16 of dense); an unstructured one its kept values plus a bitmap; SLTrain its
+/// 2:4 format, 9/16 of dense: the bytes `tessera export --sparse24` writes for a 2:4 layer); an
+/// unstructured one its kept values plus a bitmap; SLTrain its
 /// factors plus S's values with an i32 index each; a binary one a bit per weight plus α and β in
 /// f32; LoRA adapters their factors (not merged, since merging would break a sparse pattern).
 fn inference_bytes(config: &GptConfig, variants: &LinearVariants) -> usize {

@@ -4,15 +4,21 @@
 //! reads the logits back and picks the next tokens on the host, as `tessera generate` does.
 //! Reported as generated tokens/s, with the prefill's and one decode step's times.
 //!
-//! Beside them, FBI-LLM's binary model of each preset at batch 1 (`generate_binary`): every
-//! block linear binary and packed (`GptParams::pack_binary`, the form `tessera export --packed`
-//! writes; the embedding and head stay dense bf16), with its tokens/s over the dense model's
-//! (`vs_dense`; issue 9 asks >= 3). Every row records the bytes a decode step reads.
+//! Beside each preset's dense rows, at batch 1 and with their tokens/s over the dense model's
+//! (`speedup_vs_dense`):
+//! - FBI-LLM's binary model (`generate_binary`): every block linear binary and packed
+//!   (`GptParams::pack_binary`, the form `tessera export --packed` writes; the embedding and head
+//!   stay dense bf16); issue 9 asks >= 3.
+//! - SLoPe's 2:4 model (`generate_sparse`): every block linear through the sparse GEMM, alone and
+//!   with rank-8 adapters added unmerged.
+//!
+//! Every row records the bytes a decode step reads.
 
 use super::{Context, Result};
 use serde_json::{json, Value};
 use tessera::model::params::linear_summary;
-use tessera::model::{Gpt, GptConfig, GptParams, KvCache, LinearSpec, LinearVariants, Variant};
+use tessera::model::{Gpt, GptConfig, GptParams, KvCache, LinearSpec, LinearVariants, LoraSpec, Variant};
+
 use tessera::Tensor;
 
 const PROMPT: usize = 128;
@@ -34,7 +40,7 @@ pub fn run(context: &mut Context) -> Result<Vec<Value>> {
         let model = Gpt::new(params, 1, 1).map_err(|e| e.to_string())?;
         let mut dense_tokens_per_s = None;
         for batch in [1, 8] {
-            let row = case(context, &model, preset, batch, false)?;
+            let row = case(context, &model, preset, batch, Form::Dense)?;
             if batch == 1 {
                 dense_tokens_per_s = row["tokens_per_s"].as_f64();
             }
@@ -49,13 +55,53 @@ pub fn run(context: &mut Context) -> Result<Vec<Value>> {
             GptParams::init_with_variants(&config, &binary, &context.device, 1).map_err(|e| e.to_string())?;
         params.pack_binary().map_err(|e| e.to_string())?;
         let model = Gpt::new(params, 1, 1).map_err(|e| e.to_string())?;
-        let mut row = case(context, &model, preset, 1, true)?;
-        if let (Some(dense), Some(binary)) = (dense_tokens_per_s, row["tokens_per_s"].as_f64()) {
-            row["vs_dense"] = json!(binary / dense);
+        rows.push(beside_dense(
+            case(context, &model, preset, 1, Form::BinaryPacked)?,
+            dense_tokens_per_s,
+        ));
+        drop(model);
+        for rank in [None, Some(8)] {
+            let variants = LinearVariants::all(LinearSpec {
+                variant: Variant::Nm {
+                    n: 2,
+                    m: 4,
+                    prune_step: 0,
+                },
+                lora: rank.map(|rank| LoraSpec {
+                    rank,
+                    alpha: 2.0 * rank as f32,
+                    frozen_base: false,
+                }),
+            });
+            let params =
+                GptParams::init_with_variants(&config, &variants, &context.device, 1).map_err(|e| e.to_string())?;
+            let model = Gpt::new(params, 1, 1).map_err(|e| e.to_string())?;
+            let mut row = beside_dense(
+                case(context, &model, preset, 1, Form::Sparse24(rank))?,
+                dense_tokens_per_s,
+            );
+            row["adapter_rank"] = rank.map_or(Value::Null, Value::from);
+            rows.push(row);
         }
-        rows.push(row);
     }
     Ok(rows)
+}
+
+/// The model a generation row runs.
+#[derive(Clone, Copy)]
+enum Form {
+    Dense,
+    BinaryPacked,
+    /// 2:4 block linears, with adapters of this rank when given.
+    Sparse24(Option<usize>),
+}
+
+/// `row` with its tokens/s over the dense model's at the same batch.
+fn beside_dense(mut row: Value, dense_tokens_per_s: Option<f64>) -> Value {
+    if let (Some(dense), Some(here)) = (dense_tokens_per_s, row["tokens_per_s"].as_f64()) {
+        row["speedup_vs_dense"] = json!(here / dense);
+    }
+    row
 }
 
 /// Bytes one decode step reads: the block linears as inference holds them (bf16, or packed
@@ -92,7 +138,7 @@ fn argmax(logits: &Tensor) -> tessera::Result<Vec<u32>> {
         .collect())
 }
 
-fn case(context: &Context, model: &Gpt, preset: &str, batch: usize, binary: bool) -> Result<Value> {
+fn case(context: &Context, model: &Gpt, preset: &str, batch: usize, form: Form) -> Result<Value> {
     let config = &model.params.config;
     let vocab = config.vocab as u64;
     let prompts: Vec<u32> = (0..batch * PROMPT)
@@ -125,9 +171,11 @@ fn case(context: &Context, model: &Gpt, preset: &str, batch: usize, binary: bool
     let mean_keys = (PROMPT + NEW_TOKENS / 2) as f64;
     let flops =
         tokens * (2.0 * config.parameter_count() as f64 + 4.0 * (config.layers * config.width) as f64 * mean_keys);
-    let (form, kind) = match binary {
-        true => ("binary packed", "generate_binary"),
-        false => ("bf16", "generate"),
+    let (form, kind) = match form {
+        Form::Dense => ("bf16".to_string(), "generate"),
+        Form::BinaryPacked => ("binary packed".to_string(), "generate_binary"),
+        Form::Sparse24(None) => ("2:4 bf16".to_string(), "generate_sparse"),
+        Form::Sparse24(Some(rank)) => (format!("2:4 bf16 + rank-{rank} adapters"), "generate_sparse"),
     };
     Ok(json!({
         "name": format!("generate {preset} batch {batch}, {PROMPT}+{NEW_TOKENS} {form}"),
