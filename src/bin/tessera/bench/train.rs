@@ -7,7 +7,8 @@
 //!
 //! The dense row also gives the step's phases, each timed on its own between events: the forward
 //! (with the loss, no gradients), forward and backward, and the optimizer (zeroing the
-//! gradients, their norm, AdamW). On a Hopper GPU (sm_90a image) the dense step runs a second
+//! gradients, their norm, AdamW), and the bias gradients' `1ᵀ·dY` GEMMs on their own (field
+//! `bias_grad_us`, per output width), which the budget counts as an avoidable cost. On a Hopper GPU (sm_90a image) the dense step runs a second
 //! time with the sm_90a attention kernels forced (row `... sm90 attention`, kind `train_hopper`).
 //! benches/NOTES.md has the step's time budget per kernel.
 
@@ -15,7 +16,7 @@ use super::{Context, Result};
 use serde_json::{json, Value};
 use tessera::cuda::kernels::ImageKind;
 use tessera::model::{GptConfig, LinearSpec, LinearVariants, Variant};
-use tessera::ops::{with_attention_kernel, AdamWConfig, AttentionKernel};
+use tessera::ops::{matmul_into, with_attention_kernel, AdamWConfig, AttentionKernel, MatmulOptions};
 use tessera::train::data::BatchSampler;
 use tessera::train::trainer::{TrainOptions, Trainer};
 use tessera::train::Corpus;
@@ -39,6 +40,7 @@ pub fn run(context: &mut Context) -> Result<Vec<Value>> {
     let corpus = Corpus::embedded().map_err(|e| e.to_string())?;
     let ms = step_ms(context, &config, &LinearVariants::dense(), &options, &corpus)?;
     let phases = phase_ms(context, &config, &options, &corpus)?;
+    let bias_grads = bias_grad_us(context, &config, batch * seq)?;
     let tokens = (batch * seq) as f64;
     let flops = flops_per_token(&config, seq) * tokens;
     let tflops = flops / (ms * 1e9);
@@ -57,6 +59,7 @@ pub fn run(context: &mut Context) -> Result<Vec<Value>> {
         "forward_ms": phases.forward,
         "backward_ms": phases.forward_backward - phases.forward,
         "optimizer_ms": phases.optimizer,
+        "bias_grad_us": bias_grads,
     }));
     // The sm_90a kernels serve head widths 64 and 128 (GPT-2 small's is 64; the quick preset's 32).
     let hopper = context.gpu.kernel_image().map_err(|e| e.to_string())? == ImageKind::Sm90a;
@@ -86,6 +89,31 @@ pub fn run(context: &mut Context) -> Result<Vec<Value>> {
     }
     rows.push(slope_row(context, &config, &options, &corpus, ms)?);
     Ok(rows)
+}
+
+/// The bias gradients' `1ᵀ·dY` products as the backward makes them (an m = 1 cuBLASLt GEMM over
+/// the tokens, accumulated into the f32 gradient), for each block linear's output width: µs and
+/// GB/s of dY read, which the time budget in benches/NOTES.md predicts at ~50% of copy.
+fn bias_grad_us(context: &Context, config: &GptConfig, tokens: usize) -> Result<Value> {
+    let err = |e: tessera::Error| e.to_string();
+    let device = &context.device;
+    let ones = Tensor::from_vec(vec![half::bf16::ONE; tokens], &[tokens, 1], device).map_err(err)?;
+    let mut widths = vec![config.width, 3 * config.width, config.ffn_width];
+    widths.dedup();
+    let mut rows = serde_json::Map::new();
+    for (i, n) in widths.into_iter().enumerate() {
+        let dy = super::random_tensor(&[tokens, n], DType::BF16, 40 + i as u64, -1.0, 1.0, device)?;
+        let mut grad = Tensor::zeros(&[1, n], DType::F32, device).map_err(err)?;
+        let options = MatmulOptions {
+            trans_a: true,
+            beta: 1.0,
+            ..MatmulOptions::default()
+        };
+        let ms = context.median_ms(|_| matmul_into(&ones, &dy, None, &mut grad, options))?;
+        let gbps = (tokens * n * 2) as f64 / (ms * 1e6);
+        rows.insert(n.to_string(), json!({ "us": ms * 1e3, "gbps": gbps }));
+    }
+    Ok(Value::Object(rows))
 }
 
 /// Median milliseconds of the dense step's phases.
