@@ -142,3 +142,46 @@ fn gpu_train_step_allocates_nothing_after_the_first() {
         );
     }
 }
+
+/// Threads sharing one GPU take turns with the ops' kept scratch buffers: four threads, each
+/// with gradients of its own sizes (so that the gradient norm's scratch grows at different
+/// moments), compute the global norm 25 times each, every result checked against an f64 sum of
+/// the same values. A thread that saw another's table or partials would get another's norm.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_threads_share_the_scratch_buffers() {
+    use tessera::ops::grad_norm_into;
+    use tessera::{DType, Tensor};
+    let Some(gpu) = common::gpu() else { return };
+    let mut rng = common::rng();
+    let sets: Vec<Vec<Vec<f32>>> = (0..4)
+        .map(|thread| {
+            (0..3 + 2 * thread)
+                .map(|i| common::uniform::<f32>(&mut rng, 1 + 4099 * (thread + 1) + 313 * i))
+                .collect()
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        for values in &sets {
+            let gpu = gpu.clone();
+            scope.spawn(move || {
+                let tensors: Vec<Tensor> = values
+                    .iter()
+                    .map(|v| Tensor::from_vec(v.clone(), &[v.len()], &gpu).unwrap())
+                    .collect();
+                let refs: Vec<&Tensor> = tensors.iter().collect();
+                let expected = common::norm(values.iter().flatten().map(|&x| x as f64));
+                for round in 0..25 {
+                    let mut norm = Tensor::zeros(&[1], DType::F32, &gpu).unwrap();
+                    norm.fill_bytes(0xFF).unwrap();
+                    grad_norm_into(&refs, &mut norm).unwrap();
+                    let got = norm.to_vec::<f32>().unwrap()[0] as f64;
+                    assert!(
+                        (got - expected).abs() <= 1e-6 * expected,
+                        "round {round}: norm {got}, expected {expected}"
+                    );
+                }
+            });
+        }
+    });
+}
