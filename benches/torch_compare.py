@@ -198,6 +198,7 @@ def torch_train(case, warmup, iterations, generator):
         "tokens_per_s": batch * seq / (ms * 1e-3),
         "compiled_ms": results["compiled"],
         "compiled_tokens_per_s": batch * seq / (results["compiled"] * 1e-3),
+        "compiled_tflops": flops / (results["compiled"] * 1e9),
         "what": f"PyTorch eager (torch.compile: {results['compiled']:.1f} ms, "
         f"{batch * seq / (results['compiled'] * 1e-3) / 1e3:.0f}k tokens/s)",
     }
@@ -651,6 +652,17 @@ def torch_train_sparse(case, warmup, iterations, generator):
 
 
 RUNNERS["train_sparse"] = torch_train_sparse
+
+
+def torch_train_hopper(case, warmup, iterations, generator):
+    """The anchor of the GPT-2 step with tessera's sm_90a attention kernels: PyTorch's eager step
+    of the same model (the `train` row has the torch.compile one beside it)."""
+    result = torch_train_sparse(case, warmup, iterations, generator)
+    result["what"] = "PyTorch eager (SDPA, fused AdamW)"
+    return result
+
+
+RUNNERS["train_hopper"] = torch_train_hopper
 
 
 def torch_binary_train(case, warmup, iterations, generator):

@@ -1886,3 +1886,104 @@ fn hopper_backward_refuses_other_calls(device: &Device) {
         }
     }
 }
+
+/// `attention_backward_into` writes, into NaN-poisoned gradients, bitwise what
+/// `attention_backward` returns (the same kernels; that form is checked against the references
+/// above), with grouped heads and the causal mask, and refuses gradients of the wrong shape or
+/// dtype without writing them.
+fn backward_into_matches_backward<T: Float>(device: &Device) {
+    use tessera::ops::attention_backward_into;
+    let mut rng = common::rng();
+    let (batch, seq, heads, kv_heads, d) = (2, 33, 4, 2, 64);
+    let (q_shape, kv_shape) = ([batch, seq, heads, d], [batch, seq, kv_heads, d]);
+    let tensor = |rng: &mut StdRng, shape: &[usize]| {
+        let n = shape.iter().product();
+        Tensor::from_vec(uniform::<T>(rng, n), shape, device).unwrap()
+    };
+    let (q, k, v) = (
+        tensor(&mut rng, &q_shape),
+        tensor(&mut rng, &kv_shape),
+        tensor(&mut rng, &kv_shape),
+    );
+    let d_out = tensor(&mut rng, &q_shape);
+    let options = AttentionOptions {
+        mask: AttentionMask::Causal,
+        ..Default::default()
+    };
+    let (out, lse) = attention_forward(&q, &k, &v, &options).unwrap();
+    let (dq, dk, dv) = attention_backward(&d_out, &q, &k, &v, &out, &lse, &options).unwrap();
+    let (mut dq_into, mut dk_into, mut dv_into) = (poisoned_like(&dq), poisoned_like(&dk), poisoned_like(&dv));
+    attention_backward_into(
+        &d_out,
+        &q,
+        &k,
+        &v,
+        &out,
+        &lse,
+        &options,
+        &mut dq_into,
+        &mut dk_into,
+        &mut dv_into,
+    )
+    .unwrap();
+    for (name, into, fresh) in [("d_q", &dq_into, &dq), ("d_k", &dk_into, &dk), ("d_v", &dv_into, &dv)] {
+        let values = read::<T>(into);
+        assert!(
+            values.iter().all(|x| x.is_finite()),
+            "{name}: an element left unwritten"
+        );
+        assert_eq!(common::bytes(into), common::bytes(fresh), "{name}");
+    }
+    let op = "attention_backward";
+    let mut wrong_shape = poisoned(&q_shape, T::DTYPE, device);
+    let result = attention_backward_into(
+        &d_out,
+        &q,
+        &k,
+        &v,
+        &out,
+        &lse,
+        &options,
+        &mut dq_into,
+        &mut wrong_shape,
+        &mut dv_into,
+    );
+    assert_invalid(result, op, "d_k", &["[2, 33, 2, 64]"]);
+    let other = if T::DTYPE == DType::F32 {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let mut wrong_dtype = poisoned(&q_shape, other, device);
+    let (mut dk_poisoned, mut dv_poisoned) = (poisoned_like(&dk), poisoned_like(&dv));
+    let before = [common::bytes(&dk_poisoned), common::bytes(&dv_poisoned)];
+    let result = attention_backward_into(
+        &d_out,
+        &q,
+        &k,
+        &v,
+        &out,
+        &lse,
+        &options,
+        &mut wrong_dtype,
+        &mut dk_poisoned,
+        &mut dv_poisoned,
+    );
+    assert_invalid(result, op, "d_q", &[T::DTYPE.name()]);
+    let after = [common::bytes(&dk_poisoned), common::bytes(&dv_poisoned)];
+    assert_eq!(after, before, "a refused call writes nothing");
+}
+
+#[test]
+fn cpu_backward_into_matches_backward() {
+    backward_into_matches_backward::<f32>(&Device::Cpu);
+    backward_into_matches_backward::<bf16>(&Device::Cpu);
+}
+
+#[test]
+fn gpu_backward_into_matches_backward() {
+    if let Some(device) = common::gpu() {
+        backward_into_matches_backward::<bf16>(&device);
+        backward_into_matches_backward::<f16>(&device);
+    }
+}

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use cudarc::driver::{
     result as driver, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchArgs,
 };
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,6 +55,18 @@ pub struct CudaBackend {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     blaslt: Mutex<Option<blaslt::BlasLt>>,
     matmul_autotune: AtomicBool,
+    /// Scratch buffers that ops keep from one call to the next, by name (see
+    /// [`CudaBackend::with_scratch`]).
+    scratch: Mutex<HashMap<&'static str, CudaSlice<u8>>>,
+}
+
+thread_local! {
+    /// Device allocations this thread has made (see [`CudaBackend::thread_allocations`]).
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn count_allocation() {
+    ALLOCATIONS.set(ALLOCATIONS.get() + 1);
 }
 
 impl CudaBackend {
@@ -101,6 +114,7 @@ impl CudaBackend {
             modules: Mutex::new(HashMap::new()),
             blaslt: Mutex::new(None),
             matmul_autotune: AtomicBool::new(false),
+            scratch: Mutex::new(HashMap::new()),
         })
     }
 
@@ -259,8 +273,64 @@ impl CudaBackend {
         }
     }
 
+    /// How many device allocations the calling thread has made on any GPU: every tensor's and
+    /// every growth of an op's scratch buffer (not cuBLASLt's workspace, made once per device).
+    /// Two readings around some work tell whether it allocated, e.g. a training step after the
+    /// first; other threads' work does not count.
+    pub fn thread_allocations() -> u64 {
+        ALLOCATIONS.get()
+    }
+
+    /// Runs `f` with the address of the scratch buffer `name`, at least `bytes` long, whose first
+    /// `prefix.len()` bytes hold `prefix` (copied in stream order before `f`'s work); the rest is
+    /// uninitialised. The buffer is kept for the next call with that name and only grows (the old
+    /// one freed in stream order), so a repeated call allocates nothing. Every use is queued on
+    /// this backend's one stream, so a later call's writes come after this call's kernels; the
+    /// lock, held while `f` runs, keeps threads that share the backend from interleaving their
+    /// uses. So `f` must queue all its work on the buffer before it returns, and must not ask
+    /// for scratch itself (the lock is not reentrant).
+    pub(crate) fn with_scratch<T>(
+        &self,
+        name: &'static str,
+        bytes: usize,
+        prefix: &[u8],
+        f: impl FnOnce(u64) -> Result<T>,
+    ) -> Result<T> {
+        if prefix.len() > bytes {
+            return Err(Error::invalid(
+                "CudaBackend::with_scratch",
+                "prefix",
+                format!("at most the {bytes} bytes asked for"),
+                prefix.len(),
+            ));
+        }
+        let mut buffers = self.scratch.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let bytes = bytes.max(1);
+        if buffers.get(name).is_none_or(|b| b.len() < bytes) {
+            // SAFETY: uninitialised scratch; callers write what they read (the prefix below).
+            let slice = unsafe { self.stream.alloc::<u8>(bytes) }.context(&format!(
+                "allocating {bytes} bytes of scratch `{name}` on {}",
+                self.name
+            ))?;
+            count_allocation();
+            buffers.insert(name, slice);
+        }
+        let buffer = buffers
+            .get_mut(name)
+            .ok_or_else(|| Error::cuda("scratch", format!("buffer `{name}` missing after its allocation")))?;
+        if !prefix.is_empty() {
+            let mut head = buffer.slice_mut(..prefix.len());
+            self.stream
+                .memcpy_htod(prefix, &mut head)
+                .context("copying host to device")?;
+        }
+        let (address, _sync) = buffer.device_ptr(&self.stream);
+        f(address)
+    }
+
     /// `bytes` of uninitialised device memory.
     pub(crate) fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuffer> {
+        count_allocation();
         // SAFETY: the memory is uninitialised; every op writes its output before it is read, and
         // tensors created for the user are zeroed or copied into first.
         let slice =
@@ -411,10 +481,6 @@ impl Drop for DeviceBuffer {
 impl DeviceBuffer {
     pub(crate) fn backend(&self) -> &Arc<CudaBackend> {
         &self.backend
-    }
-
-    pub(crate) fn slice(&self) -> &CudaSlice<u8> {
-        &self.slice
     }
 
     /// The raw device address, for descriptor tables and library calls.

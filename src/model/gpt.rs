@@ -49,9 +49,9 @@ struct BlockActivations {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    /// Attention's output (M, C) and log-sum-exp per query row and head.
+    /// Attention's output (M, C) and log-sum-exp per query row and head (batch, seq, heads).
     attention: Tensor,
-    lse: Option<Tensor>,
+    lse: Tensor,
     /// `input + attention·Wo` (M, C), written by the fused norm2.
     middle: Tensor,
     norm2: Tensor,
@@ -78,6 +78,10 @@ struct Scratch {
     d_attention: Tensor,
     d_pre_activation: Tensor,
     d_activated: Tensor,
+    /// Attention's input gradients: queries (M, C), keys and values (M, kv).
+    d_q: Tensor,
+    d_k: Tensor,
+    d_v: Tensor,
     /// Ones (M, 1): a bias's gradient is 1ᵀ·dY.
     ones: Tensor,
 }
@@ -184,8 +188,27 @@ impl Gpt {
         seq: usize,
         loss_scale: f32,
     ) -> Result<f32> {
+        self.forward_backward_queued(inputs, targets, batch, seq, loss_scale)?;
+        self.mean_loss()
+    }
+
+    /// [`Gpt::forward_backward`] without reading the loss back: the work is only queued, and
+    /// [`Gpt::last_loss`] reads the loss later, so that a training step can wait for the device
+    /// once, after its gradient norm.
+    pub fn forward_backward_queued(
+        &mut self,
+        inputs: &[u32],
+        targets: &[u32],
+        batch: usize,
+        seq: usize,
+        loss_scale: f32,
+    ) -> Result<()> {
         self.forward(inputs, Some(targets), batch, seq, Some(loss_scale))?;
-        self.backward()?;
+        self.backward()
+    }
+
+    /// The mean loss of the last forward with targets (it waits for the device).
+    pub fn last_loss(&self) -> Result<f32> {
         self.mean_loss()
     }
 
@@ -523,7 +546,7 @@ impl Activations {
                     k: tensor(kv)?,
                     v: tensor(kv)?,
                     attention: tensor(c)?,
-                    lse: None,
+                    lse: Tensor::zeros(&[batch, seq, config.heads], DType::F32, device)?,
                     middle: tensor(c)?,
                     norm2: tensor(c)?,
                     stats2: stats()?,
@@ -543,6 +566,9 @@ impl Activations {
             d_attention: tensor(c)?,
             d_pre_activation: tensor(pre_width)?,
             d_activated: tensor(f)?,
+            d_q: tensor(c)?,
+            d_k: tensor(kv)?,
+            d_v: tensor(kv)?,
             ones: cast(&ones, dtype)?,
         };
         Ok(Activations {
@@ -827,12 +853,11 @@ fn attention_forward(
     }
     let heads = HeadShapes::new(params, batch, seq);
     heads.split(&mut here.q, &mut here.k, &mut here.v)?;
-    let result = ops::attention_forward(&here.q, &here.k, &here.v, options);
+    here.attention.reshape_in_place(&heads.q)?;
+    let result = ops::attention_forward_into(&here.q, &here.k, &here.v, options, &mut here.attention, &mut here.lse);
     heads.join(&mut here.q, &mut here.k, &mut here.v)?;
-    let (out, lse) = result?;
-    here.attention = out.reshape(&[batch * seq, c])?;
-    here.lse = Some(lse);
-    Ok(())
+    here.attention.reshape_in_place(&[batch * seq, c])?;
+    result
 }
 
 /// Attention's backward from `s.d_attention`, then the query-key-value projections' backward
@@ -849,28 +874,37 @@ fn attention_backward(
     let config = &params.config;
     let (c, kv, m) = (config.width, config.kv_heads * config.head_dim(), batch * seq);
     let heads = HeadShapes::new(params, batch, seq);
-    let lse = here
-        .lse
-        .as_ref()
-        .ok_or_else(|| Error::invalid(OP, "backward", "a training forward first", "none"))?;
     heads.split(&mut here.q, &mut here.k, &mut here.v)?;
+    heads.split(&mut s.d_q, &mut s.d_k, &mut s.d_v)?;
     here.attention.reshape_in_place(&heads.q)?;
     s.d_attention.reshape_in_place(&heads.q)?;
-    let result = ops::attention_backward(&s.d_attention, &here.q, &here.k, &here.v, &here.attention, lse, options);
+    let result = ops::attention_backward_into(
+        &s.d_attention,
+        &here.q,
+        &here.k,
+        &here.v,
+        &here.attention,
+        &here.lse,
+        options,
+        &mut s.d_q,
+        &mut s.d_k,
+        &mut s.d_v,
+    );
     heads.join(&mut here.q, &mut here.k, &mut here.v)?;
+    heads.join(&mut s.d_q, &mut s.d_k, &mut s.d_v)?;
     here.attention.reshape_in_place(&[m, c])?;
     s.d_attention.reshape_in_place(&[m, c])?;
-    let (d_q, d_k, d_v) = result?;
-    let (d_q, d_k, d_v) = (d_q.reshape(&[m, c])?, d_k.reshape(&[m, kv])?, d_v.reshape(&[m, kv])?);
+    result?;
+    let (d_q, d_k, d_v) = (&s.d_q, &s.d_k, &s.d_v);
     match &block.qkv {
         Qkv::Fused(linear) => {
             let d_qkv = s
                 .qkv
                 .as_mut()
                 .ok_or_else(|| Error::invalid(OP, "layout", "a fused qkv buffer", "none"))?;
-            ops::copy_columns(&d_q, 0, d_qkv, 0, c)?;
-            ops::copy_columns(&d_k, 0, d_qkv, c, kv)?;
-            ops::copy_columns(&d_v, 0, d_qkv, c + kv, kv)?;
+            ops::copy_columns(d_q, 0, d_qkv, 0, c)?;
+            ops::copy_columns(d_k, 0, d_qkv, c, kv)?;
+            ops::copy_columns(d_v, 0, d_qkv, c + kv, kv)?;
             linear_backward(
                 params,
                 linear,
@@ -882,9 +916,9 @@ fn attention_backward(
             )
         }
         Qkv::Separate { q, k, v } => {
-            linear_backward(params, q, &here.norm1, &d_q, Some(&mut s.d_normed), false, &s.ones)?;
-            linear_backward(params, k, &here.norm1, &d_k, Some(&mut s.d_normed), true, &s.ones)?;
-            linear_backward(params, v, &here.norm1, &d_v, Some(&mut s.d_normed), true, &s.ones)
+            linear_backward(params, q, &here.norm1, d_q, Some(&mut s.d_normed), false, &s.ones)?;
+            linear_backward(params, k, &here.norm1, d_k, Some(&mut s.d_normed), true, &s.ones)?;
+            linear_backward(params, v, &here.norm1, d_v, Some(&mut s.d_normed), true, &s.ones)
         }
     }
 }

@@ -978,10 +978,16 @@ impl GptParams {
 
     /// The global L2 norm of all gradients.
     pub fn grad_norm(&self) -> Result<f32> {
-        let grads: Vec<&Tensor> = self.params.iter().map(|p| &p.grad).collect();
         let mut norm = Tensor::zeros(&[1], DType::F32, &self.device)?;
-        ops::grad_norm_into(&grads, &mut norm)?;
+        self.grad_norm_into(&mut norm)?;
         Ok(norm.to_vec::<f32>()?[0])
+    }
+
+    /// The global L2 norm of all gradients into `norm` (one f32 on this model's device), without
+    /// reading it back: on a GPU the work is only queued.
+    pub fn grad_norm_into(&self, norm: &mut Tensor) -> Result<()> {
+        let grads: Vec<&Tensor> = self.params.iter().map(|p| &p.grad).collect();
+        ops::grad_norm_into(&grads, norm)
     }
 
     /// Sets every gradient to zero, before a step's first micro-batch.

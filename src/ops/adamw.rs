@@ -373,18 +373,21 @@ mod cuda {
             grad_scale,
             segment_count: segments.len() as u32,
         };
-        let table = backend.upload(bytemuck::cast_slice(&segments))?;
+        let table_bytes: &[u8] = bytemuck::cast_slice(&segments);
         let function = backend.function("adamw", "adamw_step")?;
-        let mut launch = backend.launch_builder(&function);
-        launch.arg(table.slice()).arg(&hyper);
-        let config = LaunchConfig {
-            grid_dim: (grid, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: the table describes live device tensors validated to have `numel` elements
-        // each; the table itself is freed on the same stream after the kernel has run.
-        unsafe { launch.launch(config) }.context("launching adamw_step")?;
-        Ok(())
+        // The table goes into a scratch buffer kept from step to step: no allocation per step.
+        backend.with_scratch("adamw", table_bytes.len(), table_bytes, |table| {
+            let mut launch = backend.launch_builder(&function);
+            launch.arg(&table).arg(&hyper);
+            let config = LaunchConfig {
+                grid_dim: (grid, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the table describes live device tensors validated to have `numel` elements
+            // each, copied into the scratch ahead of the kernel on the same stream.
+            unsafe { launch.launch(config) }.context("launching adamw_step")?;
+            Ok(())
+        })
     }
 }

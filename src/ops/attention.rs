@@ -502,6 +502,49 @@ pub fn attention_backward(
     lse: &Tensor,
     options: &AttentionOptions,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let problem = check_backward(d_out, q, k, v, out, lse, options)?;
+    let mut d_q = new_output(q.shape(), q.dtype(), &q.device())?;
+    let mut d_k = new_output(k.shape(), k.dtype(), &k.device())?;
+    let mut d_v = new_output(v.shape(), v.dtype(), &v.device())?;
+    backward_checked(&problem, d_out, q, k, v, out, lse, &mut d_q, &mut d_k, &mut d_v)?;
+    Ok((d_q, d_k, d_v))
+}
+
+/// [`attention_backward`] into existing gradients: `d_q` shaped and typed as `q`, `d_k` and `d_v`
+/// as `k` and `v`, all on `q`'s device. Every element of the three is written.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_into(
+    d_out: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    options: &AttentionOptions,
+    d_q: &mut Tensor,
+    d_k: &mut Tensor,
+    d_v: &mut Tensor,
+) -> Result<()> {
+    let problem = check_backward(d_out, q, k, v, out, lse, options)?;
+    for (arg, grad, like) in [("d_q", &*d_q, q), ("d_k", &*d_k, k), ("d_v", &*d_v, v)] {
+        grad.expect_dtype(OP_BWD, arg, &[like.dtype()])?;
+        grad.expect_shape(OP_BWD, arg, like.shape())?;
+        q.device().expect_same(&grad.device(), OP_BWD, arg)?;
+    }
+    backward_checked(&problem, d_out, q, k, v, out, lse, d_q, d_k, d_v)
+}
+
+/// The backward's checks beyond the forward's: `d_out` and `out` like `q`, `lse` f32 like `q`
+/// without its last dimension.
+fn check_backward(
+    d_out: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    options: &AttentionOptions,
+) -> Result<Problem> {
     let problem = check_inputs(OP_BWD, q, k, v, options)?;
     for (arg, t) in [("d_out", d_out), ("out", out)] {
         t.expect_dtype(OP_BWD, arg, &[q.dtype()])?;
@@ -511,15 +554,27 @@ pub fn attention_backward(
     lse.expect_dtype(OP_BWD, "lse", &[DType::F32])?;
     lse.expect_shape(OP_BWD, "lse", &lse_shape(q))?;
     q.device().expect_same(&lse.device(), OP_BWD, "lse")?;
-    let mut d_q = new_output(q.shape(), q.dtype(), &q.device())?;
-    let mut d_k = new_output(k.shape(), k.dtype(), &k.device())?;
-    let mut d_v = new_output(v.shape(), v.dtype(), &v.device())?;
+    Ok(problem)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_checked(
+    problem: &Problem,
+    d_out: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    d_q: &mut Tensor,
+    d_k: &mut Tensor,
+    d_v: &mut Tensor,
+) -> Result<()> {
     match q.device() {
-        Device::Cpu => cpu::backward(&problem, d_out, q, k, v, out, lse, &mut d_q, &mut d_k, &mut d_v)?,
+        Device::Cpu => cpu::backward(problem, d_out, q, k, v, out, lse, d_q, d_k, d_v),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::backward(&problem, d_out, q, k, v, out, lse, &mut d_q, &mut d_k, &mut d_v)?,
+        Device::Cuda(_) => cuda::backward(problem, d_out, q, k, v, out, lse, d_q, d_k, d_v),
     }
-    Ok((d_q, d_k, d_v))
 }
 
 /// Position of query row `i` of sequence `b` (bottom-right alignment).
@@ -1273,19 +1328,25 @@ mod cuda {
 
     /// Δ = rowsum(dO ∘ O) for every (token, head) row, f32, with the backward's shared parameters
     /// set in `launch`.
+    /// The f32 bytes of Δ: one per (token, head) row.
+    fn delta_bytes(problem: &Problem) -> usize {
+        problem.total_q() * problem.heads_q * 4
+    }
+
+    /// Δ into `delta`, [`delta_bytes`] of device memory.
     fn delta_kernel(
         launch: &mut Launch,
         problem: &Problem,
         d_out: &Tensor,
         out: &Tensor,
         lse: &Tensor,
-    ) -> Result<Tensor> {
+        delta: u64,
+    ) -> Result<()> {
         let rows = problem.total_q() * problem.heads_q;
-        let delta = Tensor::uninit_cuda(&[rows.max(1)], DType::F32, &launch.backend)?;
         launch.params.out = address(out)?;
         launch.params.d_out = address(d_out)?;
         launch.params.lse = address(lse)?;
-        launch.params.delta = address(&delta)?;
+        launch.params.delta = delta;
 
         // One warp per (token, head) row.
         let name = format!("attention_bwd_delta_{}", out.dtype().name());
@@ -1304,7 +1365,7 @@ mod cuda {
             // `rows` floats; warps past the last row exit.
             unsafe { builder.launch(config) }.context(&format!("launching {name}"))?;
         }
-        Ok(delta)
+        Ok(())
     }
 
     /// The dQ pass and the dK/dV pass into the gradients `launch.params` points at; `kind` names
@@ -1346,14 +1407,15 @@ mod cuda {
         d_v: &Tensor,
     ) -> Result<()> {
         let mut launch = setup(problem, q, k, v)?;
-        let delta = delta_kernel(&mut launch, problem, d_out, out, lse)?;
-        launch.params.d_q = address(d_q)?;
-        launch.params.d_k = address(d_k)?;
-        launch.params.d_v = address(d_v)?;
-        gradient_kernels(&launch, problem, "")?;
-        // `delta` is freed in stream order, after the kernels that read it.
-        drop(delta);
-        Ok(())
+        let backend = launch.backend.clone();
+        // Δ lives in a scratch buffer kept from call to call: no allocation per backward.
+        backend.with_scratch("attention_delta", delta_bytes(problem), &[], |delta| {
+            delta_kernel(&mut launch, problem, d_out, out, lse, delta)?;
+            launch.params.d_q = address(d_q)?;
+            launch.params.d_k = address(d_k)?;
+            launch.params.d_v = address(d_v)?;
+            gradient_kernels(&launch, problem, "")
+        })
     }
 
     /// `out = a + b` (f32 partial gradients) rounded once to `out`'s dtype.
@@ -1398,34 +1460,36 @@ mod cuda {
         grads: (&Tensor, &Tensor, &Tensor),
     ) -> Result<()> {
         let mut launch = setup(problem, &r.q_rot, &r.k_rot, v)?;
-        let delta = delta_kernel(&mut launch, problem, d_out, out, lse)?;
-        launch.params.ceiling = ceiling as i32;
-        let partial = |t: &Tensor| Tensor::uninit_cuda(t.shape(), DType::F32, &launch.backend);
-        let (dq_rot, dq_lim) = (partial(&r.q_rot)?, partial(&r.q_rot)?);
-        let (dk_rot, dk_raw) = (partial(k)?, partial(k)?);
-        let (dv_rot, dv_lim) = (partial(v)?, partial(v)?);
-        for (branch, q, k, d_q, d_k, d_v) in [
-            (BRANCH_ROT, &r.q_rot, &r.k_rot, &dq_rot, &dk_rot, &dv_rot),
-            (BRANCH_LIM, q_lim, k, &dq_lim, &dk_raw, &dv_lim),
-        ] {
-            launch.params.branch = branch;
-            launch.params.q = address(q)?;
-            launch.params.k = address(k)?;
-            launch.params.d_q = address(d_q)?;
-            launch.params.d_k = address(d_k)?;
-            launch.params.d_v = address(d_v)?;
-            gradient_kernels(&launch, problem, "ceiling_")?;
-        }
-        let dq_rot = rope_backward(&dq_rot, &r.q_positions, &rope.config)?;
-        let dq_lim = rope_backward(&dq_lim, at_ceiling, &rope.config)?;
-        let dk_rot = rope_backward(&dk_rot, &r.k_positions, &rope.config)?;
-        let (d_q, d_k, d_v) = grads;
-        sum_into(&launch.backend, &dq_rot, &dq_lim, d_q)?;
-        sum_into(&launch.backend, &dk_rot, &dk_raw, d_k)?;
-        sum_into(&launch.backend, &dv_rot, &dv_lim, d_v)?;
-        // The partials and `delta` are freed in stream order, after the kernels that read them.
-        drop(delta);
-        Ok(())
+        let backend = launch.backend.clone();
+        backend.with_scratch("attention_delta", delta_bytes(problem), &[], |delta| {
+            delta_kernel(&mut launch, problem, d_out, out, lse, delta)?;
+            launch.params.ceiling = ceiling as i32;
+            let partial = |t: &Tensor| Tensor::uninit_cuda(t.shape(), DType::F32, &launch.backend);
+            let (dq_rot, dq_lim) = (partial(&r.q_rot)?, partial(&r.q_rot)?);
+            let (dk_rot, dk_raw) = (partial(k)?, partial(k)?);
+            let (dv_rot, dv_lim) = (partial(v)?, partial(v)?);
+            for (branch, q, k, d_q, d_k, d_v) in [
+                (BRANCH_ROT, &r.q_rot, &r.k_rot, &dq_rot, &dk_rot, &dv_rot),
+                (BRANCH_LIM, q_lim, k, &dq_lim, &dk_raw, &dv_lim),
+            ] {
+                launch.params.branch = branch;
+                launch.params.q = address(q)?;
+                launch.params.k = address(k)?;
+                launch.params.d_q = address(d_q)?;
+                launch.params.d_k = address(d_k)?;
+                launch.params.d_v = address(d_v)?;
+                gradient_kernels(&launch, problem, "ceiling_")?;
+            }
+            let dq_rot = rope_backward(&dq_rot, &r.q_positions, &rope.config)?;
+            let dq_lim = rope_backward(&dq_lim, at_ceiling, &rope.config)?;
+            let dk_rot = rope_backward(&dk_rot, &r.k_positions, &rope.config)?;
+            let (d_q, d_k, d_v) = grads;
+            sum_into(&launch.backend, &dq_rot, &dq_lim, d_q)?;
+            sum_into(&launch.backend, &dk_rot, &dk_raw, d_k)?;
+            sum_into(&launch.backend, &dv_rot, &dv_lim, d_v)?;
+            // The partials are freed in stream order, after the kernels that read them.
+            Ok(())
+        })
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -322,73 +322,72 @@ mod cuda {
         let targets_address = targets.device_buffer()?.address();
         let losses_address = outputs.losses.device_buffer()?.address();
         let mean_address = outputs.mean.device_buffer()?.address();
-        let scratch = backend.alloc(SCRATCH_BYTES)?;
-        let scratch_address = scratch.address();
-        let (rows_i, vocab_i) = (rows as i32, vocab as i32);
-        let (ignore_index, has_ignore) = (options.ignore_index.unwrap_or(0), options.ignore_index.is_some() as i32);
+        // A scratch buffer kept from call to call: no allocation per call.
+        backend.with_scratch("cross_entropy", SCRATCH_BYTES, &[], |scratch_address| {
+            let (rows_i, vocab_i) = (rows as i32, vocab as i32);
+            let (ignore_index, has_ignore) = (options.ignore_index.unwrap_or(0), options.ignore_index.is_some() as i32);
 
-        let count = backend.function("cross_entropy", "cross_entropy_count")?;
-        let mut builder = backend.launch_builder(&count);
-        builder
-            .arg(&targets_address)
-            .arg(&rows_i)
-            .arg(&ignore_index)
-            .arg(&has_ignore)
-            .arg(&options.grad_scale)
-            .arg(&scratch_address);
-        let single = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (MAX_THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: `targets` holds `rows` u32 values; the scratch holds one CrossEntropyScratch.
-        unsafe { builder.launch(single) }.context("launching cross_entropy_count")?;
-
-        if rows > 0 {
-            let vector = 16 / dtype.size_in_bytes();
-            let vectorised = vocab.is_multiple_of(vector) && aligned16(&[x_address, grad_address]);
-            let per_thread = if vectorised { vector } else { 1 };
-            // At least four loads in flight per thread before the block grows past a warp.
-            let threads = (vocab.div_ceil(per_thread * 4).next_multiple_of(32)).clamp(32, MAX_THREADS) as u32;
-            let name = format!(
-                "cross_entropy_rows_{}{}",
-                if vectorised { "vec_" } else { "" },
-                dtype.name()
-            );
-            let function = backend.function("cross_entropy", &name)?;
-            let mut builder = backend.launch_builder(&function);
+            let count = backend.function("cross_entropy", "cross_entropy_count")?;
+            let mut builder = backend.launch_builder(&count);
             builder
-                .arg(&x_address)
-                .arg(&grad_address)
                 .arg(&targets_address)
-                .arg(&losses_address)
-                .arg(&scratch_address)
                 .arg(&rows_i)
-                .arg(&vocab_i)
                 .arg(&ignore_index)
-                .arg(&has_ignore);
-            let config = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (threads, 1, 1),
+                .arg(&has_ignore)
+                .arg(&options.grad_scale)
+                .arg(&scratch_address);
+            let single = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (MAX_THREADS as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: validated shapes: `rows` rows of `vocab` logits (and gradients, the same
-            // array when in place), `rows` targets and losses; the kernel checks each target
-            // against the vocabulary before reading the logit it names.
-            unsafe { builder.launch(config) }.context(&format!("launching {name}"))?;
-        }
+            // SAFETY: `targets` holds `rows` u32 values; the scratch holds one CrossEntropyScratch.
+            unsafe { builder.launch(single) }.context("launching cross_entropy_count")?;
 
-        let mean = backend.function("cross_entropy", "cross_entropy_mean")?;
-        let mut builder = backend.launch_builder(&mean);
-        builder
-            .arg(&losses_address)
-            .arg(&rows_i)
-            .arg(&scratch_address)
-            .arg(&mean_address);
-        // SAFETY: `losses` holds `rows` f32 values, `mean` one; the scratch was written above.
-        unsafe { builder.launch(single) }.context("launching cross_entropy_mean")?;
-        // The scratch is freed in stream order, after the kernels that use it.
-        drop(scratch);
-        Ok(())
+            if rows > 0 {
+                let vector = 16 / dtype.size_in_bytes();
+                let vectorised = vocab.is_multiple_of(vector) && aligned16(&[x_address, grad_address]);
+                let per_thread = if vectorised { vector } else { 1 };
+                // At least four loads in flight per thread before the block grows past a warp.
+                let threads = (vocab.div_ceil(per_thread * 4).next_multiple_of(32)).clamp(32, MAX_THREADS) as u32;
+                let name = format!(
+                    "cross_entropy_rows_{}{}",
+                    if vectorised { "vec_" } else { "" },
+                    dtype.name()
+                );
+                let function = backend.function("cross_entropy", &name)?;
+                let mut builder = backend.launch_builder(&function);
+                builder
+                    .arg(&x_address)
+                    .arg(&grad_address)
+                    .arg(&targets_address)
+                    .arg(&losses_address)
+                    .arg(&scratch_address)
+                    .arg(&rows_i)
+                    .arg(&vocab_i)
+                    .arg(&ignore_index)
+                    .arg(&has_ignore);
+                let config = LaunchConfig {
+                    grid_dim: (rows as u32, 1, 1),
+                    block_dim: (threads, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: validated shapes: `rows` rows of `vocab` logits (and gradients, the same
+                // array when in place), `rows` targets and losses; the kernel checks each target
+                // against the vocabulary before reading the logit it names.
+                unsafe { builder.launch(config) }.context(&format!("launching {name}"))?;
+            }
+
+            let mean = backend.function("cross_entropy", "cross_entropy_mean")?;
+            let mut builder = backend.launch_builder(&mean);
+            builder
+                .arg(&losses_address)
+                .arg(&rows_i)
+                .arg(&scratch_address)
+                .arg(&mean_address);
+            // SAFETY: `losses` holds `rows` f32 values, `mean` one; the scratch was written above.
+            unsafe { builder.launch(single) }.context("launching cross_entropy_mean")?;
+            Ok(())
+        })
     }
 }

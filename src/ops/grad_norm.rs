@@ -179,60 +179,59 @@ mod cuda {
             blocks += t.numel().div_ceil(BLOCK_ELEMENTS) as u64;
         }
         let norm_address = norm.device_buffer()?.address();
-        // Partials, then the clipping scale in the last slot.
-        let scratch = backend.alloc((blocks as usize + 1) * 4)?;
-        let (partials, scale) = (scratch.address(), scratch.address() + 4 * blocks);
-        let table = if segments.is_empty() {
-            None
-        } else {
-            Some(backend.upload(bytemuck::cast_slice(&segments))?)
-        };
-        let segment_count = segments.len() as u32;
-        if let Some(table) = &table {
-            let function = backend.function("grad_norm", "grad_norm_partials")?;
+        // One scratch buffer, kept from call to call: the segment table, then the partials and
+        // the clipping scale in the last slot. The table's 32-byte records keep the partials
+        // 4-byte aligned.
+        let table_bytes: &[u8] = bytemuck::cast_slice(&segments);
+        let scratch_bytes = table_bytes.len() + (blocks as usize + 1) * 4;
+        backend.with_scratch("grad_norm", scratch_bytes, table_bytes, |scratch| {
+            let table = scratch;
+            let partials = scratch + table_bytes.len() as u64;
+            let scale = partials + 4 * blocks;
+            let segment_count = segments.len() as u32;
+            if !segments.is_empty() {
+                let function = backend.function("grad_norm", "grad_norm_partials")?;
+                let mut builder = backend.launch_builder(&function);
+                builder.arg(&table).arg(&segment_count).arg(&partials);
+                let launch = LaunchConfig {
+                    grid_dim: (blocks as u32, 1, 1),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: the table describes live device tensors of `numel` elements each, laid
+                // end to end in `blocks` blocks; the partials hold one f32 per block.
+                unsafe { builder.launch(launch) }.context("launching grad_norm_partials")?;
+            }
+            let function = backend.function("grad_norm", "grad_norm_finish")?;
+            let count = blocks as u32;
+            let max = max_norm.unwrap_or(-1.0);
             let mut builder = backend.launch_builder(&function);
-            builder.arg(table.slice()).arg(&segment_count).arg(&partials);
+            builder
+                .arg(&partials)
+                .arg(&count)
+                .arg(&max)
+                .arg(&norm_address)
+                .arg(&scale);
             let launch = LaunchConfig {
-                grid_dim: (blocks as u32, 1, 1),
-                block_dim: (THREADS, 1, 1),
+                grid_dim: (1, 1, 1),
+                block_dim: (FINISH_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: the table describes live device tensors of `numel` elements each, laid end
-            // to end in `blocks` blocks; the partials hold one f32 per block.
-            unsafe { builder.launch(launch) }.context("launching grad_norm_partials")?;
-        }
-        let function = backend.function("grad_norm", "grad_norm_finish")?;
-        let count = blocks as u32;
-        let max = max_norm.unwrap_or(-1.0);
-        let mut builder = backend.launch_builder(&function);
-        builder
-            .arg(&partials)
-            .arg(&count)
-            .arg(&max)
-            .arg(&norm_address)
-            .arg(&scale);
-        let launch = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (FINISH_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: `count` partials were written above; norm and scale are one f32 each.
-        unsafe { builder.launch(launch) }.context("launching grad_norm_finish")?;
-        if let (Some(table), Some(_)) = (&table, max_norm) {
-            let function = backend.function("grad_norm", "grad_clip_scale")?;
-            let mut builder = backend.launch_builder(&function);
-            builder.arg(table.slice()).arg(&segment_count).arg(&scale);
-            let launch = LaunchConfig {
-                grid_dim: (blocks as u32, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: as for the partials; every element is scaled by the block that owns it.
-            unsafe { builder.launch(launch) }.context("launching grad_clip_scale")?;
-        }
-        // The scratch and the table are freed in stream order, after the kernels.
-        drop(scratch);
-        drop(table);
-        Ok(())
+            // SAFETY: `count` partials were written above; norm and scale are one f32 each.
+            unsafe { builder.launch(launch) }.context("launching grad_norm_finish")?;
+            if !segments.is_empty() && max_norm.is_some() {
+                let function = backend.function("grad_norm", "grad_clip_scale")?;
+                let mut builder = backend.launch_builder(&function);
+                builder.arg(&table).arg(&segment_count).arg(&scale);
+                let launch = LaunchConfig {
+                    grid_dim: (blocks as u32, 1, 1),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: as for the partials; every element is scaled by the block that owns it.
+                unsafe { builder.launch(launch) }.context("launching grad_clip_scale")?;
+            }
+            Ok(())
+        })
     }
 }

@@ -36,6 +36,7 @@ pub mod spdf;
 pub mod wavelet;
 
 pub use adamw::{adamw_step, AdamWConfig, AdamWTensor};
+pub use attention::attention_backward_into;
 pub use attention::{attention_backward, attention_forward, AttentionMask, AttentionOptions, AttentionRope, Varlen};
 pub use attention::{
     attention_forward_into, attention_kernel, set_attention_kernel, with_attention_kernel, AttentionKernel,

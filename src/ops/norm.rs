@@ -502,77 +502,77 @@ mod cuda {
         let target_blocks = (backend.multiprocessors() * BWD_BLOCKS_PER_SM).max(1);
         let rows_per_block = rows.div_ceil(target_blocks).max(1);
         let blocks = rows.div_ceil(rows_per_block);
-        let partials = backend.alloc((blocks * 2 * width).max(1) * 4)?;
-        let partials_address = partials.address();
-        let (rows_i, width_i, rows_per_block_i, blocks_i) =
-            (rows as i32, width as i32, rows_per_block as i32, blocks as i32);
+        // The partials live in a scratch buffer kept from call to call: no allocation per call.
+        let partial_bytes = (blocks * 2 * width).max(1) * 4;
+        backend.with_scratch("norm_backward", partial_bytes, &[], |partials_address| {
+            let (rows_i, width_i, rows_per_block_i, blocks_i) =
+                (rows as i32, width as i32, rows_per_block as i32, blocks as i32);
 
-        if blocks > 0 {
-            let vectorised = vector_ok(
-                width,
-                input.dtype(),
-                &[d_out_address, d_skip_address, input_address, weight, d_input],
-            );
-            let name = format!(
-                "{}_bwd{}_{}",
-                config.prefix(),
-                if vectorised { "_vec" } else { "" },
-                input.dtype().name()
-            );
-            let function = backend.function("norm", &name)?;
-            let shared = 2 * width * 4;
-            if shared > DEFAULT_SHARED_BYTES {
-                function
-                    .set_attribute(
-                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        shared as i32,
-                    )
-                    .context(&format!("allowing {shared} bytes of shared memory for {name}"))?;
+            if blocks > 0 {
+                let vectorised = vector_ok(
+                    width,
+                    input.dtype(),
+                    &[d_out_address, d_skip_address, input_address, weight, d_input],
+                );
+                let name = format!(
+                    "{}_bwd{}_{}",
+                    config.prefix(),
+                    if vectorised { "_vec" } else { "" },
+                    input.dtype().name()
+                );
+                let function = backend.function("norm", &name)?;
+                let shared = 2 * width * 4;
+                if shared > DEFAULT_SHARED_BYTES {
+                    function
+                        .set_attribute(
+                            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            shared as i32,
+                        )
+                        .context(&format!("allowing {shared} bytes of shared memory for {name}"))?;
+                }
+                let mut builder = backend.launch_builder(&function);
+                builder
+                    .arg(&d_out_address)
+                    .arg(&d_skip_address)
+                    .arg(&input_address)
+                    .arg(&weight)
+                    .arg(&mean)
+                    .arg(&rstd)
+                    .arg(&d_input)
+                    .arg(&partials_address)
+                    .arg(&rows_i)
+                    .arg(&width_i)
+                    .arg(&rows_per_block_i);
+                let launch = LaunchConfig {
+                    grid_dim: (blocks as u32, 1, 1),
+                    block_dim: (BWD_THREADS, 1, 1),
+                    shared_mem_bytes: shared as u32,
+                };
+                // SAFETY: validated shapes; `blocks` blocks of `rows_per_block` rows cover every
+                // row once (the last block stops at `rows`); the partials hold 2·width f32 per block;
+                // the shared memory holds 2·width f32.
+                unsafe { builder.launch(launch) }.context(&format!("launching {name}"))?;
             }
+
+            let function = backend.function("norm", "norm_bwd_params")?;
+            let accumulate = grads.accumulate as i32;
             let mut builder = backend.launch_builder(&function);
             builder
-                .arg(&d_out_address)
-                .arg(&d_skip_address)
-                .arg(&input_address)
-                .arg(&weight)
-                .arg(&mean)
-                .arg(&rstd)
-                .arg(&d_input)
                 .arg(&partials_address)
-                .arg(&rows_i)
+                .arg(&blocks_i)
                 .arg(&width_i)
-                .arg(&rows_per_block_i);
+                .arg(&d_weight)
+                .arg(&d_bias)
+                .arg(&accumulate);
             let launch = LaunchConfig {
-                grid_dim: (blocks as u32, 1, 1),
-                block_dim: (BWD_THREADS, 1, 1),
-                shared_mem_bytes: shared as u32,
+                grid_dim: (width.div_ceil(PARAM_THREADS) as u32, 1, 1),
+                block_dim: (PARAM_THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
             };
-            // SAFETY: validated shapes; `blocks` blocks of `rows_per_block` rows cover every
-            // row once (the last block stops at `rows`); the partials hold 2·width f32 per block;
-            // the shared memory holds 2·width f32.
-            unsafe { builder.launch(launch) }.context(&format!("launching {name}"))?;
-        }
-
-        let function = backend.function("norm", "norm_bwd_params")?;
-        let accumulate = grads.accumulate as i32;
-        let mut builder = backend.launch_builder(&function);
-        builder
-            .arg(&partials_address)
-            .arg(&blocks_i)
-            .arg(&width_i)
-            .arg(&d_weight)
-            .arg(&d_bias)
-            .arg(&accumulate);
-        let launch = LaunchConfig {
-            grid_dim: (width.div_ceil(PARAM_THREADS) as u32, 1, 1),
-            block_dim: (PARAM_THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: the partials of `blocks` blocks were written above; d_weight (and d_bias when
-        // not null) hold `width` f32; one thread per column, columns checked.
-        unsafe { builder.launch(launch) }.context("launching norm_bwd_params")?;
-        // Freed in stream order, after the kernels that use it.
-        drop(partials);
-        Ok(())
+            // SAFETY: the partials of `blocks` blocks were written above; d_weight (and d_bias when
+            // not null) hold `width` f32; one thread per column, columns checked.
+            unsafe { builder.launch(launch) }.context("launching norm_bwd_params")?;
+            Ok(())
+        })
     }
 }

@@ -496,6 +496,8 @@ pub struct Trainer {
     step: u64,
     inputs: Vec<u32>,
     targets: Vec<u32>,
+    /// The gradient norm on the model's device, made by the first step and kept.
+    grad_norm: Option<Tensor>,
     /// The frozen teacher of [`TrainOptions::distill_from`].
     teacher: Option<Gpt>,
     /// Fast Forward's copy of the adapters (f32 masters, in [`Trainer::adapter_indices`] order),
@@ -536,6 +538,7 @@ impl Trainer {
             step: 0,
             inputs: Vec::new(),
             targets: Vec::new(),
+            grad_norm: None,
             teacher,
             fast_forward_prev: None,
             fast_forward_log: Vec::new(),
@@ -564,12 +567,21 @@ impl Trainer {
         }
         self.model.params.zero_grads()?;
         let mut loss = 0.0f64;
-        for _ in 0..micro {
+        // The last micro-batch's loss is read after the gradient norm is queued, so that the
+        // step waits for the device once for both.
+        let mut loss_pending = false;
+        for micro_batch in 0..micro {
             self.sampler
                 .next_batch(&corpus.train, batch, seq, &mut self.inputs, &mut self.targets)?;
             // Each micro-batch's mean loss is scaled by 1/micro so the gradients sum to the mean.
             let scale = 1.0 / micro as f32;
             loss += match &mut self.teacher {
+                None if micro_batch + 1 == micro => {
+                    self.model
+                        .forward_backward_queued(&self.inputs, &self.targets, batch, seq, scale)?;
+                    loss_pending = true;
+                    0.0
+                }
                 None => self
                     .model
                     .forward_backward(&self.inputs, &self.targets, batch, seq, scale)?,
@@ -587,8 +599,16 @@ impl Trainer {
                 }
             } as f64;
         }
+        let norm = match &mut self.grad_norm {
+            Some(norm) => norm,
+            empty => empty.insert(Tensor::zeros(&[1], DType::F32, &self.model.params.device)?),
+        };
+        self.model.params.grad_norm_into(norm)?;
+        if loss_pending {
+            loss += self.model.last_loss()? as f64;
+        }
+        let grad_norm = norm.to_vec::<f32>()?[0];
         let loss = (loss / micro as f64) as f32;
-        let grad_norm = self.model.params.grad_norm()?;
         if !loss.is_finite() || !grad_norm.is_finite() {
             return Err(Error::Diverged(format!(
                 "at step {step} the training loss is {loss} and the gradient norm {grad_norm}; \
@@ -1070,6 +1090,7 @@ impl Trainer {
             step,
             inputs: Vec::new(),
             targets: Vec::new(),
+            grad_norm: None,
             teacher,
             fast_forward_prev,
             fast_forward_log: Vec::new(),
