@@ -371,7 +371,7 @@ fn compare_modes(model: &Gpt, batch: usize, prompt: usize, steps: usize, mode: D
     cache.set_decode_mode(mode).unwrap();
     assert_eq!(cache.decode_mode(), mode);
     let what = |round: usize, step: usize| format!("{mode:?} batch {batch}, round {round}, step {step}");
-    for (round, (prompt, steps)) in [(prompt, steps), (prompt / 2 | 1, 3)].into_iter().enumerate() {
+    for (round, (prompt, steps)) in [(prompt, steps), ((prompt / 2) | 1, 3)].into_iter().enumerate() {
         let tokens = random_tokens(&mut rng, batch * prompt, vocab);
         let expected = to_f64(model.prefill(&mut reference, &tokens).unwrap());
         let got = to_f64(model.prefill(&mut cache, &tokens).unwrap());
