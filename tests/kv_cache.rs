@@ -609,3 +609,64 @@ fn generation_with_the_cache_equals_generation_without() {
         assert_eq!(with, without);
     }
 }
+
+/// On a GPU: a capture refuses an allocation, a host copy and a synchronisation with an error
+/// that says which, leaves the device usable, and a captured op replays on new inputs.
+#[cfg(feature = "cuda")]
+#[test]
+fn capture_refuses_what_a_graph_cannot_hold() {
+    let Some(device) = common::gpu() else {
+        return;
+    };
+    let Device::Cuda(backend) = &device else {
+        return;
+    };
+    let small = Tensor::from_vec(vec![half::bf16::from_f32(1.5); 8], &[2, 4], &device).unwrap();
+    type Body<'a> = Box<dyn Fn() -> tessera::Result<()> + 'a>;
+    let refusals: [(&str, Body); 3] = [
+        (
+            "allocation",
+            Box::new(|| Tensor::zeros(&[4], DType::BF16, &device).map(|_| ())),
+        ),
+        (
+            "copy to the host",
+            Box::new(|| small.to_vec::<half::bf16>().map(|_| ())),
+        ),
+        ("synchronisation", Box::new(|| device.synchronize())),
+    ];
+    for (what, body) in refusals {
+        match backend.capture_graph(body) {
+            Err(tessera::Error::Unsupported { reason, .. }) => assert!(reason.contains(what), "{what}: {reason}"),
+            other => panic!("{what}: expected Unsupported, got {other:?}"),
+        }
+    }
+    let mut source = Tensor::from_vec(vec![half::bf16::from_f32(2.0); 8], &[2, 4], &device).unwrap();
+    let mut target = Tensor::from_vec(vec![half::bf16::NAN; 4], &[2, 2], &device).unwrap();
+    let graph = backend
+        .capture_graph(|| tessera::ops::copy_columns(&source, 1, &mut target, 0, 2))
+        .unwrap();
+    assert!(
+        target.to_vec::<half::bf16>().unwrap().iter().all(|v| v.is_nan()),
+        "capture ran the op"
+    );
+    backend.launch_graph(&graph).unwrap();
+    let first: Vec<f32> = target
+        .to_vec::<half::bf16>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_f32())
+        .collect();
+    assert_eq!(first, vec![2.0; 4]);
+    let values: Vec<half::bf16> = (0..8).map(|i| half::bf16::from_f32(i as f32)).collect();
+    source
+        .copy_from(&Tensor::from_vec(values, &[2, 4], &Device::Cpu).unwrap())
+        .unwrap();
+    backend.launch_graph(&graph).unwrap();
+    let second: Vec<f32> = target
+        .to_vec::<half::bf16>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_f32())
+        .collect();
+    assert_eq!(second, vec![1.0, 2.0, 5.0, 6.0]);
+}

@@ -108,6 +108,39 @@ struct Capturable {
     graph: Option<(ModelKey, crate::cuda::CudaGraph)>,
 }
 
+/// Where the capturable step is: the block (none before and after them) and the op.
+#[derive(Default)]
+struct Place {
+    block: Option<usize>,
+    op: &'static str,
+}
+
+impl Place {
+    fn set(&mut self, block: Option<usize>, op: &'static str) {
+        *self = Place { block, op };
+    }
+
+    /// `error` with the op it came from, when it is one that capture raises (an allocation, a
+    /// host copy or a synchronisation refused, a CUDA call failed).
+    fn name(&self, error: Error) -> Error {
+        let place = match self.block {
+            Some(block) => format!("{} of block {block}", self.op),
+            None => self.op.to_string(),
+        };
+        match error {
+            Error::Unsupported { op, reason } => Error::Unsupported {
+                op,
+                reason: format!("{reason} (in {place} of the decode step)"),
+            },
+            Error::Cuda { context, message } => Error::Cuda {
+                context: format!("{context} (in {place} of the decode step)"),
+                message,
+            },
+            other => other,
+        }
+    }
+}
+
 /// Which model a captured graph was recorded for: the address of its parameters and whether
 /// its adapters were on, since both decide what the graph launches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -529,6 +562,12 @@ impl Gpt {
     /// cache's device buffers (filled by [`Gpt::capturable_step`]); nothing here allocates, copies
     /// from or to the host, or waits. The caller advances the cache's length.
     fn queue_capturable(&self, cache: &mut KvCache) -> Result<()> {
+        let mut at = Place::default();
+        self.queue_capturable_at(cache, &mut at).map_err(|e| at.name(e))
+    }
+
+    /// [`Gpt::queue_capturable`], keeping in `at` the op it queues, which an error names.
+    fn queue_capturable_at(&self, cache: &mut KvCache, at: &mut Place) -> Result<()> {
         let params = &self.params;
         let config = &params.config;
         let layout = &params.layout;
@@ -547,15 +586,18 @@ impl Gpt {
             &mut s.input
         };
         view(embedded, &[1, batch, c])?;
+        at.set(None, "the token embedding");
         ops::embedding_forward_into(&s.tokens, params.weight(layout.token_embedding), None, embedded)?;
         view(embedded, &[batch, c])?;
         if let (Some(embedded), Some(index)) = (&mut s.position_embedded, layout.positions) {
             view(embedded, &[1, batch, c])?;
+            at.set(None, "the position embedding");
             ops::embedding_forward_into(&state.positions, params.weight(index), None, embedded)?;
             view(embedded, &[batch, c])?;
         }
 
         for (index, block) in layout.blocks.iter().enumerate() {
+            at.set(Some(index), "the first norm");
             let norm1 = norm_params(params, block.norm1);
             match (index, &s.position_embedded) {
                 (0, Some(positions)) => ops::norm_forward_into(
@@ -583,12 +625,15 @@ impl Gpt {
                         .qkv
                         .as_mut()
                         .ok_or_else(|| Error::invalid(OP, "layout", "a fused qkv buffer", "none"))?;
+                    at.set(Some(index), "the qkv linear");
                     linear_forward_with(params, linear, &s.normed, qkv, scratch.as_deref_mut())?;
+                    at.set(Some(index), "copy_columns of q, k and v");
                     ops::copy_columns(qkv, 0, &mut s.q, 0, c)?;
                     ops::copy_columns(qkv, c, &mut s.k, 0, kv)?;
                     ops::copy_columns(qkv, c + kv, &mut s.v, 0, kv)?;
                 }
                 Qkv::Separate { q, k, v } => {
+                    at.set(Some(index), "the q, k and v linears");
                     linear_forward_with(params, q, &s.normed, &mut s.q, scratch.as_deref_mut())?;
                     linear_forward_with(params, k, &s.normed, &mut s.k, scratch.as_deref_mut())?;
                     linear_forward_with(params, v, &s.normed, &mut s.v, scratch.as_deref_mut())?;
@@ -596,10 +641,12 @@ impl Gpt {
             }
             for (store, new) in [(&mut keys[index], &mut s.k), (&mut values[index], &mut s.v)] {
                 view(new, &[1, batch * kv])?;
+                at.set(Some(index), "kv_append");
                 ops::kv_append_into(new, store, &state.positions)?;
                 view(new, &[batch, kv])?;
             }
             view(&mut s.q, &[batch * config.heads, d])?;
+            at.set(Some(index), "attention_decode");
             ops::attention_decode_into(
                 &s.q,
                 &keys[index],
@@ -610,6 +657,7 @@ impl Gpt {
             )?;
             view(&mut s.q, &[batch, c])?;
             view(&mut state.attended, &[batch, c])?;
+            at.set(Some(index), "the output linear");
             let projected = linear_forward_with(
                 params,
                 &block.out,
@@ -619,6 +667,7 @@ impl Gpt {
             );
             view(&mut state.attended, &[batch * config.heads, d])?;
             projected?;
+            at.set(Some(index), "the second norm");
             ops::norm_forward_into(
                 &self.norm,
                 &s.projected,
@@ -630,6 +679,7 @@ impl Gpt {
 
             match &block.gate {
                 None => {
+                    at.set(Some(index), "the up linear");
                     linear_forward_with(
                         params,
                         &block.up,
@@ -637,22 +687,28 @@ impl Gpt {
                         &mut s.pre_activation,
                         scratch.as_deref_mut(),
                     )?;
+                    at.set(Some(index), "gelu");
                     ops::gelu_forward_into(&s.pre_activation, &mut s.activated)?;
                 }
                 Some(gate) => {
                     let (Some(gate_out), Some(up_out)) = (s.gate.as_mut(), s.up.as_mut()) else {
                         return Err(Error::invalid(OP, "layout", "SwiGLU buffers", "none"));
                     };
+                    at.set(Some(index), "the gate and up linears");
                     linear_forward_with(params, gate, &s.normed, gate_out, scratch.as_deref_mut())?;
                     linear_forward_with(params, &block.up, &s.normed, up_out, scratch.as_deref_mut())?;
+                    at.set(Some(index), "copy_columns of gate and up");
                     ops::copy_columns(gate_out, 0, &mut s.pre_activation, 0, f)?;
                     ops::copy_columns(up_out, 0, &mut s.pre_activation, f, f)?;
+                    at.set(Some(index), "swiglu");
                     ops::swiglu_forward_into(&s.pre_activation, &mut s.activated)?;
                 }
             }
+            at.set(Some(index), "the down linear");
             linear_forward_with(params, &block.down, &s.activated, &mut s.mlp, scratch.as_deref_mut())?;
         }
 
+        at.set(None, "the final norm");
         ops::norm_forward_into(
             &self.norm,
             &s.mlp,
@@ -662,6 +718,7 @@ impl Gpt {
             &mut s.stats,
         )?;
         let head = layout.head.unwrap_or(layout.token_embedding);
+        at.set(None, "the head matmul");
         ops::matmul_into(
             &s.normed,
             params.weight(head),
