@@ -436,28 +436,24 @@ fn capturable_modes_refuse_what_they_cannot_serve(device: &Device) {
     }
 }
 
-/// Greedy generation gives the same text with the capturable step (a graph on a GPU) as with
-/// the eager one.
+/// Greedy generation gives the same text with the capturable step as with the eager one on the
+/// CPU (f32, where the two attentions differ by rounding far below any gap between logits), and
+/// on a GPU the same text with the graph as with the capturable step (bit-identical logits).
 fn generation_in_every_mode(device: &Device) {
     let mut rng = common::rng();
     let config = config(Family::Gpt2, Attention::Causal, false, 24);
     let mut model = Gpt::new(random_params(&config, device, &mut rng), 1, 1).unwrap();
     let prompt = random_tokens(&mut rng, 5, config.vocab);
-    let eager = generate_decoding(&mut model, &prompt, 12, &Sampling::greedy(), 0, Some(DecodeMode::Eager)).unwrap();
-    let mode = if device.is_cuda() {
-        DecodeMode::Graph
+    let (reference, mode) = if device.is_cuda() {
+        (DecodeMode::Capturable, DecodeMode::Graph)
     } else {
-        DecodeMode::Capturable
+        (DecodeMode::Eager, DecodeMode::Capturable)
     };
-    let other = generate_decoding(&mut model, &prompt, 12, &Sampling::greedy(), 0, Some(mode)).unwrap();
-    assert_eq!(eager.len(), 12);
-    if !device.is_cuda() {
-        assert_eq!(other, eager);
-    } else {
-        // bf16 logits of two attention kernels may swap a near tie; most tokens agree.
-        let same = other.iter().zip(&eager).take_while(|(a, b)| a == b).count();
-        assert!(same >= 1, "graph {other:?} eager {eager:?}");
-    }
+    let greedy = Sampling::greedy();
+    let expected = generate_decoding(&mut model, &prompt, 12, &greedy, 0, Some(reference)).unwrap();
+    let got = generate_decoding(&mut model, &prompt, 12, &greedy, 0, Some(mode)).unwrap();
+    assert_eq!(got.len(), 12);
+    assert_eq!(got, expected, "{mode:?} against {reference:?}");
 }
 
 /// A small graph decode for compute-sanitizer: three graph steps on the GPU (the capturable
