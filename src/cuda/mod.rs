@@ -297,9 +297,19 @@ impl CudaBackend {
         capture
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .context("beginning a graph capture")?;
+        /// Sends this thread's work back to the device's stream when dropped, also when `f`
+        /// panics; a capture left open by a panic only blocks the capture stream, which nothing
+        /// else uses.
+        struct Capturing;
+        impl Drop for Capturing {
+            fn drop(&mut self) {
+                CAPTURING.with(|c| c.set(None));
+            }
+        }
+        let capturing = Capturing;
         CAPTURING.with(|c| c.set(Some(self.ordinal)));
         let queued = f();
-        CAPTURING.with(|c| c.set(None));
+        drop(capturing);
         // The capture is ended whatever `f` returned, so that the stream leaves capture mode.
         let graph = capture.end_capture(sys::CUgraphInstantiate_flags(0));
         queued?;
