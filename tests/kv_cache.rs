@@ -386,7 +386,11 @@ fn compare_modes(model: &Gpt, batch: usize, prompt: usize, steps: usize, mode: D
             if exact.is_some() {
                 assert!(got == expected, "{}: logits differ", what(round, step));
             } else {
-                common::assert_close(&what(round, step), &got, &expected, tolerance(&device));
+                // On the CPU the two attentions sum in f32 in different orders; the binary
+                // layers' sums of ±α·x (with cancellation) carry that rounding to ~1e-5 of the
+                // logits' norm for some seeds.
+                let tolerance = if device.is_cuda() { tolerance(&device) } else { 1e-4 };
+                common::assert_close(&what(round, step), &got, &expected, tolerance);
             }
         }
     }
