@@ -13,6 +13,9 @@
 // states merge in shared memory at the end; the output is rounded once.
 //
 // kv_append: row p of the cache (`row` elements) = the step's new row.
+//
+// decode_advance: adds 1 to each of `n` positions, the last node of a decode step, so that the
+// next replay reads the next position without a copy from the host.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
@@ -181,6 +184,10 @@ __device__ __forceinline__ void append(const T* __restrict__ src, T* __restrict_
         kv_append_##NAME(const T* src, T* dst, const uint32_t* position, int64_t row, int capacity) {           \
         append<T>(src, dst, position, row, capacity);                                                            \
     }
+
+extern "C" __global__ void __launch_bounds__(THREADS) decode_advance(uint32_t* positions, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) positions[i] += 1u;
+}
 
 DECODE_KERNELS(__nv_bfloat16, bf16)
 DECODE_KERNELS(__half, f16)

@@ -10,7 +10,7 @@ mod common;
 use common::{assert_close, assert_invalid, uniform, values, Float};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
-use tessera::ops::{attention_decode_into, kv_append_into, AttentionMask, AttentionOptions};
+use tessera::ops::{attention_decode_into, decode_positions_advance, kv_append_into, AttentionMask, AttentionOptions};
 use tessera::{DType, Device, Tensor};
 
 on_each_device!(
@@ -21,6 +21,7 @@ on_each_device!(
     head_dims_and_groups,
     positions_up_to_the_last_row,
     append_writes_one_row,
+    positions_advance_by_one,
     errors_name_the_argument,
 );
 
@@ -249,6 +250,29 @@ fn append_writes_one_row(device: &Device) {
             }
         }
     }
+}
+
+/// Every position moves on by one (wrapping at 2^32, as the kernel's u32 add does), 1 to 1025
+/// of them; an empty tensor is no error; another dtype is.
+fn positions_advance_by_one(device: &Device) {
+    for n in [0usize, 1, 7, 256, 1025] {
+        let mut start: Vec<u32> = (0..n as u32).map(|i| i.wrapping_mul(2_654_435_761)).collect();
+        if n > 0 {
+            start[n - 1] = u32::MAX;
+        }
+        let mut positions = Tensor::from_vec(start.clone(), &[n], device).unwrap();
+        decode_positions_advance(&mut positions).unwrap();
+        decode_positions_advance(&mut positions).unwrap();
+        let expected: Vec<u32> = start.iter().map(|p| p.wrapping_add(2)).collect();
+        assert_eq!(positions.to_vec::<u32>().unwrap(), expected, "{n} positions");
+    }
+    let mut wrong = Tensor::zeros(&[3], DType::F32, device).unwrap();
+    assert_invalid(
+        decode_positions_advance(&mut wrong),
+        "decode_positions_advance",
+        "positions",
+        &[],
+    );
 }
 
 fn errors_name_the_argument(device: &Device) {

@@ -28,8 +28,9 @@
 //! operands), the adapters' intermediates, plus the host-to-device copy of the new tokens.
 //!
 //! Decode modes ([`DecodeMode`]): a decode step can also run in a capturable form, which queues
-//! no allocation, no host copy and no synchronisation: the new tokens and their position go to
-//! device buffers before the step, and every kernel that depends on the position (the position
+//! no allocation, no host copy and no synchronisation: the new tokens go to a device buffer
+//! before the step (their position too, after a prefill; the step's last kernel then advances
+//! it, [`ops::decode_positions_advance`]), and every kernel that depends on the position (the position
 //! embedding, the cache row written, the keys attention reads) reads it from there
 //! ([`ops::attention_decode_into`], [`ops::kv_append_into`]). On a GPU, [`DecodeMode::Graph`]
 //! runs that step once eagerly (which loads the kernels and plans the GEMMs), captures the next
@@ -96,7 +97,11 @@ pub struct KvCache {
 struct Capturable {
     /// (1, batch) u32: the new position, the same in every sequence (the embedding reads it as
     /// tokens of the position table; attention and the cache writes read its first element).
+    /// The step's last kernel adds 1 to it.
     positions: Tensor,
+    /// The position `positions` holds, when known: after a prefill, an eager step or a failed
+    /// one it is uploaded again before the next step.
+    device_position: Option<usize>,
     /// (batch · heads, head_dim).
     attended: Tensor,
     /// (batch, largest adapter rank), when some layer has an adapter.
@@ -263,6 +268,7 @@ impl KvCache {
                 let (heads, d) = (self.config.heads, self.config.head_dim());
                 self.capturable = Some(Capturable {
                     positions: Tensor::zeros(&[1, self.batch], DType::U32, &device)?,
+                    device_position: None,
                     attended: Tensor::zeros(&[self.batch * heads, d], self.logits.dtype(), &device)?,
                     adapter: None,
                     warm: None,
@@ -461,9 +467,13 @@ impl Gpt {
         let Some(state) = cache.capturable.as_mut() else {
             return Err(Error::invalid(OP, "mode", "the capturable step's buffers", "none"));
         };
-        state
-            .positions
-            .copy_from(&Tensor::from_slice(&vec![position; batch], &[1, batch], &Device::Cpu)?)?;
+        if state.device_position != Some(cache.len) {
+            state
+                .positions
+                .copy_from(&Tensor::from_slice(&vec![position; batch], &[1, batch], &Device::Cpu)?)?;
+        }
+        // Unknown until the step has queued without error.
+        state.device_position = None;
         match mode {
             #[cfg(feature = "cuda")]
             DecodeMode::Graph if state.warm == Some(key) => {
@@ -491,6 +501,9 @@ impl Gpt {
             }
         }
         cache.len += 1;
+        if let Some(state) = cache.capturable.as_mut() {
+            state.device_position = Some(cache.len);
+        }
         Ok(())
     }
 
@@ -559,8 +572,9 @@ impl Gpt {
     }
 
     /// Queues the capturable step: one token per sequence, every per-step value read from the
-    /// cache's device buffers (filled by [`Gpt::capturable_step`]); nothing here allocates, copies
-    /// from or to the host, or waits. The caller advances the cache's length.
+    /// cache's device buffers (the tokens filled by [`Gpt::capturable_step`], the position moved
+    /// on by the step's last kernel); nothing here allocates, copies from or to the host, or
+    /// waits. The caller advances the cache's length.
     fn queue_capturable(&self, cache: &mut KvCache) -> Result<()> {
         let mut at = Place::default();
         self.queue_capturable_at(cache, &mut at).map_err(|e| at.name(e))
@@ -725,7 +739,9 @@ impl Gpt {
             None,
             &mut cache.logits,
             MatmulOptions::linear(),
-        )
+        )?;
+        at.set(None, "decode_positions_advance");
+        ops::decode_positions_advance(&mut state.positions)
     }
 
     fn check_cache(&self, cache: &KvCache) -> Result<()> {

@@ -12,7 +12,8 @@
 //! not served here.
 //!
 //! [`kv_append_into`] writes a step's new keys (or values) into row `p` of the cache, the same
-//! way.
+//! way, and [`decode_positions_advance`] moves the positions on by one at the end of a step, so
+//! that a replayed step needs no copy of them from the host.
 
 use crate::device::Device;
 use crate::dtype::{DType, Float};
@@ -22,6 +23,7 @@ use crate::tensor::Tensor;
 
 const OP: &str = "attention_decode";
 const OP_APPEND: &str = "kv_append";
+const OP_ADVANCE: &str = "decode_positions_advance";
 
 /// Validated geometry of one decode attention call.
 struct Decode {
@@ -193,6 +195,25 @@ pub fn kv_append_into(new: &Tensor, store: &mut Tensor, position: &Tensor) -> Re
     }
 }
 
+/// Adds 1 to every element of `positions` (u32, at most 2^31 − 1 of them), in place.
+pub fn decode_positions_advance(positions: &mut Tensor) -> Result<()> {
+    positions.expect_dtype(OP_ADVANCE, "positions", &[DType::U32])?;
+    let n = positions.numel();
+    if n > i32::MAX as usize {
+        return Err(Error::invalid(OP_ADVANCE, "positions", "fewer than 2^31 elements", n));
+    }
+    match positions.device() {
+        Device::Cpu => {
+            for p in positions.host_slice_mut::<u32>()? {
+                *p = p.wrapping_add(1);
+            }
+            Ok(())
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::advance(positions, n),
+    }
+}
+
 mod cpu {
     use super::*;
 
@@ -315,6 +336,27 @@ mod cuda {
         // head_dim a multiple of 8 so that every 16-byte access is aligned within 256-byte
         // aligned allocations; the kernel clamps the position below the capacity.
         unsafe { builder.launch(config) }.context(&format!("launching {name}"))?;
+        Ok(())
+    }
+
+    pub(super) fn advance(positions: &mut Tensor, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let buffer = positions.device_buffer()?;
+        let backend = buffer.backend().clone();
+        let function = backend.function("attention_decode", "decode_advance")?;
+        let address = buffer.address();
+        let count = n as i32;
+        let mut builder = backend.launch_builder(&function);
+        builder.arg(&address).arg(&count);
+        let config = LaunchConfig {
+            grid_dim: (n.div_ceil(THREADS as usize).clamp(1, 1024) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: `positions` holds n u32 values; the kernel's grid-stride loop stays below n.
+        unsafe { builder.launch(config) }.context("launching decode_advance")?;
         Ok(())
     }
 

@@ -107,4 +107,4 @@ pub mod sampling;
 
 pub use sampling::{sample, sample_into, sampling_uniform, SamplingOptions};
 
-pub use attention_decode::{attention_decode_into, kv_append_into};
+pub use attention_decode::{attention_decode_into, decode_positions_advance, kv_append_into};
