@@ -1,12 +1,12 @@
 //! Criterion benchmarks of generation on the CPU with the tiny preset (its context raised to 256):
-//! the prefill of a 128-token prompt, one decode step after it, and 32 greedy tokens with the
+//! the prefill of a 128-token prompt, one decode step after it (eager and capturable), and 32 greedy tokens with the
 //! key/value cache and with the forward rerun over the whole text for each token (the GPU
 //! numbers beside Hugging Face's are `tessera bench --only generate`).
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use std::time::Duration;
 use tessera::model::generate::{generate_with, Sampling};
-use tessera::model::{Gpt, GptConfig, GptParams};
+use tessera::model::{DecodeMode, Gpt, GptConfig, GptParams};
 use tessera::Device;
 
 fn bench_generation(c: &mut Criterion) {
@@ -30,6 +30,18 @@ fn bench_generation(c: &mut Criterion) {
         bencher.iter_batched(
             || {
                 let mut cache = model.kv_cache(1).expect("cache");
+                model.prefill(&mut cache, &prompt).expect("prefill");
+                cache
+            },
+            |mut cache| model.decode(&mut cache, &[7]).expect("decode").numel(),
+            BatchSize::LargeInput,
+        )
+    });
+    group.bench_function("decode_step_capturable_at_128", |bencher| {
+        bencher.iter_batched(
+            || {
+                let mut cache = model.kv_cache(1).expect("cache");
+                cache.set_decode_mode(DecodeMode::Capturable).expect("mode");
                 model.prefill(&mut cache, &prompt).expect("prefill");
                 cache
             },

@@ -920,3 +920,20 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def torch_attention_decode(case, warmup, iterations, generator):
+    """SDPA of one query per head against the whole cache (the last query sees every key)."""
+    batch, heads, d, keys = case["batch"], case["heads"], case["head_dim"], case["keys"]
+    q = uniform((batch, heads, 1, d), torch.bfloat16, -1, 1, generator)
+    k = uniform((batch, heads, keys, d), torch.bfloat16, -1, 1, generator)
+    v = uniform((batch, heads, keys, d), torch.bfloat16, -1, 1, generator)
+
+    def work(i):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    ms = time_ms(work, warmup, iterations)
+    return {"ms": ms, "gbps": 4 * keys * batch * heads * d / (ms * 1e6), "what": "F.scaled_dot_product_attention, 1 query"}
+
+
+RUNNERS["attention_decode"] = torch_attention_decode

@@ -136,6 +136,24 @@ fn train_resume_eval_generate() {
         "3",
     ]);
     assert_eq!(generate.stdout, twice.stdout, "the same seed gives the same text");
+    let graph = tessera(&[
+        "generate",
+        "--device",
+        "cpu",
+        "--checkpoint",
+        path(&out),
+        "--prompt",
+        "fox",
+        "--tokens",
+        "5",
+        "--graph",
+    ]);
+    assert!(!graph.status.success(), "--graph on the CPU: {}", text(&graph));
+    assert!(
+        text(&graph).contains("CUDA graphs need a CUDA device"),
+        "{}",
+        text(&graph)
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

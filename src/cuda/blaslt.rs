@@ -86,6 +86,14 @@ impl BlasLt {
         })
     }
 
+    /// Queues the following matmuls on `stream` (the device's stream, or its capture stream
+    /// while a graph is captured).
+    pub(crate) fn use_stream(&mut self, stream: &std::sync::Arc<cudarc::driver::CudaStream>) {
+        if !std::sync::Arc::ptr_eq(&self.stream, stream) {
+            self.stream = stream.clone();
+        }
+    }
+
     /// Queues one matmul on the device's stream. With `autotune`, the first call of a shape that
     /// overwrites its output (beta = 0) times each of the heuristic's candidate algorithms on the
     /// real operands and keeps the fastest for that shape; otherwise the heuristic's first choice

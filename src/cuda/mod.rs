@@ -58,11 +58,20 @@ pub struct CudaBackend {
     /// Scratch buffers that ops keep from one call to the next, by name (see
     /// [`CudaBackend::with_scratch`]).
     scratch: Mutex<HashMap<&'static str, CudaSlice<u8>>>,
+    /// The stream graphs are captured on, made on first capture: capturing on a stream of its
+    /// own leaves `stream` free for what other threads queue meanwhile.
+    capture_stream: OnceLock<Arc<CudaStream>>,
+    /// Held for the whole of a capture, so that two threads never capture on `capture_stream` at
+    /// once.
+    capture_lock: Mutex<()>,
 }
 
 thread_local! {
     /// Device allocations this thread has made (see [`CudaBackend::thread_allocations`]).
     static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+    /// The ordinal of the device whose work this thread is capturing into a graph, if any: its
+    /// launches, copies and cuBLASLt calls go to that device's capture stream meanwhile.
+    static CAPTURING: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
 fn count_allocation() {
@@ -115,6 +124,8 @@ impl CudaBackend {
             blaslt: Mutex::new(None),
             matmul_autotune: AtomicBool::new(false),
             scratch: Mutex::new(HashMap::new()),
+            capture_stream: OnceLock::new(),
+            capture_lock: Mutex::new(()),
         })
     }
 
@@ -174,6 +185,7 @@ impl CudaBackend {
 
     /// Waits for all queued work and reports any error it raised.
     pub fn synchronize(&self) -> Result<()> {
+        self.refuse_in_capture("a synchronisation")?;
         self.stream.synchronize().context("synchronizing the stream")
     }
 
@@ -245,9 +257,85 @@ impl CudaBackend {
             .context(&format!("allowing {bytes} bytes of dynamic shared memory"))
     }
 
-    /// Starts a launch of `function` on this device's stream.
+    /// Starts a launch of `function` on this device's stream (on its capture stream while this
+    /// thread captures a graph).
     pub(crate) fn launch_builder<'a>(&'a self, function: &'a CudaFunction) -> LaunchArgs<'a> {
-        self.stream.launch_builder(function)
+        self.queue().launch_builder(function)
+    }
+
+    /// The stream this thread's work on the device goes to: the capture stream while this thread
+    /// captures a graph of this device, the device's stream otherwise.
+    pub(crate) fn queue(&self) -> &Arc<CudaStream> {
+        match (CAPTURING.with(Cell::get), self.capture_stream.get()) {
+            (Some(ordinal), Some(capture)) if ordinal == self.ordinal => capture,
+            _ => &self.stream,
+        }
+    }
+
+    /// An error when this thread is capturing a graph of this device: `what` (an allocation, a
+    /// copy from or to the host, a synchronisation) cannot be part of a graph replayed later.
+    fn refuse_in_capture(&self, what: &str) -> Result<()> {
+        if CAPTURING.with(Cell::get) == Some(self.ordinal) {
+            return Err(Error::Unsupported {
+                op: "CUDA graph capture",
+                reason: format!("{what} inside a captured step"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Captures the work `f` queues on this device into a graph and instantiates it, without
+    /// running anything. `f` must queue kernels, device-to-device copies and cuBLASLt calls only:
+    /// an allocation, a host copy or a synchronisation inside it is an error that names it.
+    ///
+    /// The capture runs on a stream of its own in `CU_STREAM_CAPTURE_MODE_THREAD_LOCAL`: other
+    /// threads may keep queueing work on the device's stream meanwhile (global mode would make
+    /// their unsafe calls, such as a synchronous copy, fail the capture), and the checks above
+    /// already keep this thread's own calls capturable.
+    pub fn capture_graph(&self, f: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
+        let _only = self
+            .capture_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let capture = match self.capture_stream.get() {
+            Some(stream) => stream.clone(),
+            None => {
+                let stream = self.context.new_stream().context("creating the capture stream")?;
+                self.capture_stream.get_or_init(|| stream).clone()
+            }
+        };
+        capture
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .context("beginning a graph capture")?;
+        /// Sends this thread's work back to the device's stream when dropped, also when `f`
+        /// panics; a capture left open by a panic only blocks the capture stream, which nothing
+        /// else uses.
+        struct Capturing;
+        impl Drop for Capturing {
+            fn drop(&mut self) {
+                CAPTURING.with(|c| c.set(None));
+            }
+        }
+        let capturing = Capturing;
+        CAPTURING.with(|c| c.set(Some(self.ordinal)));
+        let queued = f();
+        drop(capturing);
+        // The capture is ended whatever `f` returned, so that the stream leaves capture mode.
+        let graph = capture.end_capture(sys::CUgraphInstantiate_flags(0));
+        queued?;
+        let graph = graph
+            .context("ending the graph capture and instantiating it")?
+            .ok_or_else(|| Error::cuda("cuStreamEndCapture", "the capture produced no graph"))?;
+        Ok(CudaGraph { graph })
+    }
+
+    /// Queues one replay of `graph` on this device's stream, after the work queued before it.
+    pub fn launch_graph(&self, graph: &CudaGraph) -> Result<()> {
+        self.refuse_in_capture("a graph launch")?;
+        self.context.bind_to_thread().context("binding the CUDA context")?;
+        // SAFETY: the executable graph is alive (owned by `graph`) and was captured from work of
+        // this device; the buffers it reads and writes are kept alive by its owner.
+        unsafe { driver::graph::launch(graph.graph.cu_graph_exec(), self.stream.cu_stream()) }.context("cuGraphLaunch")
     }
 
     /// Lets `function` use `bytes` of dynamic shared memory (above the default 48 KiB).
@@ -268,7 +356,10 @@ impl CudaBackend {
             *guard = Some(blaslt::BlasLt::new(self)?);
         }
         match guard.as_mut() {
-            Some(handle) => f(handle),
+            Some(handle) => {
+                handle.use_stream(self.queue());
+                f(handle)
+            }
             None => Err(Error::cuda("cuBLASLt", "the handle could not be created")),
         }
     }
@@ -304,6 +395,8 @@ impl CudaBackend {
                 prefix.len(),
             ));
         }
+        // Its allocation and its host copy cannot be captured; no captured step asks for scratch.
+        self.refuse_in_capture(&format!("the scratch buffer `{name}`"))?;
         let mut buffers = self.scratch.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let bytes = bytes.max(1);
         if buffers.get(name).is_none_or(|b| b.len() < bytes) {
@@ -330,6 +423,7 @@ impl CudaBackend {
 
     /// `bytes` of uninitialised device memory.
     pub(crate) fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuffer> {
+        self.refuse_in_capture(&format!("an allocation of {bytes} bytes"))?;
         count_allocation();
         // SAFETY: the memory is uninitialised; every op writes its output before it is read, and
         // tensors created for the user are zeroed or copied into first.
@@ -504,6 +598,7 @@ impl DeviceBuffer {
                 out.len(),
             )
         })?;
+        self.backend.refuse_in_capture("a copy to the host")?;
         self.backend
             .stream
             .memcpy_dtoh(&source, out)
@@ -533,13 +628,14 @@ impl DeviceBuffer {
         let source = source.slice.slice(from);
         let mut destination = self.slice.slice_mut(to);
         self.backend
-            .stream
+            .queue()
             .memcpy_dtod(&source, &mut destination)
             .context("copying device to device")
     }
 
     /// Copies host bytes, at most as many as the buffer holds, into its start.
     pub(crate) fn copy_from_host(&mut self, bytes: &[u8]) -> Result<()> {
+        self.backend.refuse_in_capture("a copy from pageable host memory")?;
         self.backend
             .stream
             .memcpy_htod(bytes, &mut *self.slice)
@@ -570,10 +666,22 @@ impl DeviceBuffer {
             .context
             .bind_to_thread()
             .context("binding the CUDA context")?;
-        let stream = &self.backend.stream;
+        let stream = self.backend.queue();
         let len = len.min(self.slice.len());
         let (address, _sync) = self.slice.device_ptr(stream);
         // SAFETY: the range lies within this allocation, and the memset is ordered on its stream.
         unsafe { driver::memset_d8_async(address, byte, len, stream.cu_stream()) }.context("cuMemsetD8Async")
+    }
+}
+
+/// An instantiated CUDA graph of one device's work, made by [`CudaBackend::capture_graph`] and
+/// replayed by [`CudaBackend::launch_graph`].
+pub struct CudaGraph {
+    graph: cudarc::driver::CudaGraph,
+}
+
+impl std::fmt::Debug for CudaGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CudaGraph")
     }
 }

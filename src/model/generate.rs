@@ -6,6 +6,7 @@
 //! every position, so each further token reruns the forward over the last `context` tokens.
 
 use super::gpt::Gpt;
+use super::kv_cache::DecodeMode;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::train::data::splitmix64;
@@ -69,15 +70,38 @@ pub fn generate_with(
     seed: u64,
     cached: bool,
 ) -> Result<Vec<u32>> {
+    generate_decoding(
+        model,
+        prompt,
+        count,
+        sampling,
+        seed,
+        cached.then_some(DecodeMode::Eager),
+    )
+}
+
+/// [`generate`] with the cache's decode steps run in `mode` (see [`DecodeMode`]; `Graph` replays
+/// one CUDA graph per token), or (`None`) without the cache.
+pub fn generate_decoding(
+    model: &mut Gpt,
+    prompt: &[u32],
+    count: usize,
+    sampling: &Sampling,
+    seed: u64,
+    mode: Option<DecodeMode>,
+) -> Result<Vec<u32>> {
     sampling.validate()?;
     if prompt.is_empty() {
         return Err(Error::invalid(OP, "prompt", "at least one token", "none"));
     }
     let (context, vocab) = (model.params.config.context, model.params.config.vocab);
-    let mut cache = if cached && count > 0 && prompt.len() <= context {
-        Some(model.kv_cache(1)?)
-    } else {
-        None
+    let mut cache = match mode {
+        Some(mode) if count > 0 && prompt.len() <= context => {
+            let mut cache = model.kv_cache(1)?;
+            cache.set_decode_mode(mode)?;
+            Some(cache)
+        }
+        _ => None,
     };
     let mut tokens = prompt.to_vec();
     for step in 0..count {

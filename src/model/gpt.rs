@@ -650,6 +650,19 @@ fn norm_backward(
 /// ([`super::binary_layers`]); a
 /// `sparse_low_rank` one multiplies by its materialised `W = c·B·A + S`.
 pub(super) fn linear_forward(params: &GptParams, linear: &Linear, x: &Tensor, out: &mut Tensor) -> Result<()> {
+    linear_forward_with(params, linear, x, out, None)
+}
+
+/// [`linear_forward`] with the adapter's (tokens × rank) intermediate in `scratch` (whose
+/// allocation holds at least that many elements) instead of a tensor of its own, so that the
+/// call allocates nothing: a captured decode step needs that.
+pub(super) fn linear_forward_with(
+    params: &GptParams,
+    linear: &Linear,
+    x: &Tensor,
+    out: &mut Tensor,
+    scratch: Option<&mut Tensor>,
+) -> Result<()> {
     let options = match linear.layout {
         Layout::OutputMajor => MatmulOptions::linear(),
         _ => MatmulOptions::default(),
@@ -664,14 +677,27 @@ pub(super) fn linear_forward(params: &GptParams, linear: &Linear, x: &Tensor, ou
     }
     match adapter(params, linear) {
         Some((index, scale)) => {
-            let t = adapter_input(params, index, x)?;
             let options = MatmulOptions {
                 trans_b: true,
                 alpha: scale,
                 beta: 1.0,
                 ..MatmulOptions::default()
             };
-            ops::matmul_into(&t, params.weight(index.b), None, out, options)
+            match scratch {
+                Some(t) => {
+                    let (tokens, rank) = (x.shape()[0], params.weight(index.a).shape()[0]);
+                    let numel = t.numel();
+                    t.reshape_in_place(&[numel])?;
+                    t.set_leading_dim(tokens * rank)?;
+                    t.reshape_in_place(&[tokens, rank])?;
+                    ops::matmul_into(x, params.weight(index.a), None, t, MatmulOptions::linear())?;
+                    ops::matmul_into(t, params.weight(index.b), None, out, options)
+                }
+                None => {
+                    let t = adapter_input(params, index, x)?;
+                    ops::matmul_into(&t, params.weight(index.b), None, out, options)
+                }
+            }
         }
         None => Ok(()),
     }

@@ -22,13 +22,25 @@
 //! as one sequence of `batch · width` columns) to read the new positions' rows: the same
 //! arithmetic as the full forward, at a cost linear in the prefix, as attention's.
 //!
-//! Everything is allocated by [`Gpt::kv_cache`]. A step still allocates what the ops allocate:
-//! attention's output and log-sum-exp (and, on a GPU with RoPE, the rotated copies of the
-//! queries and keys and their position tables; on the CPU, attention's f32 copies of its
-//! operands), plus the host-to-device copy of the new tokens.
+//! Everything is allocated by [`Gpt::kv_cache`]. An eager step still allocates what the ops
+//! allocate: attention's output and log-sum-exp (and, on a GPU with RoPE, the rotated copies of
+//! the queries and keys and their position tables; on the CPU, attention's f32 copies of its
+//! operands), the adapters' intermediates, plus the host-to-device copy of the new tokens.
+//!
+//! Decode modes ([`DecodeMode`]): a decode step can also run in a capturable form, which queues
+//! no allocation, no host copy and no synchronisation: the new tokens go to a device buffer
+//! before the step (their position too, after a prefill; the step's last kernel then advances
+//! it, [`ops::decode_positions_advance`]), and every kernel that depends on the position (the position
+//! embedding, the cache row written, the keys attention reads) reads it from there
+//! ([`ops::attention_decode_into`], [`ops::kv_append_into`]). On a GPU, [`DecodeMode::Graph`]
+//! runs that step once eagerly (which loads the kernels and plans the GEMMs), captures the next
+//! into a CUDA graph, and replays the graph for every further token: one launch per step instead
+//! of one per kernel. The capturable step serves models with learned positions (or none) and
+//! without wavelet mixing; RoPE inside attention and the mixing's prefix-long pass are not
+//! captured.
 
 use super::config::Positions;
-use super::gpt::{linear_forward, norm_params, Gpt};
+use super::gpt::{linear_forward, linear_forward_with, norm_params, Gpt};
 use super::params::Qkv;
 use crate::device::Device;
 use crate::dtype::DType;
@@ -37,6 +49,19 @@ use crate::ops::{self, AttentionOptions, AttentionRope, MatmulOptions, NormStats
 use crate::tensor::Tensor;
 
 const OP: &str = "KvCache";
+
+/// How [`Gpt::decode`] runs a step; [`Gpt::prefill`] always runs eagerly.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DecodeMode {
+    /// The ops one after the other, as the prefill runs them.
+    #[default]
+    Eager,
+    /// The capturable step (see the module documentation), launched op by op: what a graph
+    /// records, on any device.
+    Capturable,
+    /// The capturable step captured once into a CUDA graph and replayed (CUDA devices only).
+    Graph,
+}
 
 /// The most positions one pass of a prefill runs: longer prompts go in chunks, which bounds the
 /// step's buffers at `batch · PREFILL_CHUNK` rows.
@@ -62,6 +87,71 @@ pub struct KvCache {
     step: Step,
     /// The next-token logits of the last position of each sequence, (batch, vocab).
     logits: Tensor,
+    mode: DecodeMode,
+    /// The capturable step's own buffers, made when a mode other than eager is chosen.
+    capturable: Option<Capturable>,
+}
+
+/// What the capturable step needs beside [`Step`]: the position in device memory, attention's
+/// output, the adapters' intermediate, and the graph once captured.
+struct Capturable {
+    /// (1, batch) u32: the new position, the same in every sequence (the embedding reads it as
+    /// tokens of the position table; attention and the cache writes read its first element).
+    /// The step's last kernel adds 1 to it.
+    positions: Tensor,
+    /// The position `positions` holds, when known: after a prefill, an eager step or a failed
+    /// one it is uploaded again before the next step.
+    device_position: Option<usize>,
+    /// (batch · heads, head_dim).
+    attended: Tensor,
+    /// (batch, largest adapter rank), when some layer has an adapter.
+    adapter: Option<Tensor>,
+    /// Whether a capturable step has run since the mode was chosen for this model: the first
+    /// runs eagerly, so that nothing inside a capture loads a module or plans a GEMM.
+    warm: Option<ModelKey>,
+    #[cfg(feature = "cuda")]
+    graph: Option<(ModelKey, crate::cuda::CudaGraph)>,
+}
+
+/// Where the capturable step is: the block (none before and after them) and the op.
+#[derive(Default)]
+struct Place {
+    block: Option<usize>,
+    op: &'static str,
+}
+
+impl Place {
+    fn set(&mut self, block: Option<usize>, op: &'static str) {
+        *self = Place { block, op };
+    }
+
+    /// `error` with the op it came from, when it is one that capture raises (an allocation, a
+    /// host copy or a synchronisation refused, a CUDA call failed).
+    fn name(&self, error: Error) -> Error {
+        let place = match self.block {
+            Some(block) => format!("{} of block {block}", self.op),
+            None => self.op.to_string(),
+        };
+        match error {
+            Error::Unsupported { op, reason } => Error::Unsupported {
+                op,
+                reason: format!("{reason} (in {place} of the decode step)"),
+            },
+            Error::Cuda { context, message } => Error::Cuda {
+                context: format!("{context} (in {place} of the decode step)"),
+                message,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Which model a captured graph was recorded for: the address of its parameters and whether
+/// its adapters were on, since both decide what the graph launches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ModelKey {
+    parameters: u64,
+    adapters: bool,
 }
 
 /// The mixing's inputs at every position so far and its output, (context, batch · width).
@@ -143,6 +233,52 @@ impl KvCache {
     /// The next-token logits of the last call, (batch, vocab) in the compute dtype.
     pub fn logits(&self) -> &Tensor {
         &self.logits
+    }
+
+    /// How decode steps run.
+    pub fn decode_mode(&self) -> DecodeMode {
+        self.mode
+    }
+
+    /// Chooses how decode steps run. [`DecodeMode::Capturable`] and [`DecodeMode::Graph`] need a
+    /// model without RoPE and without wavelet mixing, and `Graph` a CUDA device; otherwise an
+    /// [`Error::Unsupported`] that says why, and the mode stays as it was. Allocates the
+    /// capturable step's buffers on first use.
+    pub fn set_decode_mode(&mut self, mode: DecodeMode) -> Result<()> {
+        if mode != DecodeMode::Eager {
+            let refuse = |reason: &str| {
+                Err(Error::Unsupported {
+                    op: OP,
+                    reason: format!("{mode:?} decoding: {reason}"),
+                })
+            };
+            if self.attention.rope.is_some() {
+                return refuse("RoPE inside attention is not served by the capturable step");
+            }
+            if self.wavelet.is_some() {
+                return refuse(
+                    "wavelet mixing runs over the whole prefix, whose length the step cannot read from the device",
+                );
+            }
+            if mode == DecodeMode::Graph && matches!(self.logits.device(), Device::Cpu) {
+                return refuse("CUDA graphs need a CUDA device");
+            }
+            if self.capturable.is_none() {
+                let device = self.logits.device();
+                let (heads, d) = (self.config.heads, self.config.head_dim());
+                self.capturable = Some(Capturable {
+                    positions: Tensor::zeros(&[1, self.batch], DType::U32, &device)?,
+                    device_position: None,
+                    attended: Tensor::zeros(&[self.batch * heads, d], self.logits.dtype(), &device)?,
+                    adapter: None,
+                    warm: None,
+                    #[cfg(feature = "cuda")]
+                    graph: None,
+                });
+            }
+        }
+        self.mode = mode;
+        Ok(())
     }
 }
 
@@ -232,6 +368,8 @@ impl Gpt {
             wavelet,
             step,
             logits: tensor(batch, config.vocab)?,
+            mode: DecodeMode::Eager,
+            capturable: None,
         })
     }
 
@@ -299,8 +437,311 @@ impl Gpt {
             ));
         }
         self.check_tokens(tokens)?;
-        self.step(cache, tokens, 1)?;
+        match cache.mode {
+            DecodeMode::Eager => self.step(cache, tokens, 1)?,
+            mode => self.capturable_step(cache, tokens, mode)?,
+        }
         Ok(&cache.logits)
+    }
+
+    /// The capturable form of a decode step: the tokens and the position go to device memory
+    /// first, then the step runs eagerly (`Capturable`, and the first `Graph` step for a model),
+    /// is captured and launched (the second), or replays its graph (every further one).
+    fn capturable_step(&self, cache: &mut KvCache, tokens: &[u32], mode: DecodeMode) -> Result<()> {
+        let params = &self.params;
+        let key = ModelKey {
+            parameters: match params.weight(params.layout.token_embedding).device() {
+                Device::Cpu => 0,
+                #[cfg(feature = "cuda")]
+                Device::Cuda(_) => params.weight(params.layout.token_embedding).device_buffer()?.address(),
+            },
+            adapters: params.adapters_on(),
+        };
+        self.prepare_capturable(cache)?;
+        let batch = cache.batch;
+        let position = cache.len as u32;
+        let s = &mut cache.step;
+        view(&mut s.tokens, &[1, batch])?;
+        s.tokens
+            .copy_from(&Tensor::from_slice(tokens, &[1, batch], &Device::Cpu)?)?;
+        let Some(state) = cache.capturable.as_mut() else {
+            return Err(Error::invalid(OP, "mode", "the capturable step's buffers", "none"));
+        };
+        if state.device_position != Some(cache.len) {
+            state
+                .positions
+                .copy_from(&Tensor::from_slice(&vec![position; batch], &[1, batch], &Device::Cpu)?)?;
+        }
+        // Unknown until the step has queued without error.
+        state.device_position = None;
+        match mode {
+            #[cfg(feature = "cuda")]
+            DecodeMode::Graph if state.warm == Some(key) => {
+                let backend = match cache.logits.device() {
+                    Device::Cuda(backend) => backend,
+                    Device::Cpu => return Err(Error::invalid(OP, "mode", "a CUDA device for graphs", "the CPU")),
+                };
+                if !matches!(&state.graph, Some((captured, _)) if *captured == key) {
+                    state.graph = None;
+                    let graph = backend.capture_graph(|| self.queue_capturable(cache))?;
+                    match cache.capturable.as_mut() {
+                        Some(state) => state.graph = Some((key, graph)),
+                        None => return Err(Error::invalid(OP, "mode", "the capturable step's buffers", "none")),
+                    }
+                }
+                if let Some((_, graph)) = cache.capturable.as_ref().and_then(|c| c.graph.as_ref()) {
+                    backend.launch_graph(graph)?;
+                }
+            }
+            _ => {
+                self.queue_capturable(cache)?;
+                if let Some(state) = cache.capturable.as_mut() {
+                    state.warm = Some(key);
+                }
+            }
+        }
+        cache.len += 1;
+        if let Some(state) = cache.capturable.as_mut() {
+            state.device_position = Some(cache.len);
+        }
+        Ok(())
+    }
+
+    /// Shows every buffer of the capturable step at its one-token shape and makes the adapters'
+    /// intermediate when the model needs one, so that the step itself only queues work.
+    fn prepare_capturable(&self, cache: &mut KvCache) -> Result<()> {
+        let params = &self.params;
+        let config = &params.config;
+        let batch = cache.batch;
+        let (c, f, d) = (config.width, config.ffn_width, config.head_dim());
+        let kv = config.kv_heads * d;
+        let s = &mut cache.step;
+        for (tensor, width) in [
+            (&mut s.embedded, c),
+            (&mut s.input, c),
+            (&mut s.middle, c),
+            (&mut s.normed, c),
+            (&mut s.q, c),
+            (&mut s.k, kv),
+            (&mut s.v, kv),
+            (&mut s.projected, c),
+            (&mut s.activated, f),
+            (&mut s.mlp, c),
+        ] {
+            view(tensor, &[batch, width])?;
+        }
+        for (tensor, width) in [
+            (&mut s.position_embedded, c),
+            (&mut s.qkv, c + 2 * kv),
+            (&mut s.gate, f),
+            (&mut s.up, f),
+        ] {
+            if let Some(tensor) = tensor {
+                view(tensor, &[batch, width])?;
+            }
+        }
+        let pre_width = if s.gate.is_some() { 2 * f } else { f };
+        view(&mut s.pre_activation, &[batch, pre_width])?;
+        view(&mut s.stats.mean, &[batch])?;
+        view(&mut s.stats.rstd, &[batch])?;
+        for store in cache.keys.iter_mut().chain(cache.values.iter_mut()) {
+            view(store, &[config.context, batch * kv])?;
+        }
+        let rank = params
+            .layout
+            .blocks
+            .iter()
+            .flat_map(|b| {
+                let qkv: Vec<&super::params::Linear> = match &b.qkv {
+                    Qkv::Fused(linear) => vec![linear],
+                    Qkv::Separate { q, k, v } => vec![q, k, v],
+                };
+                qkv.into_iter().chain([&b.out, &b.up, &b.down]).chain(b.gate.as_ref())
+            })
+            .filter_map(|linear| linear.lora.map(|index| params.weight(index.a).shape()[0]))
+            .max();
+        let Some(state) = cache.capturable.as_mut() else {
+            return Err(Error::invalid(OP, "mode", "the capturable step's buffers", "none"));
+        };
+        if let Some(rank) = rank {
+            if state.adapter.as_ref().is_none_or(|t| t.numel() < batch * rank) {
+                state.adapter = Some(Tensor::zeros(&[batch, rank], params.dtype, &params.device)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues the capturable step: one token per sequence, every per-step value read from the
+    /// cache's device buffers (the tokens filled by [`Gpt::capturable_step`], the position moved
+    /// on by the step's last kernel); nothing here allocates, copies from or to the host, or
+    /// waits. The caller advances the cache's length.
+    fn queue_capturable(&self, cache: &mut KvCache) -> Result<()> {
+        let mut at = Place::default();
+        self.queue_capturable_at(cache, &mut at).map_err(|e| at.name(e))
+    }
+
+    /// [`Gpt::queue_capturable`], keeping in `at` the op it queues, which an error names.
+    fn queue_capturable_at(&self, cache: &mut KvCache, at: &mut Place) -> Result<()> {
+        let params = &self.params;
+        let config = &params.config;
+        let layout = &params.layout;
+        let batch = cache.batch;
+        let (c, f, d) = (config.width, config.ffn_width, config.head_dim());
+        let kv = config.kv_heads * d;
+        let (s, keys, values) = (&mut cache.step, &mut cache.keys, &mut cache.values);
+        let Some(state) = cache.capturable.as_mut() else {
+            return Err(Error::invalid(OP, "mode", "the capturable step's buffers", "none"));
+        };
+        let mut scratch = state.adapter.as_mut();
+
+        let embedded = if s.position_embedded.is_some() {
+            &mut s.embedded
+        } else {
+            &mut s.input
+        };
+        view(embedded, &[1, batch, c])?;
+        at.set(None, "the token embedding");
+        ops::embedding_forward_into(&s.tokens, params.weight(layout.token_embedding), None, embedded)?;
+        view(embedded, &[batch, c])?;
+        if let (Some(embedded), Some(index)) = (&mut s.position_embedded, layout.positions) {
+            view(embedded, &[1, batch, c])?;
+            at.set(None, "the position embedding");
+            ops::embedding_forward_into(&state.positions, params.weight(index), None, embedded)?;
+            view(embedded, &[batch, c])?;
+        }
+
+        for (index, block) in layout.blocks.iter().enumerate() {
+            at.set(Some(index), "the first norm");
+            let norm1 = norm_params(params, block.norm1);
+            match (index, &s.position_embedded) {
+                (0, Some(positions)) => ops::norm_forward_into(
+                    &self.norm,
+                    &s.embedded,
+                    Some((positions, &mut s.input)),
+                    norm1,
+                    &mut s.normed,
+                    &mut s.stats,
+                )?,
+                (0, None) => ops::norm_forward_into(&self.norm, &s.input, None, norm1, &mut s.normed, &mut s.stats)?,
+                _ => ops::norm_forward_into(
+                    &self.norm,
+                    &s.mlp,
+                    Some((&s.middle, &mut s.input)),
+                    norm1,
+                    &mut s.normed,
+                    &mut s.stats,
+                )?,
+            }
+
+            match &block.qkv {
+                Qkv::Fused(linear) => {
+                    let qkv = s
+                        .qkv
+                        .as_mut()
+                        .ok_or_else(|| Error::invalid(OP, "layout", "a fused qkv buffer", "none"))?;
+                    at.set(Some(index), "the qkv linear");
+                    linear_forward_with(params, linear, &s.normed, qkv, scratch.as_deref_mut())?;
+                    at.set(Some(index), "copy_columns of q, k and v");
+                    ops::copy_columns(qkv, 0, &mut s.q, 0, c)?;
+                    ops::copy_columns(qkv, c, &mut s.k, 0, kv)?;
+                    ops::copy_columns(qkv, c + kv, &mut s.v, 0, kv)?;
+                }
+                Qkv::Separate { q, k, v } => {
+                    at.set(Some(index), "the q, k and v linears");
+                    linear_forward_with(params, q, &s.normed, &mut s.q, scratch.as_deref_mut())?;
+                    linear_forward_with(params, k, &s.normed, &mut s.k, scratch.as_deref_mut())?;
+                    linear_forward_with(params, v, &s.normed, &mut s.v, scratch.as_deref_mut())?;
+                }
+            }
+            for (store, new) in [(&mut keys[index], &mut s.k), (&mut values[index], &mut s.v)] {
+                view(new, &[1, batch * kv])?;
+                at.set(Some(index), "kv_append");
+                ops::kv_append_into(new, store, &state.positions)?;
+                view(new, &[batch, kv])?;
+            }
+            view(&mut s.q, &[batch * config.heads, d])?;
+            at.set(Some(index), "attention_decode");
+            ops::attention_decode_into(
+                &s.q,
+                &keys[index],
+                &values[index],
+                &state.positions,
+                &cache.attention,
+                &mut state.attended,
+            )?;
+            view(&mut s.q, &[batch, c])?;
+            view(&mut state.attended, &[batch, c])?;
+            at.set(Some(index), "the output linear");
+            let projected = linear_forward_with(
+                params,
+                &block.out,
+                &state.attended,
+                &mut s.projected,
+                scratch.as_deref_mut(),
+            );
+            view(&mut state.attended, &[batch * config.heads, d])?;
+            projected?;
+            at.set(Some(index), "the second norm");
+            ops::norm_forward_into(
+                &self.norm,
+                &s.projected,
+                Some((&s.input, &mut s.middle)),
+                norm_params(params, block.norm2),
+                &mut s.normed,
+                &mut s.stats,
+            )?;
+
+            match &block.gate {
+                None => {
+                    at.set(Some(index), "the up linear");
+                    linear_forward_with(
+                        params,
+                        &block.up,
+                        &s.normed,
+                        &mut s.pre_activation,
+                        scratch.as_deref_mut(),
+                    )?;
+                    at.set(Some(index), "gelu");
+                    ops::gelu_forward_into(&s.pre_activation, &mut s.activated)?;
+                }
+                Some(gate) => {
+                    let (Some(gate_out), Some(up_out)) = (s.gate.as_mut(), s.up.as_mut()) else {
+                        return Err(Error::invalid(OP, "layout", "SwiGLU buffers", "none"));
+                    };
+                    at.set(Some(index), "the gate and up linears");
+                    linear_forward_with(params, gate, &s.normed, gate_out, scratch.as_deref_mut())?;
+                    linear_forward_with(params, &block.up, &s.normed, up_out, scratch.as_deref_mut())?;
+                    at.set(Some(index), "copy_columns of gate and up");
+                    ops::copy_columns(gate_out, 0, &mut s.pre_activation, 0, f)?;
+                    ops::copy_columns(up_out, 0, &mut s.pre_activation, f, f)?;
+                    at.set(Some(index), "swiglu");
+                    ops::swiglu_forward_into(&s.pre_activation, &mut s.activated)?;
+                }
+            }
+            at.set(Some(index), "the down linear");
+            linear_forward_with(params, &block.down, &s.activated, &mut s.mlp, scratch.as_deref_mut())?;
+        }
+
+        at.set(None, "the final norm");
+        ops::norm_forward_into(
+            &self.norm,
+            &s.mlp,
+            Some((&s.middle, &mut s.input)),
+            norm_params(params, layout.final_norm),
+            &mut s.normed,
+            &mut s.stats,
+        )?;
+        let head = layout.head.unwrap_or(layout.token_embedding);
+        at.set(None, "the head matmul");
+        ops::matmul_into(
+            &s.normed,
+            params.weight(head),
+            None,
+            &mut cache.logits,
+            MatmulOptions::linear(),
+        )?;
+        at.set(None, "decode_positions_advance");
+        ops::decode_positions_advance(&mut state.positions)
     }
 
     fn check_cache(&self, cache: &KvCache) -> Result<()> {

@@ -13,7 +13,7 @@ pub mod variants;
 
 pub use config::{Activation, Attention, Family, GptConfig, Norm, Positions};
 pub use gpt::Gpt;
-pub use kv_cache::KvCache;
+pub use kv_cache::{DecodeMode, KvCache};
 pub use params::{GptParams, ModelLayout, Parameter};
 pub use safetensors::SafeTensors;
 pub use variants::{LinearKind, LinearSpec, LinearVariants, LoraSpec, Variant};

@@ -25,6 +25,7 @@ macro_rules! with_float_type {
 
 pub mod adamw;
 pub mod attention;
+pub mod attention_decode;
 pub mod binary;
 pub mod columns;
 pub mod lora;
@@ -106,3 +107,5 @@ pub use grad_norm::{clip_grad_norm, grad_norm_into};
 pub mod sampling;
 
 pub use sampling::{sample, sample_into, sampling_uniform, SamplingOptions};
+
+pub use attention_decode::{attention_decode_into, decode_positions_advance, kv_append_into};

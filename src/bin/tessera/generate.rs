@@ -4,7 +4,8 @@ use crate::args::Args;
 use crate::eval::{load_model, load_tokenizer};
 use crate::train::Failure;
 use std::path::Path;
-use tessera::model::generate::{generate, Sampling};
+use tessera::model::generate::{generate_decoding, Sampling};
+use tessera::model::DecodeMode;
 
 pub const USAGE: &str = "usage: tessera generate --checkpoint DIR [options]
 
@@ -18,6 +19,8 @@ options:
   --top-k K          sample among the K most likely tokens (default 40; 0: all)
   --top-p P          sample within the smallest set of probability >= P (default 1: all)
   --seed N           the sampler's seed (default 0)
+  --graph            replay each decode step as one CUDA graph (models with learned positions
+                     and no wavelet mixing; CUDA only)
   --device DEVICE    cpu or cuda (default: cuda when a GPU is usable)";
 
 pub fn run(args: &[String]) -> Result<(), Failure> {
@@ -35,6 +38,7 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
     let top_k: usize = args.parsed("--top-k").map_err(usage)?.unwrap_or(40);
     let top_p: f32 = args.parsed("--top-p").map_err(usage)?.unwrap_or(1.0);
     let seed: u64 = args.parsed("--seed").map_err(usage)?.unwrap_or(0);
+    let graph = args.flag("--graph");
     let device = crate::device_option(&mut args)?;
     args.finish().map_err(usage)?;
 
@@ -49,7 +53,8 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
     let tokenizer = load_tokenizer(Path::new(&checkpoint), tokenizer.as_deref())?;
     let prompt_tokens = tokenizer.encode(prompt.as_bytes())?;
     let started = std::time::Instant::now();
-    let out = generate(&mut model, &prompt_tokens, tokens, &sampling, seed)?;
+    let mode = if graph { DecodeMode::Graph } else { DecodeMode::Eager };
+    let out = generate_decoding(&mut model, &prompt_tokens, tokens, &sampling, seed, Some(mode))?;
     let seconds = started.elapsed().as_secs_f64();
     println!("{}{}", prompt, tokenizer.decode(&out)?);
     eprintln!(

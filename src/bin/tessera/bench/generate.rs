@@ -17,7 +17,7 @@
 use super::{Context, Result};
 use serde_json::{json, Value};
 use tessera::model::params::linear_summary;
-use tessera::model::{Gpt, GptConfig, GptParams, KvCache, LinearSpec, LinearVariants, LoraSpec, Variant};
+use tessera::model::{DecodeMode, Gpt, GptConfig, GptParams, KvCache, LinearSpec, LinearVariants, LoraSpec, Variant};
 
 use tessera::Tensor;
 
@@ -38,13 +38,17 @@ pub fn run(context: &mut Context) -> Result<Vec<Value>> {
     for (preset, config) in presets {
         let params = GptParams::init(&config, &context.device, 1).map_err(|e| e.to_string())?;
         let model = Gpt::new(params, 1, 1).map_err(|e| e.to_string())?;
-        let mut dense_tokens_per_s = None;
+        // The dense batch-1 tokens/s, eager and with the graph: each form's row is compared with
+        // the dense row of the same decode mode.
+        let mut dense_tokens_per_s = [None, None];
         for batch in [1, 8] {
-            let row = case(context, &model, preset, batch, Form::Dense)?;
-            if batch == 1 {
-                dense_tokens_per_s = row["tokens_per_s"].as_f64();
+            for graph in [false, true] {
+                let row = case(context, &model, preset, batch, Form::Dense, graph)?;
+                if batch == 1 {
+                    dense_tokens_per_s[graph as usize] = row["tokens_per_s"].as_f64();
+                }
+                rows.push(row);
             }
-            rows.push(row);
         }
         drop(model);
         let binary = LinearVariants::all(LinearSpec {
@@ -55,10 +59,12 @@ pub fn run(context: &mut Context) -> Result<Vec<Value>> {
             GptParams::init_with_variants(&config, &binary, &context.device, 1).map_err(|e| e.to_string())?;
         params.pack_binary().map_err(|e| e.to_string())?;
         let model = Gpt::new(params, 1, 1).map_err(|e| e.to_string())?;
-        rows.push(beside_dense(
-            case(context, &model, preset, 1, Form::BinaryPacked)?,
-            dense_tokens_per_s,
-        ));
+        for graph in [false, true] {
+            rows.push(beside_dense(
+                case(context, &model, preset, 1, Form::BinaryPacked, graph)?,
+                dense_tokens_per_s[graph as usize],
+            ));
+        }
         drop(model);
         for rank in [None, Some(8)] {
             let variants = LinearVariants::all(LinearSpec {
@@ -76,12 +82,14 @@ pub fn run(context: &mut Context) -> Result<Vec<Value>> {
             let params =
                 GptParams::init_with_variants(&config, &variants, &context.device, 1).map_err(|e| e.to_string())?;
             let model = Gpt::new(params, 1, 1).map_err(|e| e.to_string())?;
-            let mut row = beside_dense(
-                case(context, &model, preset, 1, Form::Sparse24(rank))?,
-                dense_tokens_per_s,
-            );
-            row["adapter_rank"] = rank.map_or(Value::Null, Value::from);
-            rows.push(row);
+            for graph in [false, true] {
+                let mut row = beside_dense(
+                    case(context, &model, preset, 1, Form::Sparse24(rank), graph)?,
+                    dense_tokens_per_s[graph as usize],
+                );
+                row["adapter_rank"] = rank.map_or(Value::Null, Value::from);
+                rows.push(row);
+            }
         }
     }
     Ok(rows)
@@ -138,13 +146,17 @@ fn argmax(logits: &Tensor) -> tessera::Result<Vec<u32>> {
         .collect())
 }
 
-fn case(context: &Context, model: &Gpt, preset: &str, batch: usize, form: Form) -> Result<Value> {
+/// One generation case; with `graph`, the decode steps replay a CUDA graph of the step.
+fn case(context: &Context, model: &Gpt, preset: &str, batch: usize, form: Form, graph: bool) -> Result<Value> {
     let config = &model.params.config;
     let vocab = config.vocab as u64;
     let prompts: Vec<u32> = (0..batch * PROMPT)
         .map(|i| (tessera::train::data::splitmix64(i as u64) % vocab) as u32)
         .collect();
     let mut cache: KvCache = model.kv_cache(batch).map_err(|e| e.to_string())?;
+    if graph {
+        cache.set_decode_mode(DecodeMode::Graph).map_err(|e| e.to_string())?;
+    }
     let iterations = if context.quick { 2 } else { 5 };
     let prefill = super::median(
         context
@@ -178,11 +190,15 @@ fn case(context: &Context, model: &Gpt, preset: &str, batch: usize, form: Form) 
         Form::Sparse24(Some(rank)) => (format!("2:4 bf16 + rank-{rank} adapters"), "generate_sparse"),
     };
     Ok(json!({
-        "name": format!("generate {preset} batch {batch}, {PROMPT}+{NEW_TOKENS} {form}"),
+        "name": format!(
+            "generate {preset} batch {batch}, {PROMPT}+{NEW_TOKENS} {form}{}",
+            if graph { ", graph" } else { "" }
+        ),
         "kind": kind,
         "preset": preset,
         "config": serde_json::from_str::<Value>(&config.to_json()).map_err(|e| e.to_string())?,
         "batch": batch,
+        "graph": graph,
         "prompt": PROMPT,
         "new_tokens": NEW_TOKENS,
         "ms": total,

@@ -6,6 +6,7 @@
 mod activation;
 mod adamw;
 mod attention;
+mod attention_decode;
 mod binary;
 mod columns;
 mod cross_entropy;
@@ -60,6 +61,7 @@ const FAMILIES: &[(&str, Family)] = &[
     ("binary", binary::run),
     ("train", train::run),
     ("generate", generate::run),
+    ("attention_decode", attention_decode::run),
 ];
 
 type Family = fn(&mut Context) -> Result<Vec<Value>>;
