@@ -207,11 +207,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const
     const int n_tiles = tiles.count();
 
     if (threadIdx.x == 0) {
-#pragma unroll
-        for (int s = 0; s < STAGES; ++s) {
-            barrier_init(&full[s], 1);
-            barrier_init(&empty[s], 2 * 128);
-        }
+        ring_init(full, empty, 2 * 128);
         barrier_init(&q_full, 1);
         barrier_init_fence();
     }

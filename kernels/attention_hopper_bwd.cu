@@ -200,11 +200,7 @@ __device__ __forceinline__ void attention_bwd_dkv_sm90(const TensorMap* map_q, c
     const int count = tiles_per_head * group;
 
     if (threadIdx.x == 0) {
-#pragma unroll
-        for (int s = 0; s < STAGES; ++s) {
-            barrier_init(&full[s], 1);
-            barrier_init(&empty[s], 2 * 128);
-        }
+        ring_init(full, empty, 2 * 128);
         barrier_init(&kv_full, 1);
         barrier_init_fence();
     }
@@ -348,11 +344,7 @@ __device__ __forceinline__ void attention_bwd_dq_sm90(const TensorMap* map_q, co
     const int n_tiles = key_end > 0 ? (int)((key_end + TILE - 1) / TILE) : 0;
 
     if (threadIdx.x == 0) {
-#pragma unroll
-        for (int s = 0; s < STAGES; ++s) {
-            barrier_init(&full[s], 1);
-            barrier_init(&empty[s], 2 * 128);
-        }
+        ring_init(full, empty, 2 * 128);
         barrier_init(&q_full, 1);
         barrier_init_fence();
     }

@@ -112,11 +112,7 @@ __device__ __forceinline__ void sparse_gemm_sm90(const TensorMap* map_values, co
     const int blocks = p.k / 64;
 
     if (threadIdx.x == 0) {
-#pragma unroll
-        for (int s = 0; s < STAGES; ++s) {
-            barrier_init(&full[s], 1);
-            barrier_init(&empty[s], 2 * 128);
-        }
+        ring_init(full, empty, 2 * 128);
         barrier_init_fence();
     }
     __syncthreads();

@@ -76,6 +76,17 @@ __device__ __forceinline__ void barrier_init(uint64_t* bar, int count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem(bar)), "r"(count) : "memory");
 }
 
+// A ring of STAGES stages: full[s] completes on the producer's one arrival (with the bytes it
+// announces), empty[s] on `consumers` arrivals.
+template <int STAGES>
+__device__ __forceinline__ void ring_init(uint64_t (&full)[STAGES], uint64_t (&empty)[STAGES], int consumers) {
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+        barrier_init(&full[s], 1);
+        barrier_init(&empty[s], consumers);
+    }
+}
+
 // Makes the initialised barriers visible to the copy engine (and the rest of the cluster) before
 // the first copy that completes on them; a __syncthreads() after it publishes them to the CTA.
 __device__ __forceinline__ void barrier_init_fence() {

@@ -1544,8 +1544,8 @@ mod cuda {
         /// Must match kernels/attention_hopper.cu: threads per CTA, query rows per CTA, keys per
         /// tile, and the pipeline depth per head dim.
         const THREADS: u32 = 384;
-        const ROWS: usize = 128;
-        const KEYS: usize = 128;
+        pub(super) const ROWS: usize = 128;
+        pub(super) const KEYS: usize = 128;
 
         fn stages(head_dim: usize) -> usize {
             if head_dim == 64 {
@@ -1557,7 +1557,7 @@ mod cuda {
 
         /// Dynamic shared memory: Q, the ring of K and V stages, and room to align the tiles to
         /// 1024 bytes.
-        fn shared_bytes(head_dim: usize) -> usize {
+        pub(super) fn shared_bytes(head_dim: usize) -> usize {
             ROWS * head_dim * 2 + stages(head_dim) * 2 * KEYS * head_dim * 2 + 1024
         }
 
@@ -1692,40 +1692,6 @@ mod cuda {
             drop(offsets);
             Ok(())
         }
-
-        #[cfg(test)]
-        mod tests {
-            use super::*;
-
-            /// What one CTA may have (227 KiB) less the kernel's static shared memory (its
-            /// mbarriers: 80 bytes at most, ptxas's report).
-            const SHARED_LIMIT: usize = 227 * 1024 - 80;
-
-            /// The kernel's mbarriers expect Q_BYTES = 128 · d · 2 for Q and KV_BYTES = 128 · d · 2
-            /// per K or V tile: d / 64 boxes of each map must deliver exactly that, whatever the
-            /// sequence's length (TMA writes whole boxes); every map TMA must accept, shortest and
-            /// longest sequences included; the CTA's shared memory must fit.
-            #[test]
-            fn maps_deliver_what_the_barriers_expect() {
-                for d in [64, 128] {
-                    for (batch, seq, heads) in [(1, 1, 1), (3, 1023, 16), (1, MAX_EXTENT - KEYS, 1)] {
-                        for rows in [ROWS, KEYS] {
-                            let (dims, strides, boxes) = token_geometry(Element::BF16, batch, seq, heads, d, rows);
-                            let geometry = Tiled {
-                                element: Element::BF16,
-                                dims: &dims,
-                                strides: &strides,
-                                boxes: &boxes,
-                                swizzle: Swizzle::Bytes128,
-                            };
-                            assert_eq!(geometry.check(), Ok(()), "d{d} seq {seq}");
-                            assert_eq!(geometry.box_bytes() * (d as u64 / 64), (rows * d * 2) as u64);
-                        }
-                    }
-                    assert!(shared_bytes(d) <= SHARED_LIMIT, "d{d}: {} bytes", shared_bytes(d));
-                }
-            }
-        }
     }
 
     /// The sm_90a backward of kernels/attention_hopper_bwd.cu: a prep kernel (the log-sum-exp in
@@ -1741,8 +1707,8 @@ mod cuda {
         const PREP_THREADS: u32 = 256;
         /// The prep kernel's grid cap: more rows than its warps are walked grid-stride.
         const PREP_BLOCKS: usize = 1 << 20;
-        const TILE: usize = 64;
-        const ROW_TILE: usize = 128;
+        pub(super) const TILE: usize = 64;
+        pub(super) const ROW_TILE: usize = 128;
 
         fn stages(head_dim: usize) -> usize {
             if head_dim == 64 {
@@ -1754,7 +1720,7 @@ mod cuda {
 
         /// Dynamic shared memory of the dK/dV and dQ kernels: two resident 128-row operands, the
         /// ring of stages of two 64-row tiles, and room to align the tiles to 1024 bytes.
-        fn shared_bytes(head_dim: usize) -> usize {
+        pub(super) fn shared_bytes(head_dim: usize) -> usize {
             2 * ROW_TILE * head_dim * 2 + stages(head_dim) * 2 * TILE * head_dim * 2 + 1024
         }
 
@@ -1906,34 +1872,62 @@ mod cuda {
             drop((lse2, delta));
             Ok(())
         }
+    }
 
-        #[cfg(test)]
-        mod tests {
-            use super::*;
+    #[cfg(test)]
+    mod tests {
+        use super::*;
 
-            /// What one CTA may have (227 KiB) less the kernels' static shared memory (mbarriers
-            /// and the stages' log-sum-exp and Δ rows: 2128 bytes at most, ptxas's report).
-            const SHARED_LIMIT: usize = 227 * 1024 - 2128;
+        /// What one CTA may have: 227 KiB, the kernels' static shared memory included (mbarriers,
+        /// and the backward's log-sum-exp and Δ rows per stage: at most 80 and 2128 bytes,
+        /// ptxas's report).
+        const SHARED_LIMIT: usize = 227 * 1024;
 
-            /// Every tile is 64 rows · d · 2 bytes: d / 64 boxes of each map deliver exactly that
-            /// (the kernels' expect_tx counts), every map is one TMA accepts, and the shared
-            /// memory fits.
-            #[test]
-            fn maps_deliver_what_the_barriers_expect() {
+        /// Each Hopper kernel's mbarriers expect rows · d · 2 bytes per tile (Q_BYTES and
+        /// KV_BYTES of the forward, TILE_BYTES of the backward): d / 64 boxes of its maps must
+        /// deliver exactly that whatever the sequence's length (TMA writes whole boxes); every map
+        /// must be one TMA accepts, shortest and longest sequences included; shared memory must
+        /// fit.
+        #[test]
+        fn hopper_maps_deliver_what_the_barriers_expect() {
+            type Shared = fn(usize) -> usize;
+            let kernels: [(&str, &[usize], usize, Shared, usize); 2] = [
+                (
+                    "forward",
+                    &[hopper::ROWS, hopper::KEYS],
+                    MAX_EXTENT - hopper::KEYS,
+                    hopper::shared_bytes,
+                    80,
+                ),
+                (
+                    "backward",
+                    &[hopper_bwd::TILE],
+                    MAX_EXTENT - hopper_bwd::ROW_TILE,
+                    hopper_bwd::shared_bytes,
+                    2128,
+                ),
+            ];
+            for (kernel, tile_rows, longest, shared, static_bytes) in kernels {
                 for d in [64, 128] {
-                    for (batch, seq, heads) in [(1, 1, 1), (3, 1023, 16), (1, MAX_EXTENT - ROW_TILE, 1)] {
-                        let (dims, strides, boxes) = token_geometry(Element::F16, batch, seq, heads, d, TILE);
-                        let geometry = Tiled {
-                            element: Element::F16,
-                            dims: &dims,
-                            strides: &strides,
-                            boxes: &boxes,
-                            swizzle: Swizzle::Bytes128,
-                        };
-                        assert_eq!(geometry.check(), Ok(()), "d{d} seq {seq}");
-                        assert_eq!(geometry.box_bytes() * (d as u64 / 64), (TILE * d * 2) as u64);
+                    for (batch, seq, heads) in [(1, 1, 1), (3, 1023, 16), (1, longest, 1)] {
+                        for (&rows, element) in tile_rows.iter().flat_map(|r| [(r, Element::BF16), (r, Element::F16)]) {
+                            let (dims, strides, boxes) = token_geometry(element, batch, seq, heads, d, rows);
+                            let geometry = Tiled {
+                                element,
+                                dims: &dims,
+                                strides: &strides,
+                                boxes: &boxes,
+                                swizzle: Swizzle::Bytes128,
+                            };
+                            assert_eq!(geometry.check(), Ok(()), "{kernel} d{d} seq {seq}");
+                            assert_eq!(geometry.box_bytes() * (d as u64 / 64), (rows * d * 2) as u64);
+                        }
                     }
-                    assert!(shared_bytes(d) <= SHARED_LIMIT, "d{d}: {} bytes", shared_bytes(d));
+                    assert!(
+                        shared(d) + static_bytes <= SHARED_LIMIT,
+                        "{kernel} d{d}: {} bytes",
+                        shared(d)
+                    );
                 }
             }
         }
