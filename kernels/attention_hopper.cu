@@ -44,17 +44,10 @@
 // Tensor maps (built by src/ops/attention.rs): 4-d (head_dim, heads, seq, batch), box (64, 1,
 // 128, 1), 128-byte swizzle, zero fill out of bounds; packed batches as (head_dim, heads, total,
 // 1).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common/hopper.cuh"
 
 // Threads per CTA: the producer warpgroup and two consumer warpgroups.
 constexpr int SM90_THREADS = 384;
-
-// The layout of CUtensorMap: 128 opaque bytes, passed by value as a __grid_constant__ parameter.
-struct alignas(64) TensorMap {
-    unsigned long long opaque[16];
-};
 
 // Layout shared with src/ops/attention.rs (#[repr(C)] HopperParams).
 struct HopperParams {
@@ -84,173 +77,7 @@ constexpr int BM = 128;  // query rows per CTA (64 per consumer warpgroup)
 constexpr int BN = 128;  // keys per tile
 constexpr float LN2 = 0.6931471805599453f;
 
-// ---- mbarrier and TMA ---------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem(const void* pointer) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
-}
-
-__device__ __forceinline__ void barrier_init(uint64_t* bar, int count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem(bar)), "r"(count) : "memory");
-}
-
-// One arrival that also announces `bytes` of copies that will complete on this phase.
-__device__ __forceinline__ void barrier_arrive_expect(uint64_t* bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem(bar)), "r"(bytes)
-                 : "memory");
-}
-
-__device__ __forceinline__ void barrier_arrive(uint64_t* bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem(bar)) : "memory");
-}
-
-// Waits until the phase of parity `parity` has completed.
-__device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity) {
-    uint32_t done = 0;
-    while (!done) {
-        asm volatile(
-            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done)
-            : "r"(smem(bar)), "r"(parity)
-            : "memory");
-    }
-}
-
-// Copies the box at (c0, c1, c2, c3) of `map` into shared memory; completes on `bar`.
-__device__ __forceinline__ void tma_load(void* dst, const TensorMap* map, uint64_t* bar, int c0, int c1, int c2,
-                                         int c3) {
-    asm volatile(
-        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
-        "[%6];\n" ::"r"(smem(dst)),
-        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem(bar))
-        : "memory");
-}
-
-// ---- wgmma ----------------------------------------------------------------------------------
-
-// Shared-memory matrix descriptor (PTX ISA, wgmma "matrix descriptor"): start address >> 4 in
-// bits 0-13, leading byte offset >> 4 in 16-29, stride byte offset >> 4 in 32-45, base offset 0
-// (every swizzle atom is 1024-byte aligned), 128-byte swizzle (1) in bits 62-63.
-__device__ __forceinline__ uint64_t descriptor(uint32_t address, uint32_t leading, uint32_t stride) {
-    return (uint64_t)((address & 0x3FFFF) >> 4) | ((uint64_t)(leading >> 4) << 16) |
-           ((uint64_t)(stride >> 4) << 32) | (1ull << 62);
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-// Waits until at most N of this warpgroup's committed wgmma groups are still running.
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-
-// Named barriers among the two consumer warpgroups (barrier 0 is __syncthreads'): sync waits
-// for 256 threads' arrivals, its own included; arrive counts toward them without waiting.
-template <int ID>
-__device__ __forceinline__ void named_sync() {
-    asm volatile("bar.sync %0, 256;\n" ::"n"(ID) : "memory");
-}
-template <int ID>
-__device__ __forceinline__ void named_arrive() {
-    asm volatile("bar.arrive %0, 256;\n" ::"n"(ID) : "memory");
-}
-
-// Keeps the compiler from moving reads or writes of accumulator registers across the
-// asynchronous wgmma that owns them.
-template <int N>
-__device__ __forceinline__ void fence_registers(float (&r)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-
-// The same for an A operand in registers, which an asynchronous wgmma reads until it completes:
-// keeping it live up to the wait stops the compiler from reusing its registers earlier.
-template <int N>
-__device__ __forceinline__ void fence_registers(uint32_t (&r)[N][4]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(r[i][e])::"memory");
-    }
-}
-
-// wgmma.mma_async with f32 accumulators in the fragment layout of the PTX ISA: warp w of the
-// warpgroup holds rows 16w..16w+15; register 4i + e holds row 16w + g + 8·(e / 2), column
-// 8i + 2c + e % 2 (g = lane / 4, c = lane % 4). A from registers has the layout of mma.sync's
-// m16n8k16 A fragment per warp.
-template <typename T>
-struct Wgmma;
-
-#define TESSERA_WGMMA_OPS(T, TY)\
-    template <>\
-    struct Wgmma<T> {\
-    static __device__ __forceinline__ void ss_n128(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {\
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"\
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32" TY TY " {"\
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"\
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"\
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"\
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"\
-        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"\
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),\
-              "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),\
-              "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),\
-              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),\
-              "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),\
-              "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),\
-              "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),\
-              "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])\
-            : "l"(a), "l"(b), "r"(accumulate));\
-    }\
-    static __device__ __forceinline__ void rs_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {\
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"\
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32" TY TY " {"\
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"\
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"\
-        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"\
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),\
-              "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),\
-              "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),\
-              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])\
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));\
-    }\
-    static __device__ __forceinline__ void rs_n128(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {\
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"\
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32" TY TY " {"\
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"\
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"\
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"\
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"\
-        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"\
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),\
-              "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),\
-              "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),\
-              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),\
-              "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),\
-              "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),\
-              "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),\
-              "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])\
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));\
-    }\
-    };
-
-TESSERA_WGMMA_OPS(__nv_bfloat16, ".bf16")
-TESSERA_WGMMA_OPS(__half, ".f16")
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack(float lo, float hi);
-
-template <>
-__device__ __forceinline__ uint32_t pack<__nv_bfloat16>(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-template <>
-__device__ __forceinline__ uint32_t pack<__half>(float lo, float hi) {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-}
+using namespace tessera;
 
 __device__ __forceinline__ float quad_max(float x) {
     x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
@@ -380,24 +207,20 @@ __device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const
     const int n_tiles = tiles.count();
 
     if (threadIdx.x == 0) {
-#pragma unroll
-        for (int s = 0; s < STAGES; ++s) {
-            barrier_init(&full[s], 1);
-            barrier_init(&empty[s], 2 * 128);
-        }
+        ring_init(full, empty, 2 * 128);
         barrier_init(&q_full, 1);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        barrier_init_fence();
     }
     __syncthreads();
 
     const int warpgroup = threadIdx.x / 128;
     if (warpgroup == 0) {
         // Producer: one thread issues the copies; the group keeps few registers.
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        registers_decrease<24>();
         if (threadIdx.x == 0) {
             barrier_arrive_expect(&q_full, Q_BYTES);
 #pragma unroll
-            for (int cb = 0; cb < BLOCKS; ++cb) tma_load(sQ + cb * BM * 128, map_q, &q_full, cb * 64, h, q_row, tma_batch);
+            for (int cb = 0; cb < BLOCKS; ++cb) tma_load_4d(smem(sQ + cb * BM * 128), map_q, &q_full, cb * 64, h, q_row, tma_batch);
             for (int n = 0; n < n_tiles; ++n) {
                 const int s = n % STAGES;
                 // The (n / STAGES)-th reuse of stage s waits for the consumers' release of the
@@ -409,15 +232,15 @@ __device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const
                 const int j_row = k_row + tiles.at(n) * BN;
 #pragma unroll
                 for (int cb = 0; cb < BLOCKS; ++cb) {
-                    tma_load(k_tile + cb * BN * 128, map_k, &full[s], cb * 64, kv, j_row, tma_batch);
-                    tma_load(v_tile + cb * BN * 128, map_v, &full[s], cb * 64, kv, j_row, tma_batch);
+                    tma_load_4d(smem(k_tile + cb * BN * 128), map_k, &full[s], cb * 64, kv, j_row, tma_batch);
+                    tma_load_4d(smem(v_tile + cb * BN * 128), map_v, &full[s], cb * 64, kv, j_row, tma_batch);
                 }
             }
         }
         return;
     }
 
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+    registers_increase<240>();
     const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32, g = lane / 4, c = lane % 4;
     const int row0 = m0 + (warpgroup - 1) * 64;  // this warpgroup's first query row
     const int my_row[2] = {row0 + warp * 16 + g, row0 + warp * 16 + g + 8};
@@ -438,16 +261,16 @@ __device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const
     // that every arrival is waited for.
     auto take_turn = [&]() {
         if (warpgroup == 1) {
-            named_sync<2>();
+            named_sync<2, 256>();
         } else {
-            named_sync<3>();
+            named_sync<3, 256>();
         }
     };
     auto pass_turn = [&]() {
         if (warpgroup == 1) {
-            named_arrive<3>();
+            named_arrive<3, 256>();
         } else {
-            named_arrive<2>();
+            named_arrive<2, 256>();
         }
     };
 
@@ -463,8 +286,8 @@ __device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const
             for (int u = (int)threadIdx.x - 128; u < CHUNKS; u += 256) {
                 if (u % (BN * 8) >= first) *reinterpret_cast<uint4*>(v_tile + u * 16) = make_uint4(0, 0, 0, 0);
             }
-            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-            named_sync<1>();
+            fence_proxy_async();
+            named_sync<1, 256>();
         }
     };
 
@@ -474,9 +297,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const
         const uint32_t k_address = smem(sKV) + stage * 2 * KV_BYTES;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            const uint32_t q_at = q_address + (kk / 4) * (BM * 128) + (kk % 4) * 32;
-            const uint32_t k_at = k_address + (kk / 4) * (BN * 128) + (kk % 4) * 32;
-            Wgmma<T>::ss_n128(sc, descriptor(q_at, 16, 1024), descriptor(k_at, 16, 1024), kk > 0);
+            Wgmma<T>::ss_n128(sc, k_major(q_address, kk, BM * 128), k_major(k_address, kk, BN * 128), kk > 0);
         }
         wgmma_commit();
     };
@@ -487,7 +308,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const
         const uint32_t v_address = smem(sKV) + stage * 2 * KV_BYTES + KV_BYTES;
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-            const uint64_t v_desc = descriptor(v_address + kk * 16 * 128, BN * 128, 1024);
+            const uint64_t v_desc = mn_major(v_address, kk, BN * 128);
             if constexpr (D == 64) {
                 Wgmma<T>::rs_n64(o, pa[kk], v_desc);
             } else {
@@ -554,7 +375,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const
     // is issued unconditionally.
     barrier_wait(&q_full, 0);
     if (n_tiles > 0) {
-        if (warpgroup == 2) named_arrive<2>();
+        if (warpgroup == 2) named_arrive<2, 256>();
         uint32_t pa[BN / 16][4];
         {
             barrier_wait(&full[0], 0);
@@ -610,7 +431,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const
         fence_registers(o);
         fence_registers(pa);
         barrier_arrive(&empty[(n_tiles - 1) % STAGES]);
-        if (warpgroup == 1) named_sync<2>();
+        if (warpgroup == 1) named_sync<2, 256>();
     }
 
     T* const out = static_cast<T*>(p.out);
@@ -646,8 +467,9 @@ __device__ __forceinline__ void attention_fwd_sm90(const TensorMap* map_q, const
 // the 227 a CTA may have), 4 of 32 KiB at d64.
 #define ATTENTION_SM90_KERNEL(NAME, T, D, STAGES)                                                              \
     extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1)                                                       \
-        attention_fwd_sm90_##NAME(const __grid_constant__ TensorMap map_q, const __grid_constant__ TensorMap map_k, \
-                                  const __grid_constant__ TensorMap map_v, const HopperParams p) {            \
+        attention_fwd_sm90_##NAME(const __grid_constant__ tessera::TensorMap map_q,                          \
+                                  const __grid_constant__ tessera::TensorMap map_k,                          \
+                                  const __grid_constant__ tessera::TensorMap map_v, const HopperParams p) {            \
         ATTENTION_SM90_BODY(T, D, STAGES)                                                                      \
     }
 

@@ -32,19 +32,12 @@
 // Tensor maps (built by src/ops/attention.rs): 4-d (head_dim, heads, seq, batch), box (64, 1, 64,
 // 1), 128-byte swizzle, zero fill out of bounds: rows past a sequence read as zeros and are never
 // stored.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common/hopper.cuh"
 
 // Threads per CTA of the dkv and dq kernels: the producer warpgroup and two consumer warpgroups.
 constexpr int SM90_BWD_THREADS = 384;
 // Threads per CTA of the prep kernel (one warp per row).
 constexpr int SM90_PREP_THREADS = 256;
-
-// The layout of CUtensorMap: 128 opaque bytes, passed by value as a __grid_constant__ parameter.
-struct alignas(64) TensorMap {
-    unsigned long long opaque[16];
-};
 
 // Layout shared with src/ops/attention.rs (#[repr(C)] HopperBwdParams).
 struct HopperBwdParams {
@@ -69,10 +62,9 @@ struct HopperBwdParams {
 
 namespace {
 
-constexpr float LOG2E = 1.4426950408889634f;
+using namespace tessera;
 
-__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
+constexpr float LOG2E = 1.4426950408889634f;
 
 // One warp per padded row (grid-stride over `rows`); lanes stride over the head dimension, then a
 // butterfly sum.
@@ -125,148 +117,6 @@ constexpr int TILE = 64;                      // rows of every shared-memory til
 constexpr int BLOCK_BYTES = TILE * 128;       // one 64-row column block of a tile
 constexpr int ROW_TILE = 128;                 // rows of a CTA's resident operand (2 tiles)
 
-// ---- mbarrier, TMA and bulk copies ------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem(const void* pointer) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
-}
-
-__device__ __forceinline__ void barrier_init(uint64_t* bar, int count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem(bar)), "r"(count) : "memory");
-}
-
-// One arrival that also announces `bytes` of copies that will complete on this phase.
-__device__ __forceinline__ void barrier_arrive_expect(uint64_t* bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem(bar)), "r"(bytes)
-                 : "memory");
-}
-
-__device__ __forceinline__ void barrier_arrive(uint64_t* bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem(bar)) : "memory");
-}
-
-// Waits until the phase of parity `parity` has completed.
-__device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity) {
-    uint32_t done = 0;
-    while (!done) {
-        asm volatile(
-            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done)
-            : "r"(smem(bar)), "r"(parity)
-            : "memory");
-    }
-}
-
-// Copies the box at (c0, c1, c2, c3) of `map` into shared memory; completes on `bar`.
-__device__ __forceinline__ void tma_load(uint32_t dst, const TensorMap* map, uint64_t* bar, int c0, int c1, int c2,
-                                         int c3) {
-    asm volatile(
-        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
-        "[%6];\n" ::"r"(dst),
-        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem(bar))
-        : "memory");
-}
-
-// Copies `bytes` (a multiple of 16, both addresses 16-byte aligned) from global memory into
-// shared memory; completes on `bar`.
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(smem(dst)),
-        "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(smem(bar))
-        : "memory");
-}
-
-// ---- wgmma ----------------------------------------------------------------------------------
-
-// Shared-memory matrix descriptor (PTX ISA, wgmma "matrix descriptor"): start address >> 4 in
-// bits 0-13, leading byte offset >> 4 in 16-29, stride byte offset >> 4 in 32-45, base offset 0
-// (every swizzle atom is 1024-byte aligned), 128-byte swizzle (1) in bits 62-63.
-__device__ __forceinline__ uint64_t descriptor(uint32_t address, uint32_t leading, uint32_t stride) {
-    return (uint64_t)((address & 0x3FFFF) >> 4) | ((uint64_t)(leading >> 4) << 16) |
-           ((uint64_t)(stride >> 4) << 32) | (1ull << 62);
-}
-
-// A K-major operand (rows × head_dim, the contraction along the row): k16 step kk is 32 bytes
-// into column block kk / 4; 8-row groups are 1024 bytes apart.
-__device__ __forceinline__ uint64_t k_major(uint32_t tile, int kk) {
-    return descriptor(tile + (kk / 4) * BLOCK_BYTES + (kk % 4) * 32, 16, 1024);
-}
-
-// An N-major operand (the contraction along the tile's 64 rows, N along head_dim): k16 step kk
-// is 16 rows (2048 bytes) down; 64-column blocks are BLOCK_BYTES apart (leading byte offset),
-// 8-row groups 1024 (stride byte offset).
-__device__ __forceinline__ uint64_t n_major(uint32_t tile, int kk) {
-    return descriptor(tile + kk * 16 * 128, BLOCK_BYTES, 1024);
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-
-// Keeps the compiler from moving reads or writes of accumulator registers across the
-// asynchronous wgmma that owns them.
-template <int N>
-__device__ __forceinline__ void fence_registers(float (&r)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-
-#define TESSERA_ACC32(d)                                                                                       \
-    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), \
-        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),  \
-        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), \
-        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-#define TESSERA_ACC32_AT(d, o)                                                                                  \
-    "+f"(d[o + 0]), "+f"(d[o + 1]), "+f"(d[o + 2]), "+f"(d[o + 3]), "+f"(d[o + 4]), "+f"(d[o + 5]),             \
-        "+f"(d[o + 6]), "+f"(d[o + 7]), "+f"(d[o + 8]), "+f"(d[o + 9]), "+f"(d[o + 10]), "+f"(d[o + 11]),       \
-        "+f"(d[o + 12]), "+f"(d[o + 13]), "+f"(d[o + 14]), "+f"(d[o + 15]), "+f"(d[o + 16]), "+f"(d[o + 17]),   \
-        "+f"(d[o + 18]), "+f"(d[o + 19]), "+f"(d[o + 20]), "+f"(d[o + 21]), "+f"(d[o + 22]), "+f"(d[o + 23]),   \
-        "+f"(d[o + 24]), "+f"(d[o + 25]), "+f"(d[o + 26]), "+f"(d[o + 27]), "+f"(d[o + 28]), "+f"(d[o + 29]),   \
-        "+f"(d[o + 30]), "+f"(d[o + 31])
-#define TESSERA_REGS32                                                                                         \
-    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
-    "%23, %24, %25, %26, %27, %28, %29, %30, %31"
-#define TESSERA_REGS64                                                                                           \
-    TESSERA_REGS32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, " \
-                   "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-
-// wgmma.mma_async with f32 accumulators in the fragment layout of the PTX ISA: warp w of the
-// warpgroup holds rows 16w..16w+15; register 4i + e holds row 16w + g + 8·(e / 2), column
-// 8i + 2c + e % 2 (g = lane / 4, c = lane % 4). A from registers has the layout of mma.sync's
-// m16n8k16 A fragment per warp. ss: both operands K-major in shared memory, D = A·B (+ D when
-// `accumulate`); rs: A from registers, B N-major, D += A·B.
-template <typename T>
-struct Wgmma;
-
-#define TESSERA_WGMMA_BWD(T, TY)                                                                                 \
-    template <>                                                                                                  \
-    struct Wgmma<T> {                                                                                            \
-        static __device__ __forceinline__ void ss_n64(float (&d)[32], uint64_t a, uint64_t b, int accumulate) { \
-            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                           \
-                         "wgmma.mma_async.sync.aligned.m64n64k16.f32" TY TY " {" TESSERA_REGS32                 \
-                         "}, %32, %33, p, 1, 1, 0, 0;\n}\n"                                                      \
-                         : TESSERA_ACC32(d)                                                                      \
-                         : "l"(a), "l"(b), "r"(accumulate));                                                     \
-        }                                                                                                        \
-        static __device__ __forceinline__ void rs_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {     \
-            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                           \
-                         "wgmma.mma_async.sync.aligned.m64n64k16.f32" TY TY " {" TESSERA_REGS32                 \
-                         "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                        \
-                         : TESSERA_ACC32(d)                                                                      \
-                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));                          \
-        }                                                                                                        \
-        static __device__ __forceinline__ void rs_n128(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {    \
-            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                           \
-                         "wgmma.mma_async.sync.aligned.m64n128k16.f32" TY TY " {" TESSERA_REGS64                \
-                         "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                        \
-                         : TESSERA_ACC32_AT(d, 0), TESSERA_ACC32_AT(d, 32)                                       \
-                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));                          \
-        }                                                                                                        \
-    };
-
-TESSERA_WGMMA_BWD(__nv_bfloat16, ".bf16")
-TESSERA_WGMMA_BWD(__half, ".f16")
-
 // acc (64 rows × D) += A (64 × 16, registers) · B (16 × D, N-major in shared memory).
 template <typename T, int D>
 __device__ __forceinline__ void rs_n(float (&acc)[D / 2], const uint32_t (&a)[4], uint64_t b) {
@@ -277,26 +127,12 @@ __device__ __forceinline__ void rs_n(float (&acc)[D / 2], const uint32_t (&a)[4]
     }
 }
 
-// out (64 × 64) = A (64 rows × D) · Bᵀ (64 rows × D), both K-major tiles in shared memory.
+// out (64 × 64) = A (64 rows × D) · Bᵀ (64 rows × D), both K-major tiles in shared memory, their
+// 64-column blocks BLOCK_BYTES apart.
 template <typename T, int D>
 __device__ __forceinline__ void ss_abt(float (&out)[32], uint32_t a, uint32_t b) {
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) Wgmma<T>::ss_n64(out, k_major(a, kk), k_major(b, kk), kk > 0);
-}
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack(float lo, float hi);
-
-template <>
-__device__ __forceinline__ uint32_t pack<__nv_bfloat16>(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-template <>
-__device__ __forceinline__ uint32_t pack<__half>(float lo, float hi) {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
+    for (int kk = 0; kk < D / 16; ++kk) Wgmma<T>::ss_n64(out, k_major(a, kk, BLOCK_BYTES), k_major(b, kk, BLOCK_BYTES), kk > 0);
 }
 
 // Stores a warpgroup's 64 × D accumulator times `scale` as rows of T: this thread's rows are
@@ -323,7 +159,7 @@ __device__ __forceinline__ void load_tiles(uint32_t dst, const TensorMap* map, u
     for (int tile = 0; tile < tiles; ++tile) {
 #pragma unroll
         for (int cb = 0; cb < D / 64; ++cb) {
-            tma_load(dst + tile * (D / 64) * BLOCK_BYTES + cb * BLOCK_BYTES, map, bar, cb * 64, h, row0 + tile * TILE,
+            tma_load_4d(dst + tile * (D / 64) * BLOCK_BYTES + cb * BLOCK_BYTES, map, bar, cb * 64, h, row0 + tile * TILE,
                      b);
         }
     }
@@ -364,13 +200,9 @@ __device__ __forceinline__ void attention_bwd_dkv_sm90(const TensorMap* map_q, c
     const int count = tiles_per_head * group;
 
     if (threadIdx.x == 0) {
-#pragma unroll
-        for (int s = 0; s < STAGES; ++s) {
-            barrier_init(&full[s], 1);
-            barrier_init(&empty[s], 2 * 128);
-        }
+        ring_init(full, empty, 2 * 128);
         barrier_init(&kv_full, 1);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        barrier_init_fence();
     }
     __syncthreads();
 
@@ -378,7 +210,7 @@ __device__ __forceinline__ void attention_bwd_dkv_sm90(const TensorMap* map_q, c
     if (warpgroup == 0) {
         // Producer: one thread issues the copies; the group keeps few registers. Nothing is
         // loaded when no query sees the tile, so that no copy outlives the CTA.
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        registers_decrease<24>();
         if (threadIdx.x == 0 && count > 0) {
             // The second 64 keys are not loaded when they lie wholly past the sequence: their
             // warpgroup then computes on stale shared memory for keys that are never stored.
@@ -406,7 +238,7 @@ __device__ __forceinline__ void attention_bwd_dkv_sm90(const TensorMap* map_q, c
         return;
     }
 
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+    registers_increase<240>();
     const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32, g = lane / 4, c = lane % 4;
     const int key0 = j0 + (warpgroup - 1) * TILE;  // this warpgroup's first key
     const int my_key[2] = {key0 + warp * 16 + g, key0 + warp * 16 + g + 8};
@@ -431,7 +263,7 @@ __device__ __forceinline__ void attention_bwd_dkv_sm90(const TensorMap* map_q, c
         ss_abt<T, D>(st, k_tile, q_tile);
         ss_abt<T, D>(dpt, v_tile, do_tile);
         wgmma_commit();
-        wgmma_wait_all();
+        wgmma_wait<0>();
         fence_registers(st);
         fence_registers(dpt);
 
@@ -464,11 +296,11 @@ __device__ __forceinline__ void attention_bwd_dkv_sm90(const TensorMap* map_q, c
         fence_registers(dk);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < TILE / 16; ++kk) rs_n<T, D>(dv, pa[kk], n_major(do_tile, kk));
+        for (int kk = 0; kk < TILE / 16; ++kk) rs_n<T, D>(dv, pa[kk], mn_major(do_tile, kk, BLOCK_BYTES));
 #pragma unroll
-        for (int kk = 0; kk < TILE / 16; ++kk) rs_n<T, D>(dk, da[kk], n_major(q_tile, kk));
+        for (int kk = 0; kk < TILE / 16; ++kk) rs_n<T, D>(dk, da[kk], mn_major(q_tile, kk, BLOCK_BYTES));
         wgmma_commit();
-        wgmma_wait_all();
+        wgmma_wait<0>();
         fence_registers(dv);
         fence_registers(dk);
         barrier_arrive(&empty[s]);
@@ -512,19 +344,15 @@ __device__ __forceinline__ void attention_bwd_dq_sm90(const TensorMap* map_q, co
     const int n_tiles = key_end > 0 ? (int)((key_end + TILE - 1) / TILE) : 0;
 
     if (threadIdx.x == 0) {
-#pragma unroll
-        for (int s = 0; s < STAGES; ++s) {
-            barrier_init(&full[s], 1);
-            barrier_init(&empty[s], 2 * 128);
-        }
+        ring_init(full, empty, 2 * 128);
         barrier_init(&q_full, 1);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        barrier_init_fence();
     }
     __syncthreads();
 
     const int warpgroup = threadIdx.x / 128;
     if (warpgroup == 0) {
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        registers_decrease<24>();
         if (threadIdx.x == 0 && n_tiles > 0) {
             // As in the dK/dV kernel, rows wholly past the sequence are not loaded.
             const int halves = m0 + TILE < p.seq_q ? 2 : 1;
@@ -543,7 +371,7 @@ __device__ __forceinline__ void attention_bwd_dq_sm90(const TensorMap* map_q, co
         return;
     }
 
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+    registers_increase<240>();
     const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32, g = lane / 4, c = lane % 4;
     const int row0 = m0 + (warpgroup - 1) * TILE;  // this warpgroup's first query row
     const int my_row[2] = {row0 + warp * 16 + g, row0 + warp * 16 + g + 8};
@@ -581,7 +409,7 @@ __device__ __forceinline__ void attention_bwd_dq_sm90(const TensorMap* map_q, co
         ss_abt<T, D>(sc, q_tile, k_tile);
         ss_abt<T, D>(dp, do_tile, v_tile);
         wgmma_commit();
-        wgmma_wait_all();
+        wgmma_wait<0>();
         fence_registers(sc);
         fence_registers(dp);
 
@@ -609,9 +437,9 @@ __device__ __forceinline__ void attention_bwd_dq_sm90(const TensorMap* map_q, co
         fence_registers(dq);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < TILE / 16; ++kk) rs_n<T, D>(dq, da[kk], n_major(k_tile, kk));
+        for (int kk = 0; kk < TILE / 16; ++kk) rs_n<T, D>(dq, da[kk], mn_major(k_tile, kk, BLOCK_BYTES));
         wgmma_commit();
-        wgmma_wait_all();
+        wgmma_wait<0>();
         fence_registers(dq);
         barrier_arrive(&empty[s]);
     }
@@ -637,8 +465,8 @@ __device__ __forceinline__ void attention_bwd_dq_sm90(const TensorMap* map_q, co
 // Pipeline depth per head dim: 3 stages of 32 KiB (two 64-row tiles) at d128, 4 of 16 KiB at d64.
 #define ATTENTION_BWD_SM90_KERNEL(KIND, NAME, T, D, STAGES)                                                    \
     extern "C" __global__ void __launch_bounds__(SM90_BWD_THREADS, 1) attention_bwd_##KIND##_sm90_##NAME(       \
-        const __grid_constant__ TensorMap map_q, const __grid_constant__ TensorMap map_k,                      \
-        const __grid_constant__ TensorMap map_v, const __grid_constant__ TensorMap map_do,                     \
+        const __grid_constant__ tessera::TensorMap map_q, const __grid_constant__ tessera::TensorMap map_k,                      \
+        const __grid_constant__ tessera::TensorMap map_v, const __grid_constant__ tessera::TensorMap map_do,                     \
         const HopperBwdParams p) {                                                                             \
         ATTENTION_BWD_SM90_BODY(KIND, T, D, STAGES)                                                            \
     }

@@ -34,17 +34,10 @@
 // Tensor maps (built by src/ops/sparse.rs): values 2-d (k/2, n) 16-bit, box (32, 256); metadata
 // 2-d (32 · k/64, n/16) u32, box (32, 16); x 2-d (k, m) 16-bit, box (64, 128), 128-byte swizzle.
 // Zero fill out of bounds.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common/hopper.cuh"
 
 // Threads per CTA: the producer warpgroup and two consumer warpgroups.
 constexpr int SPARSE_SM90_THREADS = 384;
-
-// The layout of CUtensorMap: 128 opaque bytes, passed by value as a __grid_constant__ parameter.
-struct alignas(64) SparseTensorMap {
-    unsigned long long opaque[16];
-};
 
 // Layout shared with src/ops/sparse.rs (#[repr(C)] HopperParams).
 struct SparseHopperParams {
@@ -78,72 +71,7 @@ static_assert(2 * TOKENS * OUT_STRIDE * 4 <= STAGES * STAGE_BYTES, "the epilogue
 // row tiles past n (0b0000 is an invalid code).
 constexpr uint32_t PLACEHOLDER_META = 0x44444444u;
 
-__device__ __forceinline__ uint32_t smem(const void* pointer) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
-}
-
-__device__ __forceinline__ void barrier_init(uint64_t* bar, int count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem(bar)), "r"(count) : "memory");
-}
-
-// One arrival that also announces `bytes` of copies that will complete on this phase.
-__device__ __forceinline__ void barrier_arrive_expect(uint64_t* bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem(bar)), "r"(bytes)
-                 : "memory");
-}
-
-__device__ __forceinline__ void barrier_arrive(uint64_t* bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem(bar)) : "memory");
-}
-
-// Waits until the phase of parity `parity` has completed.
-__device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity) {
-    uint32_t done = 0;
-    while (!done) {
-        asm volatile(
-            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done)
-            : "r"(smem(bar)), "r"(parity)
-            : "memory");
-    }
-}
-
-// Copies the box at (c0, c1) of `map` into shared memory; completes on `bar`.
-__device__ __forceinline__ void tma_load(void* dst, const SparseTensorMap* map, uint64_t* bar, int c0, int c1) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
-            smem(dst)),
-        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem(bar))
-        : "memory");
-}
-
-// A barrier among `threads` threads of the CTA (the consumers), leaving out the producer.
-__device__ __forceinline__ void named_barrier(int id, int threads) {
-    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
-// Shared-memory matrix descriptor (PTX ISA, wgmma "matrix descriptor"): start address >> 4 in
-// bits 0-13, leading byte offset >> 4 in 16-29 (unused by the swizzled K-major layout), stride
-// byte offset >> 4 in 32-45 (1024: from one 8-row group to the next), base offset 0 (the tile is
-// 1024-byte aligned), 128-byte swizzle (1) in bits 62-63.
-__device__ __forceinline__ uint64_t descriptor(uint32_t address) {
-    return (uint64_t)((address & 0x3FFFF) >> 4) | ((uint64_t)(16 >> 4) << 16) | ((uint64_t)(1024 >> 4) << 32) |
-           (1ull << 62);
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-// Waits until at most one commit group of this warpgroup is still in flight.
-__device__ __forceinline__ void wgmma_wait_one() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
-
-// Keeps the compiler from moving reads or writes of accumulator registers across the
-// asynchronous wgmma that owns them.
-template <int N>
-__device__ __forceinline__ void fence_registers(float (&r)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
+using namespace tessera;
 
 // d (64 rows x 128 tokens) += A·B: A 2:4-sparse (64 x 32) from registers with its metadata `e`
 // (sparsity selector SEL: lanes 4g + 2·SEL and 4g + 2·SEL + 1 supply it), B (32 x 128) from
@@ -152,31 +80,17 @@ __device__ __forceinline__ void fence_registers(float (&r)[N]) {
 template <typename T, int SEL>
 struct SparseWgmma;
 
-#define TESSERA_SPARSE_WGMMA(T, TY, SEL)                                                                           \
-    template <>                                                                                                    \
-    struct SparseWgmma<T, SEL> {                                                                                   \
-        static __device__ __forceinline__ void rs_n128(float (&d)[64], const uint32_t (&a)[4], uint64_t b,        \
-                                                       uint32_t e) {                                               \
-            asm volatile(                                                                                          \
-                "{\n.reg .pred p;\nsetp.ne.b32 p, %70, 0;\n"                                                       \
-                "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32" TY TY                                             \
-                " {"                                                                                               \
-                "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                            \
-                "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"                  \
-                "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"                   \
-                "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"                    \
-                "}, {%64, %65, %66, %67}, %68, %69, " #SEL ", p, 1, 1, 0;\n}\n"                                    \
-                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
-                  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),         \
-                  "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),       \
-                  "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),       \
-                  "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),       \
-                  "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),       \
-                  "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),       \
-                  "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),       \
-                  "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])        \
-                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(e), "r"(1));                             \
-        }                                                                                                          \
+#define TESSERA_SPARSE_WGMMA(T, TY, SEL)                                                                       \
+    template <>                                                                                                \
+    struct SparseWgmma<T, SEL> {                                                                               \
+        static __device__ __forceinline__ void rs_n128(float (&d)[64], const uint32_t (&a)[4], uint64_t b,    \
+                                                       uint32_t e) {                                           \
+            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %70, 0;\n"                                        \
+                         "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32" TY TY " {" TESSERA_WGMMA_REGS64     \
+                         "}, {%64, %65, %66, %67}, %68, %69, " #SEL ", p, 1, 1, 0;\n}\n"                      \
+                         : TESSERA_WGMMA_ACC64(d)                                                              \
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(e), "r"(1));                \
+        }                                                                                                      \
     };
 
 TESSERA_SPARSE_WGMMA(__nv_bfloat16, ".bf16", 0)
@@ -184,31 +98,9 @@ TESSERA_SPARSE_WGMMA(__nv_bfloat16, ".bf16", 1)
 TESSERA_SPARSE_WGMMA(__half, ".f16", 0)
 TESSERA_SPARSE_WGMMA(__half, ".f16", 1)
 
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-
-// Two floats rounded to T and packed, the lower one in the low half.
-template <typename T> __device__ __forceinline__ uint32_t pack(float lo, float hi);
-template <> __device__ __forceinline__ uint32_t pack<__nv_bfloat16>(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-}
-template <> __device__ __forceinline__ uint32_t pack<__half>(float lo, float hi) {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// The two 16-bit values of a packed word as floats.
 template <typename T>
-__device__ __forceinline__ float2 unpack(uint32_t word) {
-    const T* v = reinterpret_cast<const T*>(&word);
-    return make_float2(to_float(v[0]), to_float(v[1]));
-}
-
-template <typename T>
-__device__ __forceinline__ void sparse_gemm_sm90(const SparseTensorMap* map_values, const SparseTensorMap* map_meta,
-                                                 const SparseTensorMap* map_x, const SparseHopperParams& p) {
+__device__ __forceinline__ void sparse_gemm_sm90(const TensorMap* map_values, const TensorMap* map_meta,
+                                                 const TensorMap* map_x, const SparseHopperParams& p) {
     __shared__ uint64_t full[STAGES];   // the stage's copies have landed
     __shared__ uint64_t empty[STAGES];  // both consumer warpgroups are done with the stage
     extern __shared__ unsigned char dynamic_shared[];
@@ -220,19 +112,15 @@ __device__ __forceinline__ void sparse_gemm_sm90(const SparseTensorMap* map_valu
     const int blocks = p.k / 64;
 
     if (threadIdx.x == 0) {
-#pragma unroll
-        for (int s = 0; s < STAGES; ++s) {
-            barrier_init(&full[s], 1);
-            barrier_init(&empty[s], 2 * 128);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        ring_init(full, empty, 2 * 128);
+        barrier_init_fence();
     }
     __syncthreads();
 
     const int warpgroup = threadIdx.x / 128;
     if (warpgroup == 0) {
         // Producer: one thread issues the copies; the group keeps few registers.
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        registers_decrease<40>();
         if (threadIdx.x == 0) {
             for (int b = 0; b < blocks; ++b) {
                 const int s = b % STAGES;
@@ -241,15 +129,15 @@ __device__ __forceinline__ void sparse_gemm_sm90(const SparseTensorMap* map_valu
                 if (b >= STAGES) barrier_wait(&empty[s], (uint32_t)(b / STAGES - 1) & 1);
                 barrier_arrive_expect(&full[s], STAGE_BYTES);
                 unsigned char* const stage = ring + s * STAGE_BYTES;
-                tma_load(stage, map_x, &full[s], b * 64, token0);
-                tma_load(stage + X_BYTES, map_values, &full[s], b * 32, row0);
-                tma_load(stage + X_BYTES + VALUE_BYTES, map_meta, &full[s], b * 32, row0 / 16);
+                tma_load_2d(smem(stage), map_x, &full[s], b * 64, token0);
+                tma_load_2d(smem(stage + X_BYTES), map_values, &full[s], b * 32, row0);
+                tma_load_2d(smem(stage + X_BYTES + VALUE_BYTES), map_meta, &full[s], b * 32, row0 / 16);
             }
         }
         return;
     }
 
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    registers_increase<232>();
     const int consumer = warpgroup - 1;
     const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32, g = lane / 4, c = lane % 4;
     // This warp's rows of slice `sl`, relative to the CTA: slice_row[sl] + g and + g + 8.
@@ -299,10 +187,10 @@ __device__ __forceinline__ void sparse_gemm_sm90(const SparseTensorMap* map_valu
         fence_registers(acc[1]);
         wgmma_fence();
         // k-step 0 reads columns 0..31 of the block (bytes 0..63 of each x row), step 1 the rest.
-        SparseWgmma<T, 0>::rs_n128(acc[0], a[0][0], descriptor(x_address), e[0]);
-        SparseWgmma<T, 0>::rs_n128(acc[1], a[1][0], descriptor(x_address), e[1]);
-        SparseWgmma<T, 1>::rs_n128(acc[0], a[0][1], descriptor(x_address + 64), e[0]);
-        SparseWgmma<T, 1>::rs_n128(acc[1], a[1][1], descriptor(x_address + 64), e[1]);
+        SparseWgmma<T, 0>::rs_n128(acc[0], a[0][0], descriptor(x_address, 16, 1024), e[0]);
+        SparseWgmma<T, 0>::rs_n128(acc[1], a[1][0], descriptor(x_address, 16, 1024), e[1]);
+        SparseWgmma<T, 1>::rs_n128(acc[0], a[0][1], descriptor(x_address + 64, 16, 1024), e[0]);
+        SparseWgmma<T, 1>::rs_n128(acc[1], a[1][1], descriptor(x_address + 64, 16, 1024), e[1]);
         wgmma_commit();
     };
     // One k-block's group stays in flight while the next one's registers are loaded and issued:
@@ -312,30 +200,30 @@ __device__ __forceinline__ void sparse_gemm_sm90(const SparseTensorMap* map_valu
     issue(0, a_even, e_even);
     for (int b = 1; b < blocks; b += 2) {
         issue(b, a_odd, e_odd);
-        wgmma_wait_one();
+        wgmma_wait<1>();
         barrier_arrive(&empty[(b - 1) % STAGES]);
         if (b + 1 < blocks) {
             issue(b + 1, a_even, e_even);
-            wgmma_wait_one();
+            wgmma_wait<1>();
             barrier_arrive(&empty[b % STAGES]);
         }
     }
-    wgmma_wait_all();
+    wgmma_wait<0>();
     fence_registers(acc[0]);
     fence_registers(acc[1]);
     barrier_arrive(&empty[(blocks - 1) % STAGES]);
 
     // Every copy has landed and been read: the ring is free for the epilogue once both consumer
     // warpgroups are past their last k-block.
-    named_barrier(1, 256);
+    named_sync<1, 256>();
     float* const tile = reinterpret_cast<float*>(ring) + consumer * TOKENS * OUT_STRIDE;
     const T* const bias = static_cast<const T*>(p.bias);
 #pragma unroll
     for (int sl = 0; sl < 2; ++sl) {
         float b[2] = {0.0f, 0.0f};
         if (bias != nullptr && slice_live[sl]) {
-            b[0] = to_float(bias[row0 + slice_row[sl] + g]);
-            b[1] = to_float(bias[row0 + slice_row[sl] + g + 8]);
+            b[0] = widen(bias[row0 + slice_row[sl] + g]);
+            b[1] = widen(bias[row0 + slice_row[sl] + g + 8]);
         }
         // Feature (relative to the warpgroup's 128) sl·64 + 16·warp + g + 8·(j / 2), token
         // 8i + 2c + j % 2.
@@ -349,7 +237,11 @@ __device__ __forceinline__ void sparse_gemm_sm90(const SparseTensorMap* map_valu
             }
         }
     }
-    named_barrier(2 + consumer, 128);
+    if (consumer == 0) {
+        named_sync<2, 128>();
+    } else {
+        named_sync<3, 128>();
+    }
 
     // 128 tokens x 16 chunks of 8 features, 16 per thread; half a warp covers one token's row.
     T* const y = static_cast<T*>(p.y);
@@ -393,8 +285,8 @@ __device__ __forceinline__ void sparse_gemm_sm90(const SparseTensorMap* map_valu
 
 #define SPARSE_SM90_KERNEL(NAME, T)                                                                              \
     extern "C" __global__ void __launch_bounds__(SPARSE_SM90_THREADS, 1) sparse24_gemm_sm90_##NAME(              \
-        const __grid_constant__ SparseTensorMap map_values, const __grid_constant__ SparseTensorMap map_meta,     \
-        const __grid_constant__ SparseTensorMap map_x, const SparseHopperParams p) {                              \
+        const __grid_constant__ tessera::TensorMap map_values, const __grid_constant__ tessera::TensorMap map_meta,     \
+        const __grid_constant__ tessera::TensorMap map_x, const SparseHopperParams p) {                              \
         SPARSE_SM90_BODY(T)                                                                                      \
     }
 

@@ -1859,6 +1859,18 @@ fn hopper_backward_refuses_other_calls(device: &Device) {
             packed: true,
             ..Case::dense(1, 1, 1, 2, 1, 64, AttentionMask::Causal)
         },
+        // Packed sequences of equal lengths without queries or keys: no tensor map describes
+        // them.
+        Case {
+            seqs: vec![(0, 12), (0, 12)],
+            packed: true,
+            ..Case::dense(1, 1, 1, 2, 1, 64, AttentionMask::Causal)
+        },
+        Case {
+            seqs: vec![(9, 0), (9, 0)],
+            packed: true,
+            ..Case::dense(1, 1, 1, 2, 1, 64, AttentionMask::None)
+        },
         Case {
             rope: Some(rope),
             ..Case::dense(1, 40, 40, 2, 1, 64, AttentionMask::Causal)

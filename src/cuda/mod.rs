@@ -6,6 +6,7 @@
 
 pub mod blaslt;
 pub mod kernels;
+pub(crate) mod tensor_map;
 
 use crate::error::{Error, Result};
 use cudarc::driver::{

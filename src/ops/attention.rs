@@ -1029,6 +1029,7 @@ mod cpu {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
+    use crate::cuda::tensor_map::{self, Element, Swizzle, TensorMap, Tiled};
     use crate::cuda::{CudaBackend, CudaContextExt, DeviceBuffer, LaunchConfig, PushKernelArg};
     use crate::ops::rope::{rope_backward, rope_forward};
     use std::sync::Arc;
@@ -1526,17 +1527,89 @@ mod cuda {
         }
     }
 
+    /// The columns of one 128-byte swizzled block of a 16-bit row: the inner extent of every
+    /// TMA box of kernels/attention_hopper.cu and attention_hopper_bwd.cu.
+    const HOPPER_BLOCK_COLUMNS: u32 = 64;
+
+    /// Why neither sm_90a attention module can serve this call (the image, dtype, head dim,
+    /// RoPE and grid limits they share), or `None`.
+    fn hopper_obstacle(problem: &Problem, q: &Tensor, backend: &CudaBackend) -> Result<Option<String>> {
+        let image = backend.kernel_image()?;
+        if image != crate::cuda::kernels::ImageKind::Sm90a {
+            return Ok(Some(format!(
+                "{} loads the {}, not the sm_90a image",
+                backend.name(),
+                image.name()
+            )));
+        }
+        if !matches!(q.dtype(), DType::BF16 | DType::F16) {
+            return Ok(Some(format!("dtype {} (bf16 and f16 only)", q.dtype().name())));
+        }
+        if !matches!(problem.head_dim, 64 | 128) {
+            return Ok(Some(format!("head dim {} (64 and 128 only)", problem.head_dim)));
+        }
+        if problem.rope.is_some() {
+            return Ok(Some("RoPE inside attention".into()));
+        }
+        if problem.batch() > MAX_GRID_YZ || problem.heads_q > MAX_GRID_YZ {
+            return Ok(Some(format!("more than {MAX_GRID_YZ} sequences or heads")));
+        }
+        Ok(None)
+    }
+
+    /// The geometry of the 4-d map (head_dim, heads, seq, batch) of a (batch, seq, heads,
+    /// head_dim) tensor of 16-bit elements, read in boxes of (64, 1, rows, 1) with the 128-byte
+    /// swizzle that the kernels' wgmma descriptors expect.
+    fn token_geometry(
+        element: Element,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+        rows: usize,
+    ) -> ([u64; 4], [u64; 3], [u32; 4]) {
+        let row = (head_dim as u64) * element.bytes();
+        let dims = [head_dim as u64, heads as u64, seq as u64, batch as u64];
+        let strides = [row, heads as u64 * row, (seq * heads) as u64 * row];
+        (dims, strides, [HOPPER_BLOCK_COLUMNS, 1, rows as u32, 1])
+    }
+
+    /// The tensor map of `t` (`arg` of `op`) as [`token_geometry`] describes it.
+    fn token_map(
+        op: &'static str,
+        t: &Tensor,
+        arg: &'static str,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        rows: usize,
+    ) -> Result<TensorMap> {
+        let element = if t.dtype() == DType::BF16 {
+            Element::BF16
+        } else {
+            Element::F16
+        };
+        let head_dim = t.shape()[t.shape().len() - 1];
+        let (dims, strides, boxes) = token_geometry(element, batch, seq, heads, head_dim, rows);
+        let geometry = Tiled {
+            element,
+            dims: &dims,
+            strides: &strides,
+            boxes: &boxes,
+            swizzle: Swizzle::Bytes128,
+        };
+        tensor_map::encode(op, arg, address(t)?, &geometry)
+    }
+
     /// The sm_90a forward of kernels/attention_hopper.cu.
     mod hopper {
         use super::*;
-        use cudarc::driver::sys;
 
         /// Must match kernels/attention_hopper.cu: threads per CTA, query rows per CTA, keys per
-        /// tile, the columns of one 128-byte swizzled block, and the pipeline depth per head dim.
+        /// tile, and the pipeline depth per head dim.
         const THREADS: u32 = 384;
-        const ROWS: usize = 128;
-        const KEYS: usize = 128;
-        const BLOCK_COLUMNS: u32 = 64;
+        pub(super) const ROWS: usize = 128;
+        pub(super) const KEYS: usize = 128;
 
         fn stages(head_dim: usize) -> usize {
             if head_dim == 64 {
@@ -1544,6 +1617,12 @@ mod cuda {
             } else {
                 3
             }
+        }
+
+        /// Dynamic shared memory: Q, the ring of K and V stages, and room to align the tiles to
+        /// 1024 bytes.
+        pub(super) fn shared_bytes(head_dim: usize) -> usize {
+            ROWS * head_dim * 2 + stages(head_dim) * 2 * KEYS * head_dim * 2 + 1024
         }
 
         /// Layout shared with `HopperParams` in kernels/attention_hopper.cu.
@@ -1569,34 +1648,11 @@ mod cuda {
         // SAFETY: a plain #[repr(C)] struct of scalars, laid out as the kernel declares it.
         unsafe impl cudarc::driver::DeviceRepr for HopperParams {}
 
-        /// A TMA descriptor, passed by value as a `__grid_constant__` kernel parameter.
-        #[repr(transparent)]
-        #[derive(Clone, Copy)]
-        struct TensorMap(sys::CUtensorMap);
-
-        // SAFETY: the 128 opaque bytes of a CUtensorMap, which the kernel declares as such.
-        unsafe impl cudarc::driver::DeviceRepr for TensorMap {}
-
         /// Why the kernel cannot serve this call, or `None` when it can.
         fn obstacle(problem: &Problem, q: &Tensor, backend: &CudaBackend) -> Result<Option<String>> {
-            let image = backend.kernel_image()?;
-            if image != crate::cuda::kernels::ImageKind::Sm90a {
-                return Ok(Some(format!(
-                    "{} loads the {}, not the sm_90a image",
-                    backend.name(),
-                    image.name()
-                )));
+            if let Some(reason) = hopper_obstacle(problem, q, backend)? {
+                return Ok(Some(reason));
             }
-            if !matches!(q.dtype(), DType::BF16 | DType::F16) {
-                return Ok(Some(format!("dtype {} (bf16 and f16 only)", q.dtype().name())));
-            }
-            if !matches!(problem.head_dim, 64 | 128) {
-                return Ok(Some(format!("head dim {} (64 and 128 only)", problem.head_dim)));
-            }
-            if problem.rope.is_some() {
-                return Ok(Some("RoPE inside attention".into()));
-            }
-            let batch = problem.batch();
             // The kernel indexes tokens in i32, a tile past the last one included; TMA cannot
             // describe a tensor without rows.
             let limit = MAX_EXTENT - KEYS.max(ROWS);
@@ -1606,70 +1662,7 @@ mod cuda {
             if problem.total_k() == 0 && problem.total_q() > 0 {
                 return Ok(Some("a packed batch without keys".into()));
             }
-            if batch > MAX_GRID_YZ || problem.heads_q > MAX_GRID_YZ {
-                return Ok(Some(format!("more than {MAX_GRID_YZ} sequences or heads")));
-            }
             Ok(None)
-        }
-
-        /// The 4-d map (head_dim, heads, seq, batch) of a (batch, seq, heads, head_dim) tensor,
-        /// read in boxes of (64, 1, rows, 1) with the 128-byte swizzle; out-of-bounds rows read
-        /// as zeros.
-        fn tensor_map(
-            t: &Tensor,
-            arg: &'static str,
-            batch: usize,
-            seq: usize,
-            heads: usize,
-            rows: usize,
-        ) -> Result<TensorMap> {
-            let head_dim = t.shape()[t.shape().len() - 1];
-            let data_type = match t.dtype() {
-                DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-            };
-            let address = address(t)?;
-            let element = 2u64;
-            let dims = [head_dim as u64, heads as u64, seq as u64, batch as u64];
-            let strides = [
-                head_dim as u64 * element,
-                (heads * head_dim) as u64 * element,
-                (seq * heads * head_dim) as u64 * element,
-            ];
-            let boxes = [BLOCK_COLUMNS, 1, rows as u32, 1];
-            let element_strides = [1u32; 4];
-            // TMA reads from 16-byte aligned addresses; device allocations are 256-byte aligned.
-            if address % 16 != 0 {
-                return Err(Error::invalid(
-                    OP,
-                    arg,
-                    "a 16-byte aligned device tensor",
-                    format!("address {address:#x}"),
-                ));
-            }
-            let mut map = TensorMap(sys::CUtensorMap { opaque: [0; 16] });
-            // SAFETY: every array has the length the rank (4) asks for, the address is a live
-            // device allocation of batch · seq · heads · head_dim elements with these strides,
-            // and `map` is a writable CUtensorMap.
-            unsafe {
-                sys::cuTensorMapEncodeTiled(
-                    &mut map.0,
-                    data_type,
-                    4,
-                    address as *mut std::ffi::c_void,
-                    dims.as_ptr(),
-                    strides.as_ptr(),
-                    boxes.as_ptr(),
-                    element_strides.as_ptr(),
-                    sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-                    sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-                    sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                    sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-                )
-            }
-            .result()
-            .context("cuTensorMapEncodeTiled")?;
-            Ok(map)
         }
 
         pub(super) fn forward(
@@ -1701,9 +1694,9 @@ mod cuda {
             } else {
                 (1, problem.total_q(), problem.total_k())
             };
-            let map_q = tensor_map(q, "q", map_batch, map_q_rows, problem.heads_q, ROWS)?;
-            let map_k = tensor_map(k, "k", map_batch, map_k_rows, problem.heads_kv, KEYS)?;
-            let map_v = tensor_map(v, "v", map_batch, map_k_rows, problem.heads_kv, KEYS)?;
+            let map_q = token_map(OP, q, "q", map_batch, map_q_rows, problem.heads_q, ROWS)?;
+            let map_k = token_map(OP, k, "k", map_batch, map_k_rows, problem.heads_kv, KEYS)?;
+            let map_v = token_map(OP, v, "v", map_batch, map_k_rows, problem.heads_kv, KEYS)?;
             // Validation and `obstacle` bound every offset by MAX_EXTENT = i32::MAX.
             let offsets = if uniform {
                 None
@@ -1744,8 +1737,7 @@ mod cuda {
             };
             let name = format!("attention_fwd_sm90_{}_d{d}", q.dtype().name());
             let function = backend.function("attention_hopper", &name)?;
-            // Q, the ring of K and V stages, and room to align the tiles to 1024 bytes.
-            let shared = ROWS * d * 2 + stages(d) * 2 * KEYS * d * 2 + 1024;
+            let shared = shared_bytes(d);
             backend.allow_shared_memory(&function, shared)?;
             let mut builder = backend.launch_builder(&function);
             builder.arg(&map_q).arg(&map_k).arg(&map_v).arg(&params);
@@ -1771,19 +1763,16 @@ mod cuda {
     /// query tile.
     mod hopper_bwd {
         use super::*;
-        use cudarc::driver::sys;
 
         /// Must match kernels/attention_hopper_bwd.cu: threads per CTA of the gradient kernels and
         /// of the prep kernel, rows of every shared-memory tile (and of every TMA box), rows of a
-        /// CTA's resident operand, the columns of one 128-byte swizzled block, and the pipeline
-        /// depth per head dim.
+        /// CTA's resident operand, and the pipeline depth per head dim.
         const THREADS: u32 = 384;
         const PREP_THREADS: u32 = 256;
         /// The prep kernel's grid cap: more rows than its warps are walked grid-stride.
         const PREP_BLOCKS: usize = 1 << 20;
-        const TILE: usize = 64;
-        const ROW_TILE: usize = 128;
-        const BLOCK_COLUMNS: u32 = 64;
+        pub(super) const TILE: usize = 64;
+        pub(super) const ROW_TILE: usize = 128;
 
         fn stages(head_dim: usize) -> usize {
             if head_dim == 64 {
@@ -1791,6 +1780,12 @@ mod cuda {
             } else {
                 3
             }
+        }
+
+        /// Dynamic shared memory of the dK/dV and dQ kernels: two resident 128-row operands, the
+        /// ring of stages of two 64-row tiles, and room to align the tiles to 1024 bytes.
+        pub(super) fn shared_bytes(head_dim: usize) -> usize {
+            2 * ROW_TILE * head_dim * 2 + stages(head_dim) * 2 * TILE * head_dim * 2 + 1024
         }
 
         /// Layout shared with `HopperBwdParams` in kernels/attention_hopper_bwd.cu.
@@ -1819,102 +1814,29 @@ mod cuda {
         // SAFETY: a plain #[repr(C)] struct of scalars, laid out as the kernel declares it.
         unsafe impl cudarc::driver::DeviceRepr for HopperBwdParams {}
 
-        /// A TMA descriptor, passed by value as a `__grid_constant__` kernel parameter.
-        #[repr(transparent)]
-        #[derive(Clone, Copy)]
-        struct TensorMap(sys::CUtensorMap);
-
-        // SAFETY: the 128 opaque bytes of a CUtensorMap, which the kernel declares as such.
-        unsafe impl cudarc::driver::DeviceRepr for TensorMap {}
-
         /// Why the backward kernels cannot serve this call, or `None` when they can.
         fn obstacle(problem: &Problem, q: &Tensor, backend: &CudaBackend) -> Result<Option<String>> {
-            let image = backend.kernel_image()?;
-            if image != crate::cuda::kernels::ImageKind::Sm90a {
-                return Ok(Some(format!(
-                    "{} loads the {}, not the sm_90a image",
-                    backend.name(),
-                    image.name()
-                )));
-            }
-            if !matches!(q.dtype(), DType::BF16 | DType::F16) {
-                return Ok(Some(format!("dtype {} (bf16 and f16 only)", q.dtype().name())));
-            }
-            if !matches!(problem.head_dim, 64 | 128) {
-                return Ok(Some(format!("head dim {} (64 and 128 only)", problem.head_dim)));
+            if let Some(reason) = hopper_obstacle(problem, q, backend)? {
+                return Ok(Some(reason));
             }
             if !matches!(problem.mask, AttentionMask::None | AttentionMask::Causal) {
                 return Ok(Some(format!("mask {:?} (none and causal only)", problem.mask)));
             }
-            if problem.rope.is_some() {
-                return Ok(Some("RoPE inside attention".into()));
-            }
             let batch = problem.batch();
             if (0..batch).any(|b| problem.seq_q(b) != problem.seq_q(0) || problem.seq_k(b) != problem.seq_k(0)) {
                 return Ok(Some("sequences of different lengths".into()));
+            }
+            // A packed batch of equal lengths may have none: TMA cannot describe a tensor without
+            // rows, and a grid cannot be empty.
+            if problem.seq_q(0) == 0 || problem.seq_k(0) == 0 {
+                return Ok(Some("sequences without queries or keys".into()));
             }
             // The kernels index keys and query rows in i32, a tile past the last one included.
             let limit = MAX_EXTENT - ROW_TILE;
             if problem.seq_q(0) > limit || problem.seq_k(0) > limit {
                 return Ok(Some(format!("sequences longer than {limit}")));
             }
-            if batch > MAX_GRID_YZ || problem.heads_q > MAX_GRID_YZ {
-                return Ok(Some(format!("more than {MAX_GRID_YZ} sequences or heads")));
-            }
             Ok(None)
-        }
-
-        /// The 4-d map (head_dim, heads, seq, batch) of a (batch, seq, heads, head_dim) tensor,
-        /// read in boxes of (64, 1, 64, 1) with the 128-byte swizzle; out-of-bounds rows read as
-        /// zeros.
-        fn tensor_map(t: &Tensor, arg: &'static str, batch: usize, seq: usize, heads: usize) -> Result<TensorMap> {
-            let head_dim = t.shape()[t.shape().len() - 1];
-            let data_type = match t.dtype() {
-                DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-            };
-            let address = address(t)?;
-            let element = 2u64;
-            let dims = [head_dim as u64, heads as u64, seq as u64, batch as u64];
-            let strides = [
-                head_dim as u64 * element,
-                (heads * head_dim) as u64 * element,
-                (seq * heads * head_dim) as u64 * element,
-            ];
-            let boxes = [BLOCK_COLUMNS, 1, TILE as u32, 1];
-            let element_strides = [1u32; 4];
-            // TMA reads from 16-byte aligned addresses; device allocations are 256-byte aligned.
-            if address % 16 != 0 {
-                return Err(Error::invalid(
-                    OP_BWD,
-                    arg,
-                    "a 16-byte aligned device tensor",
-                    format!("address {address:#x}"),
-                ));
-            }
-            let mut map = TensorMap(sys::CUtensorMap { opaque: [0; 16] });
-            // SAFETY: every array has the length the rank (4) asks for, the address is a live
-            // device allocation of batch · seq · heads · head_dim elements with these strides,
-            // and `map` is a writable CUtensorMap.
-            unsafe {
-                sys::cuTensorMapEncodeTiled(
-                    &mut map.0,
-                    data_type,
-                    4,
-                    address as *mut std::ffi::c_void,
-                    dims.as_ptr(),
-                    strides.as_ptr(),
-                    boxes.as_ptr(),
-                    element_strides.as_ptr(),
-                    sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-                    sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-                    sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                    sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-                )
-            }
-            .result()
-            .context("cuTensorMapEncodeTiled")?;
-            Ok(map)
         }
 
         #[allow(clippy::too_many_arguments)]
@@ -1984,13 +1906,11 @@ mod cuda {
             // grid-stride loop stays below `rows`.
             unsafe { builder.launch(config) }.context(&format!("launching {name}"))?;
 
-            let map_q = tensor_map(q, "q", batch, seq_q, problem.heads_q)?;
-            let map_k = tensor_map(k, "k", batch, seq_k, problem.heads_kv)?;
-            let map_v = tensor_map(v, "v", batch, seq_k, problem.heads_kv)?;
-            let map_do = tensor_map(d_out, "d_out", batch, seq_q, problem.heads_q)?;
-            // Two resident 128-row operands, the ring of stages of two 64-row tiles, and room to
-            // align the tiles to 1024 bytes.
-            let shared = 2 * ROW_TILE * d * 2 + stages(d) * 2 * TILE * d * 2 + 1024;
+            let map_q = token_map(OP_BWD, q, "q", batch, seq_q, problem.heads_q, TILE)?;
+            let map_k = token_map(OP_BWD, k, "k", batch, seq_k, problem.heads_kv, TILE)?;
+            let map_v = token_map(OP_BWD, v, "v", batch, seq_k, problem.heads_kv, TILE)?;
+            let map_do = token_map(OP_BWD, d_out, "d_out", batch, seq_q, problem.heads_q, TILE)?;
+            let shared = shared_bytes(d);
             for (kind, tiles, heads) in [
                 ("dkv", seq_k.div_ceil(ROW_TILE), problem.heads_kv),
                 ("dq", seq_q.div_ceil(ROW_TILE), problem.heads_q),
@@ -2015,6 +1935,65 @@ mod cuda {
             // `lse2` and `delta` are freed in stream order, after the kernels that read them.
             drop((lse2, delta));
             Ok(())
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// What one CTA may have: 227 KiB, the kernels' static shared memory included (mbarriers,
+        /// and the backward's log-sum-exp and Δ rows per stage: at most 80 and 2128 bytes,
+        /// ptxas's report).
+        const SHARED_LIMIT: usize = 227 * 1024;
+
+        /// Each Hopper kernel's mbarriers expect rows · d · 2 bytes per tile (Q_BYTES and
+        /// KV_BYTES of the forward, TILE_BYTES of the backward): d / 64 boxes of its maps must
+        /// deliver exactly that whatever the sequence's length (TMA writes whole boxes); every map
+        /// must be one TMA accepts, shortest and longest sequences included; shared memory must
+        /// fit.
+        #[test]
+        fn hopper_maps_deliver_what_the_barriers_expect() {
+            type Shared = fn(usize) -> usize;
+            let kernels: [(&str, &[usize], usize, Shared, usize); 2] = [
+                (
+                    "forward",
+                    &[hopper::ROWS, hopper::KEYS],
+                    MAX_EXTENT - hopper::KEYS,
+                    hopper::shared_bytes,
+                    80,
+                ),
+                (
+                    "backward",
+                    &[hopper_bwd::TILE],
+                    MAX_EXTENT - hopper_bwd::ROW_TILE,
+                    hopper_bwd::shared_bytes,
+                    2128,
+                ),
+            ];
+            for (kernel, tile_rows, longest, shared, static_bytes) in kernels {
+                for d in [64, 128] {
+                    for (batch, seq, heads) in [(1, 1, 1), (3, 1023, 16), (1, longest, 1)] {
+                        for (&rows, element) in tile_rows.iter().flat_map(|r| [(r, Element::BF16), (r, Element::F16)]) {
+                            let (dims, strides, boxes) = token_geometry(element, batch, seq, heads, d, rows);
+                            let geometry = Tiled {
+                                element,
+                                dims: &dims,
+                                strides: &strides,
+                                boxes: &boxes,
+                                swizzle: Swizzle::Bytes128,
+                            };
+                            assert_eq!(geometry.check(), Ok(()), "{kernel} d{d} seq {seq}");
+                            assert_eq!(geometry.box_bytes() * (d as u64 / 64), (rows * d * 2) as u64);
+                        }
+                    }
+                    assert!(
+                        shared(d) + static_bytes <= SHARED_LIMIT,
+                        "{kernel} d{d}: {} bytes",
+                        shared(d)
+                    );
+                }
+            }
         }
     }
 }

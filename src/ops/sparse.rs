@@ -1289,7 +1289,7 @@ pub(crate) mod cuda {
     /// The sm_90a many-token GEMM of kernels/sparse_nm_hopper.cu.
     mod hopper {
         use super::*;
-        use cudarc::driver::sys;
+        use crate::cuda::tensor_map::{self, Element, Swizzle, Tiled};
 
         /// Must match kernels/sparse_nm_hopper.cu: threads per CTA, rows of W_s and tokens per
         /// CTA, pipeline stages, and the bytes of one stage (x, values, metadata of a 64-column
@@ -1301,6 +1301,8 @@ pub(crate) mod cuda {
         const STAGE_BYTES: usize = TOKENS * 128 + ROWS * 64 + ROWS / 16 * 128;
         /// The ring and room to align it to 1024 bytes (the 128-byte swizzle's period).
         const SHARED_BYTES: usize = STAGES * STAGE_BYTES + 1024;
+        // A CTA may have 227 KiB, the kernel's 64 bytes of mbarriers (ptxas's report) included.
+        const _: () = assert!(SHARED_BYTES <= 227 * 1024 - 64);
 
         /// Layout shared with `SparseHopperParams` in kernels/sparse_nm_hopper.cu.
         #[repr(C)]
@@ -1317,50 +1319,65 @@ pub(crate) mod cuda {
         // SAFETY: a plain #[repr(C)] struct of scalars, laid out as the kernel declares it.
         unsafe impl cudarc::driver::DeviceRepr for HopperParams {}
 
-        /// A TMA descriptor, passed by value as a `__grid_constant__` kernel parameter.
-        #[repr(transparent)]
-        #[derive(Clone, Copy)]
-        struct TensorMap(sys::CUtensorMap);
+        /// The geometry of the three maps of an (n, k) weight and m tokens, in the kernel's
+        /// order: values (k/2, n) read as 32 kept values of 256 rows, metadata (32 words per
+        /// k-block, n/16 row tiles) read as 16 tiles, x (k, m) read as 64 columns of 128 tokens
+        /// with the 128-byte swizzle that the kernel's wgmma descriptor expects.
+        struct Geometry {
+            values: ([u64; 2], [u64; 1], [u32; 2]),
+            meta: ([u64; 2], [u64; 1], [u32; 2]),
+            x: ([u64; 2], [u64; 1], [u32; 2]),
+            element: Element,
+        }
 
-        // SAFETY: the 128 opaque bytes of a CUtensorMap, which the kernel declares as such.
-        unsafe impl cudarc::driver::DeviceRepr for TensorMap {}
-
-        /// A 2-d map of a row-major matrix at `address`: `dims` (columns, rows) elements, rows
-        /// `row_bytes` apart, read in boxes of `boxes` (columns, rows); out-of-bounds reads are
-        /// zeros.
-        fn tensor_map(
-            address: u64,
-            data_type: sys::CUtensorMapDataType,
-            dims: [u64; 2],
-            row_bytes: u64,
-            boxes: [u32; 2],
-            swizzle: sys::CUtensorMapSwizzle,
-        ) -> Result<TensorMap> {
-            let strides = [row_bytes];
-            let element_strides = [1u32; 2];
-            let mut map = TensorMap(sys::CUtensorMap { opaque: [0; 16] });
-            // SAFETY: every array has the length the rank (2) asks for, the address is a live,
-            // 16-byte aligned device allocation of dims[1] rows of row_bytes (checked by the
-            // caller), and `map` is a writable CUtensorMap.
-            unsafe {
-                sys::cuTensorMapEncodeTiled(
-                    &mut map.0,
-                    data_type,
-                    2,
-                    address as *mut std::ffi::c_void,
-                    dims.as_ptr(),
-                    strides.as_ptr(),
-                    boxes.as_ptr(),
-                    element_strides.as_ptr(),
-                    sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-                    swizzle,
-                    sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                    sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-                )
+        impl Geometry {
+            fn new(element: Element, m: usize, n: usize, k: usize) -> Geometry {
+                let words = (k / COL_BLOCK * META_WORDS_PER_TILE) as u64;
+                Geometry {
+                    // A row's 32 kept values of a k-block are 64 bytes.
+                    values: ([(k / 2) as u64, n as u64], [k as u64], [32, ROWS as u32]),
+                    meta: (
+                        [words, (n / ROW_BLOCK) as u64],
+                        [words * 4],
+                        [META_WORDS_PER_TILE as u32, (ROWS / ROW_BLOCK) as u32],
+                    ),
+                    x: ([k as u64, m as u64], [2 * k as u64], [COL_BLOCK as u32, TOKENS as u32]),
+                    element,
+                }
             }
-            .result()
-            .context("cuTensorMapEncodeTiled")?;
-            Ok(map)
+
+            fn values(&self) -> Tiled<'_> {
+                let (dims, strides, boxes) = &self.values;
+                Tiled {
+                    element: self.element,
+                    dims,
+                    strides,
+                    boxes,
+                    swizzle: Swizzle::None,
+                }
+            }
+
+            fn meta(&self) -> Tiled<'_> {
+                let (dims, strides, boxes) = &self.meta;
+                Tiled {
+                    element: Element::U32,
+                    dims,
+                    strides,
+                    boxes,
+                    swizzle: Swizzle::None,
+                }
+            }
+
+            fn x(&self) -> Tiled<'_> {
+                let (dims, strides, boxes) = &self.x;
+                Tiled {
+                    element: self.element,
+                    dims,
+                    strides,
+                    boxes,
+                    swizzle: Swizzle::Bytes128,
+                }
+            }
         }
 
         pub(super) fn forward(
@@ -1394,55 +1411,26 @@ pub(crate) mod cuda {
                 ));
             }
             let (n, k) = (w.rows, w.cols);
-            let addresses = [
-                ("w", w.values.device_buffer()?.address()),
-                ("w", w.meta.device_buffer()?.address()),
-                ("x", x.device_buffer()?.address()),
-                ("y", y.device_buffer()?.address()),
-            ];
-            // TMA reads from 16-byte aligned addresses and the epilogue writes 16-byte chunks of y
-            // (n is a multiple of 16); device allocations are 256-byte aligned.
-            if let Some((arg, address)) = addresses.iter().find(|(_, address)| address % 16 != 0) {
+            let element = if x.dtype() == DType::BF16 {
+                Element::BF16
+            } else {
+                Element::F16
+            };
+            let geometry = Geometry::new(element, m, n, k);
+            let map_values = tensor_map::encode(OP, "w", w.values.device_buffer()?.address(), &geometry.values())?;
+            let map_meta = tensor_map::encode(OP, "w", w.meta.device_buffer()?.address(), &geometry.meta())?;
+            let map_x = tensor_map::encode(OP, "x", x.device_buffer()?.address(), &geometry.x())?;
+            // The epilogue writes 16-byte chunks of y (n is a multiple of 16); device allocations
+            // are 256-byte aligned.
+            let y_address = y.device_buffer()?.address();
+            if !y_address.is_multiple_of(16) {
                 return Err(Error::invalid(
                     OP,
-                    arg,
+                    "y",
                     "a 16-byte aligned device tensor",
-                    format!("address {address:#x}"),
+                    format!("address {y_address:#x}"),
                 ));
             }
-            let [(_, values_address), (_, meta_address), (_, x_address), (_, y_address)] = addresses;
-            let data_type = match x.dtype() {
-                DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-            };
-            let none = sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE;
-            // values (n, k/2): a row's 32 kept values of a k-block are 64 bytes.
-            let map_values = tensor_map(
-                values_address,
-                data_type,
-                [(k / 2) as u64, n as u64],
-                k as u64,
-                [32, ROWS as u32],
-                none,
-            )?;
-            // metadata: one row of 32 words per k-block for each 16-row tile.
-            let blocks = k / COL_BLOCK;
-            let map_meta = tensor_map(
-                meta_address,
-                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT32,
-                [(blocks * META_WORDS_PER_TILE) as u64, (n / ROW_BLOCK) as u64],
-                (blocks * META_WORDS_PER_TILE * 4) as u64,
-                [META_WORDS_PER_TILE as u32, (ROWS / ROW_BLOCK) as u32],
-                none,
-            )?;
-            let map_x = tensor_map(
-                x_address,
-                data_type,
-                [k as u64, m as u64],
-                (2 * k) as u64,
-                [COL_BLOCK as u32, TOKENS as u32],
-                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            )?;
             let params = HopperParams {
                 bias: match bias {
                     Some(b) => b.device_buffer()?.address(),
@@ -1471,6 +1459,30 @@ pub(crate) mod cuda {
             // below m tokens and n features.
             unsafe { builder.launch(launch) }.context(&format!("launching {name}"))?;
             Ok(())
+        }
+
+        #[cfg(test)]
+        mod tests {
+            use super::*;
+
+            /// The kernel's mbarrier expects STAGE_BYTES per k-block: the three boxes must deliver
+            /// exactly that (TMA writes whole boxes, edges included), for every shape the format
+            /// allows (n a multiple of 16, k of 64) and any number of tokens; every map must be
+            /// one TMA accepts.
+            #[test]
+            fn maps_deliver_what_the_barrier_expects() {
+                for (m, n, k) in [(65, 16, 64), (4096, 4096, 4096), (1025, 11008, 4096), (17, 4096, 11008)] {
+                    for element in [Element::BF16, Element::F16] {
+                        let geometry = Geometry::new(element, m, n, k);
+                        let maps = [geometry.values(), geometry.meta(), geometry.x()];
+                        for map in &maps {
+                            assert_eq!(map.check(), Ok(()), "({m}, {n}, {k}): {map:?}");
+                        }
+                        let delivered: u64 = maps.iter().map(|map| map.box_bytes()).sum();
+                        assert_eq!(delivered, STAGE_BYTES as u64);
+                    }
+                }
+            }
         }
     }
 
