@@ -41,7 +41,7 @@
 
 use super::config::Positions;
 use super::gpt::{linear_forward, linear_forward_with, norm_params, Gpt};
-use super::params::Qkv;
+use super::params::{Block, Qkv};
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -195,6 +195,42 @@ fn view(t: &mut Tensor, shape: &[usize]) -> Result<()> {
     t.reshape_in_place(&[numel])?;
     t.set_leading_dim(shape.iter().product())?;
     t.reshape_in_place(shape)
+}
+
+impl Step {
+    /// Shows every activation of the step with `rows` rows (one per new token of each sequence).
+    fn view_rows(&mut self, config: &super::GptConfig, rows: usize) -> Result<()> {
+        let (c, f) = (config.width, config.ffn_width);
+        let kv = config.kv_heads * config.head_dim();
+        for (tensor, width) in [
+            (&mut self.embedded, c),
+            (&mut self.input, c),
+            (&mut self.middle, c),
+            (&mut self.normed, c),
+            (&mut self.q, c),
+            (&mut self.k, kv),
+            (&mut self.v, kv),
+            (&mut self.projected, c),
+            (&mut self.activated, f),
+            (&mut self.mlp, c),
+        ] {
+            view(tensor, &[rows, width])?;
+        }
+        for (tensor, width) in [
+            (&mut self.position_embedded, c),
+            (&mut self.qkv, c + 2 * kv),
+            (&mut self.gate, f),
+            (&mut self.up, f),
+        ] {
+            if let Some(tensor) = tensor {
+                view(tensor, &[rows, width])?;
+            }
+        }
+        let pre_width = if self.gate.is_some() { 2 * f } else { f };
+        view(&mut self.pre_activation, &[rows, pre_width])?;
+        view(&mut self.stats.mean, &[rows])?;
+        view(&mut self.stats.rstd, &[rows])
+    }
 }
 
 impl std::fmt::Debug for KvCache {
@@ -513,37 +549,8 @@ impl Gpt {
         let params = &self.params;
         let config = &params.config;
         let batch = cache.batch;
-        let (c, f, d) = (config.width, config.ffn_width, config.head_dim());
-        let kv = config.kv_heads * d;
-        let s = &mut cache.step;
-        for (tensor, width) in [
-            (&mut s.embedded, c),
-            (&mut s.input, c),
-            (&mut s.middle, c),
-            (&mut s.normed, c),
-            (&mut s.q, c),
-            (&mut s.k, kv),
-            (&mut s.v, kv),
-            (&mut s.projected, c),
-            (&mut s.activated, f),
-            (&mut s.mlp, c),
-        ] {
-            view(tensor, &[batch, width])?;
-        }
-        for (tensor, width) in [
-            (&mut s.position_embedded, c),
-            (&mut s.qkv, c + 2 * kv),
-            (&mut s.gate, f),
-            (&mut s.up, f),
-        ] {
-            if let Some(tensor) = tensor {
-                view(tensor, &[batch, width])?;
-            }
-        }
-        let pre_width = if s.gate.is_some() { 2 * f } else { f };
-        view(&mut s.pre_activation, &[batch, pre_width])?;
-        view(&mut s.stats.mean, &[batch])?;
-        view(&mut s.stats.rstd, &[batch])?;
+        let kv = config.kv_heads * config.head_dim();
+        cache.step.view_rows(config, batch)?;
         for store in cache.keys.iter_mut().chain(cache.values.iter_mut()) {
             view(store, &[config.context, batch * kv])?;
         }
@@ -586,7 +593,7 @@ impl Gpt {
         let config = &params.config;
         let layout = &params.layout;
         let batch = cache.batch;
-        let (c, f, d) = (config.width, config.ffn_width, config.head_dim());
+        let (c, d) = (config.width, config.head_dim());
         let kv = config.kv_heads * d;
         let (s, keys, values) = (&mut cache.step, &mut cache.keys, &mut cache.values);
         let Some(state) = cache.capturable.as_mut() else {
@@ -681,45 +688,7 @@ impl Gpt {
             );
             view(&mut state.attended, &[batch * config.heads, d])?;
             projected?;
-            at.set(Some(index), "the second norm");
-            ops::norm_forward_into(
-                &self.norm,
-                &s.projected,
-                Some((&s.input, &mut s.middle)),
-                norm_params(params, block.norm2),
-                &mut s.normed,
-                &mut s.stats,
-            )?;
-
-            match &block.gate {
-                None => {
-                    at.set(Some(index), "the up linear");
-                    linear_forward_with(
-                        params,
-                        &block.up,
-                        &s.normed,
-                        &mut s.pre_activation,
-                        scratch.as_deref_mut(),
-                    )?;
-                    at.set(Some(index), "gelu");
-                    ops::gelu_forward_into(&s.pre_activation, &mut s.activated)?;
-                }
-                Some(gate) => {
-                    let (Some(gate_out), Some(up_out)) = (s.gate.as_mut(), s.up.as_mut()) else {
-                        return Err(Error::invalid(OP, "layout", "SwiGLU buffers", "none"));
-                    };
-                    at.set(Some(index), "the gate and up linears");
-                    linear_forward_with(params, gate, &s.normed, gate_out, scratch.as_deref_mut())?;
-                    linear_forward_with(params, &block.up, &s.normed, up_out, scratch.as_deref_mut())?;
-                    at.set(Some(index), "copy_columns of gate and up");
-                    ops::copy_columns(gate_out, 0, &mut s.pre_activation, 0, f)?;
-                    ops::copy_columns(up_out, 0, &mut s.pre_activation, f, f)?;
-                    at.set(Some(index), "swiglu");
-                    ops::swiglu_forward_into(&s.pre_activation, &mut s.activated)?;
-                }
-            }
-            at.set(Some(index), "the down linear");
-            linear_forward_with(params, &block.down, &s.activated, &mut s.mlp, scratch.as_deref_mut())?;
+            self.norm_and_mlp(block, s, scratch.as_deref_mut(), |op| at.set(Some(index), op))?;
         }
 
         at.set(None, "the final norm");
@@ -777,6 +746,58 @@ impl Gpt {
         }
     }
 
+    /// A block's second norm (with the residual add) on `s.projected` and its MLP into `s.mlp`,
+    /// for the eager and the capturable step alike; `scratch` holds the adapters' intermediate
+    /// (see [`linear_forward_with`]) and `at` hears the name of each op before it runs.
+    fn norm_and_mlp(
+        &self,
+        block: &Block,
+        s: &mut Step,
+        mut scratch: Option<&mut Tensor>,
+        mut at: impl FnMut(&'static str),
+    ) -> Result<()> {
+        let params = &self.params;
+        let f = params.config.ffn_width;
+        at("the second norm");
+        ops::norm_forward_into(
+            &self.norm,
+            &s.projected,
+            Some((&s.input, &mut s.middle)),
+            norm_params(params, block.norm2),
+            &mut s.normed,
+            &mut s.stats,
+        )?;
+        match &block.gate {
+            None => {
+                at("the up linear");
+                linear_forward_with(
+                    params,
+                    &block.up,
+                    &s.normed,
+                    &mut s.pre_activation,
+                    scratch.as_deref_mut(),
+                )?;
+                at("gelu");
+                ops::gelu_forward_into(&s.pre_activation, &mut s.activated)?;
+            }
+            Some(gate) => {
+                let (Some(gate_out), Some(up_out)) = (s.gate.as_mut(), s.up.as_mut()) else {
+                    return Err(Error::invalid(OP, "layout", "SwiGLU buffers", "none"));
+                };
+                at("the gate and up linears");
+                linear_forward_with(params, gate, &s.normed, gate_out, scratch.as_deref_mut())?;
+                linear_forward_with(params, &block.up, &s.normed, up_out, scratch.as_deref_mut())?;
+                at("copy_columns of gate and up");
+                ops::copy_columns(gate_out, 0, &mut s.pre_activation, 0, f)?;
+                ops::copy_columns(up_out, 0, &mut s.pre_activation, f, f)?;
+                at("swiglu");
+                ops::swiglu_forward_into(&s.pre_activation, &mut s.activated)?;
+            }
+        }
+        at("the down linear");
+        linear_forward_with(params, &block.down, &s.activated, &mut s.mlp, scratch)
+    }
+
     /// Runs `t` new positions of every sequence (`tokens` position-major: row `i · batch + b`),
     /// appending their keys, values and mixing inputs, and writes the last position's logits.
     /// The cache's length moves only on success.
@@ -786,37 +807,10 @@ impl Gpt {
         let layout = &params.layout;
         let batch = cache.batch;
         let (start, end, rows) = (cache.len, cache.len + t, t * batch);
-        let (c, f, d) = (config.width, config.ffn_width, config.head_dim());
+        let (c, d) = (config.width, config.head_dim());
         let kv = config.kv_heads * d;
         let s = &mut cache.step;
-        for (tensor, width) in [
-            (&mut s.embedded, c),
-            (&mut s.input, c),
-            (&mut s.middle, c),
-            (&mut s.normed, c),
-            (&mut s.q, c),
-            (&mut s.k, kv),
-            (&mut s.v, kv),
-            (&mut s.projected, c),
-            (&mut s.activated, f),
-            (&mut s.mlp, c),
-        ] {
-            view(tensor, &[rows, width])?;
-        }
-        for (tensor, width) in [
-            (&mut s.position_embedded, c),
-            (&mut s.qkv, c + 2 * kv),
-            (&mut s.gate, f),
-            (&mut s.up, f),
-        ] {
-            if let Some(tensor) = tensor {
-                view(tensor, &[rows, width])?;
-            }
-        }
-        let pre_width = if s.gate.is_some() { 2 * f } else { f };
-        view(&mut s.pre_activation, &[rows, pre_width])?;
-        view(&mut s.stats.mean, &[rows])?;
-        view(&mut s.stats.rstd, &[rows])?;
+        s.view_rows(config, rows)?;
         view(&mut s.tokens, &[1, rows])?;
         s.tokens
             .copy_from(&Tensor::from_slice(tokens, &[1, rows], &Device::Cpu)?)?;
@@ -903,32 +897,7 @@ impl Gpt {
             let (attended, _lse) = ops::attention_forward(&s.q, keys, values, &cache.attention)?;
             let attended = attended.reshape(&[rows, c])?;
             linear_forward(params, &block.out, &attended, &mut s.projected)?;
-            ops::norm_forward_into(
-                &self.norm,
-                &s.projected,
-                Some((&s.input, &mut s.middle)),
-                norm_params(params, block.norm2),
-                &mut s.normed,
-                &mut s.stats,
-            )?;
-
-            match &block.gate {
-                None => {
-                    linear_forward(params, &block.up, &s.normed, &mut s.pre_activation)?;
-                    ops::gelu_forward_into(&s.pre_activation, &mut s.activated)?;
-                }
-                Some(gate) => {
-                    let (Some(gate_out), Some(up_out)) = (s.gate.as_mut(), s.up.as_mut()) else {
-                        return Err(Error::invalid(OP, "layout", "SwiGLU buffers", "none"));
-                    };
-                    linear_forward(params, gate, &s.normed, gate_out)?;
-                    linear_forward(params, &block.up, &s.normed, up_out)?;
-                    ops::copy_columns(gate_out, 0, &mut s.pre_activation, 0, f)?;
-                    ops::copy_columns(up_out, 0, &mut s.pre_activation, f, f)?;
-                    ops::swiglu_forward_into(&s.pre_activation, &mut s.activated)?;
-                }
-            }
-            linear_forward(params, &block.down, &s.activated, &mut s.mlp)?;
+            self.norm_and_mlp(block, s, None, |_| {})?;
         }
 
         let final_norm = norm_params(params, layout.final_norm);
