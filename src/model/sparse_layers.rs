@@ -224,7 +224,8 @@ fn export_pattern(params: &GptParams, linear: &Linear) -> Result<Option<NmPatter
 
 /// Writes `params` for inference (SLoPe's deliverable): every 2:4 (or 1:2) layer as its
 /// compressed `W_s` only (values and metadata under [`sparse24_names`], no dense weight, no mask:
-/// the metadata holds the kept positions), every other tensor (LoRA adapters unmerged included)
+/// the metadata holds the kept positions; a kept weight that is exactly 0 may be recorded at
+/// another position of its group, which computes the same product), every other tensor (LoRA adapters unmerged included)
 /// in bf16 under its usual name, and [`EXPORT_KEY`] in the metadata. The bytes are the ones the
 /// recipes report counts at inference: 2 per dense weight, 9/16 of that for a 2:4 layer. Errs,
 /// naming the layer, on layers other than dense and pruned 2:4 or 1:2 nm layers that the format
